@@ -1,0 +1,147 @@
+"""manifest.json: what a cache is, how it was made, and how to check it.
+
+The manifest is untrusted input when a cache comes from elsewhere, so loading validates every field (pydantic,
+unknown keys refused), every shard path (a plain file name inside the cache directory), the schema version and the
+fingerprint chain, and raises ShardFormatError / FingerprintError naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import field_validator
+
+from fusion_cache.cache.fingerprint import chain_fingerprint
+from fusion_cache.cache.fingerprint import validate_fingerprint
+from fusion_cache.cache.schema import CODECS
+from fusion_cache.cache.schema import FORMAT_NAME
+from fusion_cache.cache.schema import SCHEMA_VERSION
+from fusion_cache.errors import FingerprintError
+from fusion_cache.errors import ShardFormatError
+
+MANIFEST_NAME = "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherInfo(_Strict):
+    name: str  # preset name, or the model path / HF id as given
+    model: str  # the path or HF id actually loaded
+    revision: str | None = None  # package version + weights hash, commit, or None when unknown
+    tokenizer_hash: str  # sha256 of the tokenizer definition + chat template
+    chat_template: bool  # rendered with the tokenizer's chat template (False: plain text)
+    engine: str  # "vllm" or "hf"
+    dtype: str  # dtype the teacher ran in
+
+
+class DatasetInfo(_Strict):
+    source: str  # the --data argument
+    hash: str  # sha256 of the input's bytes
+    rows_read: int = Field(ge=0)
+
+
+class ShardInfo(_Strict):
+    path: str  # file name inside the cache directory
+    rows: int = Field(ge=0)
+    answer_tokens: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _plain_file_name(cls, v: str) -> str:
+        # A shard path is a bare file name: no directories, no "..", nothing absolute (path traversal).
+        if not v or v != os.path.basename(v) or v in (".", "..") or "\\" in v or v.startswith("/"):
+            raise ValueError(f"shard path must be a plain file name inside the cache, got {v!r}")
+        if not v.endswith(".arrow"):
+            raise ValueError(f"shard path must end with .arrow, got {v!r}")
+        return v
+
+
+class BuildStats(_Strict):
+    rows: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    answer_tokens: int = Field(ge=0)
+    skipped: dict[str, int]  # reason -> count (empty_response, overlong, answer_truncated_away)
+    truncated: int = Field(ge=0)
+    payload_bytes: int = Field(ge=0)  # bytes of all shard files
+    wall_seconds: float = Field(ge=0)
+
+
+class Manifest(_Strict):
+    format: str = FORMAT_NAME
+    schema_version: int
+    fusion_cache_version: str
+    created_at: str
+    teacher: TeacherInfo
+    dataset: DatasetInfo
+    k: int = Field(ge=1)
+    codec: dict  # {"name": "raw", ...codec parameters}
+    max_length: int = Field(ge=2)
+    overlong: str
+    stats: BuildStats
+    shards: list[ShardInfo]
+    config_fingerprint: str
+    fingerprint: str
+
+    @property
+    def bytes_per_answer_token(self) -> float:
+        return self.stats.payload_bytes / max(1, self.stats.answer_tokens)
+
+    def write(self, directory: str | Path) -> Path:
+        """Write manifest.json atomically (temp file + rename)."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read and validate ``<directory>/manifest.json``.
+
+    Raises:
+        ShardFormatError: missing or malformed manifest, unknown format/schema version/codec, bad shard paths.
+        FingerprintError: the recorded fingerprint does not match the recorded shards.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardFormatError(f"{directory}: not a fusion-cache directory (no {MANIFEST_NAME})")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardFormatError(f"{path}: unreadable manifest: {e}") from e
+    if not isinstance(raw, dict):
+        raise ShardFormatError(f"{path}: manifest must be a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT_NAME:
+        raise ShardFormatError(f"{path}: format must be {FORMAT_NAME!r}, got {raw.get('format')!r}")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise ShardFormatError(
+            f"{path}: schema_version {raw.get('schema_version')!r} is not supported by this fusion-cache "
+            f"(it reads version {SCHEMA_VERSION}); upgrade fusion-cache or rebuild the cache"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ShardFormatError(f"{path}: invalid manifest: {problems}") from None
+    codec = manifest.codec.get("name")
+    if codec not in CODECS:
+        raise ShardFormatError(f"{path}: codec {codec!r} is unknown; this version reads {list(CODECS)}")
+    validate_fingerprint(manifest.config_fingerprint, "config_fingerprint")
+    validate_fingerprint(manifest.fingerprint, "fingerprint")
+    expected = chain_fingerprint(manifest.config_fingerprint, [s.model_dump() for s in manifest.shards])
+    if expected != manifest.fingerprint:
+        raise FingerprintError(
+            f"{path}: fingerprint {manifest.fingerprint} does not match its shards (expected {expected}); "
+            "the manifest was edited or is corrupt"
+        )
+    return manifest

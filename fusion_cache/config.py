@@ -1,0 +1,82 @@
+"""Frozen, strict configs for each stage. Unknown keys are refused and every error names the field and value."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import ValidationError
+from pydantic import model_validator
+
+from fusion_cache.errors import ConfigError
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @classmethod
+    def create(cls, **kwargs):
+        """Validate ``kwargs``; every problem is reported at once in one ConfigError."""
+        try:
+            return cls.model_validate(kwargs)
+        except ValidationError as e:
+            problems = [
+                f"{'.'.join(map(str, err['loc'])) or cls.__name__}: {err['msg']} (got {err.get('input')!r})"
+                for err in e.errors()
+            ]
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+class BuildConfig(_Config):
+    """Settings of `fusion-cache build`."""
+
+    teacher: str = Field(description="preset name, local model directory, or HF id")
+    data: str = Field(description="JSONL / Parquet file or saved datasets directory")
+    out: str = Field(description="cache directory to create")
+    top_k: int = Field(64, ge=2, le=1024, description="K: teacher log-probs kept per answer token")
+    engine: Literal["vllm", "hf"] = "vllm"
+    max_length: int = Field(2048, ge=2, description="longest rendered sequence, in teacher tokens")
+    overlong: Literal["truncate", "skip"] = Field("truncate", description="what to do with longer sequences")
+    dtype: str | None = Field(None, description="teacher dtype; default chosen from the hardware")
+    batch_tokens: int = Field(8192, ge=64, description="token budget of one engine call")
+    shard_rows: int = Field(1000, ge=1, description="rows per shard")
+    overwrite: bool = False
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+
+class TrainConfig(_Config):
+    """Settings of `fusion-cache train`."""
+
+    student: str = Field(description="student (pivot) model: preset, local directory or HF id")
+    shards: list[str] = Field(min_length=1, description="one cache directory per teacher")
+    out: str = Field(description="run directory")
+    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*ULD")
+    top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10)")
+    zscore: bool = True
+    softmax: bool = True
+    temperature: float = Field(1.0, gt=0.0)
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1, description="samples per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the cache")
+    epochs: float = Field(1.0, gt=0.0)
+    max_length: int = Field(1024, ge=2, description="longest student sequence; longer ones are truncated")
+    shuffle_buffer: int = Field(256, ge=1, description="rows held for shuffling; memory does not grow with the cache")
+    seed: int = 0
+    dtype: str | None = None
+    grad_clip: float = Field(1.0, gt=0.0)
+    log_every: int = Field(10, ge=1)
+    save: bool = True
+
+    @model_validator(mode="after")
+    def _one_teacher_for_now(self):
+        if len(self.shards) > 1:
+            raise ValueError(
+                f"{len(self.shards)} caches given; this version trains against one teacher cache at a time "
+                "(multi-teacher fusion is the next step)"
+            )
+        return self

@@ -1,0 +1,145 @@
+"""Streams a teacher cache into student training examples; memory does not grow with the cache.
+
+Rows are decoded one record batch at a time, re-rendered for the student (or reused as is when the student has
+the teacher's tokenizer and template), aligned by index over the answer tokens (ULD's alignment: the first
+``min(n_student, n_teacher)`` answer positions) and passed through a bounded, seeded shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.writer import CacheRow
+from fusion_cache.render import render
+from fusion_cache.render import tokenizer_hash
+
+
+@dataclass
+class StudentExample:
+    """One training sample for the student.
+
+    Attributes:
+        input_ids: int64 [n] student tokens.
+        answer_start: index of the first answer token.
+        teacher_values: float32 [n_aligned, Kt] teacher top-K log-probs for student answer tokens 0..n_aligned-1.
+        teacher_top1: int32 [n_aligned] teacher's most likely token ids (same-tokenizer caches only, else None).
+    """
+
+    sample_id: str
+    input_ids: np.ndarray
+    answer_start: int
+    teacher_values: np.ndarray
+    teacher_top1: np.ndarray | None
+
+
+class CacheStream(torch.utils.data.IterableDataset):
+    """Iterate StudentExamples from one cache, for ``epochs`` passes (None = forever).
+
+    Args:
+        cache_dir: the teacher cache.
+        tokenizer: the student's tokenizer.
+        chat_template: render with the student's chat template (False: plain text).
+        max_length: student sequences are truncated to this many tokens.
+        shuffle_buffer: rows held for shuffling (1 = cache order).
+        seed: shuffle seed; epoch e uses seed + e.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str,
+        tokenizer: Any,
+        *,
+        chat_template: bool,
+        max_length: int,
+        shuffle_buffer: int = 1,
+        seed: int = 0,
+        epochs: int | None = 1,
+    ):
+        self.reader = CacheReader(cache_dir)
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_length = max_length
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epochs = epochs
+        t = self.reader.manifest.teacher
+        # Same tokens for the student as for the teacher: reuse the cached ids and compare top-1 ids directly.
+        self.same_tokenizer = tokenizer_hash(tokenizer) == t.tokenizer_hash and chat_template == t.chat_template
+
+    def example(self, row: CacheRow) -> StudentExample | None:
+        """The student's view of one cached row (None when no answer token survives truncation)."""
+        if self.same_tokenizer:
+            ids, start = row.input_ids.astype(np.int64), row.answer_start
+        else:
+            r = render(self.tokenizer, json.loads(row.conversation), chat_template=self.chat_template)
+            ids, start = r.input_ids.astype(np.int64), r.answer_start
+        ids = ids[: self.max_length]
+        n = min(len(ids) - start, row.topk_logprobs.shape[0])
+        if n < 1:
+            return None
+        top1 = row.topk_ids[:n, 0] if self.same_tokenizer else None
+        return StudentExample(row.sample_id, ids, start, row.topk_logprobs[:n], top1)
+
+    def __iter__(self) -> Iterator[StudentExample]:
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            rng = random.Random(self.seed + epoch)
+            buf: list[StudentExample] = []
+            for row in self.reader.iter_rows():
+                ex = self.example(row)
+                if ex is None:
+                    continue
+                if self.shuffle_buffer <= 1:
+                    yield ex
+                    continue
+                buf.append(ex)
+                if len(buf) >= self.shuffle_buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+            rng.shuffle(buf)
+            yield from buf
+            epoch += 1
+
+
+def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch and gather the ULD rows.
+
+    Returns:
+        input_ids [B, L] int64, attention_mask [B, L], labels [B, L] (-100 outside answers, HF convention: the logit
+        at position p predicts labels[p + 1]), uld_index [N] flat indices into the [B * L] logit positions,
+        teacher_values [N, Kt], row_weights [N] (1 / (n_b * B): mean over a sample's positions, then over the
+        batch), teacher_top1 [N] (-1 when unknown).
+    """
+    b = len(examples)
+    length = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    labels = torch.full((b, length), -100, dtype=torch.long)
+    idx, vals, weights, top1 = [], [], [], []
+    for i, e in enumerate(examples):
+        n_tok = len(e.input_ids)
+        input_ids[i, :n_tok] = torch.from_numpy(e.input_ids)
+        attention[i, :n_tok] = 1
+        labels[i, e.answer_start : n_tok] = input_ids[i, e.answer_start : n_tok]
+        n = e.teacher_values.shape[0]
+        # logit position answer_start - 1 + t predicts answer token t
+        idx.append(i * length + e.answer_start - 1 + np.arange(n))
+        vals.append(e.teacher_values)
+        weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
+        top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "uld_index": torch.from_numpy(np.concatenate(idx)).long(),
+        "teacher_values": torch.from_numpy(np.concatenate(vals)).float(),
+        "row_weights": torch.from_numpy(np.concatenate(weights)),
+        "teacher_top1": torch.from_numpy(np.concatenate(top1).astype(np.int64)),
+    }

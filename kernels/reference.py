@@ -1,0 +1,127 @@
+"""PyTorch reference of InfiFusion's top-K, z-scored, sorted-logit ULD loss (DESIGN.md section 1).
+
+This is the single source of truth: the trainer's CPU path, the tests of every kernel and the benchmarks all call
+these functions. Per aligned answer position (one row):
+
+    l_o = topk(z_o, K).values                 # student logits, differentiable, sorted descending
+    l_s = teacher's cached top-K values       # log-probs or logits: the z-score removes the constant between them
+    l^  = (l - mean(l)) / (std(l) + eps)      # over the K values; unbiased std, as in logit-standardization KD
+    p   = softmax(l^ / tau)
+    d   = sum_i |p_o(i) - p_s(i)|             # both sorted, so this is ULD's closed form; d in [0, 2]
+
+When the student's K and the teacher's Kt differ, both sides are truncated to the common ``min(K, Kt)`` largest
+values (padding with zeros would change the z-score statistics). Rows whose mask is False contribute nothing and
+receive zero gradient; they are never even computed, so garbage (NaN) in a masked row cannot leak into the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def standardized_probs(
+    values: torch.Tensor, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, eps: float = 1e-7
+) -> torch.Tensor:
+    """Turn sorted top-K values into the vectors that ULD compares.
+
+    Args:
+        values: [N, K] top-K values per row, sorted descending (any float dtype; computed in fp32).
+        zscore: standardize each row over its K values first (InfiFusion's "logit standardization").
+        softmax: compare softmax(l^ / tau) (default); if False, compare the standardized values l^ themselves.
+        temperature: tau, divides the (standardized) values before the softmax.
+        eps: added to the standard deviation, as in the paper.
+
+    Returns:
+        [N, K] fp32 tensor.
+    """
+    x = values.float()
+    if zscore:
+        x = (x - x.mean(dim=-1, keepdim=True)) / (x.std(dim=-1, keepdim=True) + eps)
+    if softmax:
+        x = torch.softmax(x / temperature, dim=-1)
+    return x
+
+
+def uld_rows_reference(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    k: int = 10,
+    zscore: bool = True,
+    softmax: bool = True,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Per-row ULD distance d for rows that are all valid.
+
+    Args:
+        student_logits: [N, V] student logits at the aligned answer positions (fp32 or bf16).
+        teacher_values: [N, Kt] teacher top-K values, sorted descending (log-probs or logits).
+        k: the student's K; the effective K is min(k, Kt, V).
+
+    Returns:
+        [N] fp32 distances, differentiable with respect to ``student_logits`` (the gradient is nonzero only at the
+        K selected entries of each row; ties go to the entry torch.topk selects).
+    """
+    assert student_logits.dim() == 2 and teacher_values.dim() == 2, "expected [N, V] logits and [N, Kt] values"
+    assert student_logits.shape[0] == teacher_values.shape[0], (
+        f"row count differs: logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_values.shape)}"
+    )
+    k_eff = min(k, teacher_values.shape[1], student_logits.shape[1])
+    if zscore and k_eff < 2:
+        raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
+    student_top = torch.topk(student_logits.float(), k_eff, dim=-1, sorted=True).values
+    teacher_top = teacher_values[:, :k_eff].float()
+    opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
+    p_student = standardized_probs(student_top, **opts)
+    p_teacher = standardized_probs(teacher_top, **opts)
+    return (p_student - p_teacher).abs().sum(dim=-1)
+
+
+def uld_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    *,
+    k: int = 10,
+    zscore: bool = True,
+    softmax: bool = True,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """ULD loss over rows, with a mask for ignored rows and optional per-row weights.
+
+    Args:
+        student_logits: [N, V] student logits (fp32 or bf16).
+        teacher_values: [N, Kt] teacher top-K values sorted descending.
+        row_mask: [N] bool, False rows are ignored (zero loss, zero gradient). None = all rows valid.
+        row_weights: [N] float weights. With weights, ``reduction="sum"`` gives ``sum_i w_i d_i``; this is how the
+            trainer takes "mean over a sample's positions, then mean over the batch" (w = 1 / (n_b * B)), and how
+            several teachers are combined.
+        reduction: "mean" (over valid rows, weights ignored unless given: then weighted mean), "sum", or "none"
+            ([N], zeros at masked rows).
+
+    Returns:
+        A scalar (fp32) for "mean"/"sum", or [N] for "none".
+    """
+    n = student_logits.shape[0]
+    if row_mask is None:
+        row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
+    idx = row_mask.nonzero(as_tuple=True)[0]
+    d_valid = uld_rows_reference(
+        student_logits[idx], teacher_values[idx], k=k, zscore=zscore, softmax=softmax, temperature=temperature, eps=eps
+    )
+    if reduction == "none":
+        out = torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device)
+        return out.index_put((idx,), d_valid)
+    w = None if row_weights is None else row_weights[idx].float()
+    if reduction == "sum":
+        return d_valid.sum() if w is None else (w * d_valid).sum()
+    if reduction == "mean":
+        if idx.numel() == 0:
+            # keep the graph so backward() gives zero gradients instead of failing
+            return student_logits.sum() * 0.0
+        return d_valid.mean() if w is None else (w * d_valid).sum() / w.sum().clamp_min(1e-12)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
