@@ -111,6 +111,9 @@ def convert_gguf_to_hf(
         model.generation_config = copy.deepcopy(quantized.generation_config)
     del quantized
 
+    # GGUF tokenizers come back with transformers' "unlimited" sentinel; the context length is the honest limit.
+    if tokenizer.model_max_length > 10**9 and getattr(config, "max_position_embeddings", None):
+        tokenizer.model_max_length = config.max_position_embeddings
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -143,13 +146,17 @@ def converted_model_dir(
     final_dir = final_dir / "models" / f"{name}-{digest}{suffix}"
 
     def build(tmp_dir: Path) -> dict[str, object]:
-        logger.info("converting %s GGUF to safetensors (once, ~30 s)", display_name or name)
+        logger.info("converting %s GGUF to safetensors (once, ~30-60 s)", display_name or name)
         start = time.monotonic()
         convert_gguf_to_hf(gguf_path, tmp_dir, dtype=dtype)
         seconds = time.monotonic() - start
         logger.info("converted %s in %.1f s into %s", display_name or name, seconds, final_dir)
-        return {"gguf": os.path.basename(gguf_path), "gguf_sha256": file_sha256(gguf_path),
-                "dtype": str(dtype), "seconds": round(seconds, 1)}
+        return {
+            "gguf": os.path.basename(gguf_path),
+            "gguf_sha256": file_sha256(gguf_path),
+            "dtype": str(dtype),
+            "seconds": round(seconds, 1),
+        }
 
     return publish_atomically(final_dir, build)
 
@@ -232,8 +239,7 @@ def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
         raise ConversionError(f"GGUF weights do not fit the rebuilt model: {exc}") from exc
     if missing or unexpected:
         raise ConversionError(
-            "GGUF weights do not match the rebuilt model: "
-            f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            f"GGUF weights do not match the rebuilt model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
 
 

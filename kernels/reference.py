@@ -19,6 +19,11 @@ from __future__ import annotations
 import torch
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 are computed in fp32; fp64 stays fp64 (gradcheck)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def standardized_probs(
     values: torch.Tensor, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, eps: float = 1e-7
 ) -> torch.Tensor:
@@ -32,9 +37,9 @@ def standardized_probs(
         eps: added to the standard deviation, as in the paper.
 
     Returns:
-        [N, K] fp32 tensor.
+        [N, K] tensor in fp32 (fp64 inputs stay fp64).
     """
-    x = values.float()
+    x = _at_least_fp32(values)
     if zscore:
         x = (x - x.mean(dim=-1, keepdim=True)) / (x.std(dim=-1, keepdim=True) + eps)
     if softmax:
@@ -70,8 +75,8 @@ def uld_rows_reference(
     k_eff = min(k, teacher_values.shape[1], student_logits.shape[1])
     if zscore and k_eff < 2:
         raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
-    student_top = torch.topk(student_logits.float(), k_eff, dim=-1, sorted=True).values
-    teacher_top = teacher_values[:, :k_eff].float()
+    student_top = torch.topk(_at_least_fp32(student_logits), k_eff, dim=-1, sorted=True).values
+    teacher_top = teacher_values[:, :k_eff].to(student_top.dtype)
     opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
     p_student = standardized_probs(student_top, **opts)
     p_teacher = standardized_probs(teacher_top, **opts)
@@ -116,7 +121,7 @@ def uld_loss_reference(
     if reduction == "none":
         out = torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device)
         return out.index_put((idx,), d_valid)
-    w = None if row_weights is None else row_weights[idx].float()
+    w = None if row_weights is None else row_weights[idx].to(d_valid.dtype)
     if reduction == "sum":
         return d_valid.sum() if w is None else (w * d_valid).sum()
     if reduction == "mean":

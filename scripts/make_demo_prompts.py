@@ -25,9 +25,34 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "fusion_cache" / "data" /
 N_ARITHMETIC = 160
 HELDOUT_FRACTION = 0.2
 SEED = 20261123
+# Not repeating the docstring halves the answer: prompt + answer stay within ~512 SmolLM2 tokens for all but 2.
+HUMANEVAL_TEMPLATE = (
+    "Complete the following Python function. Reply with the full function, without repeating its docstring.\n\n"
+    "```python\n{code}\n```"
+)
 ARITH_SUFFIX = "Solve it step by step, then give the final answer on the last line as 'Answer: <number>'."
-NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jonas", "Kofi", "Lena",
-         "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Diego",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Isla",
+    "Jonas",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+]
 
 # A template draws its numbers from the RNG and returns (question, integer answer).
 Template = Callable[[random.Random], tuple[str, int]]
@@ -41,7 +66,7 @@ def humaneval_rows() -> list[dict]:
     rows = []
     for task_id in sorted(problems, key=lambda t: int(t.split("/")[1])):
         code = problems[task_id]["prompt"].strip("\n")
-        content = f"Complete the following Python function. Reply with the full function.\n\n```python\n{code}\n```"
+        content = HUMANEVAL_TEMPLATE.format(code=code)
         rows.append(_row(f"humaneval/{task_id.split('/')[1]}", "humaneval", content, None))
     return rows
 
@@ -50,62 +75,77 @@ def _shopping_change(rng: random.Random) -> tuple[str, int]:
     name, a, p, b, q = rng.choice(NAMES), rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 8), rng.randint(1, 4)
     total = a * p + b * q
     bill = 20 * (total // 20 + 1)
-    question = (f"{name} buys {a} notebooks at ${p} each and {b} pens at ${q} each, and pays with ${bill}. "
-                f"How much change does {name} get?")
+    question = (
+        f"{name} buys {a} notebooks at ${p} each and {b} pens at ${q} each, and pays with ${bill}. "
+        f"How much change does {name} get?"
+    )
     return question, bill - total
 
 
 def _shopping_discount(rng: random.Random) -> tuple[str, int]:
     name, n, price = rng.choice(NAMES), rng.randint(3, 8), rng.randint(12, 40)
     off = rng.randint(1, 5) * 5
-    question = (f"T-shirts cost ${price} each. {name} buys {n} T-shirts and uses a coupon for ${off} off the whole "
-                f"order. Shipping costs $7. How much does {name} pay in total?")
+    question = (
+        f"T-shirts cost ${price} each. {name} buys {n} T-shirts and uses a coupon for ${off} off the whole "
+        f"order. Shipping costs $7. How much does {name} pay in total?"
+    )
     return question, n * price - off + 7
 
 
 def _rate_production(rng: random.Random) -> tuple[str, int]:
     rate, hours, days = rng.randint(12, 60), rng.randint(4, 10), rng.randint(3, 7)
     bad = rng.randint(2, 9) * days
-    question = (f"A machine makes {rate} parts per hour and runs {hours} hours a day. After {days} days, "
-                f"{bad} of the parts are found to be faulty. How many good parts were made?")
+    question = (
+        f"A machine makes {rate} parts per hour and runs {hours} hours a day. After {days} days, "
+        f"{bad} of the parts are found to be faulty. How many good parts were made?"
+    )
     return question, rate * hours * days - bad
 
 
 def _rate_travel(rng: random.Random) -> tuple[str, int]:
     v, t1, w, t2 = rng.randint(40, 90), rng.randint(2, 5), rng.randint(30, 80), rng.randint(2, 4)
-    question = (f"A train travels at {v} km/h for {t1} hours, then at {w} km/h for {t2} hours. "
-                "How many kilometres does it travel in total?")
+    question = (
+        f"A train travels at {v} km/h for {t1} hours, then at {w} km/h for {t2} hours. "
+        "How many kilometres does it travel in total?"
+    )
     return question, v * t1 + w * t2
 
 
 def _ages_difference(rng: random.Random) -> tuple[str, int]:
     a, b = rng.sample(NAMES, 2)
     gap, later, future_b = rng.randint(2, 12), rng.randint(2, 10), rng.randint(15, 40)
-    question = (f"{a} is {gap} years older than {b}. In {later} years, {b} will be {future_b} years old. "
-                f"How old is {a} now?")
+    question = (
+        f"{a} is {gap} years older than {b}. In {later} years, {b} will be {future_b} years old. How old is {a} now?"
+    )
     return question, future_b - later + gap
 
 
 def _ages_multiple(rng: random.Random) -> tuple[str, int]:
     parent, child = rng.sample(NAMES, 2)
     age, times, later = rng.randint(4, 12), rng.randint(3, 5), rng.randint(2, 9)
-    question = (f"{parent} is {times} times as old as {child}, who is {age}. "
-                f"How old will {parent} and {child} be together in {later} years?")
+    question = (
+        f"{parent} is {times} times as old as {child}, who is {age}. "
+        f"How old will {parent} and {child} be together in {later} years?"
+    )
     return question, age * times + age + 2 * later
 
 
 def _area_garden(rng: random.Random) -> tuple[str, int]:
     length, width = rng.randint(8, 25), rng.randint(6, 18)
     side = rng.randint(2, min(length, width) - 2)
-    question = (f"A rectangular garden is {length} m long and {width} m wide. A square patio with {side} m sides is "
-                "built in it. How many square metres are left for plants?")
+    question = (
+        f"A rectangular garden is {length} m long and {width} m wide. A square patio with {side} m sides is "
+        "built in it. How many square metres are left for plants?"
+    )
     return question, length * width - side * side
 
 
 def _area_fence(rng: random.Random) -> tuple[str, int]:
     length, width, cost = rng.randint(10, 40), rng.randint(5, 30), rng.randint(3, 12)
-    question = (f"A field is {length} m long and {width} m wide. Fencing costs ${cost} per metre. "
-                "How much does it cost to fence the whole field?")
+    question = (
+        f"A field is {length} m long and {width} m wide. Fencing costs ${cost} per metre. "
+        "How much does it cost to fence the whole field?"
+    )
     return question, 2 * (length + width) * cost
 
 
@@ -118,9 +158,11 @@ def _multi_step_share(rng: random.Random) -> tuple[str, int]:
     while start <= given:
         start += friends
     total = start - given + packs * per_pack
-    question = (f"{name} has {start} marbles, gives {given} to a brother, then buys {packs} bags of {per_pack} "
-                f"marbles each. {name} shares all the marbles equally among {friends} friends. "
-                "How many marbles does each friend get?")
+    question = (
+        f"{name} has {start} marbles, gives {given} to a brother, then buys {packs} bags of {per_pack} "
+        f"marbles each. {name} shares all the marbles equally among {friends} friends. "
+        "How many marbles does each friend get?"
+    )
     return question, total // friends
 
 
@@ -128,30 +170,46 @@ def _multi_step_savings(rng: random.Random) -> tuple[str, int]:
     name, weekly, weeks = rng.choice(NAMES), rng.randint(5, 25), rng.randint(4, 12)
     spent = rng.randint(10, weekly * weeks - 5)
     gift = rng.randint(2, 10) * 5
-    question = (f"{name} saves ${weekly} a week for {weeks} weeks, spends ${spent} on a game, and then gets ${gift} "
-                f"as a birthday gift. How much money does {name} have now?")
+    question = (
+        f"{name} saves ${weekly} a week for {weeks} weeks, spends ${spent} on a game, and then gets ${gift} "
+        f"as a birthday gift. How much money does {name} have now?"
+    )
     return question, weekly * weeks - spent + gift
 
 
 def _multi_step_bakery(rng: random.Random) -> tuple[str, int]:
     per_box, boxes, price = rng.randint(4, 12), rng.randint(5, 20), rng.randint(3, 9)
     eaten = rng.randint(1, 3) * per_box
-    question = (f"A baker makes {per_box * boxes + eaten} cookies. {eaten} are eaten at the shop and the rest are "
-                f"packed in boxes of {per_box}. Each box sells for ${price}. How much money do the boxes bring in?")
+    question = (
+        f"A baker makes {per_box * boxes + eaten} cookies. {eaten} are eaten at the shop and the rest are "
+        f"packed in boxes of {per_box}. Each box sells for ${price}. How much money do the boxes bring in?"
+    )
     return question, boxes * price
 
 
 def _multi_step_reading(rng: random.Random) -> tuple[str, int]:
     name, per_day, days, weekend = rng.choice(NAMES), rng.randint(10, 30), rng.randint(3, 7), rng.randint(20, 60)
     pages = per_day * days + weekend + rng.randint(15, 120)
-    question = (f"A book has {pages} pages. {name} reads {per_day} pages a day for {days} days and then {weekend} "
-                "pages over the weekend. How many pages are left?")
+    question = (
+        f"A book has {pages} pages. {name} reads {per_day} pages a day for {days} days and then {weekend} "
+        "pages over the weekend. How many pages are left?"
+    )
     return question, pages - per_day * days - weekend
 
 
 TEMPLATES: tuple[Template, ...] = (
-    _shopping_change, _shopping_discount, _rate_production, _rate_travel, _ages_difference, _ages_multiple,
-    _area_garden, _area_fence, _multi_step_share, _multi_step_savings, _multi_step_bakery, _multi_step_reading,
+    _shopping_change,
+    _shopping_discount,
+    _rate_production,
+    _rate_travel,
+    _ages_difference,
+    _ages_multiple,
+    _area_garden,
+    _area_fence,
+    _multi_step_share,
+    _multi_step_savings,
+    _multi_step_bakery,
+    _multi_step_reading,
 )
 
 
@@ -167,8 +225,13 @@ def arithmetic_rows(n: int = N_ARITHMETIC, seed: int = SEED) -> list[dict]:
 
 
 def _row(row_id: str, source: str, content: str, answer: str | None) -> dict:
-    return {"id": row_id, "source": source, "split": "train",
-            "messages": [{"role": "user", "content": content}], "answer": answer}
+    return {
+        "id": row_id,
+        "source": source,
+        "split": "train",
+        "messages": [{"role": "user", "content": content}],
+        "answer": answer,
+    }
 
 
 def assign_splits(rows: list[dict], fraction: float = HELDOUT_FRACTION) -> None:

@@ -121,17 +121,17 @@ class ShardWriter:
             self._writer = self._sink = self._cur = None
 
     def write_rows(self, rows: list[CacheRow]) -> None:
-        """Append rows (one record batch); starts a new shard when the current one is full."""
-        if not rows:
-            return
-        if self._writer is None:
-            self._open_part()
-        batch = rows_to_batch(rows, self.schema)
-        self._writer.write_batch(batch)
-        self._cur["rows"] += len(rows)
-        self._cur["answer_tokens"] += sum(int(r.target_logprobs.size) for r in rows)
-        if self._cur["rows"] >= self.shard_rows or self._sink.tell() >= self.shard_bytes:
-            self._close_current()
+        """Append rows; a shard is closed once it holds ``shard_rows`` rows or ``shard_bytes`` bytes."""
+        while rows:
+            if self._writer is None:
+                self._open_part()
+            take = rows[: self.shard_rows - self._cur["rows"]]
+            rows = rows[len(take) :]
+            self._writer.write_batch(rows_to_batch(take, self.schema))
+            self._cur["rows"] += len(take)
+            self._cur["answer_tokens"] += sum(int(r.target_logprobs.size) for r in take)
+            if self._cur["rows"] >= self.shard_rows or self._sink.tell() >= self.shard_bytes:
+                self._close_current()
 
     def finalize(self) -> list[dict]:
         """Close the last shard and rename every part to its final name. Returns the shard records."""

@@ -172,7 +172,7 @@ class HFEngine:
                 )
         results: list[TopKCapture | None] = [None] * len(requests)
         for batch in _token_budget_batches(lengths, self.max_batch_tokens):
-            for i, cap in zip(batch, self._capture_batch([requests[i] for i in batch], k)):
+            for i, cap in zip(batch, self._capture_batch([requests[i] for i in batch], k), strict=True):
                 results[i] = cap
         return results  # type: ignore[return-value]  # every slot was filled above
 
@@ -212,7 +212,7 @@ class HFEngine:
         ids_np, values_np, target_np = ids.numpy(), values.numpy(), target_lp.numpy()
         return [
             TopKCapture(ids=ids_np[lo:hi], logprobs=values_np[lo:hi], target_logprobs=target_np[lo:hi])
-            for lo, hi in zip([0, *bounds[:-1]], bounds)
+            for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)
         ]
 
     def _final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,7 @@ class HFEngine:
                 # Everything from the first stop token on is the stop token itself or padding.
                 is_stop = np.isin(new, list(stop_ids))
                 ends = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1), new.shape[1])
-                for i, row, end in zip(batch, new, ends):
+                for i, row, end in zip(batch, new, ends, strict=True):
                     results[i] = row[:end].tolist()
         return results
 

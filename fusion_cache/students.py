@@ -1,0 +1,53 @@
+"""Make a small student from a teacher checkpoint by keeping a subset of its decoder layers.
+
+The demo's student: it shares the teacher's tokenizer (so teacher top-1 agreement is measurable), starts from the
+teacher's embeddings, head and evenly spaced layers (DistilBERT's initialization), and is cheap enough to train on
+a CPU in minutes. Works for decoder-only models whose layers live in ``model.model.layers`` (Llama, Qwen2, Gemma).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fusion_cache.convert import publish_atomically
+from fusion_cache.errors import ConfigError
+
+
+def spaced_layers(total: int, keep: int) -> list[int]:
+    """``keep`` evenly spaced layer indices out of ``total``, first and last included."""
+    if not 1 <= keep <= total:
+        raise ConfigError(f"num_layers must be in [1, {total}], got {keep}")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def make_layer_subset_student(teacher_dir: str, out_dir: str | Path, num_layers: int) -> Path:
+    """Write (once, atomically) a copy of ``teacher_dir`` keeping ``num_layers`` evenly spaced decoder layers.
+
+    Returns:
+        ``out_dir``, a directory transformers and vLLM load.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    def build(tmp: Path) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, trust_remote_code=False)
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise ConfigError(f"{teacher_dir}: no model.model.layers; cannot make a layer-subset student")
+        keep = spaced_layers(len(layers), num_layers)
+        model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+        for new_idx, layer in enumerate(model.model.layers):
+            if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+                layer.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the list
+        model.config.num_hidden_layers = len(keep)
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = [model.config.layer_types[i] for i in keep]
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp)
+        return {"teacher": str(teacher_dir), "layers": keep}
+
+    return publish_atomically(Path(out_dir), build)

@@ -1,0 +1,93 @@
+"""The CLI through typer's CliRunner: each command, and errors that exit 2 with a one-line message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_teachers_lists_presets():
+    r = _run("teachers")
+    assert r.exit_code == 0
+    for name in ("smollm2-135m", "qwen-coder", "qwen-instruct", "mistral-small", "phi-4"):
+        assert name in r.output
+    assert "Qwen/Qwen2.5-Coder-14B-Instruct" in r.output
+
+
+def test_build_inspect_verify_train(tmp_path, tiny_model_dir, data_file):
+    cache = tmp_path / "cache"
+    r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--engine", "hf", "--top-k", 8)
+    assert r.exit_code == 0, r.output
+    assert "4 rows" in r.output and "'empty_response': 1" in r.output
+    r = _run("inspect", cache)
+    assert r.exit_code == 0
+    for key in (
+        "teacher",
+        "K / codec",
+        "8 / raw",
+        "answer tokens",
+        "per answer token",
+        "shard-00000-of-00001",
+        "fingerprint",
+    ):
+        assert key in r.output
+    assert json.loads(_run("inspect", cache, "--json").output)["k"] == 8
+    r = _run("verify", cache)
+    assert r.exit_code == 0 and r.output.startswith("OK")
+    r = _run(
+        "train",
+        "--student",
+        tiny_model_dir,
+        "--shards",
+        cache,
+        "--out",
+        tmp_path / "run",
+        "--max-steps",
+        2,
+        "--batch-size",
+        2,
+        "--top-k",
+        8,
+    )
+    assert r.exit_code == 0, r.output
+    assert "trained 2 steps" in r.output and (tmp_path / "run" / "model" / "config.json").exists()
+    # damage a shard: verify names it and exits 1
+    shard = next(cache.glob("shard-*.arrow"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    r = _run("verify", cache)
+    assert r.exit_code == 1 and shard.name in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["build", "--teacher", "nope", "--data", "{data}", "--out", "{tmp}/o"],
+            "unknown teacher 'nope'; known presets",
+        ),
+        (
+            ["build", "--teacher", "{model}", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/o", "--engine", "hf"],
+            "missing.jsonl: no such file",
+        ),
+        (["build", "--teacher", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--top-k", "0"], "top_k"),
+        (["build", "--teacher", "{model}", "--data", "{data}", "--out", "{tmp}/o", "--engine", "tgi"], "engine"),
+        (["inspect", "{tmp}"], "not a fusion-cache directory"),
+        (["train", "--student", "{model}", "--shards", "{tmp}", "--out", "{tmp}/r"], "not a fusion-cache directory"),
+    ],
+)
+def test_errors_exit_2_with_a_clear_message(tmp_path, tiny_model_dir, data_file, args, message):
+    args = [a.format(data=data_file, tmp=tmp_path, model=tiny_model_dir) for a in args]
+    r = _run(*args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output

