@@ -81,7 +81,8 @@ def _prepare(cfg: BuildConfig, tokenizer, chat_template: bool) -> tuple[list[_Pr
 
 
 def _check_output(out: Path, config_fp: str, overwrite: bool) -> Manifest | None:
-    """Return the existing manifest when ``out`` already holds this exact build; refuse anything else."""
+    """Return the existing manifest when ``out`` already holds this exact build; refuse anything else unless
+    ``overwrite`` (then None: build and replace)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -91,8 +92,8 @@ def _check_output(out: Path, config_fp: str, overwrite: bool) -> Manifest | None
             existing = load_manifest(out)
         except ShardFormatError:
             existing = None
-        if existing is not None and existing.config_fingerprint == config_fp and not overwrite:
-            return existing
+        if existing is not None and existing.config_fingerprint == config_fp:
+            return existing  # the same build: nothing to redo, --overwrite or not
         if not overwrite:
             what = "a different cache" if existing is not None else "an unreadable cache"
             raise ConfigError(f"--out {out}: holds {what}; pass --overwrite to replace it")

@@ -20,8 +20,6 @@ from dataclasses import asdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusion_cache.cache.fingerprint import hash_json
-
 log = logging.getLogger(__name__)
 TEACHER = "smollm2-135m"
 
@@ -30,14 +28,15 @@ TEACHER = "smollm2-135m"
 class DemoSettings:
     """The demo recipe. The defaults fit in well under 15 minutes on 2 CPU cores."""
 
-    n_train: int | None = None  # None: every train prompt of the bundled file
-    n_heldout: int | None = None
+    n_train: int | None = 160  # first N train prompts of the bundled file (None: all 259)
+    n_heldout: int | None = 40  # first N held-out prompts (None: all 65)
     response_tokens: int = 128  # the teacher's answers are cut here
+    temperature: float = 0.8  # the teacher samples its answers
     cache_k: int = 64  # top-K stored in the cache
     uld_k: int = 10  # K of the loss (the paper's value)
     lambda_: float = 0.5
     student_layers: int = 6
-    steps: int = 120
+    steps: int = 40
     batch_size: int = 4
     lr: float = 1e-4
     max_length: int = 512
@@ -53,18 +52,9 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _generate_responses(engine, tokenizer, rows: list[dict], max_tokens: int, seed: int) -> list[dict]:
-    from fusion_cache.render import has_chat_template
-    from fusion_cache.render import render_prompt_ids
-
-    chat = has_chat_template(tokenizer)
-    prompts = [render_prompt_ids(tokenizer, r["messages"], chat_template=chat) for r in rows]
-    outs = engine.generate(prompts, max_tokens=max_tokens, temperature=0.0, seed=seed)
-    result = []
-    for r, ids in zip(rows, outs, strict=True):
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        result.append({"id": r["id"], "messages": [*r["messages"], {"role": "assistant", "content": text}]})
-    return result
+def _is_built(cfg) -> bool:
+    """Whether ``cfg.out`` already holds a cache (run_build then decides whether it is this exact build)."""
+    return (Path(cfg.out) / "manifest.json").exists()
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -80,6 +70,9 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, settings: Dem
     from fusion_cache.build import run_build
     from fusion_cache.config import BuildConfig
     from fusion_cache.config import TrainConfig
+    from fusion_cache.demo_data import bundled_responses
+    from fusion_cache.demo_data import generate_responses
+    from fusion_cache.demo_data import generation_settings
     from fusion_cache.demo_data import load_demo_prompts
     from fusion_cache.engines import make_engine
     from fusion_cache.evaluate import evaluate_model
@@ -103,51 +96,48 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, settings: Dem
 
     splits = {"train": load_demo_prompts("train")[: s.n_train], "heldout": load_demo_prompts("heldout")[: s.n_heldout]}
     dtype = default_dtype()
-    stamp = hash_json(
-        {
-            "teacher": teacher.revision,
-            "settings": asdict(s),
-            "dtype": dtype,
-            "prompts": {k: [r["id"] for r in v] for k, v in splits.items()},
-        }
-    )
-    data_paths = {k: out / "data" / f"{k}.jsonl" for k in splits}
-    stamp_path = out / "data" / "stamp.json"
-    have_data = stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp
-    cache_dirs = {k: out / "cache" / k for k in splits}
-
+    gen = generation_settings(teacher.revision, s.response_tokens, dtype, temperature=s.temperature, seed=s.seed)
     engine = None
     try:
-        if not have_data:
+        answers = bundled_responses(gen)
+        if answers is not None:
             _say(
-                f"teacher answers {sum(map(len, splits.values()))} prompts with vLLM ({dtype}, greedy, "
-                f"<= {s.response_tokens} tokens)"
+                f"using the bundled answers of {TEACHER} (sampled at T={s.temperature}, <= {s.response_tokens} tokens)"
             )
+        else:
+            n = sum(map(len, splits.values()))
+            _say(f"teacher answers {n} prompts with vLLM ({dtype}, T={s.temperature}, <= {s.response_tokens} tokens)")
             t = time.perf_counter()
             engine = make_engine("vllm", teacher.path, dtype=dtype, max_model_len=2048, max_k=s.cache_k, seed=s.seed)
-            timings["engine_start"] = time.perf_counter() - t
-            t = time.perf_counter()
-            for k, rows in splits.items():
-                _write_jsonl(data_paths[k], _generate_responses(engine, tokenizer, rows, s.response_tokens, s.seed))
-            stamp_path.write_text(json.dumps({"stamp": stamp}) + "\n")
+            rows = [r for v in splits.values() for r in v]
+            answers = generate_responses(
+                engine, tokenizer, rows, max_tokens=s.response_tokens, temperature=s.temperature, seed=s.seed
+            )
             timings["generate"] = time.perf_counter() - t
+        data_paths = {}
+        for k, rows in splits.items():
+            data_paths[k] = out / "data" / f"{k}.jsonl"
+            convs = [
+                {"id": r["id"], "messages": [*r["messages"], {"role": "assistant", "content": answers[r["id"]]}]}
+                for r in rows
+            ]
+            _write_jsonl(data_paths[k], convs)  # same bytes for the same answers: the cache's dataset hash holds
         t = time.perf_counter()
         for k in splits:
             cfg = BuildConfig.create(
                 teacher=TEACHER,
                 data=str(data_paths[k]),
-                out=str(cache_dirs[k]),
+                out=str(out / "cache" / k),
                 top_k=s.cache_k,
                 engine="vllm",
                 max_length=s.max_length,
                 dtype=dtype,
-                overwrite=not have_data,
+                overwrite=True,
             )
-            if engine is None:
-                m = run_build(cfg)  # reuses the finished cache (or starts its own engine if it is missing)
-            else:
-                _say(f"capturing top-{s.cache_k} over the {k} answers")
-                m = run_build(cfg, engine=engine)
+            if engine is None and not _is_built(cfg):
+                engine = make_engine("vllm", teacher.path, dtype=dtype, max_model_len=2048, max_k=s.cache_k)
+            _say(f"capturing top-{s.cache_k} over the {k} answers" if engine else f"cache {k} is already built")
+            m = run_build(cfg, engine=engine) if engine else run_build(cfg)
             _say(
                 f"cache {k}: {m.stats.rows} rows, {m.stats.answer_tokens} answer tokens, "
                 f"{m.bytes_per_answer_token:.0f} B/token, {m.stats.wall_seconds:.0f} s"
@@ -156,6 +146,7 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, settings: Dem
     finally:
         if engine is not None:
             engine.close()
+    cache_dirs = {k: out / "cache" / k for k in splits}
 
     t = time.perf_counter()
     student_dir = out / f"student-init-{s.student_layers}l"

@@ -1,8 +1,8 @@
 """Make a small student from a teacher checkpoint by keeping a subset of its decoder layers.
 
 The demo's student: it shares the teacher's tokenizer (so teacher top-1 agreement is measurable), starts from the
-teacher's embeddings, head and evenly spaced layers (DistilBERT's initialization), and is cheap enough to train on
-a CPU in minutes. Works for decoder-only models whose layers live in ``model.model.layers`` (Llama, Qwen2, Gemma).
+teacher's embeddings, head and some of its layers (DistilBERT-style initialization), and is cheap enough to train
+on a CPU in minutes. Works for decoder-only models whose layers live in ``model.model.layers`` (Llama, Qwen2, Gemma).
 """
 
 from __future__ import annotations
@@ -15,17 +15,21 @@ from fusion_cache.convert import publish_atomically
 from fusion_cache.errors import ConfigError
 
 
-def spaced_layers(total: int, keep: int) -> list[int]:
-    """``keep`` evenly spaced layer indices out of ``total``, first and last included."""
+def end_layers(total: int, keep: int) -> list[int]:
+    """The first ``ceil(keep / 2)`` and the last ``floor(keep / 2)`` of ``total`` layers.
+
+    Keeping both ends works best of the simple choices on SmolLM2-135M (held-out answer CE of a 6-layer subset
+    before training: 11.3 for first 3 + last 3, 15.5 for the first 6, 17.5 for 6 evenly spaced layers): the first
+    layers build the token representations the rest expect, and the last ones map the residual stream to logits.
+    """
     if not 1 <= keep <= total:
         raise ConfigError(f"num_layers must be in [1, {total}], got {keep}")
-    if keep == 1:
-        return [0]
-    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+    head = (keep + 1) // 2
+    return list(range(head)) + list(range(total - (keep - head), total))
 
 
 def make_layer_subset_student(teacher_dir: str, out_dir: str | Path, num_layers: int) -> Path:
-    """Write (once, atomically) a copy of ``teacher_dir`` keeping ``num_layers`` evenly spaced decoder layers.
+    """Write (once, atomically) a copy of ``teacher_dir`` keeping ``num_layers`` decoder layers (`end_layers`).
 
     Returns:
         ``out_dir``, a directory transformers and vLLM load.
@@ -38,7 +42,7 @@ def make_layer_subset_student(teacher_dir: str, out_dir: str | Path, num_layers:
         layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:
             raise ConfigError(f"{teacher_dir}: no model.model.layers; cannot make a layer-subset student")
-        keep = spaced_layers(len(layers), num_layers)
+        keep = end_layers(len(layers), num_layers)
         model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
         for new_idx, layer in enumerate(model.model.layers):
             if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):

