@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fusion_cache.cache.fingerprint import file_sha256
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.errors import MissingDependencyError
 
@@ -52,7 +52,7 @@ def fusion_cache_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser()
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+def cached_file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes, memoized per (path, size, mtime) so repeated resolves do not re-read 100 MB."""
     st = os.stat(path)
     return _file_sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
@@ -61,11 +61,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 @functools.lru_cache(maxsize=32)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime_ns are only part of the cache key: a rewritten file gets hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def convert_gguf_to_hf(
@@ -140,7 +136,7 @@ def converted_model_dir(
     Returns:
         ``<home>/models/<name>-<first 12 hex of the GGUF's sha256>[-<dtype>]``, complete.
     """
-    digest = file_sha256(gguf_path)[:SHORT_HASH_LEN]
+    digest = cached_file_sha256(gguf_path)[:SHORT_HASH_LEN]
     suffix = "" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch.")
     final_dir = Path(home).expanduser() if home is not None else fusion_cache_home()
     final_dir = final_dir / "models" / f"{name}-{digest}{suffix}"
@@ -153,7 +149,7 @@ def converted_model_dir(
         logger.info("converted %s in %.1f s into %s", display_name or name, seconds, final_dir)
         return {
             "gguf": os.path.basename(gguf_path),
-            "gguf_sha256": file_sha256(gguf_path),
+            "gguf_sha256": cached_file_sha256(gguf_path),
             "dtype": str(dtype),
             "seconds": round(seconds, 1),
         }

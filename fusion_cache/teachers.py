@@ -214,14 +214,14 @@ def _resolve_preset(preset: TeacherPreset) -> ResolvedModel:
         return ResolvedModel(name=preset.name, path=preset.hf_id, revision=None, preset=preset, is_local=False)
     # Imported here so that listing presets or resolving hub ids does not pay for importing torch.
     from fusion_cache.convert import SHORT_HASH_LEN
+    from fusion_cache.convert import cached_file_sha256
     from fusion_cache.convert import converted_model_dir
-    from fusion_cache.convert import file_sha256
 
     assert preset.locate_gguf is not None and preset.package is not None  # checked in __post_init__
     gguf = preset.locate_gguf()
     model_dir = converted_model_dir(gguf, preset.name, display_name=preset.hf_id.split("/")[-1])
     version = importlib.metadata.version(preset.package)
-    revision = f"{preset.package}=={version}+{file_sha256(gguf)[:SHORT_HASH_LEN]}"
+    revision = f"{preset.package}=={version}+{cached_file_sha256(gguf)[:SHORT_HASH_LEN]}"
     return ResolvedModel(name=preset.name, path=str(model_dir), revision=revision, preset=preset, is_local=True)
 
 

@@ -193,7 +193,7 @@ def converted(tmp_path_factory):
     """Resolve the embedded default into a fresh FUSION_CACHE_HOME, with a killed conversion's leftover in place."""
     home = tmp_path_factory.mktemp("fusion-cache-home")
     gguf = teachers.PRESETS[DEFAULT].locate_gguf()
-    digest = convert.file_sha256(gguf)[: convert.SHORT_HASH_LEN]
+    digest = convert.cached_file_sha256(gguf)[: convert.SHORT_HASH_LEN]
     leftover = home / "models" / f"{DEFAULT}-{digest}.tmp-99999-deadbeef"
     leftover.mkdir(parents=True)
     (leftover / "model.safetensors").write_bytes(b"truncated")
