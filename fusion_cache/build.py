@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_cache import __version__
+from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.fingerprint import config_fingerprint
 from fusion_cache.cache.manifest import MANIFEST_NAME
@@ -154,7 +155,7 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         "dtype": dtype,
     }
     dataset_info = {"source": cfg.data, "hash": dataset_hash(cfg.data), "rows_read": rows_read}
-    codec = {"name": "raw"}
+    codec = make_codec(cfg.codec, value_bits=cfg.value_bits, vocab_size=_vocab_size(teacher.path, tokenizer)).to_json()
     settings = {
         "schema_version": SCHEMA_VERSION,
         # the resolved path is machine-specific (a home directory): the name and revision identify the weights
@@ -243,6 +244,19 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
     manifest.write(work)
     publish_directory(work, out, overwrite=True)  # _check_output already refused what must not be replaced
     return manifest
+
+
+def _vocab_size(model_path: str, tokenizer) -> int:
+    """Largest id the teacher can emit + 1: the model's output size (often padded past the tokenizer's)."""
+    n = len(tokenizer)
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+        n = max(n, int(getattr(cfg, "vocab_size", 0) or 0))
+    except (OSError, ValueError):
+        pass  # a GGUF-only dir or an unusual config: the tokenizer's size is the bound
+    return n
 
 
 def _to_row(it: _Prepared, cap) -> CacheRow:

@@ -17,11 +17,11 @@ from pydantic import Field
 from pydantic import ValidationError
 from pydantic import field_validator
 
+from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.fingerprint import validate_fingerprint
-from fusion_cache.cache.schema import CODECS
 from fusion_cache.cache.schema import FORMAT_NAME
-from fusion_cache.cache.schema import SCHEMA_VERSION
+from fusion_cache.cache.schema import READABLE_SCHEMA_VERSIONS
 from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import ShardFormatError
 
@@ -123,19 +123,21 @@ def load_manifest(directory: str | Path) -> Manifest:
         raise ShardFormatError(f"{path}: manifest must be a JSON object, got {type(raw).__name__}")
     if raw.get("format") != FORMAT_NAME:
         raise ShardFormatError(f"{path}: format must be {FORMAT_NAME!r}, got {raw.get('format')!r}")
-    if raw.get("schema_version") != SCHEMA_VERSION:
+    if raw.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ShardFormatError(
             f"{path}: schema_version {raw.get('schema_version')!r} is not supported by this fusion-cache "
-            f"(it reads version {SCHEMA_VERSION}); upgrade fusion-cache or rebuild the cache"
+            f"(it reads versions {list(READABLE_SCHEMA_VERSIONS)}); upgrade fusion-cache or rebuild the cache"
         )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ShardFormatError(f"{path}: invalid manifest: {problems}") from None
-    codec = manifest.codec.get("name")
-    if codec not in CODECS:
-        raise ShardFormatError(f"{path}: codec {codec!r} is unknown; this version reads {list(CODECS)}")
+    codec = parse_codec(manifest.codec, str(path))
+    if manifest.schema_version == 1 and codec.name != "raw":
+        raise ShardFormatError(f"{path}: schema_version 1 has only the raw codec, got {codec.name!r}")
+    if manifest.k < 2 and codec.name != "raw":
+        raise ShardFormatError(f"{path}: codec {codec.name!r} needs K >= 2, got K={manifest.k}")
     validate_fingerprint(manifest.config_fingerprint, "config_fingerprint")
     validate_fingerprint(manifest.fingerprint, "fingerprint")
     expected = chain_fingerprint(manifest.config_fingerprint, [s.model_dump() for s in manifest.shards])

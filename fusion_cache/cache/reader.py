@@ -14,14 +14,44 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import dequantize_values
+from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.codecs import unpack_ids
 from fusion_cache.cache.fingerprint import file_sha256
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
-from fusion_cache.cache.schema import COLUMNS
 from fusion_cache.cache.schema import METADATA_KEY
-from fusion_cache.cache.schema import SCHEMA_VERSION
+from fusion_cache.cache.schema import shard_columns
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.errors import ShardFormatError
+
+
+class MissingField:
+    """Stands for a field a codec does not store (ids and target log-probs of a ``values`` cache).
+
+    Any use (indexing, ``.shape``, numpy conversion, ``len``) raises ShardFormatError naming the codec, so code that
+    needs ids fails at once with a clear message instead of computing with a wrong tensor.
+    """
+
+    def __init__(self, field: str, codec: str):
+        self._msg = (
+            f"{field}: a {codec!r} cache stores only the sorted top-K values (what the ULD loss needs); "
+            f"rebuild the cache with --codec full or raw to get {field}"
+        )
+
+    def _fail(self, *_args, **_kwargs):
+        raise ShardFormatError(self._msg)
+
+    __getitem__ = __len__ = __array__ = __iter__ = _fail
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._fail()
+
+    def __bool__(self) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -41,6 +71,88 @@ def _list_parts(col: pa.Array, shard: str, name: str) -> tuple[np.ndarray, np.nd
     return offsets - offsets[0], values
 
 
+def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: str = "<batch>") -> list[CacheRow]:
+    """Decode one record batch of a ``codec`` shard to rows, checking every declared length against the data.
+
+    The codec's columns are decoded for the whole batch at once (numpy), then sliced per row.
+    """
+    for col, typ in shard_columns(codec).items():
+        idx = batch.schema.get_field_index(col)
+        if idx < 0 or batch.schema.field(idx).type != typ:
+            got = "missing" if idx < 0 else str(batch.schema.field(idx).type)
+            raise ShardFormatError(f"{shard}: column {col!r} is {got}, expected {typ}")
+    ids_off, ids = _list_parts(batch.column("input_ids"), shard, "input_ids")
+    n_tokens = np.diff(ids_off)
+    answer_start = batch.column("answer_start").to_numpy().astype(np.int64)
+    n_answer = n_tokens - answer_start
+    bad = np.flatnonzero((answer_start < 1) | (n_answer < 1))
+    if bad.size:
+        r = int(bad[0])
+        raise ShardFormatError(
+            f"{shard}: row {r}: answer_start={int(answer_start[r])} invalid for {int(n_tokens[r])} tokens"
+        )
+    expected = {"token_byte_start": n_tokens, "token_byte_end": n_tokens}
+    if codec.name == "raw":
+        expected.update({"topk_ids": n_answer * k, "topk_logprobs": n_answer * k, "target_logprobs": n_answer})
+    else:
+        expected.update({"topk_max": n_answer, "topk_span": n_answer, "topk_codes": n_answer * (k - 1)})
+    if codec.name == "full":
+        expected.update({f"topk_ids_b{i}": n_answer * k for i in range(codec.id_bytes)})
+        expected.update({"tail_mass": n_answer, "target_logprobs": n_answer})
+    parts = {}
+    for name, want in expected.items():
+        off, vals = _list_parts(batch.column(name), shard, name)
+        got = np.diff(off)
+        bad = np.flatnonzero(got != want)
+        if bad.size:
+            r = int(bad[0])
+            raise ShardFormatError(
+                f"{shard}: row {r}: column {name!r} has {int(got[r])} values, expected {int(want[r])} (K={k})"
+            )
+        parts[name] = vals
+    # answer-position offsets shared by every top-K array
+    ans_off = np.zeros(batch.num_rows + 1, dtype=np.int64)
+    np.cumsum(n_answer, out=ans_off[1:])
+    total = int(ans_off[-1])
+    tail = None
+    if codec.name == "raw":
+        topk_ids = parts["topk_ids"].reshape(total, k)
+        values = parts["topk_logprobs"].reshape(total, k)
+    else:
+        values = dequantize_values(
+            parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 1), codec.value_bits, shard
+        )
+    if codec.name == "full":
+        topk_ids = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)]).reshape(total, k)
+        tail = parts["tail_mass"].astype(np.float32)
+    targets = parts.get("target_logprobs")
+    sample_ids = batch.column("sample_id").to_pylist()
+    row_index = batch.column("row_index").to_numpy()
+    convs = batch.column("conversation").to_pylist()
+    missing_ids = MissingField("topk_ids", codec.name)
+    missing_targets = MissingField("target_logprobs", codec.name)
+    rows = []
+    for r in range(batch.num_rows):
+        s, e = ids_off[r], ids_off[r + 1]
+        a0, a1 = ans_off[r], ans_off[r + 1]
+        rows.append(
+            CacheRow(
+                sample_id=sample_ids[r],
+                row_index=int(row_index[r]),
+                conversation=convs[r],
+                input_ids=ids[s:e],
+                answer_start=int(answer_start[r]),
+                token_byte_start=parts["token_byte_start"][s:e],
+                token_byte_end=parts["token_byte_end"][s:e],
+                topk_ids=topk_ids[a0:a1] if codec.has_ids else missing_ids,
+                topk_logprobs=values[a0:a1],
+                target_logprobs=targets[a0:a1] if codec.has_targets else missing_targets,
+                tail_mass=tail[a0:a1] if tail is not None else None,
+            )
+        )
+    return rows
+
+
 class CacheReader:
     """Read access to one cache directory.
 
@@ -52,6 +164,8 @@ class CacheReader:
         self.path = Path(path)
         self.manifest: Manifest = load_manifest(self.path)
         self.k = self.manifest.k
+        self.codec = parse_codec(self.manifest.codec, f"{self.path}/manifest.json")
+        self.columns = shard_columns(self.codec)
 
     # ---------------------------------------------------------------- shards
     def shard_path(self, i: int) -> Path:
@@ -70,7 +184,7 @@ class CacheReader:
         return reader
 
     def _check_schema(self, name: str, schema: pa.Schema) -> None:
-        for col, typ in COLUMNS.items():
+        for col, typ in self.columns.items():
             idx = schema.get_field_index(col)
             if idx < 0:
                 raise ShardFormatError(f"{name}: column {col!r} is missing")
@@ -83,8 +197,17 @@ class CacheReader:
             prov = json.loads(meta)
         except json.JSONDecodeError as e:
             raise ShardFormatError(f"{name}: schema metadata is not JSON: {e}") from e
-        if prov.get("schema_version") != SCHEMA_VERSION:
-            raise ShardFormatError(f"{name}: schema_version {prov.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        if not isinstance(prov, dict):
+            raise ShardFormatError(f"{name}: schema metadata must be a JSON object")
+        if prov.get("schema_version") != self.manifest.schema_version:
+            raise ShardFormatError(
+                f"{name}: schema_version {prov.get('schema_version')!r}, "
+                f"the manifest says {self.manifest.schema_version}"
+            )
+        if prov.get("codec", {"name": "raw"}) != self.manifest.codec:
+            raise ShardFormatError(
+                f"{name}: codec {prov.get('codec')!r} in the shard but {self.manifest.codec} in the manifest"
+            )
         if prov.get("k") != self.k:
             raise ShardFormatError(f"{name}: K={prov.get('k')!r} in the shard but K={self.k} in the manifest")
         if prov.get("config_fingerprint") != self.manifest.config_fingerprint:
@@ -111,58 +234,7 @@ class CacheReader:
     # ---------------------------------------------------------------- rows
     def decode_batch(self, batch: pa.RecordBatch, shard: str = "<batch>") -> list[CacheRow]:
         """Decode one record batch to rows, checking every declared length against the data (vectorized)."""
-        k = self.k
-        ids_off, ids = _list_parts(batch.column("input_ids"), shard, "input_ids")
-        n_tokens = np.diff(ids_off)
-        answer_start = batch.column("answer_start").to_numpy().astype(np.int64)
-        n_answer = n_tokens - answer_start
-        bad = np.flatnonzero((answer_start < 1) | (n_answer < 1))
-        if bad.size:
-            r = int(bad[0])
-            raise ShardFormatError(
-                f"{shard}: row {r}: answer_start={int(answer_start[r])} invalid for {int(n_tokens[r])} tokens"
-            )
-        parts = {}
-        expected = {
-            "token_byte_start": n_tokens,
-            "token_byte_end": n_tokens,
-            "topk_ids": n_answer * k,
-            "topk_logprobs": n_answer * k,
-            "target_logprobs": n_answer,
-        }
-        for name, want in expected.items():
-            off, vals = _list_parts(batch.column(name), shard, name)
-            got = np.diff(off)
-            bad = np.flatnonzero(got != want)
-            if bad.size:
-                r = int(bad[0])
-                raise ShardFormatError(
-                    f"{shard}: row {r}: column {name!r} has {int(got[r])} values, expected {int(want[r])} (K={k})"
-                )
-            parts[name] = (off, vals)
-        sample_ids = batch.column("sample_id").to_pylist()
-        row_index = batch.column("row_index").to_numpy()
-        convs = batch.column("conversation").to_pylist()
-        rows = []
-        for r in range(batch.num_rows):
-            s, e = ids_off[r], ids_off[r + 1]
-            a0, a1 = parts["target_logprobs"][0][r], parts["target_logprobs"][0][r + 1]
-            t0, t1 = parts["topk_ids"][0][r], parts["topk_ids"][0][r + 1]
-            rows.append(
-                CacheRow(
-                    sample_id=sample_ids[r],
-                    row_index=int(row_index[r]),
-                    conversation=convs[r],
-                    input_ids=ids[s:e],
-                    answer_start=int(answer_start[r]),
-                    token_byte_start=parts["token_byte_start"][1][s:e],
-                    token_byte_end=parts["token_byte_end"][1][s:e],
-                    topk_ids=parts["topk_ids"][1][t0:t1].reshape(-1, k),
-                    topk_logprobs=parts["topk_logprobs"][1][t0:t1].reshape(-1, k),
-                    target_logprobs=parts["target_logprobs"][1][a0:a1],
-                )
-            )
-        return rows
+        return decode_record_batch(batch, self.codec, self.k, shard)
 
     def iter_rows(self, start: BatchPosition | None = None) -> Iterator[CacheRow]:
         """Every row of the cache, decoded, in cache order."""
@@ -198,7 +270,8 @@ class CacheReader:
                         break
                     decoded = self.decode_batch(batch, info.path)
                     rows += len(decoded)
-                    tokens += sum(int(r.target_logprobs.size) for r in decoded)
+                    tokens += sum(r.n_answer for r in decoded)
+                    self._deep_check(decoded, info.path)
                 if rows != info.rows:
                     problems.append(f"{info.path}: {rows} rows, manifest says {info.rows}")
                 if tokens != info.answer_tokens:
@@ -206,3 +279,14 @@ class CacheReader:
             except ShardFormatError as e:
                 problems.append(str(e))
         return problems
+
+    def _deep_check(self, rows: list[CacheRow], shard: str) -> None:
+        """What decoding does not check on every read: ids in range and distinct per position, sorted values."""
+        for r in rows:
+            v = r.topk_logprobs
+            if not np.isfinite(v).all() or (np.diff(v, axis=1) > 1e-6).any():
+                raise ShardFormatError(f"{shard}: sample {r.sample_id}: top-K values are not finite and sorted")
+            if self.codec.has_ids:
+                ids = np.sort(r.topk_ids, axis=1)
+                if (ids[:, 0] < 0).any() or (np.diff(ids, axis=1) == 0).any():
+                    raise ShardFormatError(f"{shard}: sample {r.sample_id}: top-K ids are negative or repeated")

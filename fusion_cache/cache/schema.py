@@ -1,8 +1,9 @@
-"""The Arrow schema of a cache shard, version 1 (docs/cache-format.md is the human-readable spec).
+"""The Arrow schema of a cache shard, version 2 (docs/cache-format.md is the human-readable spec).
 
-One row per (sample, teacher). Row t of the top-K columns is the teacher's distribution that predicts
+One row per (sample, teacher). Row t of the top-K block is the teacher's distribution that predicts
 ``input_ids[answer_start + t]``; there are ``n_answer = len(input_ids) - answer_start`` such rows, each with K
-entries, flattened row-major into one list per sample.
+entries. The common columns below are the same for every codec; the top-K block's columns depend on the codec
+(fusion_cache/cache/codecs.py). Version 1 is version 2 restricted to the ``raw`` codec and is still read.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import json
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+from fusion_cache.cache.codecs import CodecSpec
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # v1 = v2 with the raw codec only
 METADATA_KEY = b"fusion_cache"  # Arrow schema metadata key holding the JSON provenance of the shard
 FORMAT_NAME = "fusion-cache"
 
-# The raw codec: fp32 log-probs and int32 ids, uncompressed; the exact reference (compact codecs come later).
-CODECS = ("raw",)
-
-COLUMNS = {
+COMMON_COLUMNS = {
     "sample_id": pa.string(),  # 32 hex chars, blake2b-128 of the canonical conversation JSON (teacher-independent)
     "row_index": pa.int64(),  # 0-based index of the row in the input dataset
     "conversation": pa.string(),  # canonical JSON list of {"role", "content"}; the last message is the answer
@@ -26,16 +27,23 @@ COLUMNS = {
     "answer_start": pa.int32(),  # index of the first answer token in input_ids (>= 1)
     "token_byte_start": pa.list_(pa.int32()),  # [n_tokens] byte offset of each token's start in the rendered text
     "token_byte_end": pa.list_(pa.int32()),  # [n_tokens] byte offset one past each token's end
-    "topk_ids": pa.list_(pa.int32()),  # [n_answer * K] token ids, each row sorted by descending log-prob
-    "topk_logprobs": pa.list_(pa.float32()),  # [n_answer * K] natural-log probabilities, descending per row
-    "target_logprobs": pa.list_(pa.float32()),  # [n_answer] log-prob of the actual answer token
 }
 
+# The v1 / raw columns, kept under the old name for code that writes raw shards directly.
+COLUMNS = {**COMMON_COLUMNS, **CodecSpec("raw").columns()}
 
-def shard_schema(provenance: dict) -> pa.Schema:
-    """The schema of a v1 shard, with the build's provenance JSON under the ``fusion_cache`` metadata key."""
+
+def shard_columns(codec: CodecSpec) -> dict[str, pa.DataType]:
+    """Every column of a shard written with ``codec``, in schema order."""
+    return {**COMMON_COLUMNS, **codec.columns()}
+
+
+def shard_schema(provenance: dict, codec: CodecSpec | None = None) -> pa.Schema:
+    """The schema of a shard, with the build's provenance JSON under the ``fusion_cache`` metadata key."""
+    codec = codec or CodecSpec("raw")
     meta = {METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()}
-    return pa.schema([pa.field(name, typ, nullable=False) for name, typ in COLUMNS.items()], metadata=meta)
+    cols = shard_columns(codec)
+    return pa.schema([pa.field(name, typ, nullable=False) for name, typ in cols.items()], metadata=meta)
 
 
 def shard_name(index: int, count: int) -> str:

@@ -17,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import pack_ids
+from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.codecs import quantize_values
+from fusion_cache.cache.codecs import tail_mass
 from fusion_cache.cache.fingerprint import file_sha256
-from fusion_cache.cache.schema import COLUMNS
+from fusion_cache.cache.schema import COMMON_COLUMNS
 from fusion_cache.cache.schema import shard_name
 from fusion_cache.cache.schema import shard_schema
 
@@ -34,9 +39,10 @@ class CacheRow:
         input_ids: int32 [n_tokens].
         answer_start: index of the first answer token.
         token_byte_start, token_byte_end: int32 [n_tokens] byte offsets into the rendered text.
-        topk_ids: int32 [n_answer, K].
-        topk_logprobs: float32 [n_answer, K].
-        target_logprobs: float32 [n_answer].
+        topk_ids: int32 [n_answer, K]. Read from a ``values`` cache: a `MissingField` that raises on use.
+        topk_logprobs: float32 [n_answer, K] (decoded: exact for raw, quantized for full/values).
+        target_logprobs: float32 [n_answer]. Read from a ``values`` cache: a `MissingField`.
+        tail_mass: float32 [n_answer], 1 - sum(exp(topk_logprobs)) of the original values; None when unknown.
     """
 
     sample_id: str
@@ -49,6 +55,11 @@ class CacheRow:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray
+    tail_mass: np.ndarray | None = None
+
+    @property
+    def n_answer(self) -> int:
+        return int(self.topk_logprobs.shape[0])
 
 
 def _list_column(arrays: list[np.ndarray], dtype: np.dtype, arrow_type: pa.DataType) -> pa.Array:
@@ -60,19 +71,67 @@ def _list_column(arrays: list[np.ndarray], dtype: np.dtype, arrow_type: pa.DataT
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, arrow_type.value_type))
 
 
-def rows_to_batch(rows: list[CacheRow], schema: pa.Schema) -> pa.RecordBatch:
-    """Convert rows to one record batch of the v1 schema."""
+def _split_column(flat: np.ndarray, per_row: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A list<T> column from one flat array and each row's element count."""
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=offsets[1:])
+    if offsets[-1] >= 1 << 31:
+        raise ValueError("a record batch holds more than 2^31 list elements; write fewer rows per batch")
+    values = pa.array(np.ascontiguousarray(flat).reshape(-1), arrow_type.value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
+
+
+def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.Array]:
+    """The codec's top-K columns for ``rows`` (vectorized over all the rows' answer positions at once)."""
+    n = np.fromiter((r.topk_logprobs.shape[0] for r in rows), dtype=np.int64, count=len(rows))
+    for r in rows:
+        if r.topk_logprobs.ndim != 2 or r.topk_logprobs.shape[1] != k:
+            raise ValueError(f"row {r.sample_id}: top-K block has shape {r.topk_logprobs.shape}, expected [n, {k}]")
+    cols = codec.columns()
+    if codec.name == "raw":
+        return {
+            "topk_ids": _list_column([r.topk_ids for r in rows], np.int32, cols["topk_ids"]),
+            "topk_logprobs": _list_column([r.topk_logprobs for r in rows], np.float32, cols["topk_logprobs"]),
+            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
+        }
+    values = np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32) if rows else np.zeros((0, k))
+    stored = np.float32 if codec.name == "full" else np.float16
+    vmax, span, codes = quantize_values(values, codec.value_bits, stored)
+    out = {
+        "topk_max": _split_column(vmax, n, cols["topk_max"]),
+        "topk_span": _split_column(span, n, cols["topk_span"]),
+        "topk_codes": _split_column(codes, n * (k - 1), cols["topk_codes"]),
+    }
+    if codec.name == "full":
+        ids = np.concatenate([r.topk_ids for r in rows])
+        planes = {
+            f"topk_ids_b{i}": _split_column(p, n * k, cols[f"topk_ids_b{i}"])
+            for i, p in enumerate(pack_ids(ids, codec.id_bytes))
+        }
+        out = {
+            **planes,
+            **out,
+            "tail_mass": _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"]),
+            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
+        }
+    return out
+
+
+def rows_to_batch(rows: list[CacheRow], schema: pa.Schema, codec: CodecSpec | None = None, k: int | None = None):
+    """Convert rows to one record batch of ``schema`` (common columns + the codec's top-K columns)."""
+    codec = codec or CodecSpec("raw")
+    k = k if k is not None else (rows[0].topk_logprobs.shape[1] if rows else 1)
     cols = {
         "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
         "row_index": pa.array([r.row_index for r in rows], pa.int64()),
         "conversation": pa.array([r.conversation for r in rows], pa.string()),
-        "input_ids": _list_column([r.input_ids for r in rows], np.int32, COLUMNS["input_ids"]),
+        "input_ids": _list_column([r.input_ids for r in rows], np.int32, COMMON_COLUMNS["input_ids"]),
         "answer_start": pa.array([r.answer_start for r in rows], pa.int32()),
-        "token_byte_start": _list_column([r.token_byte_start for r in rows], np.int32, COLUMNS["token_byte_start"]),
-        "token_byte_end": _list_column([r.token_byte_end for r in rows], np.int32, COLUMNS["token_byte_end"]),
-        "topk_ids": _list_column([r.topk_ids for r in rows], np.int32, COLUMNS["topk_ids"]),
-        "topk_logprobs": _list_column([r.topk_logprobs for r in rows], np.float32, COLUMNS["topk_logprobs"]),
-        "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, COLUMNS["target_logprobs"]),
+        "token_byte_start": _list_column(
+            [r.token_byte_start for r in rows], np.int32, COMMON_COLUMNS["token_byte_start"]
+        ),
+        "token_byte_end": _list_column([r.token_byte_end for r in rows], np.int32, COMMON_COLUMNS["token_byte_end"]),
+        **encode_topk(rows, codec, k),
     }
     return pa.RecordBatch.from_arrays([cols[name] for name in schema.names], schema=schema)
 
@@ -88,7 +147,9 @@ class ShardWriter:
 
     def __init__(self, work_dir: str | Path, provenance: dict, *, shard_rows: int = 1000, shard_bytes: int = 1 << 30):
         self.work_dir = Path(work_dir)
-        self.schema = shard_schema(provenance)
+        self.codec = parse_codec(provenance.get("codec", {"name": "raw"}), "provenance codec")
+        self.k = provenance.get("k")
+        self.schema = shard_schema(provenance, self.codec)
         self.shard_rows = shard_rows
         self.shard_bytes = shard_bytes
         self._parts: list[dict] = []  # finished part files, before their final names
@@ -110,7 +171,7 @@ class ShardWriter:
     def _open_part(self) -> None:
         path = self.work_dir / f"part-{len(self._parts):05d}.arrow.tmp"
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        self._writer = pa.ipc.new_stream(self._sink, self.schema, options=self.codec.ipc_options())
         self._cur = {"tmp": path, "rows": 0, "answer_tokens": 0}
 
     def _close_current(self) -> None:
@@ -127,9 +188,9 @@ class ShardWriter:
                 self._open_part()
             take = rows[: self.shard_rows - self._cur["rows"]]
             rows = rows[len(take) :]
-            self._writer.write_batch(rows_to_batch(take, self.schema))
+            self._writer.write_batch(rows_to_batch(take, self.schema, self.codec, self.k))
             self._cur["rows"] += len(take)
-            self._cur["answer_tokens"] += sum(int(r.target_logprobs.size) for r in take)
+            self._cur["answer_tokens"] += sum(r.n_answer for r in take)
             if self._cur["rows"] >= self.shard_rows or self._sink.tell() >= self.shard_bytes:
                 self._close_current()
 
