@@ -208,8 +208,8 @@ def dequantize_values(vmax: np.ndarray, span: np.ndarray, codes: np.ndarray, bit
     """Inverse of quantize_values. codes [N, K-1] -> float32 [N, K]. Refuses codes that overflow 2^bits - 1."""
     m = (1 << bits) - 1
     n = codes.shape[0]
-    q = np.zeros((n, codes.shape[1] + 1), dtype=np.int64)
-    np.cumsum(codes, axis=1, out=q[:, 1:])
+    q = np.zeros((n, codes.shape[1] + 1), dtype=np.int32)
+    np.cumsum(codes, axis=1, dtype=np.int32, out=q[:, 1:])
     vmax = vmax.astype(np.float32)
     span = span.astype(np.float32)
     bad = np.flatnonzero((q[:, -1] > m) | ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0))
@@ -219,8 +219,18 @@ def dequantize_values(vmax: np.ndarray, span: np.ndarray, codes: np.ndarray, bit
             f"{shard}: answer position {t}: corrupt value codes (sum {int(q[t, -1])} > {m}, "
             f"max {float(vmax[t])}, span {float(span[t])})"
         )
-    frac = q.astype(np.float32) * np.float32(1.0 / m)
-    return vmax[:, None] - span[:, None] * (frac * frac)
+    return vmax[:, None] - span[:, None] * _square_table(bits)[q]
+
+
+_TABLES: dict[int, np.ndarray] = {}
+
+
+def _square_table(bits: int) -> np.ndarray:
+    """(Q / M)^2 for every code Q in [0, M], float32: decoding is one gather instead of a divide and a square."""
+    if bits not in _TABLES:
+        m = (1 << bits) - 1
+        _TABLES[bits] = ((np.arange(m + 1, dtype=np.float64) / m) ** 2).astype(np.float32)
+    return _TABLES[bits]
 
 
 def tail_mass(values: np.ndarray) -> np.ndarray:

@@ -199,6 +199,8 @@ class CacheReader:
             raise ShardFormatError(f"{name}: schema metadata is not JSON: {e}") from e
         if not isinstance(prov, dict):
             raise ShardFormatError(f"{name}: schema metadata must be a JSON object")
+        if prov.get("k") != self.k:
+            raise ShardFormatError(f"{name}: K={prov.get('k')!r} in the shard but K={self.k} in the manifest")
         if prov.get("schema_version") != self.manifest.schema_version:
             raise ShardFormatError(
                 f"{name}: schema_version {prov.get('schema_version')!r}, "
@@ -208,8 +210,6 @@ class CacheReader:
             raise ShardFormatError(
                 f"{name}: codec {prov.get('codec')!r} in the shard but {self.manifest.codec} in the manifest"
             )
-        if prov.get("k") != self.k:
-            raise ShardFormatError(f"{name}: K={prov.get('k')!r} in the shard but K={self.k} in the manifest")
         if prov.get("config_fingerprint") != self.manifest.config_fingerprint:
             raise ShardFormatError(f"{name}: belongs to another build (config fingerprint differs from the manifest)")
 

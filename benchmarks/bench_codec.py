@@ -1,0 +1,236 @@
+"""Codec benchmark on real teacher output: size, fidelity and speed of every codec and of the peers' layouts.
+
+    PYTHONPATH=. python benchmarks/bench_codec.py --cache /tmp/me/demo2/cache/train --cache /tmp/codecs/k128
+
+Each --cache must be a ``raw`` cache (the exact reference). For every cache and codec, on the same answer
+positions: bytes per answer token of the top-K payload (the codec's columns as stored, an Arrow IPC stream with the
+codec's compression; the common columns such as input_ids are the same for every codec and not counted), mean and
+max KL(original top-K renormalized || decoded renormalized) in nats, max |delta log-prob|, top-K id exactness,
+the change of the InfiFusion per-token loss d_t (kernels/reference.py, K=10) against raw for a fixed synthetic
+student, and encode / decode answer tokens per second on one core. Peers' layouts are computed on the same data:
+fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM's fp16 + int64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
+from fusion_cache.cache.codecs import make_codec  # noqa: E402
+from fusion_cache.cache.reader import CacheReader  # noqa: E402
+from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
+from fusion_cache.cache.schema import shard_schema  # noqa: E402
+from fusion_cache.cache.writer import CacheRow  # noqa: E402
+from fusion_cache.cache.writer import encode_topk  # noqa: E402
+from fusion_cache.cache.writer import rows_to_batch  # noqa: E402
+from kernels.reference import uld_rows_reference  # noqa: E402
+
+ULD_K = 10
+
+
+def _best(fn, repeat: int = 3) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _renorm_logp(v: np.ndarray) -> np.ndarray:
+    v = v.astype(np.float64)
+    m = v.max(axis=1, keepdims=True)
+    return v - m - np.log(np.exp(v - m).sum(axis=1, keepdims=True))
+
+
+def _fidelity(orig: np.ndarray, dec: np.ndarray, ids: np.ndarray | None, dec_ids, student: torch.Tensor) -> dict:
+    lp, lq = _renorm_logp(orig), _renorm_logp(dec)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    kt = min(ULD_K, orig.shape[1])
+    d_raw = uld_rows_reference(student, torch.from_numpy(orig[:, :kt].astype(np.float32)), k=kt)
+    d_dec = uld_rows_reference(student, torch.from_numpy(dec[:, :kt].astype(np.float32)), k=kt)
+    dd = (d_dec - d_raw).abs()
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "max_dlogprob": float(np.abs(dec.astype(np.float64) - orig).max()),
+        "ids_exact": None if dec_ids is None else float((dec_ids == ids).all(axis=1).mean()),
+        "dd_mean": float(dd.mean()),
+        "dd_max": float(dd.max()),
+    }
+
+
+# ---------------------------------------------------------------- our codecs through the real writer/reader
+def _ours(rows: list[CacheRow], k: int, codec_name: str, bits: int | None) -> tuple[int, float, float, list]:
+    """(payload bytes, encode s, decode s, decoded rows) through encode_topk + Arrow IPC + decode_record_batch."""
+    codec = make_codec(codec_name, value_bits=bits, vocab_size=49152)
+    prov = {"schema_version": 2, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    full_schema = shard_schema(prov, codec)
+    topk_names = list(codec.columns())
+
+    def encode() -> bytes:
+        cols = encode_topk(rows, codec, k)
+        batch = pa.RecordBatch.from_arrays([cols[n] for n in topk_names], names=topk_names)
+        sink = io.BytesIO()
+        with pa.ipc.new_stream(sink, batch.schema, options=codec.ipc_options()) as w:
+            w.write_batch(batch)
+        return sink.getvalue()
+
+    t_enc, payload = _best(encode)
+    # decode the whole shard layout (common columns too), as the trainer does
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, full_schema, options=codec.ipc_options()) as w:
+        w.write_batch(rows_to_batch(rows, full_schema, codec, k))
+    blob = sink.getvalue()
+
+    def decode():
+        out = []
+        for b in pa.ipc.open_stream(pa.BufferReader(blob)):
+            out.extend(decode_record_batch(b, codec, k, "bench"))
+        return out
+
+    t_dec, dec = _best(decode)
+    return len(payload), t_enc, t_dec, dec
+
+
+# ---------------------------------------------------------------- peers' layouts, on the same arrays
+def _fp16_int(values: np.ndarray, ids: np.ndarray, id_dtype) -> tuple[int, float, float, np.ndarray, np.ndarray]:
+    t_enc, blob = _best(lambda: (values.astype(np.float16).tobytes(), ids.astype(id_dtype).tobytes()))
+    n, k = values.shape
+
+    def decode():
+        v = np.frombuffer(blob[0], np.float16).reshape(n, k).astype(np.float32)
+        return v, np.frombuffer(blob[1], id_dtype).reshape(n, k).astype(np.int32)
+
+    t_dec, (v, i) = _best(decode)
+    return len(blob[0]) + len(blob[1]), t_enc, t_dec, v, i
+
+
+def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, float, np.ndarray, np.ndarray]:
+    """fp16 values + ids packed at 17 bits each, zstd over the concatenation (Megatron-LM's KD cache layout)."""
+    n, k = values.shape
+    shifts = np.arange(17, dtype=np.uint32)
+    codec = pa.Codec("zstd")
+
+    def encode():
+        bits = ((ids.astype(np.uint32).reshape(-1, 1) >> shifts) & 1).astype(np.uint8)
+        packed = np.packbits(bits.reshape(-1), bitorder="little")
+        raw = values.astype(np.float16).tobytes() + packed.tobytes()
+        return codec.compress(raw, asbytes=True), len(raw)
+
+    t_enc, (blob, raw_len) = _best(encode)
+
+    def decode():
+        raw = np.frombuffer(codec.decompress(blob, decompressed_size=raw_len, asbytes=True), np.uint8)
+        v = raw[: n * k * 2].view(np.float16).reshape(n, k).astype(np.float32)
+        bits = np.unpackbits(raw[n * k * 2 :], bitorder="little")[: n * k * 17].reshape(-1, 17).astype(np.uint32)
+        return v, (bits << shifts).sum(axis=1).astype(np.int32).reshape(n, k)
+
+    t_dec, (v, i) = _best(decode)
+    return len(blob), t_enc, t_dec, v, i
+
+
+def bench_cache(path: str) -> list[dict]:
+    reader = CacheReader(path)
+    if reader.codec.name != "raw":
+        raise SystemExit(f"{path}: needs a raw cache as the reference, got codec {reader.codec.name}")
+    rows = list(reader.iter_rows())
+    k = reader.k
+    values = np.concatenate([r.topk_logprobs for r in rows])
+    ids = np.concatenate([r.topk_ids for r in rows])
+    n = values.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    # a fixed synthetic student: the teacher's top-K values plus N(0, 1) noise (ULD only sees its sorted top-K)
+    student = torch.from_numpy(values.copy()) + torch.randn(values.shape, generator=gen)
+    results = []
+
+    def add(name, payload, t_enc, t_dec, dec_values, dec_ids, kk=k, ref_values=values):
+        fid = _fidelity(ref_values, dec_values, ids[:, :kk] if dec_ids is not None else None, dec_ids, student)
+        results.append(
+            {
+                "cache": path,
+                "K": kk,
+                "codec": name,
+                "bytes_per_token": payload / n,
+                "encode_tok_s": n / t_enc,
+                "decode_tok_s": n / t_dec,
+                **fid,
+            }
+        )
+
+    configs = [("raw", "raw", None), ("full", "full", None), ("full bits=6", "full", 6), ("full bits=8", "full", 8)]
+    configs += [("values", "values", None), ("values bits=6", "values", 6)]
+    for label, name, bits in configs:
+        payload, te, td, dec = _ours(rows, k, name, bits)
+        dv = np.concatenate([r.topk_logprobs for r in dec])
+        di = np.concatenate([r.topk_ids for r in dec]) if name != "values" else None
+        add(label, payload, te, td, dv, di)
+    # values at K=10: what the ULD loss reads (the trainer's default K)
+    rows10 = [
+        CacheRow(**{**r.__dict__, "topk_ids": r.topk_ids[:, :ULD_K], "topk_logprobs": r.topk_logprobs[:, :ULD_K]})
+        for r in rows
+    ]
+    for bits in (None, 6):
+        payload, te, td, dec = _ours(rows10, ULD_K, "values", bits)
+        dv = np.concatenate([r.topk_logprobs for r in dec])
+        add(f"values K=10{'' if bits is None else f' bits={bits}'}", payload, te, td, dv, None, ULD_K, values[:, :ULD_K])
+    add("peer fp16+int32", *_fp16_int(values, ids, np.int32))
+    add("peer Megatron fp16+17bit+zstd", *_megatron(values, ids))
+    add("peer FuseLLM fp16+int64", *_fp16_int(values, ids, np.int64))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", action="append", required=True, help="a raw cache of real teacher output")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    info = machine()
+    all_rows = []
+    for c in args.cache:
+        all_rows += bench_cache(c)
+    head = (
+        "| cache | K | codec | bytes/token | KL mean | KL max | max abs dlogprob | ids exact | dd_t mean | dd_t max "
+        "| encode tok/s | decode tok/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    body = ""
+    for r in all_rows:
+        ids = "-" if r["ids_exact"] is None else f"{r['ids_exact']:.4f}"
+        body += (
+            f"| {Path(r['cache']).name} | {r['K']} | {r['codec']} | {r['bytes_per_token']:.1f} | {r['kl_mean']:.2e} "
+            f"| {r['kl_max']:.2e} | {r['max_dlogprob']:.3g} | {ids} | {r['dd_mean']:.2e} | {r['dd_max']:.2e} "
+            f"| {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |\n"
+        )
+    table = head + body
+    print(table)
+    if not args.no_write:
+        import json
+
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        meta = ", ".join(f"{k}={v}" for k, v in info.items())
+        (RESULTS / "codec.md").write_text(
+            "# Codec benchmark (benchmarks/bench_codec.py)\n\n"
+            f"Command: `PYTHONPATH=. python benchmarks/bench_codec.py {' '.join('--cache ' + c for c in args.cache)}`"
+            f"\n\nMachine: {meta}\n\n{table}"
+        )
+        (RESULTS / "codec.jsonl").open("a").write(json.dumps({"machine": info, "results": all_rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
