@@ -186,7 +186,9 @@ def bench_cache(path: str) -> list[dict]:
     for bits in (None, 6):
         payload, te, td, dec = _ours(rows10, ULD_K, "values", bits)
         dv = np.concatenate([r.topk_logprobs for r in dec])
-        add(f"values K=10{'' if bits is None else f' bits={bits}'}", payload, te, td, dv, None, ULD_K, values[:, :ULD_K])
+        add(
+            f"values K=10{'' if bits is None else f' bits={bits}'}", payload, te, td, dv, None, ULD_K, values[:, :ULD_K]
+        )
     add("peer fp16+int32", *_fp16_int(values, ids, np.int32))
     add("peer Megatron fp16+17bit+zstd", *_megatron(values, ids))
     add("peer FuseLLM fp16+int64", *_fp16_int(values, ids, np.int64))

@@ -85,7 +85,8 @@ class CacheStream(torch.utils.data.IterableDataset):
         n = min(len(ids) - start, row.topk_logprobs.shape[0])
         if n < 1:
             return None
-        top1 = row.topk_ids[:n, 0] if self.same_tokenizer else None
+        # a `values` cache has no ids: training needs only the values, the top-1 agreement metric is skipped
+        top1 = row.topk_ids[:n, 0] if self.same_tokenizer and self.reader.codec.has_ids else None
         return StudentExample(row.sample_id, ids, start, row.topk_logprobs[:n], top1)
 
     def __iter__(self) -> Iterator[StudentExample]:

@@ -213,23 +213,28 @@ class CacheReader:
         if prov.get("config_fingerprint") != self.manifest.config_fingerprint:
             raise ShardFormatError(f"{name}: belongs to another build (config fingerprint differs from the manifest)")
 
+    def _iter_shard(self, i: int) -> Iterator[pa.RecordBatch]:
+        """The record batches of shard i only (verify must not open the next shard while checking this one)."""
+        reader = self._open(i)
+        name = self.manifest.shards[i].path
+        b = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ShardFormatError(f"{name}: truncated or corrupt at record batch {b}: {e}") from e
+            yield batch
+            b += 1
+
     def iter_batches(self, start: BatchPosition | None = None) -> Iterator[tuple[BatchPosition, pa.RecordBatch]]:
         """Record batches in cache order, each with its position; ``start`` skips everything before it."""
         first_shard = start.shard if start else 0
         for i in range(first_shard, len(self.manifest.shards)):
-            reader = self._open(i)
-            name = self.manifest.shards[i].path
-            b = 0
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError) as e:
-                    raise ShardFormatError(f"{name}: truncated or corrupt at record batch {b}: {e}") from e
+            for b, batch in enumerate(self._iter_shard(i)):
                 if start is None or i > start.shard or b >= start.batch:
                     yield BatchPosition(i, b), batch
-                b += 1
 
     # ---------------------------------------------------------------- rows
     def decode_batch(self, batch: pa.RecordBatch, shard: str = "<batch>") -> list[CacheRow]:
@@ -265,9 +270,7 @@ class CacheReader:
                 continue
             try:
                 rows = tokens = 0
-                for _, batch in self.iter_batches(BatchPosition(i, 0)):
-                    if _.shard != i:
-                        break
+                for batch in self._iter_shard(i):
                     decoded = self.decode_batch(batch, info.path)
                     rows += len(decoded)
                     tokens += sum(r.n_answer for r in decoded)

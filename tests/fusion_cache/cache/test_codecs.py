@@ -1,0 +1,244 @@
+"""Top-K codecs: property-based round trips, real builds with each codec, and refusal of corrupt compact shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from fusion_cache.cache.codecs import make_codec
+from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.manifest import load_manifest
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.reader import decode_record_batch
+from fusion_cache.cache.schema import shard_schema
+from fusion_cache.cache.writer import CacheRow
+from fusion_cache.cache.writer import rows_to_batch
+from fusion_cache.errors import ConfigError
+from fusion_cache.errors import ShardFormatError
+
+
+def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> list[CacheRow]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, na in enumerate(lengths):
+        logits = rng.normal(0, scale, (na, vocab)).astype(np.float64)
+        lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+        vals = np.take_along_axis(lp, ids, axis=1).astype(np.float32)
+        rows.append(
+            CacheRow(
+                sample_id=f"{i:032x}",
+                row_index=i,
+                conversation="[]",
+                input_ids=rng.integers(0, vocab, na + 2).astype(np.int32),
+                answer_start=2,
+                token_byte_start=np.arange(na + 2, dtype=np.int32),
+                token_byte_end=np.arange(1, na + 3, dtype=np.int32),
+                topk_ids=ids.astype(np.int32),
+                topk_logprobs=vals,
+                target_logprobs=vals[:, 0].copy(),
+            )
+        )
+    return rows
+
+
+def _round_trip(rows, codec, k):
+    """Write through Arrow IPC (with the codec's compression) and decode, as a reader would."""
+    prov = {"schema_version": 2, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema = shard_schema(prov, codec)
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
+        w.write_batch(rows_to_batch(rows, schema, codec, k))
+    batches = list(pa.ipc.open_stream(pa.BufferReader(sink.getvalue())))
+    return [r for b in batches for r in decode_record_batch(b, codec, k, "mem")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    k=st.integers(2, 40),
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    vocab=st.sampled_from([64, 300, 70000]),
+    scale=st.sampled_from([0.0, 0.5, 4.0, 30.0]),
+    name=st.sampled_from(["raw", "full", "values"]),
+    bits=st.integers(2, 16),
+)
+def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
+    rows = _rows(seed, k, lengths, vocab, scale)
+    codec = make_codec(name, value_bits=None if name == "raw" else bits, vocab_size=vocab)
+    dec = _round_trip(rows, codec, k)
+    assert len(dec) == len(rows)
+    m = (1 << bits) - 1
+    for a, b in zip(rows, dec, strict=True):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        assert b.topk_logprobs.shape == a.topk_logprobs.shape and b.topk_logprobs.dtype == np.float32
+        if name == "raw":
+            np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        else:
+            v = a.topk_logprobs.astype(np.float64)
+            span = v[:, :1] - v[:, -1:]
+            rel = 1e-3 if name == "values" else 1e-6  # values stores max/span in fp16
+            bound = span * (1.0 / m + 1.0 / m**2 + rel) + np.abs(v[:, :1]) * rel + 1e-5
+            assert (np.abs(b.topk_logprobs - v) <= bound).all()
+            assert (np.diff(b.topk_logprobs, axis=1) <= 1e-6).all()
+        if name == "values":
+            with pytest.raises(ShardFormatError, match="rebuild the cache with --codec full or raw"):
+                b.topk_ids[:, 0]
+            with pytest.raises(ShardFormatError, match="target_logprobs"):
+                np.asarray(b.target_logprobs)
+        else:
+            np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+            np.testing.assert_array_equal(a.target_logprobs, b.target_logprobs)
+        if name == "full":
+            want = np.clip(1 - np.exp(a.topk_logprobs.astype(np.float64)).sum(axis=1), 0, 1)
+            np.testing.assert_allclose(b.tail_mass, want, rtol=2e-3, atol=1e-6)
+
+
+def test_codec_parameters_are_validated():
+    with pytest.raises(ConfigError, match="unknown codec"):
+        make_codec("zip9")
+    with pytest.raises(ConfigError, match="value_bits=40"):
+        make_codec("full", value_bits=40, vocab_size=100)
+    with pytest.raises(ConfigError, match="raw codec"):
+        make_codec("raw", value_bits=8)
+    assert make_codec("full", vocab_size=49152).id_bytes == 2
+    assert make_codec("full", vocab_size=151936).id_bytes == 3
+    for bad in (
+        {"name": "full", "value_bits": 7},
+        {"name": "values", "value_bits": 8, "zstd_level": 3, "x": 1},
+        {"name": "values", "value_bits": "8", "zstd_level": 3},
+        ["raw"],
+    ):
+        with pytest.raises(ShardFormatError):
+            parse_codec(bad)
+
+
+def test_corrupt_value_codes_are_named():
+    rows = _rows(0, 8, [5, 3], 300, 4.0)
+    codec = make_codec("values", vocab_size=300)
+    prov = {"schema_version": 2, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema = shard_schema(prov, codec)
+    batch = rows_to_batch(rows, schema, codec, 8)
+    cols = {n: batch.column(n) for n in schema.names}
+    codes = np.asarray(cols["topk_codes"].values).copy()
+    codes[:] = 255  # the deltas now sum far past 2^bits - 1
+    cols["topk_codes"] = pa.ListArray.from_arrays(cols["topk_codes"].offsets, pa.array(codes, pa.uint8()))
+    bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=schema)
+    with pytest.raises(ShardFormatError, match="shard-z: answer position 0: corrupt value codes"):
+        decode_record_batch(bad, codec, 8, "shard-z")
+
+
+# ---------------------------------------------------------------- real builds with each compact codec
+@pytest.fixture(scope="module", params=["full", "values"])
+def codec_cache(request, tmp_path_factory, tiny_model_dir, data_file, hf_engine):
+    from fusion_cache.build import run_build
+    from fusion_cache.config import BuildConfig
+
+    out = tmp_path_factory.mktemp("codec-caches") / request.param
+    cfg = BuildConfig.create(
+        teacher=str(tiny_model_dir),
+        data=str(data_file),
+        out=str(out),
+        top_k=8,
+        engine="hf",
+        shard_rows=2,
+        codec=request.param,
+    )
+    run_build(cfg, engine=hf_engine, progress=False)
+    return out
+
+
+def test_compact_build_matches_raw(codec_cache, built_cache):
+    reader = CacheReader(codec_cache)
+    m = reader.manifest
+    assert m.schema_version == 2 and m.codec["name"] == codec_cache.name
+    assert reader.verify() == []
+    raw = list(CacheReader(built_cache).iter_rows())
+    got = list(reader.iter_rows())
+    assert [r.sample_id for r in got] == [r.sample_id for r in raw]
+    for a, b in zip(raw, got, strict=True):
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+        if codec_cache.name == "full":
+            np.testing.assert_array_equal(b.topk_ids, a.topk_ids)
+    assert m.stats.payload_bytes < load_manifest(built_cache).stats.payload_bytes
+
+
+def test_compact_cache_loads_with_hf_datasets(codec_cache):
+    from datasets import load_dataset
+
+    files = sorted(str(p) for p in codec_cache.glob("shard-*.arrow"))
+    ds = load_dataset("arrow", data_files=files, split="train", cache_dir=str(codec_cache.parent / "hf"))
+    assert len(ds) == 4 and "topk_codes" in ds.column_names
+
+
+def test_values_cache_streams_for_uld(codec_cache, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from fusion_cache.stream import CacheStream
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ex = list(CacheStream(str(codec_cache), tok, chat_template=True, max_length=256))
+    assert len(ex) == 4 and all(e.teacher_values.shape[1] == 8 for e in ex)
+    assert all((e.teacher_top1 is None) == (codec_cache.name == "values") for e in ex)
+
+
+def _edit(cache, fn):
+    path = cache / "manifest.json"
+    raw = json.loads(path.read_text())
+    fn(raw)
+    path.write_text(json.dumps(raw))
+
+
+def test_compact_corruptions_are_named(codec_cache, tmp_path):
+    shards = sorted(p.name for p in codec_cache.glob("shard-*.arrow"))
+    for damage in ("flip", "truncate"):
+        copy = tmp_path / damage
+        shutil.copytree(codec_cache, copy)
+        path = copy / shards[1]
+        data = bytearray(path.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x10
+        else:
+            data = data[: len(data) // 2]
+        path.write_bytes(bytes(data))
+        problems = CacheReader(copy).verify()
+        assert problems and all(shards[1] in p for p in problems)
+        if damage == "truncate":
+            with pytest.raises(ShardFormatError, match=shards[1]):
+                list(CacheReader(copy).iter_rows())
+
+
+def test_manifest_codec_disagreeing_with_shards_is_refused(codec_cache, tmp_path):
+    from fusion_cache.cache.fingerprint import chain_fingerprint
+
+    copy = tmp_path / "c"
+    shutil.copytree(codec_cache, copy)
+
+    def other_bits(m):
+        m["codec"]["value_bits"] = m["codec"]["value_bits"] - 1
+        m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+
+    _edit(copy, other_bits)
+    with pytest.raises(ShardFormatError, match="codec .* in the shard but"):
+        list(CacheReader(copy).iter_rows())
+    _edit(copy, lambda m: m.update(codec={"name": "full", "value_bits": 99, "id_bytes": 2, "zstd_level": 3}))
+    with pytest.raises(ShardFormatError, match="value_bits=99"):
+        CacheReader(copy)
+
+
+def test_wrong_column_type_is_refused(codec_cache):
+    reader = CacheReader(codec_cache)
+    _, batch = next(reader.iter_batches())
+    cols = {n: batch.column(n) for n in batch.schema.names}
+    cols["topk_span"] = pa.array([[1.0]] * batch.num_rows, pa.list_(pa.float64()))
+    bad = pa.RecordBatch.from_pydict(cols)
+    with pytest.raises(ShardFormatError, match="shard-q: column 'topk_span' is list<item: double>"):
+        reader.decode_batch(bad, "shard-q")
