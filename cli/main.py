@@ -53,7 +53,7 @@ def teachers() -> None:
 def build(
     teacher: str = typer.Option(..., help="preset name (see `fusion-cache teachers`), local model dir or HF id"),
     data: Path = typer.Option(..., help="JSONL/Parquet with `messages` or `prompt`+`response`, or a datasets dir"),
-    out: Path = typer.Option(..., help="cache directory to create"),
+    out: str = typer.Option(..., help="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)"),
     top_k: int = typer.Option(64, "--top-k", help="teacher log-probs kept per answer token"),
     engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
     codec: str = typer.Option("raw", help="full (ids + quantized values, zstd), values (sorted values only), raw"),
@@ -102,7 +102,10 @@ def build(
 
 
 @app.command()
-def inspect(cache: Path = typer.Argument(..., help="cache directory"), as_json: bool = typer.Option(False, "--json")):
+def inspect(
+    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
+    as_json: bool = typer.Option(False, "--json"),
+):
     """Show what a cache holds: teacher, K, rows, answer tokens, bytes per token, shards, fingerprint."""
     from fusion_cache.cache.manifest import load_manifest
 
@@ -120,7 +123,10 @@ def inspect(cache: Path = typer.Argument(..., help="cache directory"), as_json: 
         ("tokenizer hash", t.tokenizer_hash[:16]),
         ("chat template", "yes" if t.chat_template else "no (plain text)"),
         ("dataset", f"{m.dataset.source} (sha256 {m.dataset.hash[:16]}, {m.dataset.rows_read} rows read)"),
-        ("K / codec", f"{m.k} / " + ", ".join(f"{key}={val}" for key, val in m.codec.items())),
+        (
+            "K / codec",
+            f"{m.k} / {m.codec.get('name')}" + "".join(f", {key}={v}" for key, v in m.codec.items() if key != "name"),
+        ),
         ("schema", f"version {m.schema_version}"),
         ("rows", f"{s.rows} (skipped {s.skipped}, truncated {s.truncated})"),
         ("tokens", f"{s.tokens} ({s.answer_tokens} answer tokens)"),
@@ -139,7 +145,7 @@ def inspect(cache: Path = typer.Argument(..., help="cache directory"), as_json: 
 
 
 @app.command()
-def verify(cache: Path = typer.Argument(..., help="cache directory")) -> None:
+def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL")) -> None:
     """Check every shard's checksum, schema, row count and lengths, and the manifest's fingerprint chain."""
     from fusion_cache.cache.reader import CacheReader
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from fusion_cache.cache.manifest import MANIFEST_NAME
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.schema import SCHEMA_VERSION
+from fusion_cache.cache.storage import CacheLocation
+from fusion_cache.cache.storage import upload_directory
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.cache.writer import ShardWriter
 from fusion_cache.cache.writer import publish_directory
@@ -104,6 +107,22 @@ def _check_output(out: Path, config_fp: str, overwrite: bool) -> Manifest | None
     return None
 
 
+def _check_remote_output(location: CacheLocation, config_fp: str, overwrite: bool) -> Manifest | None:
+    """_check_output for an fsspec URL: the same build is a no-op, anything else needs ``overwrite``."""
+    fs, root = location.fs, location.root
+    if not fs.exists(root) or not fs.ls(root):
+        return None
+    try:
+        existing = load_manifest(location)
+    except ShardFormatError:
+        existing = None
+    if existing is not None and existing.config_fingerprint == config_fp:
+        return existing
+    if not overwrite:
+        raise ConfigError(f"--out {location}: holds other files or another cache; pass --overwrite to replace it")
+    return None
+
+
 def _batches(items: list[_Prepared], budget: int) -> list[list[_Prepared]]:
     """Consecutive groups whose token count stays within ``budget`` (a longer single row is its own group)."""
     groups, cur, used = [], [], 0
@@ -168,8 +187,13 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         "overlong": cfg.overlong,
     }
     config_fp = config_fingerprint(settings)
-    out = Path(cfg.out)
-    existing = _check_output(out, config_fp, cfg.overwrite)
+    location = CacheLocation(cfg.out)
+    if location.local:
+        out = Path(location.root)
+        existing = _check_output(out, config_fp, cfg.overwrite)
+    else:  # an fsspec URL: build in a local temp dir, upload when complete (shards first, manifest last)
+        out = Path(tempfile.mkdtemp(prefix="fusion-cache-build-")) / "cache"
+        existing = _check_remote_output(location, config_fp, cfg.overwrite)
     if existing is not None:
         log.info("%s already holds this build (config fingerprint %s); nothing to do", out, config_fp[:12])
         return existing
@@ -243,6 +267,11 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
     )
     manifest.write(work)
     publish_directory(work, out, overwrite=True)  # _check_output already refused what must not be replaced
+    if not location.local:
+        if location.fs.exists(location.root):
+            location.fs.rm(location.root, recursive=True)  # _check_remote_output allowed the replacement
+        upload_directory(str(out), cfg.out)
+        shutil.rmtree(out.parent, ignore_errors=True)
     return manifest
 
 

@@ -11,9 +11,10 @@ Three codecs, chosen at build time and recorded in the manifest and every shard'
 Value quantization (``full`` and ``values``), per answer position with values ``v_0 >= ... >= v_{K-1}``:
 
     max = v_0, span = v_0 - v_{K-1}           (stored, fp32 for full, fp16 for values; decoding uses the stored ones)
-    q_j = round(sqrt(clip((max - v_j) / span, 0, 1)) * M),   M = 2^bits - 1   (q_j = 0 for every j when span == 0)
-    stored codes c_j = q_j - q_{j-1}  for j = 1..K-1   (non-negative: the values are sorted)
-    decoded v_j = max - span * (Q_j / M)^2,  Q_j = c_1 + ... + c_j,  Q_0 = 0
+    q_j = round(sqrt(clip((max - v_j) / span, 0, 1)) * M),   M = 2^bits - 1,  q_0 = 0,  q_{K-1} = M
+    (q_j = 0 for every j when span == 0), made non-decreasing by a running maximum
+    stored codes c_j = q_j - q_{j-1}  for j = 1..K-2   (non-negative; q_{K-1} = M is implied, never stored)
+    decoded v_j = max - span * (Q_j / M)^2,  Q_j = c_1 + ... + c_j,  Q_0 = 0,  Q_{K-1} = M
 
 The square-root companding spends the code points near the maximum, where the probability mass (and so the KL and
 the ULD loss) is; the deltas are small non-negative integers that zstd packs to a few bits each.
@@ -182,7 +183,8 @@ def quantize_values(values: np.ndarray, bits: int, stored_dtype: np.dtype) -> tu
         stored_dtype: dtype of the stored max/span (float32 or float16).
 
     Returns:
-        (vmax [N] stored_dtype, span [N] stored_dtype, codes [N, K-1] uint8/uint16: the deltas of the codes).
+        (vmax [N] stored_dtype, span [N] stored_dtype, codes [N, K-2] uint8/uint16: the deltas of the codes
+        q_1..q_{K-2}; q_0 = 0 and q_{K-1} = 2^bits - 1 are implied).
     """
     v = values.astype(np.float64)
     if v.ndim != 2 or v.shape[1] < 2:
@@ -197,40 +199,37 @@ def quantize_values(values: np.ndarray, bits: int, stored_dtype: np.dtype) -> tu
     s = span.astype(np.float64)
     x = (vmax.astype(np.float64)[:, None] - v) / np.where(s > 0, s, 1.0)[:, None]
     q = np.rint(np.sqrt(np.clip(x, 0.0, 1.0)) * m).astype(np.int64)
+    q[:, 0] = 0
+    q[:, -1] = m  # the last value is max - span by definition: its code is implied, never stored
     q[s <= 0] = 0
     q = np.maximum.accumulate(q, axis=1)  # monotone even where the stored max rounded below v_0
-    q[:, 0] = 0
-    codes = np.diff(q, axis=1).astype(np.uint8 if bits <= 8 else np.uint16)
+    codes = np.diff(q[:, :-1], axis=1).astype(np.uint8 if bits <= 8 else np.uint16)
     return vmax, span, codes
 
 
 def dequantize_values(vmax: np.ndarray, span: np.ndarray, codes: np.ndarray, bits: int, shard: str) -> np.ndarray:
-    """Inverse of quantize_values. codes [N, K-1] -> float32 [N, K]. Refuses codes that overflow 2^bits - 1."""
+    """Inverse of quantize_values. codes [N, K-2] -> float32 [N, K]. Refuses codes that overflow 2^bits - 1."""
     m = (1 << bits) - 1
     n = codes.shape[0]
-    q = np.zeros((n, codes.shape[1] + 1), dtype=np.int32)
-    np.cumsum(codes, axis=1, dtype=np.int32, out=q[:, 1:])
+    qi = np.empty((n, codes.shape[1] + 2), dtype=np.int32)
+    qi[:, 0] = 0
+    qi[:, -1] = m
+    np.cumsum(codes, axis=1, dtype=np.int32, out=qi[:, 1:-1])  # integer cumsum: ~3x faster than float32's
+    q = qi.astype(np.float32)  # exact: every code is < 2^17
     vmax = vmax.astype(np.float32)
     span = span.astype(np.float32)
-    bad = np.flatnonzero((q[:, -1] > m) | ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0))
+    bad = np.flatnonzero((q[:, -2] > m) | ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0))
     if bad.size:
         t = int(bad[0])
         raise ShardFormatError(
-            f"{shard}: answer position {t}: corrupt value codes (sum {int(q[t, -1])} > {m}, "
+            f"{shard}: answer position {t}: corrupt value codes (sum {int(q[t, -2])} > {m}, "
             f"max {float(vmax[t])}, span {float(span[t])})"
         )
-    return vmax[:, None] - span[:, None] * _square_table(bits)[q]
-
-
-_TABLES: dict[int, np.ndarray] = {}
-
-
-def _square_table(bits: int) -> np.ndarray:
-    """(Q / M)^2 for every code Q in [0, M], float32: decoding is one gather instead of a divide and a square."""
-    if bits not in _TABLES:
-        m = (1 << bits) - 1
-        _TABLES[bits] = ((np.arange(m + 1, dtype=np.float64) / m) ** 2).astype(np.float32)
-    return _TABLES[bits]
+    q *= np.float32(1.0 / m)
+    np.square(q, out=q)
+    q *= span[:, None]
+    np.subtract(vmax[:, None], q, out=q)
+    return q
 
 
 def tail_mass(values: np.ndarray) -> np.ndarray:
@@ -249,8 +248,9 @@ def pack_ids(ids: np.ndarray, id_bytes: int) -> list[np.ndarray]:
 
 
 def unpack_ids(planes: list[np.ndarray]) -> np.ndarray:
-    """Inverse of pack_ids: uint8 planes -> int32 ids."""
-    out = planes[0].astype(np.int32)
-    for i, p in enumerate(planes[1:], start=1):
-        out |= p.astype(np.int32) << (8 * i)
+    """Inverse of pack_ids: uint8 planes (least significant first) -> int32 ids."""
+    out = planes[-1].astype(np.int32)
+    for p in reversed(planes[:-1]):
+        out <<= 8
+        out |= p
     return out

@@ -105,18 +105,25 @@ class Manifest(_Strict):
         return path
 
 
-def load_manifest(directory: str | Path) -> Manifest:
-    """Read and validate ``<directory>/manifest.json``.
+def load_manifest(directory) -> Manifest:
+    """Read and validate ``<directory>/manifest.json`` (a path, an fsspec URL, or a CacheLocation).
 
     Raises:
         ShardFormatError: missing or malformed manifest, unknown format/schema version/codec, bad shard paths.
         FingerprintError: the recorded fingerprint does not match the recorded shards.
     """
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
+    from fusion_cache.cache.storage import CacheLocation
+
+    loc = directory if isinstance(directory, CacheLocation) else CacheLocation(str(directory))
+    path = loc.join(MANIFEST_NAME) if not loc.local else Path(loc.join(MANIFEST_NAME))
+    try:
+        present = loc.exists(MANIFEST_NAME)
+    except OSError as e:
+        raise ShardFormatError(f"{directory}: cannot be read: {e}") from e
+    if not present:
         raise ShardFormatError(f"{directory}: not a fusion-cache directory (no {MANIFEST_NAME})")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(loc.read_bytes(MANIFEST_NAME).decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{path}: unreadable manifest: {e}") from e
     if not isinstance(raw, dict):

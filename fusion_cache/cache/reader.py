@@ -18,11 +18,11 @@ from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import dequantize_values
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs import unpack_ids
-from fusion_cache.cache.fingerprint import file_sha256
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.schema import METADATA_KEY
 from fusion_cache.cache.schema import shard_columns
+from fusion_cache.cache.storage import CacheLocation
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.errors import ShardFormatError
 
@@ -95,7 +95,7 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
     if codec.name == "raw":
         expected.update({"topk_ids": n_answer * k, "topk_logprobs": n_answer * k, "target_logprobs": n_answer})
     else:
-        expected.update({"topk_max": n_answer, "topk_span": n_answer, "topk_codes": n_answer * (k - 1)})
+        expected.update({"topk_max": n_answer, "topk_span": n_answer, "topk_codes": n_answer * (k - 2)})
     if codec.name == "full":
         expected.update({f"topk_ids_b{i}": n_answer * k for i in range(codec.id_bytes)})
         expected.update({"tail_mass": n_answer, "target_logprobs": n_answer})
@@ -120,7 +120,7 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
         values = parts["topk_logprobs"].reshape(total, k)
     else:
         values = dequantize_values(
-            parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 1), codec.value_bits, shard
+            parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 2), codec.value_bits, shard
         )
     if codec.name == "full":
         topk_ids = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)]).reshape(total, k)
@@ -157,27 +157,27 @@ class CacheReader:
     """Read access to one cache directory.
 
     Args:
-        path: the cache directory (holding manifest.json and the shards).
+        path: the cache directory (holding manifest.json and the shards): a local path or any fsspec URL.
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.manifest: Manifest = load_manifest(self.path)
+        self.location = CacheLocation(str(path))
+        self.path = Path(path) if self.location.local else str(path)
+        self.manifest: Manifest = load_manifest(self.location)
         self.k = self.manifest.k
         self.codec = parse_codec(self.manifest.codec, f"{self.path}/manifest.json")
         self.columns = shard_columns(self.codec)
 
     # ---------------------------------------------------------------- shards
-    def shard_path(self, i: int) -> Path:
-        return self.path / self.manifest.shards[i].path
+    def shard_path(self, i: int) -> str:
+        return self.location.join(self.manifest.shards[i].path)
 
     def _open(self, i: int) -> pa.ipc.RecordBatchStreamReader:
         name = self.manifest.shards[i].path
-        path = self.path / name
-        if not path.is_file():
+        if not self.location.exists(name):
             raise ShardFormatError(f"{name}: shard listed in the manifest is missing")
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(str(path), "r"))
+            reader = pa.ipc.open_stream(self.location.open_arrow(name))
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardFormatError(f"{name}: not a readable Arrow IPC stream: {e}") from e
         self._check_schema(name, reader.schema)
@@ -255,14 +255,13 @@ class CacheReader:
         """
         problems = []
         for i, info in enumerate(self.manifest.shards):
-            path = self.path / info.path
-            if not path.is_file():
+            if not self.location.exists(info.path):
                 problems.append(f"{info.path}: missing")
                 continue
-            size = path.stat().st_size
+            size = self.location.size(info.path)
             if size != info.bytes:
                 problems.append(f"{info.path}: {size} bytes on disk, manifest says {info.bytes}")
-            digest = file_sha256(path)
+            digest = self.location.sha256(info.path)
             if digest != info.sha256:
                 problems.append(
                     f"{info.path}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}..."

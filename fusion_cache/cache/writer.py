@@ -100,7 +100,7 @@ def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.
     out = {
         "topk_max": _split_column(vmax, n, cols["topk_max"]),
         "topk_span": _split_column(span, n, cols["topk_span"]),
-        "topk_codes": _split_column(codes, n * (k - 1), cols["topk_codes"]),
+        "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
     }
     if codec.name == "full":
         ids = np.concatenate([r.topk_ids for r in rows])
