@@ -143,6 +143,9 @@ def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, float, n
     return len(blob), t_enc, t_dec, v, i
 
 
+floors: list[str] = []
+
+
 def bench_cache(path: str) -> list[dict]:
     reader = CacheReader(path)
     if reader.codec.name != "raw":
@@ -189,6 +192,11 @@ def bench_cache(path: str) -> list[dict]:
         add(
             f"values K=10{'' if bits is None else f' bits={bits}'}", payload, te, td, dv, None, ULD_K, values[:, :ULD_K]
         )
+    # the floor for lossless ids: in-sample entropy of the ids (an ideal order-0 coder with a free model)
+    _, counts = np.unique(ids, return_counts=True)
+    p = counts / counts.sum()
+    h0 = float(-(p * np.log2(p)).sum())
+    floors.append(f"{Path(path).name} K={k}: ids order-0 entropy {h0:.2f} bits/id = {h0 * k / 8:.1f} B/token")
     add("peer fp16+int32", *_fp16_int(values, ids, np.int32))
     add("peer Megatron fp16+17bit+zstd", *_megatron(values, ids))
     add("peer FuseLLM fp16+int64", *_fp16_int(values, ids, np.int64))
@@ -219,7 +227,7 @@ def main() -> None:
             f"| {r['kl_max']:.2e} | {r['max_dlogprob']:.3g} | {ids} | {r['dd_mean']:.2e} | {r['dd_max']:.2e} "
             f"| {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |\n"
         )
-    table = head + body
+    table = head + body + "\nLower bound for lossless ids, same data: " + "; ".join(floors) + ".\n"
     print(table)
     if not args.no_write:
         import json

@@ -242,3 +242,31 @@ def test_wrong_column_type_is_refused(codec_cache):
     bad = pa.RecordBatch.from_pydict(cols)
     with pytest.raises(ShardFormatError, match="shard-q: column 'topk_span' is list<item: double>"):
         reader.decode_batch(bad, "shard-q")
+
+
+def test_the_reader_in_the_docs_decodes_what_fusion_cache_decodes(codec_cache, monkeypatch):
+    """docs/cache-format.md section 4 is a complete reader: run it on a real cache and compare."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "cache-format.md").read_text()
+    snippet = doc.split("## 4. Reading it without fusion-cache")[1].split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace(
+        "row = batch.slice(0, 1).to_pylist()[0]", "row = batch.slice(0, 1).to_pylist()[0]; seen.append(row)"
+    )
+    snippet = snippet.replace(
+        '                tail = np.array(row["tail_mass"], np.float32)  # [n_answer]',
+        '                tail = np.array(row["tail_mass"], np.float32)  # [n_answer]\n                got.append(ids)',
+    )
+    snippet += "\n            got_lps.append(lps)\n"
+    monkeypatch.chdir(codec_cache.parent)
+    snippet = snippet.replace('"cache/', f'"{codec_cache.name}/').replace('f"cache/', f'f"{codec_cache.name}/')
+    scope = {"seen": [], "got": [], "got_lps": []}
+    exec(snippet, scope)  # noqa: S102 - our own documentation
+    reader = CacheReader(codec_cache)
+    first_rows = [next(iter(reader.decode_batch(b, "x"))) for _, b in reader.iter_batches()]
+    assert len(scope["got_lps"]) == len(first_rows) > 0
+    for want, lps in zip(first_rows, scope["got_lps"], strict=True):
+        np.testing.assert_allclose(lps, want.topk_logprobs, rtol=1e-6, atol=1e-5)
+    if codec_cache.name == "full":
+        for want, ids in zip(first_rows, scope["got"], strict=True):
+            np.testing.assert_array_equal(ids, want.topk_ids)
