@@ -270,3 +270,43 @@ def test_the_reader_in_the_docs_decodes_what_fusion_cache_decodes(codec_cache, m
     if codec_cache.name == "full":
         for want, ids in zip(first_rows, scope["got"], strict=True):
             np.testing.assert_array_equal(ids, want.topk_ids)
+
+
+def test_compact_declared_lengths_larger_than_data_are_refused(codec_cache):
+    reader = CacheReader(codec_cache)
+    _, batch = next(reader.iter_batches())
+    cols = {n: batch.column(n) for n in batch.schema.names}
+    cols["answer_start"] = pa.array([1] * batch.num_rows, pa.int32())  # claims more answer rows than stored
+    bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=batch.schema)
+    with pytest.raises(ShardFormatError, match="shard-y: row 0: column '(topk_ids_b0|topk_max)' has"):
+        reader.decode_batch(bad, "shard-y")
+
+
+def _rewrite_as_v1(cache, tmp_path):
+    """Turn a raw v2 cache into the v1 layout an older fusion-cache wrote (same columns, version 1)."""
+    from fusion_cache.cache.fingerprint import chain_fingerprint
+    from fusion_cache.cache.fingerprint import file_sha256
+    from fusion_cache.cache.writer import ShardWriter
+
+    reader = CacheReader(cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    prov = {"schema_version": 1, "k": m["k"], "codec": {"name": "raw"}, "config_fingerprint": m["config_fingerprint"]}
+    for i, info in enumerate(m["shards"]):
+        rows = [r for b in reader._iter_shard(i) for r in reader.decode_batch(b, info["path"])]
+        with ShardWriter(tmp_path / f"w{i}", prov) as w:
+            w.write_rows(rows)
+        (cache / info["path"]).write_bytes((tmp_path / f"w{i}" / w.shards[0]["path"]).read_bytes())
+        info.update(sha256=file_sha256(cache / info["path"]), bytes=(cache / info["path"]).stat().st_size)
+    m["schema_version"] = 1
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+def test_v1_caches_are_still_read_and_v1_with_a_compact_codec_is_refused(cache_copy, tmp_path):
+    _rewrite_as_v1(cache_copy, tmp_path)
+    reader = CacheReader(cache_copy)
+    assert reader.manifest.schema_version == 1 and reader.verify() == []
+    assert len(list(reader.iter_rows())) == 4
+    _edit(cache_copy, lambda m: m.update(codec={"name": "values", "value_bits": 8, "zstd_level": 3}))
+    with pytest.raises(ShardFormatError, match="schema_version 1 has only the raw codec"):
+        load_manifest(cache_copy)
