@@ -5,12 +5,12 @@ Three codecs, chosen at build time and recorded in the manifest and every shard'
 - ``raw``: fp32 log-probs + int32 ids + fp32 target log-probs, uncompressed. The exact reference (v1's only codec).
 - ``full``: ids as little-endian byte planes (one ``list<uint8>`` column per byte, so zstd sees the skewed high
   bytes apart from the noisy low bytes), values quantized relative to the row maximum, the leftover tail mass
-  (1 - sum of the top-K probabilities) as fp16, fp32 target log-probs; the Arrow IPC buffers are zstd-compressed.
+  (1 - sum of the top-K probabilities) and the target log-probs as fp16; the Arrow IPC buffers are zstd-compressed.
 - ``values``: the sorted values only (ULD needs nothing else): fp16 row maximum and span + quantized codes, zstd.
 
 Value quantization (``full`` and ``values``), per answer position with values ``v_0 >= ... >= v_{K-1}``:
 
-    max = v_0, span = v_0 - v_{K-1}           (stored, fp32 for full, fp16 for values; decoding uses the stored ones)
+    max = v_0, span = v_0 - v_{K-1}           (stored as fp16; quantization and decoding use the stored ones)
     q_j = round(sqrt(clip((max - v_j) / span, 0, 1)) * M),   M = 2^bits - 1,  q_0 = 0,  q_{K-1} = M
     (q_j = 0 for every j when span == 0), made non-decreasing by a running maximum
     stored codes c_j = q_j - q_{j-1}  for j = 1..K-2   (non-negative; q_{K-1} = M is implied, never stored)
@@ -33,7 +33,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
 
 CODEC_NAMES = ("full", "values", "raw")
-DEFAULT_VALUE_BITS = {"full": 7, "values": 8}
+DEFAULT_VALUE_BITS = {"full": 6, "values": 8}
 DEFAULT_ZSTD_LEVEL = 3
 
 
@@ -90,11 +90,11 @@ class CodecSpec:
             cols = {f"topk_ids_b{i}": pa.list_(pa.uint8()) for i in range(self.id_bytes)}
             cols.update(
                 {
-                    "topk_max": pa.list_(pa.float32()),
-                    "topk_span": pa.list_(pa.float32()),
+                    "topk_max": pa.list_(pa.float16()),
+                    "topk_span": pa.list_(pa.float16()),
                     "topk_codes": pa.list_(code_type),
                     "tail_mass": pa.list_(pa.float16()),
-                    "target_logprobs": pa.list_(pa.float32()),
+                    "target_logprobs": pa.list_(pa.float16()),
                 }
             )
             return cols

@@ -126,6 +126,8 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
         topk_ids = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)]).reshape(total, k)
         tail = parts["tail_mass"].astype(np.float32)
     targets = parts.get("target_logprobs")
+    if targets is not None:
+        targets = targets.astype(np.float32, copy=False)
     sample_ids = batch.column("sample_id").to_pylist()
     row_index = batch.column("row_index").to_numpy()
     convs = batch.column("conversation").to_pylist()

@@ -95,8 +95,7 @@ def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.
             "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
         }
     values = np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32) if rows else np.zeros((0, k))
-    stored = np.float32 if codec.name == "full" else np.float16
-    vmax, span, codes = quantize_values(values, codec.value_bits, stored)
+    vmax, span, codes = quantize_values(values, codec.value_bits, np.float16)
     out = {
         "topk_max": _split_column(vmax, n, cols["topk_max"]),
         "topk_span": _split_column(span, n, cols["topk_span"]),
@@ -112,7 +111,7 @@ def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.
             **planes,
             **out,
             "tail_mass": _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"]),
-            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
+            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float16, cols["target_logprobs"]),
         }
     return out
 

@@ -36,7 +36,7 @@ def test_build_read_and_verify_at_a_memory_url(built_cache, tiny_model_dir, data
     assert (
         res.exit_code == 0
         and "8 / full" in res.output
-        and "value_bits=7" in res.output
+        and "value_bits=6" in res.output
         and "tokenizer hash" in res.output
     )
     res = runner.invoke(app, ["verify", url])
