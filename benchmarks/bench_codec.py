@@ -7,8 +7,9 @@ positions: bytes per answer token of the top-K payload (the codec's columns as s
 codec's compression; the common columns such as input_ids are the same for every codec and not counted), mean and
 max KL(original top-K renormalized || decoded renormalized) in nats, max |delta log-prob|, top-K id exactness,
 the change of the InfiFusion per-token loss d_t (kernels/reference.py, K=10) against raw for a fixed synthetic
-student, and encode / decode answer tokens per CPU-second on one core (best of 5, process CPU time; decode is of the whole
-shard layout through Arrow IPC to the trainer's decoded rows). Peers' layouts are computed on the same data:
+student, and encode / decode answer tokens per CPU-second on one core (best of 5, process CPU time; decode is of
+the whole shard layout through Arrow IPC to the trainer's decoded rows). Peers' layouts are computed on the same
+data:
 fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM's fp16 + int64.
 """
 
