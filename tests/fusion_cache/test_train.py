@@ -74,3 +74,21 @@ def _load(path):
 
 def _losses(text):
     return [round(json.loads(line)["loss"], 6) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data_file, hf_engine):
+    """A `values` cache has no ids: ULD training works, the top-1 agreement (which needs ids) is reported as None."""
+    from fusion_cache.build import run_build
+    from fusion_cache.config import BuildConfig
+
+    cache = tmp_path / "values"
+    cfg = BuildConfig.create(
+        teacher=str(tiny_model_dir), data=str(data_file), out=str(cache), top_k=8, engine="hf", codec="values"
+    )
+    run_build(cfg, engine=hf_engine, progress=False)
+    res = _train(tiny_model_dir, cache, tmp_path / "run", max_steps=3, save=False, **{"lambda": 0.5, "top_k": 8})
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(r["loss"]) and r["uld"] > 0 for r in lines)
+    metrics = evaluate_model(res.model, res.tokenizer, str(cache), k=8)
+    assert metrics["top1_agreement"] is None and math.isfinite(metrics["uld"])
