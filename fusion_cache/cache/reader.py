@@ -160,9 +160,13 @@ class CacheReader:
 
     Args:
         path: the cache directory (holding manifest.json and the shards): a local path or any fsspec URL.
+        check_checksums: hash every shard when it is opened and refuse one whose sha256 differs from the
+            manifest's (one extra sequential read; a cache from elsewhere is untrusted, and a flipped bit inside a
+            value code would otherwise decode to a plausible wrong tensor).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, check_checksums: bool = True):
+        self.check_checksums = check_checksums
         self.location = CacheLocation(str(path))
         self.path = Path(path) if self.location.local else str(path)
         self.manifest: Manifest = load_manifest(self.location)
@@ -174,10 +178,17 @@ class CacheReader:
     def shard_path(self, i: int) -> str:
         return self.location.join(self.manifest.shards[i].path)
 
-    def _open(self, i: int) -> pa.ipc.RecordBatchStreamReader:
+    def _open(self, i: int, *, checksum: bool | None = None) -> pa.ipc.RecordBatchStreamReader:
         name = self.manifest.shards[i].path
         if not self.location.exists(name):
             raise ShardFormatError(f"{name}: shard listed in the manifest is missing")
+        if self.check_checksums if checksum is None else checksum:
+            digest = self.location.sha256(name)
+            if digest != self.manifest.shards[i].sha256:
+                raise ShardFormatError(
+                    f"{name}: sha256 {digest[:16]}... differs from the manifest's {self.manifest.shards[i].sha256[:16]}"
+                    "...; the shard is corrupt or was replaced"
+                )
         try:
             reader = pa.ipc.open_stream(self.location.open_arrow(name))
         except (pa.ArrowInvalid, OSError) as e:
@@ -215,9 +226,9 @@ class CacheReader:
         if prov.get("config_fingerprint") != self.manifest.config_fingerprint:
             raise ShardFormatError(f"{name}: belongs to another build (config fingerprint differs from the manifest)")
 
-    def _iter_shard(self, i: int) -> Iterator[pa.RecordBatch]:
+    def _iter_shard(self, i: int, *, checksum: bool | None = None) -> Iterator[pa.RecordBatch]:
         """The record batches of shard i only (verify must not open the next shard while checking this one)."""
-        reader = self._open(i)
+        reader = self._open(i, checksum=checksum)
         name = self.manifest.shards[i].path
         b = 0
         while True:
@@ -271,7 +282,7 @@ class CacheReader:
                 continue
             try:
                 rows = tokens = 0
-                for batch in self._iter_shard(i):
+                for batch in self._iter_shard(i, checksum=False):  # its sha256 was checked just above
                     decoded = self.decode_batch(batch, info.path)
                     rows += len(decoded)
                     tokens += sum(r.n_answer for r in decoded)

@@ -214,9 +214,22 @@ def test_compact_corruptions_are_named(codec_cache, tmp_path):
         path.write_bytes(bytes(data))
         problems = CacheReader(copy).verify()
         assert problems and all(shards[1] in p for p in problems)
-        if damage == "truncate":
-            with pytest.raises(ShardFormatError, match=shards[1]):
-                list(CacheReader(copy).iter_rows())
+        with pytest.raises(ShardFormatError, match=f"{shards[1]}: sha256"):  # reading checks it too
+            list(CacheReader(copy).iter_rows())
+        with pytest.raises(ShardFormatError, match=shards[1]):  # and without the checksum, the decoder refuses it
+            list(CacheReader(copy, check_checksums=False).iter_rows()) if damage == "truncate" else _flip_codes(copy)
+
+
+def _flip_codes(cache):
+    """Raise the first position's first value code past 2^bits - 1 in a re-written shard (valid Arrow, bad codes)."""
+    reader = CacheReader(cache, check_checksums=False)
+    name = reader.manifest.shards[1].path
+    batch = next(iter(reader._iter_shard(1)))
+    cols = {n: batch.column(n) for n in batch.schema.names}
+    codes = np.asarray(cols["topk_codes"].values).copy()
+    codes[0] = 255
+    cols["topk_codes"] = pa.ListArray.from_arrays(cols["topk_codes"].offsets, pa.array(codes, pa.uint8()))
+    reader.decode_batch(pa.RecordBatch.from_arrays(list(cols.values()), schema=batch.schema), name)
 
 
 def test_manifest_codec_disagreeing_with_shards_is_refused(codec_cache, tmp_path):
