@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
+from fusion_cache.cache.codecs import ID_ORDER_KEY  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
@@ -38,6 +39,7 @@ from fusion_cache.cache.schema import shard_schema  # noqa: E402
 from fusion_cache.cache.writer import CacheRow  # noqa: E402
 from fusion_cache.cache.writer import encode_topk  # noqa: E402
 from fusion_cache.cache.writer import rows_to_batch  # noqa: E402
+from fusion_cache.cache.writer import shard_schema_with_order  # noqa: E402
 from kernels.reference import uld_rows_reference  # noqa: E402
 
 ULD_K = 10
@@ -82,12 +84,22 @@ def _ours(rows: list[CacheRow], k: int, codec_name: str, bits: int | None) -> tu
     """(payload bytes, encode s, decode s, decoded rows) through encode_topk + Arrow IPC + decode_record_batch."""
     codec = make_codec(codec_name, value_bits=bits, vocab_size=49152)
     prov = {"schema_version": 2, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
-    full_schema = shard_schema(prov, codec)
+    # the full codec's id order comes from the shard's first record batch: as in a build, the rows of the first
+    # engine call (8192 tokens), not the whole data
+    used, first = 0, []
+    for r in rows:
+        used += len(r.input_ids)
+        if first and used > 8192:
+            break
+        first.append(r)
+    full_schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, first)
     topk_names = list(codec.columns())
+    topk_meta = {key: v for key, v in (full_schema.metadata or {}).items() if key == ID_ORDER_KEY}
 
     def encode() -> bytes:
-        cols = encode_topk(rows, codec, k)
+        cols = encode_topk(rows, codec, k, order)
         batch = pa.RecordBatch.from_arrays([cols[n] for n in topk_names], names=topk_names)
+        batch = batch.replace_schema_metadata(topk_meta)  # the order is part of the payload
         sink = io.BytesIO()
         with pa.ipc.new_stream(sink, batch.schema, options=codec.ipc_options()) as w:
             w.write_batch(batch)
@@ -97,7 +109,7 @@ def _ours(rows: list[CacheRow], k: int, codec_name: str, bits: int | None) -> tu
     # decode the whole shard layout (common columns too), as the trainer does
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, full_schema, options=codec.ipc_options()) as w:
-        w.write_batch(rows_to_batch(rows, full_schema, codec, k))
+        w.write_batch(rows_to_batch(rows, full_schema, codec, k, order))
     blob = sink.getvalue()
 
     def decode():

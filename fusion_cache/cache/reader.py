@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import dequantize_values
 from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.codecs import parse_id_order
+from fusion_cache.cache.codecs import rank_table
+from fusion_cache.cache.codecs import ranks_to_ids
 from fusion_cache.cache.codecs import unpack_ids
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
@@ -123,7 +127,12 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
             parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 2), codec.value_bits, shard
         )
     if codec.name == "full":
-        topk_ids = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)]).reshape(total, k)
+        ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)])
+        order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), codec.id_bytes, shard)
+        if codec.id_bytes <= 2:
+            topk_ids = rank_table(order, 1 << (8 * codec.id_bytes))[ranks].reshape(total, k)
+        else:
+            topk_ids = ranks_to_ids(ranks, order).reshape(total, k)
         tail = parts["tail_mass"].astype(np.float32)
     targets = parts.get("target_logprobs")
     if targets is not None:

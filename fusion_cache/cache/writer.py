@@ -17,7 +17,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import id_order_metadata
+from fusion_cache.cache.codecs import ids_to_ranks
+from fusion_cache.cache.codecs import make_id_order
 from fusion_cache.cache.codecs import pack_ids
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs import quantize_values
@@ -81,8 +85,13 @@ def _split_column(flat: np.ndarray, per_row: np.ndarray, arrow_type: pa.DataType
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
 
 
-def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.Array]:
-    """The codec's top-K columns for ``rows`` (vectorized over all the rows' answer positions at once)."""
+def encode_topk(
+    rows: list[CacheRow], codec: CodecSpec, k: int, id_order: np.ndarray | None = None
+) -> dict[str, pa.Array]:
+    """The codec's top-K columns for ``rows`` (vectorized over all the rows' answer positions at once).
+
+    ``id_order`` is the shard's id order (full codec; codecs.make_id_order), stored in the shard's metadata.
+    """
     n = np.fromiter((r.topk_logprobs.shape[0] for r in rows), dtype=np.int64, count=len(rows))
     for r in rows:
         if r.topk_logprobs.ndim != 2 or r.topk_logprobs.shape[1] != k:
@@ -103,9 +112,12 @@ def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.
     }
     if codec.name == "full":
         ids = np.concatenate([r.topk_ids for r in rows])
+        if id_order is None:
+            raise ValueError("the full codec needs the shard's id order")
+        ranks = ids_to_ranks(ids, id_order)
         planes = {
             f"topk_ids_b{i}": _split_column(p, n * k, cols[f"topk_ids_b{i}"])
-            for i, p in enumerate(pack_ids(ids, codec.id_bytes))
+            for i, p in enumerate(pack_ids(ranks, codec.id_bytes))
         }
         out = {
             **planes,
@@ -116,7 +128,13 @@ def encode_topk(rows: list[CacheRow], codec: CodecSpec, k: int) -> dict[str, pa.
     return out
 
 
-def rows_to_batch(rows: list[CacheRow], schema: pa.Schema, codec: CodecSpec | None = None, k: int | None = None):
+def rows_to_batch(
+    rows: list[CacheRow],
+    schema: pa.Schema,
+    codec: CodecSpec | None = None,
+    k: int | None = None,
+    id_order: np.ndarray | None = None,
+):
     """Convert rows to one record batch of ``schema`` (common columns + the codec's top-K columns)."""
     codec = codec or CodecSpec("raw")
     k = k if k is not None else (rows[0].topk_logprobs.shape[1] if rows else 1)
@@ -130,9 +148,17 @@ def rows_to_batch(rows: list[CacheRow], schema: pa.Schema, codec: CodecSpec | No
             [r.token_byte_start for r in rows], np.int32, COMMON_COLUMNS["token_byte_start"]
         ),
         "token_byte_end": _list_column([r.token_byte_end for r in rows], np.int32, COMMON_COLUMNS["token_byte_end"]),
-        **encode_topk(rows, codec, k),
+        **encode_topk(rows, codec, k, id_order),
     }
     return pa.RecordBatch.from_arrays([cols[name] for name in schema.names], schema=schema)
+
+
+def shard_schema_with_order(schema: pa.Schema, codec: CodecSpec, first_rows: list[CacheRow]):
+    """(schema, id order): for the full codec, the id order of ``first_rows`` added to the schema metadata."""
+    if codec.name != "full":
+        return schema, None
+    order = make_id_order(np.concatenate([r.topk_ids.reshape(-1) for r in first_rows]))
+    return schema.with_metadata({**schema.metadata, ID_ORDER_KEY: id_order_metadata(order)}), order
 
 
 class ShardWriter:
@@ -167,10 +193,13 @@ class ShardWriter:
         else:
             self._close_current()
 
-    def _open_part(self) -> None:
+    def _open_part(self, first_rows: list[CacheRow]) -> None:
         path = self.work_dir / f"part-{len(self._parts):05d}.arrow.tmp"
+        # full codec: the shard's id order comes from its first record batch and is stored in its schema
+        self._schema, self._id_order = shard_schema_with_order(self.schema, self.codec, first_rows)
+        schema = self._schema
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self.schema, options=self.codec.ipc_options())
+        self._writer = pa.ipc.new_stream(self._sink, schema, options=self.codec.ipc_options())
         self._cur = {"tmp": path, "rows": 0, "answer_tokens": 0}
 
     def _close_current(self) -> None:
@@ -184,10 +213,10 @@ class ShardWriter:
         """Append rows; a shard is closed once it holds ``shard_rows`` rows or ``shard_bytes`` bytes."""
         while rows:
             if self._writer is None:
-                self._open_part()
+                self._open_part(rows[: self.shard_rows])
             take = rows[: self.shard_rows - self._cur["rows"]]
             rows = rows[len(take) :]
-            self._writer.write_batch(rows_to_batch(take, self.schema, self.codec, self.k))
+            self._writer.write_batch(rows_to_batch(take, self._schema, self.codec, self.k, self._id_order))
             self._cur["rows"] += len(take)
             self._cur["answer_tokens"] += sum(r.n_answer for r in take)
             if self._cur["rows"] >= self.shard_rows or self._sink.tell() >= self.shard_bytes:

@@ -21,6 +21,7 @@ from fusion_cache.cache.reader import decode_record_batch
 from fusion_cache.cache.schema import shard_schema
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.cache.writer import rows_to_batch
+from fusion_cache.cache.writer import shard_schema_with_order
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
 
@@ -53,10 +54,11 @@ def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> li
 def _round_trip(rows, codec, k):
     """Write through Arrow IPC (with the codec's compression) and decode, as a reader would."""
     prov = {"schema_version": 2, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
-    schema = shard_schema(prov, codec)
+    # the id order from the first row only: later rows' other ids take the "not in the order" path
+    schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows[:1])
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
-        w.write_batch(rows_to_batch(rows, schema, codec, k))
+        w.write_batch(rows_to_batch(rows, schema, codec, k, order))
     batches = list(pa.ipc.open_stream(pa.BufferReader(sink.getvalue())))
     return [r for b in batches for r in decode_record_batch(b, codec, k, "mem")]
 
@@ -326,3 +328,25 @@ def test_v1_caches_are_still_read_and_v1_with_a_compact_codec_is_refused(cache_c
     _edit(cache_copy, lambda m: m.update(codec={"name": "values", "value_bits": 8, "zstd_level": 3}))
     with pytest.raises(ShardFormatError, match="schema_version 1 has only the raw codec"):
         load_manifest(cache_copy)
+
+
+def test_missing_or_corrupt_id_order_is_refused():
+    from fusion_cache.cache.codecs import ID_ORDER_KEY
+
+    rows = _rows(1, 8, [4, 3], 300, 4.0)
+    codec = make_codec("full", vocab_size=300)
+    prov = {"schema_version": 2, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows)
+    batch = rows_to_batch(rows, schema, codec, 8, order)
+    meta = dict(schema.metadata)
+    bad_metas = {
+        "is missing": {k: v for k, v in meta.items() if k != ID_ORDER_KEY},
+        "is corrupt": {**meta, ID_ORDER_KEY: b'{"runs": [1], "count": 1, "zstd_b64": "!!"}'},
+        "out of range or repeated": {
+            **meta,
+            ID_ORDER_KEY: json.dumps(json.loads(meta[ID_ORDER_KEY]) | {"runs": [1] * len(order)}).encode(),
+        },
+    }
+    for why, md in bad_metas.items():
+        with pytest.raises(ShardFormatError, match=f"shard-o: .*{why}"):
+            decode_record_batch(batch.replace_schema_metadata(md), codec, 8, "shard-o")
