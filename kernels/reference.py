@@ -12,6 +12,11 @@ these functions. Per aligned answer position (one row):
 When the student's K and the teacher's Kt differ, both sides are truncated to the common ``min(K, Kt)`` largest
 values (padding with zeros would change the z-score statistics). Rows whose mask is False contribute nothing and
 receive zero gradient; they are never even computed, so garbage (NaN) in a masked row cannot leak into the loss.
+
+Ties: torch.topk picks an arbitrary entry among equal values, so the selection is made canonical (`topk_canonical`):
+among equal values the lower vocabulary index wins, both at the K-th boundary and for the rank order inside the
+top-K. The values (and so the loss) are those of torch.topk; only which entry receives the gradient is pinned, so
+that a kernel can reproduce it exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +27,36 @@ import torch
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 are computed in fp32; fp64 stays fp64 (gradcheck)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def topk_canonical(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row, value descending, ties broken by the lower index.
+
+    Args:
+        x: [N, V] values (not differentiated here).
+        k: how many per row, k <= V.
+
+    Returns:
+        [N, k] int64 indices. O(V) per row like torch.topk: the full-vocabulary work is one topk and one comparison
+        with the k-th value; only rows with more tied candidates than slots at the boundary pay a cumsum.
+    """
+    with torch.no_grad():
+        vals, idx = torch.topk(x, k, dim=-1, sorted=True)
+        thr = vals[:, -1:]
+        slots = (vals == thr).sum(-1)  # boundary slots torch filled
+        candidates = (x == thr).sum(-1)  # entries that could fill them
+        ambiguous = (candidates > slots).nonzero(as_tuple=True)[0]
+        if ambiguous.numel():
+            xa, ta = x[ambiguous], thr[ambiguous]
+            eq = xa == ta
+            need = k - (xa > ta).sum(-1, keepdim=True)
+            sel = (xa > ta) | (eq & (eq.cumsum(-1) <= need))
+            idx = idx.clone()
+            idx[ambiguous] = sel.nonzero(as_tuple=True)[1].view(-1, k)
+        # rank order: value descending, lower index first among equal values
+        idx = idx.sort(dim=-1).values
+        order = torch.sort(x.gather(1, idx), dim=-1, descending=True, stable=True).indices
+        return idx.gather(1, order)
 
 
 def standardized_probs(
@@ -66,7 +101,7 @@ def uld_rows_reference(
 
     Returns:
         [N] fp32 distances, differentiable with respect to ``student_logits`` (the gradient is nonzero only at the
-        K selected entries of each row; ties go to the entry torch.topk selects).
+        K selected entries of each row; among tied values the lower vocabulary index is selected, see `topk_canonical`).
     """
     assert student_logits.dim() == 2 and teacher_values.dim() == 2, "expected [N, V] logits and [N, Kt] values"
     assert student_logits.shape[0] == teacher_values.shape[0], (
@@ -75,7 +110,8 @@ def uld_rows_reference(
     k_eff = min(k, teacher_values.shape[1], student_logits.shape[1])
     if zscore and k_eff < 2:
         raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
-    student_top = torch.topk(_at_least_fp32(student_logits), k_eff, dim=-1, sorted=True).values
+    logits = _at_least_fp32(student_logits)
+    student_top = logits.gather(1, topk_canonical(logits.detach(), k_eff))
     teacher_top = teacher_values[:, :k_eff].to(student_top.dtype)
     opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
     p_student = standardized_probs(student_top, **opts)

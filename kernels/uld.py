@@ -1,0 +1,298 @@
+"""Triton forward and backward of the top-K z-scored sorted ULD loss (DESIGN.md section 1, kernels/reference.py).
+
+One program handles BLOCK_N rows. The forward streams each row of student logits [N, V] in BLOCK_V-wide chunks and
+keeps a running top-K buffer in registers: a chunk is merged only when one of its values beats a row's current K-th
+value, and the merge is K passes of max / lowest-index argmax over (buffer, chunk), so the vocabulary is never
+sorted and [N, V] is read once. Ties go to the lower vocabulary index, both at the K-th boundary and for the rank
+order, exactly as `kernels.reference.topk_canonical`. It writes the per-row distance d [N] and the K selected
+indices and values; the backward recomputes the K-wide math from those and scatters the exact gradient into the
+K selected entries of a zeroed [N, V] gradient.
+
+Under TRITON_INTERPRET=1 (CPU tests) the same kernels run with many rows per program; the interpreter costs a
+fixed amount per op, so a 2-D block of rows is what makes it usable (docs in /work/shared/notes/environment.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _standardize(x, kmask, K: tl.constexpr, ZSCORE: tl.constexpr, SOFTMAX: tl.constexpr, inv_tau, eps):
+    """[BN, KP] sorted values -> (q, c, sd) with q the compared vector; c, sd the z-score's centred values and std."""
+    x = tl.where(kmask, x, 0.0)
+    if ZSCORE:
+        mean = tl.sum(x, axis=1) / K
+        c = tl.where(kmask, x - mean[:, None], 0.0)
+        sd = tl.sqrt(tl.sum(c * c, axis=1) / (K - 1))
+        z = c / (sd[:, None] + eps)
+    else:
+        c = x
+        sd = tl.sum(x, axis=1) * 0.0
+        z = x
+    if SOFTMAX:
+        u = tl.where(kmask, z * inv_tau, float("-inf"))
+        m = tl.max(u, axis=1)
+        e = tl.where(kmask, tl.exp(u - m[:, None]), 0.0)
+        q = e / tl.sum(e, axis=1)[:, None]
+    else:
+        q = tl.where(kmask, z, 0.0)
+    return q, c, sd
+
+
+@triton.jit
+def _uld_fwd_kernel(
+    logits_ptr,
+    stride_l,
+    teacher_ptr,
+    stride_t,
+    mask_ptr,
+    dist_ptr,
+    idx_ptr,
+    val_ptr,
+    N,
+    V,
+    inv_tau,
+    eps,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    ZSCORE: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    valid = in_range & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows64 = rows.to(tl.int64)
+    kcols = tl.arange(0, KP)
+    kmask = kcols[None, :] < K
+    vcols = tl.arange(0, BLOCK_V)
+
+    buf_v = tl.full([BLOCK_N, KP], float("-inf"), tl.float32)
+    buf_i = tl.zeros([BLOCK_N, KP], tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + vcols
+        ptrs = logits_ptr + rows64[:, None] * stride_l + cols[None, :]
+        x = tl.load(ptrs, mask=valid[:, None] & (cols[None, :] < V), other=float("-inf")).to(tl.float32)
+        # the row's K-th value so far: a chunk only matters if it beats it (equal values lose on index)
+        kth = tl.min(tl.where(kmask, buf_v, float("inf")), axis=1)
+        beats = (tl.max(x, axis=1) > kth) & valid
+        if tl.max(beats.to(tl.int32), axis=0) > 0:
+            new_v = tl.full([BLOCK_N, KP], float("-inf"), tl.float32)
+            new_i = tl.zeros([BLOCK_N, KP], tl.int64)
+            for j in tl.static_range(K):
+                mb = tl.max(buf_v, axis=1)
+                mx = tl.max(x, axis=1)
+                # the buffer holds lower indices than this chunk, so it wins ties
+                take_buf = mb >= mx
+                pb = tl.min(tl.where(buf_v == mb[:, None], kcols[None, :], KP), axis=1)
+                px = tl.min(tl.where(x == mx[:, None], vcols[None, :], BLOCK_V), axis=1)
+                ib = tl.sum(tl.where(kcols[None, :] == pb[:, None], buf_i, 0), axis=1)
+                val = tl.where(take_buf, mb, mx)
+                ind = tl.where(take_buf, ib, (v0 + px).to(tl.int64))
+                new_v = tl.where(kcols[None, :] == j, val[:, None], new_v)
+                new_i = tl.where(kcols[None, :] == j, ind[:, None], new_i)
+                buf_v = tl.where(take_buf[:, None] & (kcols[None, :] == pb[:, None]), float("-inf"), buf_v)
+                x = tl.where((~take_buf)[:, None] & (vcols[None, :] == px[:, None]), float("-inf"), x)
+            buf_v = new_v
+            buf_i = new_i
+
+    out_mask = valid[:, None] & kmask
+    t = tl.load(teacher_ptr + rows64[:, None] * stride_t + kcols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    buf_v = tl.where(valid[:, None], buf_v, 0.0)  # masked rows: finite garbage, never -inf - -inf
+    q_s, _, _ = _standardize(buf_v, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+    q_t, _, _ = _standardize(t, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+    d = tl.sum(tl.where(kmask, tl.abs(q_s - q_t), 0.0), axis=1)
+    tl.store(dist_ptr + rows, tl.where(valid, d, 0.0), mask=in_range)
+    tl.store(idx_ptr + rows64[:, None] * K + kcols[None, :], buf_i, mask=in_range[:, None] & kmask)
+    tl.store(val_ptr + rows64[:, None] * K + kcols[None, :], buf_v, mask=in_range[:, None] & kmask)
+
+
+@triton.jit
+def _uld_bwd_kernel(
+    grad_ptr,
+    stride_g,
+    teacher_ptr,
+    stride_t,
+    mask_ptr,
+    gdist_ptr,
+    idx_ptr,
+    val_ptr,
+    N,
+    inv_tau,
+    eps,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    ZSCORE: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    valid = in_range & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows64 = rows.to(tl.int64)
+    kcols = tl.arange(0, KP)
+    kmask = kcols[None, :] < K
+    m2 = valid[:, None] & kmask
+    s = tl.load(val_ptr + rows64[:, None] * K + kcols[None, :], mask=m2, other=0.0)
+    ind = tl.load(idx_ptr + rows64[:, None] * K + kcols[None, :], mask=m2, other=0)
+    t = tl.load(teacher_ptr + rows64[:, None] * stride_t + kcols[None, :], mask=m2, other=0.0).to(tl.float32)
+    gd = tl.load(gdist_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+
+    q_s, c, sd = _standardize(s, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+    q_t, _, _ = _standardize(t, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+    diff = q_s - q_t
+    g = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)) * gd[:, None]  # d|x|/dx = sign(x), sign(0) = 0
+    g = tl.where(kmask, g, 0.0)
+    if SOFTMAX:
+        g = q_s * (g - tl.sum(q_s * g, axis=1)[:, None]) * inv_tau
+    if ZSCORE:
+        den = sd + eps
+        gz_mean = tl.sum(g, axis=1) / K
+        gc = tl.sum(g * c, axis=1)
+        # the std term: d sd / d c_j = c_j / ((K-1) sd); zero when the K values are all equal (c == 0)
+        coef = tl.where(sd > 0, gc / (den * den * (K - 1) * sd), 0.0)
+        g = (g - gz_mean[:, None]) / den[:, None] - coef[:, None] * c
+    g = tl.where(m2, g, 0.0)
+    tl.store(grad_ptr + rows64[:, None] * stride_g + ind, g.to(grad_ptr.dtype.element_ty), mask=m2)
+
+
+def _blocks(n: int, v: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, KP): one row per program on a GPU; on the interpreter, many rows per program."""
+    kp = max(triton.next_power_of_2(k), 2)
+    if interpreting():
+        block_n = min(triton.next_power_of_2(max(n, 1)), 64)
+        block_v = min(triton.next_power_of_2(v), 2048)
+    else:
+        block_n = 1
+        block_v = min(triton.next_power_of_2(v), 4096 if k <= 32 else 2048)
+    return block_n, block_v, kp
+
+
+def _check(logits: torch.Tensor, teacher: torch.Tensor, k: int, zscore: bool) -> int:
+    if logits.dim() != 2 or teacher.dim() != 2:
+        raise ValueError(f"expected [N, V] logits and [N, Kt] teacher values, got {tuple(logits.shape)}, {tuple(teacher.shape)}")
+    if logits.shape[0] != teacher.shape[0]:
+        raise ValueError(f"row count differs: logits {tuple(logits.shape)} vs teacher {tuple(teacher.shape)}")
+    k_eff = min(k, teacher.shape[1], logits.shape[1])
+    if zscore and k_eff < 2:
+        raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
+    if k_eff > 128:
+        raise ValueError(f"the Triton ULD kernel supports K <= 128, got k={k_eff}")
+    return k_eff
+
+
+def uld_rows_forward(
+    logits: torch.Tensor,
+    teacher: torch.Tensor,
+    row_mask: torch.Tensor,
+    *,
+    k: int,
+    zscore: bool,
+    softmax: bool,
+    temperature: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row distances [N] fp32 (0 at masked rows), selected indices [N, K] int64 and values [N, K] fp32."""
+    k_eff = _check(logits, teacher, k, zscore)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+    n, v = logits.shape
+    dist = torch.empty(n, dtype=torch.float32, device=logits.device)
+    idx = torch.zeros(n, k_eff, dtype=torch.int64, device=logits.device)
+    val = torch.zeros(n, k_eff, dtype=torch.float32, device=logits.device)
+    mask = row_mask.to(device=logits.device, dtype=torch.int8).contiguous()
+    block_n, block_v, kp = _blocks(n, v, k_eff)
+    if n:
+        _uld_fwd_kernel[(triton.cdiv(n, block_n),)](
+            logits, logits.stride(0), teacher, teacher.stride(0), mask, dist, idx, val, n, v,
+            1.0 / temperature, eps,
+            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, BLOCK_N=block_n, BLOCK_V=block_v,
+        )  # fmt: skip
+    return dist, idx, val
+
+
+def uld_rows_backward(
+    grad_dist: torch.Tensor,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    teacher: torch.Tensor,
+    row_mask: torch.Tensor,
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    *,
+    zscore: bool,
+    softmax: bool,
+    temperature: float,
+    eps: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gradient [N, V] (dtype of the logits) of sum_i grad_dist[i] * d_i; nonzero only at the selected entries.
+
+    ``out``: an [N, V] zero-filled buffer to write into (the fused-linear path reuses one per chunk).
+    """
+    n, v = shape
+    k_eff = idx.shape[1]
+    grad = torch.zeros(n, v, dtype=dtype, device=teacher.device) if out is None else out
+    if teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+    mask = row_mask.to(device=grad.device, dtype=torch.int8).contiguous()
+    block_n, _, kp = _blocks(n, v, k_eff)
+    if n:
+        _uld_bwd_kernel[(triton.cdiv(n, block_n),)](
+            grad, grad.stride(0), teacher, teacher.stride(0), mask, grad_dist.float().contiguous(), idx, val, n,
+            1.0 / temperature, eps,
+            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, BLOCK_N=block_n,
+        )  # fmt: skip
+    return grad
+
+
+class ULDRowsFunction(torch.autograd.Function):
+    """d = ULD per row [N] through the Triton kernels; differentiable with respect to the logits only."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher, row_mask, k, zscore, softmax, temperature, eps):
+        opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
+        dist, idx, val = uld_rows_forward(logits, teacher, row_mask, k=k, **opts)
+        ctx.save_for_backward(teacher, row_mask, idx, val)
+        ctx.opts = opts
+        ctx.logits_meta = (logits.shape, logits.dtype)
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad_dist):
+        teacher, row_mask, idx, val = ctx.saved_tensors
+        shape, dtype = ctx.logits_meta
+        grad = uld_rows_backward(grad_dist, tuple(shape), dtype, teacher, row_mask, idx, val, **ctx.opts)
+        return grad, None, None, None, None, None, None, None
+
+
+def uld_rows_triton(
+    logits: torch.Tensor,
+    teacher: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    *,
+    k: int = 10,
+    zscore: bool = True,
+    softmax: bool = True,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """[N] fp32 per-row ULD distances (0 at masked rows), autograd-enabled. Shapes as `uld_rows_reference`."""
+    if row_mask is None:
+        row_mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    return ULDRowsFunction.apply(logits, teacher, row_mask, k, zscore, softmax, temperature, eps)
