@@ -14,16 +14,9 @@ fixed amount per op, so a 2-D block of rows is what makes it usable (docs in /wo
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-
-
-def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -169,10 +162,14 @@ def _uld_bwd_kernel(
     tl.store(grad_ptr + rows64[:, None] * stride_g + ind, g.to(grad_ptr.dtype.element_ty), mask=m2)
 
 
+# Triton decides at decoration time: TRITON_INTERPRET=1 must be set before this module is imported.
+INTERPRETED = type(_uld_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _blocks(n: int, v: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_V, KP): one row per program on a GPU; on the interpreter, many rows per program."""
     kp = max(triton.next_power_of_2(k), 2)
-    if interpreting():
+    if INTERPRETED:
         block_n = min(triton.next_power_of_2(max(n, 1)), 64)
         block_v = min(triton.next_power_of_2(v), 2048)
     else:
