@@ -101,11 +101,12 @@ def uld_loss(
     zscore: bool = True,
     softmax: bool = True,
     temperature: float = 1.0,
+    tail: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """InfiFusion's top-K z-scored sorted ULD (DESIGN.md section 1). Shapes and semantics as
     `kernels.reference.uld_loss_reference`: logits [N, V], teacher values [N, Kt] sorted descending."""
-    opts = dict(k=k, zscore=zscore, softmax=softmax, temperature=temperature)
+    opts = dict(k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail)
     if resolve_backend(student_logits.device) == "torch":
         return uld_loss_reference(student_logits, teacher_values, row_mask, row_weights, reduction=reduction, **opts)
     if reduction not in ("mean", "sum", "none"):
@@ -131,6 +132,7 @@ def fused_linear_uld(
     zscore: bool = True,
     softmax: bool = True,
     temperature: float = 1.0,
+    tail: bool = False,
     reduction: str = "mean",
     ce_weight: float = 0.0,
     uld_weight: float = 1.0,
@@ -141,7 +143,7 @@ def fused_linear_uld(
     teacher_values [N, Kt], labels [N] (-100 = no CE target)."""
     return fused_linear_uld_loss(
         hidden, weight, teacher_values, row_mask, row_weights, labels, bias,
-        k=k, zscore=zscore, softmax=softmax, temperature=temperature, reduction=reduction,
+        k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail, reduction=reduction,
         ce_weight=ce_weight, uld_weight=uld_weight, backend=resolve_backend(hidden.device), chunk_size=chunk_size,
     )  # fmt: skip
 
@@ -157,9 +159,11 @@ class ULDLoss(nn.Module):
         >>> loss = loss_fn(logits[rows], teacher_values, row_weights=w, reduction="sum")
     """
 
-    def __init__(self, k: int = 10, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0):
+    def __init__(
+        self, k: int = 10, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, tail: bool = False
+    ):
         super().__init__()
-        self.k, self.zscore, self.softmax, self.temperature = k, zscore, softmax, temperature
+        self.k, self.zscore, self.softmax, self.temperature, self.tail = k, zscore, softmax, temperature, tail
 
     def forward(self, student_logits, teacher_values, row_mask=None, row_weights=None, reduction: str = "mean"):
         return uld_loss(
@@ -171,6 +175,7 @@ class ULDLoss(nn.Module):
             zscore=self.zscore,
             softmax=self.softmax,
             temperature=self.temperature,
+            tail=self.tail,
             reduction=reduction,
         )
 
@@ -182,14 +187,16 @@ class FusedLinearULDLoss(nn.Module):
         hidden: [N, H]; lm_head: nn.Linear(H, V); teacher_values: [N, Kt]; row_mask, row_weights, labels: [N].
     """
 
-    def __init__(self, k: int = 10, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0):
+    def __init__(
+        self, k: int = 10, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, tail: bool = False
+    ):
         super().__init__()
-        self.k, self.zscore, self.softmax, self.temperature = k, zscore, softmax, temperature
+        self.k, self.zscore, self.softmax, self.temperature, self.tail = k, zscore, softmax, temperature, tail
 
     def forward(self, hidden, lm_head: nn.Linear, teacher_values, row_mask=None, row_weights=None, labels=None, *,
                 reduction: str = "mean", ce_weight: float = 0.0, uld_weight: float = 1.0):  # fmt: skip
         return fused_linear_uld(
             hidden, lm_head.weight, teacher_values, row_mask, row_weights, labels, lm_head.bias,
-            k=self.k, zscore=self.zscore, softmax=self.softmax, temperature=self.temperature,
+            k=self.k, zscore=self.zscore, softmax=self.softmax, temperature=self.temperature, tail=self.tail,
             reduction=reduction, ce_weight=ce_weight, uld_weight=uld_weight,
         )  # fmt: skip

@@ -52,8 +52,10 @@ def _chunk_uld_grad(logits, teacher, mask, coef, *, backend, k, opts):
         from kernels.uld import uld_rows_backward
         from kernels.uld import uld_rows_forward
 
-        dist, idx, val = uld_rows_forward(logits, teacher, mask, k=k, **opts)
-        grad = uld_rows_backward(coef, tuple(logits.shape), torch.float32, teacher, mask, idx, val, **opts)
+        dist, idx, val, lse = uld_rows_forward(logits, teacher, mask, k=k, **opts)
+        grad = uld_rows_backward(
+            coef, tuple(logits.shape), torch.float32, teacher, mask, idx, val, logits=logits, lse=lse, **opts
+        )
         return (dist * coef).sum(), grad
     with torch.enable_grad():  # autograd.Function.forward runs with grad mode off
         x = logits.detach().float().requires_grad_()
@@ -158,6 +160,7 @@ def fused_linear_uld_loss(
     softmax: bool = True,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    tail: bool = False,
     reduction: str = "mean",
     ce_weight: float = 0.0,
     uld_weight: float = 1.0,
@@ -170,6 +173,7 @@ def fused_linear_uld_loss(
         hidden: [N, H] hidden states (requires grad as needed); weight: [V, H]; bias: [V] or None.
         teacher_values: [N, Kt] sorted teacher top-K values; row_mask [N] bool (None = all rows), row_weights [N].
         labels: [N] int64 CE targets, IGNORE_INDEX (-100) for rows without one; None = no CE.
+        tail: the tail-mass bucket variant (see `kernels.reference.uld_rows_reference`).
         reduction: of the ULD term, "mean" or "sum", as `uld_loss_reference`. CE is the mean over labelled rows.
         ce_weight, uld_weight: loss = ce_weight * ce + uld_weight * uld (e.g. 1 - lambda and lambda).
         backend: "triton" or "torch" for the per-chunk ULD.
@@ -184,7 +188,7 @@ def fused_linear_uld_loss(
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels must be [N]={n}, got {tuple(labels.shape)}")
     coef = uld_row_coefficients(row_mask, row_weights, reduction)
-    opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
+    opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps, tail=tail)
     return FusedLinearULDFunction.apply(
         hidden, weight, bias, teacher_values, row_mask, coef, labels, k, ce_weight, uld_weight, backend, chunk_size, opts
     )

@@ -91,13 +91,19 @@ def uld_rows_reference(
     softmax: bool = True,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Per-row ULD distance d for rows that are all valid.
 
     Args:
         student_logits: [N, V] student logits at the aligned answer positions (fp32 or bf16).
-        teacher_values: [N, Kt] teacher top-K values, sorted descending (log-probs or logits).
+        teacher_values: [N, Kt] teacher top-K values, sorted descending (log-probs or logits; log-probs with tail).
         k: the student's K; the effective K is min(k, Kt, V).
+        tail: the tail-mass bucket variant: compare true probabilities instead of a softmax over the K values, plus
+            one bucket for the mass outside the top-K. Student: ``p_i = exp(l_i - logsumexp(z))`` over the whole
+            vocabulary, tail ``1 - sum p_i``; teacher: ``exp(l_s)`` of its cached log-probs, tail ``1 - sum``.
+            ``d = sum_i |p_o(i) - p_s(i)| + |tail_o - tail_s|``. Needs zscore=False, softmax=True, temperature=1
+            and log-prob teacher values; the gradient then reaches every logit of the row (through logsumexp).
 
     Returns:
         [N] fp32 distances, differentiable with respect to ``student_logits`` (the gradient is nonzero only at the
@@ -108,11 +114,21 @@ def uld_rows_reference(
         f"row count differs: logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_values.shape)}"
     )
     k_eff = min(k, teacher_values.shape[1], student_logits.shape[1])
+    if tail and (zscore or not softmax or temperature != 1.0):
+        raise ValueError(
+            f"the tail-mass bucket compares true probabilities: it needs zscore=False, softmax=True, temperature=1, "
+            f"got zscore={zscore}, softmax={softmax}, temperature={temperature}"
+        )
     if zscore and k_eff < 2:
         raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
     logits = _at_least_fp32(student_logits)
     student_top = logits.gather(1, topk_canonical(logits.detach(), k_eff))
     teacher_top = teacher_values[:, :k_eff].to(student_top.dtype)
+    if tail:
+        p_student = torch.exp(student_top - torch.logsumexp(logits, dim=-1, keepdim=True))
+        p_teacher = torch.exp(teacher_top)
+        tail_gap = (1.0 - p_student.sum(-1)) - (1.0 - p_teacher.sum(-1))
+        return (p_student - p_teacher).abs().sum(dim=-1) + tail_gap.abs()
     opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
     p_student = standardized_probs(student_top, **opts)
     p_teacher = standardized_probs(teacher_top, **opts)
@@ -130,6 +146,7 @@ def uld_loss_reference(
     softmax: bool = True,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    tail: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """ULD loss over rows, with a mask for ignored rows and optional per-row weights.
@@ -137,6 +154,7 @@ def uld_loss_reference(
     Args:
         student_logits: [N, V] student logits (fp32 or bf16).
         teacher_values: [N, Kt] teacher top-K values sorted descending.
+        tail: the tail-mass bucket variant, see `uld_rows_reference`.
         row_mask: [N] bool, False rows are ignored (zero loss, zero gradient). None = all rows valid.
         row_weights: [N] float weights. With weights, ``reduction="sum"`` gives ``sum_i w_i d_i``; this is how the
             trainer takes "mean over a sample's positions, then mean over the batch" (w = 1 / (n_b * B)), and how
@@ -152,7 +170,14 @@ def uld_loss_reference(
         row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
     idx = row_mask.nonzero(as_tuple=True)[0]
     d_valid = uld_rows_reference(
-        student_logits[idx], teacher_values[idx], k=k, zscore=zscore, softmax=softmax, temperature=temperature, eps=eps
+        student_logits[idx],
+        teacher_values[idx],
+        k=k,
+        zscore=zscore,
+        softmax=softmax,
+        temperature=temperature,
+        eps=eps,
+        tail=tail,
     )
     if reduction == "none":
         out = torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device)

@@ -52,6 +52,7 @@ def _uld_fwd_kernel(
     dist_ptr,
     idx_ptr,
     val_ptr,
+    lse_ptr,
     N,
     V,
     inv_tau,
@@ -60,6 +61,7 @@ def _uld_fwd_kernel(
     KP: tl.constexpr,
     ZSCORE: tl.constexpr,
     SOFTMAX: tl.constexpr,
+    TAIL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -74,10 +76,17 @@ def _uld_fwd_kernel(
 
     buf_v = tl.full([BLOCK_N, KP], float("-inf"), tl.float32)
     buf_i = tl.zeros([BLOCK_N, KP], tl.int64)
+    m_run = tl.full([BLOCK_N], float("-inf"), tl.float32)  # online logsumexp (tail variant)
+    s_run = tl.zeros([BLOCK_N], tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + vcols
         ptrs = logits_ptr + rows64[:, None] * stride_l + cols[None, :]
         x = tl.load(ptrs, mask=valid[:, None] & (cols[None, :] < V), other=float("-inf")).to(tl.float32)
+        if TAIL:
+            m_new = tl.maximum(m_run, tl.max(x, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_run = s_run * tl.exp(m_run - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+            m_run = m_new
         # the row's K-th value so far: a chunk only matters if it beats it (equal values lose on index)
         kth = tl.min(tl.where(kmask, buf_v, float("inf")), axis=1)
         beats = (tl.max(x, axis=1) > kth) & valid
@@ -104,9 +113,16 @@ def _uld_fwd_kernel(
     out_mask = valid[:, None] & kmask
     t = tl.load(teacher_ptr + rows64[:, None] * stride_t + kcols[None, :], mask=out_mask, other=0.0).to(tl.float32)
     buf_v = tl.where(valid[:, None], buf_v, 0.0)  # masked rows: finite garbage, never -inf - -inf
-    q_s, _, _ = _standardize(buf_v, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
-    q_t, _, _ = _standardize(t, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
-    d = tl.sum(tl.where(kmask, tl.abs(q_s - q_t), 0.0), axis=1)
+    if TAIL:
+        lse = tl.where(valid, m_run + tl.log(s_run), 0.0)
+        q_s = tl.where(kmask, tl.exp(buf_v - lse[:, None]), 0.0)
+        q_t = tl.where(kmask, tl.exp(t), 0.0)
+        d = tl.sum(tl.abs(q_s - q_t), axis=1) + tl.abs(tl.sum(q_t, axis=1) - tl.sum(q_s, axis=1))
+        tl.store(lse_ptr + rows, lse, mask=in_range)
+    else:
+        q_s, _, _ = _standardize(buf_v, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+        q_t, _, _ = _standardize(t, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+        d = tl.sum(tl.where(kmask, tl.abs(q_s - q_t), 0.0), axis=1)
     tl.store(dist_ptr + rows, tl.where(valid, d, 0.0), mask=in_range)
     tl.store(idx_ptr + rows64[:, None] * K + kcols[None, :], buf_i, mask=in_range[:, None] & kmask)
     tl.store(val_ptr + rows64[:, None] * K + kcols[None, :], buf_v, mask=in_range[:, None] & kmask)
@@ -122,6 +138,8 @@ def _uld_bwd_kernel(
     gdist_ptr,
     idx_ptr,
     val_ptr,
+    lse_ptr,
+    a_ptr,
     N,
     inv_tau,
     eps,
@@ -129,6 +147,7 @@ def _uld_bwd_kernel(
     KP: tl.constexpr,
     ZSCORE: tl.constexpr,
     SOFTMAX: tl.constexpr,
+    TAIL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -144,22 +163,57 @@ def _uld_bwd_kernel(
     t = tl.load(teacher_ptr + rows64[:, None] * stride_t + kcols[None, :], mask=m2, other=0.0).to(tl.float32)
     gd = tl.load(gdist_ptr + rows, mask=valid, other=0.0).to(tl.float32)
 
-    q_s, c, sd = _standardize(s, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
-    q_t, _, _ = _standardize(t, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
-    diff = q_s - q_t
-    g = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)) * gd[:, None]  # d|x|/dx = sign(x), sign(0) = 0
-    g = tl.where(kmask, g, 0.0)
-    if SOFTMAX:
-        g = q_s * (g - tl.sum(q_s * g, axis=1)[:, None]) * inv_tau
-    if ZSCORE:
-        den = sd + eps
-        gz_mean = tl.sum(g, axis=1) / K
-        gc = tl.sum(g * c, axis=1)
-        # the std term: d sd / d c_j = c_j / ((K-1) sd); zero when the K values are all equal (c == 0)
-        coef = tl.where(sd > 0, gc / (den * den * (K - 1) * sd), 0.0)
-        g = (g - gz_mean[:, None]) / den[:, None] - coef[:, None] * c
+    if TAIL:
+        # p_i = exp(x_i - lse): d p_i / d x_j = p_i (delta_ij - pi_j). Here the selected part g_i p_i; the dense
+        # part -pi_j * sum_i g_i p_i is added over the whole row by _tail_dense_kernel.
+        lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+        q_s = tl.where(kmask, tl.exp(s - lse[:, None]), 0.0)
+        q_t = tl.where(kmask, tl.exp(t), 0.0)
+        diff = q_s - q_t
+        gap = tl.sum(q_t, axis=1) - tl.sum(q_s, axis=1)  # tail_o - tail_t
+        sg_tail = tl.where(gap > 0, 1.0, tl.where(gap < 0, -1.0, 0.0))
+        g = (tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)) - sg_tail[:, None]) * gd[:, None]
+        g = tl.where(kmask, g * q_s, 0.0)
+        tl.store(a_ptr + rows, tl.sum(g, axis=1), mask=in_range)
+    else:
+        q_s, c, sd = _standardize(s, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+        q_t, _, _ = _standardize(t, kmask, K, ZSCORE, SOFTMAX, inv_tau, eps)
+        diff = q_s - q_t
+        g = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0)) * gd[:, None]  # d|x|/dx = sign(x), sign(0) = 0
+        g = tl.where(kmask, g, 0.0)
+        if SOFTMAX:
+            g = q_s * (g - tl.sum(q_s * g, axis=1)[:, None]) * inv_tau
+        if ZSCORE:
+            den = sd + eps
+            gz_mean = tl.sum(g, axis=1) / K
+            gc = tl.sum(g * c, axis=1)
+            # the std term: d sd / d c_j = c_j / ((K-1) sd); zero when the K values are all equal (c == 0)
+            coef = tl.where(sd > 0, gc / (den * den * (K - 1) * sd), 0.0)
+            g = (g - gz_mean[:, None]) / den[:, None] - coef[:, None] * c
     g = tl.where(m2, g, 0.0)
     tl.store(grad_ptr + rows64[:, None] * stride_g + ind, g.to(grad_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _tail_dense_kernel(
+    logits_ptr, stride_l, grad_ptr, stride_g, mask_ptr, lse_ptr, a_ptr, N, V,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """grad[j] -= softmax(x)_j * A for every entry of a valid row (the logsumexp part of the tail variant)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < N
+    valid = in_range & (tl.load(mask_ptr + rows, mask=in_range, other=0) != 0)
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    a = tl.load(a_ptr + rows, mask=valid, other=0.0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        m = valid[:, None] & (cols[None, :] < V)
+        x = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        gp = grad_ptr + rows64[:, None] * stride_g + cols[None, :]
+        g = tl.load(gp, mask=m, other=0.0).to(tl.float32) - tl.exp(x - lse[:, None]) * a[:, None]
+        tl.store(gp, g.to(grad_ptr.dtype.element_ty), mask=m)
 
 
 # Triton decides at decoration time: TRITON_INTERPRET=1 must be set before this module is imported.
@@ -178,12 +232,18 @@ def _blocks(n: int, v: int, k: int) -> tuple[int, int, int]:
     return block_n, block_v, kp
 
 
-def _check(logits: torch.Tensor, teacher: torch.Tensor, k: int, zscore: bool) -> int:
+def _check(logits: torch.Tensor, teacher: torch.Tensor, k: int, zscore: bool, softmax: bool, temperature: float,
+           tail: bool) -> int:  # fmt: skip
     if logits.dim() != 2 or teacher.dim() != 2:
         raise ValueError(f"expected [N, V] logits and [N, Kt] teacher values, got {tuple(logits.shape)}, {tuple(teacher.shape)}")
     if logits.shape[0] != teacher.shape[0]:
         raise ValueError(f"row count differs: logits {tuple(logits.shape)} vs teacher {tuple(teacher.shape)}")
     k_eff = min(k, teacher.shape[1], logits.shape[1])
+    if tail and (zscore or not softmax or temperature != 1.0):
+        raise ValueError(
+            f"the tail-mass bucket compares true probabilities: it needs zscore=False, softmax=True, temperature=1, "
+            f"got zscore={zscore}, softmax={softmax}, temperature={temperature}"
+        )
     if zscore and k_eff < 2:
         raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
     if k_eff > 128:
@@ -201,9 +261,11 @@ def uld_rows_forward(
     softmax: bool,
     temperature: float,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row distances [N] fp32 (0 at masked rows), selected indices [N, K] int64 and values [N, K] fp32."""
-    k_eff = _check(logits, teacher, k, zscore)
+    tail: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row distances [N] fp32 (0 at masked rows), selected indices [N, K] int64, values [N, K] fp32 and the
+    rows' logsumexp [N] fp32 (tail variant only, else empty)."""
+    k_eff = _check(logits, teacher, k, zscore, softmax, temperature, tail)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if teacher.stride(1) != 1:
@@ -212,15 +274,16 @@ def uld_rows_forward(
     dist = torch.empty(n, dtype=torch.float32, device=logits.device)
     idx = torch.zeros(n, k_eff, dtype=torch.int64, device=logits.device)
     val = torch.zeros(n, k_eff, dtype=torch.float32, device=logits.device)
+    lse = torch.zeros(n if tail else 0, dtype=torch.float32, device=logits.device)
     mask = row_mask.to(device=logits.device, dtype=torch.int8).contiguous()
     block_n, block_v, kp = _blocks(n, v, k_eff)
     if n:
         _uld_fwd_kernel[(triton.cdiv(n, block_n),)](
-            logits, logits.stride(0), teacher, teacher.stride(0), mask, dist, idx, val, n, v,
+            logits, logits.stride(0), teacher, teacher.stride(0), mask, dist, idx, val, lse if tail else dist, n, v,
             1.0 / temperature, eps,
-            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, BLOCK_N=block_n, BLOCK_V=block_v,
+            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, TAIL=tail, BLOCK_N=block_n, BLOCK_V=block_v,
         )  # fmt: skip
-    return dist, idx, val
+    return dist, idx, val, lse
 
 
 def uld_rows_backward(
@@ -236,11 +299,15 @@ def uld_rows_backward(
     softmax: bool,
     temperature: float,
     eps: float,
+    tail: bool = False,
+    logits: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient [N, V] (dtype of the logits) of sum_i grad_dist[i] * d_i; nonzero only at the selected entries.
+    """Gradient [N, V] (dtype of the logits) of sum_i grad_dist[i] * d_i; nonzero only at the selected entries,
+    except with ``tail`` (then ``logits`` and the forward's ``lse`` are needed: the gradient is dense).
 
-    ``out``: an [N, V] zero-filled buffer to write into (the fused-linear path reuses one per chunk).
+    ``out``: an [N, V] zero-filled buffer to write into.
     """
     n, v = shape
     k_eff = idx.shape[1]
@@ -248,13 +315,21 @@ def uld_rows_backward(
     if teacher.stride(1) != 1:
         teacher = teacher.contiguous()
     mask = row_mask.to(device=grad.device, dtype=torch.int8).contiguous()
-    block_n, _, kp = _blocks(n, v, k_eff)
+    block_n, block_v, kp = _blocks(n, v, k_eff)
+    a = torch.zeros(n if tail else 0, dtype=torch.float32, device=grad.device)
     if n:
-        _uld_bwd_kernel[(triton.cdiv(n, block_n),)](
-            grad, grad.stride(0), teacher, teacher.stride(0), mask, grad_dist.float().contiguous(), idx, val, n,
-            1.0 / temperature, eps,
-            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, BLOCK_N=block_n,
+        grid = (triton.cdiv(n, block_n),)
+        _uld_bwd_kernel[grid](
+            grad, grad.stride(0), teacher, teacher.stride(0), mask, grad_dist.float().contiguous(), idx, val,
+            lse if tail else val, a if tail else val, n, 1.0 / temperature, eps,
+            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, TAIL=tail, BLOCK_N=block_n,
         )  # fmt: skip
+        if tail:
+            if logits.stride(1) != 1:
+                logits = logits.contiguous()
+            _tail_dense_kernel[grid](
+                logits, logits.stride(0), grad, grad.stride(0), mask, lse, a, n, v, BLOCK_N=block_n, BLOCK_V=block_v
+            )
     return grad
 
 
@@ -262,20 +337,23 @@ class ULDRowsFunction(torch.autograd.Function):
     """d = ULD per row [N] through the Triton kernels; differentiable with respect to the logits only."""
 
     @staticmethod
-    def forward(ctx, logits, teacher, row_mask, k, zscore, softmax, temperature, eps):
-        opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
-        dist, idx, val = uld_rows_forward(logits, teacher, row_mask, k=k, **opts)
-        ctx.save_for_backward(teacher, row_mask, idx, val)
+    def forward(ctx, logits, teacher, row_mask, k, zscore, softmax, temperature, eps, tail):
+        opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps, tail=tail)
+        dist, idx, val, lse = uld_rows_forward(logits, teacher, row_mask, k=k, **opts)
+        # the tail variant's gradient is dense: it needs the logits again
+        ctx.save_for_backward(teacher, row_mask, idx, val, lse, logits if tail else lse)
         ctx.opts = opts
         ctx.logits_meta = (logits.shape, logits.dtype)
         return dist
 
     @staticmethod
     def backward(ctx, grad_dist):
-        teacher, row_mask, idx, val = ctx.saved_tensors
+        teacher, row_mask, idx, val, lse, logits = ctx.saved_tensors
         shape, dtype = ctx.logits_meta
-        grad = uld_rows_backward(grad_dist, tuple(shape), dtype, teacher, row_mask, idx, val, **ctx.opts)
-        return grad, None, None, None, None, None, None, None
+        grad = uld_rows_backward(
+            grad_dist, tuple(shape), dtype, teacher, row_mask, idx, val, logits=logits, lse=lse, **ctx.opts
+        )
+        return grad, None, None, None, None, None, None, None, None
 
 
 def uld_rows_triton(
@@ -288,8 +366,9 @@ def uld_rows_triton(
     softmax: bool = True,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    tail: bool = False,
 ) -> torch.Tensor:
     """[N] fp32 per-row ULD distances (0 at masked rows), autograd-enabled. Shapes as `uld_rows_reference`."""
     if row_mask is None:
         row_mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    return ULDRowsFunction.apply(logits, teacher, row_mask, k, zscore, softmax, temperature, eps)
+    return ULDRowsFunction.apply(logits, teacher, row_mask, k, zscore, softmax, temperature, eps, tail)
