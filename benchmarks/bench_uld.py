@@ -41,8 +41,25 @@ from kernels.fused_linear import fused_linear_uld_loss  # noqa: E402
 from kernels.reference import uld_loss_reference  # noqa: E402
 
 CSV = RESULTS / "uld.csv"
-FIELDS = ["date", "device", "provider", "mode", "N", "V", "H", "K", "dtype", "ms_p50", "ms_p20", "ms_p80",
-          "peak_mem_mb", "torch", "triton", "fusion_cache", "note"]  # fmt: skip
+FIELDS = [
+    "date",
+    "device",
+    "provider",
+    "mode",
+    "N",
+    "V",
+    "H",
+    "K",
+    "dtype",
+    "ms_p50",
+    "ms_p20",
+    "ms_p80",
+    "peak_mem_mb",
+    "torch",
+    "triton",
+    "fusion_cache",
+    "note",
+]
 
 
 def gold_uld(logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -151,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=3, help="CPU only: timed runs per point")
     ap.add_argument("--note", default="")
-    ap.add_argument("--csv", type=Path, default=CSV, help="where rows are appended (default benchmarks/results/uld.csv)")
+    ap.add_argument(
+        "--csv", type=Path, default=CSV, help="where rows are appended (default benchmarks/results/uld.csv)"
+    )
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -178,10 +197,25 @@ def main(argv: list[str] | None = None) -> None:
                     for mode in args.modes.split(","):
                         fwd, leaves = make_case(provider, n, v, args.h, args.k, dtype, device)
                         ms, peak = measure(fwd, leaves, mode, device, args.reps)
-                        row = dict(date=info["date"], device=dev_name, provider=provider, mode=mode, N=n, V=v,
-                                   H=args.h, K=args.k, dtype=args.dtype, ms_p50=f"{ms[0]:.3f}", ms_p20=f"{ms[1]:.3f}",
-                                   ms_p80=f"{ms[2]:.3f}", peak_mem_mb=f"{peak:.1f}", torch=info["torch"],
-                                   triton=triton_version, fusion_cache=info["fusion_cache"], note=args.note)  # fmt: skip
+                        row = dict(
+                            date=info["date"],
+                            device=dev_name,
+                            provider=provider,
+                            mode=mode,
+                            N=n,
+                            V=v,
+                            H=args.h,
+                            K=args.k,
+                            dtype=args.dtype,
+                            ms_p50=f"{ms[0]:.3f}",
+                            ms_p20=f"{ms[1]:.3f}",
+                            ms_p80=f"{ms[2]:.3f}",
+                            peak_mem_mb=f"{peak:.1f}",
+                            torch=info["torch"],
+                            triton=triton_version,
+                            fusion_cache=info["fusion_cache"],
+                            note=args.note,
+                        )
                         writer.writerow(row)
                         f.flush()
                         print(f"{provider:>16} {mode:>8} N={n} V={v}: {ms[0]:9.2f} ms  peak {peak:8.1f} MB", flush=True)

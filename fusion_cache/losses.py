@@ -142,10 +142,24 @@ def fused_linear_uld(
     chunked over rows (see `kernels.fused_linear.fused_linear_uld_loss`): hidden [N, H], weight [V, H],
     teacher_values [N, Kt], labels [N] (-100 = no CE target)."""
     return fused_linear_uld_loss(
-        hidden, weight, teacher_values, row_mask, row_weights, labels, bias,
-        k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail, reduction=reduction,
-        ce_weight=ce_weight, uld_weight=uld_weight, backend=resolve_backend(hidden.device), chunk_size=chunk_size,
-    )  # fmt: skip
+        hidden,
+        weight,
+        teacher_values,
+        row_mask,
+        row_weights,
+        labels,
+        bias,
+        k=k,
+        zscore=zscore,
+        softmax=softmax,
+        temperature=temperature,
+        tail=tail,
+        reduction=reduction,
+        ce_weight=ce_weight,
+        uld_weight=uld_weight,
+        backend=resolve_backend(hidden.device),
+        chunk_size=chunk_size,
+    )
 
 
 class ULDLoss(nn.Module):
@@ -193,10 +207,33 @@ class FusedLinearULDLoss(nn.Module):
         super().__init__()
         self.k, self.zscore, self.softmax, self.temperature, self.tail = k, zscore, softmax, temperature, tail
 
-    def forward(self, hidden, lm_head: nn.Linear, teacher_values, row_mask=None, row_weights=None, labels=None, *,
-                reduction: str = "mean", ce_weight: float = 0.0, uld_weight: float = 1.0):  # fmt: skip
+    def forward(
+        self,
+        hidden,
+        lm_head: nn.Linear,
+        teacher_values,
+        row_mask=None,
+        row_weights=None,
+        labels=None,
+        *,
+        reduction: str = "mean",
+        ce_weight: float = 0.0,
+        uld_weight: float = 1.0,
+    ):
         return fused_linear_uld(
-            hidden, lm_head.weight, teacher_values, row_mask, row_weights, labels, lm_head.bias,
-            k=self.k, zscore=self.zscore, softmax=self.softmax, temperature=self.temperature, tail=self.tail,
-            reduction=reduction, ce_weight=ce_weight, uld_weight=uld_weight,
-        )  # fmt: skip
+            hidden,
+            lm_head.weight,
+            teacher_values,
+            row_mask,
+            row_weights,
+            labels,
+            lm_head.bias,
+            k=self.k,
+            zscore=self.zscore,
+            softmax=self.softmax,
+            temperature=self.temperature,
+            tail=self.tail,
+            reduction=reduction,
+            ce_weight=ce_weight,
+            uld_weight=uld_weight,
+        )

@@ -81,7 +81,7 @@ def fused_linear_forward(
     chunk_size: int | None,
     opts: dict,
 ):
-    """Losses and gradients. Returns (loss, ce, uld, grad_hidden, grad_weight, grad_bias) (loss = ce_w*ce + uld_w*uld)."""
+    """(loss, ce, uld, grad_hidden, grad_weight, grad_bias), with loss = ce_weight * ce + uld_weight * uld."""
     n, h = hidden.shape
     v = weight.shape[0]
     c = chunk_size or chunk_size_for(n, v, h)
@@ -128,11 +128,24 @@ class FusedLinearULDFunction(torch.autograd.Function):
     """loss = ce_weight * CE(hidden @ W.T + b, labels) + uld_weight * ULD(hidden @ W.T + b, teacher), chunked."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, row_mask, coef, labels, k, ce_weight, uld_weight, backend, chunk, opts):
+    def forward(
+        ctx, hidden, weight, bias, teacher, row_mask, coef, labels, k, ce_weight, uld_weight, backend, chunk, opts
+    ):
         loss, ce, uld, gh, gw, gb = fused_linear_forward(
-            hidden, weight, teacher, row_mask, coef, labels, bias,
-            k=k, ce_weight=ce_weight, uld_weight=uld_weight, backend=backend, chunk_size=chunk, opts=opts,
-        )  # fmt: skip
+            hidden,
+            weight,
+            teacher,
+            row_mask,
+            coef,
+            labels,
+            bias,
+            k=k,
+            ce_weight=ce_weight,
+            uld_weight=uld_weight,
+            backend=backend,
+            chunk_size=chunk,
+            opts=opts,
+        )
         ctx.save_for_backward(gh, gw, gb if gb is not None else torch.empty(0))
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(ce, uld)
@@ -190,5 +203,17 @@ def fused_linear_uld_loss(
     coef = uld_row_coefficients(row_mask, row_weights, reduction)
     opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps, tail=tail)
     return FusedLinearULDFunction.apply(
-        hidden, weight, bias, teacher_values, row_mask, coef, labels, k, ce_weight, uld_weight, backend, chunk_size, opts
+        hidden,
+        weight,
+        bias,
+        teacher_values,
+        row_mask,
+        coef,
+        labels,
+        k,
+        ce_weight,
+        uld_weight,
+        backend,
+        chunk_size,
+        opts,
     )

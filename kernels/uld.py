@@ -196,9 +196,18 @@ def _uld_bwd_kernel(
 
 @triton.jit
 def _tail_dense_kernel(
-    logits_ptr, stride_l, grad_ptr, stride_g, mask_ptr, lse_ptr, a_ptr, N, V,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    stride_l,
+    grad_ptr,
+    stride_g,
+    mask_ptr,
+    lse_ptr,
+    a_ptr,
+    N,
+    V,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """grad[j] -= softmax(x)_j * A for every entry of a valid row (the logsumexp part of the tail variant)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -232,10 +241,13 @@ def _blocks(n: int, v: int, k: int) -> tuple[int, int, int]:
     return block_n, block_v, kp
 
 
-def _check(logits: torch.Tensor, teacher: torch.Tensor, k: int, zscore: bool, softmax: bool, temperature: float,
-           tail: bool) -> int:  # fmt: skip
+def _check(
+    logits: torch.Tensor, teacher: torch.Tensor, k: int, zscore: bool, softmax: bool, temperature: float, tail: bool
+) -> int:
     if logits.dim() != 2 or teacher.dim() != 2:
-        raise ValueError(f"expected [N, V] logits and [N, Kt] teacher values, got {tuple(logits.shape)}, {tuple(teacher.shape)}")
+        raise ValueError(
+            f"expected [N, V] logits and [N, Kt] teacher values, got {tuple(logits.shape)}, {tuple(teacher.shape)}"
+        )
     if logits.shape[0] != teacher.shape[0]:
         raise ValueError(f"row count differs: logits {tuple(logits.shape)} vs teacher {tuple(teacher.shape)}")
     k_eff = min(k, teacher.shape[1], logits.shape[1])
@@ -279,10 +291,27 @@ def uld_rows_forward(
     block_n, block_v, kp = _blocks(n, v, k_eff)
     if n:
         _uld_fwd_kernel[(triton.cdiv(n, block_n),)](
-            logits, logits.stride(0), teacher, teacher.stride(0), mask, dist, idx, val, lse if tail else dist, n, v,
-            1.0 / temperature, eps,
-            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, TAIL=tail, BLOCK_N=block_n, BLOCK_V=block_v,
-        )  # fmt: skip
+            logits,
+            logits.stride(0),
+            teacher,
+            teacher.stride(0),
+            mask,
+            dist,
+            idx,
+            val,
+            lse if tail else dist,
+            n,
+            v,
+            1.0 / temperature,
+            eps,
+            K=k_eff,
+            KP=kp,
+            ZSCORE=zscore,
+            SOFTMAX=softmax,
+            TAIL=tail,
+            BLOCK_N=block_n,
+            BLOCK_V=block_v,
+        )
     return dist, idx, val, lse
 
 
@@ -320,10 +349,26 @@ def uld_rows_backward(
     if n:
         grid = (triton.cdiv(n, block_n),)
         _uld_bwd_kernel[grid](
-            grad, grad.stride(0), teacher, teacher.stride(0), mask, grad_dist.float().contiguous(), idx, val,
-            lse if tail else val, a if tail else val, n, 1.0 / temperature, eps,
-            K=k_eff, KP=kp, ZSCORE=zscore, SOFTMAX=softmax, TAIL=tail, BLOCK_N=block_n,
-        )  # fmt: skip
+            grad,
+            grad.stride(0),
+            teacher,
+            teacher.stride(0),
+            mask,
+            grad_dist.float().contiguous(),
+            idx,
+            val,
+            lse if tail else val,
+            a if tail else val,
+            n,
+            1.0 / temperature,
+            eps,
+            K=k_eff,
+            KP=kp,
+            ZSCORE=zscore,
+            SOFTMAX=softmax,
+            TAIL=tail,
+            BLOCK_N=block_n,
+        )
         if tail:
             if logits.stride(1) != 1:
                 logits = logits.contiguous()

@@ -86,8 +86,9 @@ def test_fused_linear_module_matches_dense():
     hidden = torch.randn(10, 8, requires_grad=True)
     teacher = torch.randn(10, 6).sort(dim=-1, descending=True).values
     labels = torch.randint(0, 64, (10,))
-    loss, ce, uld = losses.FusedLinearULDLoss(k=6)(hidden, lm_head, teacher, labels=labels, ce_weight=0.5,
-                                                    uld_weight=0.5)  # fmt: skip
+    loss, ce, uld = losses.FusedLinearULDLoss(k=6)(
+        hidden, lm_head, teacher, labels=labels, ce_weight=0.5, uld_weight=0.5
+    )
     logits = lm_head(hidden)
     want_uld = uld_loss_reference(logits, teacher, k=6)
     want_ce = torch.nn.functional.cross_entropy(logits, labels)

@@ -51,9 +51,19 @@ def test_matches_dense(request, backend, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         loss, ce, uld = fused_linear_uld_loss(
-            hidden, weight, teacher, mask, weights, labels, bias, ce_weight=0.3, uld_weight=0.7,
-            backend=backend, chunk_size=chunk, **opts,
-        )  # fmt: skip
+            hidden,
+            weight,
+            teacher,
+            mask,
+            weights,
+            labels,
+            bias,
+            ce_weight=0.3,
+            uld_weight=0.7,
+            backend=backend,
+            chunk_size=chunk,
+            **opts,
+        )
     (loss * 1.7).backward()
     got = [p.grad.clone() for p in params]
     for p in params:

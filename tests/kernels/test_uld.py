@@ -11,8 +11,10 @@ import torch
 from kernels.reference import uld_loss_reference
 
 # per-dtype tolerances (distance, gradient); bf16 gradients are rounded to bf16 on both sides
-TOL = {torch.float32: (dict(atol=2e-5, rtol=1e-4), dict(atol=1e-6, rtol=1e-4)), torch.bfloat16: (
-    dict(atol=2e-5, rtol=1e-4), dict(atol=1e-2, rtol=1.6e-2))}
+TOL = {
+    torch.float32: (dict(atol=2e-5, rtol=1e-4), dict(atol=1e-6, rtol=1e-4)),
+    torch.bfloat16: (dict(atol=2e-5, rtol=1e-4), dict(atol=1e-2, rtol=1.6e-2)),
+}
 
 # (N, V, K, Kt): awkward sizes, K > Kt, K < Kt, K = V, more rows than one interpreter program takes
 SHAPES = [(1, 16, 4, 4), (37, 1423, 37, 37), (16, 300, 10, 12), (9, 200, 16, 8), (70, 33, 33, 40), (3, 4100, 5, 5)]
@@ -60,13 +62,24 @@ def test_matches_reference_on_grid(triton_uld, device, shape, dtype):
     _compare(triton_uld, logits, teacher, mask, k=k, dtype=dtype, **variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "z{zscore}-sm{softmax}-t{temperature}".format(**v) + ("-tail" if v.get("tail") else ""))
+def _variant_id(v: dict) -> str:
+    return "z{zscore}-sm{softmax}-t{temperature}".format(**v) + ("-tail" if v.get("tail") else "")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 def test_every_variant(triton_uld, device, variant):
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(12, 257, generator=g) * 2).to(device)
     teacher = torch.randn(12, 10, generator=g).sort(dim=-1, descending=True).values.to(device)
-    _compare(triton_uld, logits, teacher, torch.ones(12, dtype=torch.bool, device=device), k=10,
-             dtype=torch.float32, **variant)  # fmt: skip
+    _compare(
+        triton_uld,
+        logits,
+        teacher,
+        torch.ones(12, dtype=torch.bool, device=device),
+        k=10,
+        dtype=torch.float32,
+        **variant,
+    )
 
 
 def test_max_k_128(triton_uld, device):
