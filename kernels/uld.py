@@ -340,7 +340,10 @@ def uld_rows_backward(
     """
     n, v = shape
     k_eff = idx.shape[1]
-    grad = torch.zeros(n, v, dtype=dtype, device=teacher.device) if out is None else out
+    # the tail variant writes each entry twice (selected part, then the dense part): accumulate in fp32 and round
+    # once at the end, as autograd does for the reference
+    acc_dtype = torch.float32 if tail else dtype
+    grad = torch.zeros(n, v, dtype=acc_dtype, device=teacher.device) if out is None else out
     if teacher.stride(1) != 1:
         teacher = teacher.contiguous()
     mask = row_mask.to(device=grad.device, dtype=torch.int8).contiguous()
@@ -375,7 +378,7 @@ def uld_rows_backward(
             _tail_dense_kernel[grid](
                 logits, logits.stride(0), grad, grad.stride(0), mask, lse, a, n, v, BLOCK_N=block_n, BLOCK_V=block_v
             )
-    return grad
+    return grad.to(dtype)
 
 
 class ULDRowsFunction(torch.autograd.Function):
