@@ -24,6 +24,7 @@ from torch import nn
 
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import MissingDependencyError
+from kernels.fused_linear import FusedLinearOutput
 from kernels.fused_linear import fused_linear_uld_loss
 from kernels.reference import uld_loss_reference
 
@@ -137,8 +138,8 @@ def fused_linear_uld(
     ce_weight: float = 0.0,
     uld_weight: float = 1.0,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, ce, uld)`` with ``loss = ce_weight * CE + uld_weight * ULD`` of ``hidden @ weight.T + bias``,
+) -> FusedLinearOutput:
+    """``(loss, ce, uld, argmax)`` with ``loss = ce_weight * CE + uld_weight * ULD`` of ``hidden @ weight.T + bias``,
     chunked over rows (see `kernels.fused_linear.fused_linear_uld_loss`): hidden [N, H], weight [V, H],
     teacher_values [N, Kt], labels [N] (-100 = no CE target)."""
     return fused_linear_uld_loss(

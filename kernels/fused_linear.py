@@ -14,12 +14,22 @@ autograd on the chunk), so the same path runs on CPU.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from kernels.reference import uld_loss_reference
 
 IGNORE_INDEX = -100
+
+
+class FusedLinearOutput(NamedTuple):
+    """What the fused path returns: only ``loss`` carries a graph."""
+
+    loss: torch.Tensor  # ce_weight * ce + uld_weight * uld
+    ce: torch.Tensor  # mean CE over labelled rows (0 without labels)
+    uld: torch.Tensor  # the ULD term with its reduction
+    argmax: torch.Tensor  # [N] int64 argmax of each row's logits (for top-1 metrics, free in the same pass)
 
 
 def chunk_size_for(n: int, v: int, h: int) -> int:
@@ -91,12 +101,14 @@ def fused_linear_forward(
     n_labels = 0 if labels is None else int((labels != IGNORE_INDEX).sum())
     ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     uld_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    argmax = torch.empty(n, dtype=torch.int64, device=hidden.device)
     for start in range(0, n, c):
         sl = slice(start, min(start + c, n))
         h_c = hidden[sl]
         logits = h_c @ weight.t()
         if bias is not None:
             logits = logits + bias
+        argmax[sl] = logits.argmax(-1)
         uld_c, grad = _chunk_uld_grad(logits, teacher[sl], row_mask[sl], coef[sl], backend=backend, k=k, opts=opts)
         uld_sum += uld_c
         grad *= uld_weight
@@ -121,7 +133,7 @@ def fused_linear_forward(
         del logits, grad, g
     ce = ce_sum / max(n_labels, 1)
     loss = ce_weight * ce + uld_weight * uld_sum
-    return loss, ce, uld_sum, grad_hidden, grad_weight, grad_bias
+    return loss, ce, uld_sum, argmax, grad_hidden, grad_weight, grad_bias
 
 
 class FusedLinearULDFunction(torch.autograd.Function):
@@ -131,7 +143,7 @@ class FusedLinearULDFunction(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, bias, teacher, row_mask, coef, labels, k, ce_weight, uld_weight, backend, chunk, opts
     ):
-        loss, ce, uld, gh, gw, gb = fused_linear_forward(
+        loss, ce, uld, argmax, gh, gw, gb = fused_linear_forward(
             hidden,
             weight,
             teacher,
@@ -148,11 +160,11 @@ class FusedLinearULDFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(gh, gw, gb if gb is not None else torch.empty(0))
         ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(ce, uld)
-        return loss, ce, uld
+        ctx.mark_non_differentiable(ce, uld, argmax)
+        return loss, ce, uld, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_uld):
+    def backward(ctx, grad_loss, _grad_ce, _grad_uld, _grad_argmax):
         gh, gw, gb = ctx.saved_tensors
         gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
         gb = gb * grad_loss.to(gb.dtype) if ctx.has_bias else None
@@ -179,7 +191,7 @@ def fused_linear_uld_loss(
     uld_weight: float = 1.0,
     backend: str = "torch",
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> FusedLinearOutput:
     """``(loss, ce, uld)`` for logits ``hidden @ weight.T + bias`` without materializing them.
 
     Args:
@@ -193,7 +205,8 @@ def fused_linear_uld_loss(
         chunk_size: rows per chunk; None picks it from the shapes (`chunk_size_for`).
 
     Returns:
-        loss (differentiable w.r.t. hidden, weight, bias), ce and uld (detached scalars, for logging).
+        `FusedLinearOutput`: loss (differentiable w.r.t. hidden, weight, bias); ce, uld (detached scalars, for
+        logging) and the rows' argmax [N].
     """
     n = hidden.shape[0]
     if row_mask is None:
@@ -202,18 +215,20 @@ def fused_linear_uld_loss(
         raise ValueError(f"labels must be [N]={n}, got {tuple(labels.shape)}")
     coef = uld_row_coefficients(row_mask, row_weights, reduction)
     opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps, tail=tail)
-    return FusedLinearULDFunction.apply(
-        hidden,
-        weight,
-        bias,
-        teacher_values,
-        row_mask,
-        coef,
-        labels,
-        k,
-        ce_weight,
-        uld_weight,
-        backend,
-        chunk_size,
-        opts,
+    return FusedLinearOutput(
+        *FusedLinearULDFunction.apply(
+            hidden,
+            weight,
+            bias,
+            teacher_values,
+            row_mask,
+            coef,
+            labels,
+            k,
+            ce_weight,
+            uld_weight,
+            backend,
+            chunk_size,
+            opts,
+        )
     )

@@ -86,7 +86,7 @@ def test_fused_linear_module_matches_dense():
     hidden = torch.randn(10, 8, requires_grad=True)
     teacher = torch.randn(10, 6).sort(dim=-1, descending=True).values
     labels = torch.randint(0, 64, (10,))
-    loss, ce, uld = losses.FusedLinearULDLoss(k=6)(
+    loss, ce, uld, _ = losses.FusedLinearULDLoss(k=6)(
         hidden, lm_head, teacher, labels=labels, ce_weight=0.5, uld_weight=0.5
     )
     logits = lm_head(hidden)

@@ -50,7 +50,7 @@ def test_matches_dense(request, backend, case):
     opts = dict(reduction=reduction, k=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        loss, ce, uld = fused_linear_uld_loss(
+        loss, ce, uld, _ = fused_linear_uld_loss(
             hidden,
             weight,
             teacher,
@@ -82,7 +82,7 @@ def test_matches_dense(request, backend, case):
 def test_all_rows_masked_and_no_labels_gives_zero():
     hidden = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
-    loss, ce, uld = fused_linear_uld_loss(hidden, weight, torch.randn(6, 5), torch.zeros(6, dtype=torch.bool), k=5)
+    loss, ce, uld, _ = fused_linear_uld_loss(hidden, weight, torch.randn(6, 5), torch.zeros(6, dtype=torch.bool), k=5)
     loss.backward()
     assert loss.item() == 0.0 and ce.item() == 0.0 and uld.item() == 0.0
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
