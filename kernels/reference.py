@@ -12,6 +12,11 @@ these functions. Per aligned answer position (one row):
 When the student's K and the teacher's Kt differ, both sides are truncated to the common ``min(K, Kt)`` largest
 values (padding with zeros would change the z-score statistics). Rows whose mask is False contribute nothing and
 receive zero gradient; they are never even computed, so garbage (NaN) in a masked row cannot leak into the loss.
+
+Ties: torch.topk picks an arbitrary entry among equal values, so the selection is made canonical (`topk_canonical`):
+among equal values the lower vocabulary index wins, both at the K-th boundary and for the rank order inside the
+top-K. The values (and so the loss) are those of torch.topk; only which entry receives the gradient is pinned, so
+that a kernel can reproduce it exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +27,36 @@ import torch
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 are computed in fp32; fp64 stays fp64 (gradcheck)."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def topk_canonical(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row, value descending, ties broken by the lower index.
+
+    Args:
+        x: [N, V] values (not differentiated here).
+        k: how many per row, k <= V.
+
+    Returns:
+        [N, k] int64 indices. O(V) per row like torch.topk: the full-vocabulary work is one topk and one comparison
+        with the k-th value; only rows with more tied candidates than slots at the boundary pay a cumsum.
+    """
+    with torch.no_grad():
+        vals, idx = torch.topk(x, k, dim=-1, sorted=True)
+        thr = vals[:, -1:]
+        slots = (vals == thr).sum(-1)  # boundary slots torch filled
+        candidates = (x == thr).sum(-1)  # entries that could fill them
+        ambiguous = (candidates > slots).nonzero(as_tuple=True)[0]
+        if ambiguous.numel():
+            xa, ta = x[ambiguous], thr[ambiguous]
+            eq = xa == ta
+            need = k - (xa > ta).sum(-1, keepdim=True)
+            sel = (xa > ta) | (eq & (eq.cumsum(-1) <= need))
+            idx = idx.clone()
+            idx[ambiguous] = sel.nonzero(as_tuple=True)[1].view(-1, k)
+        # rank order: value descending, lower index first among equal values
+        idx = idx.sort(dim=-1).values
+        order = torch.sort(x.gather(1, idx), dim=-1, descending=True, stable=True).indices
+        return idx.gather(1, order)
 
 
 def standardized_probs(
@@ -56,27 +91,44 @@ def uld_rows_reference(
     softmax: bool = True,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    tail: bool = False,
 ) -> torch.Tensor:
     """Per-row ULD distance d for rows that are all valid.
 
     Args:
         student_logits: [N, V] student logits at the aligned answer positions (fp32 or bf16).
-        teacher_values: [N, Kt] teacher top-K values, sorted descending (log-probs or logits).
+        teacher_values: [N, Kt] teacher top-K values, sorted descending (log-probs or logits; log-probs with tail).
         k: the student's K; the effective K is min(k, Kt, V).
+        tail: the tail-mass bucket variant: compare true probabilities instead of a softmax over the K values, plus
+            one bucket for the mass outside the top-K. Student: ``p_i = exp(l_i - logsumexp(z))`` over the whole
+            vocabulary, tail ``1 - sum p_i``; teacher: ``exp(l_s)`` of its cached log-probs, tail ``1 - sum``.
+            ``d = sum_i |p_o(i) - p_s(i)| + |tail_o - tail_s|``. Needs zscore=False, softmax=True, temperature=1
+            and log-prob teacher values; the gradient then reaches every logit of the row (through logsumexp).
 
     Returns:
         [N] fp32 distances, differentiable with respect to ``student_logits`` (the gradient is nonzero only at the
-        K selected entries of each row; ties go to the entry torch.topk selects).
+        K selected entries of each row; among tied values the lower vocabulary index is selected, see `topk_canonical`).
     """
     assert student_logits.dim() == 2 and teacher_values.dim() == 2, "expected [N, V] logits and [N, Kt] values"
     assert student_logits.shape[0] == teacher_values.shape[0], (
         f"row count differs: logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_values.shape)}"
     )
     k_eff = min(k, teacher_values.shape[1], student_logits.shape[1])
+    if tail and (zscore or not softmax or temperature != 1.0):
+        raise ValueError(
+            f"the tail-mass bucket compares true probabilities: it needs zscore=False, softmax=True, temperature=1, "
+            f"got zscore={zscore}, softmax={softmax}, temperature={temperature}"
+        )
     if zscore and k_eff < 2:
         raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
-    student_top = torch.topk(_at_least_fp32(student_logits), k_eff, dim=-1, sorted=True).values
+    logits = _at_least_fp32(student_logits)
+    student_top = logits.gather(1, topk_canonical(logits.detach(), k_eff))
     teacher_top = teacher_values[:, :k_eff].to(student_top.dtype)
+    if tail:
+        p_student = torch.exp(student_top - torch.logsumexp(logits, dim=-1, keepdim=True))
+        p_teacher = torch.exp(teacher_top)
+        tail_gap = (1.0 - p_student.sum(-1)) - (1.0 - p_teacher.sum(-1))
+        return (p_student - p_teacher).abs().sum(dim=-1) + tail_gap.abs()
     opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
     p_student = standardized_probs(student_top, **opts)
     p_teacher = standardized_probs(teacher_top, **opts)
@@ -94,6 +146,7 @@ def uld_loss_reference(
     softmax: bool = True,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    tail: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """ULD loss over rows, with a mask for ignored rows and optional per-row weights.
@@ -101,6 +154,7 @@ def uld_loss_reference(
     Args:
         student_logits: [N, V] student logits (fp32 or bf16).
         teacher_values: [N, Kt] teacher top-K values sorted descending.
+        tail: the tail-mass bucket variant, see `uld_rows_reference`.
         row_mask: [N] bool, False rows are ignored (zero loss, zero gradient). None = all rows valid.
         row_weights: [N] float weights. With weights, ``reduction="sum"`` gives ``sum_i w_i d_i``; this is how the
             trainer takes "mean over a sample's positions, then mean over the batch" (w = 1 / (n_b * B)), and how
@@ -116,7 +170,14 @@ def uld_loss_reference(
         row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
     idx = row_mask.nonzero(as_tuple=True)[0]
     d_valid = uld_rows_reference(
-        student_logits[idx], teacher_values[idx], k=k, zscore=zscore, softmax=softmax, temperature=temperature, eps=eps
+        student_logits[idx],
+        teacher_values[idx],
+        k=k,
+        zscore=zscore,
+        softmax=softmax,
+        temperature=temperature,
+        eps=eps,
+        tail=tail,
     )
     if reduction == "none":
         out = torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device)

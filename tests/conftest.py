@@ -6,13 +6,16 @@ test session.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fusion_cache.testing import make_tiny_model
 
@@ -95,3 +98,46 @@ def cache_copy(built_cache, tmp_path) -> Path:
     dst = tmp_path / "cache"
     shutil.copytree(built_cache, dst)
     return dst
+
+
+# ---- the Triton kernels (kernels/uld.py): on CPU they run under Triton's interpreter.
+# Triton decides at import and decoration time whether its functions (its own tl.* helpers included) are
+# interpreted, so TRITON_INTERPRET=1 has to be in the environment when triton itself is imported. `triton_uld` sets
+# it only for the test module that asks for it, imports triton and kernels.uld afresh under it, and afterwards puts
+# back the environment and whatever triton modules the rest of the session had imported; other tests never see it.
+def _triton_modules() -> dict:
+    """triton's Python modules and kernels.uld; never triton._C (its native library cannot be loaded twice)."""
+    return {
+        n: m
+        for n, m in sys.modules.items()
+        if (n == "triton" or n.startswith("triton.")) and not n.startswith("triton._C") or n == "kernels.uld"
+    }
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def triton_uld(device):
+    """The `kernels.uld` module, runnable on ``device`` (interpreted on CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: pip install 'fusion-cache[kernels]'")
+    if device == "cuda":
+        yield importlib.import_module("kernels.uld")
+        return
+    saved = _triton_modules()
+    for name in saved:
+        del sys.modules[name]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    try:
+        module = importlib.import_module("kernels.uld")
+        assert module.INTERPRETED, "kernels.uld was not imported under the Triton interpreter"
+        yield module
+    finally:
+        for name in _triton_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+        mp.undo()

@@ -135,3 +135,43 @@ def test_temperature_flattens():
     flat = standardized_probs(vals, temperature=4.0)
     assert sharp[0, 0] > flat[0, 0]
     torch.testing.assert_close(sharp.sum(-1), torch.ones(1))
+
+
+def test_topk_canonical_breaks_ties_by_lower_index():
+    from kernels.reference import topk_canonical
+
+    x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    assert topk_canonical(x, 2).tolist() == [[1, 2], [0, 1], [5, 4]]
+    assert topk_canonical(x, 4).tolist() == [[1, 2, 4, 3], [0, 1, 2, 3], [5, 4, 3, 2]]
+    g = torch.Generator().manual_seed(0)
+    ints = torch.randint(-2, 3, (16, 300), generator=g).float()
+    want = torch.sort(ints, dim=-1, descending=True, stable=True).indices[:, :20]
+    assert torch.equal(topk_canonical(ints, 20), want)
+
+
+def test_gradient_goes_to_the_canonical_entries_on_ties():
+    logits = torch.tensor([[2.0, 1.0, 2.0, 2.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[-0.1, -2.0]])
+    uld_loss_reference(logits, teacher, k=2).backward()
+    assert logits.grad[0, 3] == 0 and logits.grad[0, 0] != 0 and logits.grad[0, 2] != 0
+
+
+def test_tail_bucket_by_hand_and_gradcheck():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]], dtype=torch.float64)
+    teacher = torch.tensor([[-0.3, -1.8, -2.5]], dtype=torch.float64)  # log-probs: tail 1 - sum(exp)
+    p = torch.softmax(logits, -1)[0, [3, 0]]
+    t = teacher[0, :2].exp()
+    want = (p - t).abs().sum() + ((1 - p.sum()) - (1 - t.sum())).abs()
+    got = uld_rows_reference(logits, teacher, k=2, zscore=False, tail=True)
+    torch.testing.assert_close(got, want[None])
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    tv = torch.log_softmax(torch.randn(4, 9, dtype=torch.float64), -1).topk(3).values
+
+    def fn(x):
+        return uld_loss_reference(x, tv, k=3, zscore=False, tail=True, reduction="sum")
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-5)
+    fn(x).backward()
+    assert (x.grad != 0).all()  # the tail reaches every logit through the logsumexp
+    with pytest.raises(ValueError, match="tail-mass"):
+        uld_rows_reference(logits, teacher, k=2, tail=True)
