@@ -139,17 +139,17 @@ class SafetensorsModel:
         fd = self._handles.get(info.file)
         if fd is None:
             fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialized: no zero-fill pass before the read
+        view = memoryview(buf.numpy())
         done = 0
         while done < info.nbytes:  # pread may return short counts on large reads
             n = os.preadv(fd, [view[done:]], info.start + done)
             if n == 0:
                 raise ConfigError(f"{info.file}: truncated while reading tensor {name!r}")
             done += n
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._handles.values():

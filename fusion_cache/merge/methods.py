@@ -23,6 +23,29 @@ HALF_NORMAL_SKEW = math.sqrt(2.0) * (4.0 - math.pi) / (math.pi - 2.0) ** 1.5
 
 
 # ---------------------------------------------------------------- building blocks
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of the 1-D tensor ``x`` (1 <= k <= numel), exactly; faster than a full kthvalue.
+
+    For large tensors a strided sample brackets the answer, then only the values inside the bracket are searched.
+    If the bracket misses (it is 4 standard deviations wide, so rarely), a full kthvalue answers.
+    """
+    n = x.numel()
+    if n <= 1 << 20:
+        return torch.kthvalue(x, n - k + 1).values
+    sample = x[:: n // (1 << 16)]
+    m = sample.numel()
+    q = k / n
+    center = m * (1.0 - q)
+    margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
+    lo = torch.kthvalue(sample, int(min(max(math.floor(center - margin), 1), m))).values
+    hi = torch.kthvalue(sample, int(min(max(math.ceil(center + margin), 1), m))).values
+    need = k - int((x > hi).sum())  # rank of the answer, from the top, among values in [lo, hi]
+    band = x[(x >= lo) & (x <= hi)]
+    if 1 <= need <= band.numel():
+        return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(x, n - k + 1).values
+
+
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the top-``density`` fraction of ``tau``'s entries by magnitude.
 
@@ -38,10 +61,8 @@ def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0 or n == 0:
         return torch.ones_like(tau, dtype=torch.bool)
     k = max(1, round(density * n))
-    mag = tau.abs().reshape(-1)
-    # kthvalue is the k-th SMALLEST: the k-th largest is the (n - k + 1)-th smallest.
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    return tau.abs() >= threshold
+    mag = tau.abs()
+    return mag >= kth_largest(mag.reshape(-1), k)
 
 
 def elect_sign(tau: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -131,8 +152,7 @@ def sce_select_mask(tau: torch.Tensor, select_topk: float) -> torch.Tensor:
     k = int(nonzero * select_topk)
     if k == 0:
         return torch.zeros_like(var, dtype=torch.bool)
-    threshold = torch.kthvalue(var.reshape(-1), var.numel() - k + 1).values
-    return var >= threshold
+    return var >= kth_largest(var.reshape(-1), k)
 
 
 def sce(tau: torch.Tensor, *, select_topk: float = 0.1) -> torch.Tensor:

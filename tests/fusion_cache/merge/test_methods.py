@@ -168,3 +168,17 @@ def test_rsaf_uses_per_source_density():
     got = methods.rsaf(tau, base, rate_refs=[rate, 4 * rate], density=0.4, skew_strength=0.0)
     trimmed = torch.stack([_topk_ref(tau[0], 0.4), _topk_ref(tau[1], 0.2)])
     torch.testing.assert_close(got, methods.disjoint_mean(trimmed, methods.elect_sign(trimmed)))
+
+
+@pytest.mark.parametrize("case", ["randn", "ties", "sorted", "constant"])
+def test_kth_largest_is_exact_on_large_tensors(case):
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 20) + 12345
+    x = {
+        "randn": lambda: torch.randn(n, generator=g),
+        "ties": lambda: torch.randint(0, 7, (n,), generator=g).float(),
+        "sorted": lambda: torch.arange(n, dtype=torch.float32),
+        "constant": lambda: torch.full((n,), 2.5),
+    }[case]()
+    for k in (1, 17, n // 10, n // 2, n - 1, n):
+        assert methods.kth_largest(x, k) == torch.kthvalue(x, n - k + 1).values, (case, k)
