@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = 0  # torch threads in the workers (0: torch's default); set from --threads
 DEFAULT_TEACHER = "/work/main/.fusion-cache/models/smollm2-135m-b179c9523d0e"
 
 
@@ -58,7 +59,10 @@ def _naive_merge(base: str, models: list[str], out: str, method: str) -> int:
 
 
 def worker(args) -> None:
-    import torch  # noqa: F401  (imported before the clock and the idle RSS reading)
+    import torch  # imported before the clock and the idle RSS reading
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from fusion_cache.merge.config import MergeConfig
     from fusion_cache.merge.run import run_merge
@@ -106,7 +110,7 @@ def make_models(teacher: Path, work: Path, dtype_name: str, n: int) -> tuple[Pat
 
 def run_worker(kind: str, base: Path, models: list[Path], method: str, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--method", method, "--base", str(base), "--out", str(out)]
-    cmd += ["--models", *map(str, models)]
+    cmd += ["--threads", str(THREADS), "--models", *map(str, models)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
@@ -124,7 +128,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--methods", nargs="*", default=["ta", "ties", "dare", "sce", "rsaf"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per merge (0: torch's default)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.worker:
         worker(args)
         return
@@ -138,7 +145,7 @@ def main() -> None:
     idle = run_worker("idle", args.teacher, [args.teacher], "ta", out)
     load_before = os.getloadavg()
     # (dtype, number of models, method, provider): TA over sizes and counts, every method at 3 x 135M bf16
-    grid = [(d, n, "ta") for d in ("bf16", "fp32") for n in (2, 3)]
+    grid = [("bf16", 2, "ta"), ("bf16", 3, "ta"), ("fp32", 3, "ta")]
     grid += [("bf16", 3, m) for m in args.methods if m != "ta"]
     for dtype, n, method in grid:
         base, copies = make_models(args.teacher, args.work, dtype, 3)
@@ -162,7 +169,8 @@ def main() -> None:
     m = machine()
     lines = [
         f"SmolLM2-135M-shaped models (134.5M parameters; the real teacher + perturbed copies); machine: {m['cpu']}, "
-        f"{m['cores']} cores; torch {m['torch']}, fusion-cache {m['fusion_cache']}. Load average "
+        f"{m['cores']} cores, torch threads {args.threads or 'default'}; torch {m['torch']}, "
+        f"fusion-cache {m['fusion_cache']}. Load average "
         f"{load_before[0]:.1f} before / {load_after[0]:.1f} after (the cores were shared with other jobs).",
         f"Idle worker (python + torch imported): {idle['idle_rss_kb'] / 1024:.0f} MB RSS. Throughput = bytes read "
         "(base + models) / merge seconds, inputs in the page cache.",
@@ -175,7 +183,7 @@ def main() -> None:
             f"| {r['method']} | {r['models']} | {r['dtype']} ({r['model_mb']}) | {r['provider']} | {r['seconds']} | "
             f"{r['mb_per_s']} | {r['peak_rss_mb']:.0f} |"
         )
-    lines += ["", "Command: `PYTHONPATH=. python benchmarks/bench_merge.py`"]
+    lines += ["", f"Command: `PYTHONPATH=. python benchmarks/bench_merge.py --threads {args.threads}`"]
     body = "\n".join(lines)
     print(body)
     append_markdown("merge", f"{m['date']} merge throughput and peak RSS", body, {"machine": m, "rows": rows})
