@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -33,6 +34,7 @@ def test_train_refuses_several_caches_without_pairwise(tiny_model_dir, built_cac
     assert r.exit_code == 2 and "2 caches given" in r.output
 
 
+@pytest.mark.slow
 def test_train_pairwise_then_merge(tiny_model_dir, built_cache, tmp_path):
     a, b = _two_caches(built_cache, tmp_path)
     runs = tmp_path / "runs"
@@ -63,6 +65,7 @@ def test_train_pairwise_then_merge(tiny_model_dir, built_cache, tmp_path):
     assert r.exit_code == 2 and "drop_rate=0.5 does not apply to method 'ta'" in r.output
 
 
+@pytest.mark.slow
 def test_fuse_pairwise_trains_and_merges(tiny_model_dir, built_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -94,8 +94,8 @@ def test_dare_drop_formula_and_expectation():
     torch.testing.assert_close(d[kept], t[kept] / 0.1)  # survivors rescaled by 1/(1-p)
     # E[drop(tau)] = tau: the mean over many seeds converges (std of the mean ~ |t| * sqrt(p/(1-p)/n))
     tau = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
-    mean = torch.stack([methods.dare(tau, drop_rate=0.5, alpha=1.0, seed=s, name="x") for s in range(4000)]).mean(0)
-    torch.testing.assert_close(mean, tau[0], atol=0.15, rtol=0)
+    mean = torch.stack([methods.dare(tau, drop_rate=0.5, alpha=1.0, seed=s, name="x") for s in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, tau[0], atol=0.25, rtol=0)  # ~3.7 sigma for the largest entry
     torch.testing.assert_close(methods.dare(tau, drop_rate=0.0, alpha=0.3), methods.task_arithmetic(tau, alpha=0.3))
 
 

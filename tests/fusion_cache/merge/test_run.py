@@ -73,6 +73,7 @@ def test_two_identical_finetunes_merge_to_that_finetune(tiny_model_dir, variants
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_streaming_merge_equals_the_formula_on_whole_state_dicts(tiny_model_dir, variants, tmp_path, method):
     base = _state(tiny_model_dir)
