@@ -5,6 +5,9 @@ fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smo
 fusion-cache inspect ./cache/smollm2
 fusion-cache verify ./cache/smollm2
 fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
+fusion-cache train --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./runs
+fusion-cache merge --base ./student --models ./runs/a --models ./runs/b --method ties --out ./merged
+fusion-cache fuse --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./fused
 fusion-cache demo
 """
 
@@ -177,6 +180,9 @@ def train(
     max_length: int = typer.Option(1024, help="longest student sequence"),
     seed: int = typer.Option(0),
     no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
+    mode: str = typer.Option(
+        "single", help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge)"
+    ),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*ULD.
 
@@ -185,22 +191,32 @@ def train(
     from fusion_cache.config import TrainConfig
     from fusion_cache.train import run_train
 
+    settings = dict(
+        student=student,
+        **{"lambda": lambda_},
+        top_k=top_k,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=max_steps,
+        epochs=epochs,
+        max_length=max_length,
+        seed=seed,
+        zscore=not no_zscore,
+    )
+    if mode == "pairwise":
+        from fusion_cache.merge.pairwise import train_pairwise
+
+        try:
+            runs = train_pairwise([str(s) for s in shards], out, **settings)
+        except FusionCacheError as e:
+            _fail(e)
+        typer.echo(f"trained {len(runs)} pivots: " + ", ".join(str(r / "model") for r in runs))
+        return
+    if mode != "single":
+        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise"))
     try:
-        cfg = TrainConfig.create(
-            student=student,
-            shards=[str(s) for s in shards],
-            out=str(out),
-            **{"lambda": lambda_},
-            top_k=top_k,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            max_steps=max_steps,
-            epochs=epochs,
-            max_length=max_length,
-            seed=seed,
-            zscore=not no_zscore,
-        )
+        cfg = TrainConfig.create(shards=[str(s) for s in shards], out=str(out), **settings)
         result = run_train(cfg)
     except FusionCacheError as e:
         _fail(e)
@@ -209,6 +225,175 @@ def train(
         f"trained {result.summary['steps']} steps in {result.summary['wall_seconds']:.0f} s: "
         f"ce {f['ce']:.4f}, uld {f['uld']:.4f}; model in {out / 'model'}"
     )
+
+
+def _merge_options(
+    method,
+    alpha,
+    density,
+    sign_election,
+    drop_rate,
+    seed,
+    select_topk,
+    rate_power,
+    skew_strength,
+    min_density,
+    max_density,
+    max_shard_mb,
+    overwrite,
+) -> dict:
+    return dict(
+        method=method,
+        alpha=alpha,
+        density=density,
+        sign_election=sign_election,
+        drop_rate=drop_rate,
+        seed=seed,
+        select_topk=select_topk,
+        rate_power=rate_power,
+        skew_strength=skew_strength,
+        min_density=min_density,
+        max_density=max_density,
+        max_shard_bytes=max_shard_mb * 1024 * 1024,
+        overwrite=overwrite,
+    )
+
+
+# Merge options shared by `merge` and `fuse` (None: the method's default, see docs/merge.md).
+_METHOD = typer.Option("ta", help="ta | ties | dare | sce | rsaf")
+_ALPHA = typer.Option(None, help="scale of the merged task vector (ta 0.3, ties 1.0, dare 0.3, rsaf 1.0)")
+_DENSITY = typer.Option(None, help="ties/rsaf: fraction of each task vector kept (0.6)")
+_SIGN = typer.Option(None, "--sign-election", help="ties/rsaf: sum (default) or count")
+_DROP = typer.Option(None, "--drop-rate", help="dare: drop probability p (0.9)")
+_SEED = typer.Option(None, "--merge-seed", help="dare: random seed (0)")
+_SELECT = typer.Option(None, "--select-topk", help="sce: fraction of positions kept by variance (0.1)")
+_RATE_POWER = typer.Option(None, help="rsaf: exponent of the relative change rate (0.5)")
+_SKEW = typer.Option(None, help="rsaf: how much skewness lowers the ratio (0.5)")
+_MIN_D = typer.Option(None, help="rsaf: lowest ratio (0.1)")
+_MAX_D = typer.Option(None, help="rsaf: highest ratio (1.0)")
+_SHARD_MB = typer.Option(2048, "--max-shard-mb", help="largest output shard in MiB")
+
+
+@app.command()
+def merge(
+    base: str = typer.Option(..., help="the original pivot all models were fine-tuned from (dir or preset)"),
+    models: list[str] = typer.Option(..., help="fine-tuned pivot: model dir or `train` run dir (repeat)"),
+    out: Path = typer.Option(..., help="directory of the merged model"),
+    method: str = _METHOD,
+    alpha: float = _ALPHA,
+    density: float = _DENSITY,
+    sign_election: str = _SIGN,
+    drop_rate: float = _DROP,
+    seed: int = _SEED,
+    select_topk: float = _SELECT,
+    rate_power: float = _RATE_POWER,
+    skew_strength: float = _SKEW,
+    min_density: float = _MIN_D,
+    max_density: float = _MAX_D,
+    max_shard_mb: int = _SHARD_MB,
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+) -> None:
+    """Merge fine-tuned pivots around their base with task vectors, one tensor at a time (docs/merge.md).
+
+    Example: fusion-cache merge --base ./student --models runs/a --models runs/b --method ties --out ./merged
+    """
+    from fusion_cache.merge.config import MergeConfig
+    from fusion_cache.merge.run import run_merge
+
+    opts = _merge_options(
+        method,
+        alpha,
+        density,
+        sign_election,
+        drop_rate,
+        seed,
+        select_topk,
+        rate_power,
+        skew_strength,
+        min_density,
+        max_density,
+        max_shard_mb,
+        overwrite,
+    )
+    try:
+        summary = run_merge(MergeConfig.create(base=base, models=models, out=str(out), **opts))
+    except FusionCacheError as e:
+        _fail(e)
+    typer.echo(
+        f"merged {len(models)} models with {method} {summary['options']}: {summary['tensors']} tensors, "
+        f"{summary['shards']} shard(s), {summary['seconds']:.1f} s; model in {out}"
+    )
+
+
+@app.command()
+def fuse(
+    student: str = typer.Option(..., help="the pivot: preset, local dir or HF id"),
+    shards: list[Path] = typer.Option(..., help="teacher cache directory (repeat, one per teacher)"),
+    out: Path = typer.Option(..., help="<out>/runs/<cache-name>/ per teacher, <out>/merged/ the result"),
+    mode: str = typer.Option("pairwise", help="pairwise: train per teacher, then merge"),
+    lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD"),
+    top_k: int = typer.Option(10, "--top-k", help="K of the ULD loss"),
+    lr: float = typer.Option(5e-5, help="peak learning rate"),
+    batch_size: int = typer.Option(4, help="samples per micro-batch"),
+    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
+    max_steps: int = typer.Option(None, help="optimizer steps per run (default: --epochs over each cache)"),
+    epochs: float = typer.Option(1.0, help="passes over each cache when --max-steps is not given"),
+    max_length: int = typer.Option(1024, help="longest student sequence"),
+    seed: int = typer.Option(0, help="training seed (the same for every run)"),
+    method: str = _METHOD,
+    alpha: float = _ALPHA,
+    density: float = _DENSITY,
+    sign_election: str = _SIGN,
+    drop_rate: float = _DROP,
+    merge_seed: int = _SEED,
+    select_topk: float = _SELECT,
+    rate_power: float = _RATE_POWER,
+    skew_strength: float = _SKEW,
+    min_density: float = _MIN_D,
+    max_density: float = _MAX_D,
+    max_shard_mb: int = _SHARD_MB,
+    overwrite: bool = typer.Option(False, help="replace an existing <out>/merged"),
+) -> None:
+    """Pairwise fusion in one go: train one pivot per teacher cache, then merge them.
+
+    Example: fusion-cache fuse --student ./student --shards ./cache/a --shards ./cache/b --out ./fused --method ties
+    """
+    from fusion_cache.merge.pairwise import fuse_pairwise
+
+    if mode != "pairwise":
+        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: pairwise"))
+    train_settings = dict(
+        student=student,
+        **{"lambda": lambda_},
+        top_k=top_k,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=max_steps,
+        epochs=epochs,
+        max_length=max_length,
+        seed=seed,
+    )
+    opts = _merge_options(
+        method,
+        alpha,
+        density,
+        sign_election,
+        drop_rate,
+        merge_seed,
+        select_topk,
+        rate_power,
+        skew_strength,
+        min_density,
+        max_density,
+        max_shard_mb,
+        overwrite,
+    )
+    try:
+        runs, summary = fuse_pairwise([str(s) for s in shards], out, train=train_settings, merge=opts)
+    except FusionCacheError as e:
+        _fail(e)
+    typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {method} into {summary['out']}")
 
 
 @app.command()

@@ -1,0 +1,260 @@
+"""Tensor-at-a-time safetensors I/O: a reader for single-file and sharded models, and a streaming sharded writer.
+
+Both use plain file reads and writes (``pread``/``write``), never mmap and never a whole state dict, so a merge holds
+only the tensors it is working on: mapped pages of every input file would otherwise count towards the process's
+resident memory as soon as they are touched.
+
+    model = SafetensorsModel("runs/kd/model")     # model.safetensors or model.safetensors.index.json
+    t = model.tensor("model.embed_tokens.weight") # a torch tensor, read from disk now
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusion_cache.errors import ConfigError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype codes <-> torch dtypes (the ones a model checkpoint may hold).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype code, shape and absolute byte range in that file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header (no tensor data is read).
+
+    Raises:
+        ConfigError: the file is not a valid safetensors file (the message names it).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ConfigError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8:
+                raise ConfigError(f"{path}: not a safetensors file (header length {n} > file size {size})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the safetensors header ({e})") from None
+    out = {}
+    data_start = 8 + n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in DTYPES:
+            raise ConfigError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+        begin, end = meta["data_offsets"]
+        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end)
+    return out
+
+
+def find_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory holding the weights: ``path`` itself, or ``path/model`` for a `fusion-cache train` run dir.
+
+    Raises:
+        ConfigError: neither holds model.safetensors or model.safetensors.index.json.
+    """
+    p = Path(path)
+    for candidate in (p, p / "model"):
+        if (candidate / INDEX_FILE).is_file() or (candidate / SINGLE_FILE).is_file():
+            return candidate
+    if not p.exists():
+        raise ConfigError(f"model {str(p)!r} does not exist")
+    raise ConfigError(f"{p}: no {SINGLE_FILE} or {INDEX_FILE} (nor in {p / 'model'}); only safetensors models merge")
+
+
+class SafetensorsModel:
+    """A model directory's tensors by name, read one at a time. Single-file or sharded (index json)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.dir = find_model_dir(path)
+        self.infos: dict[str, TensorInfo] = {}
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"{index}: not a safetensors index ({e!r})") from None
+            for file in sorted(set(weight_map.values())):
+                headers = read_header(self.dir / file)
+                for name, info in headers.items():
+                    if weight_map.get(name) == file:
+                        self.infos[name] = info
+            missing = sorted(set(weight_map) - set(self.infos))
+            if missing:
+                raise ConfigError(f"{index}: tensor {missing[0]!r} is in the index but not in {weight_map[missing[0]]}")
+        else:
+            self.infos = read_header(self.dir / SINGLE_FILE)
+        self._handles: dict[Path, int] = {}
+
+    @property
+    def config(self) -> dict:
+        """config.json as a dict ({} if absent)."""
+        cfg = self.dir / "config.json"
+        return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` from disk into a fresh tensor of its stored dtype and shape."""
+        info = self.infos[name]
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialized: no zero-fill pass before the read
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < info.nbytes:  # pread may return short counts on large reads
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n == 0:
+                raise ConfigError(f"{info.file}: truncated while reading tensor {name!r}")
+            done += n
+        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        self._handles.clear()
+
+    def __enter__(self) -> SafetensorsModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardedWriter:
+    """Writes tensors, one at a time and in a fixed planned order, into ``model-0000i-of-0000N.safetensors`` files
+    plus ``model.safetensors.index.json``. The layout (and so every header) is known up front from names, dtypes
+    and shapes, so no shard is ever held in memory.
+
+    Usage:
+        with ShardedWriter(out_dir, plan, max_shard_bytes) as w:
+            for p in w.plan: w.write(p.name, tensor)
+    """
+
+    def __init__(self, out_dir: Path, plan: list[PlannedTensor], max_shard_bytes: int, metadata: dict | None = None):
+        self.out_dir = Path(out_dir)
+        self.plan = plan
+        self.metadata = {"format": "pt", **(metadata or {})}
+        shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for p in plan:
+            if shards[-1] and size + p.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(p)
+            size += p.nbytes
+        n = len(shards)
+        self.files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.shard_of = {p.name: i for i, shard in enumerate(shards) for p in shard}
+        self._shards = shards
+        self._pos = 0
+        self._fh = None
+        self._current = -1
+
+    def _header(self, shard: list[PlannedTensor]) -> bytes:
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for p in shard:
+            header[p.name] = {
+                "dtype": CODES[p.dtype],
+                "shape": list(p.shape),
+                "data_offsets": [offset, offset + p.nbytes],
+            }
+            offset += p.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the safetensors writer does
+        return struct.pack("<Q", len(raw)) + raw
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor; ``name``, dtype and shape must match the plan."""
+        expected = self.plan[self._pos]
+        assert name == expected.name, f"write order: expected {expected.name!r}, got {name!r}"
+        assert tensor.dtype == expected.dtype and tuple(tensor.shape) == expected.shape, (
+            f"{name}: planned {expected.dtype}{list(expected.shape)}, got {tensor.dtype}{list(tensor.shape)}"
+        )
+        shard = self.shard_of[name]
+        if shard != self._current:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh = open(self.out_dir / self.files[shard], "wb")
+            self._fh.write(self._header(self._shards[shard]))
+            self._current = shard
+        data = tensor.contiguous().reshape(-1)
+        if data.numel():
+            self._fh.write(memoryview(data.view(torch.uint8).numpy()))
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._pos != len(self.plan):
+            return  # an error interrupted the merge; the caller discards the directory
+        index = {
+            "metadata": {"total_size": sum(p.nbytes for p in self.plan)},
+            "weight_map": {p.name: self.files[self.shard_of[p.name]] for p in self.plan},
+        }
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,184 @@
+"""Each merge method against its formula, written out directly on small tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion_cache.merge import methods
+
+
+def _topk_ref(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = round(density * n) largest magnitudes (argsort; inputs have distinct magnitudes)."""
+    k = max(1, round(density * t.numel()))
+    flat = t.reshape(-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.abs().argsort(descending=True)[:k]] = True
+    return torch.where(keep.view_as(t), t, 0.0)
+
+
+def _ties_ref(tau: torch.Tensor, density: float, election: str) -> torch.Tensor:
+    trimmed = [_topk_ref(t, density) for t in tau]
+    out = torch.zeros_like(tau[0]).reshape(-1)
+    for i in range(out.numel()):
+        vals = [float(t.reshape(-1)[i]) for t in trimmed]
+        votes = sum(vals) if election == "sum" else sum(math.copysign(1, v) for v in vals if v != 0)
+        sign = 1.0 if votes >= 0 else -1.0
+        agree = [v for v in vals if v != 0 and math.copysign(1, v) == sign]
+        out[i] = sum(agree) / len(agree) if agree else 0.0
+    return out.view_as(tau[0])
+
+
+def _distinct(shape, seed) -> torch.Tensor:
+    """Random values with distinct magnitudes (no ties at the top-k threshold)."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    mags = (torch.randperm(n, generator=g).float() + 1) / n
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return (mags * signs).view(shape)
+
+
+def test_task_arithmetic_is_alpha_times_sum():
+    tau = torch.randn(3, 4, 5)
+    torch.testing.assert_close(methods.task_arithmetic(tau, alpha=0.3), 0.3 * (tau[0] + tau[1] + tau[2]))
+
+
+def test_magnitude_mask_keeps_top_fraction():
+    t = _distinct((7, 9), 0)
+    for density in (0.1, 0.5, 0.6, 1.0):
+        torch.testing.assert_close(torch.where(methods.magnitude_mask(t, density), t, 0.0), _topk_ref(t, density))
+
+
+@pytest.mark.parametrize("election", ["sum", "count"])
+@pytest.mark.parametrize("density", [0.3, 0.6, 1.0])
+def test_ties_matches_formula(election, density):
+    tau = torch.stack([_distinct((6, 5), s) for s in range(3)])
+    torch.testing.assert_close(
+        methods.ties(tau, density=density, sign_election=election), _ties_ref(tau, density, election)
+    )
+
+
+def test_ties_sign_election_by_hand():
+    # entry 0: +0.9 vs -0.2 -0.3 -> sum elects +, count elects -; entry 1: all agree; entry 2: all zero
+    tau = torch.tensor([[0.9, 0.1, 0.0], [-0.2, 0.3, 0.0], [-0.3, 0.2, 0.0]])
+    torch.testing.assert_close(methods.ties(tau, density=1.0, sign_election="sum"), torch.tensor([0.9, 0.2, 0.0]))
+    torch.testing.assert_close(methods.ties(tau, density=1.0, sign_election="count"), torch.tensor([-0.25, 0.2, 0.0]))
+    torch.testing.assert_close(methods.ties(tau, density=1.0, alpha=0.5), torch.tensor([0.45, 0.1, 0.0]))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "sce", "task_arithmetic"])
+def test_all_zero_task_vectors_give_zero(method):
+    tau = torch.zeros(2, 4, 3)
+    out = getattr(methods, method)(tau)
+    assert out.shape == (4, 3) and torch.count_nonzero(out) == 0
+    out = methods.rsaf(tau, torch.randn(4, 3), rate_refs=[0.0, 0.0])
+    assert torch.count_nonzero(out) == 0
+
+
+def test_dare_is_deterministic_under_a_seed_and_name():
+    tau = torch.randn(2, 50, 40)
+    a = methods.dare(tau, drop_rate=0.5, seed=3, name="w")
+    torch.testing.assert_close(a, methods.dare(tau, drop_rate=0.5, seed=3, name="w"), rtol=0, atol=0)
+    assert not torch.equal(a, methods.dare(tau, drop_rate=0.5, seed=4, name="w"))
+    assert not torch.equal(a, methods.dare(tau, drop_rate=0.5, seed=3, name="v"))
+
+
+def test_dare_drop_formula_and_expectation():
+    t = torch.randn(200, 100)
+    g = torch.Generator().manual_seed(0)
+    d = methods.dare_drop(t, 0.9, g)
+    kept = d != 0
+    assert abs(kept.float().mean().item() - 0.1) < 0.01  # drop probability p
+    torch.testing.assert_close(d[kept], t[kept] / 0.1)  # survivors rescaled by 1/(1-p)
+    # E[drop(tau)] = tau: the mean over many seeds converges (std of the mean ~ |t| * sqrt(p/(1-p)/n))
+    tau = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    mean = torch.stack([methods.dare(tau, drop_rate=0.5, alpha=1.0, seed=s, name="x") for s in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, tau[0], atol=0.25, rtol=0)  # ~3.7 sigma for the largest entry
+    torch.testing.assert_close(methods.dare(tau, drop_rate=0.0, alpha=0.3), methods.task_arithmetic(tau, alpha=0.3))
+
+
+def _sce_ref(tau: torch.Tensor, select_topk: float) -> torch.Tensor:
+    s = tau.shape[0]
+    var = tau.var(0, unbiased=False).reshape(-1)
+    k = int(int((var != 0).sum()) * select_topk)
+    mask = torch.zeros_like(var, dtype=torch.bool)
+    if k:
+        mask[var.argsort(descending=True)[:k]] = True
+    d = tau.reshape(s, -1) * mask
+    w = (d**2).sum(1) / d.shape[1]
+    w = w / w.sum() if w.sum() > 0 else torch.full((s,), 1.0 / s)
+    out = torch.zeros(d.shape[1])
+    for i in range(d.shape[1]):
+        total = float(d[:, i].sum())
+        sign = 1.0 if total >= 0 else -1.0
+        num = den = 0.0
+        for j in range(s):
+            if d[j, i] != 0 and math.copysign(1, float(d[j, i])) == sign:
+                num += float(w[j] * d[j, i])
+                den += float(w[j])
+        out[i] = num / den if den else 0.0
+    return out.view_as(tau[0])
+
+
+@pytest.mark.parametrize("select_topk", [0.1, 0.5, 1.0])
+def test_sce_matches_formula(select_topk):
+    tau = torch.stack([_distinct((8, 5), s) * (s + 1) for s in range(3)])
+    torch.testing.assert_close(methods.sce(tau, select_topk=select_topk), _sce_ref(tau, select_topk))
+
+
+def test_sce_of_identical_task_vectors_is_that_vector():
+    t = _distinct((4, 4), 1)
+    torch.testing.assert_close(methods.sce(torch.stack([t, t]), select_topk=1.0), t)
+
+
+def test_skewness_formula():
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    mu, sd = x.mean(), x.std(unbiased=False)
+    assert methods.skewness(x) == pytest.approx(float((((x - mu) / sd) ** 3).mean()), rel=1e-6)
+    assert methods.skewness(torch.ones(5)) == 0.0
+    # |N(0,1)| is half-normal: its skewness is the neutral point of RSAF
+    assert methods.skewness(torch.randn(2_000_000).abs()) == pytest.approx(methods.HALF_NORMAL_SKEW, abs=0.02)
+
+
+def test_rsaf_density_formula():
+    f = methods.rsaf_density
+    assert f(0.01, methods.HALF_NORMAL_SKEW, rate_ref=0.01, density=0.6) == pytest.approx(0.6)
+    expected = 0.6 * 4**0.5 * math.exp(-0.5 * (2.0 - methods.HALF_NORMAL_SKEW))
+    assert f(0.04, 2.0, rate_ref=0.01) == pytest.approx(min(expected, 1.0))
+    assert f(0.02, 1.0, rate_ref=0.01) > f(0.01, 1.0, rate_ref=0.01)  # moved more -> keep more
+    assert f(0.01, 3.0, rate_ref=0.01) < f(0.01, 1.0, rate_ref=0.01)  # heavier tail -> keep fewer
+    assert f(1.0, 0.0, rate_ref=0.001) == 1.0 and f(1e-9, 9.0, rate_ref=1.0) == 0.1  # clipped
+    assert f(0.0, 1.0, rate_ref=0.01) == 0.1
+
+
+def test_rsaf_without_adaptation_is_ties():
+    tau = torch.stack([_distinct((6, 5), s) for s in range(2)])
+    base = torch.randn(6, 5)
+    got = methods.rsaf(tau, base, rate_refs=[0.3, 0.7], density=0.4, rate_power=0.0, skew_strength=0.0)
+    torch.testing.assert_close(got, methods.ties(tau, density=0.4))
+
+
+def test_rsaf_uses_per_source_density():
+    base = torch.ones(10, 10)
+    tau = torch.stack([_distinct((10, 10), 0) * 0.1, _distinct((10, 10), 1) * 0.1])
+    rate = float(tau[0].norm() / base.norm())
+    # source 0 at the model rate keeps 40%; source 1 at 1/4 of its model rate keeps 20% (0.4 * sqrt(1/4))
+    got = methods.rsaf(tau, base, rate_refs=[rate, 4 * rate], density=0.4, skew_strength=0.0)
+    trimmed = torch.stack([_topk_ref(tau[0], 0.4), _topk_ref(tau[1], 0.2)])
+    torch.testing.assert_close(got, methods.disjoint_mean(trimmed, methods.elect_sign(trimmed)))
+
+
+@pytest.mark.parametrize("case", ["randn", "ties", "sorted", "constant"])
+def test_kth_largest_is_exact_on_large_tensors(case):
+    g = torch.Generator().manual_seed(0)
+    n = (1 << 20) + 12345
+    x = {
+        "randn": lambda: torch.randn(n, generator=g),
+        "ties": lambda: torch.randint(0, 7, (n,), generator=g).float(),
+        "sorted": lambda: torch.arange(n, dtype=torch.float32),
+        "constant": lambda: torch.full((n,), 2.5),
+    }[case]()
+    for k in (1, 17, n // 10, n // 2, n - 1, n):
+        assert methods.kth_largest(x, k) == torch.kthvalue(x, n - k + 1).values, (case, k)
