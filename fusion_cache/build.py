@@ -5,14 +5,22 @@
 Order of work: resolve the teacher, validate every input row (fail before any model runs), render each row with
 the teacher's own template, refuse an output directory that holds another cache, then capture in token-budget
 batches and write shards into ``<out>.incomplete/``, renamed to ``<out>`` when everything is written.
+
+Resume (``--resume``): ``<out>.incomplete/`` keeps the build's settings (cache/build_state.py) and every complete
+shard (cache/writer.py). A resumed build checks both, skips the rows the complete shards hold and captures the
+rest with the same engine batches and shard boundaries, so it writes the same bytes as an uninterrupted build
+(given a deterministic engine) and therefore the same fingerprint.
+
+Distributed (``--num-shards N --shard-index I``): the build captures one contiguous range of input rows into
+``<out>/part-I-of-N/``; the last part to finish writes the combined manifest (cache/parts.py).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +29,32 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_cache import __version__
+from fusion_cache.cache.build_state import STATE_NAME
+from fusion_cache.cache.build_state import check_build_state
+from fusion_cache.cache.build_state import read_build_state
+from fusion_cache.cache.build_state import write_build_state
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.fingerprint import config_fingerprint
 from fusion_cache.cache.manifest import MANIFEST_NAME
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
+from fusion_cache.cache.parts import combine_parts
+from fusion_cache.cache.parts import part_dir_name
+from fusion_cache.cache.parts import part_rows
 from fusion_cache.cache.schema import SCHEMA_VERSION
 from fusion_cache.cache.storage import CacheLocation
 from fusion_cache.cache.storage import upload_directory
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.cache.writer import ShardWriter
+from fusion_cache.cache.writer import load_completed_parts
 from fusion_cache.cache.writer import publish_directory
+from fusion_cache.cache.writer import remove_part_records
 from fusion_cache.config import BuildConfig
 from fusion_cache.engines.base import SequenceRequest
 from fusion_cache.engines.base import TeacherEngine
 from fusion_cache.errors import ConfigError
+from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import ShardFormatError
 from fusion_cache.inputs import Conversation
 from fusion_cache.inputs import dataset_hash
@@ -55,17 +73,22 @@ class _Prepared:
     rendered: Rendered
 
 
-def _prepare(cfg: BuildConfig, tokenizer, chat_template: bool) -> tuple[list[_Prepared], dict, int, int]:
-    """Read, validate and render every row. Returns (kept rows, skip counts, truncated count, rows read)."""
+def _read_inputs(cfg: BuildConfig) -> list[Conversation]:
+    """Every input row (validated, so a bad row fails before any model runs), the first ``--limit`` only."""
+    convs: list[Conversation] = []
+    for conv in read_conversations(cfg.data):
+        if cfg.limit is not None and len(convs) >= cfg.limit:
+            break
+        convs.append(conv)
+    return convs
+
+
+def _prepare(cfg: BuildConfig, tokenizer, chat_template: bool, convs: list[Conversation]):
+    """Render ``convs``. Returns (kept rows, skip counts by reason, truncated count)."""
     skipped = {"empty_response": 0, "overlong": 0, "no_answer_after_truncation": 0}
     truncated = 0
     kept: list[_Prepared] = []
-    rows_read = 0
-    for conv in read_conversations(cfg.data):
-        rows_read += 1
-        if cfg.limit is not None and rows_read > cfg.limit:
-            rows_read -= 1
-            break
+    for conv in convs:
         if not conv.response.strip():
             skipped["empty_response"] += 1
             continue
@@ -81,12 +104,16 @@ def _prepare(cfg: BuildConfig, tokenizer, chat_template: bool) -> tuple[list[_Pr
             r = Rendered(r.input_ids[:n], r.answer_start, r.byte_start[:n], r.byte_end[:n], r.text)
             truncated += 1
         kept.append(_Prepared(conv, r))
-    return kept, skipped, truncated, rows_read
+    return kept, skipped, truncated
 
 
-def _check_output(out: Path, config_fp: str, overwrite: bool) -> Manifest | None:
-    """Return the existing manifest when ``out`` already holds this exact build; refuse anything else unless
-    ``overwrite`` (then None: build and replace)."""
+def _part_of(manifest: Manifest) -> dict | None:
+    return manifest.part.model_dump() if manifest.part is not None else None
+
+
+def _check_output(out: Path, config_fp: str, overwrite: bool, part: dict | None = None) -> Manifest | None:
+    """Return the existing manifest when ``out`` already holds this exact build (the same ``part`` of it, if any);
+    refuse anything else unless ``overwrite`` (then None: build and replace)."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -96,7 +123,7 @@ def _check_output(out: Path, config_fp: str, overwrite: bool) -> Manifest | None
             existing = load_manifest(out)
         except ShardFormatError:
             existing = None
-        if existing is not None and existing.config_fingerprint == config_fp:
+        if existing is not None and existing.config_fingerprint == config_fp and _part_of(existing) == part:
             return existing  # the same build: nothing to redo, --overwrite or not
         if not overwrite:
             what = "a different cache" if existing is not None else "an unreadable cache"
@@ -107,7 +134,9 @@ def _check_output(out: Path, config_fp: str, overwrite: bool) -> Manifest | None
     return None
 
 
-def _check_remote_output(location: CacheLocation, config_fp: str, overwrite: bool) -> Manifest | None:
+def _check_remote_output(
+    location: CacheLocation, config_fp: str, overwrite: bool, part: dict | None = None
+) -> Manifest | None:
     """_check_output for an fsspec URL: the same build is a no-op, anything else needs ``overwrite``."""
     fs, root = location.fs, location.root
     if not fs.exists(root) or not fs.ls(root):
@@ -116,7 +145,7 @@ def _check_remote_output(location: CacheLocation, config_fp: str, overwrite: boo
         existing = load_manifest(location)
     except ShardFormatError:
         existing = None
-    if existing is not None and existing.config_fingerprint == config_fp:
+    if existing is not None and existing.config_fingerprint == config_fp and _part_of(existing) == part:
         return existing
     if not overwrite:
         raise ConfigError(f"--out {location}: holds other files or another cache; pass --overwrite to replace it")
@@ -138,17 +167,79 @@ def _batches(items: list[_Prepared], budget: int) -> list[list[_Prepared]]:
     return groups
 
 
+def _check_parts_root(out: str, config_fp: str) -> None:
+    """A part build's ``--out`` may hold other parts and their combined manifest, never another cache."""
+    loc = CacheLocation(out)
+    if not loc.exists(MANIFEST_NAME):
+        return
+    try:
+        top = load_manifest(loc)
+    except ShardFormatError:
+        top = None
+    if top is None or top.parts is None or top.config_fingerprint != config_fp:
+        raise ConfigError(
+            f"--out {out}: holds another cache (not the parts of this build); choose another --out for the parts"
+        )
+
+
+def _staging_dir(url: str) -> Path:
+    """Where a build to an fsspec URL is written before the upload: fixed per URL, so ``--resume`` finds it."""
+    from fusion_cache.convert import fusion_cache_home
+
+    return fusion_cache_home() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def _open_work_dir(work: Path, state: dict, cfg: BuildConfig) -> list[dict]:
+    """Prepare ``<out>.incomplete``: resume it (returning its complete parts) or start it afresh (returning [])."""
+    if work.exists():
+        has_parts = any(work.glob("part-*.json"))
+        if cfg.resume and (has_parts or read_build_state(work) is not None):
+            check_build_state(work, state)
+            parts = load_completed_parts(work)
+            log.warning(
+                "resuming %s: %d complete shard(s) with %d rows kept", work, len(parts), sum(p["rows"] for p in parts)
+            )
+            return parts
+        if has_parts and not cfg.overwrite:
+            n = len(list(work.glob("part-*.json")))
+            raise ConfigError(
+                f"{work}: holds an interrupted build with {n} complete shard(s); pass --resume to continue it, "
+                "or --overwrite to discard it"
+            )
+        shutil.rmtree(work)  # nothing worth keeping (no complete shard) or --overwrite
+    work.mkdir(parents=True)
+    write_build_state(work, state)
+    return []
+
+
+def _finished_in_work(work: Path, config_fp: str) -> Manifest | None:
+    """The manifest of a build killed after writing it into ``work`` but before publishing, if it is intact."""
+    from fusion_cache.cache.reader import CacheReader
+
+    if not (work / MANIFEST_NAME).exists():
+        return None
+    try:
+        reader = CacheReader(work)
+        if reader.manifest.config_fingerprint == config_fp and not reader.verify():
+            return reader.manifest
+    except (ShardFormatError, FingerprintError):
+        pass
+    (work / MANIFEST_NAME).unlink()
+    return None
+
+
 def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress: bool = True) -> Manifest:
-    """Build a cache as ``cfg`` says and return its manifest.
+    """Build a cache as ``cfg`` says and return its manifest (the part's, for a part of a distributed build).
 
     Args:
         cfg: the build settings.
         engine: an already started engine for the same teacher (the demo and tests share one); by default the
             engine named by ``cfg.engine`` is started here and closed at the end.
-        progress: show a progress bar (rows, answer tokens/s).
+        progress: show a progress bar (answer tokens, tokens/s, ETA; rows).
 
     Raises:
-        ConfigError: bad settings, unknown teacher, or an output directory holding another cache.
+        ConfigError: bad settings, unknown teacher, an output directory holding another cache, an interrupted
+            build without ``--resume``, or ``--resume`` with settings other than the interrupted build's.
         DataError: a malformed input row (before any model runs).
     """
     from transformers import AutoTokenizer
@@ -162,7 +253,14 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
     chat = has_chat_template(tokenizer)
     dtype = engine.dtype if engine is not None else (cfg.dtype or default_dtype())
     engine_name = engine.name if engine is not None else cfg.engine
-    items, skipped, truncated, rows_read = _prepare(cfg, tokenizer, chat)
+    convs = _read_inputs(cfg)
+    rows_read = len(convs)
+    part = None
+    if cfg.num_shards > 1:
+        lo, hi = part_rows(rows_read, cfg.shard_index, cfg.num_shards)
+        part = {"index": cfg.shard_index, "count": cfg.num_shards, "row_start": lo, "row_end": hi}
+        convs = convs[lo:hi]
+    items, skipped, truncated = _prepare(cfg, tokenizer, chat, convs)
 
     teacher_info = {
         "name": cfg.teacher,
@@ -186,31 +284,71 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         "max_length": cfg.max_length,
         "overlong": cfg.overlong,
     }
+    # the same for every part of a distributed build and for a single build: the parts combine into its cache
     config_fp = config_fingerprint(settings)
-    location = CacheLocation(cfg.out)
+    out_url = cfg.out
+    if part is not None:
+        _check_parts_root(cfg.out, config_fp)
+        name = part_dir_name(cfg.shard_index, cfg.num_shards)
+        out_url = str(Path(cfg.out) / name) if CacheLocation(cfg.out).local else f"{cfg.out.rstrip('/')}/{name}"
+    location = CacheLocation(out_url)
     if location.local:
         out = Path(location.root)
-        existing = _check_output(out, config_fp, cfg.overwrite)
-    else:  # an fsspec URL: build in a local temp dir, upload when complete (shards first, manifest last)
-        out = Path(tempfile.mkdtemp(prefix="fusion-cache-build-")) / "cache"
-        existing = _check_remote_output(location, config_fp, cfg.overwrite)
+        existing = _check_output(out, config_fp, cfg.overwrite, part)
+    else:  # an fsspec URL: build in a local staging dir, upload when complete (shards first, manifest last)
+        out = _staging_dir(out_url) / "cache"
+        existing = _check_remote_output(location, config_fp, cfg.overwrite, part)
     if existing is not None:
-        log.info("%s already holds this build (config fingerprint %s); nothing to do", out, config_fp[:12])
+        log.info("%s already holds this build (config fingerprint %s); nothing to do", out_url, config_fp[:12])
+        if part is not None:
+            combine_parts(cfg.out, count=cfg.num_shards, require_all=False)
         return existing
     if not items:
         raise ConfigError(f"--data {cfg.data}: no usable rows ({rows_read} read, skipped: {skipped})")
 
-    own_engine = engine is None
+    work = out.with_name(out.name + ".incomplete")
+    state = {
+        "config_fingerprint": config_fp,
+        "settings": settings,
+        # what decides where shards end: a resume must cut the rows into the same shards to get the same bytes
+        "layout": {"shard_rows": cfg.shard_rows, "batch_tokens": cfg.batch_tokens, "part": part},
+    }
+    completed = _open_work_dir(work, state, cfg)
+    finished = _finished_in_work(work, config_fp) if cfg.resume else None
+    manifest = finished or _capture(cfg, engine, teacher, dtype, items, codec, config_fp, work, completed, progress)
+    if finished is None:
+        manifest = _make_manifest(
+            cfg, teacher_info, dataset_info, codec, config_fp, items, skipped, truncated, manifest, part, t0
+        )
+        manifest.write(work)
+    remove_part_records(work)
+    (work / STATE_NAME).unlink(missing_ok=True)
+    publish_directory(work, out, overwrite=True)  # _check_output already refused what must not be replaced
+    if not location.local:
+        if location.fs.exists(location.root):
+            location.fs.rm(location.root, recursive=True)  # _check_remote_output allowed the replacement
+        upload_directory(str(out), out_url)
+        shutil.rmtree(out.parent, ignore_errors=True)
+    if part is not None:
+        combine_parts(cfg.out, count=cfg.num_shards, require_all=False)
+    return manifest
+
+
+def _capture(cfg, engine, teacher, dtype, items, codec, config_fp, work, completed, progress) -> list[dict]:
+    """Capture every row not held by ``completed`` parts and write the shards into ``work``. Returns the shards.
+
+    Engine batches are cut from all of ``items`` as in an uninterrupted build; a batch that straddles the resume
+    point is captured whole and only its new rows are written, so every row sees the same batch as before.
+    """
+    done_rows = sum(p["rows"] for p in completed)
+    done_answer = sum(it.rendered.n_answer for it in items[:done_rows])
+    own_engine = engine is None and done_rows < len(items)
     if own_engine:
         from fusion_cache.engines import make_engine
 
         max_len = max(len(it.rendered.input_ids) for it in items)
         extra = {"max_model_len": max_len + 1, "max_k": cfg.top_k} if cfg.engine == "vllm" else {}
         engine = make_engine(cfg.engine, teacher.path, dtype=dtype, **extra)
-
-    work = out.with_name(out.name + ".incomplete")
-    if work.exists():
-        shutil.rmtree(work)  # leftovers of a killed build: never trusted, always rebuilt
     provenance = {
         "schema_version": SCHEMA_VERSION,
         "k": cfg.top_k,
@@ -220,29 +358,40 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         "revision": teacher.revision,
     }
     total_answer = sum(it.rendered.n_answer for it in items)
-    bar = tqdm(total=len(items), unit="row", disable=not progress, desc=f"build {cfg.teacher}", dynamic_ncols=True)
-    tokens = answer_tokens = 0
-    t_cap = time.perf_counter()
+    bar = tqdm(
+        total=total_answer,
+        initial=done_answer,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"build {cfg.teacher} (answer tokens)",
+        dynamic_ncols=True,
+    )
+    bar.set_postfix(rows=f"{done_rows}/{len(items)}")
     try:
-        with ShardWriter(work, provenance, shard_rows=cfg.shard_rows) as writer:
+        with ShardWriter(work, provenance, shard_rows=cfg.shard_rows, completed=completed) as writer:
+            pos = 0
             for group in _batches(items, cfg.batch_tokens):
+                start, pos = pos, pos + len(group)
+                if pos <= done_rows:
+                    continue  # held by a complete shard
                 reqs = [SequenceRequest(it.rendered.input_ids.tolist(), it.rendered.answer_start) for it in group]
                 caps = engine.capture(reqs, cfg.top_k)
-                rows = [_to_row(it, cap) for it, cap in zip(group, caps, strict=True)]
+                fresh = max(0, done_rows - start)
+                rows = [_to_row(it, cap) for it, cap in zip(group[fresh:], caps[fresh:], strict=True)]
                 writer.write_rows(rows)
-                tokens += sum(len(it.rendered.input_ids) for it in group)
-                answer_tokens += sum(it.rendered.n_answer for it in group)
-                bar.update(len(group))
-                bar.set_postfix(
-                    tok_s=f"{tokens / (time.perf_counter() - t_cap):.0f}", answer=f"{answer_tokens}/{total_answer}"
-                )
+                bar.update(sum(r.n_answer for r in rows))
+                bar.set_postfix(rows=f"{pos}/{len(items)}")
     finally:
         bar.close()
         if own_engine:
             engine.close()
-    shards = writer.shards
+    return writer.shards
+
+
+def _make_manifest(cfg, teacher_info, dataset_info, codec, config_fp, items, skipped, truncated, shards, part, t0):
     payload = sum(s["bytes"] for s in shards)
-    manifest = Manifest(
+    return Manifest(
         schema_version=SCHEMA_VERSION,
         fusion_cache_version=__version__,
         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -254,25 +403,37 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         overlong=cfg.overlong,
         stats={
             "rows": len(items),
-            "tokens": tokens,
-            "answer_tokens": answer_tokens,
+            "tokens": sum(len(it.rendered.input_ids) for it in items),
+            "answer_tokens": sum(it.rendered.n_answer for it in items),
             "skipped": skipped,
             "truncated": truncated,
             "payload_bytes": payload,
-            "wall_seconds": round(time.perf_counter() - t0, 3),
+            "wall_seconds": round(time.perf_counter() - t0, 3),  # of this run (a resumed build: since the resume)
         },
         shards=shards,
         config_fingerprint=config_fp,
         fingerprint=chain_fingerprint(config_fp, shards),
+        part=part,
     )
-    manifest.write(work)
-    publish_directory(work, out, overwrite=True)  # _check_output already refused what must not be replaced
-    if not location.local:
-        if location.fs.exists(location.root):
-            location.fs.rm(location.root, recursive=True)  # _check_remote_output allowed the replacement
-        upload_directory(str(out), cfg.out)
-        shutil.rmtree(out.parent, ignore_errors=True)
-    return manifest
+
+
+def build_summary(manifest: Manifest, out: str) -> str:
+    """The end-of-build report: rows, tokens, skipped rows by reason, bytes per answer token, wall time."""
+    s = manifest.stats
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items()) if v) or "none"
+    rate = s.answer_tokens / s.wall_seconds if s.wall_seconds > 0 else 0.0
+    lines = [
+        f"wrote {out}" + (f" (part {manifest.part.index} of {manifest.part.count})" if manifest.part else ""),
+        f"  rows           {s.rows} kept of {manifest.dataset.rows_read} read; skipped: {skipped}; "
+        f"truncated: {s.truncated}",
+        f"  tokens         {s.tokens} ({s.answer_tokens} answer tokens)",
+        f"  size           {s.payload_bytes} bytes in {len(manifest.shards)} shard(s), "
+        f"{manifest.bytes_per_answer_token:.1f} bytes/answer token "
+        f"({manifest.codec.get('name')} codec, K={manifest.k})",
+        f"  wall time      {s.wall_seconds:.1f} s ({rate:.0f} answer tokens/s)",
+        f"  fingerprint    {manifest.fingerprint}",
+    ]
+    return "\n".join(lines)
 
 
 def _vocab_size(model_path: str, tokenizer) -> int:

@@ -46,6 +46,15 @@ class BuildConfig(_Config):
     shard_rows: int = Field(1000, ge=1, description="rows per shard")
     overwrite: bool = False
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    resume: bool = Field(False, description="continue an interrupted build in <out>.incomplete/")
+    num_shards: int = Field(1, ge=1, description="split the input into this many parts built independently")
+    shard_index: int = Field(0, ge=0, description="which part this build captures (0-based)")
+
+    @model_validator(mode="after")
+    def _shard_index_in_range(self):
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index: must be < num_shards={self.num_shards}, got {self.shard_index}")
+        return self
 
 
 class TrainConfig(_Config):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -26,6 +27,8 @@ from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import ShardFormatError
 
 MANIFEST_NAME = "manifest.json"
+# A shard of a combined cache lives in its part's directory: "part-00001-of-00004/shard-00000-of-00002.arrow".
+PART_DIR_RE = re.compile(r"^part-(\d{5})-of-(\d{5})$")
 
 
 class _Strict(BaseModel):
@@ -58,8 +61,12 @@ class ShardInfo(_Strict):
     @field_validator("path")
     @classmethod
     def _plain_file_name(cls, v: str) -> str:
-        # A shard path is a bare file name: no directories, no "..", nothing absolute (path traversal).
-        if not v or v != os.path.basename(v) or v in (".", "..") or "\\" in v or v.startswith("/"):
+        # A shard path is a bare file name, or "<part dir>/<bare file name>" in a combined cache: no other
+        # directories, no "..", nothing absolute (path traversal).
+        head, sep, name = v.rpartition("/")
+        if sep and not PART_DIR_RE.match(head):
+            raise ValueError(f"shard path must be a plain file name (or part-NNNNN-of-NNNNN/<file name>), got {v!r}")
+        if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name:
             raise ValueError(f"shard path must be a plain file name inside the cache, got {v!r}")
         if not v.endswith(".arrow"):
             raise ValueError(f"shard path must end with .arrow, got {v!r}")
@@ -74,6 +81,34 @@ class BuildStats(_Strict):
     truncated: int = Field(ge=0)
     payload_bytes: int = Field(ge=0)  # bytes of all shard files
     wall_seconds: float = Field(ge=0)
+
+
+class PartInfo(_Strict):
+    """This cache is part ``index`` of ``count`` of a distributed build (`--num-shards` / `--shard-index`)."""
+
+    index: int = Field(ge=0)
+    count: int = Field(ge=2)
+    row_start: int = Field(ge=0)  # it holds the input rows with row_start <= position < row_end (after --limit)
+    row_end: int = Field(ge=0)
+
+
+class CombinedPart(_Strict):
+    """One part of a combined cache: its directory, its input rows, and its own manifest's fingerprint."""
+
+    path: str  # part-NNNNN-of-NNNNN
+    index: int = Field(ge=0)
+    row_start: int = Field(ge=0)
+    row_end: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    shards: int = Field(ge=0)
+    fingerprint: str
+
+    @field_validator("path")
+    @classmethod
+    def _part_dir(cls, v: str) -> str:
+        if not PART_DIR_RE.match(v):
+            raise ValueError(f"part path must be part-NNNNN-of-NNNNN, got {v!r}")
+        return v
 
 
 class Manifest(_Strict):
@@ -91,6 +126,8 @@ class Manifest(_Strict):
     shards: list[ShardInfo]
     config_fingerprint: str
     fingerprint: str
+    part: PartInfo | None = None  # set in the cache of one part of a distributed build
+    parts: list[CombinedPart] | None = None  # set in a combined cache: every part, in order
 
     @property
     def bytes_per_answer_token(self) -> float:
@@ -99,10 +136,18 @@ class Manifest(_Strict):
     def write(self, directory: str | Path) -> Path:
         """Write manifest.json atomically (temp file + rename)."""
         path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.model_dump(), indent=2, sort_keys=True) + "\n")
+        tmp = path.with_name(f"{MANIFEST_NAME}.{os.getpid()}.tmp")  # per process: parts may combine at once
+        tmp.write_text(self.to_json())
         os.replace(tmp, path)
         return path
+
+    def to_json(self) -> str:
+        """The manifest's JSON text; ``part`` / ``parts`` appear only when set (a plain cache is unchanged)."""
+        data = self.model_dump()
+        for key in ("part", "parts"):
+            if data[key] is None:
+                del data[key]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def load_manifest(directory) -> Manifest:

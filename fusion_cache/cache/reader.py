@@ -302,6 +302,10 @@ class CacheReader:
                     problems.append(f"{info.path}: {tokens} answer tokens, manifest says {info.answer_tokens}")
             except ShardFormatError as e:
                 problems.append(str(e))
+        if self.manifest.parts is not None:  # a combined cache: each part's manifest must still agree
+            from fusion_cache.cache.parts import part_problems
+
+            problems.extend(part_problems(self.location, self.manifest))
         return problems
 
     def _deep_check(self, rows: list[CacheRow], shard: str) -> None:
