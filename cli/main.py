@@ -1,7 +1,9 @@
 """The `fusion-cache` command line: thin wrappers that validate settings and call the library.
 
 fusion-cache teachers
-fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2
+fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2 [--resume]
+fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (one of 4 parts; then `combine`)
+fusion-cache combine ./cache/smollm2
 fusion-cache inspect ./cache/smollm2
 fusion-cache verify ./cache/smollm2
 fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
@@ -67,7 +69,10 @@ def build(
     batch_tokens: int = typer.Option(8192, help="token budget of one engine call"),
     shard_rows: int = typer.Option(1000, help="rows per shard"),
     limit: int = typer.Option(None, help="use only the first N rows"),
-    overwrite: bool = typer.Option(False, help="replace a different cache in --out"),
+    overwrite: bool = typer.Option(False, help="replace a different cache (or an interrupted build) in --out"),
+    resume: bool = typer.Option(False, help="continue an interrupted build (same settings) where it stopped"),
+    num_shards: int = typer.Option(1, help="split the input into N contiguous parts, each built on its own"),
+    shard_index: int = typer.Option(0, help="the part this process builds, 0..N-1 (into <out>/part-I-of-N/)"),
 ) -> None:
     """Run a teacher over a dataset once and write its top-K log-probs to a cache.
 
@@ -92,15 +97,46 @@ def build(
             shard_rows=shard_rows,
             limit=limit,
             overwrite=overwrite,
+            resume=resume,
+            num_shards=num_shards,
+            shard_index=shard_index,
         )
         m = run_build(cfg)
     except FusionCacheError as e:
         _fail(e)
-    s = m.stats
+    from fusion_cache.build import build_summary
+
+    typer.echo(build_summary(m, str(out)))
+    if num_shards > 1:
+        _echo_parts_status(str(out), num_shards)
+
+
+def _echo_parts_status(out: str, count: int) -> None:
+    """After a part build: whether the last part has combined them all."""
+    from fusion_cache.cache.manifest import load_manifest
+
+    try:
+        top = load_manifest(out)
+    except FusionCacheError:
+        top = None
+    if top is not None and top.parts is not None and len(top.parts) == count:
+        typer.echo(f"combined all {count} parts into {out}: {top.stats.rows} rows, fingerprint {top.fingerprint[:16]}")
+    else:
+        typer.echo(f"{out}: waiting for the other parts (the last one to finish combines them)")
+
+
+@app.command()
+def combine(out: str = typer.Argument(..., help="the --out of a distributed build (holds part-*-of-*/)")) -> None:
+    """Write the combined manifest of a distributed build's parts (the last part to finish does this too)."""
+    from fusion_cache.cache.parts import combine_parts
+
+    try:
+        m = combine_parts(out)
+    except FusionCacheError as e:
+        _fail(e)
     typer.echo(
-        f"wrote {out}: {s.rows} rows, {s.answer_tokens} answer tokens, {len(m.shards)} shard(s), "
-        f"{m.bytes_per_answer_token:.0f} B/answer token, skipped {s.skipped}, truncated {s.truncated}, "
-        f"{s.wall_seconds:.1f} s; fingerprint {m.fingerprint[:16]}"
+        f"combined {len(m.parts)} parts into {out}: {m.stats.rows} rows, {len(m.shards)} shard(s), "
+        f"fingerprint {m.fingerprint[:16]}"
     )
 
 
@@ -141,6 +177,23 @@ def inspect(
             + (" ..." if len(m.shards) > 4 else ""),
         ),
         ("built", f"{m.created_at} by fusion-cache {m.fusion_cache_version} in {s.wall_seconds:.1f} s"),
+        *(
+            [("part", f"{m.part.index} of {m.part.count} (input rows {m.part.row_start}..{m.part.row_end - 1})")]
+            if m.part
+            else []
+        ),
+        *(
+            [
+                (
+                    "parts",
+                    f"{len(m.parts)} combined: "
+                    + ", ".join(f"{p.path} ({p.rows} rows)" for p in m.parts[:4])
+                    + (" ..." if len(m.parts) > 4 else ""),
+                )
+            ]
+            if m.parts
+            else []
+        ),
         ("fingerprint", m.fingerprint),
     ]
     for key, value in lines:

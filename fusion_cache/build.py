@@ -189,17 +189,25 @@ def _staging_dir(url: str) -> Path:
     return fusion_cache_home() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def _open_work_dir(work: Path, state: dict, cfg: BuildConfig) -> list[dict]:
-    """Prepare ``<out>.incomplete``: resume it (returning its complete parts) or start it afresh (returning [])."""
+def _open_work_dir(work: Path, state: dict, cfg: BuildConfig) -> tuple[list[dict], Manifest | None]:
+    """Prepare ``<out>.incomplete``: resume it or start it afresh.
+
+    Returns:
+        (complete parts, None), or ([], manifest) when the interrupted build had already written its manifest.
+    """
     if work.exists():
         has_parts = any(work.glob("part-*.json"))
         if cfg.resume and (has_parts or read_build_state(work) is not None):
             check_build_state(work, state)
+            finished = _finished_in_work(work, state["config_fingerprint"])
+            if finished is not None:
+                log.warning("resuming %s: the build was complete; publishing it", work)
+                return [], finished
             parts = load_completed_parts(work)
             log.warning(
                 "resuming %s: %d complete shard(s) with %d rows kept", work, len(parts), sum(p["rows"] for p in parts)
             )
-            return parts
+            return parts, None
         if has_parts and not cfg.overwrite:
             n = len(list(work.glob("part-*.json")))
             raise ConfigError(
@@ -209,7 +217,7 @@ def _open_work_dir(work: Path, state: dict, cfg: BuildConfig) -> list[dict]:
         shutil.rmtree(work)  # nothing worth keeping (no complete shard) or --overwrite
     work.mkdir(parents=True)
     write_build_state(work, state)
-    return []
+    return [], None
 
 
 def _finished_in_work(work: Path, config_fp: str) -> Manifest | None:
@@ -307,14 +315,10 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         raise ConfigError(f"--data {cfg.data}: no usable rows ({rows_read} read, skipped: {skipped})")
 
     work = out.with_name(out.name + ".incomplete")
-    state = {
-        "config_fingerprint": config_fp,
-        "settings": settings,
-        # what decides where shards end: a resume must cut the rows into the same shards to get the same bytes
-        "layout": {"shard_rows": cfg.shard_rows, "batch_tokens": cfg.batch_tokens, "part": part},
-    }
-    completed = _open_work_dir(work, state, cfg)
-    finished = _finished_in_work(work, config_fp) if cfg.resume else None
+    # the settings plus what decides where shards end: a resume must cut the rows into the same shards
+    state = {**settings, "shard_rows": cfg.shard_rows, "batch_tokens": cfg.batch_tokens, "part": part}
+    state["config_fingerprint"] = config_fp
+    completed, finished = _open_work_dir(work, state, cfg)
     manifest = finished or _capture(cfg, engine, teacher, dtype, items, codec, config_fp, work, completed, progress)
     if finished is None:
         manifest = _make_manifest(
@@ -380,8 +384,8 @@ def _capture(cfg, engine, teacher, dtype, items, codec, config_fp, work, complet
                 fresh = max(0, done_rows - start)
                 rows = [_to_row(it, cap) for it, cap in zip(group[fresh:], caps[fresh:], strict=True)]
                 writer.write_rows(rows)
+                bar.set_postfix(rows=f"{pos}/{len(items)}", refresh=False)
                 bar.update(sum(r.n_answer for r in rows))
-                bar.set_postfix(rows=f"{pos}/{len(items)}")
     finally:
         bar.close()
         if own_engine:

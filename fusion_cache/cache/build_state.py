@@ -2,7 +2,8 @@
 
 A resumed build must compute exactly what the interrupted one would have: the same rows (teacher, data, K, codec,
 length policy: the config fingerprint's settings) cut into the same shards (rows per shard, token budget per engine
-call, which part of a distributed build). Any difference is refused with an error that names the field.
+call, which part of a distributed build). The state is one JSON object holding all of these (nested for the teacher
+and codec); any difference is refused with an error that names the field, e.g. ``k`` or ``teacher.dtype``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def check_build_state(work_dir: str | Path, current: dict) -> None:
             "pass --overwrite to discard it and start over"
         )
     diffs = state_differences(recorded, current)
+    if len(diffs) > 1:  # the config fingerprint is derived from the fields: name those
+        diffs = [d for d in diffs if d != "config_fingerprint"]
     if diffs:
         a, b = _flatten(recorded), _flatten(current)
         shown = "; ".join(f"{k}: {a.get(k, '<absent>')!r} then, {b.get(k, '<absent>')!r} now" for k in diffs[:5])
