@@ -311,7 +311,7 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         if part is not None:
             combine_parts(cfg.out, count=cfg.num_shards, require_all=False)
         return existing
-    if not items:
+    if not items and part is None:  # a part may be empty (all its rows skipped): the others still combine
         raise ConfigError(f"--data {cfg.data}: no usable rows ({rows_read} read, skipped: {skipped})")
 
     work = out.with_name(out.name + ".incomplete")

@@ -78,7 +78,7 @@ def combine_parts(out: str, *, count: int | None = None, require_all: bool = Tru
     finished = {}
     for i in range(n):
         name = part_dir_name(i, n)
-        if name in dirs and CacheLocation(loc.join(name)).exists(MANIFEST_NAME):
+        if name in dirs and loc.child(name).exists(MANIFEST_NAME):
             finished[i] = name
     missing = [i for i in range(n) if i not in finished]
     if missing:
@@ -89,7 +89,7 @@ def combine_parts(out: str, *, count: int | None = None, require_all: bool = Tru
                 "for each"
             )
         return None
-    parts = [load_manifest(CacheLocation(loc.join(finished[i]))) for i in range(n)]
+    parts = [load_manifest(loc.child(finished[i])) for i in range(n)]
     _check_parts(out, parts, n)
     first = parts[0]
     shards, records = [], []
@@ -186,7 +186,7 @@ def part_problems(loc: CacheLocation, manifest: Manifest) -> list[str]:
     offset = 0
     for p in manifest.parts or []:
         try:
-            m = load_manifest(CacheLocation(loc.join(p.path)))
+            m = load_manifest(loc.child(p.path))
         except ShardFormatError as e:
             problems.append(f"{p.path}: {e}")
             offset += p.shards

@@ -29,6 +29,10 @@ class CacheLocation:
     def join(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def child(self, name: str) -> CacheLocation:
+        """The location of the subdirectory ``name`` (same filesystem; a URL keeps its protocol)."""
+        return CacheLocation(f"{self.url.rstrip('/')}/{name}")
+
     def exists(self, name: str) -> bool:
         return self.fs.isfile(self.join(name))
 

@@ -214,6 +214,24 @@ def test_resume_without_an_interrupted_build_just_builds(tmp_path, tiny_model_di
     assert_same_cache(reference, out)
 
 
+def test_resume_of_a_build_to_an_fsspec_url(tmp_path, monkeypatch, tiny_model_dir, many_rows, hf_engine, reference):
+    """A build to a URL is staged locally in a directory fixed by the URL, so --resume finds it there."""
+    import fsspec
+
+    monkeypatch.setenv("FUSION_CACHE_HOME", str(tmp_path / "home"))
+    url = "memory://fusion-cache-test-resume/cache"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_build(_cfg(tiny_model_dir, many_rows, url), engine=_DiesAfter(hf_engine, 4), progress=False)
+        with pytest.raises(ConfigError, match="pass --resume to continue it"):
+            run_build(_cfg(tiny_model_dir, many_rows, url), engine=hf_engine, progress=False)
+        m = run_build(_cfg(tiny_model_dir, many_rows, url, resume=True), engine=hf_engine, progress=False)
+        assert m.fingerprint == CacheReader(reference).manifest.fingerprint
+        assert CacheReader(url).verify() == []
+    finally:
+        fsspec.filesystem("memory").rm("/fusion-cache-test-resume", recursive=True)
+
+
 @pytest.mark.slow
 def test_sigkilled_build_process_resumes_to_the_same_cache(tmp_path, tiny_model_dir, many_rows, reference):
     """A real `fusion-cache build` process is killed with SIGKILL once it has written some shards; `--resume`
