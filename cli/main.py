@@ -73,6 +73,8 @@ def build(
     resume: bool = typer.Option(False, help="continue an interrupted build (same settings) where it stopped"),
     num_shards: int = typer.Option(1, help="split the input into N contiguous parts, each built on its own"),
     shard_index: int = typer.Option(0, help="the part this process builds, 0..N-1 (into <out>/part-I-of-N/)"),
+    ray: bool = typer.Option(False, "--ray", help="run all --num-shards parts as Ray tasks (pip install ray)"),
+    ray_address: str = typer.Option(None, help="Ray cluster to join (e.g. auto); default: start a local Ray"),
 ) -> None:
     """Run a teacher over a dataset once and write its top-K log-probs to a cache.
 
@@ -101,13 +103,18 @@ def build(
             num_shards=num_shards,
             shard_index=shard_index,
         )
-        m = run_build(cfg)
+        if ray:
+            from fusion_cache.ray_build import run_build_ray
+
+            m = run_build_ray(cfg, address=ray_address)
+        else:
+            m = run_build(cfg)
     except FusionCacheError as e:
         _fail(e)
     from fusion_cache.build import build_summary
 
     typer.echo(build_summary(m, str(out)))
-    if num_shards > 1:
+    if num_shards > 1 and not ray:
         _echo_parts_status(str(out), num_shards)
 
 

@@ -426,8 +426,10 @@ def build_summary(manifest: Manifest, out: str) -> str:
     s = manifest.stats
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(s.skipped.items()) if v) or "none"
     rate = s.answer_tokens / s.wall_seconds if s.wall_seconds > 0 else 0.0
+    where = f" (part {manifest.part.index} of {manifest.part.count})" if manifest.part else ""
+    where += f" ({len(manifest.parts)} parts combined)" if manifest.parts else ""
     lines = [
-        f"wrote {out}" + (f" (part {manifest.part.index} of {manifest.part.count})" if manifest.part else ""),
+        f"wrote {out}{where}",
         f"  rows           {s.rows} kept of {manifest.dataset.rows_read} read; skipped: {skipped}; "
         f"truncated: {s.truncated}",
         f"  tokens         {s.tokens} ({s.answer_tokens} answer tokens)",
