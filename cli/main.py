@@ -4,6 +4,7 @@ fusion-cache teachers
 fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2 [--resume]
 fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (one of 4 parts; then `combine`)
 fusion-cache combine ./cache/smollm2
+fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
 fusion-cache inspect ./cache/smollm2
 fusion-cache verify ./cache/smollm2
 fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
@@ -145,6 +146,45 @@ def combine(out: str = typer.Argument(..., help="the --out of a distributed buil
         f"combined {len(m.parts)} parts into {out}: {m.stats.rows} rows, {len(m.shards)} shard(s), "
         f"fingerprint {m.fingerprint[:16]}"
     )
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., help="the model that answers: preset name, local model dir or HF id"),
+    data: Path = typer.Option(..., help="JSONL/Parquet with `prompt` (+`system`) or `messages` per row"),
+    out: Path = typer.Option(..., help="JSONL to write: the rows with the answers, valid `build --data` input"),
+    engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
+    max_tokens: int = typer.Option(256, help="new tokens per answer, at most"),
+    temperature: float = typer.Option(0.8, help="sampling temperature; 0 for greedy"),
+    n: int = typer.Option(1, help="answers per prompt (sample j uses seed + j)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    limit: int = typer.Option(None, help="use only the first N rows"),
+    dtype: str = typer.Option(None, help="model dtype (default: from the hardware)"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+) -> None:
+    """Have a model write the answers first (teacher-generated answers are the standard distillation recipe).
+
+    Example: fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl --n 2
+    """
+    from fusion_cache.generate import run_generate
+
+    try:
+        meta = run_generate(
+            model=model,
+            data=str(data),
+            out=str(out),
+            engine=engine,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            n=n,
+            seed=seed,
+            limit=limit,
+            dtype=dtype,
+            overwrite=overwrite,
+        )
+    except FusionCacheError as e:
+        _fail(e)
+    typer.echo(f"wrote {out}: {meta['rows_written']} answers to {meta['data']['rows']} prompts ({out}.meta.json)")
 
 
 @app.command()
