@@ -197,13 +197,16 @@ def _open_work_dir(work: Path, state: dict, cfg: BuildConfig) -> tuple[list[dict
     """
     if work.exists():
         has_parts = any(work.glob("part-*.json"))
-        if cfg.resume and (has_parts or read_build_state(work) is not None):
-            check_build_state(work, state)
+        has_state = read_build_state(work) is not None
+        if cfg.resume and (has_parts or has_state or (work / MANIFEST_NAME).exists()):
+            if has_parts or has_state:  # (a finished build deletes its state just before the publishing rename)
+                check_build_state(work, state)
             finished = _finished_in_work(work, state["config_fingerprint"])
             if finished is not None:
                 log.warning("resuming %s: the build was complete; publishing it", work)
                 return [], finished
             parts = load_completed_parts(work)
+            write_build_state(work, state)  # the same settings (checked above), for a later resume
             log.warning(
                 "resuming %s: %d complete shard(s) with %d rows kept", work, len(parts), sum(p["rows"] for p in parts)
             )

@@ -171,6 +171,11 @@ def test_resume_after_the_manifest_was_written(interrupted, tiny_model_dir, many
 
     run_build(_cfg(tiny_model_dir, many_rows, out, resume=True), engine=Unused(), progress=False)
     assert_same_cache(reference, out)
+    # killed after the state file was deleted too (just before the rename): still published as is
+    shutil.copytree(reference, work)
+    shutil.rmtree(out)
+    run_build(_cfg(tiny_model_dir, many_rows, out, resume=True), engine=Unused(), progress=False)
+    assert_same_cache(reference, out)
 
 
 @pytest.mark.parametrize(
