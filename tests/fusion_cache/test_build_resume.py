@@ -238,6 +238,18 @@ def test_resume_of_a_build_to_an_fsspec_url(tmp_path, monkeypatch, tiny_model_di
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
+def test_resumed_vllm_build_has_the_uninterrupted_fingerprint(tmp_path, tiny_model_dir, many_rows, vllm_engine):
+    ref = run_build(_cfg(tiny_model_dir, many_rows, tmp_path / "ref", engine="vllm"), engine=vllm_engine)
+    out = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        run_build(_cfg(tiny_model_dir, many_rows, out, engine="vllm"), engine=_DiesAfter(vllm_engine, 4))
+    run_build(_cfg(tiny_model_dir, many_rows, out, engine="vllm", resume=True), engine=vllm_engine, progress=False)
+    assert CacheReader(out).manifest.fingerprint == ref.fingerprint
+    assert_same_cache(tmp_path / "ref", out)
+
+
+@pytest.mark.slow
 def test_sigkilled_build_process_resumes_to_the_same_cache(tmp_path, tiny_model_dir, many_rows, reference):
     """A real `fusion-cache build` process is killed with SIGKILL once it has written some shards; `--resume`
     then finishes the cache with the same rows and fingerprint as an uninterrupted build."""
