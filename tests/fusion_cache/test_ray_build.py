@@ -27,6 +27,16 @@ def test_ray_needs_parts(tmp_path):
         run_build_ray(_cfg("t", "d", tmp_path, num_shards=2, shard_index=1))
 
 
+def test_cli_ray_needs_parts(tmp_path, data_file):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    args = ["build", "--teacher", "t", "--data", str(data_file), "--out", str(tmp_path / "o"), "--ray"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "--ray: needs --num-shards >= 2" in r.output
+
+
 @pytest.mark.slow
 def test_ray_build_equals_the_sharded_cli_build(tmp_path, monkeypatch, tiny_model_dir, data_file, hf_engine):
     if importlib.util.find_spec("ray") is None:
