@@ -61,6 +61,19 @@ def test_greedy_samples_agree(tmp_path, tiny_model_dir, hf_engine, write_jsonl):
     assert a == b
 
 
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_samples_n_answers(tmp_path, tiny_model_dir, vllm_engine, write_jsonl):
+    data = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "r.jsonl"
+    meta = run_generate(
+        model=str(tiny_model_dir), data=str(data), out=str(out), max_tokens=4, n=2, engine_obj=vllm_engine
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert meta["model"]["engine"] == "vllm" and len(rows) == 6
+    assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
+
+
 def test_bad_rows_and_settings_fail_before_the_model(tmp_path, tiny_model_dir, write_jsonl):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"messages": [{"role": "bot", "content": "x"}]}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: messages\[0\]\.role must be one of"):
