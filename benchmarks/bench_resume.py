@@ -82,7 +82,7 @@ def main() -> None:
         ref, res = CacheReader(tmp / "ref"), CacheReader(tmp / "res")
         same_rows = [r.sample_id for r in ref.iter_rows()] == [r.sample_id for r in res.iter_rows()]
         problems = res.verify()
-        kept = next((line for line in log.splitlines() if "resuming" in line), "").split(": ", 1)[-1]
+        kept = next((line for line in log.splitlines() if "resuming" in line), "").rsplit(": ", 1)[-1]
         data = {
             **machine(),
             "load_average_1m": os.getloadavg()[0],
