@@ -336,6 +336,10 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
             location.fs.rm(location.root, recursive=True)  # _check_remote_output allowed the replacement
         upload_directory(str(out), out_url)
         shutil.rmtree(out.parent, ignore_errors=True)
+        try:
+            out.parent.parent.rmdir()  # the staging root, when no other build is staged there
+        except OSError:
+            pass
     if part is not None:
         combine_parts(cfg.out, count=cfg.num_shards, require_all=False)
     return manifest
