@@ -168,7 +168,7 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
 @app.command()
 def train(
     student: str = typer.Option(..., help="student (pivot) model: preset, local dir or HF id"),
-    shards: list[Path] = typer.Option(..., help="teacher cache directory"),
+    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL"),
     out: Path = typer.Option(..., help="run directory (metrics.jsonl, model/)"),
     lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD; 0 = plain SFT"),
     top_k: int = typer.Option(10, "--top-k", help="K of the ULD loss"),
@@ -328,7 +328,7 @@ def merge(
 @app.command()
 def fuse(
     student: str = typer.Option(..., help="the pivot: preset, local dir or HF id"),
-    shards: list[Path] = typer.Option(..., help="teacher cache directory (repeat, one per teacher)"),
+    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat, one per teacher)"),
     out: Path = typer.Option(..., help="<out>/runs/<cache-name>/ per teacher, <out>/merged/ the result"),
     mode: str = typer.Option("pairwise", help="pairwise: train per teacher, then merge"),
     lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD"),

@@ -91,3 +91,15 @@ def test_errors_exit_2_with_a_clear_message(tmp_path, tiny_model_dir, data_file,
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert "Traceback" not in r.output
+
+
+def test_build_and_train_from_an_fsspec_url(tmp_path, tiny_model_dir, data_file):
+    # `--shards` must stay a string: a Path would turn memory://x into memory:/x
+    url = "memory://cli-tests/cache"
+    r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", url, "--engine", "hf", "--top-k", 8)
+    assert r.exit_code == 0, r.output
+    assert _run("verify", url).output.startswith("OK")
+    args = ["--student", tiny_model_dir, "--shards", url, "--out", tmp_path / "run", "--max-steps", 1, "--top-k", 8]
+    r = _run("train", *args)
+    assert r.exit_code == 0, r.output
+    assert "trained 1 steps" in r.output
