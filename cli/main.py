@@ -180,6 +180,9 @@ def train(
     max_length: int = typer.Option(1024, help="longest student sequence"),
     seed: int = typer.Option(0),
     no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
+    tail: bool = typer.Option(
+        False, "--tail", help="compare true top-K probabilities plus the tail mass (needs --no-zscore)"
+    ),
     mode: str = typer.Option(
         "single", help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge)"
     ),
@@ -203,6 +206,7 @@ def train(
         max_length=max_length,
         seed=seed,
         zscore=not no_zscore,
+        tail=tail,
     )
     if mode == "pairwise":
         from fusion_cache.merge.pairwise import train_pairwise

@@ -59,6 +59,7 @@ class TrainConfig(_Config):
     zscore: bool = True
     softmax: bool = True
     temperature: float = Field(1.0, gt=0.0)
+    tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
     lr: float = Field(5e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -73,6 +74,16 @@ class TrainConfig(_Config):
     grad_clip: float = Field(1.0, gt=0.0)
     log_every: int = Field(10, ge=1)
     save: bool = True
+
+    @model_validator(mode="after")
+    def _tail_compares_probabilities(self):
+        if self.tail and (self.zscore or not self.softmax or self.temperature != 1.0):
+            raise ValueError(
+                "tail=True compares the teacher's true top-K probabilities and tail mass: it needs zscore=False, "
+                f"softmax=True, temperature=1 (got zscore={self.zscore}, softmax={self.softmax}, "
+                f"temperature={self.temperature})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_teacher_for_now(self):

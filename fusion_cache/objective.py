@@ -59,6 +59,7 @@ def forward_losses(
     zscore: bool = True,
     softmax: bool = True,
     temperature: float = 1.0,
+    tail: bool = False,
     fused_linear: bool | None = None,
 ) -> StepOutput:
     """L = (1 - lambda) * CE + lambda * ULD for one batch (see `fusion_cache.stream.collate` for the batch keys).
@@ -75,6 +76,8 @@ def forward_losses(
         # (tests/fusion_cache/test_objective.py, xfail); resolve_backend is where auto would decide
         fused_linear = False and not soft_cap and resolve_backend(head.weight.device) == "triton"
     if fused_linear:
+        if tail:
+            raise ValueError("fused_linear has no tail-mass bucket (tail=True); use the dense path")
         if soft_cap:
             raise ValueError(f"fused_linear does not apply logit soft-capping (final_logit_softcapping={soft_cap})")
         return _fused_losses(model, head, batch, lambda_=lambda_, k=k, zscore=zscore, softmax=softmax,
@@ -83,7 +86,13 @@ def forward_losses(
     ce = F.cross_entropy(logits.float(), batch["answer_targets"])
     rows = logits[batch["uld_rows"]]  # [N, V] aligned with the teacher's rows
     opts = dict(
-        row_weights=batch["row_weights"], reduction="sum", k=k, zscore=zscore, softmax=softmax, temperature=temperature
+        row_weights=batch["row_weights"],
+        reduction="sum",
+        k=k,
+        zscore=zscore,
+        softmax=softmax,
+        temperature=temperature,
+        tail=tail,
     )
     if lambda_ > 0:
         uld = uld_loss(rows, batch["teacher_values"], **opts)

@@ -112,6 +112,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     zscore=cfg.zscore,
                     softmax=cfg.softmax,
                     temperature=cfg.temperature,
+                    tail=cfg.tail,
                 )
                 (o.loss / cfg.grad_accum).backward()
                 seen_tokens += o.answer_tokens

@@ -63,6 +63,17 @@ def test_train_settings_are_validated():
         TrainConfig.create(student="s", shards=["c"], out="o", **{"lambda": 1.5})
     with pytest.raises(ConfigError, match="shards"):
         TrainConfig.create(student="s", shards=[], out="o")
+    with pytest.raises(ConfigError, match="tail=True.*zscore=False"):
+        TrainConfig.create(student="s", shards=["c"], out="o", tail=True)
+
+
+def test_tail_bucket_variant_trains_and_changes_the_loss(tmp_path, built_cache, tiny_model_dir):
+    opts = dict(max_steps=2, save=False, zscore=False, top_k=8)
+    plain = _train(tiny_model_dir, built_cache, tmp_path / "a", **opts)
+    tail = _train(tiny_model_dir, built_cache, tmp_path / "b", **opts, tail=True)
+    la, lb = (_losses((tmp_path / n / "metrics.jsonl").read_text()) for n in "ab")
+    assert all(math.isfinite(x) for x in lb) and la != lb
+    assert plain.summary["steps"] == tail.summary["steps"] == 2
 
 
 def _load(path):
