@@ -67,21 +67,18 @@ def forward_losses(
     With lambda == 0 the ULD term is still computed for the logs, without a graph.
 
     ``fused_linear``: take CE and ULD in one chunked pass over the lm_head (`losses.fused_linear_uld`), so the
-    [M, V] answer logits never exist whole. None (default) = off for now (see the xfail in test_objective.py).
+    [M, V] answer logits never exist whole. None (default): on where the loss backend is Triton (a GPU) and the
+    model has no logit soft-capping; the dense path otherwise (CPU).
     """
     head = model.get_output_embeddings()
     soft_cap = getattr(model.config, "final_logit_softcapping", None)
     if fused_linear is None:
-        # opt-in for now: with lambda > 0 its lm_head gradient differs from the dense path on the tiny model
-        # (tests/fusion_cache/test_objective.py, xfail); resolve_backend is where auto would decide
-        fused_linear = False and not soft_cap and resolve_backend(head.weight.device) == "triton"
+        fused_linear = not soft_cap and resolve_backend(head.weight.device) == "triton"
     if fused_linear:
-        if tail:
-            raise ValueError("fused_linear has no tail-mass bucket (tail=True); use the dense path")
         if soft_cap:
             raise ValueError(f"fused_linear does not apply logit soft-capping (final_logit_softcapping={soft_cap})")
         return _fused_losses(model, head, batch, lambda_=lambda_, k=k, zscore=zscore, softmax=softmax,
-                             temperature=temperature)  # fmt: skip
+                             temperature=temperature, tail=tail)  # fmt: skip
     logits = answer_logits(model, batch)  # [M, V]
     ce = F.cross_entropy(logits.float(), batch["answer_targets"])
     rows = logits[batch["uld_rows"]]  # [N, V] aligned with the teacher's rows
@@ -107,7 +104,9 @@ def forward_losses(
     return StepOutput(loss, ce, uld, int(batch["answer_targets"].numel()), hits, int(known.sum()))
 
 
-def _fused_losses(model, head, batch, *, lambda_: float, k: int, zscore: bool, softmax: bool, temperature: float):
+def _fused_losses(
+    model, head, batch, *, lambda_: float, k: int, zscore: bool, softmax: bool, temperature: float, tail: bool
+):
     """`forward_losses` through the chunked fused lm_head path: the same numbers, O(chunk x V) logits memory."""
     rows = answer_hidden(model, batch)  # [M, H]
     m = rows.shape[0]
@@ -119,7 +118,7 @@ def _fused_losses(model, head, batch, *, lambda_: float, k: int, zscore: bool, s
     weights = batch["row_weights"].new_zeros(m).index_copy(0, uld_rows, batch["row_weights"])
     out = fused_linear_uld(
         rows, head.weight, teacher_full, mask, weights, batch["answer_targets"], head.bias,
-        k=k, zscore=zscore, softmax=softmax, temperature=temperature, reduction="sum",
+        k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail, reduction="sum",
         ce_weight=1.0 - lambda_, uld_weight=lambda_,
     )  # fmt: skip
     known = batch["teacher_top1"] >= 0
