@@ -219,6 +219,9 @@ def bench_cache(path: str) -> list[dict]:
     return results
 
 
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the benchmark rewrites the table above -->"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", action="append", required=True, help="a raw cache of real teacher output")
@@ -250,10 +253,14 @@ def main() -> None:
 
         RESULTS.mkdir(parents=True, exist_ok=True)
         meta = ", ".join(f"{k}={v}" for k, v in info.items())
-        (RESULTS / "codec.md").write_text(
+        out = RESULTS / "codec.md"
+        # the hand-written reading of the table (targets, why) lives below a marker and survives a rerun
+        old = out.read_text() if out.exists() else ""
+        notes = old[old.index(ANALYSIS_MARKER) :] if ANALYSIS_MARKER in old else ""
+        out.write_text(
             "# Codec benchmark (benchmarks/bench_codec.py)\n\n"
             f"Command: `PYTHONPATH=. python benchmarks/bench_codec.py {' '.join('--cache ' + c for c in args.cache)}`"
-            f"\n\nMachine: {meta}\n\n{table}"
+            f"\n\nMachine: {meta}\n\n{table}\n{notes}"
         )
         (RESULTS / "codec.jsonl").open("a").write(json.dumps({"machine": info, "results": all_rows}) + "\n")
 
