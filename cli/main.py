@@ -180,6 +180,9 @@ def train(
     max_length: int = typer.Option(1024, help="longest student sequence"),
     seed: int = typer.Option(0),
     no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
+    kd_loss: str = typer.Option(
+        "uld", "--kd-loss", help="uld (InfiFusion, any tokenizer) or kl (top-K KL; same tokenizer, cache with ids)"
+    ),
     tail: bool = typer.Option(
         False, "--tail", help="compare true top-K probabilities plus the tail mass (needs --no-zscore)"
     ),
@@ -207,6 +210,7 @@ def train(
         seed=seed,
         zscore=not no_zscore,
         tail=tail,
+        kd_loss=kd_loss,
     )
     if mode == "pairwise":
         from fusion_cache.merge.pairwise import train_pairwise

@@ -59,6 +59,9 @@ class TrainConfig(_Config):
     zscore: bool = True
     softmax: bool = True
     temperature: float = Field(1.0, gt=0.0)
+    kd_loss: Literal["uld", "kl"] = Field(
+        "uld", description="distillation term: uld (InfiFusion, any tokenizer) or kl (top-K KL, same vocabulary)"
+    )
     tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
     lr: float = Field(5e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)

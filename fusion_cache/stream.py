@@ -31,6 +31,7 @@ class StudentExample:
         answer_start: index of the first answer token.
         teacher_values: float32 [n_aligned, Kt] teacher top-K log-probs for student answer tokens 0..n_aligned-1.
         teacher_top1: int32 [n_aligned] teacher's most likely token ids (same-tokenizer caches only, else None).
+        teacher_ids: int32 [n_aligned, Kt] the teacher's top-K ids (same tokenizer and a codec with ids, else None).
     """
 
     sample_id: str
@@ -38,6 +39,7 @@ class StudentExample:
     answer_start: int
     teacher_values: np.ndarray
     teacher_top1: np.ndarray | None
+    teacher_ids: np.ndarray | None = None
 
 
 class CacheStream(torch.utils.data.IterableDataset):
@@ -86,8 +88,9 @@ class CacheStream(torch.utils.data.IterableDataset):
         if n < 1:
             return None
         # a `values` cache has no ids: training needs only the values, the top-1 agreement metric is skipped
-        top1 = row.topk_ids[:n, 0] if self.same_tokenizer and self.reader.codec.has_ids else None
-        return StudentExample(row.sample_id, ids, start, row.topk_logprobs[:n], top1)
+        teacher_ids = row.topk_ids[:n] if self.same_tokenizer and self.reader.codec.has_ids else None
+        top1 = None if teacher_ids is None else teacher_ids[:, 0]
+        return StudentExample(row.sample_id, ids, start, row.topk_logprobs[:n], top1, teacher_ids)
 
     def __iter__(self) -> Iterator[StudentExample]:
         epoch = 0
@@ -118,7 +121,8 @@ def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tens
             predicts token p + 1), and answer_targets [M] those tokens;
         uld_rows [N]: indices into the M answer rows that have a teacher row (index alignment), with
             teacher_values [N, Kt], row_weights [N] (1 / (n_b * B): mean over a sample's positions, then over the
-            batch) and teacher_top1 [N] (-1 when the tokenizers differ).
+            batch) and teacher_top1 [N] (-1 when the tokenizers differ);
+        teacher_ids [N, Kt] int64, only when every example has the teacher's ids (same tokenizer, codec with ids).
     """
     b = len(examples)
     length = max(len(e.input_ids) for e in examples)
@@ -139,7 +143,7 @@ def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tens
         vals.append(e.teacher_values)
         weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
         top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention,
         "answer_index": torch.from_numpy(np.concatenate(answer_index)).long(),
@@ -149,3 +153,6 @@ def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tens
         "row_weights": torch.from_numpy(np.concatenate(weights)),
         "teacher_top1": torch.from_numpy(np.concatenate(top1).astype(np.int64)),
     }
+    if all(e.teacher_ids is not None for e in examples):
+        batch["teacher_ids"] = torch.from_numpy(np.concatenate([e.teacher_ids for e in examples]).astype(np.int64))
+    return batch

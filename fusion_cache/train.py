@@ -99,7 +99,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     bar = tqdm(total=total_steps, unit="step", disable=not progress, desc=f"train λ={cfg.lambda_}", dynamic_ncols=True)
     with open(metrics_path, "w") as metrics:
         for step in range(total_steps):
-            acc = {"loss": 0.0, "ce": 0.0, "uld": 0.0}
+            acc = {"loss": 0.0, "ce": 0.0, "uld": 0.0} | ({"kl": 0.0} if cfg.kd_loss == "kl" else {})
             for _ in range(cfg.grad_accum):
                 batch = list(islice(examples, cfg.batch_size))
                 if not batch:
@@ -113,6 +113,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     softmax=cfg.softmax,
                     temperature=cfg.temperature,
                     tail=cfg.tail,
+                    kd_loss=cfg.kd_loss,
                 )
                 (o.loss / cfg.grad_accum).backward()
                 seen_tokens += o.answer_tokens

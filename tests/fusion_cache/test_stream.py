@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from fusion_cache.cache.reader import CacheReader
@@ -29,6 +30,9 @@ def test_same_tokenizer_reuses_cached_tokens(built_cache, tiny_model_dir):
         assert (ex.input_ids == row.input_ids).all()
         assert ex.teacher_values.shape == row.topk_logprobs.shape
         assert (ex.teacher_top1 == row.topk_ids[:, 0]).all()
+        assert (ex.teacher_ids == row.topk_ids).all()  # what the top-K KL needs
+    b = collate(exs[:2], pad_id=0)
+    assert b["teacher_ids"].shape == b["teacher_values"].shape and b["teacher_ids"].dtype == torch.int64
 
 
 def test_other_tokenizer_is_rerendered_and_index_aligned(built_cache, other_model_dir):
@@ -39,8 +43,9 @@ def test_other_tokenizer_is_rerendered_and_index_aligned(built_cache, other_mode
         n_student = len(ex.input_ids) - ex.answer_start
         n_teacher = row.topk_logprobs.shape[0]
         assert ex.teacher_values.shape[0] == min(n_student, n_teacher)  # ULD: first min(n_S, n_T) positions
-        assert ex.teacher_top1 is None
+        assert ex.teacher_top1 is None and ex.teacher_ids is None
         assert tok.decode(ex.input_ids[ex.answer_start :].tolist()).startswith(tok.decode(row.input_ids[:0].tolist()))
+    assert "teacher_ids" not in collate(list(stream)[:2], pad_id=0)  # other vocabulary: no top-K KL
 
 
 def test_truncation_and_shuffle_are_bounded_and_seeded(built_cache, tiny_model_dir):
