@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # only for its exception type: nothing is unpickled outside torch.load(weights_only=True)
 import random
 import re
 import shutil
@@ -224,7 +225,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
             trainer=trainer,
             ranks=ranks,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+        # weights_only refusing a global (a pickle that would run code) lands here too
         raise ConfigError(f"{path}: not a readable checkpoint: {e}") from e
 
 
