@@ -259,7 +259,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.autocast == "bf16" and ctx.device.type == "cpu":
-        log.warning("bf16 autocast on the CPU: slow unless the CPU has AVX-512 bf16/AMX, and not bitwise resumable")
+        log.warning("bf16 autocast on the CPU: slower than fp32 unless the CPU has AVX-512 bf16 or AMX")
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     model.to(ctx.device)
     if cfg.grad_checkpointing:
