@@ -67,12 +67,17 @@ def setup(device: str = "auto") -> DistContext:
     return DistContext(rank, world, local_rank, dev, owns)
 
 
-def teardown(ctx: DistContext) -> None:
-    """Leave the process group if `setup` joined it (a caller's own group is left alone)."""
+def teardown(ctx: DistContext, *, ok: bool = True) -> None:
+    """Leave the process group if `setup` joined it (a caller's own group is left alone).
+
+    After a failure (``ok`` False) there is no closing barrier: the other ranks may be waiting in another
+    collective, and torchrun stops them once this process exits with an error.
+    """
     if ctx.owns_group:
         import torch.distributed as dist
 
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -248,9 +248,12 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | No
     """
     ctx = distributed.setup(cfg.device)
     try:
-        return _run(cfg, ctx, progress=progress, on_batch=on_batch)
-    finally:
-        distributed.teardown(ctx)
+        result = _run(cfg, ctx, progress=progress, on_batch=on_batch)
+    except BaseException:
+        distributed.teardown(ctx, ok=False)
+        raise
+    distributed.teardown(ctx)
+    return result
 
 
 def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None) -> TrainResult:
