@@ -177,7 +177,7 @@ def _truncate_metrics(path: Path, step: int) -> dict | None:
     return json.loads(kept[-1]) if kept else None
 
 
-def _resume(cfg, ctx: DistContext, out: Path, wrapped, model, opt, sched, stream: CacheStream):
+def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
     """(examples iterator, progress): from the newest checkpoint when resuming, else from the start."""
     found = latest_checkpoint(out)
     if not cfg.resume:
@@ -186,10 +186,10 @@ def _resume(cfg, ctx: DistContext, out: Path, wrapped, model, opt, sched, stream
                 f"out: {out} holds checkpoints of an earlier run ({found.name}); pass --resume to continue it "
                 "or choose another --out"
             )
-        return stream.iterator(), _Progress()
+        return p.stream.iterator(), _Progress()
     if found is None:
         log.warning("resume: no checkpoint in %s; starting from the beginning", out / "checkpoints")
-        return stream.iterator(), _Progress()
+        return p.stream.iterator(), _Progress()
     ckpt = load_checkpoint(found)
     check_same_settings(ckpt.trainer["config"], _config_dump(cfg), found)
     if int(ckpt.trainer["world_size"]) != ctx.world_size:
@@ -197,21 +197,21 @@ def _resume(cfg, ctx: DistContext, out: Path, wrapped, model, opt, sched, stream
             f"{found}: written by {ckpt.trainer['world_size']} processes, resumed with {ctx.world_size}; "
             "each rank's position in the cache is saved, so resume with the same --nproc-per-node"
         )
-    _load_states(wrapped, model, opt, ckpt, cfg)
-    sched.load_state_dict(ckpt.scheduler)
+    _load_states(p.wrapped, p.model, p.opt, ckpt, cfg)
+    p.sched.load_state_dict(ckpt.scheduler)
     mine = ckpt.ranks[ctx.rank]
     set_rng_state(mine["rng"])
     last = _truncate_metrics(out / "metrics.jsonl", ckpt.step) if ctx.is_main else None
     log.info("resumed from %s (step %d)", found, ckpt.step)
     progress = _Progress(ckpt.step, int(ckpt.trainer["answer_tokens"]), float(ckpt.trainer["elapsed_s"]), last)
-    return stream.iterator(mine["stream"]), progress
+    return p.stream.iterator(mine["stream"]), progress
 
 
-def _save(cfg, ctx: DistContext, out: Path, wrapped, model, opt, sched, examples, progress: _Progress) -> None:
+def _save(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, examples, progress: _Progress) -> None:
     """Checkpoint the current step: every rank contributes its stream position and RNGs; rank 0 writes."""
     ranks = distributed.all_gather_json({"stream": examples.state_dict(), "rng": rng_state()}, ctx)
-    model_state = _model_state(wrapped, model, cfg)
-    opt_state = _optimizer_state(wrapped, opt, cfg)
+    model_state = _model_state(p.wrapped, p.model, cfg)
+    opt_state = _optimizer_state(p.wrapped, p.opt, cfg)
     if ctx.is_main:
         trainer = {
             "step": progress.step,
@@ -224,7 +224,7 @@ def _save(cfg, ctx: DistContext, out: Path, wrapped, model, opt, sched, examples
             out,
             model=model_state,
             optimizer=opt_state,
-            scheduler=sched.state_dict(),
+            scheduler=p.sched.state_dict(),
             trainer=trainer,
             ranks=ranks,
             keep=cfg.keep_checkpoints,
@@ -256,24 +256,32 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | No
     return result
 
 
-def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None) -> TrainResult:
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if cfg.autocast == "bf16" and ctx.device.type == "cpu":
-        log.warning("bf16 autocast on the CPU: slower than fp32 unless the CPU has AVX-512 bf16 or AMX")
+@dataclass
+class _Parts:
+    """Everything a run trains with, built once by `_build` (the same on a fresh start and on a resume)."""
+
+    model: torch.nn.Module  # the student itself (HF names; what gets saved)
+    wrapped: torch.nn.Module  # StudentLoss(model), wrapped in DDP/FSDP under torchrun
+    tokenizer: object
+    student_path: str
+    stream: CacheStream
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    pad: int
+
+
+def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     model.to(ctx.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cache_dir = cfg.shards[0]
-    rows = CacheReader(cache_dir).manifest.stats.rows
+    rows = CacheReader(cfg.shards[0]).manifest.stats.rows
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
     stream = CacheStream(
-        cache_dir,
+        cfg.shards[0],
         tokenizer,
         chat_template=has_chat_template(tokenizer),
         max_length=cfg.max_length,
@@ -288,79 +296,99 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
-    examples, prog = _resume(cfg, ctx, out, wrapped, model, opt, sched, stream)
-    metrics_path = out / "metrics.jsonl"
+    return _Parts(model, wrapped, tokenizer, student_path, stream, opt, sched, total_steps, pad)
+
+
+class _MetricsLog:
+    """``<out>/metrics.jsonl``, one JSON record per step, written by rank 0 only (other ranks get a no-op)."""
+
+    def __init__(self, path: Path, *, enabled: bool, fresh: bool):
+        self.file = None
+        if enabled:
+            if fresh:
+                path.write_text("")
+            self.file = open(path, "a")  # noqa: SIM115 (closed by close())
+
+    def write(self, record: dict, *, flush: bool, durable: bool) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if flush or durable:
+            self.file.flush()
+        if durable:
+            os.fsync(self.file.fileno())  # the records up to a checkpoint outlive the process
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.autocast == "bf16" and ctx.device.type == "cpu":
+        log.warning("bf16 autocast on the CPU: slower than fp32 unless the CPU has AVX-512 bf16 or AMX")
+    p = _build(cfg, ctx)
+    examples, prog = _resume(cfg, ctx, out, p)
     if ctx.is_main:
         (out / "train_config.json").write_text(json.dumps(_config_dump(cfg), indent=2) + "\n")
-        if prog.step == 0:
-            metrics_path.write_text("")
-    wrapped.train()
+    metrics = _MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main, fresh=prog.step == 0)
+    p.wrapped.train()
     t0 = time.perf_counter() - prog.elapsed_s
-    bar = tqdm(
-        total=total_steps,
-        initial=prog.step,
-        unit="step",
-        disable=not (progress and ctx.is_main),
-        desc=f"train λ={cfg.lambda_}",
-        dynamic_ncols=True,
-    )
-    metrics = open(metrics_path, "a") if ctx.is_main else None  # noqa: SIM115 (closed in the finally below)
+    bar = tqdm(total=p.total_steps, initial=prog.step, unit="step", disable=not (progress and ctx.is_main),
+               desc=f"train λ={cfg.lambda_}", dynamic_ncols=True)  # fmt: skip
     try:
-        for step in range(prog.step, total_steps):
-            acc, tokens = _train_step(cfg, ctx, wrapped, opt, examples, pad, step, on_batch)
-            grad_norm = _clip(wrapped, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        for step in range(prog.step, p.total_steps):
+            acc, tokens = _train_step(cfg, ctx, p.wrapped, examples, p.pad, step, on_batch)
+            grad_norm = _clip(p.wrapped, cfg.grad_clip)
+            p.opt.step()
+            p.sched.step()
+            p.opt.zero_grad(set_to_none=True)
             prog.step = step + 1
             prog.answer_tokens += distributed.all_reduce_sum_int(tokens, ctx)
             prog.elapsed_s = time.perf_counter() - t0
-            prog.last = {
-                "step": prog.step,
-                **acc,
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "answer_tokens": prog.answer_tokens,
-                "elapsed_s": round(prog.elapsed_s, 3),
-            }
+            prog.last = {"step": prog.step, **acc, "lr": p.sched.get_last_lr()[0], "grad_norm": grad_norm,
+                         "answer_tokens": prog.answer_tokens, "elapsed_s": round(prog.elapsed_s, 3)}  # fmt: skip
             checkpoint_now = cfg.checkpoint_every is not None and prog.step % cfg.checkpoint_every == 0
-            if metrics is not None:
-                metrics.write(json.dumps(prog.last) + "\n")
-                if prog.step % cfg.log_every == 0 or prog.step == total_steps or checkpoint_now:
-                    metrics.flush()
-                if checkpoint_now:
-                    os.fsync(metrics.fileno())  # the records up to a checkpoint outlive the process
+            flush = prog.step % cfg.log_every == 0 or prog.step == p.total_steps
+            metrics.write(prog.last, flush=flush, durable=checkpoint_now)
             if checkpoint_now:
-                _save(cfg, ctx, out, wrapped, model, opt, sched, examples, prog)
+                _save(cfg, ctx, out, p, examples, prog)
             bar.update(1)
-            elapsed = max(prog.elapsed_s, 1e-9)
-            bar.set_postfix(ce=f"{acc['ce']:.3f}", uld=f"{acc['uld']:.3f}", tok_s=f"{prog.answer_tokens / elapsed:.0f}")
+            tok_s = prog.answer_tokens / max(prog.elapsed_s, 1e-9)
+            bar.set_postfix(ce=f"{acc['ce']:.3f}", uld=f"{acc['uld']:.3f}", tok_s=f"{tok_s:.0f}")
     finally:
-        if metrics is not None:
-            metrics.close()
-    bar.close()
+        metrics.close()
+        bar.close()
     summary = {
-        "steps": total_steps,
+        "steps": p.total_steps,
         "answer_tokens": prog.answer_tokens,
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "final": prog.last,
-        "student": student_path,
-        "cache": cache_dir,
+        "student": p.student_path,
+        "cache": cfg.shards[0],
         "world_size": ctx.world_size,
     }
-    model_state = _model_state(wrapped, model, cfg) if cfg.save and cfg.fsdp else None
+    _finish(cfg, ctx, out, p, summary)
+    return TrainResult(summary, p.model, p.tokenizer)
+
+
+def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: dict) -> None:
+    """Rank 0 saves the model (safetensors + tokenizer) and the summary; the model ends up on the CPU."""
+    model_state = _model_state(p.wrapped, p.model, cfg) if cfg.save and cfg.fsdp else None  # collective
     if ctx.is_main:
         if cfg.save:
-            model.save_pretrained(out / "model", safe_serialization=True, state_dict=model_state)
-            tokenizer.save_pretrained(out / "model")
+            p.model.save_pretrained(out / "model", safe_serialization=True, state_dict=model_state)
+            p.tokenizer.save_pretrained(out / "model")
             summary["model_dir"] = str(out / "model")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if ctx.device.type != "cpu" and not cfg.fsdp:
-        model.to("cpu")  # callers (evaluation, the demo) work on the CPU
-    return TrainResult(summary, model, tokenizer)
+        p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
 
 
-def _train_step(cfg, ctx, wrapped, opt, examples, pad: int, step: int, on_batch) -> tuple[dict, int]:
+def _train_step(cfg, ctx, wrapped, examples, pad: int, step: int, on_batch) -> tuple[dict, int]:
     """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens)."""
     acc = {"loss": 0.0, "ce": 0.0, "uld": 0.0}
     tokens = 0
