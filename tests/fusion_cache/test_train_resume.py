@@ -61,6 +61,7 @@ def _cut_back_to(run: Path, step: int) -> None:
     shutil.rmtree(run / "model")
 
 
+@pytest.mark.slow
 def test_resume_from_each_checkpoint_equals_the_uninterrupted_run(tmp_path, built_cache, tiny_model_dir):
     ref = tmp_path / "ref"
     run_train(_cfg(tiny_model_dir, built_cache, ref), progress=False)
