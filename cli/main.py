@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -189,10 +190,21 @@ def train(
     mode: str = typer.Option(
         "single", help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge)"
     ),
+    checkpoint_every: int = typer.Option(None, help="write <out>/checkpoints/step-N every N optimizer steps"),
+    keep_checkpoints: int = typer.Option(3, help="newest checkpoints to keep"),
+    resume: bool = typer.Option(False, "--resume", help="continue exactly from the newest checkpoint in --out"),
+    device: str = typer.Option("auto", help="auto (this rank's GPU if any, else CPU), cpu or cuda"),
+    autocast: str = typer.Option("none", help="none or bf16 (autocast of the forward pass; never the default)"),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="recompute activations in the backward pass to save memory"
+    ),
+    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student with FSDP2 instead of DDP"),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*ULD.
 
     Example: fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
+
+    Data parallel: torchrun --nproc-per-node 2 -m fusion_cache.train --student ... (the same flags).
     """
     from fusion_cache.config import TrainConfig
     from fusion_cache.train import run_train
@@ -211,6 +223,13 @@ def train(
         zscore=not no_zscore,
         tail=tail,
         kd_loss=kd_loss,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        resume=resume,
+        device=device,
+        autocast=autocast,
+        grad_checkpointing=grad_checkpointing,
+        fsdp=fsdp,
     )
     if mode == "pairwise":
         from fusion_cache.merge.pairwise import train_pairwise
@@ -229,6 +248,8 @@ def train(
     except FusionCacheError as e:
         _fail(e)
     f = result.summary["final"]
+    if f is None or os.environ.get("RANK", "0") != "0":  # nothing left to train, or not torchrun's rank 0
+        return
     typer.echo(
         f"trained {result.summary['steps']} steps in {result.summary['wall_seconds']:.0f} s: "
         f"ce {f['ce']:.4f}, uld {f['uld']:.4f}; model in {out / 'model'}"

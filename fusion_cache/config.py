@@ -77,6 +77,14 @@ class TrainConfig(_Config):
     grad_clip: float = Field(1.0, gt=0.0)
     log_every: int = Field(10, ge=1)
     save: bool = True
+    # ---- robustness and scale (fusion_cache/checkpoint.py, fusion_cache/distributed.py)
+    checkpoint_every: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
+    keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None: all)")
+    resume: bool = Field(False, description="continue from the newest checkpoint in <out>/checkpoints")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this rank's GPU if any, else CPU")
+    autocast: Literal["none", "bf16"] = Field("none", description="bf16 autocast of the forward pass")
+    grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    fsdp: bool = Field(False, description="shard the student with FSDP2 (torchrun, WORLD_SIZE > 1) instead of DDP")
 
     @model_validator(mode="after")
     def _tail_compares_probabilities(self):
