@@ -34,8 +34,31 @@ import torch
 HALF_NORMAL_SKEW = math.sqrt(2.0) * (4.0 - math.pi) / (math.pi - 2.0) ** 1.5
 # Elements per chunk of the elementwise passes: S rows of a chunk plus a few scratch buffers stay in L2/L3.
 CHUNK = 1 << 16
+# Entries per chunk of a float64 reduction: under torch's parallel grain size (32768), so one thread, fixed order.
+REDUCE_CHUNK = 1 << 15
 # Below this size `kth_largest` just copies and selects; above it, a sample brackets the answer first.
 SMALL = 1 << 18
+
+
+def sum_sq(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """``sum((x - minus)^2)`` over all entries, in float64, the same bits whatever torch's thread count.
+
+    The sum runs over chunks of ``REDUCE_CHUNK`` entries (below torch's parallel grain size, so each chunk is
+    reduced on one thread in one fixed order) accumulated in order; a whole-tensor torch reduction would split
+    differently with 1 and 2 threads. Squares of fp32 values are exact in float64.
+    """
+    x = x.reshape(-1)
+    minus = None if minus is None else minus.reshape(-1)
+    n = x.numel()
+    buf = torch.empty(min(REDUCE_CHUNK, max(n, 1)), dtype=torch.float64)
+    sub = None if minus is None else torch.empty_like(buf)
+    total = 0.0
+    for sl in _chunks(n, REDUCE_CHUNK):
+        b = buf[: sl.stop - sl.start].copy_(x[sl])
+        if minus is not None:
+            b.sub_(sub[: b.numel()].copy_(minus[sl]))
+        total += float(b.mul_(b).sum())
+    return total
 
 
 def _chunks(n: int, size: int = CHUNK):
@@ -57,35 +80,15 @@ def _rows(tau: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- building blocks
-def kth_largest_(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of the contiguous 1-D fp32/fp64 tensor ``x`` (1 <= k <= numel), exactly.
+def _bracket(x: torch.Tensor, k: int) -> tuple[float, float]:
+    """[lo, hi] that holds the k-th largest of 1-D ``x`` with high probability, from a strided sample of ~65536.
 
-    Reorders ``x`` in place (numpy's introselect: O(n), about 15x faster than torch.kthvalue on CPU). NaN counts as
-    the largest value. Returns a 0-d tensor of ``x``'s dtype.
+    The bounds are the sample's order statistics 4 standard deviations of the sample quantile either side of the
+    k-th largest's expected position (-inf / +inf at the ends). On quantized data (task vectors of bf16 models have
+    a few thousand distinct values) they are often equal: the sample has already found the answer.
     """
     n = x.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    a = x.numpy()
-    a.partition(n - k)
-    return torch.tensor(a[n - k], dtype=x.dtype)
-
-
-def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of ``x`` (any shape, fp32/fp64; 1 <= k <= numel), exactly; ``x`` is not modified.
-
-    Small tensors are copied and selected (`kth_largest_`). Large ones: a strided sample brackets the answer
-    ([lo, hi], 4 standard deviations of the sample quantile wide), one chunked pass counts the values above ``hi``
-    and collects those inside the bracket (about 1% of them), and the selection runs on the bracket only. If the
-    bracket misses (rare: structured data), the full copy-and-select answers.
-    """
-    x = x.reshape(-1)
-    n = x.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n <= SMALL:
-        return kth_largest_(x.clone(), k)
-    sample = x[:: n // (1 << 16)].clone().numpy()
+    sample = x[:: max(1, n // (1 << 16))].clone().numpy()
     m = sample.size
     q = k / n
     center = m * (1.0 - q)  # ascending position of the k-th largest in the sample
@@ -95,16 +98,66 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     sample.partition((lo_i, hi_i))
     lo = -math.inf if lo_i == 0 else float(sample[lo_i])
     hi = math.inf if hi_i == m - 1 else float(sample[hi_i])
-    xs = x.contiguous().numpy()
-    above = 0
-    band = []
-    for sl in _chunks(n):
+    return lo, hi
+
+
+def _scan(xs: np.ndarray, lo: float, hi: float, band: bool) -> tuple[int, int, np.ndarray | None]:
+    """One chunked pass over ``xs``: (#values > hi, #values >= lo, the values in [lo, hi] if ``band``)."""
+    above = at_least = 0
+    parts = []
+    mask = np.empty(min(CHUNK, xs.size), dtype=bool)
+    for sl in _chunks(xs.size):
         c = xs[sl]
-        above += int(np.count_nonzero(c > hi))
-        band.append(c[(c >= lo) & (c <= hi)])
-    band = np.concatenate(band)
-    need = k - above  # rank of the answer, from the top, among the values in [lo, hi]
-    if 1 <= need <= band.size:
+        m = mask[: c.size]
+        above += int(np.count_nonzero(np.greater(c, hi, out=m)))
+        at_least += int(np.count_nonzero(np.greater_equal(c, lo, out=m)))
+        if band:
+            parts.append(c[m & (c <= hi)])
+    return above, at_least, (np.concatenate(parts) if band else None)
+
+
+def kth_largest_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of the contiguous 1-D fp32/fp64 tensor ``x`` (1 <= k <= numel), exactly.
+
+    May reorder ``x`` in place (numpy's introselect: O(n), about 15x faster than torch.kthvalue on CPU). Large
+    tensors try the sample's guess first (`_bracket`): when the bracket collapses to one value v, two counts
+    decide (v is the answer iff #(x > v) < k <= #(x >= v)), which on duplicate-heavy data is several times
+    cheaper than the selection. NaN counts as the largest value. Returns a 0-d tensor of ``x``'s dtype.
+    """
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    a = x.numpy()
+    if n > SMALL:
+        lo, hi = _bracket(x, k)
+        if lo == hi:
+            above, at_least, _ = _scan(a, lo, hi, band=False)
+            if above < k <= at_least:
+                return torch.tensor(lo, dtype=x.dtype)
+    a.partition(n - k)
+    return torch.tensor(a[n - k], dtype=x.dtype)
+
+
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of ``x`` (any shape, fp32/fp64; 1 <= k <= numel), exactly; ``x`` is not modified.
+
+    Small tensors are copied and selected (`kth_largest_`). Large ones: the sample's bracket [lo, hi]
+    (`_bracket`), one chunked pass counting the values above ``hi`` and collecting those inside the bracket
+    (about 1% of them), and the selection on the bracket only. If the bracket misses (rare: structured data),
+    a full copy-and-select answers.
+    """
+    x = x.reshape(-1)
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if n <= SMALL:
+        return kth_largest_(x.clone(), k)
+    lo, hi = _bracket(x, k)
+    above, at_least, band = _scan(x.contiguous().numpy(), lo, hi, band=lo != hi)
+    if above < k <= at_least:  # the answer is in [lo, hi]
+        if lo == hi:
+            return torch.tensor(lo, dtype=x.dtype)
+        need = k - above  # its rank, from the top, among the values in [lo, hi]
         band.partition(band.size - need)
         return torch.tensor(band[band.size - need], dtype=x.dtype)
     return kth_largest_(x.clone(), k)
@@ -212,7 +265,9 @@ def _trim_elect_mean_(tau: torch.Tensor, thresholds: list, sign_election: str, a
         torch.mul(blk, e_, out=u_)  # > 0 exactly where the entry is non-zero with the elected sign
         torch.sum(torch.gt(u_, 0.0, out=g_), 0, out=count[:m])
         torch.sum(u_.clamp_min_(0.0), 0, out=total[:m])
-        torch.div(total[:m], count[:m].clamp_min_(1.0), out=blk[0]).mul_(e_).mul_(alpha)
+        torch.div(total[:m], count[:m].clamp_min_(1.0), out=blk[0]).mul_(e_)
+        if alpha != 1.0:  # x * 1.0 is x
+            blk[0].mul_(alpha)
     return tau[0]
 
 
@@ -323,8 +378,8 @@ def sce_(tau: torch.Tensor, *, select_topk: float = 0.1, work: torch.Tensor | No
             mask = torch.empty(min(CHUNK, max(n, 1)), dtype=tau.dtype)
             for sl in _chunks(n):
                 flat[:, sl].mul_(torch.ge(var[sl], threshold, out=mask[: sl.stop - sl.start]))
-    # w_s = sum(d_s^2) / numel, each a whole-row sum as d.pow(2).sum(1) computes it
-    w = torch.stack([torch.mul(r, r, out=w_buf).sum() for r in flat]) / max(n, 1)
+    # w_s = sum(d_s^2) / numel, summed in float64 (see `sum_sq`) and rounded to fp32 once
+    w = torch.tensor([sum_sq(r) / max(n, 1) for r in flat], dtype=tau.dtype)
     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
     c = min(CHUNK, max(n, 1))
     u, g = torch.empty(s_count, c, dtype=tau.dtype), torch.empty(s_count, c, dtype=tau.dtype)
@@ -437,20 +492,21 @@ def sce(tau: torch.Tensor, *, select_topk: float = 0.1) -> torch.Tensor:
 def skewness(x: torch.Tensor) -> float:
     """Population skewness E[((x - mu) / sigma)^3] of all of ``x``'s entries; 0 for a constant tensor.
 
-    Two passes in float64 over chunks (mean, then the second and third central moments): no full-size copy.
+    Two passes in float64 over chunks (mean, then the second and third central moments): no full-size copy, and
+    the same bits whatever torch's thread count (`sum_sq`).
     """
     x = x.reshape(-1)
     n = x.numel()
     if n == 0:
         return 0.0
     total = 0.0
-    for sl in _chunks(n):
+    for sl in _chunks(n, REDUCE_CHUNK):
         total += float(x[sl].sum(dtype=torch.float64))
     mu = total / n
-    c = min(CHUNK, n)
+    c = min(REDUCE_CHUNK, n)
     d, d2 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
     m2 = m3 = 0.0
-    for sl in _chunks(n):
+    for sl in _chunks(n, REDUCE_CHUNK):
         d_, d2_ = d[: sl.stop - sl.start], d2[: sl.stop - sl.start]
         d_.copy_(x[sl]).sub_(mu)
         m2 += float(torch.mul(d_, d_, out=d2_).sum())
