@@ -199,6 +199,8 @@ def _read_fp32(model: SafetensorsModel, name: str, out: torch.Tensor, raw: Buffe
 
 
 def _check_finite(t: torch.Tensor, name: str, model: SafetensorsModel, base: SafetensorsModel) -> None:
+    if t.numel() == 0:
+        return
     lo, hi = torch.aminmax(t)  # NaN propagates into both; one pass, no full-size temporary
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise ConfigError(

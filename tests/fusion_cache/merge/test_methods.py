@@ -334,3 +334,14 @@ def test_skewness_in_chunks_matches_the_whole_tensor_formula():
     x = (torch.randn(methods.CHUNK * 2 + 77, generator=torch.Generator().manual_seed(6)) ** 2).double()
     mu, sd = x.mean(), x.std(unbiased=False)
     assert methods.skewness(x.float()) == pytest.approx(float((((x - mu) / sd) ** 3).mean()), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\). degrees of freedom")  # the reference's torch.var on an empty tensor
+@pytest.mark.parametrize("shape", [(3, 0, 4), (3,)])
+def test_empty_and_scalar_tensors(shape):
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(methods.ties(tau), _ties_direct(tau, 0.6, "sum", 1.0))
+    assert torch.equal(methods.sce(tau), _sce_direct(tau, 0.1))
+    assert torch.equal(methods.task_arithmetic(tau), 0.3 * tau.sum(0))
+    assert methods.dare(tau, name="x").shape == tau.shape[1:]
+    assert methods.rsaf(tau, torch.ones(shape[1:]), rate_refs=[1.0] * 3).shape == tau.shape[1:]
