@@ -36,28 +36,47 @@ HALF_NORMAL_SKEW = math.sqrt(2.0) * (4.0 - math.pi) / (math.pi - 2.0) ** 1.5
 CHUNK = 1 << 16
 # Entries per chunk of a float64 reduction: under torch's parallel grain size (32768), so one thread, fixed order.
 REDUCE_CHUNK = 1 << 15
+# Entries per chunk of the float64 statistics (a multiple of REDUCE_CHUNK).
+STAT_CHUNK = 4 * REDUCE_CHUNK
 # Below this size `kth_largest` just copies and selects; above it, a sample brackets the answer first.
 SMALL = 1 << 18
 
 
-def sum_sq(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
-    """``sum((x - minus)^2)`` over all entries, in float64, the same bits whatever torch's thread count.
+def ordered_sum(v: torch.Tensor) -> float:
+    """The sum of the 1-D float64 tensor ``v``, the same bits whatever torch's thread count.
 
-    The sum runs over chunks of ``REDUCE_CHUNK`` entries (below torch's parallel grain size, so each chunk is
-    reduced on one thread in one fixed order) accumulated in order; a whole-tensor torch reduction would split
-    differently with 1 and 2 threads. Squares of fp32 values are exact in float64.
+    ``v`` is cut into blocks of ``REDUCE_CHUNK`` entries (under torch's parallel grain size, so torch reduces each
+    block on one thread, in one fixed order; a test pins this) and the block sums are added in order. Callers pass
+    chunks that start at multiples of ``REDUCE_CHUNK``, so the blocks do not depend on the chunking either.
+    """
+    n = v.numel()
+    full = n - n % REDUCE_CHUNK
+    total = 0.0
+    if full:
+        for part in v[:full].view(-1, REDUCE_CHUNK).sum(1).tolist():
+            total += part
+    if full < n:
+        total += float(v[full:].sum())
+    return total
+
+
+def sum_sq(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """``sum((x - minus)^2)`` over all entries, in float64 (`ordered_sum`: thread-count independent).
+
+    A whole-tensor torch reduction would split differently with 1 and 2 threads. Squares of fp32 values are exact
+    in float64.
     """
     x = x.reshape(-1)
     minus = None if minus is None else minus.reshape(-1)
     n = x.numel()
-    buf = torch.empty(min(REDUCE_CHUNK, max(n, 1)), dtype=torch.float64)
+    buf = torch.empty(min(STAT_CHUNK, max(n, 1)), dtype=torch.float64)
     sub = None if minus is None else torch.empty_like(buf)
     total = 0.0
-    for sl in _chunks(n, REDUCE_CHUNK):
+    for sl in _chunks(n, STAT_CHUNK):
         b = buf[: sl.stop - sl.start].copy_(x[sl])
         if minus is not None:
             b.sub_(sub[: b.numel()].copy_(minus[sl]))
-        total += float(b.mul_(b).sum())
+        total += ordered_sum(b.mul_(b))
     return total
 
 
@@ -493,24 +512,24 @@ def skewness(x: torch.Tensor) -> float:
     """Population skewness E[((x - mu) / sigma)^3] of all of ``x``'s entries; 0 for a constant tensor.
 
     Two passes in float64 over chunks (mean, then the second and third central moments): no full-size copy, and
-    the same bits whatever torch's thread count (`sum_sq`).
+    the same bits whatever torch's thread count (`ordered_sum`).
     """
     x = x.reshape(-1)
     n = x.numel()
     if n == 0:
         return 0.0
-    total = 0.0
-    for sl in _chunks(n, REDUCE_CHUNK):
-        total += float(x[sl].sum(dtype=torch.float64))
-    mu = total / n
-    c = min(REDUCE_CHUNK, n)
+    c = min(STAT_CHUNK, n)
     d, d2 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    total = 0.0
+    for sl in _chunks(n, STAT_CHUNK):
+        total += ordered_sum(d[: sl.stop - sl.start].copy_(x[sl]))
+    mu = total / n
     m2 = m3 = 0.0
-    for sl in _chunks(n, REDUCE_CHUNK):
+    for sl in _chunks(n, STAT_CHUNK):
         d_, d2_ = d[: sl.stop - sl.start], d2[: sl.stop - sl.start]
         d_.copy_(x[sl]).sub_(mu)
-        m2 += float(torch.mul(d_, d_, out=d2_).sum())
-        m3 += float(d2_.mul_(d_).sum())
+        m2 += ordered_sum(torch.mul(d_, d_, out=d2_))
+        m3 += ordered_sum(d2_.mul_(d_))
     sigma = math.sqrt(m2 / n)
     if sigma == 0.0:
         return 0.0

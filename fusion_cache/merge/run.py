@@ -125,7 +125,7 @@ def model_change_rates(
     buffers = buffers or Buffers()
     base_sq = 0.0
     tau_sq = [0.0] * len(models)
-    chunk = methods.REDUCE_CHUNK  # float64 sums over chunks below torch's grain size: thread-count independent
+    chunk = methods.STAT_CHUNK  # float64 sums in fixed blocks (methods.ordered_sum): thread-count independent
     b64, m64 = torch.empty(chunk, dtype=torch.float64), torch.empty(chunk, dtype=torch.float64)
     for n in names:
         info = base.infos[n]
@@ -141,9 +141,9 @@ def model_change_rates(
         for i in range(0, b.numel(), chunk):
             b_ = b64[: min(chunk, b.numel() - i)].copy_(b[i : i + chunk])
             m_ = m64[: b_.numel()]
-            base_sq += float(torch.mul(b_, b_, out=m_).sum())
+            base_sq += methods.ordered_sum(torch.mul(b_, b_, out=m_))
             for s, t in enumerate(ts):
-                tau_sq[s] += float(torch.sub(m_.copy_(t[i : i + chunk]), b_, out=m_).square_().sum())
+                tau_sq[s] += methods.ordered_sum(torch.sub(m_.copy_(t[i : i + chunk]), b_, out=m_).square_())
     return [(t / base_sq) ** 0.5 if base_sq > 0 else 0.0 for t in tau_sq]
 
 

@@ -345,3 +345,21 @@ def test_empty_and_scalar_tensors(shape):
     assert torch.equal(methods.task_arithmetic(tau), 0.3 * tau.sum(0))
     assert methods.dare(tau, name="x").shape == tau.shape[1:]
     assert methods.rsaf(tau, torch.ones(shape[1:]), rate_refs=[1.0] * 3).shape == tau.shape[1:]
+
+
+def test_ordered_sum_is_blockwise_and_thread_count_independent():
+    v = torch.randn(methods.REDUCE_CHUNK * 5 + 123, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    v = v**3
+    blocks = 0.0
+    for i in range(0, v.numel(), methods.REDUCE_CHUNK):  # the definition: in-order sum of per-block 1-D sums
+        blocks += float(v[i : i + methods.REDUCE_CHUNK].sum())
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append(methods.ordered_sum(v))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == blocks
+    assert methods.sum_sq(v.float()) == pytest.approx(float((v.float().double() ** 2).sum()), rel=1e-12)
