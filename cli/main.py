@@ -321,6 +321,7 @@ def merge(
     max_density: float = _MAX_D,
     max_shard_mb: int = _SHARD_MB,
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    threads: int = typer.Option(0, help="torch threads for the merge (0: torch's default; 1 on a busy machine)"),
 ) -> None:
     """Merge fine-tuned pivots around their base with task vectors, one tensor at a time (docs/merge.md).
 
@@ -345,7 +346,7 @@ def merge(
         overwrite,
     )
     try:
-        summary = run_merge(MergeConfig.create(base=base, models=models, out=str(out), **opts))
+        summary = run_merge(MergeConfig.create(base=base, models=models, out=str(out), threads=threads, **opts))
     except FusionCacheError as e:
         _fail(e)
     typer.echo(
