@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fusion_cache.cache.codecs import check_training_modes
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.config import TrainConfig
 from fusion_cache.objective import forward_losses
@@ -69,6 +70,8 @@ class TrainResult:
 def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train as ``cfg`` says and return the summary and the trained model."""
     torch.manual_seed(cfg.seed)
+    # a `shape` cache holds no true log-probs: refuse the modes that need them before loading anything
+    check_training_modes(CacheReader(cfg.shards[0]).codec, zscore=cfg.zscore, tail=cfg.tail, kd_loss=cfg.kd_loss)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)

@@ -152,7 +152,7 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
             ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)])
         order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), codec.id_bytes, shard)
         if codec.id_bytes <= 2:
-            topk_ids = rank_table(order, 1 << (8 * codec.id_bytes))[ranks].reshape(total, k)
+            topk_ids = np.take(rank_table(order, 1 << (8 * codec.id_bytes)), ranks).reshape(total, k)
         else:
             topk_ids = ranks_to_ids(ranks, order).reshape(total, k)
         tail = parts["tail_mass"].astype(np.float32)
