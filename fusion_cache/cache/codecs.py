@@ -344,6 +344,25 @@ def quantize_values(
     return vmax, span, codes
 
 
+def code_sums(
+    codes: np.ndarray | list[np.ndarray], bits: int, groups: list[tuple[int, int]] | None = None, n: int | None = None
+) -> np.ndarray:
+    """Q of the module docstring: int32 [N, K] with Q_0 = 0, Q_{K-1} = 2^bits - 1 and the running sums of the code
+    deltas between. ``codes`` is [N, K-2], or (full layout 2) one [N, b - a] array per column group ``groups`` of
+    an ``n``-row matrix."""
+    m = (1 << bits) - 1
+    if groups is not None:  # reassemble first: a cumsum over short strided group slices is several times slower
+        joined = np.empty((n, groups[-1][1] if groups else 0), dtype=codes[0].dtype if codes else np.uint8)
+        for c, (a, b) in zip(codes, groups, strict=True):
+            joined[:, a:b] = c
+        codes = joined
+    qi = np.empty((codes.shape[0], codes.shape[1] + 2), dtype=np.int32)
+    qi[:, 0] = 0
+    qi[:, -1] = m
+    np.cumsum(codes, axis=1, dtype=np.int32, out=qi[:, 1:-1])  # integer cumsum: ~3x faster than float32's
+    return qi
+
+
 def dequantize_values(
     vmax: np.ndarray | None,
     span: np.ndarray | None,
@@ -351,17 +370,17 @@ def dequantize_values(
     bits: int,
     shard: str,
     companding: str = "sqrt",
+    qi: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Inverse of quantize_values. codes [N, K-2] -> float32 [N, K]. Refuses codes that overflow 2^bits - 1.
+    """Inverse of quantize_values. codes [N, K-2] (or their sums ``qi`` [N, K] from code_sums) -> float32 [N, K].
+    Refuses codes that overflow 2^bits - 1.
 
     With "linear" companding (shape codec) vmax and span are None and the rows decode to -Q / M in [-1, 0].
     """
     m = (1 << bits) - 1
-    n = codes.shape[0]
-    qi = np.empty((n, codes.shape[1] + 2), dtype=np.int32)
-    qi[:, 0] = 0
-    qi[:, -1] = m
-    np.cumsum(codes, axis=1, dtype=np.int32, out=qi[:, 1:-1])  # integer cumsum: ~3x faster than float32's
+    if qi is None:
+        qi = code_sums(codes, bits)
+    n = qi.shape[0]
     if vmax is None:
         vmax = np.zeros(n, np.float32)
         span = np.ones(n, np.float32)
@@ -606,13 +625,13 @@ def _starts(counts: np.ndarray) -> np.ndarray:
     return np.minimum(s, max(int(np.sum(counts)) - 1, 0))
 
 
-def _bit_positions(w: np.ndarray, counts: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+def _bit_positions(w: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, in_place: bool = False) -> np.ndarray:
     """Bit position (int32) of each symbol's offset in the concatenated per-row byte streams: an exclusive cumsum
     of the widths ``w`` (uint8), with each row's padding added to its last symbol so the next row starts on its own
-    byte."""
+    byte (``in_place``: added to ``w`` itself)."""
     if int(nbytes.sum()) >= 1 << 28:
-        raise ValueError("a record batch holds more than 2^28 offset bytes; write fewer rows per batch")
-    w2 = w.astype(np.uint8, copy=True)
+        raise ShardFormatError(f"a record batch holds {int(nbytes.sum())} offset bytes, more than 2^28")
+    w2 = w if in_place else w.astype(np.uint8, copy=True)
     has = counts > 0
     if w2.size:
         last = np.cumsum(counts)[has] - 1
@@ -649,16 +668,16 @@ def decode_bucket_ids(
             f"{shard}: row {r}: column 'topk_id_offsets' has {int(nbytes[r])} bytes, "
             f"the id buckets need {int((row_bits[r] + 7) // 8)}"
         )
-    pos = _bit_positions(w, counts, nbytes)
+    mask = np.left_shift(np.uint32(1), w, dtype=np.uint32)  # arithmetic is cheaper than a third table gather
+    mask -= np.uint32(1)
+    pos = _bit_positions(w, counts, nbytes, in_place=True)  # w is ours (a fresh gather): pad it in place
     # every offset fits in 4 bytes from its first byte (at most 21 bits + a 7-bit shift): read them as unaligned
     # little-endian uint32 words through a strided view of the zero-padded stream
     padded = np.zeros(offset_bytes.size + 4, np.uint8)
     padded[: offset_bytes.size] = offset_bytes
     words = np.ndarray((offset_bytes.size + 1,), dtype="<u4", buffer=padded, strides=(1,))
     val = np.take(words, pos >> 3)
-    val >>= (pos & 7).astype(np.uint32)
-    mask = np.left_shift(np.uint32(1), w, dtype=np.uint32)  # arithmetic is cheaper than a third table gather
-    mask -= np.uint32(1)
+    val >>= (pos & 7).astype(np.uint8)  # uint32 >> uint8 stays uint32
     val &= mask
     ranks = np.take(base_tab, buckets)
     ranks += val.view(np.int32)

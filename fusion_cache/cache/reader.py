@@ -17,6 +17,7 @@ import pyarrow as pa
 from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import code_groups
+from fusion_cache.cache.codecs import code_sums
 from fusion_cache.cache.codecs import decode_bucket_ids
 from fusion_cache.cache.codecs import dequantize_values
 from fusion_cache.cache.codecs import id_groups
@@ -137,8 +138,10 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
         codes = parts["topk_codes"].reshape(total, k - 2)
         values = dequantize_values(None, None, codes, codec.value_bits, shard, "linear")
     elif layout2:
-        codes = _gather_groups(parts, "topk_codes_g", code_groups(k), total, k - 2)
-        values = dequantize_values(parts["topk_max"], parts["topk_span"], codes, codec.value_bits, shard, "log")
+        groups = code_groups(k)
+        codes = [parts[f"topk_codes_g{g}"].reshape(total, b - a) for g, (a, b) in enumerate(groups)]
+        qi = code_sums(codes, codec.value_bits, groups, total)
+        values = dequantize_values(parts["topk_max"], parts["topk_span"], None, codec.value_bits, shard, "log", qi)
     else:
         values = dequantize_values(
             parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 2), codec.value_bits, shard

@@ -3,7 +3,7 @@
 One row per (sample, teacher). Row t of the top-K block is the teacher's distribution that predicts
 ``input_ids[answer_start + t]``; there are ``n_answer = len(input_ids) - answer_start`` such rows, each with K
 entries. The common columns below are the same for every codec; the top-K block's columns depend on the codec
-(fusion_cache/cache/codecs.py). Version 1 is version 2 restricted to the ``raw`` codec and is still read.
+(fusion_cache/cache/codecs.py). Versions 1 (raw only) and 2 (no shape codec, full layout 1) are still read.
 """
 
 from __future__ import annotations
