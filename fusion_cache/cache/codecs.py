@@ -137,7 +137,7 @@ class CodecSpec:
             )
             return cols
         if self.name == "shape":
-            return {"topk_codes": pa.list_(code_type)}
+            return {"topk_codes": pa.list_(code_type), "topk_flat": pa.list_(pa.int32())}
         return {
             "topk_max": pa.list_(pa.float16()),
             "topk_span": pa.list_(pa.float16()),

@@ -137,6 +137,7 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
     elif codec.name == "shape":
         codes = parts["topk_codes"].reshape(total, k - 2)
         values = dequantize_values(None, None, codes, codec.value_bits, shard, "linear")
+        values[_flat_positions(batch, ans_off, n_answer, shard)] = 0.0
     elif layout2:
         groups = code_groups(k)
         codes = [parts[f"topk_codes_g{g}"].reshape(total, b - a) for g, (a, b) in enumerate(groups)]
@@ -199,6 +200,25 @@ def _gather_groups(parts: dict, prefix: str, groups: list, total: int, width: in
     for g, (a, b) in enumerate(groups):
         out[:, a:b] = parts[f"{prefix}{g}"].reshape(total, b - a)
     return out
+
+
+def _flat_positions(batch, ans_off, n_answer, shard) -> np.ndarray:
+    """Batch-wide indices of the answer positions a shape shard lists in ``topk_flat`` (rows of equal values),
+    checked: ascending within the row and < n_answer."""
+    off, local = _list_parts(batch.column("topk_flat"), shard, "topk_flat")
+    counts = np.diff(off)
+    row_of = np.repeat(np.arange(len(n_answer)), counts)
+    local = local.astype(np.int64)
+    first = np.zeros(local.size, bool)
+    first[off[:-1][counts > 0]] = True  # a row's first entry need not exceed the previous row's last
+    bad = np.flatnonzero((local < 0) | (local >= n_answer[row_of]) | (~first & (np.diff(local, prepend=-1) <= 0)))
+    if bad.size:
+        r = int(row_of[bad[0]])
+        raise ShardFormatError(
+            f"{shard}: row {r}: column 'topk_flat' holds {int(local[bad[0]])}, not an ascending "
+            f"answer position below {int(n_answer[r])}"
+        )
+    return ans_off[row_of] + local
 
 
 def _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answer, shard) -> np.ndarray:

@@ -110,7 +110,16 @@ def encode_topk(
     values = np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32) if rows else np.zeros((0, k))
     vmax, span, codes = quantize_values(values, codec.value_bits, np.float16, codec.companding)
     if codec.name == "shape":
-        return {"topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"])}
+        # a row of equal values has no shape: its codes decode to [0, .., 0, -1], so list it to decode as zeros
+        flat = values[:, 0] == values[:, -1]
+        row_of = np.repeat(np.arange(len(rows)), n)
+        local = np.arange(values.shape[0]) - np.repeat(np.cumsum(n) - n, n)
+        return {
+            "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
+            "topk_flat": _split_column(
+                local[flat].astype(np.int32), np.bincount(row_of[flat], minlength=len(rows)), cols["topk_flat"]
+            ),
+        }
     if codec.name == "full" and codec.layout == 2:
         return _encode_full_layout2(rows, codec, k, id_order, values, vmax, span, codes, n, cols)
     out = {

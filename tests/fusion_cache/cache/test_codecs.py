@@ -523,3 +523,23 @@ def test_v2_full_layout1_caches_are_still_read(cache_copy, built_cache, tmp_path
     _edit(cache_copy, lambda m: m["codec"].update(layout=2))  # version 2 has no layout 2
     with pytest.raises(ShardFormatError, match="unknown \\['layout'\\]"):
         load_manifest(cache_copy)
+
+
+def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refused():
+    codec = make_codec("shape")
+    for k in (2, 5):
+        rows = _rows(5, k, [3, 4], 300, 0.0)  # scale 0: every row's values are equal
+        rows[1].topk_logprobs[0] = np.linspace(0, -1, k)  # one row with a shape
+        dec = _round_trip(rows, codec, k)
+        np.testing.assert_array_equal(dec[0].topk_logprobs, 0.0)
+        np.testing.assert_allclose(dec[1].topk_logprobs[0], np.linspace(0, -1, k), atol=0.5 / 255)
+        np.testing.assert_array_equal(dec[1].topk_logprobs[1:], 0.0)
+    prov = {"schema_version": SCHEMA_VERSION, "k": 5, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema = shard_schema(prov, codec)
+    batch = rows_to_batch(rows, schema, codec, 5)
+    for flat in ([[0], [7]], [[1, 1], []], [[-1], []]):  # past n_answer, not ascending, negative
+        cols = {n: batch.column(n) for n in schema.names}
+        cols["topk_flat"] = pa.array(flat, pa.list_(pa.int32()))
+        bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=schema)
+        with pytest.raises(ShardFormatError, match="shard-f: row [01]: column 'topk_flat' holds"):
+            decode_record_batch(bad, codec, 5, "shard-f")
