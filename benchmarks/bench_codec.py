@@ -10,7 +10,9 @@ the change of the InfiFusion per-token loss d_t (kernels/reference.py, K=10) aga
 student, and encode / decode answer tokens per CPU-second on one core (best of 5, process CPU time; decode is of
 the whole shard layout through Arrow IPC to the trainer's decoded rows). Peers' layouts are computed on the same
 data:
-fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM's fp16 + int64.
+fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM's fp16 + int64. The previous
+version's `full` codec (layout 1, schema version 2) runs as the baseline of `full`; `shape` rows have no KL (their
+decoded values are shapes, not log-probs), only the ULD change.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from fusion_cache.cache.codecs import ID_ORDER_KEY
+from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
 from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import code_groups
 from fusion_cache.cache.codecs import encode_bucket_ids
@@ -223,7 +224,9 @@ class ShardWriter:
     def __init__(self, work_dir: str | Path, provenance: dict, *, shard_rows: int = 1000, shard_bytes: int = 1 << 30):
         self.work_dir = Path(work_dir)
         self.codec = parse_codec(
-            provenance.get("codec", {"name": "raw"}), "provenance codec", provenance.get("schema_version", 1)
+            provenance.get("codec", {"name": "raw"}),
+            "provenance codec",
+            provenance.get("schema_version", LATEST_SCHEMA_VERSION),
         )
         self.k = provenance.get("k")
         self.schema = shard_schema(provenance, self.codec, self.k)
