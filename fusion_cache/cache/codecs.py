@@ -644,12 +644,25 @@ def _bit_positions(w: np.ndarray, counts: np.ndarray, nbytes: np.ndarray, in_pla
     return pos
 
 
+DECODE_CHUNK = 1 << 16  # ids per step of the offset extraction: its ~10 passes then stay in the core's L2 cache
+
+
 def decode_bucket_ids(
-    buckets: np.ndarray, offset_bytes: np.ndarray, nbytes: np.ndarray, counts: np.ndarray, id_bytes: int, shard: str
+    buckets: np.ndarray,
+    offset_bytes: np.ndarray,
+    nbytes: np.ndarray,
+    counts: np.ndarray,
+    id_bytes: int,
+    shard: str,
+    table: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Inverse of encode_bucket_ids: ranks int32 [S]. Refuses unknown buckets and offset streams whose length
-    differs from what the buckets say, naming the shard and row. (np.take instead of fancy indexing: 2-4x faster.)"""
-    w_tab, base_tab, mask_tab = bucket_tables(id_bytes)
+    """Inverse of encode_bucket_ids: ranks int32 [S], or ``table[rank]`` when a rank -> id ``table`` is given.
+
+    Refuses unknown buckets and offset streams whose length differs from what the buckets say, naming the shard and
+    row. Vectorized over chunks of DECODE_CHUNK ids (measured ~30% faster than whole-array passes at K=128, which
+    spill out of the cache), with ``np.take`` for every gather (2-4x faster than fancy indexing here).
+    """
+    w_tab, base_tab, _ = bucket_tables(id_bytes)
     if buckets.size and int(buckets.max()) >= w_tab.size:
         t = int(np.flatnonzero(buckets >= w_tab.size)[0])
         raise ShardFormatError(
@@ -672,13 +685,21 @@ def decode_bucket_ids(
     mask -= np.uint32(1)
     pos = _bit_positions(w, counts, nbytes, in_place=True)  # w is ours (a fresh gather): pad it in place
     # every offset fits in 4 bytes from its first byte (at most 21 bits + a 7-bit shift): read them as unaligned
-    # little-endian uint32 words through a strided view of the zero-padded stream
+    # little-endian uint32 words, made once from a strided view of the zero-padded stream
     padded = np.zeros(offset_bytes.size + 4, np.uint8)
     padded[: offset_bytes.size] = offset_bytes
-    words = np.ndarray((offset_bytes.size + 1,), dtype="<u4", buffer=padded, strides=(1,))
-    val = np.take(words, pos >> 3)
-    val >>= (pos & 7).astype(np.uint8)  # uint32 >> uint8 stays uint32
-    val &= mask
-    ranks = np.take(base_tab, buckets)
-    ranks += val.view(np.int32)
-    return ranks
+    view = np.ndarray((offset_bytes.size + 1,), dtype="<u4", buffer=padded, strides=(1,))
+    words = np.ascontiguousarray(view)  # np.take would copy the strided source on every call
+    out = np.empty(buckets.size, np.int32)
+    for s in range(0, buckets.size, DECODE_CHUNK):
+        p = pos[s : s + DECODE_CHUNK]
+        val = np.take(words, p >> 3)
+        val >>= (p & 7).astype(np.uint8)  # uint32 >> uint8 stays uint32
+        val &= mask[s : s + DECODE_CHUNK]
+        ranks = np.take(base_tab, buckets[s : s + DECODE_CHUNK])
+        ranks += val.view(np.int32)
+        if table is None:
+            out[s : s + DECODE_CHUNK] = ranks
+        else:
+            np.take(table, ranks, out=out[s : s + DECODE_CHUNK])
+    return out

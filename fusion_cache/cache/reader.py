@@ -148,17 +148,17 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
             parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 2), codec.value_bits, shard
         )
     if codec.name == "full":
+        order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), codec.id_bytes, shard)
+        table = rank_table(order, 1 << (8 * codec.id_bytes)) if codec.id_bytes <= 2 else None
         if layout2:
             buckets = _gather_groups(parts, "topk_id_buckets_g", id_groups(k), total, k).reshape(-1)
             off_off, off_bytes = _list_parts(batch.column("topk_id_offsets"), shard, "topk_id_offsets")
-            ranks = decode_bucket_ids(buckets, off_bytes, np.diff(off_off), n_answer * k, codec.id_bytes, shard)
+            counts = n_answer * k
+            ranks = decode_bucket_ids(buckets, off_bytes, np.diff(off_off), counts, codec.id_bytes, shard, table)
         else:
             ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)])
-        order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), codec.id_bytes, shard)
-        if codec.id_bytes <= 2:
-            topk_ids = np.take(rank_table(order, 1 << (8 * codec.id_bytes)), ranks).reshape(total, k)
-        else:
-            topk_ids = ranks_to_ids(ranks, order).reshape(total, k)
+            ranks = ranks if table is None else np.take(table, ranks)
+        topk_ids = (ranks if table is not None else ranks_to_ids(ranks, order)).reshape(total, k)
         tail = parts["tail_mass"].astype(np.float32)
         if layout2:
             targets = _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answer, shard)
