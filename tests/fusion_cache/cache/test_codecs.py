@@ -543,3 +543,23 @@ def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refus
         bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=schema)
         with pytest.raises(ShardFormatError, match="shard-f: row [01]: column 'topk_flat' holds"):
             decode_record_batch(bad, codec, 5, "shard-f")
+
+
+def test_bucket_ids_round_trip_across_decode_chunks_and_every_width():
+    from fusion_cache.cache.codecs import DECODE_CHUNK
+    from fusion_cache.cache.codecs import decode_bucket_ids
+    from fusion_cache.cache.codecs import encode_bucket_ids
+
+    rng = np.random.default_rng(0)
+    for id_bytes in (1, 2, 3):
+        top = 1 << (8 * id_bytes)
+        counts = rng.integers(0, 5000, 60)  # rows of 0..5k ids, ~150k in all: past two decode chunks
+        counts[3] = 0
+        ranks = np.minimum((rng.pareto(0.5, counts.sum()) * 20).astype(np.int64), top - 1)
+        ranks[:50] = np.arange(top - 50, top)  # the widest offsets
+        buckets, offsets, nbytes = encode_bucket_ids(ranks, counts, id_bytes)
+        assert counts.sum() > 2 * DECODE_CHUNK and nbytes[3] == 0
+        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s"), ranks)
+        table = rng.permutation(top).astype(np.int32)
+        got = decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s", table)
+        np.testing.assert_array_equal(got, table[ranks])
