@@ -60,8 +60,12 @@ def build(
     out: str = typer.Option(..., help="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)"),
     top_k: int = typer.Option(64, "--top-k", help="teacher log-probs kept per answer token"),
     engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
-    codec: str = typer.Option("raw", help="full (ids + quantized values, zstd), values (sorted values only), raw"),
-    value_bits: int = typer.Option(None, help="bits per value code of the full/values codecs (default 6 / 8)"),
+    codec: str = typer.Option(
+        "raw",
+        help="full (ids + quantized values, zstd), values (sorted values only), shape (the values' standardized "
+        "shape only: z-scored ULD training only), raw",
+    ),
+    value_bits: int = typer.Option(None, help="bits per value code of the full/values/shape codecs (default 6/8/8)"),
     max_length: int = typer.Option(2048, help="longest rendered sequence in teacher tokens"),
     overlong: str = typer.Option("truncate", help="truncate or skip sequences longer than --max-length"),
     dtype: str = typer.Option(None, help="teacher dtype (default: from the hardware; fp32 on CPUs without bf16)"),

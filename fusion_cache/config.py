@@ -37,8 +37,8 @@ class BuildConfig(_Config):
     out: str = Field(description="cache directory to create")
     top_k: int = Field(64, ge=2, le=1024, description="K: teacher log-probs kept per answer token")
     engine: Literal["vllm", "hf"] = "vllm"
-    codec: Literal["full", "values", "raw"] = Field("raw", description="how the top-K block is stored")
-    value_bits: int | None = Field(None, ge=2, le=16, description="bits per value code (full/values codecs)")
+    codec: Literal["full", "values", "shape", "raw"] = Field("raw", description="how the top-K block is stored")
+    value_bits: int | None = Field(None, ge=2, le=16, description="bits per value code (full/values/shape codecs)")
     max_length: int = Field(2048, ge=2, description="longest rendered sequence, in teacher tokens")
     overlong: Literal["truncate", "skip"] = Field("truncate", description="what to do with longer sequences")
     dtype: str | None = Field(None, description="teacher dtype; default chosen from the hardware")

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusion_cache import distributed
+from fusion_cache.cache.codecs import check_training_modes
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.checkpoint import check_same_settings
 from fusion_cache.checkpoint import latest_checkpoint
@@ -252,6 +253,9 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | No
         progress: show a progress bar (rank 0 only).
         on_batch: called with (step, examples) for every micro-batch this rank trains on (auditing, tests).
     """
+    # a `shape` cache holds no true log-probs: refuse the modes that need them before loading anything
+    for cache in cfg.shards:
+        check_training_modes(CacheReader(cache).codec, zscore=cfg.zscore, tail=cfg.tail, kd_loss=cfg.kd_loss)
     ctx = distributed.setup(cfg.device)
     try:
         result = _run(cfg, ctx, progress=progress, on_batch=on_batch)
