@@ -25,6 +25,9 @@ from fusion_cache.objective import forward_losses
 from fusion_cache.render import has_chat_template
 from fusion_cache.stream import CacheStream
 from fusion_cache.stream import collate
+from fusion_cache.unified import TeacherTerms
+from fusion_cache.unified import make_unified_stream
+from fusion_cache.unified import unified_step
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,8 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cache_dir = cfg.shards[0]
-    rows = CacheReader(cache_dir).manifest.stats.rows
+    unified = cfg.mode == "unified"  # several caches joined on sample_id: fusion_cache/unified.py
+    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)
     per_step = cfg.batch_size * cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * rows / per_step))
     epochs_needed = math.ceil(total_steps * per_step / max(rows, 1)) + 1
@@ -87,12 +91,15 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         seed=cfg.seed,
         epochs=epochs_needed,
     )
+    if unified:
+        stream = make_unified_stream(cfg, tokenizer, epochs_needed)
     examples = iter(stream)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
     (out / "train_config.json").write_text(json.dumps(cfg.model_dump(by_alias=True), indent=2) + "\n")
     metrics_path = out / "metrics.jsonl"
+    teacher_terms = TeacherTerms(stream.names) if unified else None
     model.train()
     t0 = time.perf_counter()
     seen_tokens = 0
@@ -104,17 +111,23 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 batch = list(islice(examples, cfg.batch_size))
                 if not batch:
                     raise RuntimeError("the cache stream ended early")  # epochs_needed guarantees enough rows
-                o = forward_losses(
-                    model,
-                    collate(batch, pad),
-                    lambda_=cfg.lambda_,
-                    k=cfg.top_k,
-                    zscore=cfg.zscore,
-                    softmax=cfg.softmax,
-                    temperature=cfg.temperature,
+                o = (
+                    unified_step(model, batch, pad, cfg, stream)
+                    if unified
+                    else forward_losses(
+                        model,
+                        collate(batch, pad),
+                        lambda_=cfg.lambda_,
+                        k=cfg.top_k,
+                        zscore=cfg.zscore,
+                        softmax=cfg.softmax,
+                        temperature=cfg.temperature,
+                    )
                 )
                 (o.loss / cfg.grad_accum).backward()
                 seen_tokens += o.answer_tokens
+                if teacher_terms is not None:
+                    teacher_terms.add(o.teacher_uld)
                 for key in acc:
                     acc[key] += float(getattr(o, key).detach()) / cfg.grad_accum
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -125,6 +138,7 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             record = {
                 "step": step + 1,
                 **acc,
+                **(teacher_terms.pop() if teacher_terms is not None else {}),
                 "lr": sched.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "answer_tokens": seen_tokens,
@@ -144,6 +158,9 @@ def run_train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         "student": student_path,
         "cache": cache_dir,
     }
+    if unified:
+        summary.update(cache=list(cfg.shards), teachers=stream.names, fusion=stream.counts())
+        log.info("unified fusion counts: %s", json.dumps(stream.counts()))
     if cfg.save:
         model.save_pretrained(out / "model", safe_serialization=True)
         tokenizer.save_pretrained(out / "model")
