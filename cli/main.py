@@ -189,6 +189,7 @@ def train(
     combine: str = typer.Option("mean", help="unified: mean | sum | uncertainty (per-token entropy weights)"),
     align: str = typer.Option(None, help="unified: bytes (default: pair tokens ending at the same byte) | index"),
     uncertainty_temperature: float = typer.Option(1.0, help="unified: T of softmax_s(-H_s,t / T)"),
+    join_window: int = typer.Option(1024, help="unified: reads a sample may wait for its partners (other inputs)"),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*ULD.
 
@@ -222,7 +223,7 @@ def train(
     if mode not in ("single", "unified"):
         _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise, unified"))
     if mode == "unified":
-        settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature)
+        settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature, join_window=join_window)
     if align is not None:
         settings.update(align=align)
     try:
