@@ -93,6 +93,7 @@ def test_errors_exit_2_with_a_clear_message(tmp_path, tiny_model_dir, data_file,
     assert "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_train_unified_reports_join_and_alignment(tmp_path, tiny_model_dir, multi_caches):
     r = _run(
         "train", "--mode", "unified", "--student", tiny_model_dir, "--shards", multi_caches["a"],

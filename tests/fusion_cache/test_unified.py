@@ -103,6 +103,7 @@ def test_collate_weights_and_backward(multi_caches, student, combine):
     torch.testing.assert_close(o.loss.detach(), 0.7 * o.ce.detach() + 0.3 * o.uld)
 
 
+@pytest.mark.slow
 def test_run_train_unified_logs_each_teacher(tmp_path, multi_caches, tiny_model_dir):
     cfg = TrainConfig.create(
         student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], out=str(tmp_path),
