@@ -6,6 +6,7 @@ fusion-cache inspect ./cache/smollm2
 fusion-cache verify ./cache/smollm2
 fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
 fusion-cache train --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./runs
+fusion-cache train --mode unified --student ./student --shards ./cache/a --shards ./cache/b --out ./runs/u
 fusion-cache merge --base ./student --models ./runs/a --models ./runs/b --method ties --out ./merged
 fusion-cache fuse --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./fused
 fusion-cache demo
@@ -173,7 +174,7 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
 @app.command()
 def train(
     student: str = typer.Option(..., help="student (pivot) model: preset, local dir or HF id"),
-    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL"),
+    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat for pairwise/unified)"),
     out: Path = typer.Option(..., help="run directory (metrics.jsonl, model/)"),
     lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD; 0 = plain SFT"),
     top_k: int = typer.Option(10, "--top-k", help="K of the ULD loss"),
@@ -192,7 +193,9 @@ def train(
         False, "--tail", help="compare true top-K probabilities plus the tail mass (needs --no-zscore)"
     ),
     mode: str = typer.Option(
-        "single", help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge)"
+        "single",
+        help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge); "
+        "unified: one run against every cache, joined on sample_id",
     ),
     checkpoint_every: int = typer.Option(None, help="write <out>/checkpoints/step-N every N optimizer steps"),
     keep_checkpoints: int = typer.Option(3, help="newest checkpoints to keep"),
@@ -203,6 +206,10 @@ def train(
         False, "--grad-checkpointing", help="recompute activations in the backward pass to save memory"
     ),
     fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student with FSDP2 instead of DDP"),
+    combine: str = typer.Option("mean", help="unified: mean | sum | uncertainty (per-token entropy weights)"),
+    align: str = typer.Option(None, help="unified: bytes (default: pair tokens ending at the same byte) | index"),
+    uncertainty_temperature: float = typer.Option(1.0, help="unified: T of softmax_s(-H_s,t / T)"),
+    join_window: int = typer.Option(1024, help="unified: reads a sample may wait for its partners (other inputs)"),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*ULD.
 
@@ -244,10 +251,14 @@ def train(
             _fail(e)
         typer.echo(f"trained {len(runs)} pivots: " + ", ".join(str(r / "model") for r in runs))
         return
-    if mode != "single":
-        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise"))
+    if mode not in ("single", "unified"):
+        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise, unified"))
+    if mode == "unified":
+        settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature, join_window=join_window)
+    if align is not None:
+        settings.update(align=align)
     try:
-        cfg = TrainConfig.create(shards=[str(s) for s in shards], out=str(out), **settings)
+        cfg = TrainConfig.create(mode=mode, shards=[str(s) for s in shards], out=str(out), **settings)
         result = run_train(cfg)
     except FusionCacheError as e:
         _fail(e)
@@ -258,6 +269,20 @@ def train(
         f"trained {result.summary['steps']} steps in {result.summary['wall_seconds']:.0f} s: "
         f"ce {f['ce']:.4f}, uld {f['uld']:.4f}; model in {out / 'model'}"
     )
+    if "fusion" in result.summary:
+        fusion = result.summary["fusion"]
+        j = fusion["join"]
+        typer.echo(
+            f"joined {j['samples']} samples: {j['complete']} with every teacher, missing "
+            + ", ".join(f"{n}: {c}" for n, c in j["missing"].items())
+        )
+        for name, a in fusion["align"].items():
+            last = f.get("uld_" + name)
+            typer.echo(
+                f"  {name}: last uld {'n/a' if last is None else f'{last:.4f}'}, aligned {a['aligned']} rows "
+                f"({fusion['align_mode']}), "
+                f"dropped {a['dropped_student']} student / {a['dropped_teacher']} teacher rows"
+            )
 
 
 def _merge_options(

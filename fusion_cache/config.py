@@ -53,6 +53,17 @@ class TrainConfig(_Config):
 
     student: str = Field(description="student (pivot) model: preset, local directory or HF id")
     shards: list[str] = Field(min_length=1, description="one cache directory per teacher")
+    mode: Literal["single", "unified"] = Field(
+        "single", description="single: one cache; unified: one run against every cache (joined on sample_id)"
+    )
+    combine: Literal["mean", "sum", "uncertainty"] = Field(
+        "mean", description="unified: how the teachers' ULD terms combine (fusion_cache/combine.py)"
+    )
+    align: Literal["bytes", "index"] = Field(
+        "bytes", description="unified: pair answer rows across tokenizers by byte span (default) or by index (ULD)"
+    )
+    uncertainty_temperature: float = Field(1.0, gt=0.0, description="T in softmax_s(-H_s,t / T) (combine=uncertainty)")
+    join_window: int = Field(1024, ge=1, description="unified: reads a sample may wait for its partners")
     out: str = Field(description="run directory")
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*ULD")
     top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10)")
@@ -97,10 +108,33 @@ class TrainConfig(_Config):
         return self
 
     @model_validator(mode="after")
-    def _one_teacher_for_now(self):
-        if len(self.shards) > 1:
+    def _caches_fit_the_mode(self):
+        if self.mode == "single" and len(self.shards) > 1:
             raise ValueError(
-                f"{len(self.shards)} caches given; this version trains against one teacher cache at a time "
-                "(multi-teacher fusion is the next step)"
+                f"{len(self.shards)} caches given with mode 'single'; use mode 'unified' (one run against all of "
+                "them) or 'pairwise' (one run per cache, then merge)"
             )
+        if self.mode == "single" and "align" in self.model_fields_set and self.align == "bytes":
+            raise ValueError(
+                "align 'bytes': mode 'single' pairs a re-rendered student's rows with the teacher's by index (ULD); "
+                "use mode 'unified' (with one or more caches) for byte-span alignment"
+            )
+        if len(set(self.shards)) != len(self.shards):
+            raise ValueError(f"shards: a cache is given twice: {self.shards}")
+        if self.mode == "unified":
+            # not wired into the joined stream yet: refuse rather than silently ignore
+            unsupported = {
+                "kd_loss": self.kd_loss != "uld",
+                "tail": self.tail,
+                "resume": self.resume,
+                "checkpoint_every": self.checkpoint_every is not None,
+                "fsdp": self.fsdp,
+            }
+            bad = [k for k, v in unsupported.items() if v]
+            if bad:
+                raise ValueError(
+                    f"mode 'unified' does not support {', '.join(bad)} yet (got "
+                    + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+                    + "); use mode 'single' or 'pairwise' for them"
+                )
         return self

@@ -45,6 +45,11 @@ from fusion_cache.render import has_chat_template
 from fusion_cache.stream import CacheStream
 from fusion_cache.stream import StudentExample
 from fusion_cache.stream import collate
+from fusion_cache.unified import TeacherTerms
+from fusion_cache.unified import UnifiedStream
+from fusion_cache.unified import collate_unified
+from fusion_cache.unified import make_unified_stream
+from fusion_cache.unified import unified_losses
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,32 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return forward_losses(self.model, batch, **self.opts)
+
+
+class UnifiedStudentLoss(torch.nn.Module):
+    """`StudentLoss` for ``mode="unified"``: ``forward(batch)`` is `unified.unified_losses` on a `collate_unified`
+    batch (several teachers, each with its own rows, values and combine weights)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.opts = dict(
+            lambda_=cfg.lambda_, k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature
+        )
+
+    def forward(self, batch: dict):
+        return unified_losses(self.model, batch, **self.opts)
+
+
+def _to_device(obj, device: torch.device):
+    """Tensors (also inside the nested lists/dicts of a unified batch) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
 
 
 @dataclass
@@ -187,6 +218,8 @@ def _truncate_metrics(path: Path, step: int) -> dict | None:
 def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
     """(examples iterator, progress): from the newest checkpoint when resuming, else from the start."""
     found = latest_checkpoint(out)
+    if cfg.mode == "unified":  # the joined stream has no saved position yet (config refuses --resume for it)
+        return iter(p.stream), _Progress()
     if not cfg.resume:
         if found is not None:
             raise ConfigError(
@@ -274,7 +307,7 @@ class _Parts:
     wrapped: torch.nn.Module  # StudentLoss(model), wrapped in DDP/FSDP under torchrun
     tokenizer: object
     student_path: str
-    stream: CacheStream
+    stream: CacheStream | UnifiedStream
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
@@ -288,8 +321,14 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = CacheReader(cfg.shards[0]).manifest.stats.rows
+    # unified: steps count passes over the largest cache (samples join on sample_id across caches)
+    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
+    if cfg.mode == "unified" and ctx.world_size > 1:
+        raise ConfigError(
+            f"mode 'unified' runs in one process for now; got WORLD_SIZE={ctx.world_size} (the joined stream has "
+            "no per-rank split yet)"
+        )
     stream = CacheStream(
         cfg.shards[0],
         tokenizer,
@@ -301,8 +340,11 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
         rank=ctx.rank,
         world_size=ctx.world_size,
     )
+    if cfg.mode == "unified":
+        stream = make_unified_stream(cfg, tokenizer, epochs_needed)
     layers = getattr(getattr(model, "model", None), "layers", None)
-    wrapped = distributed.wrap(StudentLoss(model, cfg), ctx, fsdp=cfg.fsdp, layers=list(layers or []))
+    loss_module = UnifiedStudentLoss(model, cfg) if cfg.mode == "unified" else StudentLoss(model, cfg)
+    wrapped = distributed.wrap(loss_module, ctx, fsdp=cfg.fsdp, layers=list(layers or []))
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
@@ -345,13 +387,14 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
     if ctx.is_main:
         (out / "train_config.json").write_text(json.dumps(_config_dump(cfg), indent=2) + "\n")
     metrics = _MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main, fresh=prog.step == 0)
+    terms = TeacherTerms(p.stream.names) if cfg.mode == "unified" else None  # each teacher's own L_pair,s
     p.wrapped.train()
     t0 = time.perf_counter() - prog.elapsed_s
     bar = tqdm(total=p.total_steps, initial=prog.step, unit="step", disable=not (progress and ctx.is_main),
                desc=f"train λ={cfg.lambda_}", dynamic_ncols=True)  # fmt: skip
     try:
         for step in range(prog.step, p.total_steps):
-            acc, tokens = _train_step(cfg, ctx, p.wrapped, examples, p.pad, step, on_batch)
+            acc, tokens = _train_step(cfg, ctx, p, examples, step, on_batch, terms)
             grad_norm = _clip(p.wrapped, cfg.grad_clip)
             p.opt.step()
             p.sched.step()
@@ -359,6 +402,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
             prog.step = step + 1
             prog.answer_tokens += distributed.all_reduce_sum_int(tokens, ctx)
             prog.elapsed_s = time.perf_counter() - t0
+            if terms is not None:
+                acc.update(terms.pop())
             prog.last = {"step": prog.step, **acc, "lr": p.sched.get_last_lr()[0], "grad_norm": grad_norm,
                          "answer_tokens": prog.answer_tokens, "elapsed_s": round(prog.elapsed_s, 3)}  # fmt: skip
             checkpoint_now = cfg.checkpoint_every is not None and prog.step % cfg.checkpoint_every == 0
@@ -381,6 +426,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
         "cache": cfg.shards[0],
         "world_size": ctx.world_size,
     }
+    if cfg.mode == "unified":
+        summary.update(cache=list(cfg.shards), teachers=p.stream.names, fusion=p.stream.counts())
+        log.info("unified fusion counts: %s", json.dumps(p.stream.counts()))
     _finish(cfg, ctx, out, p, summary)
     return TrainResult(summary, p.model, p.tokenizer)
 
@@ -398,7 +446,7 @@ def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: d
         p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
 
 
-def _train_step(cfg, ctx, wrapped, examples, pad: int, step: int, on_batch) -> tuple[dict, int]:
+def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms) -> tuple[dict, int]:
     """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens)."""
     acc = {"loss": 0.0, "ce": 0.0, "uld": 0.0} | ({"kl": 0.0} if cfg.kd_loss == "kl" else {})
     tokens = 0
@@ -408,13 +456,19 @@ def _train_step(cfg, ctx, wrapped, examples, pad: int, step: int, on_batch) -> t
             raise RuntimeError("the cache stream ended early")  # plan_steps gives it enough epochs
         if on_batch is not None:
             on_batch(step + 1, batch)
-        tensors = {k: v.to(ctx.device) for k, v in collate(batch, pad).items()}
+        if cfg.mode == "unified":
+            n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
+            tensors = _to_device(collate_unified(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
+        else:
+            tensors = {k: v.to(ctx.device) for k, v in collate(batch, p.pad).items()}
         # gradients are all-reduced once per optimizer step, on the last micro-batch
-        with distributed.no_sync(wrapped, sync=micro == cfg.grad_accum - 1):
+        with distributed.no_sync(p.wrapped, sync=micro == cfg.grad_accum - 1):
             with _autocast(cfg, ctx.device):
-                o = wrapped(tensors)
+                o = p.wrapped(tensors)
             (o.loss / cfg.grad_accum).backward()
         tokens += o.answer_tokens
+        if terms is not None:
+            terms.add(o.teacher_uld)
         for key in acc:
             acc[key] += float(getattr(o, key).detach()) / cfg.grad_accum
     means = distributed.all_reduce_mean(list(acc.values()), ctx)

@@ -103,3 +103,19 @@ def test_build_and_train_from_an_fsspec_url(tmp_path, tiny_model_dir, data_file)
     r = _run("train", *args)
     assert r.exit_code == 0, r.output
     assert "trained 1 steps" in r.output
+
+
+@pytest.mark.slow
+def test_train_unified_reports_join_and_alignment(tmp_path, tiny_model_dir, multi_caches):
+    r = _run(
+        "train", "--mode", "unified", "--student", tiny_model_dir, "--shards", multi_caches["a"],
+        "--shards", multi_caches["b"], "--out", tmp_path / "u", "--combine", "sum", "--max-steps", 2,
+        "--batch-size", 2, "--top-k", 6,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "joined" in r.output and "tiny-llama: 3" in r.output and "aligned" in r.output
+    cfg = json.loads((tmp_path / "u" / "train_config.json").read_text())
+    assert (cfg["mode"], cfg["combine"], cfg["align"]) == ("unified", "sum", "bytes")
+    r = _run("train", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards", multi_caches["b"],
+             "--out", tmp_path / "s")  # fmt: skip
+    assert r.exit_code == 2 and "mode 'unified'" in r.output
