@@ -21,6 +21,7 @@ from pathlib import Path
 
 import typer
 
+from fusion_cache.errors import ConfigError
 from fusion_cache.errors import FusionCacheError
 
 app = typer.Typer(
@@ -459,12 +460,27 @@ def fuse(
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="working directory of the demo"),
     quick: bool = typer.Option(False, help="a much smaller run (a smoke test, not a result)"),
+    kd_loss: list[str] = typer.Option(
+        None,
+        "--kd-loss",
+        help="KD runs to compare with SFT (repeat): kl (default: top-K KL) and/or uld (InfiFusion's ULD; "
+        "each run adds ~4 minutes on 2 cores)",
+    ),
 ) -> None:
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""
+    from dataclasses import replace
+
+    from fusion_cache.demo import DemoSettings
     from fusion_cache.demo import run_demo
 
     try:
-        run_demo(out, quick=quick)
+        settings = DemoSettings.quick() if quick else DemoSettings()
+        if kd_loss:
+            bad = [k for k in kd_loss if k not in ("kl", "uld")]
+            if bad:
+                raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: kl, uld")
+            settings = replace(settings, kd_losses=tuple(dict.fromkeys(kd_loss)))
+        run_demo(out, settings=settings)
     except FusionCacheError as e:
         _fail(e)
 

@@ -119,3 +119,8 @@ def test_train_unified_reports_join_and_alignment(tmp_path, tiny_model_dir, mult
     r = _run("train", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards", multi_caches["b"],
              "--out", tmp_path / "s")  # fmt: skip
     assert r.exit_code == 2 and "mode 'unified'" in r.output
+
+
+def test_demo_refuses_an_unknown_kd_loss(tmp_path):
+    r = _run("demo", "--out", tmp_path / "d", "--kd-loss", "mse")
+    assert r.exit_code == 2 and "--kd-loss: unknown value(s) ['mse']" in r.output
