@@ -10,7 +10,9 @@ the change of the InfiFusion per-token loss d_t (kernels/reference.py, K=10) aga
 student, and encode / decode answer tokens per CPU-second on one core (best of 5, process CPU time; decode is of
 the whole shard layout through Arrow IPC to the trainer's decoded rows). Peers' layouts are computed on the same
 data:
-fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM's fp16 + int64.
+fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM's fp16 + int64. The previous
+version's `full` codec (layout 1, schema version 2) runs as the baseline of `full`; `shape` rows have no KL (their
+decoded values are shapes, not log-probs), only the ULD change.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import torch  # noqa: E402
 from benchmarks.common import RESULTS  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from fusion_cache.cache.codecs import ID_ORDER_KEY  # noqa: E402
+from fusion_cache.cache.codecs import CodecSpec  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
+from fusion_cache.cache.schema import SCHEMA_VERSION  # noqa: E402
 from fusion_cache.cache.schema import shard_schema  # noqa: E402
 from fusion_cache.cache.writer import CacheRow  # noqa: E402
 from fusion_cache.cache.writer import encode_topk  # noqa: E402
@@ -62,17 +66,21 @@ def _renorm_logp(v: np.ndarray) -> np.ndarray:
     return v - m - np.log(np.exp(v - m).sum(axis=1, keepdims=True))
 
 
-def _fidelity(orig: np.ndarray, dec: np.ndarray, ids: np.ndarray | None, dec_ids, student: torch.Tensor) -> dict:
+def _fidelity(
+    orig: np.ndarray, dec: np.ndarray, ids: np.ndarray | None, dec_ids, student: torch.Tensor, logprobs: bool = True
+) -> dict:
+    """Fidelity of decoded rows. ``logprobs=False`` (shape codec: decoded rows are shapes, not log-probs): only the
+    ULD change is defined, KL and |delta log-prob| are None."""
     lp, lq = _renorm_logp(orig), _renorm_logp(dec)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=1)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=1) if logprobs else None
     kt = min(ULD_K, orig.shape[1])
     d_raw = uld_rows_reference(student, torch.from_numpy(orig[:, :kt].astype(np.float32)), k=kt)
     d_dec = uld_rows_reference(student, torch.from_numpy(dec[:, :kt].astype(np.float32)), k=kt)
     dd = (d_dec - d_raw).abs()
     return {
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "max_dlogprob": float(np.abs(dec.astype(np.float64) - orig).max()),
+        "kl_mean": float(kl.mean()) if logprobs else None,
+        "kl_max": float(kl.max()) if logprobs else None,
+        "max_dlogprob": float(np.abs(dec.astype(np.float64) - orig).max()) if logprobs else None,
         "ids_exact": None if dec_ids is None else float((dec_ids == ids).all(axis=1).mean()),
         "dd_mean": float(dd.mean()),
         "dd_max": float(dd.max()),
@@ -80,10 +88,9 @@ def _fidelity(orig: np.ndarray, dec: np.ndarray, ids: np.ndarray | None, dec_ids
 
 
 # ---------------------------------------------------------------- our codecs through the real writer/reader
-def _ours(rows: list[CacheRow], k: int, codec_name: str, bits: int | None) -> tuple[int, float, float, list]:
+def _ours(rows: list[CacheRow], k: int, codec: CodecSpec) -> tuple[int, float, float, list]:
     """(payload bytes, encode s, decode s, decoded rows) through encode_topk + Arrow IPC + decode_record_batch."""
-    codec = make_codec(codec_name, value_bits=bits, vocab_size=49152)
-    prov = {"schema_version": 2, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     # the full codec's id order comes from the shard's first record batch: as in a build, the rows of the first
     # engine call (8192 tokens), not the whole data
     used, first = 0, []
@@ -93,7 +100,7 @@ def _ours(rows: list[CacheRow], k: int, codec_name: str, bits: int | None) -> tu
             break
         first.append(r)
     full_schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, first)
-    topk_names = list(codec.columns())
+    topk_names = list(codec.columns(k))
     topk_meta = {key: v for key, v in (full_schema.metadata or {}).items() if key == ID_ORDER_KEY}
 
     def encode() -> bytes:
@@ -176,8 +183,10 @@ def bench_cache(path: str) -> list[dict]:
     student = torch.from_numpy(values.copy()) + torch.randn(values.shape, generator=gen)
     results = []
 
-    def add(name, payload, t_enc, t_dec, dec_values, dec_ids, kk=k, ref_values=values):
-        fid = _fidelity(ref_values, dec_values, ids[:, :kk] if dec_ids is not None else None, dec_ids, student)
+    def add(name, payload, t_enc, t_dec, dec_values, dec_ids, kk=k, ref_values=values, logprobs=True):
+        fid = _fidelity(
+            ref_values, dec_values, ids[:, :kk] if dec_ids is not None else None, dec_ids, student, logprobs
+        )
         results.append(
             {
                 "cache": path,
@@ -190,24 +199,31 @@ def bench_cache(path: str) -> list[dict]:
             }
         )
 
-    configs = [("raw", "raw", None), ("full", "full", None), ("full bits=5", "full", 5), ("full bits=8", "full", 8)]
-    configs += [("values", "values", None), ("values bits=6", "values", 6)]
-    for label, name, bits in configs:
-        payload, te, td, dec = _ours(rows, k, name, bits)
+    # full layout 1 is the previous version's full codec (schema version 2), kept as the baseline in the same run
+    layout1 = CodecSpec("full", value_bits=6, id_bytes=2, zstd_level=3)
+    configs = [("raw", make_codec("raw")), ("full layout 1 (v2)", layout1)]
+    configs += [
+        (f"full{'' if b is None else f' bits={b}'}", make_codec("full", value_bits=b, vocab_size=49152))
+        for b in (None, 5, 8)
+    ]
+    configs += [(f"values{'' if b is None else f' bits={b}'}", make_codec("values", value_bits=b)) for b in (None, 6)]
+    configs += [("shape", make_codec("shape"))]
+    for label, codec in configs:
+        payload, te, td, dec = _ours(rows, k, codec)
         dv = np.concatenate([r.topk_logprobs for r in dec])
-        di = np.concatenate([r.topk_ids for r in dec]) if name != "values" else None
-        add(label, payload, te, td, dv, di)
-    # values at K=10: what the ULD loss reads (the trainer's default K)
+        di = np.concatenate([r.topk_ids for r in dec]) if codec.has_ids else None
+        add(label, payload, te, td, dv, di, logprobs=codec.has_logprobs)
+    # values and shape at K=10: what the ULD loss reads (the trainer's default K)
     rows10 = [
         CacheRow(**{**r.__dict__, "topk_ids": r.topk_ids[:, :ULD_K], "topk_logprobs": r.topk_logprobs[:, :ULD_K]})
         for r in rows
     ]
-    for bits in (None, 7, 6):
-        payload, te, td, dec = _ours(rows10, ULD_K, "values", bits)
+    for name, bits in (("values", None), ("values", 7), ("values", 6), ("shape", None), ("shape", 7)):
+        codec = make_codec(name, value_bits=bits)
+        payload, te, td, dec = _ours(rows10, ULD_K, codec)
         dv = np.concatenate([r.topk_logprobs for r in dec])
-        add(
-            f"values K=10{'' if bits is None else f' bits={bits}'}", payload, te, td, dv, None, ULD_K, values[:, :ULD_K]
-        )
+        label = f"{name} K=10{'' if bits is None else f' bits={bits}'}"
+        add(label, payload, te, td, dv, None, ULD_K, values[:, :ULD_K], logprobs=codec.has_logprobs)
     # the floor for lossless ids: in-sample entropy of the ids (an ideal order-0 coder with a free model)
     _, counts = np.unique(ids, return_counts=True)
     p = counts / counts.sum()
@@ -217,6 +233,9 @@ def bench_cache(path: str) -> list[dict]:
     add("peer Megatron fp16+17bit+zstd", *_megatron(values, ids))
     add("peer FuseLLM fp16+int64", *_fp16_int(values, ids, np.int64))
     return results
+
+
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the benchmark rewrites the table above -->"
 
 
 def main() -> None:
@@ -238,9 +257,14 @@ def main() -> None:
     body = ""
     for r in all_rows:
         ids = "-" if r["ids_exact"] is None else f"{r['ids_exact']:.4f}"
+        kl_mean, kl_max, dlp = (
+            ("-", "-", "-")
+            if r["kl_mean"] is None
+            else (f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", f"{r['max_dlogprob']:.3g}")
+        )
         body += (
-            f"| {Path(r['cache']).name} | {r['K']} | {r['codec']} | {r['bytes_per_token']:.1f} | {r['kl_mean']:.2e} "
-            f"| {r['kl_max']:.2e} | {r['max_dlogprob']:.3g} | {ids} | {r['dd_mean']:.2e} | {r['dd_max']:.2e} "
+            f"| {Path(r['cache']).name} | {r['K']} | {r['codec']} | {r['bytes_per_token']:.1f} | {kl_mean} "
+            f"| {kl_max} | {dlp} | {ids} | {r['dd_mean']:.2e} | {r['dd_max']:.2e} "
             f"| {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |\n"
         )
     table = head + body + "\nLower bound for lossless ids, same data: " + "; ".join(floors) + ".\n"
@@ -250,10 +274,14 @@ def main() -> None:
 
         RESULTS.mkdir(parents=True, exist_ok=True)
         meta = ", ".join(f"{k}={v}" for k, v in info.items())
-        (RESULTS / "codec.md").write_text(
+        out = RESULTS / "codec.md"
+        # the hand-written reading of the table (targets, why) lives below a marker and survives a rerun
+        old = out.read_text() if out.exists() else ""
+        notes = old[old.index(ANALYSIS_MARKER) :] if ANALYSIS_MARKER in old else ""
+        out.write_text(
             "# Codec benchmark (benchmarks/bench_codec.py)\n\n"
             f"Command: `PYTHONPATH=. python benchmarks/bench_codec.py {' '.join('--cache ' + c for c in args.cache)}`"
-            f"\n\nMachine: {meta}\n\n{table}"
+            f"\n\nMachine: {meta}\n\n{table}\n{notes}"
         )
         (RESULTS / "codec.jsonl").open("a").write(json.dumps({"machine": info, "results": all_rows}) + "\n")
 

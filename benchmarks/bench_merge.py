@@ -69,6 +69,7 @@ def worker(args) -> None:
 
     idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     shutil.rmtree(args.out, ignore_errors=True)
+    cpu = time.process_time()
     t = time.perf_counter()
     if args.worker == "naive":
         nbytes = _naive_merge(args.base, args.models, args.out, args.method)
@@ -78,8 +79,13 @@ def worker(args) -> None:
         cfg = MergeConfig.create(base=args.base, models=args.models, out=args.out, method=args.method)
         nbytes = run_merge(cfg, progress=False)["bytes_read"]
     seconds = time.perf_counter() - t
+    cpu = time.process_time() - cpu  # this process's CPU time: what the merge costs when it has a core to itself
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "bytes_read": nbytes, "peak_rss_kb": peak, "idle_rss_kb": idle}))
+    print(
+        json.dumps(
+            {"seconds": seconds, "cpu_seconds": cpu, "bytes_read": nbytes, "peak_rss_kb": peak, "idle_rss_kb": idle}
+        )
+    )
 
 
 # ---------------------------------------------------------------- driver
@@ -152,6 +158,7 @@ def main() -> None:
         for kind in ("streaming", "naive"):
             if kind == "naive" and method not in ("ta", "ties"):
                 continue
+            load = os.getloadavg()[0]
             r = run_worker(kind, base, copies[:n], method, out)
             row = {
                 "dtype": dtype,
@@ -161,7 +168,10 @@ def main() -> None:
                 "model_mb": round((base / "model.safetensors").stat().st_size / 1e6, 1),
                 "seconds": round(r["seconds"], 2),
                 "mb_per_s": round(r["bytes_read"] / 1e6 / r["seconds"], 1),
+                "cpu_seconds": round(r["cpu_seconds"], 2),
+                "mb_per_cpu_s": round(r["bytes_read"] / 1e6 / r["cpu_seconds"], 1),
                 "peak_rss_mb": round(r["peak_rss_kb"] / 1024, 0),
+                "load_1min": round(load, 1),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -173,15 +183,19 @@ def main() -> None:
         f"fusion-cache {m['fusion_cache']}. Load average "
         f"{load_before[0]:.1f} before / {load_after[0]:.1f} after (the cores were shared with other jobs).",
         f"Idle worker (python + torch imported): {idle['idle_rss_kb'] / 1024:.0f} MB RSS. Throughput = bytes read "
-        "(base + models) / merge seconds, inputs in the page cache.",
+        "(base + models) / merge seconds (wall clock), inputs in the page cache. CPU s = the worker's own CPU time "
+        "during the merge; MB/s per CPU s is the throughput it would have with a core to itself. Load = 1-minute "
+        "load average when the row started.",
         "",
-        "| method | models | dtype (model MB) | provider | seconds | MB/s read | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| method | models | dtype (model MB) | provider | seconds | MB/s read | CPU s | MB/s per CPU s | peak RSS MB "
+        "| load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['models']} | {r['dtype']} ({r['model_mb']}) | {r['provider']} | {r['seconds']} | "
-            f"{r['mb_per_s']} | {r['peak_rss_mb']:.0f} |"
+            f"{r['mb_per_s']} | {r['cpu_seconds']} | {r['mb_per_cpu_s']} | {r['peak_rss_mb']:.0f} | "
+            f"{r['load_1min']} |"
         )
     lines += ["", f"Command: `PYTHONPATH=. python benchmarks/bench_merge.py --threads {args.threads}`"]
     body = "\n".join(lines)

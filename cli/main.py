@@ -9,6 +9,7 @@ fusion-cache inspect ./cache/smollm2
 fusion-cache verify ./cache/smollm2
 fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
 fusion-cache train --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./runs
+fusion-cache train --mode unified --student ./student --shards ./cache/a --shards ./cache/b --out ./runs/u
 fusion-cache merge --base ./student --models ./runs/a --models ./runs/b --method ties --out ./merged
 fusion-cache fuse --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./fused
 fusion-cache demo
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import typer
 
+from fusion_cache.errors import ConfigError
 from fusion_cache.errors import FusionCacheError
 
 app = typer.Typer(
@@ -62,8 +65,12 @@ def build(
     out: str = typer.Option(..., help="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)"),
     top_k: int = typer.Option(64, "--top-k", help="teacher log-probs kept per answer token"),
     engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
-    codec: str = typer.Option("raw", help="full (ids + quantized values, zstd), values (sorted values only), raw"),
-    value_bits: int = typer.Option(None, help="bits per value code of the full/values codecs (default 6 / 8)"),
+    codec: str = typer.Option(
+        "raw",
+        help="full (ids + quantized values, zstd), values (sorted values only), shape (the values' standardized "
+        "shape only: z-scored ULD training only), raw",
+    ),
+    value_bits: int = typer.Option(None, help="bits per value code of the full/values/shape codecs (default 6/8/8)"),
     max_length: int = typer.Option(2048, help="longest rendered sequence in teacher tokens"),
     overlong: str = typer.Option("truncate", help="truncate or skip sequences longer than --max-length"),
     dtype: str = typer.Option(None, help="teacher dtype (default: from the hardware; fp32 on CPUs without bf16)"),
@@ -268,7 +275,7 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
 @app.command()
 def train(
     student: str = typer.Option(..., help="student (pivot) model: preset, local dir or HF id"),
-    shards: list[Path] = typer.Option(..., help="teacher cache directory"),
+    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat for pairwise/unified)"),
     out: Path = typer.Option(..., help="run directory (metrics.jsonl, model/)"),
     lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD; 0 = plain SFT"),
     top_k: int = typer.Option(10, "--top-k", help="K of the ULD loss"),
@@ -280,13 +287,36 @@ def train(
     max_length: int = typer.Option(1024, help="longest student sequence"),
     seed: int = typer.Option(0),
     no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
-    mode: str = typer.Option(
-        "single", help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge)"
+    kd_loss: str = typer.Option(
+        "uld", "--kd-loss", help="uld (InfiFusion, any tokenizer) or kl (top-K KL; same tokenizer, cache with ids)"
     ),
+    tail: bool = typer.Option(
+        False, "--tail", help="compare true top-K probabilities plus the tail mass (needs --no-zscore)"
+    ),
+    mode: str = typer.Option(
+        "single",
+        help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge); "
+        "unified: one run against every cache, joined on sample_id",
+    ),
+    checkpoint_every: int = typer.Option(None, help="write <out>/checkpoints/step-N every N optimizer steps"),
+    keep_checkpoints: int = typer.Option(3, help="newest checkpoints to keep"),
+    resume: bool = typer.Option(False, "--resume", help="continue exactly from the newest checkpoint in --out"),
+    device: str = typer.Option("auto", help="auto (this rank's GPU if any, else CPU), cpu or cuda"),
+    autocast: str = typer.Option("none", help="none or bf16 (autocast of the forward pass; never the default)"),
+    grad_checkpointing: bool = typer.Option(
+        False, "--grad-checkpointing", help="recompute activations in the backward pass to save memory"
+    ),
+    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student with FSDP2 instead of DDP"),
+    combine: str = typer.Option("mean", help="unified: mean | sum | uncertainty (per-token entropy weights)"),
+    align: str = typer.Option(None, help="unified: bytes (default: pair tokens ending at the same byte) | index"),
+    uncertainty_temperature: float = typer.Option(1.0, help="unified: T of softmax_s(-H_s,t / T)"),
+    join_window: int = typer.Option(1024, help="unified: reads a sample may wait for its partners (other inputs)"),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*ULD.
 
     Example: fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
+
+    Data parallel: torchrun --nproc-per-node 2 -m fusion_cache.train --student ... (the same flags).
     """
     from fusion_cache.config import TrainConfig
     from fusion_cache.train import run_train
@@ -303,6 +333,15 @@ def train(
         max_length=max_length,
         seed=seed,
         zscore=not no_zscore,
+        tail=tail,
+        kd_loss=kd_loss,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        resume=resume,
+        device=device,
+        autocast=autocast,
+        grad_checkpointing=grad_checkpointing,
+        fsdp=fsdp,
     )
     if mode == "pairwise":
         from fusion_cache.merge.pairwise import train_pairwise
@@ -313,18 +352,38 @@ def train(
             _fail(e)
         typer.echo(f"trained {len(runs)} pivots: " + ", ".join(str(r / "model") for r in runs))
         return
-    if mode != "single":
-        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise"))
+    if mode not in ("single", "unified"):
+        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise, unified"))
+    if mode == "unified":
+        settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature, join_window=join_window)
+    if align is not None:
+        settings.update(align=align)
     try:
-        cfg = TrainConfig.create(shards=[str(s) for s in shards], out=str(out), **settings)
+        cfg = TrainConfig.create(mode=mode, shards=[str(s) for s in shards], out=str(out), **settings)
         result = run_train(cfg)
     except FusionCacheError as e:
         _fail(e)
     f = result.summary["final"]
+    if f is None or os.environ.get("RANK", "0") != "0":  # nothing left to train, or not torchrun's rank 0
+        return
     typer.echo(
         f"trained {result.summary['steps']} steps in {result.summary['wall_seconds']:.0f} s: "
         f"ce {f['ce']:.4f}, uld {f['uld']:.4f}; model in {out / 'model'}"
     )
+    if "fusion" in result.summary:
+        fusion = result.summary["fusion"]
+        j = fusion["join"]
+        typer.echo(
+            f"joined {j['samples']} samples: {j['complete']} with every teacher, missing "
+            + ", ".join(f"{n}: {c}" for n, c in j["missing"].items())
+        )
+        for name, a in fusion["align"].items():
+            last = f.get("uld_" + name)
+            typer.echo(
+                f"  {name}: last uld {'n/a' if last is None else f'{last:.4f}'}, aligned {a['aligned']} rows "
+                f"({fusion['align_mode']}), "
+                f"dropped {a['dropped_student']} student / {a['dropped_teacher']} teacher rows"
+            )
 
 
 def _merge_options(
@@ -392,6 +451,7 @@ def merge(
     max_density: float = _MAX_D,
     max_shard_mb: int = _SHARD_MB,
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    threads: int = typer.Option(0, help="torch threads for the merge (0: torch's default; 1 on a busy machine)"),
 ) -> None:
     """Merge fine-tuned pivots around their base with task vectors, one tensor at a time (docs/merge.md).
 
@@ -416,7 +476,7 @@ def merge(
         overwrite,
     )
     try:
-        summary = run_merge(MergeConfig.create(base=base, models=models, out=str(out), **opts))
+        summary = run_merge(MergeConfig.create(base=base, models=models, out=str(out), threads=threads, **opts))
     except FusionCacheError as e:
         _fail(e)
     typer.echo(
@@ -428,7 +488,7 @@ def merge(
 @app.command()
 def fuse(
     student: str = typer.Option(..., help="the pivot: preset, local dir or HF id"),
-    shards: list[Path] = typer.Option(..., help="teacher cache directory (repeat, one per teacher)"),
+    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat, one per teacher)"),
     out: Path = typer.Option(..., help="<out>/runs/<cache-name>/ per teacher, <out>/merged/ the result"),
     mode: str = typer.Option("pairwise", help="pairwise: train per teacher, then merge"),
     lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD"),
@@ -500,12 +560,27 @@ def fuse(
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="working directory of the demo"),
     quick: bool = typer.Option(False, help="a much smaller run (a smoke test, not a result)"),
+    kd_loss: list[str] = typer.Option(
+        None,
+        "--kd-loss",
+        help="KD runs to compare with SFT (repeat): kl (default: top-K KL) and/or uld (InfiFusion's ULD; "
+        "each run adds ~4 minutes on 2 cores)",
+    ),
 ) -> None:
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""
+    from dataclasses import replace
+
+    from fusion_cache.demo import DemoSettings
     from fusion_cache.demo import run_demo
 
     try:
-        run_demo(out, quick=quick)
+        settings = DemoSettings.quick() if quick else DemoSettings()
+        if kd_loss:
+            bad = [k for k in kd_loss if k not in ("kl", "uld")]
+            if bad:
+                raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: kl, uld")
+            settings = replace(settings, kd_losses=tuple(dict.fromkeys(kd_loss)))
+        run_demo(out, settings=settings)
     except FusionCacheError as e:
         _fail(e)
 

@@ -65,7 +65,11 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def convert_gguf_to_hf(
-    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: torch.dtype = torch.bfloat16
+    gguf_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    chat_template: bool = True,
 ) -> Path:
     """Convert a GGUF checkpoint into an HF model directory (config, safetensors weights, tokenizer).
 
@@ -77,6 +81,8 @@ def convert_gguf_to_hf(
         out_dir: Directory to write; created if missing, must not already hold files.
         dtype: dtype of the saved weights. The GGUF weights are dequantized to fp32 first; bf16 halves the size and
             engines can still upcast at load time.
+        chat_template: keep the GGUF's chat template, if it has one. False for base models: the saved tokenizer
+            then has none, so every stage renders the samples as plain text.
 
     Returns:
         ``out_dir`` as a Path.
@@ -107,6 +113,9 @@ def convert_gguf_to_hf(
         model.generation_config = copy.deepcopy(quantized.generation_config)
     del quantized
 
+    if not chat_template:
+        tokenizer.chat_template = None
+    _apply_gguf_bos_flag(tokenizer, gguf_path)
     # GGUF tokenizers come back with transformers' "unlimited" sentinel; the context length is the honest limit.
     if tokenizer.model_max_length > 10**9 and getattr(config, "max_position_embeddings", None):
         tokenizer.model_max_length = config.max_position_embeddings
@@ -123,6 +132,7 @@ def converted_model_dir(
     dtype: torch.dtype = torch.bfloat16,
     home: str | os.PathLike[str] | None = None,
     display_name: str | None = None,
+    chat_template: bool = True,
 ) -> Path:
     """The converted model directory for ``gguf_path``, converting it on first use.
 
@@ -132,6 +142,7 @@ def converted_model_dir(
         dtype: dtype of the saved weights (see `convert_gguf_to_hf`); non-default dtypes get their own directory.
         home: Overrides `fusion_cache_home`.
         display_name: What the one-line "converting ..." log message calls the model; defaults to ``name``.
+        chat_template: keep the GGUF's chat template (see `convert_gguf_to_hf`).
 
     Returns:
         ``<home>/models/<name>-<first 12 hex of the GGUF's sha256>[-<dtype>]``, complete.
@@ -144,13 +155,14 @@ def converted_model_dir(
     def build(tmp_dir: Path) -> dict[str, object]:
         logger.info("converting %s GGUF to safetensors (once, ~30-60 s)", display_name or name)
         start = time.monotonic()
-        convert_gguf_to_hf(gguf_path, tmp_dir, dtype=dtype)
+        convert_gguf_to_hf(gguf_path, tmp_dir, dtype=dtype, chat_template=chat_template)
         seconds = time.monotonic() - start
         logger.info("converted %s in %.1f s into %s", display_name or name, seconds, final_dir)
         return {
             "gguf": os.path.basename(gguf_path),
             "gguf_sha256": cached_file_sha256(gguf_path),
             "dtype": str(dtype),
+            "chat_template": chat_template,
             "seconds": round(seconds, 1),
         }
 
@@ -226,6 +238,75 @@ def _remove_stale_tmp_dirs(parent: Path, name: str) -> None:
                 shutil.rmtree(path, ignore_errors=True)
         except OSError:
             continue
+
+
+# GGUF metadata value types (gguf spec): fixed-size scalars by struct format, 8 = string, 9 = array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata_value(gguf_path: str | os.PathLike[str], key: str):
+    """One scalar or string metadata value of a GGUF file (None if absent), without loading its tensors.
+
+    `gguf.GGUFReader` parses every field, the 262k-entry vocabulary included (~30 s for Gemma 3); this scans the
+    key/value section and skips arrays by their sizes.
+    """
+    import struct
+
+    def read(fmt: str):
+        size = struct.calcsize("<" + fmt)
+        return struct.unpack("<" + fmt, fh.read(size))[0]
+
+    def read_str() -> bytes:
+        return fh.read(read("Q"))
+
+    def skip(vtype: int) -> None:
+        if vtype in _GGUF_SCALARS:
+            fh.seek(struct.calcsize("<" + _GGUF_SCALARS[vtype]), 1)
+        elif vtype == 8:
+            fh.seek(read("Q"), 1)
+        elif vtype == 9:
+            etype, count = read("I"), read("Q")
+            if etype in _GGUF_SCALARS:
+                fh.seek(count * struct.calcsize("<" + _GGUF_SCALARS[etype]), 1)
+            else:
+                for _ in range(count):
+                    skip(etype)
+        else:
+            raise ConversionError(f"{gguf_path}: unknown GGUF metadata type {vtype}")
+
+    with open(gguf_path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ConversionError(f"{gguf_path}: not a GGUF file")
+        version = read("I")
+        if version < 2:
+            raise ConversionError(f"{gguf_path}: GGUF version {version} is not supported")
+        read("Q")  # tensor count
+        for _ in range(read("Q")):
+            name = read_str().decode("utf-8", "replace")
+            vtype = read("I")
+            if name != key:
+                skip(vtype)
+            elif vtype in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[vtype])
+            elif vtype == 8:
+                return read_str().decode("utf-8", "replace")
+            else:
+                raise ConversionError(f"{gguf_path}: metadata {key!r} is an array, not a single value")
+    return None
+
+
+def _apply_gguf_bos_flag(tokenizer, gguf_path: Path) -> None:
+    """Make the tokenizer add BOS when the GGUF says so (``tokenizer.ggml.add_bos_token``).
+
+    transformers' GGUF tokenizer loader drops this flag for some models: Gemma 3's tokenizer came back without BOS,
+    and a Gemma model fed no ``<bos>`` produces garbage. SmolLM2's GGUF says False and is left as it is.
+    """
+    if not gguf_metadata_value(gguf_path, "tokenizer.ggml.add_bos_token") or tokenizer.bos_token_id is None:
+        return
+    if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        tokenizer.add_bos_token = True  # rebuilds the post-processor: "<bos> $A"
+    if tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        raise ConversionError(f"{gguf_path.name}: the GGUF asks for a BOS token but the tokenizer does not add it")
 
 
 def _copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:

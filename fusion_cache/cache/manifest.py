@@ -185,9 +185,7 @@ def load_manifest(directory) -> Manifest:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ShardFormatError(f"{path}: invalid manifest: {problems}") from None
-    codec = parse_codec(manifest.codec, str(path))
-    if manifest.schema_version == 1 and codec.name != "raw":
-        raise ShardFormatError(f"{path}: schema_version 1 has only the raw codec, got {codec.name!r}")
+    codec = parse_codec(manifest.codec, str(path), manifest.schema_version)  # each version's codecs and keys
     if manifest.k < 2 and codec.name != "raw":
         raise ShardFormatError(f"{path}: codec {codec.name!r} needs K >= 2, got K={manifest.k}")
     validate_fingerprint(manifest.config_fingerprint, "config_fingerprint")

@@ -16,7 +16,11 @@ import pyarrow as pa
 
 from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import code_groups
+from fusion_cache.cache.codecs import code_sums
+from fusion_cache.cache.codecs import decode_bucket_ids
 from fusion_cache.cache.codecs import dequantize_values
+from fusion_cache.cache.codecs import id_groups
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs import parse_id_order
 from fusion_cache.cache.codecs import rank_table
@@ -80,7 +84,7 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
 
     The codec's columns are decoded for the whole batch at once (numpy), then sliced per row.
     """
-    for col, typ in shard_columns(codec).items():
+    for col, typ in shard_columns(codec, k).items():
         idx = batch.schema.get_field_index(col)
         if idx < 0 or batch.schema.field(idx).type != typ:
             got = "missing" if idx < 0 else str(batch.schema.field(idx).type)
@@ -96,11 +100,18 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
             f"{shard}: row {r}: answer_start={int(answer_start[r])} invalid for {int(n_tokens[r])} tokens"
         )
     expected = {"token_byte_start": n_tokens, "token_byte_end": n_tokens}
+    layout2 = codec.name == "full" and codec.layout == 2
     if codec.name == "raw":
         expected.update({"topk_ids": n_answer * k, "topk_logprobs": n_answer * k, "target_logprobs": n_answer})
+    elif codec.name == "shape":
+        expected["topk_codes"] = n_answer * (k - 2)
+    elif layout2:
+        expected.update({f"topk_id_buckets_g{g}": n_answer * (b - a) for g, (a, b) in enumerate(id_groups(k))})
+        expected.update({"topk_max": n_answer, "topk_span": n_answer, "tail_mass": n_answer})
+        expected.update({f"topk_codes_g{g}": n_answer * (b - a) for g, (a, b) in enumerate(code_groups(k))})
     else:
         expected.update({"topk_max": n_answer, "topk_span": n_answer, "topk_codes": n_answer * (k - 2)})
-    if codec.name == "full":
+    if codec.name == "full" and not layout2:
         expected.update({f"topk_ids_b{i}": n_answer * k for i in range(codec.id_bytes)})
         expected.update({"tail_mass": n_answer, "target_logprobs": n_answer})
     parts = {}
@@ -119,22 +130,38 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
     np.cumsum(n_answer, out=ans_off[1:])
     total = int(ans_off[-1])
     tail = None
+    targets = parts.get("target_logprobs")
     if codec.name == "raw":
         topk_ids = parts["topk_ids"].reshape(total, k)
         values = parts["topk_logprobs"].reshape(total, k)
+    elif codec.name == "shape":
+        codes = parts["topk_codes"].reshape(total, k - 2)
+        values = dequantize_values(None, None, codes, codec.value_bits, shard, "linear")
+        values[_flat_positions(batch, ans_off, n_answer, shard)] = 0.0
+    elif layout2:
+        groups = code_groups(k)
+        codes = [parts[f"topk_codes_g{g}"].reshape(total, b - a) for g, (a, b) in enumerate(groups)]
+        qi = code_sums(codes, codec.value_bits, groups, total)
+        values = dequantize_values(parts["topk_max"], parts["topk_span"], None, codec.value_bits, shard, "log", qi)
     else:
         values = dequantize_values(
             parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 2), codec.value_bits, shard
         )
     if codec.name == "full":
-        ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)])
         order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), codec.id_bytes, shard)
-        if codec.id_bytes <= 2:
-            topk_ids = rank_table(order, 1 << (8 * codec.id_bytes))[ranks].reshape(total, k)
+        table = rank_table(order, 1 << (8 * codec.id_bytes)) if codec.id_bytes <= 2 else None
+        if layout2:
+            buckets = _gather_groups(parts, "topk_id_buckets_g", id_groups(k), total, k).reshape(-1)
+            off_off, off_bytes = _list_parts(batch.column("topk_id_offsets"), shard, "topk_id_offsets")
+            counts = n_answer * k
+            ranks = decode_bucket_ids(buckets, off_bytes, np.diff(off_off), counts, codec.id_bytes, shard, table)
         else:
-            topk_ids = ranks_to_ids(ranks, order).reshape(total, k)
+            ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)])
+            ranks = ranks if table is None else np.take(table, ranks)
+        topk_ids = (ranks if table is not None else ranks_to_ids(ranks, order)).reshape(total, k)
         tail = parts["tail_mass"].astype(np.float32)
-    targets = parts.get("target_logprobs")
+        if layout2:
+            targets = _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answer, shard)
     if targets is not None:
         targets = targets.astype(np.float32, copy=False)
     sample_ids = batch.column("sample_id").to_pylist()
@@ -164,6 +191,65 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
     return rows
 
 
+def _gather_groups(parts: dict, prefix: str, groups: list, total: int, width: int) -> np.ndarray:
+    """Reassemble column groups (``prefix`` + g, each row-major [total, b - a]) into one [total, width] array."""
+    if len(groups) == 1:
+        return parts[f"{prefix}0"].reshape(total, width)
+    dtype = parts[f"{prefix}0"].dtype if groups else np.uint8
+    out = np.empty((total, width), dtype=dtype)
+    for g, (a, b) in enumerate(groups):
+        out[:, a:b] = parts[f"{prefix}{g}"].reshape(total, b - a)
+    return out
+
+
+def _flat_positions(batch, ans_off, n_answer, shard) -> np.ndarray:
+    """Batch-wide indices of the answer positions a shape shard lists in ``topk_flat`` (rows of equal values),
+    checked: ascending within the row and < n_answer."""
+    off, local = _list_parts(batch.column("topk_flat"), shard, "topk_flat")
+    counts = np.diff(off)
+    row_of = np.repeat(np.arange(len(n_answer)), counts)
+    local = local.astype(np.int64)
+    first = np.zeros(local.size, bool)
+    first[off[:-1][counts > 0]] = True  # a row's first entry need not exceed the previous row's last
+    bad = np.flatnonzero((local < 0) | (local >= n_answer[row_of]) | (~first & (np.diff(local, prepend=-1) <= 0)))
+    if bad.size:
+        r = int(row_of[bad[0]])
+        raise ShardFormatError(
+            f"{shard}: row {r}: column 'topk_flat' holds {int(local[bad[0]])}, not an ascending "
+            f"answer position below {int(n_answer[r])}"
+        )
+    return ans_off[row_of] + local
+
+
+def _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answer, shard) -> np.ndarray:
+    """Target log-probs of full layout 2: the decoded value of the answer token's id where it is among the top-K,
+    else the next entry of the row's ``target_logprobs_missing`` list (whose length must match)."""
+    pos = np.repeat(ids_off[:-1] + answer_start, n_answer) + _ranges(n_answer)
+    answer = ids[pos]
+    hit = topk_ids == answer[:, None]
+    found = hit.any(axis=1)
+    targets = values[np.arange(values.shape[0]), hit.argmax(axis=1)]
+    off, missing = _list_parts(batch.column("target_logprobs_missing"), shard, "target_logprobs_missing")
+    row_of = np.repeat(np.arange(len(n_answer)), n_answer)
+    want = np.bincount(row_of[~found], minlength=len(n_answer))
+    bad = np.flatnonzero(np.diff(off) != want)
+    if bad.size:
+        r = int(bad[0])
+        raise ShardFormatError(
+            f"{shard}: row {r}: column 'target_logprobs_missing' has {int(np.diff(off)[r])} values, but "
+            f"{int(want[r])} answer tokens of the row are not among its top-K ids"
+        )
+    targets[~found] = missing
+    return targets
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """concatenate([arange(c) for c in counts]) without a Python loop."""
+    total = int(counts.sum())
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(total) - starts
+
+
 class CacheReader:
     """Read access to one cache directory.
 
@@ -180,8 +266,8 @@ class CacheReader:
         self.path = Path(path) if self.location.local else str(path)
         self.manifest: Manifest = load_manifest(self.location)
         self.k = self.manifest.k
-        self.codec = parse_codec(self.manifest.codec, f"{self.path}/manifest.json")
-        self.columns = shard_columns(self.codec)
+        self.codec = parse_codec(self.manifest.codec, f"{self.path}/manifest.json", self.manifest.schema_version)
+        self.columns = shard_columns(self.codec, self.k)
 
     # ---------------------------------------------------------------- shards
     def shard_path(self, i: int) -> str:

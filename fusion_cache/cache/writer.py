@@ -27,7 +27,11 @@ import numpy as np
 import pyarrow as pa
 
 from fusion_cache.cache.codecs import ID_ORDER_KEY
+from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
 from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import code_groups
+from fusion_cache.cache.codecs import encode_bucket_ids
+from fusion_cache.cache.codecs import id_groups
 from fusion_cache.cache.codecs import id_order_metadata
 from fusion_cache.cache.codecs import ids_to_ranks
 from fusion_cache.cache.codecs import make_id_order
@@ -57,7 +61,8 @@ class CacheRow:
         answer_start: index of the first answer token.
         token_byte_start, token_byte_end: int32 [n_tokens] byte offsets into the rendered text.
         topk_ids: int32 [n_answer, K]. Read from a ``values`` cache: a `MissingField` that raises on use.
-        topk_logprobs: float32 [n_answer, K] (decoded: exact for raw, quantized for full/values).
+        topk_logprobs: float32 [n_answer, K] (decoded: exact for raw, quantized for full/values; for a ``shape``
+            cache each row's standardized shape (v - v_0) / (v_0 - v_{K-1}) in [-1, 0], not log-probs).
         target_logprobs: float32 [n_answer]. Read from a ``values`` cache: a `MissingField`.
         tail_mass: float32 [n_answer], 1 - sum(exp(topk_logprobs)) of the original values; None when unknown.
     """
@@ -109,7 +114,7 @@ def encode_topk(
     for r in rows:
         if r.topk_logprobs.ndim != 2 or r.topk_logprobs.shape[1] != k:
             raise ValueError(f"row {r.sample_id}: top-K block has shape {r.topk_logprobs.shape}, expected [n, {k}]")
-    cols = codec.columns()
+    cols = codec.columns(k)
     if codec.name == "raw":
         return {
             "topk_ids": _list_column([r.topk_ids for r in rows], np.int32, cols["topk_ids"]),
@@ -117,7 +122,20 @@ def encode_topk(
             "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
         }
     values = np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32) if rows else np.zeros((0, k))
-    vmax, span, codes = quantize_values(values, codec.value_bits, np.float16)
+    vmax, span, codes = quantize_values(values, codec.value_bits, np.float16, codec.companding)
+    if codec.name == "shape":
+        # a row of equal values has no shape: its codes decode to [0, .., 0, -1], so list it to decode as zeros
+        flat = values[:, 0] == values[:, -1]
+        row_of = np.repeat(np.arange(len(rows)), n)
+        local = np.arange(values.shape[0]) - np.repeat(np.cumsum(n) - n, n)
+        return {
+            "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
+            "topk_flat": _split_column(
+                local[flat].astype(np.int32), np.bincount(row_of[flat], minlength=len(rows)), cols["topk_flat"]
+            ),
+        }
+    if codec.name == "full" and codec.layout == 2:
+        return _encode_full_layout2(rows, codec, k, id_order, values, vmax, span, codes, n, cols)
     out = {
         "topk_max": _split_column(vmax, n, cols["topk_max"]),
         "topk_span": _split_column(span, n, cols["topk_span"]),
@@ -138,6 +156,39 @@ def encode_topk(
             "tail_mass": _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"]),
             "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float16, cols["target_logprobs"]),
         }
+    return out
+
+
+def _encode_full_layout2(rows, codec, k, id_order, values, vmax, span, codes, n, cols) -> dict[str, pa.Array]:
+    """The columns of full layout 2 (docs/cache-format.md section 1.2): grouped id buckets, bit-packed offsets,
+    max/span, grouped code deltas, tail mass, and the target log-probs of answer tokens outside the top-K."""
+    if id_order is None:
+        raise ValueError("the full codec needs the shard's id order")
+    ids = np.concatenate([r.topk_ids for r in rows]) if rows else np.zeros((0, k), np.int32)
+    total = ids.shape[0]
+    ranks = ids_to_ranks(ids, id_order)
+    buckets, offset_bytes, nbytes = encode_bucket_ids(ranks.reshape(-1), n * k, codec.id_bytes)
+    buckets = buckets.reshape(total, k)
+    out = {}
+    for g, (a, b) in enumerate(id_groups(k)):
+        out[f"topk_id_buckets_g{g}"] = _split_column(buckets[:, a:b], n * (b - a), cols[f"topk_id_buckets_g{g}"])
+    out["topk_id_offsets"] = _split_column(offset_bytes, nbytes, cols["topk_id_offsets"])
+    out["topk_max"] = _split_column(vmax, n, cols["topk_max"])
+    out["topk_span"] = _split_column(span, n, cols["topk_span"])
+    for g, (a, b) in enumerate(code_groups(k)):
+        out[f"topk_codes_g{g}"] = _split_column(codes[:, a:b], n * (b - a), cols[f"topk_codes_g{g}"])
+    out["tail_mass"] = _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"])
+    # the answer token's log-prob is the decoded value of its id when it is among the top-K: store only the others
+    answer = np.concatenate([r.input_ids[r.answer_start :] for r in rows]) if rows else np.zeros(0, np.int32)
+    if answer.shape[0] != total:
+        raise ValueError(f"answer tokens ({answer.shape[0]}) and top-K rows ({total}) differ in number")
+    missing = ~(ids == answer[:, None]).any(axis=1)
+    targets = np.concatenate([r.target_logprobs for r in rows]) if rows else np.zeros(0, np.float32)
+    row_of = np.repeat(np.arange(len(rows)), n)
+    miss_counts = np.bincount(row_of[missing], minlength=len(rows)).astype(np.int64)
+    out["target_logprobs_missing"] = _split_column(
+        targets[missing].astype(np.float16), miss_counts, cols["target_logprobs_missing"]
+    )
     return out
 
 
@@ -228,9 +279,13 @@ class ShardWriter:
         completed: list[dict] | None = None,
     ):
         self.work_dir = Path(work_dir)
-        self.codec = parse_codec(provenance.get("codec", {"name": "raw"}), "provenance codec")
+        self.codec = parse_codec(
+            provenance.get("codec", {"name": "raw"}),
+            "provenance codec",
+            provenance.get("schema_version", LATEST_SCHEMA_VERSION),
+        )
         self.k = provenance.get("k")
-        self.schema = shard_schema(provenance, self.codec)
+        self.schema = shard_schema(provenance, self.codec, self.k)
         self.shard_rows = shard_rows
         self.shard_bytes = shard_bytes
         self._parts: list[dict] = [dict(p) for p in completed or []]  # complete parts, before their final names

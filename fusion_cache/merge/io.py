@@ -133,15 +133,27 @@ class SafetensorsModel:
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` from disk into a fresh tensor of its stored dtype and shape."""
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``name`` from disk into a tensor of its stored dtype and shape.
+
+        Args:
+            out: a contiguous buffer of any dtype with at least the tensor's byte size; the tensor is read into its
+                first bytes and returned as a view of them (reusing one buffer avoids a fresh allocation, and its
+                page faults, per tensor). None: a fresh tensor.
+        """
         info = self.infos[name]
         fd = self._handles.get(info.file)
         if fd is None:
             fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialized: no zero-fill pass before the read
+            return torch.empty(info.shape, dtype=dtype)
+        if out is None:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)  # uninitialized: no zero-fill pass before the read
+        else:
+            if not out.is_contiguous() or out.numel() * out.element_size() < info.nbytes:
+                raise ValueError(f"out: need a contiguous buffer of >= {info.nbytes} bytes for {name!r}")
+            buf = out.reshape(-1).view(torch.uint8)[: info.nbytes]
         view = memoryview(buf.numpy())
         done = 0
         while done < info.nbytes:  # pread may return short counts on large reads
@@ -149,7 +161,7 @@ class SafetensorsModel:
             if n == 0:
                 raise ConfigError(f"{info.file}: truncated while reading tensor {name!r}")
             done += n
-        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+        return buf.view(dtype).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._handles.values():

@@ -1,14 +1,25 @@
 """Merge methods on one tensor: task arithmetic (TA), TIES, DARE, SCE and RSAF.
 
-Every method sees the base tensor and the task vectors of the fine-tuned models for ONE tensor name, all fp32 and
-the same shape, and returns the merged task vector; the caller adds it to the base:
+Every method sees the task vectors of the fine-tuned models for ONE tensor name (RSAF also the base tensor), all
+fp32 and the same shape, and returns the merged task vector; the caller adds it to the base:
 
     tau_s = theta_s - theta_o          # [S, *shape], one row per fine-tuned pivot
     theta = theta_o + method(tau, ...) # the merged tensor
 
-They are plain functions of tensors (no I/O), so tests check each against its formula on small tensors and
-`fusion_cache.merge.run` streams them over a whole model. Defaults follow docs/merge.md (FuseChat's configs where the
-InfiFusion paper gives none).
+Each method comes twice: ``ties(tau, ...)`` leaves ``tau`` alone (tests check it against its formula on small
+tensors), ``ties_(tau, ...)`` overwrites ``tau`` and returns the result as a view of ``tau[0]`` (what
+`fusion_cache.merge.run` streams over a whole model, reusing its buffers). Both compute the same numbers.
+
+Why the in-place kernels look the way they do (measured on SmolLM2-135M's 49152 x 576 embedding, docs/dev-notes.md):
+- No full-size temporaries: a fresh 100 MB tensor costs more in page faults than the arithmetic on it. The
+  elementwise parts run over chunks of ``CHUNK`` elements with a few chunk-size scratch buffers (cache resident).
+- Masks are float 0/1 tensors multiplied in, not bool masks: torch's where/masked_fill/bool reductions are 10-20x
+  slower than float arithmetic on CPU. ``t * 0`` may give -0.0 where the formula has +0.0; the values are equal.
+- The k-th largest magnitude is an exact selection (numpy's introselect, `kth_largest_`), not a sort.
+- Sums over sources accumulate in source order, as ``tau.sum(0)`` does, so results are the same floats as the
+  direct formula; SCE's variance reproduces torch's Welford-in-double ``tau.var(0)`` bit for bit.
+
+Defaults follow docs/merge.md (FuseChat's configs where the InfiFusion paper gives none).
 """
 
 from __future__ import annotations
@@ -16,34 +27,159 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 
 # Skewness of |x| for x ~ N(0, s^2) (the half-normal): sqrt(2) (4 - pi) / (pi - 2)^1.5. RSAF's neutral point.
 HALF_NORMAL_SKEW = math.sqrt(2.0) * (4.0 - math.pi) / (math.pi - 2.0) ** 1.5
+# Elements per chunk of the elementwise passes: S rows of a chunk plus a few scratch buffers stay in L2/L3.
+CHUNK = 1 << 16
+# Entries per chunk of a float64 reduction: under torch's parallel grain size (32768), so one thread, fixed order.
+REDUCE_CHUNK = 1 << 15
+# Entries per chunk of the float64 statistics (a multiple of REDUCE_CHUNK).
+STAT_CHUNK = 4 * REDUCE_CHUNK
+# Below this size `kth_largest` just copies and selects; above it, a sample brackets the answer first.
+SMALL = 1 << 18
+
+
+def ordered_sum(v: torch.Tensor) -> float:
+    """The sum of the 1-D float64 tensor ``v``, the same bits whatever torch's thread count.
+
+    ``v`` is cut into blocks of ``REDUCE_CHUNK`` entries (under torch's parallel grain size, so torch reduces each
+    block on one thread, in one fixed order; a test pins this) and the block sums are added in order. Callers pass
+    chunks that start at multiples of ``REDUCE_CHUNK``, so the blocks do not depend on the chunking either.
+    """
+    n = v.numel()
+    full = n - n % REDUCE_CHUNK
+    total = 0.0
+    if full:
+        for part in v[:full].view(-1, REDUCE_CHUNK).sum(1).tolist():
+            total += part
+    if full < n:
+        total += float(v[full:].sum())
+    return total
+
+
+def sum_sq(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """``sum((x - minus)^2)`` over all entries, in float64 (`ordered_sum`: thread-count independent).
+
+    A whole-tensor torch reduction would split differently with 1 and 2 threads. Squares of fp32 values are exact
+    in float64.
+    """
+    x = x.reshape(-1)
+    minus = None if minus is None else minus.reshape(-1)
+    n = x.numel()
+    buf = torch.empty(min(STAT_CHUNK, max(n, 1)), dtype=torch.float64)
+    sub = None if minus is None else torch.empty_like(buf)
+    total = 0.0
+    for sl in _chunks(n, STAT_CHUNK):
+        b = buf[: sl.stop - sl.start].copy_(x[sl])
+        if minus is not None:
+            b.sub_(sub[: b.numel()].copy_(minus[sl]))
+        total += ordered_sum(b.mul_(b))
+    return total
+
+
+def _chunks(n: int, size: int = CHUNK):
+    """Slices covering range(n) in steps of ``size``."""
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+def _owned(tau: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``tau`` for the in-place kernels to overwrite."""
+    return tau.clone(memory_format=torch.contiguous_format)
+
+
+def _rows(tau: torch.Tensor) -> torch.Tensor:
+    """tau [S, *shape] as a [S, numel] view (tau must be contiguous: the kernels write through it)."""
+    if not tau.is_contiguous():
+        raise ValueError("tau must be contiguous")
+    return tau.view(tau.shape[0], -1)
 
 
 # ---------------------------------------------------------------- building blocks
-def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of the 1-D tensor ``x`` (1 <= k <= numel), exactly; faster than a full kthvalue.
+def _bracket(x: torch.Tensor, k: int) -> tuple[float, float]:
+    """[lo, hi] that holds the k-th largest of 1-D ``x`` with high probability, from a strided sample of ~65536.
 
-    For large tensors a strided sample brackets the answer, then only the values inside the bracket are searched.
-    If the bracket misses (it is 4 standard deviations wide, so rarely), a full kthvalue answers.
+    The bounds are the sample's order statistics 4 standard deviations of the sample quantile either side of the
+    k-th largest's expected position (-inf / +inf at the ends). On quantized data (task vectors of bf16 models have
+    a few thousand distinct values) they are often equal: the sample has already found the answer.
     """
     n = x.numel()
-    if n <= 1 << 20:
-        return torch.kthvalue(x, n - k + 1).values
-    sample = x[:: n // (1 << 16)]
-    m = sample.numel()
+    sample = x[:: max(1, n // (1 << 16))].clone().numpy()
+    m = sample.size
     q = k / n
-    center = m * (1.0 - q)
+    center = m * (1.0 - q)  # ascending position of the k-th largest in the sample
     margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
-    lo = torch.kthvalue(sample, int(min(max(math.floor(center - margin), 1), m))).values
-    hi = torch.kthvalue(sample, int(min(max(math.ceil(center + margin), 1), m))).values
-    need = k - int((x > hi).sum())  # rank of the answer, from the top, among values in [lo, hi]
-    band = x[(x >= lo) & (x <= hi)]
-    if 1 <= need <= band.numel():
-        return torch.kthvalue(band, band.numel() - need + 1).values
-    return torch.kthvalue(x, n - k + 1).values
+    lo_i = int(min(max(math.floor(center - margin), 0), m - 1))
+    hi_i = int(min(max(math.ceil(center + margin), 0), m - 1))
+    sample.partition((lo_i, hi_i))
+    lo = -math.inf if lo_i == 0 else float(sample[lo_i])
+    hi = math.inf if hi_i == m - 1 else float(sample[hi_i])
+    return lo, hi
+
+
+def _scan(xs: np.ndarray, lo: float, hi: float, band: bool) -> tuple[int, int, np.ndarray | None]:
+    """One chunked pass over ``xs``: (#values > hi, #values >= lo, the values in [lo, hi] if ``band``)."""
+    above = at_least = 0
+    parts = []
+    mask = np.empty(min(CHUNK, xs.size), dtype=bool)
+    for sl in _chunks(xs.size):
+        c = xs[sl]
+        m = mask[: c.size]
+        above += int(np.count_nonzero(np.greater(c, hi, out=m)))
+        at_least += int(np.count_nonzero(np.greater_equal(c, lo, out=m)))
+        if band:
+            parts.append(c[m & (c <= hi)])
+    return above, at_least, (np.concatenate(parts) if band else None)
+
+
+def kth_largest_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of the contiguous 1-D fp32/fp64 tensor ``x`` (1 <= k <= numel), exactly.
+
+    May reorder ``x`` in place (numpy's introselect: O(n), about 15x faster than torch.kthvalue on CPU). Large
+    tensors try the sample's guess first (`_bracket`): when the bracket collapses to one value v, two counts
+    decide (v is the answer iff #(x > v) < k <= #(x >= v)), which on duplicate-heavy data is several times
+    cheaper than the selection. NaN counts as the largest value. Returns a 0-d tensor of ``x``'s dtype.
+    """
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    a = x.numpy()
+    if n > SMALL:
+        lo, hi = _bracket(x, k)
+        if lo == hi:
+            above, at_least, _ = _scan(a, lo, hi, band=False)
+            if above < k <= at_least:
+                return torch.tensor(lo, dtype=x.dtype)
+    a.partition(n - k)
+    return torch.tensor(a[n - k], dtype=x.dtype)
+
+
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of ``x`` (any shape, fp32/fp64; 1 <= k <= numel), exactly; ``x`` is not modified.
+
+    Small tensors are copied and selected (`kth_largest_`). Large ones: the sample's bracket [lo, hi]
+    (`_bracket`), one chunked pass counting the values above ``hi`` and collecting those inside the bracket
+    (about 1% of them), and the selection on the bracket only. If the bracket misses (rare: structured data),
+    a full copy-and-select answers.
+    """
+    x = x.reshape(-1)
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if n <= SMALL:
+        return kth_largest_(x.clone(), k)
+    lo, hi = _bracket(x, k)
+    above, at_least, band = _scan(x.contiguous().numpy(), lo, hi, band=lo != hi)
+    if above < k <= at_least:  # the answer is in [lo, hi]
+        if lo == hi:
+            return torch.tensor(lo, dtype=x.dtype)
+        need = k - above  # its rank, from the top, among the values in [lo, hi]
+        band.partition(band.size - need)
+        return torch.tensor(band[band.size - need], dtype=x.dtype)
+    return kth_largest_(x.clone(), k)
 
 
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -57,12 +193,18 @@ def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
         bool mask of ``tau``'s shape. Entries tied with the k-th largest magnitude are all kept (a threshold, not
         an argsort: O(n) and the same answer whatever the tie order).
     """
-    n = tau.numel()
-    if density >= 1.0 or n == 0:
+    threshold = _magnitude_threshold(tau.abs().reshape(-1), density)
+    if threshold is None:
         return torch.ones_like(tau, dtype=torch.bool)
-    k = max(1, round(density * n))
-    mag = tau.abs()
-    return mag >= kth_largest(mag.reshape(-1), k)
+    return tau.abs() >= threshold
+
+
+def _magnitude_threshold(mag: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The k-th largest of ``mag`` (1-D |tau|, reordered in place) for `magnitude_mask`; None keeps everything."""
+    n = mag.numel()
+    if density >= 1.0 or n == 0:
+        return None
+    return kth_largest_(mag, max(1, round(density * n)))
 
 
 def elect_sign(tau: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -95,6 +237,59 @@ def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
+def _elect_(blk: torch.Tensor, method: str, e: torch.Tensor, scratch: torch.Tensor, ones: torch.Tensor) -> None:
+    """`elect_sign` on one chunk ``blk`` [S, m]: +1/-1 into ``e`` [m].
+
+    Votes are summed over sources as tau.sum(0) sums them. copysign(1, votes) is the formula's
+    ``where(votes >= 0, 1, -1)`` except at votes = -0.0, which only a chunk of all-zero entries produces (x + -x is
+    +0.0), where no source agrees with either sign.
+    """
+    if method == "sum":
+        torch.sum(blk, 0, out=e)
+    elif method == "count":
+        torch.sum(torch.sign(blk, out=scratch), 0, out=e)
+    else:
+        raise ValueError(f"sign_election must be 'sum' or 'count', got {method!r}")
+    torch.copysign(ones, e, out=e)
+
+
+def _below(threshold: torch.Tensor) -> float:
+    """The largest float32 below ``threshold``: hardshrink(x, that) keeps exactly the x with |x| >= threshold."""
+    t = threshold.to(torch.float32)
+    return float(torch.nextafter(t, torch.tensor(-math.inf)))
+
+
+def _trim_elect_mean_(tau: torch.Tensor, thresholds: list, sign_election: str, alpha: float) -> torch.Tensor:
+    """TIES after the thresholds: trim, elect a sign, disjoint mean, times alpha; in place, into tau[0].
+
+    ``thresholds[s]`` keeps |tau_s| >= it (None keeps all). One chunked pass:
+        trimmed_s = tau_s * (|tau_s| >= thr_s); e = elect_sign(trimmed); agree_s = trimmed_s * e > 0
+        result = alpha * e * (sum_s max(trimmed_s * e, 0)) / max(sum_s agree_s, 1)
+    which is the formula's ``alpha * (sum_s agree_s trimmed_s) / max(count, 1)`` to the bit (negation is exact).
+    """
+    flat = _rows(tau)
+    s_count, n = flat.shape
+    c = min(CHUNK, max(n, 1))
+    u, g = torch.empty(s_count, c, dtype=tau.dtype), torch.empty(s_count, c, dtype=tau.dtype)
+    e, total, count = (torch.empty(c, dtype=tau.dtype) for _ in range(3))
+    ones = torch.ones(c, dtype=tau.dtype)
+    lambdas = [None if thr is None else _below(thr) for thr in thresholds]
+    for sl in _chunks(n):
+        m = sl.stop - sl.start
+        blk, u_, g_, e_ = flat[:, sl], u[:, :m], g[:, :m], e[:m]
+        for s, lam in enumerate(lambdas):
+            if lam is not None:
+                torch.hardshrink(blk[s], lam, out=blk[s])  # zero where |x| < threshold
+        _elect_(blk, sign_election, e_, g_, ones[:m])
+        torch.mul(blk, e_, out=u_)  # > 0 exactly where the entry is non-zero with the elected sign
+        torch.sum(torch.gt(u_, 0.0, out=g_), 0, out=count[:m])
+        torch.sum(u_.clamp_min_(0.0), 0, out=total[:m])
+        torch.div(total[:m], count[:m].clamp_min_(1.0), out=blk[0]).mul_(e_)
+        if alpha != 1.0:  # x * 1.0 is x
+            blk[0].mul_(alpha)
+    return tau[0]
+
+
 def tensor_seed(seed: int, name: str, index: int) -> int:
     """A 63-bit seed for (run seed, tensor name, source index): the same drop mask whatever the tensor order."""
     digest = hashlib.sha256(f"{seed}:{name}:{index}".encode()).digest()
@@ -104,7 +299,7 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
 def dare_drop(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -> torch.Tensor:
     """DARE on one task vector: zero each entry with probability ``drop_rate``, scale survivors by 1/(1-p).
 
-    Unbiased: E[dare_drop(tau)] = tau.
+    The uniform draws are ``torch.rand(tau.shape, generator=generator)``. Unbiased: E[dare_drop(tau)] = tau.
     """
     if drop_rate <= 0.0:
         return tau
@@ -112,34 +307,179 @@ def dare_drop(tau: torch.Tensor, drop_rate: float, generator: torch.Generator) -
     return torch.where(keep, tau / (1.0 - drop_rate), 0.0)
 
 
-# ---------------------------------------------------------------- the methods
+# ---------------------------------------------------------------- the methods (in place)
+def task_arithmetic_(tau: torch.Tensor, *, alpha: float = 0.3) -> torch.Tensor:
+    """`task_arithmetic`, overwriting ``tau``; returns a view of tau[0]. Sums in source order, as tau.sum(0)."""
+    flat = _rows(tau)
+    for sl in _chunks(flat.shape[1]):
+        blk = flat[:, sl]
+        for r in blk[1:]:
+            blk[0].add_(r)
+        blk[0].mul_(alpha)
+    return tau[0]
+
+
+def ties_(
+    tau: torch.Tensor,
+    *,
+    density: float = 0.6,
+    sign_election: str = "sum",
+    alpha: float = 1.0,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`ties`, overwriting ``tau``; returns a view of tau[0]. ``work``: fp32 scratch of >= tau[0].numel()."""
+    flat = _rows(tau)
+    n = flat.shape[1]
+    work = torch.empty(n, dtype=tau.dtype) if work is None else work
+    thresholds = []
+    for r in flat:
+        thresholds.append(_magnitude_threshold(torch.abs(r, out=work[:n]), density) if density < 1.0 else None)
+    return _trim_elect_mean_(tau, thresholds, sign_election, alpha)
+
+
+def dare_(
+    tau: torch.Tensor, *, drop_rate: float = 0.9, alpha: float = 0.3, seed: int = 0, name: str = ""
+) -> torch.Tensor:
+    """`dare`, overwriting ``tau``; returns a view of tau[0].
+
+    The uniforms are drawn chunk by chunk from each source's generator, which yields the same stream as one
+    ``torch.rand(shape)`` (tests/fusion_cache/merge/test_methods.py checks it), so the drop masks are `dare_drop`'s.
+    """
+    flat = _rows(tau)
+    s_count, n = flat.shape
+    if drop_rate > 0.0:
+        gens = [torch.Generator().manual_seed(tensor_seed(seed, name, s)) for s in range(s_count)]
+        keep = torch.empty(s_count, min(CHUNK, max(n, 1)), dtype=torch.float32)
+        for sl in _chunks(n):
+            k = keep[:, : sl.stop - sl.start]
+            for s in range(s_count):
+                k[s].uniform_(0.0, 1.0, generator=gens[s])
+            flat[:, sl].div_(1.0 - drop_rate).mul_(k.ge_(drop_rate))
+    return task_arithmetic_(tau, alpha=alpha)
+
+
+def _population_var_(flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``flat.var(0, unbiased=False)`` into ``out`` [numel], chunked, bit for bit.
+
+    torch's CPU kernel runs Welford's update in double per entry and is slow on this layout (6 s on the 135M
+    model's embedding); this is the same recurrence with vectorized double ops.
+    """
+    s_count, n = flat.shape
+    c = min(CHUNK, max(n, 1))
+    mean, m2, x, delta, step = (torch.empty(c, dtype=torch.float64) for _ in range(5))
+    for sl in _chunks(n):
+        m = sl.stop - sl.start
+        mean_, m2_, x_, delta_, step_ = mean[:m], m2[:m], x[:m], delta[:m], step[:m]
+        mean_.copy_(flat[0, sl])  # the first update from (0, 0) gives mean = x_0, m2 = 0 exactly
+        m2_.zero_()
+        for s in range(1, s_count):  # torch's WelfordOps.reduce: delta, mean += delta / n, m2 += delta * (x - mean)
+            x_.copy_(flat[s, sl])
+            torch.sub(x_, mean_, out=delta_)
+            mean_.add_(torch.div(delta_, float(s + 1), out=step_))
+            m2_.add_(delta_.mul_(x_.sub_(mean_)))
+        out[sl].copy_(m2_.div_(float(s_count)))
+    return out
+
+
+def sce_(tau: torch.Tensor, *, select_topk: float = 0.1, work: torch.Tensor | None = None) -> torch.Tensor:
+    """`sce`, overwriting ``tau``; returns a view of tau[0]. ``work``: fp32 scratch of >= tau[0].numel()."""
+    flat = _rows(tau)
+    s_count, n = flat.shape
+    work = torch.empty(n, dtype=tau.dtype) if work is None else work
+    w_buf = work[:n]
+    if select_topk < 1.0:  # d = tau * select_mask(tau)
+        var = _population_var_(flat, w_buf)
+        k = int(int(torch.count_nonzero(var)) * select_topk)
+        if k == 0:
+            flat.zero_()
+        else:
+            threshold = kth_largest(var, k)
+            mask = torch.empty(min(CHUNK, max(n, 1)), dtype=tau.dtype)
+            for sl in _chunks(n):
+                flat[:, sl].mul_(torch.ge(var[sl], threshold, out=mask[: sl.stop - sl.start]))
+    # w_s = sum(d_s^2) / numel, summed in float64 (see `sum_sq`) and rounded to fp32 once
+    w = torch.tensor([sum_sq(r) / max(n, 1) for r in flat], dtype=tau.dtype)
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
+    c = min(CHUNK, max(n, 1))
+    u, g = torch.empty(s_count, c, dtype=tau.dtype), torch.empty(s_count, c, dtype=tau.dtype)
+    e, num, den = (torch.empty(c, dtype=tau.dtype) for _ in range(3))
+    ones = torch.ones(c, dtype=tau.dtype)
+    w_col = w.view(s_count, 1)
+    for sl in _chunks(n):
+        m = sl.stop - sl.start
+        blk, u_, g_, e_, num_, den_ = flat[:, sl], u[:, :m], g[:, :m], e[:m], num[:m], den[:m]
+        _elect_(blk, "sum", e_, g_, ones[:m])
+        torch.mul(blk, e_, out=u_).gt_(0.0).mul_(w_col)  # w_s where the entry has the elected sign, else 0
+        torch.sum(u_, 0, out=den_)
+        torch.sum(u_.mul_(blk), 0, out=num_)
+        den_.add_(torch.eq(den_, 0.0, out=e_))  # 0 / 0 -> 0
+        torch.div(num_, den_, out=blk[0])
+    return tau[0]
+
+
+def rsaf_(
+    tau: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    rate_refs: list[float],
+    density: float = 0.6,
+    rate_power: float = 0.5,
+    skew_strength: float = 0.5,
+    min_density: float = 0.1,
+    max_density: float = 1.0,
+    sign_election: str = "sum",
+    alpha: float = 1.0,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`rsaf`, overwriting ``tau``; returns a view of tau[0]. ``work``: fp32 scratch of >= tau[0].numel()."""
+    flat = _rows(tau)
+    n = flat.shape[1]
+    work = torch.empty(n, dtype=tau.dtype) if work is None else work
+    base_norm = float(base.norm())
+    thresholds = []
+    for s, t in enumerate(tau):
+        rate = float(t.norm()) / base_norm if base_norm > 0 else 0.0
+        mag = torch.abs(flat[s], out=work[:n])
+        k = rsaf_density(
+            rate,
+            skewness(mag),
+            rate_ref=rate_refs[s],
+            density=density,
+            rate_power=rate_power,
+            skew_strength=skew_strength,
+            min_density=min_density,
+            max_density=max_density,
+        )
+        thresholds.append(_magnitude_threshold(mag, k))
+    return _trim_elect_mean_(tau, thresholds, sign_election, alpha)
+
+
+# ---------------------------------------------------------------- the methods (formulas; tau is left alone)
 def task_arithmetic(tau: torch.Tensor, *, alpha: float = 0.3) -> torch.Tensor:
     """TA: ``alpha * sum_s tau_s``. tau: [S, *shape] -> [*shape]."""
-    return alpha * tau.sum(0)
+    return task_arithmetic_(_owned(tau), alpha=alpha)
 
 
 def ties(tau: torch.Tensor, *, density: float = 0.6, sign_election: str = "sum", alpha: float = 1.0) -> torch.Tensor:
     """TIES: trim each tau_s to its top-``density`` magnitudes, elect a sign, average the agreeing entries.
 
+        trimmed_s = tau_s * magnitude_mask(tau_s, density)
+        result = alpha * disjoint_mean(trimmed, elect_sign(trimmed, sign_election))
+
     ``alpha`` scales the result (FuseChat's per-model weight 0.2 with ``normalize: true`` cancels out, so 1.0).
     tau: [S, *shape] -> [*shape].
     """
-    trimmed = torch.stack([torch.where(magnitude_mask(t, density), t, 0.0) for t in tau])
-    return alpha * disjoint_mean(trimmed, elect_sign(trimmed, sign_election))
+    return ties_(_owned(tau), density=density, sign_election=sign_election, alpha=alpha)
 
 
 def dare(
     tau: torch.Tensor, *, drop_rate: float = 0.9, alpha: float = 0.3, seed: int = 0, name: str = ""
 ) -> torch.Tensor:
-    """DARE + task arithmetic: ``alpha * sum_s drop(tau_s)``, the drop mask seeded by (seed, name, s).
+    """DARE + task arithmetic: ``alpha * sum_s dare_drop(tau_s)``, the drop mask seeded by (seed, name, s).
 
     tau: [S, *shape] -> [*shape].
     """
-    out = torch.zeros_like(tau[0])
-    for s, t in enumerate(tau):
-        g = torch.Generator().manual_seed(tensor_seed(seed, name, s))
-        out += dare_drop(t, drop_rate, g)
-    return alpha * out
+    return dare_(_owned(tau), drop_rate=drop_rate, alpha=alpha, seed=seed, name=name)
 
 
 def sce_select_mask(tau: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -152,34 +492,48 @@ def sce_select_mask(tau: torch.Tensor, select_topk: float) -> torch.Tensor:
     k = int(nonzero * select_topk)
     if k == 0:
         return torch.zeros_like(var, dtype=torch.bool)
-    return var >= kth_largest(var.reshape(-1), k)
+    return var >= kth_largest(var, k)
 
 
 def sce(tau: torch.Tensor, *, select_topk: float = 0.1) -> torch.Tensor:
     """SCE (FuseChat 2.0): select by variance, weight by squared selected mass, erase minority signs, weighted mean.
 
     tau: [S, *shape] -> [*shape]:
-        m = select_mask(tau);  d_s = tau_s * m
+        m = sce_select_mask(tau);  d_s = tau_s * m
         w_s = sum(d_s^2) / numel, normalized to sum 1 (uniform if all 0)
         e_s = [sign(d_s) = sign(sum_s d_s)]   (a zero sum elects +)
         result = sum_s w_s e_s d_s / sum_s w_s e_s   (0 / 0 -> 0)
     """
-    d = tau * sce_select_mask(tau, select_topk)
-    w = d.pow(2).reshape(d.shape[0], -1).sum(1) / max(d[0].numel(), 1)
-    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
-    sign = elect_sign(d, "sum")
-    we = w.view(-1, *([1] * (d.dim() - 1))) * (torch.sign(d) == sign)
-    return (we * d).sum(0) / torch.where(we.sum(0) == 0, 1.0, we.sum(0))
+    return sce_(_owned(tau), select_topk=select_topk)
 
 
 # ---------------------------------------------------------------- RSAF (our reconstruction; docs/merge.md)
 def skewness(x: torch.Tensor) -> float:
-    """Population skewness E[((x - mu) / sigma)^3]; 0 for a constant tensor."""
-    x = x.reshape(-1).double()
-    sigma = x.std(unbiased=False)
-    if float(sigma) == 0.0:
+    """Population skewness E[((x - mu) / sigma)^3] of all of ``x``'s entries; 0 for a constant tensor.
+
+    Two passes in float64 over chunks (mean, then the second and third central moments): no full-size copy, and
+    the same bits whatever torch's thread count (`ordered_sum`).
+    """
+    x = x.reshape(-1)
+    n = x.numel()
+    if n == 0:
         return 0.0
-    return float((((x - x.mean()) / sigma) ** 3).mean())
+    c = min(STAT_CHUNK, n)
+    d, d2 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    total = 0.0
+    for sl in _chunks(n, STAT_CHUNK):
+        total += ordered_sum(d[: sl.stop - sl.start].copy_(x[sl]))
+    mu = total / n
+    m2 = m3 = 0.0
+    for sl in _chunks(n, STAT_CHUNK):
+        d_, d2_ = d[: sl.stop - sl.start], d2[: sl.stop - sl.start]
+        d_.copy_(x[sl]).sub_(mu)
+        m2 += ordered_sum(torch.mul(d_, d_, out=d2_))
+        m3 += ordered_sum(d2_.mul_(d_))
+    sigma = math.sqrt(m2 / n)
+    if sigma == 0.0:
+        return 0.0
+    return m3 / n / sigma**3
 
 
 def rsaf_density(
@@ -228,24 +582,22 @@ def rsaf(
 ) -> torch.Tensor:
     """RSAF: TIES whose top-k ratio is chosen per source and tensor by `rsaf_density` from rate and skewness.
 
+        k_s = rsaf_density(||tau_s|| / ||base||, skewness(|tau_s|), rate_ref=rate_refs[s], ...)
+        trimmed_s = tau_s * magnitude_mask(tau_s, k_s);  result = alpha * disjoint_mean(trimmed, elect_sign(...))
+
     Args:
         tau: [S, *shape]; base: [*shape] (for the change rate).
         rate_refs: per source, ||tau_s|| / ||theta_o|| over the whole model (a first pass computes it).
     """
-    base_norm = float(base.norm())
-    trimmed = []
-    for s, t in enumerate(tau):
-        rate = float(t.norm()) / base_norm if base_norm > 0 else 0.0
-        k = rsaf_density(
-            rate,
-            skewness(t.abs()),
-            rate_ref=rate_refs[s],
-            density=density,
-            rate_power=rate_power,
-            skew_strength=skew_strength,
-            min_density=min_density,
-            max_density=max_density,
-        )
-        trimmed.append(torch.where(magnitude_mask(t, k), t, 0.0))
-    trimmed = torch.stack(trimmed)
-    return alpha * disjoint_mean(trimmed, elect_sign(trimmed, sign_election))
+    return rsaf_(
+        _owned(tau),
+        base,
+        rate_refs=rate_refs,
+        density=density,
+        rate_power=rate_power,
+        skew_strength=skew_strength,
+        min_density=min_density,
+        max_density=max_density,
+        sign_election=sign_election,
+        alpha=alpha,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -90,17 +91,59 @@ def _is_float(code: str) -> bool:
     return code in ("F64", "F32", "F16", "BF16")
 
 
-def model_change_rates(base: SafetensorsModel, models: list[SafetensorsModel], names: list[str]) -> list[float]:
-    """Per model, ``||theta_s - theta_o|| / ||theta_o||`` over all floating tensors (RSAF's reference rate)."""
+class Buffers:
+    """Named buffers reused from tensor to tensor, each grown to the largest request and kept.
+
+    A merge allocates its working memory once: a fresh 100 MB tensor costs more in page faults (notably in a VM
+    that hands freed memory back to the host) than the arithmetic done on it.
+    """
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A 1-D ``dtype`` tensor of ``numel`` elements, a view of buffer ``name`` (contents undefined)."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < nbytes:
+            self._bufs.pop(name, None)  # free the old one first
+            buf = self._bufs[name] = torch.empty(max(nbytes, 8) + (-max(nbytes, 8) % 8), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
+
+    def reserve(self, name: str, nbytes: int) -> None:
+        """Grow buffer ``name`` to ``nbytes`` now, so later requests never reallocate it."""
+        self.get(name, torch.uint8, nbytes)
+
+
+def model_change_rates(
+    base: SafetensorsModel, models: list[SafetensorsModel], names: list[str], buffers: Buffers | None = None
+) -> list[float]:
+    """Per model, ``||theta_s - theta_o|| / ||theta_o||`` over all floating tensors (RSAF's reference rate).
+
+    Sums of squares in float64 over chunks (as `methods.sum_sq`), from tensors read into reused buffers.
+    """
+    buffers = buffers or Buffers()
     base_sq = 0.0
     tau_sq = [0.0] * len(models)
+    chunk = methods.STAT_CHUNK  # float64 sums in fixed blocks (methods.ordered_sum): thread-count independent
+    b64, m64 = torch.empty(chunk, dtype=torch.float64), torch.empty(chunk, dtype=torch.float64)
     for n in names:
-        if not _is_float(base.infos[n].dtype):
+        info = base.infos[n]
+        if not _is_float(info.dtype):
             continue
-        b = base.tensor(n).double()
-        base_sq += float(b.pow(2).sum())
-        for s, m in enumerate(models):
-            tau_sq[s] += float((m.tensor(n).double() - b).pow(2).sum())
+        b = base.tensor(n, out=buffers.get("base_raw", torch.uint8, info.nbytes)).reshape(-1)
+        # every model's tensor at once, in the (not yet used) tau buffer: the base chunk is widened once
+        offsets = [0]
+        for m in models:
+            offsets.append(offsets[-1] + m.infos[n].nbytes + (-m.infos[n].nbytes % 8))
+        raw = buffers.get("tau", torch.uint8, offsets[-1])
+        ts = [m.tensor(n, out=raw[offsets[s] :]).reshape(-1) for s, m in enumerate(models)]
+        for i in range(0, b.numel(), chunk):
+            b_ = b64[: min(chunk, b.numel() - i)].copy_(b[i : i + chunk])
+            m_ = m64[: b_.numel()]
+            base_sq += methods.ordered_sum(torch.mul(b_, b_, out=m_))
+            for s, t in enumerate(ts):
+                tau_sq[s] += methods.ordered_sum(torch.sub(m_.copy_(t[i : i + chunk]), b_, out=m_).square_())
     return [(t / base_sq) ** 0.5 if base_sq > 0 else 0.0 for t in tau_sq]
 
 
@@ -119,6 +162,51 @@ def merge_tensor(
     if method == "rsaf":
         return methods.rsaf(tau, base, rate_refs=rate_refs, **opts)
     raise ConfigError(f"method: unknown value {method!r}; valid values: {', '.join(METHODS)}")
+
+
+def merge_tensor_(
+    method: str,
+    tau: torch.Tensor,
+    base: torch.Tensor,
+    name: str,
+    opts: dict,
+    rate_refs: list[float] | None,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`merge_tensor`, overwriting ``tau`` (contiguous [S, *shape] fp32); returns a view of tau[0].
+
+    ``work``: fp32 scratch of >= tau[0].numel() elements for the methods that select by magnitude or variance.
+    """
+    if method == "ta":
+        return methods.task_arithmetic_(tau, **opts)
+    if method == "ties":
+        return methods.ties_(tau, work=work, **opts)
+    if method == "dare":
+        return methods.dare_(tau, name=name, **opts)
+    if method == "sce":
+        return methods.sce_(tau, work=work, **opts)
+    if method == "rsaf":
+        return methods.rsaf_(tau, base, rate_refs=rate_refs, work=work, **opts)
+    raise ConfigError(f"method: unknown value {method!r}; valid values: {', '.join(METHODS)}")
+
+
+def _read_fp32(model: SafetensorsModel, name: str, out: torch.Tensor, raw: Buffers, slot: str) -> torch.Tensor:
+    """Tensor ``name`` as fp32 in ``out``: read straight into it when stored as F32, else via a raw buffer."""
+    info = model.infos[name]
+    if info.dtype == "F32":
+        return model.tensor(name, out=out)
+    return out.view(info.shape).copy_(model.tensor(name, out=raw.get(slot, torch.uint8, info.nbytes)))
+
+
+def _check_finite(t: torch.Tensor, name: str, model: SafetensorsModel, base: SafetensorsModel) -> None:
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)  # NaN propagates into both; one pass, no full-size temporary
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        raise ConfigError(
+            f"tensor {name!r}: {model.dir} minus the base {base.dir} has NaN or inf entries; "
+            "a task vector must be finite to merge"
+        )
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -153,32 +241,59 @@ def run_merge(cfg: MergeConfig, *, progress: bool = True) -> dict:
             shape (the message names it), or an ``out`` that holds something else.
     """
     t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_merge(cfg, progress, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
     base = _open_base(cfg.base)
     models = [SafetensorsModel(m) for m in cfg.models]
     tmp = None
     try:
         names = check_compatible(base, models)
         opts = cfg.method_options()
-        rate_refs = model_change_rates(base, models, names) if cfg.method == "rsaf" else None
         out = Path(cfg.out)
         tmp = _prepare_out(out, cfg.overwrite)
         side_files = _copy_side_files(base.dir, tmp)
         plan = [PlannedTensor(n, DTYPES[base.infos[n].dtype], base.infos[n].shape) for n in names]
+        floats = [n for n in names if _is_float(base.infos[n].dtype)]
+        s_count = len(models)
+        max_numel = max((math.prod(base.infos[n].shape) for n in floats), default=0)
+        bufs = Buffers()  # sized once to the largest tensor: (S + 2) fp32 copies plus raw reads
+        bufs.reserve("tau", 4 * s_count * max_numel)
+        bufs.reserve("base32", 4 * max_numel)
+        if cfg.method in ("ties", "sce", "rsaf"):
+            bufs.reserve("work", 4 * max_numel)
+        rate_refs = model_change_rates(base, models, names, bufs) if cfg.method == "rsaf" else None
         bytes_read = 0
         with ShardedWriter(tmp, plan, cfg.max_shard_bytes, metadata={"merged_by": "fusion-cache"}) as writer:
             for n in tqdm(names, desc=f"merge {cfg.method}", unit="tensor", disable=not progress):
-                b = base.tensor(n)
-                bytes_read += base.infos[n].nbytes + sum(m.infos[n].nbytes for m in models)
-                if not _is_float(base.infos[n].dtype):
-                    writer.write(n, b)  # integer buffers (e.g. position ids) are not task vectors: keep the base's
+                info = base.infos[n]
+                bytes_read += info.nbytes + sum(m.infos[n].nbytes for m in models)
+                if not _is_float(info.dtype):
+                    writer.write(n, base.tensor(n))  # integer buffers (e.g. position ids) are not task vectors
                     continue
-                b32 = b.float()
-                tau = torch.empty((len(models), *b32.shape), dtype=torch.float32)
-                for s, m in enumerate(models):  # filled in place: no per-model fp32 copy, no stack
-                    tau[s].copy_(m.tensor(n)).sub_(b32)
-                merged = b32.add_(merge_tensor(cfg.method, tau, b32, n, opts, rate_refs))
-                del tau
-                writer.write(n, merged.to(b.dtype))
+                numel = math.prod(info.shape)
+                b32 = _read_fp32(base, n, bufs.get("base32", torch.float32, numel), bufs, "base_raw")
+                tau = bufs.get("tau", torch.float32, s_count * numel).view(s_count, *info.shape)
+                for s, m in enumerate(models):  # tau_s = theta_s - theta_o, written in place
+                    if m.infos[n].dtype == "F32":
+                        m.tensor(n, out=tau[s]).sub_(b32)
+                    else:
+                        raw = m.tensor(n, out=bufs.get("model_raw", torch.uint8, m.infos[n].nbytes))
+                        tau[s].copy_(raw).sub_(b32)  # (a mixed-dtype torch.sub is 3x slower)
+                    _check_finite(tau[s], n, m, base)
+                work = bufs.get("work", torch.float32, numel) if cfg.method in ("ties", "sce", "rsaf") else None
+                merged = b32.add_(merge_tensor_(cfg.method, tau, b32, n, opts, rate_refs, work))
+                if info.dtype != "F32":  # back to the base's dtype, in a reused buffer
+                    out_dtype = DTYPES[info.dtype]
+                    merged = bufs.get("model_raw", out_dtype, numel).view(info.shape).copy_(merged)
+                writer.write(n, merged)
         summary = {
             "method": cfg.method,
             "options": opts,

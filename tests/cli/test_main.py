@@ -92,3 +92,36 @@ def test_errors_exit_2_with_a_clear_message(tmp_path, tiny_model_dir, data_file,
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert "Traceback" not in r.output
+
+
+def test_build_and_train_from_an_fsspec_url(tmp_path, tiny_model_dir, data_file):
+    # `--shards` must stay a string: a Path would turn memory://x into memory:/x
+    url = "memory://cli-tests/cache"
+    r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", url, "--engine", "hf", "--top-k", 8)
+    assert r.exit_code == 0, r.output
+    assert _run("verify", url).output.startswith("OK")
+    args = ["--student", tiny_model_dir, "--shards", url, "--out", tmp_path / "run", "--max-steps", 1, "--top-k", 8]
+    r = _run("train", *args)
+    assert r.exit_code == 0, r.output
+    assert "trained 1 steps" in r.output
+
+
+@pytest.mark.slow
+def test_train_unified_reports_join_and_alignment(tmp_path, tiny_model_dir, multi_caches):
+    r = _run(
+        "train", "--mode", "unified", "--student", tiny_model_dir, "--shards", multi_caches["a"],
+        "--shards", multi_caches["b"], "--out", tmp_path / "u", "--combine", "sum", "--max-steps", 2,
+        "--batch-size", 2, "--top-k", 6,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "joined" in r.output and "tiny-llama: 3" in r.output and "aligned" in r.output
+    cfg = json.loads((tmp_path / "u" / "train_config.json").read_text())
+    assert (cfg["mode"], cfg["combine"], cfg["align"]) == ("unified", "sum", "bytes")
+    r = _run("train", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards", multi_caches["b"],
+             "--out", tmp_path / "s")  # fmt: skip
+    assert r.exit_code == 2 and "mode 'unified'" in r.output
+
+
+def test_demo_refuses_an_unknown_kd_loss(tmp_path):
+    r = _run("demo", "--out", tmp_path / "d", "--kd-loss", "mse")
+    assert r.exit_code == 2 and "--kd-loss: unknown value(s) ['mse']" in r.output

@@ -50,7 +50,7 @@ def test_train_pairwise_then_merge(tiny_model_dir, built_cache, tmp_path):
     out = tmp_path / "merged"
     r = _run(
         "merge", "--base", tiny_model_dir, "--models", runs / "teacher-a", "--models", runs / "teacher-b",
-        "--method", "ties", "--density", 0.5, "--out", out,
+        "--method", "ties", "--density", 0.5, "--out", out, "--threads", 1,
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "merged 2 models with ties" in r.output and (out / "model.safetensors.index.json").is_file()

@@ -23,7 +23,7 @@ def test_manifest_records_provenance(built_cache, tiny_model_dir):
     m = load_manifest(built_cache)
     assert m.teacher.engine == "hf" and m.teacher.dtype == "float32"
     assert m.teacher.revision.startswith("local-") and len(m.teacher.tokenizer_hash) == 64
-    assert m.k == 8 and m.codec == {"name": "raw"} and m.schema_version == 2
+    assert m.k == 8 and m.codec == {"name": "raw"} and m.schema_version == 3
     assert m.dataset.rows_read == 5 and len(m.dataset.hash) == 64
     assert m.stats.skipped == {"empty_response": 1, "overlong": 0, "no_answer_after_truncation": 0}
     assert m.stats.payload_bytes == sum(s.bytes for s in m.shards)

@@ -21,7 +21,8 @@ from fusion_cache.demo_data import load_demo_prompts
 def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     summary = run_demo(tmp_path, quick=True)
     out = capsys.readouterr().out
-    assert "| SFT (lambda=0) |" in out and "| KD (lambda=0.5) |" in out
+    assert "| SFT (lambda=0) |" in out and "| KD ULD (InfiFusion) (lambda=0.5) |" in out
+    assert "| KD top-K KL (lambda=0.5) |" in out and "KD top-K KL (lambda=0.5) vs SFT" in out
     q = DemoSettings.quick()
     for split, n in (("train", q.n_train), ("heldout", q.n_heldout)):
         reader = CacheReader(tmp_path / "cache" / split)

@@ -26,7 +26,7 @@ DEFAULT = "smollm2-135m"
 def test_list_presets_has_the_default_first_and_phi4_as_pivot():
     presets = {p.name: p for p in list_presets()}
     assert list_presets()[0].name == DEFAULT
-    assert set(presets) == {DEFAULT, "qwen-coder", "qwen-instruct", "mistral-small", "phi-4"}
+    assert set(presets) == {DEFAULT, "gemma3-270m", "qwen-coder", "qwen-instruct", "mistral-small", "phi-4"}
     assert presets["qwen-coder"].hf_id == "Qwen/Qwen2.5-Coder-14B-Instruct"
     assert presets["qwen-instruct"].hf_id == "Qwen/Qwen2.5-14B-Instruct"
     assert presets["mistral-small"].hf_id == "mistralai/Mistral-Small-24B-Instruct-2501"

@@ -51,6 +51,18 @@ def test_student_with_another_tokenizer_trains(tmp_path, built_cache):
     other = make_tiny_model(tmp_path / "llama", arch="llama", vocab_size=1024)
     res = _train(other, built_cache, tmp_path / "run", max_steps=2, save=False)
     assert evaluate_model(res.model, res.tokenizer, str(built_cache))["top1_agreement"] is None
+    with pytest.raises(ValueError, match="kd_loss='kl' needs the teacher's token ids"):
+        _train(other, built_cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
+
+
+def test_top_k_kl_distillation_trains_and_logs_both_terms(tmp_path, built_cache, tiny_model_dir):
+    _train(tiny_model_dir, built_cache, tmp_path / "kl", max_steps=4, save=False, kd_loss="kl", top_k=8)
+    _train(tiny_model_dir, built_cache, tmp_path / "uld", max_steps=4, save=False, top_k=8)
+    kl, uld = (_records(tmp_path / n) for n in ("kl", "uld"))
+    assert all(r["kl"] >= -1e-6 and math.isfinite(r["kl"]) and r["uld"] >= 0 for r in kl)
+    assert "kl" not in uld[0] and [r["loss"] for r in kl] != [r["loss"] for r in uld]
+    with pytest.raises(ConfigError, match="kd_loss"):
+        TrainConfig.create(student="s", shards=["c"], out="o", kd_loss="mse")
 
 
 def test_schedule_warms_up_then_decays():
@@ -63,6 +75,17 @@ def test_train_settings_are_validated():
         TrainConfig.create(student="s", shards=["c"], out="o", **{"lambda": 1.5})
     with pytest.raises(ConfigError, match="shards"):
         TrainConfig.create(student="s", shards=[], out="o")
+    with pytest.raises(ConfigError, match="tail=True.*zscore=False"):
+        TrainConfig.create(student="s", shards=["c"], out="o", tail=True)
+
+
+def test_tail_bucket_variant_trains_and_changes_the_loss(tmp_path, built_cache, tiny_model_dir):
+    opts = dict(max_steps=2, save=False, zscore=False, top_k=8)
+    plain = _train(tiny_model_dir, built_cache, tmp_path / "a", **opts)
+    tail = _train(tiny_model_dir, built_cache, tmp_path / "b", **opts, tail=True)
+    la, lb = (_losses((tmp_path / n / "metrics.jsonl").read_text()) for n in "ab")
+    assert all(math.isfinite(x) for x in lb) and la != lb
+    assert plain.summary["steps"] == tail.summary["steps"] == 2
 
 
 def _load(path):
@@ -92,3 +115,9 @@ def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data
     assert len(lines) == 3 and all(math.isfinite(r["loss"]) and r["uld"] > 0 for r in lines)
     metrics = evaluate_model(res.model, res.tokenizer, str(cache), k=8)
     assert metrics["top1_agreement"] is None and math.isfinite(metrics["uld"])
+    with pytest.raises(ValueError, match="a cache whose codec stores ids"):
+        _train(tiny_model_dir, cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

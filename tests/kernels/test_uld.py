@@ -91,6 +91,17 @@ def test_max_k_128(triton_uld, device):
         triton_uld.uld_rows_triton(torch.randn(2, 300, device=device), torch.randn(2, 200, device=device), k=129)
 
 
+@pytest.mark.slow
+def test_widest_vocabulary_262144(triton_uld, device):
+    """Gemma's 262,144-entry vocabulary: the running top-K crosses many vocabulary blocks, the answer sits at the
+    end of the row."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 262_144, generator=g).to(device)
+    logits[0, -3:] += 8.0  # the top entries in the last block
+    teacher = torch.randn(2, 10, generator=g).sort(dim=-1, descending=True).values.to(device)
+    _compare(triton_uld, logits, teacher, None, k=10, dtype=torch.float32)
+
+
 def test_every_row_masked_gives_zero_loss_and_zero_gradient(triton_uld, device):
     logits = torch.randn(5, 64, device=device)
     logits[2] = float("nan")  # garbage in a masked row must not leak

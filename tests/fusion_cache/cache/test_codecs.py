@@ -13,11 +13,14 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import check_training_modes
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.reader import decode_record_batch
+from fusion_cache.cache.schema import SCHEMA_VERSION
 from fusion_cache.cache.schema import shard_schema
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.cache.writer import rows_to_batch
@@ -34,26 +37,41 @@ def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> li
         lp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]
         vals = np.take_along_axis(lp, ids, axis=1).astype(np.float32)
+        # answer tokens: the teacher's top-1, another top-K id, or a random id (often outside the top-K)
+        pick = rng.integers(0, 3, na)
+        answer = np.where(pick == 0, ids[:, 0], np.where(pick == 1, ids[:, -1], rng.integers(0, vocab, na)))
+        input_ids = np.concatenate([rng.integers(0, vocab, 2), answer]).astype(np.int32)
         rows.append(
             CacheRow(
                 sample_id=f"{i:032x}",
                 row_index=i,
                 conversation="[]",
-                input_ids=rng.integers(0, vocab, na + 2).astype(np.int32),
+                input_ids=input_ids,
                 answer_start=2,
                 token_byte_start=np.arange(na + 2, dtype=np.int32),
                 token_byte_end=np.arange(1, na + 3, dtype=np.int32),
                 topk_ids=ids.astype(np.int32),
                 topk_logprobs=vals,
-                target_logprobs=vals[:, 0].copy(),
+                target_logprobs=lp[np.arange(na), answer].astype(np.float32),
             )
         )
     return rows
 
 
-def _round_trip(rows, codec, k):
+LAYOUT1 = {"name": "full", "layout": None}  # the schema-version-2 full codec (byte planes), still read
+
+
+def _codec(name, bits, vocab):
+    """(codec, schema version) for a test name: "full1" is full layout 1 in a version-2 shard."""
+    if name == "full1":
+        full = make_codec("full", value_bits=bits, vocab_size=vocab)
+        return CodecSpec("full", value_bits=bits, id_bytes=full.id_bytes, zstd_level=3), 2
+    return make_codec(name, value_bits=None if name == "raw" else bits, vocab_size=vocab), SCHEMA_VERSION
+
+
+def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     """Write through Arrow IPC (with the codec's compression) and decode, as a reader would."""
-    prov = {"schema_version": 2, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    prov = {"schema_version": version, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     # the id order from the first row only: later rows' other ids take the "not in the order" path
     schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows[:1])
     sink = io.BytesIO()
@@ -70,13 +88,14 @@ def _round_trip(rows, codec, k):
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
     vocab=st.sampled_from([64, 300, 70000]),
     scale=st.sampled_from([0.0, 0.5, 4.0, 30.0]),
-    name=st.sampled_from(["raw", "full", "values"]),
+    name=st.sampled_from(["raw", "full", "full1", "values", "shape"]),
     bits=st.integers(2, 16),
 )
 def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
     rows = _rows(seed, k, lengths, vocab, scale)
-    codec = make_codec(name, value_bits=None if name == "raw" else bits, vocab_size=vocab)
-    dec = _round_trip(rows, codec, k)
+    codec, version = _codec(name, bits, vocab)
+    assert parse_codec(codec.to_json(), schema_version=version) == codec
+    dec = _round_trip(rows, codec, k, version)
     assert len(dec) == len(rows)
     m = (1 << bits) - 1
     for a, b in zip(rows, dec, strict=True):
@@ -84,14 +103,22 @@ def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
         assert b.topk_logprobs.shape == a.topk_logprobs.shape and b.topk_logprobs.dtype == np.float32
         if name == "raw":
             np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        elif name == "shape":  # the row's shape (v - v_0) / (v_0 - v_{K-1}), linear codes: error <= 1 / (2 m)
+            v = a.topk_logprobs.astype(np.float64)
+            span = v[:, :1] - v[:, -1:]
+            want = np.where(span > 0, (v - v[:, :1]) / np.where(span > 0, span, 1), 0.0)
+            assert (np.abs(b.topk_logprobs - want) <= 0.5 / m + 1e-6).all()
+            assert (np.diff(b.topk_logprobs, axis=1) <= 0).all()
         else:
             v = a.topk_logprobs.astype(np.float64)
             span = v[:, :1] - v[:, -1:]
             rel = 1e-3  # max and span are stored in fp16
-            bound = span * (1.0 / m + 1.0 / m**2 + rel) + np.abs(v[:, :1]) * rel + 1e-5
+            # half a code step times the steepest slope of the expansion g: 2 for sqrt, 17 ln(17) / 16 for log
+            slope = 17 * np.log(17) / 16 if codec.companding == "log" else 2.0
+            bound = span * (slope / (2 * m) + 1.0 / m**2 + rel) + np.abs(v[:, :1]) * rel + 1e-5
             assert (np.abs(b.topk_logprobs - v) <= bound).all()
             assert (np.diff(b.topk_logprobs, axis=1) <= 1e-6).all()
-        if name == "values":
+        if name in ("values", "shape"):
             with pytest.raises(ShardFormatError, match="rebuild the cache with --codec full or raw"):
                 b.topk_ids[:, 0]
             with pytest.raises(ShardFormatError, match="target_logprobs"):
@@ -100,9 +127,16 @@ def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
             np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
             if name == "raw":
                 np.testing.assert_array_equal(a.target_logprobs, b.target_logprobs)
-            else:  # fp16
+            elif name == "full1":  # fp16
                 np.testing.assert_allclose(b.target_logprobs, a.target_logprobs, rtol=1e-3, atol=1e-6)
-        if name == "full":
+            else:  # the decoded value of the answer's id where it is in the top-K, else fp16
+                answer = a.input_ids[a.answer_start :]
+                hit = a.topk_ids == answer[:, None]
+                found = hit.any(axis=1)
+                idx = hit.argmax(axis=1)
+                np.testing.assert_array_equal(b.target_logprobs[found], b.topk_logprobs[found, idx[found]])
+                np.testing.assert_allclose(b.target_logprobs[~found], a.target_logprobs[~found], rtol=1e-3, atol=1e-6)
+        if name in ("full", "full1"):
             want = np.clip(1 - np.exp(a.topk_logprobs.astype(np.float64)).sum(axis=1), 0, 1)
             np.testing.assert_allclose(b.tail_mass, want, rtol=2e-3, atol=1e-6)
 
@@ -115,21 +149,56 @@ def test_codec_parameters_are_validated():
     with pytest.raises(ConfigError, match="raw codec"):
         make_codec("raw", value_bits=8)
     assert make_codec("full", vocab_size=49152).id_bytes == 2
-    assert make_codec("full", vocab_size=151936).id_bytes == 3
-    for bad in (
-        {"name": "full", "value_bits": 7},
-        {"name": "values", "value_bits": 8, "zstd_level": 3, "x": 1},
-        {"name": "values", "value_bits": "8", "zstd_level": 3},
-        ["raw"],
+    assert make_codec("full", vocab_size=151936).to_json() == {
+        "name": "full",
+        "value_bits": 6,
+        "id_bytes": 3,
+        "zstd_level": 3,
+        "layout": 2,
+    }
+    with pytest.raises(ConfigError, match="at most 2\\^24 ids"):
+        make_codec("full", vocab_size=1 << 25)
+    full2 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3, "layout": 2}
+    full1 = {k: v for k, v in full2.items() if k != "layout"}
+    shape = {"name": "shape", "value_bits": 8, "zstd_level": 3}
+    assert parse_codec(full1, schema_version=2).layout is None and parse_codec(full2).layout == 2
+    assert parse_codec(shape).name == "shape" and not parse_codec(shape).has_logprobs
+    for bad, version, why in (
+        ({"name": "full", "value_bits": 7}, 3, "missing"),
+        ({"name": "values", "value_bits": 8, "zstd_level": 3, "x": 1}, 3, "unknown \\['x'\\]"),
+        ({"name": "values", "value_bits": "8", "zstd_level": 3}, 3, "value_bits='8'"),
+        (["raw"], 3, "must be an object"),
+        (full1, 3, "missing \\['layout'\\]"),  # version 3 records the layout
+        (full2, 2, "unknown \\['layout'\\]"),  # version 2 had none
+        ({**full2, "layout": 1}, 3, "layout=1"),
+        ({**full2, "layout": 3}, 3, "layout=3"),
+        ({**full2, "id_bytes": 4}, 3, "id_bytes=4"),
+        (shape, 2, "schema_version 2 has no codec 'shape'"),
+        (shape, 1, "schema_version 1 has no codec 'shape'"),
+        ({"name": "zip9"}, 3, "unknown"),
+        (shape, 4, "schema_version 4 is unknown"),
     ):
-        with pytest.raises(ShardFormatError):
-            parse_codec(bad)
+        with pytest.raises(ShardFormatError, match=why):
+            parse_codec(bad, schema_version=version)
+
+
+def test_shape_caches_refuse_training_that_needs_log_probs():
+    shape = make_codec("shape")
+    check_training_modes(shape, zscore=True, tail=False, kd_loss="uld")  # the z-scored ULD loss is fine
+    for kwargs, flag in (
+        ({"zscore": False, "tail": False, "kd_loss": "uld"}, "--no-zscore"),
+        ({"zscore": False, "tail": True, "kd_loss": "uld"}, "--tail"),
+        ({"zscore": True, "tail": False, "kd_loss": "kl"}, "--kd-loss kl"),
+    ):
+        with pytest.raises(ConfigError, match=f"{flag}.*'shape' cache stores only the standardized shape"):
+            check_training_modes(shape, **kwargs)
+        check_training_modes(make_codec("values"), **kwargs)  # true log-probs: allowed here
 
 
 def test_corrupt_value_codes_are_named():
     rows = _rows(0, 8, [5, 3], 300, 4.0)
     codec = make_codec("values", vocab_size=300)
-    prov = {"schema_version": 2, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     schema = shard_schema(prov, codec)
     batch = rows_to_batch(rows, schema, codec, 8)
     cols = {n: batch.column(n) for n in schema.names}
@@ -142,7 +211,7 @@ def test_corrupt_value_codes_are_named():
 
 
 # ---------------------------------------------------------------- real builds with each compact codec
-@pytest.fixture(scope="module", params=["full", "values"])
+@pytest.fixture(scope="module", params=["full", "values", "shape"])
 def codec_cache(request, tmp_path_factory, tiny_model_dir, data_file, hf_engine):
     from fusion_cache.build import run_build
     from fusion_cache.config import BuildConfig
@@ -164,15 +233,20 @@ def codec_cache(request, tmp_path_factory, tiny_model_dir, data_file, hf_engine)
 def test_compact_build_matches_raw(codec_cache, built_cache):
     reader = CacheReader(codec_cache)
     m = reader.manifest
-    assert m.schema_version == 2 and m.codec["name"] == codec_cache.name
+    assert m.schema_version == 3 and m.codec["name"] == codec_cache.name
     assert reader.verify() == []
     raw = list(CacheReader(built_cache).iter_rows())
     got = list(reader.iter_rows())
     assert [r.sample_id for r in got] == [r.sample_id for r in raw]
     for a, b in zip(raw, got, strict=True):
-        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+        v = a.topk_logprobs.astype(np.float64)
+        if codec_cache.name == "shape":
+            v = (v - v[:, :1]) / (v[:, :1] - v[:, -1:])
+        np.testing.assert_allclose(b.topk_logprobs, v, atol=0.05)
         if codec_cache.name == "full":
             np.testing.assert_array_equal(b.topk_ids, a.topk_ids)
+            np.testing.assert_allclose(b.target_logprobs, a.target_logprobs, atol=0.05)
+            np.testing.assert_allclose(b.tail_mass, np.clip(1 - np.exp(v).sum(axis=1), 0, 1), atol=2e-3)
     assert m.stats.payload_bytes < load_manifest(built_cache).stats.payload_bytes
 
 
@@ -181,7 +255,7 @@ def test_compact_cache_loads_with_hf_datasets(codec_cache):
 
     files = sorted(str(p) for p in codec_cache.glob("shard-*.arrow"))
     ds = load_dataset("arrow", data_files=files, split="train", cache_dir=str(codec_cache.parent / "hf"))
-    assert len(ds) == 4 and "topk_codes" in ds.column_names
+    assert len(ds) == 4 and any(c.startswith("topk_codes") for c in ds.column_names)
 
 
 def test_values_cache_streams_for_uld(codec_cache, tiny_model_dir):
@@ -192,7 +266,7 @@ def test_values_cache_streams_for_uld(codec_cache, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ex = list(CacheStream(str(codec_cache), tok, chat_template=True, max_length=256))
     assert len(ex) == 4 and all(e.teacher_values.shape[1] == 8 for e in ex)
-    assert all((e.teacher_top1 is None) == (codec_cache.name == "values") for e in ex)
+    assert all((e.teacher_top1 is None) == (codec_cache.name != "full") for e in ex)
 
 
 def _edit(cache, fn):
@@ -228,9 +302,10 @@ def _flip_codes(cache):
     name = reader.manifest.shards[1].path
     batch = next(iter(reader._iter_shard(1)))
     cols = {n: batch.column(n) for n in batch.schema.names}
-    codes = np.asarray(cols["topk_codes"].values).copy()
+    name_codes = "topk_codes_g0" if "topk_codes_g0" in cols else "topk_codes"
+    codes = np.asarray(cols[name_codes].values).copy()
     codes[0] = 255
-    cols["topk_codes"] = pa.ListArray.from_arrays(cols["topk_codes"].offsets, pa.array(codes, pa.uint8()))
+    cols[name_codes] = pa.ListArray.from_arrays(cols[name_codes].offsets, pa.array(codes, pa.uint8()))
     reader.decode_batch(pa.RecordBatch.from_arrays(list(cols.values()), schema=batch.schema), name)
 
 
@@ -247,7 +322,9 @@ def test_manifest_codec_disagreeing_with_shards_is_refused(codec_cache, tmp_path
     _edit(copy, other_bits)
     with pytest.raises(ShardFormatError, match="codec .* in the shard but"):
         list(CacheReader(copy).iter_rows())
-    _edit(copy, lambda m: m.update(codec={"name": "full", "value_bits": 99, "id_bytes": 2, "zstd_level": 3}))
+    _edit(
+        copy, lambda m: m.update(codec={"name": "full", "value_bits": 99, "id_bytes": 2, "zstd_level": 3, "layout": 2})
+    )
     with pytest.raises(ShardFormatError, match="value_bits=99"):
         CacheReader(copy)
 
@@ -256,14 +333,20 @@ def test_wrong_column_type_is_refused(codec_cache):
     reader = CacheReader(codec_cache)
     _, batch = next(reader.iter_batches())
     cols = {n: batch.column(n) for n in batch.schema.names}
-    cols["topk_span"] = pa.array([[1.0]] * batch.num_rows, pa.list_(pa.float64()))
+    col = "topk_codes" if "topk_codes" in cols else "topk_span"
+    cols[col] = pa.array([[1.0]] * batch.num_rows, pa.list_(pa.float64()))
     bad = pa.RecordBatch.from_pydict(cols)
-    with pytest.raises(ShardFormatError, match="shard-q: column 'topk_span' is list<item: double>"):
+    with pytest.raises(ShardFormatError, match=f"shard-q: column '{col}' is list<item: double>"):
         reader.decode_batch(bad, "shard-q")
 
 
 def test_the_reader_in_the_docs_decodes_what_fusion_cache_decodes(codec_cache, monkeypatch):
     """docs/cache-format.md section 4 is a complete reader: run it on a real cache and compare."""
+    _check_doc_reader(codec_cache, monkeypatch)
+
+
+def _check_doc_reader(codec_cache, monkeypatch):
+    """Run the reader of docs/cache-format.md section 4 on ``codec_cache`` and compare with CacheReader."""
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[3] / "docs" / "cache-format.md").read_text()
@@ -275,19 +358,25 @@ def test_the_reader_in_the_docs_decodes_what_fusion_cache_decodes(codec_cache, m
         '                tail = np.array(row["tail_mass"], np.float32)  # [n_answer]',
         '                tail = np.array(row["tail_mass"], np.float32)  # [n_answer]\n                got.append(ids)',
     )
+    snippet = snippet.replace(
+        '                    target = np.array(row["target_logprobs"], np.float32)  # [n_answer]',
+        '                    target = np.array(row["target_logprobs"], np.float32)  # [n_answer]\n'
+        "                got_tgt.append(target)",
+    )
     snippet += "\n            got_lps.append(lps)\n"
     monkeypatch.chdir(codec_cache.parent)
     snippet = snippet.replace('"cache/', f'"{codec_cache.name}/').replace('f"cache/', f'f"{codec_cache.name}/')
-    scope = {"seen": [], "got": [], "got_lps": []}
+    scope = {"seen": [], "got": [], "got_lps": [], "got_tgt": []}
     exec(snippet, scope)  # noqa: S102 - our own documentation
     reader = CacheReader(codec_cache)
     first_rows = [next(iter(reader.decode_batch(b, "x"))) for _, b in reader.iter_batches()]
     assert len(scope["got_lps"]) == len(first_rows) > 0
     for want, lps in zip(first_rows, scope["got_lps"], strict=True):
         np.testing.assert_allclose(lps, want.topk_logprobs, rtol=1e-6, atol=1e-5)
-    if codec_cache.name == "full":
-        for want, ids in zip(first_rows, scope["got"], strict=True):
+    if CacheReader(codec_cache).codec.name == "full":
+        for want, ids, target in zip(first_rows, scope["got"], scope["got_tgt"], strict=True):
             np.testing.assert_array_equal(ids, want.topk_ids)
+            np.testing.assert_allclose(target, want.target_logprobs, rtol=1e-6, atol=1e-5)
 
 
 def test_compact_declared_lengths_larger_than_data_are_refused(codec_cache):
@@ -296,7 +385,7 @@ def test_compact_declared_lengths_larger_than_data_are_refused(codec_cache):
     cols = {n: batch.column(n) for n in batch.schema.names}
     cols["answer_start"] = pa.array([1] * batch.num_rows, pa.int32())  # claims more answer rows than stored
     bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=batch.schema)
-    with pytest.raises(ShardFormatError, match="shard-y: row 0: column '(topk_ids_b0|topk_max)' has"):
+    with pytest.raises(ShardFormatError, match="shard-y: row 0: column '(topk_id_buckets_g0|topk_max|topk_codes)' has"):
         reader.decode_batch(bad, "shard-y")
 
 
@@ -326,7 +415,7 @@ def test_v1_caches_are_still_read_and_v1_with_a_compact_codec_is_refused(cache_c
     assert reader.manifest.schema_version == 1 and reader.verify() == []
     assert len(list(reader.iter_rows())) == 4
     _edit(cache_copy, lambda m: m.update(codec={"name": "values", "value_bits": 8, "zstd_level": 3}))
-    with pytest.raises(ShardFormatError, match="schema_version 1 has only the raw codec"):
+    with pytest.raises(ShardFormatError, match="schema_version 1 has no codec 'values'"):
         load_manifest(cache_copy)
 
 
@@ -335,7 +424,7 @@ def test_missing_or_corrupt_id_order_is_refused():
 
     rows = _rows(1, 8, [4, 3], 300, 4.0)
     codec = make_codec("full", vocab_size=300)
-    prov = {"schema_version": 2, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows)
     batch = rows_to_batch(rows, schema, codec, 8, order)
     meta = dict(schema.metadata)
@@ -350,3 +439,127 @@ def test_missing_or_corrupt_id_order_is_refused():
     for why, md in bad_metas.items():
         with pytest.raises(ShardFormatError, match=f"shard-o: .*{why}"):
             decode_record_batch(batch.replace_schema_metadata(md), codec, 8, "shard-o")
+
+
+def test_training_on_a_shape_cache_refuses_modes_that_need_log_probs(codec_cache, tiny_model_dir, tmp_path):
+    from fusion_cache.config import TrainConfig
+    from fusion_cache.train import run_train
+
+    if codec_cache.name != "shape":
+        pytest.skip("only a shape cache lacks true log-probs")
+    cfg = TrainConfig.create(student=str(tiny_model_dir), shards=[str(codec_cache)], out=str(tmp_path), zscore=False)
+    with pytest.raises(
+        ConfigError, match="train --no-zscore needs the teacher's true log-probabilities, but a 'shape'"
+    ):
+        run_train(cfg, progress=False)
+
+
+def _layout2_batch():
+    rows = _rows(3, 8, [5, 4], 300, 4.0)
+    codec = make_codec("full", vocab_size=300)
+    prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows[:1])
+    return rows_to_batch(rows, schema, codec, 8, order), codec, schema
+
+
+def _replace(batch, schema, name, flat, offsets=None):
+    cols = {n: batch.column(n) for n in schema.names}
+    offsets = cols[name].offsets if offsets is None else pa.array(offsets, pa.int32())
+    cols[name] = pa.ListArray.from_arrays(offsets, pa.array(flat, cols[name].type.value_type))
+    return pa.RecordBatch.from_arrays(list(cols.values()), schema=schema)
+
+
+def test_corrupt_full_layout2_columns_are_named():
+    batch, codec, schema = _layout2_batch()
+    decode_record_batch(batch, codec, 8, "shard-b")  # intact
+    buckets = np.asarray(batch.column("topk_id_buckets_g0").values).copy()
+    buckets[1] = 250  # no such bucket for 2-byte ids
+    with pytest.raises(ShardFormatError, match="shard-b: id symbol .*bucket 250 does not exist"):
+        decode_record_batch(_replace(batch, schema, "topk_id_buckets_g0", buckets), codec, 8, "shard-b")
+    off = batch.column("topk_id_offsets")
+    short = np.asarray(off.values)[:-1]
+    ends = np.asarray(off.offsets).copy()
+    ends[-1] -= 1  # the last row's offset bytes lose one byte
+    with pytest.raises(ShardFormatError, match="shard-b: row 1: column 'topk_id_offsets' has .* bytes, the id buckets"):
+        decode_record_batch(_replace(batch, schema, "topk_id_offsets", short, ends), codec, 8, "shard-b")
+    miss = batch.column("target_logprobs_missing")
+    extra = np.concatenate([np.asarray(miss.values), np.zeros(1, np.float16)])
+    ends = np.asarray(miss.offsets).copy()
+    ends[-1] += 1  # one more stored target than answer tokens outside the top-K
+    with pytest.raises(ShardFormatError, match="shard-b: row 1: column 'target_logprobs_missing' has"):
+        decode_record_batch(_replace(batch, schema, "target_logprobs_missing", extra, ends), codec, 8, "shard-b")
+
+
+def _rewrite_as_v2_full(cache, tmp_path):
+    """Turn a raw v3 cache into the v2 full layout-1 cache an older fusion-cache wrote."""
+    from fusion_cache.cache.fingerprint import chain_fingerprint
+    from fusion_cache.cache.fingerprint import file_sha256
+    from fusion_cache.cache.writer import ShardWriter
+
+    reader = CacheReader(cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    codec = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3}
+    prov = {"schema_version": 2, "k": m["k"], "codec": codec, "config_fingerprint": m["config_fingerprint"]}
+    for i, info in enumerate(m["shards"]):
+        rows = [r for b in reader._iter_shard(i) for r in reader.decode_batch(b, info["path"])]
+        with ShardWriter(tmp_path / f"w{i}", prov) as w:
+            w.write_rows(rows)
+        (cache / info["path"]).write_bytes((tmp_path / f"w{i}" / w.shards[0]["path"]).read_bytes())
+        info.update(sha256=file_sha256(cache / info["path"]), bytes=(cache / info["path"]).stat().st_size)
+    m.update(schema_version=2, codec=codec)
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+def test_v2_full_layout1_caches_are_still_read(cache_copy, built_cache, tmp_path, monkeypatch):
+    _rewrite_as_v2_full(cache_copy, tmp_path)
+    _check_doc_reader(cache_copy, monkeypatch)  # the reader in the docs reads layout 1 too
+    reader = CacheReader(cache_copy)
+    assert reader.manifest.schema_version == 2 and reader.codec.layout is None and reader.verify() == []
+    assert "topk_ids_b0" in reader.columns
+    for a, b in zip(CacheReader(built_cache).iter_rows(), reader.iter_rows(), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+    _edit(cache_copy, lambda m: m["codec"].update(layout=2))  # version 2 has no layout 2
+    with pytest.raises(ShardFormatError, match="unknown \\['layout'\\]"):
+        load_manifest(cache_copy)
+
+
+def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refused():
+    codec = make_codec("shape")
+    for k in (2, 5):
+        rows = _rows(5, k, [3, 4], 300, 0.0)  # scale 0: every row's values are equal
+        rows[1].topk_logprobs[0] = np.linspace(0, -1, k)  # one row with a shape
+        dec = _round_trip(rows, codec, k)
+        np.testing.assert_array_equal(dec[0].topk_logprobs, 0.0)
+        np.testing.assert_allclose(dec[1].topk_logprobs[0], np.linspace(0, -1, k), atol=0.5 / 255)
+        np.testing.assert_array_equal(dec[1].topk_logprobs[1:], 0.0)
+    prov = {"schema_version": SCHEMA_VERSION, "k": 5, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema = shard_schema(prov, codec)
+    batch = rows_to_batch(rows, schema, codec, 5)
+    for flat in ([[0], [7]], [[1, 1], []], [[-1], []]):  # past n_answer, not ascending, negative
+        cols = {n: batch.column(n) for n in schema.names}
+        cols["topk_flat"] = pa.array(flat, pa.list_(pa.int32()))
+        bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=schema)
+        with pytest.raises(ShardFormatError, match="shard-f: row [01]: column 'topk_flat' holds"):
+            decode_record_batch(bad, codec, 5, "shard-f")
+
+
+def test_bucket_ids_round_trip_across_decode_chunks_and_every_width():
+    from fusion_cache.cache.codecs import DECODE_CHUNK
+    from fusion_cache.cache.codecs import decode_bucket_ids
+    from fusion_cache.cache.codecs import encode_bucket_ids
+
+    rng = np.random.default_rng(0)
+    for id_bytes in (1, 2, 3):
+        top = 1 << (8 * id_bytes)
+        counts = rng.integers(0, 5000, 60)  # rows of 0..5k ids, ~150k in all: past two decode chunks
+        counts[3] = 0
+        ranks = np.minimum((rng.pareto(0.5, counts.sum()) * 20).astype(np.int64), top - 1)
+        ranks[:50] = np.arange(top - 50, top)  # the widest offsets
+        buckets, offsets, nbytes = encode_bucket_ids(ranks, counts, id_bytes)
+        assert counts.sum() > 2 * DECODE_CHUNK and nbytes[3] == 0
+        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s"), ranks)
+        table = rng.permutation(top).astype(np.int32)
+        got = decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s", table)
+        np.testing.assert_array_equal(got, table[ranks])

@@ -182,3 +182,184 @@ def test_kth_largest_is_exact_on_large_tensors(case):
     }[case]()
     for k in (1, 17, n // 10, n // 2, n - 1, n):
         assert methods.kth_largest(x, k) == torch.kthvalue(x, n - k + 1).values, (case, k)
+
+
+# ---------------------------------------------------------------- the fast building blocks, against torch.sort
+def _kth_ref(x: torch.Tensor, k: int) -> float:
+    return float(x.reshape(-1).sort(descending=True).values[k - 1])
+
+
+def _inputs(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "randn": torch.randn(n, generator=g),
+        "ties": torch.randint(-3, 4, (n,), generator=g).float(),
+        "sorted": torch.arange(n, dtype=torch.float32),
+        "constant": torch.full((n,), -2.5),
+        "fp64": torch.randn(n, generator=g, dtype=torch.float64) * 1e-3,
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_kth_largest_on_tiny_tensors(n):
+    for name, x in _inputs(n).items():
+        for k in sorted({1, (n + 1) // 2, n}):
+            want = _kth_ref(x, k)
+            assert float(methods.kth_largest(x, k)) == want, (name, n, k)
+            y = x.clone()
+            assert float(methods.kth_largest_(y, k)) == want, (name, n, k)
+            assert torch.equal(y.sort().values, x.sort().values)  # reordered, same values
+
+
+@pytest.mark.parametrize("name", ["randn", "ties", "sorted", "constant", "fp64"])
+def test_kth_largest_on_large_tensors(name):
+    n = methods.SMALL + 12345  # above SMALL: the sampled-bracket path
+    x = _inputs(n, seed=1)[name]
+    ref = x.sort(descending=True).values
+    before = x.clone()
+    for k in (1, 2, 17, n // 10, n // 2, n - 1, n):
+        assert float(methods.kth_largest(x, k)) == float(ref[k - 1]), (name, k)
+    assert torch.equal(x, before)  # not modified
+    y = x.clone()
+    assert float(methods.kth_largest_(y, n // 3)) == float(ref[n // 3 - 1])
+
+
+def test_kth_largest_falls_back_when_the_sample_misleads():
+    # every sampled position holds a huge value, so the sample's bracket lies far above the true answer
+    n = methods.SMALL * 2 + 3
+    x = torch.arange(n, dtype=torch.float32)
+    x[:: n // (1 << 16)] = 1e9
+    ref = x.sort(descending=True).values
+    for k in (n // 2, n - 5):
+        assert float(methods.kth_largest(x, k)) == float(ref[k - 1])
+        assert float(methods.kth_largest_(x.clone(), k)) == float(ref[k - 1])
+
+
+def test_kth_largest_rejects_k_out_of_range():
+    with pytest.raises(ValueError, match="k must be in"):
+        methods.kth_largest(torch.ones(5), 0)
+    with pytest.raises(ValueError, match="k must be in"):
+        methods.kth_largest_(torch.ones(5), 6)
+
+
+@pytest.mark.parametrize("s_count", [1, 2, 3, 5])
+def test_population_var_is_torch_var_bit_for_bit(s_count):
+    g = torch.Generator().manual_seed(s_count)
+    n = methods.CHUNK + 999  # two chunks
+    tau = torch.randn(s_count, n, generator=g) * torch.rand(n, generator=g) * 1e-3
+    tau[:, :50] = 0.0
+    tau[0, 50:60] = 1e-30
+    tau[:, 60:70] = tau[0, 60:70].clone()  # equal across sources: variance exactly 0
+    got = methods._population_var_(tau, torch.empty(n))
+    assert torch.equal(got, tau.var(0, unbiased=False))
+
+
+# Direct transcriptions of the formulas on whole tensors (torch.where, bool masks, tau.sum(0)): the chunked in-place
+# kernels must give the same floats, so these compare with torch.equal, on tensors spanning several chunks.
+def _ties_direct(tau, density, election, alpha):
+    trimmed = torch.stack([torch.where(methods.magnitude_mask(t, density), t, 0.0) for t in tau])
+    return alpha * methods.disjoint_mean(trimmed, methods.elect_sign(trimmed, election))
+
+
+def _sce_direct(tau, select_topk):
+    if select_topk >= 1.0:
+        mask = torch.ones_like(tau[0], dtype=torch.bool)
+    else:
+        var = tau.var(0, unbiased=False)
+        k = int(int(torch.count_nonzero(var)) * select_topk)
+        mask = var >= float(var.reshape(-1).sort(descending=True).values[k - 1]) if k else torch.zeros_like(var) > 0
+    d = tau * mask
+    w = (d.double().pow(2).reshape(d.shape[0], -1).sum(1) / d[0].numel()).float()  # summed in float64
+    w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
+    sign = methods.elect_sign(d, "sum")
+    we = w.view(-1, *([1] * (d.dim() - 1))) * (torch.sign(d) == sign)
+    return (we * d).sum(0) / torch.where(we.sum(0) == 0, 1.0, we.sum(0))
+
+
+def _big_tau(seed, s_count=3, tied=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (s_count, 301, 251)  # 75551 entries per source: more than one CHUNK, not a multiple of it
+    if tied:  # few distinct magnitudes: many entries equal the threshold
+        return torch.randint(-4, 5, shape, generator=g).float() * 1e-3
+    return torch.randn(shape, generator=g) * 1e-3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(("density", "election", "alpha"), [(0.6, "sum", 1.0), (0.2, "count", 0.7), (1.0, "sum", 1.0)])
+def test_ties_kernel_equals_the_direct_formula_bit_for_bit(density, election, alpha, tied):
+    tau = _big_tau(0, tied=tied)
+    before = tau.clone()
+    got = methods.ties(tau, density=density, sign_election=election, alpha=alpha)
+    assert torch.equal(tau, before)  # the formula function leaves its input alone
+    assert torch.equal(got, _ties_direct(tau, density, election, alpha))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("select_topk", [0.1, 0.5, 1.0])
+def test_sce_kernel_equals_the_direct_formula_bit_for_bit(select_topk, tied):
+    tau = _big_tau(1, tied=tied)
+    tau[1] *= 2.0
+    assert torch.equal(methods.sce(tau, select_topk=select_topk), _sce_direct(tau, select_topk))
+
+
+def test_dare_kernel_draws_the_same_masks_as_torch_rand():
+    tau = _big_tau(2)
+    name, seed, p = "model.layers.0.mlp.up_proj.weight", 7, 0.9
+    want = torch.zeros_like(tau[0])
+    for s, t in enumerate(tau):  # the formula: one torch.rand(shape) per source, from its own generator
+        want += methods.dare_drop(t, p, torch.Generator().manual_seed(methods.tensor_seed(seed, name, s)))
+    assert torch.equal(methods.dare(tau, drop_rate=p, alpha=0.3, seed=seed, name=name), 0.3 * want)
+
+
+def test_ta_kernel_equals_sum_bit_for_bit():
+    tau = _big_tau(3, s_count=4)
+    assert torch.equal(methods.task_arithmetic(tau, alpha=0.3), 0.3 * tau.sum(0))
+
+
+def test_rsaf_kernel_equals_the_direct_formula_bit_for_bit():
+    tau = _big_tau(4)
+    tau[2] = tau[2] ** 3 * 1e6  # heavier-tailed: another density
+    base = torch.randn(tau.shape[1:], generator=torch.Generator().manual_seed(5))
+    refs = [0.001, 0.002, 0.0005]
+    trimmed = []
+    for s, t in enumerate(tau):
+        k = methods.rsaf_density(float(t.norm()) / float(base.norm()), methods.skewness(t.abs()), rate_ref=refs[s])
+        trimmed.append(torch.where(methods.magnitude_mask(t, k), t, 0.0))
+    trimmed = torch.stack(trimmed)
+    want = methods.disjoint_mean(trimmed, methods.elect_sign(trimmed))
+    assert torch.equal(methods.rsaf(tau, base, rate_refs=refs), want)
+
+
+def test_skewness_in_chunks_matches_the_whole_tensor_formula():
+    x = (torch.randn(methods.CHUNK * 2 + 77, generator=torch.Generator().manual_seed(6)) ** 2).double()
+    mu, sd = x.mean(), x.std(unbiased=False)
+    assert methods.skewness(x.float()) == pytest.approx(float((((x - mu) / sd) ** 3).mean()), rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\). degrees of freedom")  # the reference's torch.var on an empty tensor
+@pytest.mark.parametrize("shape", [(3, 0, 4), (3,)])
+def test_empty_and_scalar_tensors(shape):
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(methods.ties(tau), _ties_direct(tau, 0.6, "sum", 1.0))
+    assert torch.equal(methods.sce(tau), _sce_direct(tau, 0.1))
+    assert torch.equal(methods.task_arithmetic(tau), 0.3 * tau.sum(0))
+    assert methods.dare(tau, name="x").shape == tau.shape[1:]
+    assert methods.rsaf(tau, torch.ones(shape[1:]), rate_refs=[1.0] * 3).shape == tau.shape[1:]
+
+
+def test_ordered_sum_is_blockwise_and_thread_count_independent():
+    v = torch.randn(methods.REDUCE_CHUNK * 5 + 123, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    v = v**3
+    blocks = 0.0
+    for i in range(0, v.numel(), methods.REDUCE_CHUNK):  # the definition: in-order sum of per-block 1-D sums
+        blocks += float(v[i : i + methods.REDUCE_CHUNK].sum())
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got.append(methods.ordered_sum(v))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == blocks
+    assert methods.sum_sq(v.float()) == pytest.approx(float((v.float().double() ** 2).sum()), rel=1e-12)

@@ -215,3 +215,41 @@ def test_bad_inputs_and_options_are_refused(tiny_model_dir, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         _merge(tiny_model_dir, [tiny_model_dir], tmp_path / "full")
+
+
+def test_thread_count_changes_nothing_and_is_restored(tiny_model_dir, variants, tmp_path):
+    before = torch.get_num_threads()
+    for method in ("ties", "sce"):
+        _merge(tiny_model_dir, variants, tmp_path / f"{method}1", method=method, threads=1)
+        assert torch.get_num_threads() == before
+        _merge(tiny_model_dir, variants, tmp_path / f"{method}2", method=method, threads=2)
+        a, b = _state(tmp_path / f"{method}1"), _state(tmp_path / f"{method}2")
+        assert all(torch.equal(a[n], b[n]) for n in a), method  # float64 sums are thread-count independent
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_task_vector_is_refused_naming_the_tensor(tiny_model_dir, tmp_path, bad):
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    t = state[name].clone()
+    t[3, 4] = bad
+    broken = _variant(tiny_model_dir, tmp_path / "broken", seed=0, scale=0.0, extra={name: t})
+    with pytest.raises(ConfigError, match=rf"tensor '{name}': .*broken.* NaN or inf"):
+        _merge(tiny_model_dir, [tiny_model_dir, broken], tmp_path / "m", method="rsaf")
+    assert not (tmp_path / "m").exists()
+
+
+def test_dare_merge_depends_on_the_seed_not_on_sharding(tiny_model_dir, variants, tmp_path):
+    _merge(tiny_model_dir, variants[:2], tmp_path / "plain", method="dare", seed=5)
+    sharded = _shard(variants[1], tmp_path / "ft1-sharded", parts=3)  # another file layout and read order
+    _merge(
+        _shard(tiny_model_dir, tmp_path / "base-sharded"),
+        [variants[0], sharded],
+        tmp_path / "sh",
+        method="dare",
+        seed=5,
+    )
+    _merge(tiny_model_dir, variants[:2], tmp_path / "other", method="dare", seed=6)
+    a, b, c = _state(tmp_path / "plain"), _state(tmp_path / "sh"), _state(tmp_path / "other")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
