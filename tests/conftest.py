@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_engine(tiny_model_dir: Path) -> Iterator:
+def _vllm_engine_holder(tiny_model_dir: Path) -> Iterator:
     """ONE in-process fp32 `VLLMEngine` on the tiny model for the whole session (max_model_len 1024, max_k 128).
 
     Skipped where vLLM is not installed. Note that vLLM, in-process on CPU, seeds the global RNGs and turns
@@ -40,9 +40,29 @@ def vllm_engine(tiny_model_dir: Path) -> Iterator:
     # vLLM's cache stays where the engine puts it (under $FUSION_CACHE_HOME): with that cache cold, vLLM probes
     # the model architecture in a subprocess that imports vLLM again, and a per-session temp dir would pay that
     # every time.
-    engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=1024, max_k=128, kv_cache_gib=1)
-    yield engine
-    engine.close()
+    def start():
+        return VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=1024, max_k=128, kv_cache_gib=1)
+
+    holder = [start()]
+    yield holder
+    holder[0].close()
+
+
+@pytest.fixture
+def vllm_engine(_vllm_engine_holder) -> Iterator:
+    """The session's shared engine; restarted when another in-process engine (the demo test makes its own) shut down
+    and took vLLM's process-global parallel groups with it."""
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        from fusion_cache.engines.vllm_engine import VLLMEngine
+
+        old = _vllm_engine_holder[0]
+        old.close()
+        _vllm_engine_holder[0] = VLLMEngine(
+            old.model_path, dtype="float32", max_model_len=1024, max_k=128, kv_cache_gib=1
+        )
+    return _vllm_engine_holder[0]
 
 
 # ---- a small real dataset and a real cache built from the tiny model (library and CLI tests)
