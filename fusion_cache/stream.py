@@ -272,23 +272,19 @@ class StreamIterator:
             self._new_epoch()
 
 
-def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch and index the answer positions.
+def pad_answers(examples: list, pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Pad a batch of examples (anything with ``input_ids`` and ``answer_start``) and index its answer positions.
 
     Returns:
-        input_ids [B, L] int64 and attention_mask [B, L] (right padding);
-        answer_index [M]: flat indices into the B * L positions whose logits predict an answer token (position p
-            predicts token p + 1), and answer_targets [M] those tokens;
-        uld_rows [N]: indices into the M answer rows that have a teacher row (index alignment), with
-            teacher_values [N, Kt], row_weights [N] (1 / (n_b * B): mean over a sample's positions, then over the
-            batch) and teacher_top1 [N] (-1 when the tokenizers differ);
-        teacher_ids [N, Kt] int64, only when every example has the teacher's ids (same tokenizer, codec with ids).
+        ({input_ids [B, L] int64, attention_mask [B, L] (right padding), answer_index [M]: flat indices into the
+        B * L positions whose logits predict an answer token (position p predicts token p + 1), answer_targets [M]
+        those tokens}, the index in M of each sample's first answer row).
     """
     b = len(examples)
     length = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     attention = torch.zeros((b, length), dtype=torch.long)
-    answer_index, targets, uld_rows, vals, weights, top1 = [], [], [], [], [], []
+    answer_index, targets, starts = [], [], []
     m = 0
     for i, e in enumerate(examples):
         n_tok = len(e.input_ids)
@@ -297,22 +293,42 @@ def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tens
         n_ans = n_tok - e.answer_start
         answer_index.append(i * length + e.answer_start - 1 + np.arange(n_ans))
         targets.append(e.input_ids[e.answer_start :])
-        n = e.teacher_values.shape[0]  # <= n_ans: answer token t pairs with teacher row t
-        uld_rows.append(m + np.arange(n))
+        starts.append(m)
         m += n_ans
-        vals.append(e.teacher_values)
-        weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
-        top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention,
         "answer_index": torch.from_numpy(np.concatenate(answer_index)).long(),
         "answer_targets": torch.from_numpy(np.concatenate(targets)).long(),
-        "uld_rows": torch.from_numpy(np.concatenate(uld_rows)).long(),
-        "teacher_values": torch.from_numpy(np.concatenate(vals)).float(),
-        "row_weights": torch.from_numpy(np.concatenate(weights)),
-        "teacher_top1": torch.from_numpy(np.concatenate(top1).astype(np.int64)),
     }
+    return batch, starts
+
+
+def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch and index the answer positions.
+
+    Returns:
+        input_ids, attention_mask, answer_index, answer_targets as `pad_answers`;
+        uld_rows [N]: indices into the M answer rows that have a teacher row (index alignment), with
+            teacher_values [N, Kt], row_weights [N] (1 / (n_b * B): mean over a sample's positions, then over the
+            batch) and teacher_top1 [N] (-1 when the tokenizers differ);
+        teacher_ids [N, Kt] int64, only when every example has the teacher's ids (same tokenizer, codec with ids).
+    """
+    b = len(examples)
+    batch, starts = pad_answers(examples, pad_id)
+    uld_rows, vals, weights, top1 = [], [], [], []
+    for e, m in zip(examples, starts, strict=True):
+        n = e.teacher_values.shape[0]  # <= n_ans: answer token t pairs with teacher row t
+        uld_rows.append(m + np.arange(n))
+        vals.append(e.teacher_values)
+        weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
+        top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
+    batch.update(
+        uld_rows=torch.from_numpy(np.concatenate(uld_rows)).long(),
+        teacher_values=torch.from_numpy(np.concatenate(vals)).float(),
+        row_weights=torch.from_numpy(np.concatenate(weights)),
+        teacher_top1=torch.from_numpy(np.concatenate(top1).astype(np.int64)),
+    )
     if all(e.teacher_ids is not None for e in examples):
         batch["teacher_ids"] = torch.from_numpy(np.concatenate([e.teacher_ids for e in examples]).astype(np.int64))
     return batch

@@ -35,6 +35,7 @@ from fusion_cache.losses import uld_loss
 from fusion_cache.objective import answer_logits
 from fusion_cache.render import render
 from fusion_cache.render import tokenizer_hash
+from fusion_cache.stream import pad_answers
 
 
 @dataclass
@@ -205,20 +206,10 @@ def collate_unified(
         L_pair,s: mean over its rows, then over the samples that have it) and top1 [N_s] (-1 where unknown).
     """
     b = len(examples)
-    length = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, length), dtype=torch.long)
-    answer_index, targets = [], []
+    batch, starts = pad_answers(examples, pad_id)
     per: list[dict[str, list]] = [{"rows": [], "values": [], "w": [], "log": [], "top1": []} for _ in range(n_teachers)]
     have = [sum(e.teachers[s] is not None for e in examples) for s in range(n_teachers)]
-    m = 0
-    for i, e in enumerate(examples):
-        n_tok = len(e.input_ids)
-        input_ids[i, :n_tok] = torch.from_numpy(e.input_ids)
-        attention[i, :n_tok] = 1
-        n_ans = n_tok - e.answer_start
-        answer_index.append(i * length + e.answer_start - 1 + np.arange(n_ans))
-        targets.append(e.input_ids[e.answer_start :])
+    for e, m in zip(examples, starts, strict=True):
         rows = [t.student_rows if t is not None else None for t in e.teachers]
         ents = [t.entropy if t is not None else None for t in e.teachers]
         weights = sample_row_weights(rows, ents, combine, b, temperature=temperature)
@@ -231,7 +222,6 @@ def collate_unified(
             per[s]["w"].append(weights[s])
             per[s]["log"].append(np.full(n, 1.0 / (have[s] * n), dtype=np.float32))
             per[s]["top1"].append(t.top1 if t.top1 is not None else np.full(n, -1, dtype=np.int32))
-        m += n_ans
     teachers: list[dict | None] = []
     for s in range(n_teachers):
         if not have[s]:
@@ -247,13 +237,7 @@ def collate_unified(
                 "top1": torch.from_numpy(np.concatenate(p["top1"]).astype(np.int64)),
             }
         )
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "answer_index": torch.from_numpy(np.concatenate(answer_index)).long(),
-        "answer_targets": torch.from_numpy(np.concatenate(targets)).long(),
-        "teachers": teachers,
-    }
+    return {**batch, "teachers": teachers}
 
 
 @dataclass
