@@ -26,6 +26,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.errors import MissingDependencyError
 from kernels.fused_linear import FusedLinearOutput
 from kernels.fused_linear import fused_linear_uld_loss
+from kernels.reference import reduce_rows
 from kernels.reference import topk_kl_loss_reference
 from kernels.reference import uld_loss_reference
 
@@ -74,23 +75,6 @@ def resolve_backend(device: torch.device | str | None = None) -> str:
                 "set before triton is imported (CPU interpreter, slow); use FUSION_CACHE_KERNEL=auto or torch"
             )
     return name
-
-
-def reduce_rows(
-    dist: torch.Tensor, row_mask: torch.Tensor, row_weights: torch.Tensor | None, reduction: str
-) -> torch.Tensor:
-    """Reduce per-row distances [N] (zeros at masked rows) exactly as `uld_loss_reference` does."""
-    if reduction == "none":
-        return dist
-    w = None if row_weights is None else torch.where(row_mask, row_weights.to(dist.dtype), torch.zeros_like(dist))
-    if reduction == "sum":
-        return dist.sum() if w is None else (w * dist).sum()
-    if reduction == "mean":
-        n_valid = int(row_mask.sum())
-        if n_valid == 0:
-            return dist.sum() * 0.0  # keeps the graph: backward() gives zero gradients
-        return dist.sum() / n_valid if w is None else (w * dist).sum() / w.sum().clamp_min(1e-12)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def uld_loss(

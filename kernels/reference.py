@@ -180,30 +180,31 @@ def uld_loss_reference(
         eps=eps,
         tail=tail,
     )
-    return _reduce_valid_rows(d_valid, idx, n, row_weights, reduction, student_logits)
+    return reduce_rows(_scatter_rows(d_valid, idx, n), row_mask, row_weights, reduction)
 
 
-def _reduce_valid_rows(
-    d_valid: torch.Tensor,
-    idx: torch.Tensor,
-    n: int,
-    row_weights: torch.Tensor | None,
-    reduction: str,
-    student_logits: torch.Tensor,
+def reduce_rows(
+    dist: torch.Tensor, row_mask: torch.Tensor, row_weights: torch.Tensor | None, reduction: str
 ) -> torch.Tensor:
-    """Reduce the distances ``d_valid`` [n_valid] of rows ``idx`` (of ``n``) as the loss functions document."""
+    """Reduce per-row distances [N] (zeros at masked rows) as every loss here documents: "none" -> [N], "sum"
+    (weighted when ``row_weights`` [N] is given), "mean" (over valid rows; weighted mean with weights). The
+    kernels' wrappers (fusion_cache/losses.py) reduce with this same function."""
     if reduction == "none":
-        out = torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device)
-        return out.index_put((idx,), d_valid)
-    w = None if row_weights is None else row_weights[idx].to(d_valid.dtype)
+        return dist
+    w = None if row_weights is None else torch.where(row_mask, row_weights.to(dist.dtype), torch.zeros_like(dist))
     if reduction == "sum":
-        return d_valid.sum() if w is None else (w * d_valid).sum()
+        return dist.sum() if w is None else (w * dist).sum()
     if reduction == "mean":
-        if idx.numel() == 0:
-            # keep the graph so backward() gives zero gradients instead of failing
-            return student_logits.sum() * 0.0
-        return d_valid.mean() if w is None else (w * d_valid).sum() / w.sum().clamp_min(1e-12)
+        n_valid = int(row_mask.sum())
+        if n_valid == 0:
+            return dist.sum() * 0.0  # keeps the graph: backward() gives zero gradients instead of failing
+        return dist.sum() / n_valid if w is None else (w * dist).sum() / w.sum().clamp_min(1e-12)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _scatter_rows(d_valid: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[N] distances: ``d_valid`` at rows ``idx``, zeros elsewhere (masked rows are never computed)."""
+    return torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device).index_put((idx,), d_valid)
 
 
 def topk_kl_rows_reference(
@@ -277,4 +278,4 @@ def topk_kl_loss_reference(
         row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
     idx = row_mask.nonzero(as_tuple=True)[0]
     d_valid = topk_kl_rows_reference(student_logits[idx], teacher_ids[idx], teacher_logprobs[idx], k=k, tail=tail)
-    return _reduce_valid_rows(d_valid, idx, n, row_weights, reduction, student_logits)
+    return reduce_rows(_scatter_rows(d_valid, idx, n), row_mask, row_weights, reduction)
