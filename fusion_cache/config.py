@@ -135,9 +135,6 @@ class TrainConfig(_Config):
             unsupported = {
                 "kd_loss": self.kd_loss != "uld",
                 "tail": self.tail,
-                "resume": self.resume,
-                "checkpoint_every": self.checkpoint_every is not None,
-                "fsdp": self.fsdp,
             }
             bad = [k for k, v in unsupported.items() if v]
             if bad:

@@ -218,8 +218,6 @@ def _truncate_metrics(path: Path, step: int) -> dict | None:
 def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
     """(examples iterator, progress): from the newest checkpoint when resuming, else from the start."""
     found = latest_checkpoint(out)
-    if cfg.mode == "unified":  # the joined stream has no saved position yet (config refuses --resume for it)
-        return iter(p.stream), _Progress()
     if not cfg.resume:
         if found is not None:
             raise ConfigError(
@@ -324,24 +322,20 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     # unified: steps count passes over the largest cache (samples join on sample_id across caches)
     rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
-    if cfg.mode == "unified" and ctx.world_size > 1:
-        raise ConfigError(
-            f"mode 'unified' runs in one process for now; got WORLD_SIZE={ctx.world_size} (the joined stream has "
-            "no per-rank split yet)"
-        )
-    stream = CacheStream(
-        cfg.shards[0],
-        tokenizer,
-        chat_template=has_chat_template(tokenizer),
-        max_length=cfg.max_length,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-        epochs=epochs_needed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
     if cfg.mode == "unified":
-        stream = make_unified_stream(cfg, tokenizer, epochs_needed)
+        stream = make_unified_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
+    else:
+        stream = CacheStream(
+            cfg.shards[0],
+            tokenizer,
+            chat_template=has_chat_template(tokenizer),
+            max_length=cfg.max_length,
+            shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed,
+            epochs=epochs_needed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
     layers = getattr(getattr(model, "model", None), "layers", None)
     loss_module = UnifiedStudentLoss(model, cfg) if cfg.mode == "unified" else StudentLoss(model, cfg)
     wrapped = distributed.wrap(loss_module, ctx, fsdp=cfg.fsdp, layers=list(layers or []))

@@ -29,6 +29,7 @@ from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.writer import CacheRow
 from fusion_cache.combine import sample_row_weights
 from fusion_cache.combine import topk_entropy
+from fusion_cache.errors import ConfigError
 from fusion_cache.join import CacheJoin
 from fusion_cache.join import unique_names
 from fusion_cache.losses import uld_loss
@@ -76,8 +77,15 @@ class UnifiedStream(torch.utils.data.IterableDataset):
         align_mode: ``bytes`` (default) or ``index``; a teacher with the student's tokenizer and template is always
             paired row for row (identical tokens).
         k: the loss's K, used for the teachers' entropies.
-        shuffle_buffer, seed: bounded seeded shuffle, as `fusion_cache.stream.CacheStream`.
+        shuffle_buffer, seed: bounded seeded shuffle, as `fusion_cache.stream.CacheStream` (epoch e of rank r uses
+            ``seed + e + 1_000_003 * r``).
         join_window: see `fusion_cache.join.CacheJoin`.
+        rank, world_size: data parallelism: this rank keeps the joined samples whose position in join order is
+            ``rank`` modulo ``world_size`` (disjoint across ranks, together every sample). Every rank reads every
+            cache; only its own samples are aligned.
+
+    ``iter(stream)`` starts at the beginning; ``stream.iterator(state)`` continues where an earlier
+    `UnifiedIterator.state_dict` was taken (exact: the same examples in the same order as without the stop).
 
     Attributes:
         names: one unique label per cache (the teachers' names).
@@ -99,7 +107,13 @@ class UnifiedStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         epochs: int | None = 1,
         join_window: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        self.rank = rank
+        self.world_size = world_size
         self.readers = [CacheReader(d) for d in cache_dirs]
         self.names = unique_names([r.manifest.teacher.name for r in self.readers])
         self.join = CacheJoin(self.readers, self.names, window=join_window)
@@ -174,12 +188,25 @@ class UnifiedStream(torch.utils.data.IterableDataset):
         sample_id = next(r.sample_id for r in rows if r is not None)
         return UnifiedExample(sample_id, ids, spans.answer_start, targets)
 
+    def fingerprints(self) -> list[str]:
+        """The caches' config fingerprints, in order (a saved position is only valid for these caches)."""
+        return [r.manifest.config_fingerprint for r in self.readers]
+
+    def iterator(self, state: dict | None = None) -> UnifiedIterator:
+        """An iterator from the start, or from ``state`` (a `UnifiedIterator.state_dict` of this stream's settings)."""
+        return UnifiedIterator(self, state)
+
     def __iter__(self) -> Iterator[UnifiedExample]:
+        return self.iterator()
+
+    def _generate(self) -> Iterator[UnifiedExample]:
         epoch = 0
         while self.epochs is None or epoch < self.epochs:
-            rng = random.Random(self.seed + epoch)
+            rng = random.Random(self.seed + epoch + 1_000_003 * self.rank)
             buf: list[UnifiedExample] = []
-            for rows in self.join:
+            for ordinal, rows in enumerate(self.join):
+                if ordinal % self.world_size != self.rank:
+                    continue
                 ex = self.example(rows)
                 if ex is None:
                     continue
@@ -192,6 +219,56 @@ class UnifiedStream(torch.utils.data.IterableDataset):
             rng.shuffle(buf)
             yield from buf
             epoch += 1
+
+
+class UnifiedIterator:
+    """The stateful iterator of a `UnifiedStream`; ``state_dict()`` between two examples captures it exactly.
+
+    The state is the number of examples already returned (plus the caches' fingerprints and the rank layout).
+    Restoring replays the stream that far: the join's pending samples, the alignments and the shuffle buffer are
+    rebuilt exactly as they were, and the join and alignment counts come out as in an uninterrupted run. The
+    replay decodes and aligns but runs no model, so it costs a small fraction of the training it skips (the
+    reader's throughput against the trainer's is in benchmarks/results/train.md).
+    """
+
+    def __init__(self, stream: UnifiedStream, state: dict | None = None):
+        self.stream = stream
+        self._yielded = 0
+        self._gen = stream._generate()
+        if state is not None:
+            self._restore(state)
+
+    def __iter__(self) -> UnifiedIterator:
+        return self
+
+    def __next__(self) -> UnifiedExample:
+        ex = next(self._gen)
+        self._yielded += 1
+        return ex
+
+    def state_dict(self) -> dict:
+        """JSON-serializable position after the last example returned."""
+        s = self.stream
+        return {"cache_fingerprints": s.fingerprints(), "rank": s.rank, "world_size": s.world_size,
+                "yielded": self._yielded}  # fmt: skip
+
+    def _restore(self, state: dict) -> None:
+        s = self.stream
+        if state.get("cache_fingerprints") != s.fingerprints():
+            raise ConfigError(
+                f"stream state: saved for caches with fingerprints {state.get('cache_fingerprints')}, but the "
+                f"caches given have {s.fingerprints()}; resume with the caches the run started with, in that order"
+            )
+        if (state.get("rank"), state.get("world_size")) != (s.rank, s.world_size):
+            raise ConfigError(
+                f"stream state: saved by rank {state.get('rank')} of {state.get('world_size')}, "
+                f"loaded by rank {s.rank} of {s.world_size}; resume with the same number of processes"
+            )
+        target = int(state["yielded"])
+        for _ in range(target):
+            if next(self._gen, None) is None:
+                raise ConfigError(f"stream state: position {target} is past the end of the joined caches")
+        self._yielded = target
 
 
 def collate_unified(
@@ -295,8 +372,10 @@ def unified_losses(
 # ---------------------------------------------------------------- what the trainer (train.py) calls in unified mode
 
 
-def make_unified_stream(cfg: Any, tokenizer: Any, epochs: int | None) -> UnifiedStream:
-    """The stream of a `TrainConfig` with mode "unified"."""
+def make_unified_stream(
+    cfg: Any, tokenizer: Any, epochs: int | None, *, rank: int = 0, world_size: int = 1
+) -> UnifiedStream:
+    """The stream of a `TrainConfig` with mode "unified" (this rank's part under data parallelism)."""
     from fusion_cache.render import has_chat_template
 
     return UnifiedStream(
@@ -310,6 +389,8 @@ def make_unified_stream(cfg: Any, tokenizer: Any, epochs: int | None) -> Unified
         seed=cfg.seed,
         epochs=epochs,
         join_window=cfg.join_window,
+        rank=rank,
+        world_size=world_size,
     )
 
 

@@ -1,11 +1,12 @@
 """Run by tests/fusion_cache/test_distributed.py under ``torchrun --nproc-per-node 2`` (not a test module itself).
 
-    torchrun --nproc-per-node 2 tests/fusion_cache/distributed_worker.py STUDENT CACHE WORKDIR
+    torchrun --nproc-per-node 2 tests/fusion_cache/distributed_worker.py STUDENT CACHE WORKDIR [CACHE_A CACHE_B]
 
-For DDP and then FSDP: trains a reference run with checkpoints, copies it, cuts the copy back to its first
-checkpoint, resumes it, and writes what this rank saw to ``WORKDIR/<mode>/rank-<r>.json``: the sample ids of every
-micro-batch of both runs and a hash of this rank's weights. One launch for all of it: starting two processes that
-import torch and transformers is most of the cost on a small CPU machine.
+For DDP, FSDP and (given two more caches) unified fusion of CACHE_A and CACHE_B under DDP: trains a reference
+run with checkpoints, copies it, cuts the copy back to its first checkpoint, resumes it, and writes what this rank
+saw to ``WORKDIR/<mode>/rank-<r>.json``: the sample ids of every micro-batch of both runs and a hash of this rank's
+weights. One launch for all of it: starting two processes that import torch and transformers is most of the cost
+on a small CPU machine.
 """
 
 from __future__ import annotations
@@ -38,15 +39,17 @@ def recorder(into: list):
     return lambda step, examples: into.append([step, [e.sample_id for e in examples]])
 
 
-def main(student: str, cache: str, work: str) -> None:
+def main(student: str, cache: str, work: str, *unified_caches: str) -> None:
     dist.init_process_group("gloo")  # run_train joins an existing group and leaves it to us
     rank = dist.get_rank()
-    for mode in ("ddp", "fsdp"):
+    for mode in ("ddp", "fsdp") + (("unified",) if unified_caches else ()):
         root = Path(work) / mode
         settings = dict(
             student=student, shards=[cache], batch_size=1, grad_accum=2, lr=3e-3, max_steps=4, top_k=8,
             shuffle_buffer=2, device="cpu", checkpoint_every=2, fsdp=mode == "fsdp",
         )  # fmt: skip
+        if mode == "unified":
+            settings.update(shards=list(unified_caches), mode="unified", combine="uncertainty")
         seen: dict[str, list] = {"ref": [], "resumed": []}
         ref = root / "ref"
         res = run_train(
@@ -75,4 +78,4 @@ def main(student: str, cache: str, work: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

@@ -40,18 +40,22 @@ def _curve(run: Path) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_two_ranks_ddp_and_fsdp_disjoint_in_sync_and_exactly_resumable(tmp_path, tiny_model_dir, built_cache):
+def test_two_ranks_ddp_fsdp_and_unified_disjoint_in_sync_and_exactly_resumable(
+    tmp_path, tiny_model_dir, built_cache, multi_caches
+):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # 2 ranks on a 2-core machine
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(HERE / "distributed_worker.py"), str(tiny_model_dir), str(built_cache), str(tmp_path)]  # fmt: skip
+           str(HERE / "distributed_worker.py"), str(tiny_model_dir), str(built_cache), str(tmp_path),
+           str(multi_caches["a"]), str(multi_caches["b"])]  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     every_row = {r.sample_id for r in CacheReader(built_cache).iter_rows()}
-    for mode in ("ddp", "fsdp"):
+    every_joined = {r.sample_id for c in ("a", "b") for r in CacheReader(multi_caches[c]).iter_rows()}
+    for mode in ("ddp", "fsdp", "unified"):
         ranks = [json.loads((tmp_path / mode / f"rank-{r}.json").read_text()) for r in range(2)]
         rows = [{sid for _, ids in rk["seen"]["ref"] for sid in ids} for rk in ranks]
         assert not rows[0] & rows[1], f"{mode}: the ranks shared rows"
-        assert rows[0] | rows[1] == every_row
+        assert rows[0] | rows[1] == (every_joined if mode == "unified" else every_row)
         for rk in ranks:  # 4 steps x 2 micro-batches; the resume (from step 2) sees exactly steps 3-4 again
             assert [s for s, _ in rk["seen"]["ref"]] == [1, 1, 2, 2, 3, 3, 4, 4]
             assert rk["seen"]["resumed"] == [b for b in rk["seen"]["ref"] if b[0] > 2]
@@ -60,5 +64,6 @@ def test_two_ranks_ddp_and_fsdp_disjoint_in_sync_and_exactly_resumable(tmp_path,
         assert _curve(resumed) == _curve(ref), mode
         a = (ref / "model" / "model.safetensors").read_bytes()
         assert a == (resumed / "model" / "model.safetensors").read_bytes(), mode
-    ddp = [json.loads((tmp_path / "ddp" / f"rank-{r}.json").read_text()) for r in range(2)]
-    assert ddp[0]["weights_sha"] == ddp[1]["weights_sha"]  # different rows, same weights: gradients were averaged
+    for mode in ("ddp", "unified"):  # different rows, same weights: gradients were averaged
+        ranks = [json.loads((tmp_path / mode / f"rank-{r}.json").read_text()) for r in range(2)]
+        assert ranks[0]["weights_sha"] == ranks[1]["weights_sha"], mode

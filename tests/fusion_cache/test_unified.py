@@ -119,6 +119,80 @@ def test_run_train_unified_logs_each_teacher(tmp_path, multi_caches, tiny_model_
     assert summary["fusion"]["join"]["missing"]["tiny-llama"] >= 1 and summary["fusion"]["align_mode"] == "bytes"
 
 
+def _ids_and_values(examples) -> list[tuple]:
+    return [
+        (e.sample_id, e.input_ids.tolist(), [None if t is None else t.values.tobytes() for t in e.teachers])
+        for e in examples
+    ]
+
+
+def test_the_joined_stream_resumes_exactly_at_every_example(multi_caches, student):
+    _, tok = student
+    caches = [multi_caches["a"], multi_caches["b"]]
+    opts = dict(shuffle_buffer=3, seed=5, epochs=2)
+    full = list(_stream(caches, tok, **opts))
+    assert len(full) == 16 and len({e.sample_id for e in full}) == 8
+    ref_counts = _stream(caches, tok, **opts)
+    list(ref_counts)
+    for cut in range(len(full) + 1):
+        it = _stream(caches, tok, **opts).iterator()
+        head = [next(it) for _ in range(cut)]
+        state = json.loads(json.dumps(it.state_dict()))  # what a checkpoint stores
+        resumed = _stream(caches, tok, **opts)
+        tail = list(resumed.iterator(state))
+        assert _ids_and_values(head + tail) == _ids_and_values(full), cut
+        assert resumed.counts() == ref_counts.counts()  # replayed: the counts are the uninterrupted run's
+    state = _stream(caches, tok, **opts).iterator().state_dict()
+    with pytest.raises(ConfigError, match="fingerprints"):
+        _stream(caches[::-1], tok, **opts).iterator(state)
+    with pytest.raises(ConfigError, match="rank 0 of 1, loaded by rank 1 of 2"):
+        _stream(caches, tok, rank=1, world_size=2, **opts).iterator(state)
+    with pytest.raises(ConfigError, match="past the end"):
+        _stream(caches, tok, **opts).iterator({**state, "yielded": 17})
+
+
+def test_ranks_split_the_joined_samples(multi_caches, student):
+    _, tok = student
+    caches = [multi_caches["a"], multi_caches["b"]]
+    ranks = [[e.sample_id for e in _stream(caches, tok, rank=r, world_size=2)] for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(e.sample_id for e in _stream(caches, tok))
+    assert abs(len(ranks[0]) - len(ranks[1])) <= 1
+    with pytest.raises(ConfigError, match="rank: must be in"):
+        _stream(caches, tok, rank=2, world_size=2)
+
+
+@pytest.mark.slow
+def test_a_unified_run_resumes_to_the_same_losses_and_weights(tmp_path, multi_caches, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from fusion_cache.checkpoint import list_checkpoints
+
+    def cfg(out, **kw):
+        return TrainConfig.create(
+            student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], out=str(out),
+            mode="unified", combine="uncertainty", batch_size=2, max_steps=5, top_k=6, lr=1e-3, shuffle_buffer=3,
+            checkpoint_every=2, keep_checkpoints=None, device="cpu", **kw,
+        )  # fmt: skip
+
+    def curve(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]
+
+    ref = tmp_path / "ref"
+    run_train(cfg(ref), progress=False)
+    assert [s for s, _ in list_checkpoints(ref)] == [2, 4]
+    run = tmp_path / "resumed"
+    shutil.copytree(ref, run)
+    shutil.rmtree(list_checkpoints(run)[-1][1])  # died after the checkpoint at step 2 (steps 3-5 are replayed)
+    shutil.rmtree(run / "model")
+    res = run_train(cfg(run, resume=True), progress=False)
+    assert curve(run) == curve(ref)
+    a, b = load_file(str(ref / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert res.summary["fusion"] == json.loads((ref / "summary.json").read_text())["fusion"]
+
+
 def test_config_rules_for_several_caches(tmp_path):
     base = dict(student="s", out=str(tmp_path))
     with pytest.raises(ConfigError, match="use mode 'unified'"):
