@@ -235,6 +235,13 @@ def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
             f"{found}: written by {ckpt.trainer['world_size']} processes, resumed with {ctx.world_size}; "
             "each rank's position in the cache is saved, so resume with the same --nproc-per-node"
         )
+    saved_threads = ckpt.trainer.get("torch_threads")
+    if saved_threads is not None and int(saved_threads) != torch.get_num_threads():
+        log.warning(
+            "resume: the checkpoint was written with %s torch threads, this process has %d; the losses will match "
+            "the uninterrupted run only approximately (set OMP_NUM_THREADS=%s for a bitwise-exact resume)",
+            saved_threads, torch.get_num_threads(), saved_threads,
+        )  # fmt: skip
     _load_states(p.wrapped, p.model, p.opt, ckpt, cfg)
     p.sched.load_state_dict(ckpt.scheduler)
     mine = ckpt.ranks[ctx.rank]
@@ -257,6 +264,8 @@ def _save(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, examples, pr
             "elapsed_s": progress.elapsed_s,
             "world_size": ctx.world_size,
             "config": _config_dump(cfg),
+            # CPU matmul reductions depend on the intra-op thread count: a resume with another count is not bitwise
+            "torch_threads": torch.get_num_threads(),
         }
         save_checkpoint(
             out,

@@ -127,3 +127,17 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tmp_path, built_
     assert [r["step"] for r in _metrics(killed)] == list(range(1, steps + 1))  # nothing lost, nothing twice
     assert _curve(killed) == _curve(ref)
     _assert_same_weights(killed, ref)
+
+
+def test_a_resume_with_another_thread_count_warns(tmp_path, built_cache, tiny_model_dir, caplog):
+    run = tmp_path / "run"
+    run_train(_cfg(tiny_model_dir, built_cache, run, max_steps=2, checkpoint_every=1), progress=False)
+    _cut_back_to(run, 1)
+    state_file = list_checkpoints(run)[-1][1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["torch_threads"] == torch.get_num_threads()
+    state["torch_threads"] = torch.get_num_threads() + 1
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="fusion_cache.train"):
+        run_train(_cfg(tiny_model_dir, built_cache, run, max_steps=2, checkpoint_every=1, resume=True), progress=False)
+    assert f"written with {torch.get_num_threads() + 1} torch threads" in caplog.text
