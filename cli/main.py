@@ -272,20 +272,48 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
     typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}")
 
 
+# Training options shared by `train` and `fuse`.
+_LAMBDA = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*KD; 0 = plain SFT")
+_TOP_K = typer.Option(10, "--top-k", help="K of the KD loss")
+_LR = typer.Option(5e-5, help="peak learning rate (AdamW, warmup + cosine)")
+_BATCH = typer.Option(4, help="samples per micro-batch")
+_ACCUM = typer.Option(1, help="micro-batches per optimizer step")
+_MAX_STEPS = typer.Option(None, help="optimizer steps per run (default: --epochs over the cache)")
+_EPOCHS = typer.Option(1.0, help="passes over the cache when --max-steps is not given")
+_MAX_LEN = typer.Option(1024, help="longest student sequence")
+_TRAIN_SEED = typer.Option(0, help="training seed (shuffle, the same for every run)")
+
+
+def _train_settings(student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed) -> dict:
+    """The `TrainConfig` fields that `train` and `fuse` share, from their common options."""
+    return dict(
+        student=student,
+        **{"lambda": lambda_},
+        top_k=top_k,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=max_steps,
+        epochs=epochs,
+        max_length=max_length,
+        seed=seed,
+    )
+
+
 @app.command()
 def train(
     student: str = typer.Option(..., help="student (pivot) model: preset, local dir or HF id"),
     shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat for pairwise/unified)"),
     out: Path = typer.Option(..., help="run directory (metrics.jsonl, model/)"),
-    lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD; 0 = plain SFT"),
-    top_k: int = typer.Option(10, "--top-k", help="K of the ULD loss"),
-    lr: float = typer.Option(5e-5, help="peak learning rate (AdamW, warmup + cosine)"),
-    batch_size: int = typer.Option(4, help="samples per micro-batch"),
-    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
-    max_steps: int = typer.Option(None, help="optimizer steps (default: --epochs over the cache)"),
-    epochs: float = typer.Option(1.0, help="passes over the cache when --max-steps is not given"),
-    max_length: int = typer.Option(1024, help="longest student sequence"),
-    seed: int = typer.Option(0),
+    lambda_: float = _LAMBDA,
+    top_k: int = _TOP_K,
+    lr: float = _LR,
+    batch_size: int = _BATCH,
+    grad_accum: int = _ACCUM,
+    max_steps: int = _MAX_STEPS,
+    epochs: float = _EPOCHS,
+    max_length: int = _MAX_LEN,
+    seed: int = _TRAIN_SEED,
     no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
     kd_loss: str = typer.Option(
         "uld", "--kd-loss", help="uld (InfiFusion, any tokenizer) or kl (top-K KL; same tokenizer, cache with ids)"
@@ -321,17 +349,9 @@ def train(
     from fusion_cache.config import TrainConfig
     from fusion_cache.train import run_train
 
-    settings = dict(
-        student=student,
-        **{"lambda": lambda_},
-        top_k=top_k,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_steps=max_steps,
-        epochs=epochs,
-        max_length=max_length,
-        seed=seed,
+    settings = _train_settings(
+        student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed
+    ) | dict(
         zscore=not no_zscore,
         tail=tail,
         kd_loss=kd_loss,
@@ -491,15 +511,15 @@ def fuse(
     shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat, one per teacher)"),
     out: Path = typer.Option(..., help="<out>/runs/<cache-name>/ per teacher, <out>/merged/ the result"),
     mode: str = typer.Option("pairwise", help="pairwise: train per teacher, then merge"),
-    lambda_: float = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*ULD"),
-    top_k: int = typer.Option(10, "--top-k", help="K of the ULD loss"),
-    lr: float = typer.Option(5e-5, help="peak learning rate"),
-    batch_size: int = typer.Option(4, help="samples per micro-batch"),
-    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
-    max_steps: int = typer.Option(None, help="optimizer steps per run (default: --epochs over each cache)"),
-    epochs: float = typer.Option(1.0, help="passes over each cache when --max-steps is not given"),
-    max_length: int = typer.Option(1024, help="longest student sequence"),
-    seed: int = typer.Option(0, help="training seed (the same for every run)"),
+    lambda_: float = _LAMBDA,
+    top_k: int = _TOP_K,
+    lr: float = _LR,
+    batch_size: int = _BATCH,
+    grad_accum: int = _ACCUM,
+    max_steps: int = _MAX_STEPS,
+    epochs: float = _EPOCHS,
+    max_length: int = _MAX_LEN,
+    seed: int = _TRAIN_SEED,
     method: str = _METHOD,
     alpha: float = _ALPHA,
     density: float = _DENSITY,
@@ -522,17 +542,8 @@ def fuse(
 
     if mode != "pairwise":
         _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: pairwise"))
-    train_settings = dict(
-        student=student,
-        **{"lambda": lambda_},
-        top_k=top_k,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_steps=max_steps,
-        epochs=epochs,
-        max_length=max_length,
-        seed=seed,
+    train_settings = _train_settings(
+        student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed
     )
     opts = _merge_options(
         method,
