@@ -681,12 +681,16 @@ def decode_bucket_ids(
     """Inverse of encode_bucket_ids: ranks int32 [S], or ``table[rank]`` when a rank -> id ``table`` is given.
 
     Refuses unknown buckets and offset streams whose length differs from what the buckets say, naming the shard and
-    row. The bit position of every offset is an exclusive prefix sum of the widths (padded at each row's end to a
-    whole byte), computed eight widths at a time (``_LANES_*``: a width is at most 21 bits + 7 bits of padding, so
-    eight fit below 256). The offsets are then extracted in chunks of DECODE_CHUNK ids, each ~15 whole-chunk numpy
-    passes over buffers allocated once, in the core's L2 cache: one gather of unaligned 32-bit words, shifts and
-    masks in uint32, and the rank -> id gather (``np.take(..., out=, mode="clip")``: no bounds pass, indices are in
-    range by construction).
+    row. Each row's bit count comes from byte sums eight widths at a time (``_LANES_*``). The rows are then decoded
+    in chunks of whole rows of about DECODE_CHUNK ids (a row's offsets start on a byte, so a chunk's bit positions
+    are an exclusive uint32 cumsum of its widths, the row padding put on each row's last width), each chunk as ~20
+    numpy passes over scratch buffers allocated once, in the core's L2 cache: widths and bucket bases by uint8
+    arithmetic (no table gathers: a gather first widens every index to int64), one gather of unaligned 32-bit words
+    of the stream, shifts and masks in uint32, and the rank -> id gather. Every operation is between arrays of one
+    dtype (mixed dtypes make numpy cast through a buffer, several times slower) and every gather is
+    ``np.take(..., out=, mode="clip")`` with int64 indices (no conversion, no bounds pass; indices are in range by
+    construction). Measured 1.9x faster than whole-array passes with table gathers (K=64 SmolLM2 output,
+    benchmarks/results/codec.md).
     """
     n_buckets = BUCKET_DIRECT + 8 * (8 * id_bytes - 6)
     if buckets.size and int(buckets.max()) >= n_buckets:
@@ -719,10 +723,12 @@ def decode_bucket_ids(
     out = np.empty(size, np.int32)
     if not size:
         return out
-    # pad each row to a whole byte on its last symbol's width (positions only: the masks use the true widths)
-    wpad = w.copy()
+    # pad each row to a whole byte on its last symbol's width, in place (for the bit positions; the masks take the
+    # padding off again)
+    pad = (nbytes * 8 - row_bits).astype(np.uint8)
     has = counts > 0
-    wpad[sym_at[1:][has] - 1] += (nbytes[has] * 8 - row_bits[has]).astype(np.uint8)
+    last = sym_at[1:] - 1
+    w[last[has]] += pad[has]
     byte_at = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(nbytes, out=byte_at[1:])
     # every offset fits in the 4 bytes from its first byte (at most 21 bits + a 7-bit shift): read them as unaligned
@@ -746,10 +752,12 @@ def decode_bucket_ids(
         p, v, t, wc, ix, h, m = pos[:c], val[:c], tmp[:c], w32[:c], idx[:c], hi[:c], sel[:c]
         # a chunk starts a row, so on a byte: bit positions from its first byte are an exclusive cumsum
         p[0] = 0
-        np.cumsum(wpad[s : e - 1], dtype=np.uint32, out=p[1:])
+        np.cumsum(w[s : e - 1], dtype=np.uint32, out=p[1:])
         bc = buckets[s:e]
         n_words = int(byte_at[r1]) - byte0 + 1
         np.copyto(wc, w[s:e])
+        sel_rows = has[r0:r1]
+        wc[last[r0:r1][sel_rows] - s] -= pad[r0:r1][sel_rows]  # the true widths
         words = np.ndarray((n_words,), dtype="<u4", buffer=padded, offset=byte0, strides=(1,))
         np.right_shift(p, three, out=t)
         np.copyto(ix, t)
@@ -829,7 +837,7 @@ def decode_value_groups(
     table = expand_table(companding, m)
     rows = max(1, min(n, DECODE_CHUNK // k))
     scratch = np.zeros((rows, k), dtype=codes[0].dtype if codes else np.uint8)  # column 0 and K-1 stay 0
-    q = np.empty((rows, k), np.int64)
+    q, before = np.empty((rows, k), np.int64), np.empty(rows, np.int64)
     for t0 in range(0, n, rows):
         t1 = min(t0 + rows, n)
         sc, qc, o = scratch[: t1 - t0], q[: t1 - t0], out[t0:t1]
@@ -837,7 +845,8 @@ def decode_value_groups(
             sc[:, 1 + a : 1 + b] = c[t0:t1]
         flat = qc.reshape(-1)
         np.cumsum(sc.reshape(-1), dtype=np.int64, out=flat)
-        qc -= qc[:, :1]  # column 0 holds the running total of the rows before: Q_0 = 0
+        np.copyto(before[: t1 - t0], qc[:, 0])  # column 0 holds the running total of the rows before
+        qc -= before[: t1 - t0, None]  # (a copy first: an operand overlapping the output is copied whole by numpy)
         qc[:, -1] = m
         over = qc[:, -2] > m if k > 2 else np.zeros(t1 - t0, bool)
         if over.any() or bad[t0:t1].any():
