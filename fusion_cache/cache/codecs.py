@@ -708,6 +708,11 @@ def decode_bucket_ids(
     x = w.view(np.uint64)
     sym_at = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=sym_at[1:])
+    if int(sym_at[-1]) != size or int(nbytes.sum()) != offset_bytes.size:  # the reader's list offsets ensure both
+        raise ValueError(
+            f"counts sum to {int(sym_at[-1])} for {size} buckets, nbytes to {int(nbytes.sum())} for "
+            f"{offset_bytes.size} offset bytes"
+        )
     # bits before each row's first symbol (unpadded): group prefix + the lane prefix inside the symbol's group
     before = np.zeros(n_groups + 1, np.int64)
     np.cumsum(_group_sums(x), out=before[1:])
