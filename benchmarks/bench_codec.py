@@ -49,15 +49,27 @@ from kernels.reference import uld_rows_reference  # noqa: E402
 ULD_K = 10
 
 
-def _best(fn, repeat: int = 5) -> tuple[float, object]:
-    """Best of ``repeat`` runs in CPU seconds of this process (everything runs on one thread: numpy, pyarrow with
-    one CPU thread, torch with one thread), so other jobs on a shared machine do not inflate the time."""
-    best, out = float("inf"), None
+DECODE_REPEAT = 15  # --repeat: decode runs per codec (best and median are reported); encodes run ENCODE_REPEAT times
+ENCODE_REPEAT = 5
+
+
+def _timed(fn, repeat: int) -> tuple[float, float, object]:
+    """(best, median, last result) of ``repeat`` runs in CPU seconds of this process (everything runs on one
+    thread: numpy, pyarrow with one CPU thread, torch with one thread), so other jobs on a shared machine inflate
+    the time less than wall-clock time; they still do (cache sharing, frequency), hence best and median."""
+    times, out = [], None
     for _ in range(repeat):
         t = time.process_time()
         out = fn()
-        best = min(best, time.process_time() - t)
-    return max(best, 1e-9), out
+        times.append(time.process_time() - t)
+    times.sort()
+    return max(times[0], 1e-9), max(times[len(times) // 2], 1e-9), out
+
+
+def _best(fn) -> tuple[float, object]:
+    """Best of ENCODE_REPEAT runs (encoding: only the best is reported)."""
+    best, _, out = _timed(fn, ENCODE_REPEAT)
+    return best, out
 
 
 def _renorm_logp(v: np.ndarray) -> np.ndarray:
@@ -88,8 +100,9 @@ def _fidelity(
 
 
 # ---------------------------------------------------------------- our codecs through the real writer/reader
-def _ours(rows: list[CacheRow], k: int, codec: CodecSpec) -> tuple[int, float, float, list]:
-    """(payload bytes, encode s, decode s, decoded rows) through encode_topk + Arrow IPC + decode_record_batch."""
+def _ours(rows: list[CacheRow], k: int, codec: CodecSpec) -> tuple[int, float, tuple[float, float], list]:
+    """(payload bytes, encode s, (best, median) decode s, decoded rows) through encode_topk + Arrow IPC +
+    decode_record_batch."""
     prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     # the full codec's id order comes from the shard's first record batch: as in a build, the rows of the first
     # engine call (8192 tokens), not the whole data
@@ -125,12 +138,12 @@ def _ours(rows: list[CacheRow], k: int, codec: CodecSpec) -> tuple[int, float, f
             out.extend(decode_record_batch(b, codec, k, "bench"))
         return out
 
-    t_dec, dec = _best(decode)
-    return len(payload), t_enc, t_dec, dec
+    t_best, t_med, dec = _timed(decode, DECODE_REPEAT)
+    return len(payload), t_enc, (t_best, t_med), dec
 
 
 # ---------------------------------------------------------------- peers' layouts, on the same arrays
-def _fp16_int(values: np.ndarray, ids: np.ndarray, id_dtype) -> tuple[int, float, float, np.ndarray, np.ndarray]:
+def _fp16_int(values: np.ndarray, ids: np.ndarray, id_dtype) -> tuple[int, float, tuple, np.ndarray, np.ndarray]:
     t_enc, blob = _best(lambda: (values.astype(np.float16).tobytes(), ids.astype(id_dtype).tobytes()))
     n, k = values.shape
 
@@ -138,11 +151,11 @@ def _fp16_int(values: np.ndarray, ids: np.ndarray, id_dtype) -> tuple[int, float
         v = np.frombuffer(blob[0], np.float16).reshape(n, k).astype(np.float32)
         return v, np.frombuffer(blob[1], id_dtype).reshape(n, k).astype(np.int32)
 
-    t_dec, (v, i) = _best(decode)
-    return len(blob[0]) + len(blob[1]), t_enc, t_dec, v, i
+    t_best, t_med, (v, i) = _timed(decode, DECODE_REPEAT)
+    return len(blob[0]) + len(blob[1]), t_enc, (t_best, t_med), v, i
 
 
-def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, float, np.ndarray, np.ndarray]:
+def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, tuple, np.ndarray, np.ndarray]:
     """fp16 values + ids packed at 17 bits each, zstd over the concatenation (Megatron-LM's KD cache layout)."""
     n, k = values.shape
     shifts = np.arange(17, dtype=np.uint32)
@@ -162,8 +175,8 @@ def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, float, n
         bits = np.unpackbits(raw[n * k * 2 :], bitorder="little")[: n * k * 17].reshape(-1, 17).astype(np.uint32)
         return v, (bits << shifts).sum(axis=1).astype(np.int32).reshape(n, k)
 
-    t_dec, (v, i) = _best(decode)
-    return len(blob), t_enc, t_dec, v, i
+    t_best, t_med, (v, i) = _timed(decode, DECODE_REPEAT)
+    return len(blob), t_enc, (t_best, t_med), v, i
 
 
 floors: list[str] = []
@@ -194,7 +207,8 @@ def bench_cache(path: str) -> list[dict]:
                 "codec": name,
                 "bytes_per_token": payload / n,
                 "encode_tok_s": n / t_enc,
-                "decode_tok_s": n / t_dec,
+                "decode_tok_s": n / t_dec[0],
+                "decode_tok_s_median": n / t_dec[1],
                 **fid,
             }
         )
@@ -239,20 +253,26 @@ ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the benchmark rewri
 
 
 def main() -> None:
+    global DECODE_REPEAT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", action="append", required=True, help="a raw cache of real teacher output")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--repeat", type=int, default=DECODE_REPEAT, help="decode runs per codec; best and median are reported"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+    DECODE_REPEAT = args.repeat
     info = machine()
+    load_start = os.getloadavg()
     all_rows = []
     for c in args.cache:
         all_rows += bench_cache(c)
     head = (
         "| cache | K | codec | bytes/token | KL mean | KL max | max abs dlogprob | ids exact | dd_t mean | dd_t max "
-        "| encode tok/s | decode tok/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| encode tok/s | decode tok/s best | decode tok/s median |\n" + "|---" * 13 + "|\n"
     )
     body = ""
     for r in all_rows:
@@ -265,9 +285,15 @@ def main() -> None:
         body += (
             f"| {Path(r['cache']).name} | {r['K']} | {r['codec']} | {r['bytes_per_token']:.1f} | {kl_mean} "
             f"| {kl_max} | {dlp} | {ids} | {r['dd_mean']:.2e} | {r['dd_max']:.2e} "
-            f"| {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} |\n"
+            f"| {r['encode_tok_s']:,.0f} | {r['decode_tok_s']:,.0f} | {r['decode_tok_s_median']:,.0f} |\n"
         )
-    table = head + body + "\nLower bound for lossless ids, same data: " + "; ".join(floors) + ".\n"
+    load_end = os.getloadavg()
+    load = (
+        f"\nLoad average (1, 5, 15 min) at the start {', '.join(f'{x:.1f}' for x in load_start)}, at the end "
+        f"{', '.join(f'{x:.1f}' for x in load_end)} ({os.cpu_count()} cores); decode: best and median of "
+        f"{DECODE_REPEAT} runs, encode: best of {ENCODE_REPEAT}.\n"
+    )
+    table = head + body + load + "\nLower bound for lossless ids, same data: " + "; ".join(floors) + ".\n"
     print(table)
     if not args.no_write:
         import json
@@ -280,7 +306,8 @@ def main() -> None:
         notes = old[old.index(ANALYSIS_MARKER) :] if ANALYSIS_MARKER in old else ""
         out.write_text(
             "# Codec benchmark (benchmarks/bench_codec.py)\n\n"
-            f"Command: `PYTHONPATH=. python benchmarks/bench_codec.py {' '.join('--cache ' + c for c in args.cache)}`"
+            "Command: `PYTHONPATH=. python benchmarks/bench_codec.py "
+            f"{' '.join('--cache ' + c for c in args.cache)} --repeat {DECODE_REPEAT}`"
             f"\n\nMachine: {meta}\n\n{table}\n{notes}"
         )
         (RESULTS / "codec.jsonl").open("a").write(json.dumps({"machine": info, "results": all_rows}) + "\n")

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fusion_cache.cache.codecs import DECODE_CHUNK
 from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import code_groups
-from fusion_cache.cache.codecs import code_sums
 from fusion_cache.cache.codecs import decode_bucket_ids
+from fusion_cache.cache.codecs import decode_value_groups
 from fusion_cache.cache.codecs import dequantize_values
 from fusion_cache.cache.codecs import id_groups
 from fusion_cache.cache.codecs import parse_codec
@@ -139,10 +140,8 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
         values = dequantize_values(None, None, codes, codec.value_bits, shard, "linear")
         values[_flat_positions(batch, ans_off, n_answer, shard)] = 0.0
     elif layout2:
-        groups = code_groups(k)
-        codes = [parts[f"topk_codes_g{g}"].reshape(total, b - a) for g, (a, b) in enumerate(groups)]
-        qi = code_sums(codes, codec.value_bits, groups, total)
-        values = dequantize_values(parts["topk_max"], parts["topk_span"], None, codec.value_bits, shard, "log", qi)
+        codes = [parts[f"topk_codes_g{g}"].reshape(total, b - a) for g, (a, b) in enumerate(code_groups(k))]
+        values = decode_value_groups(codes, parts["topk_max"], parts["topk_span"], k, codec.value_bits, shard)
     else:
         values = dequantize_values(
             parts["topk_max"], parts["topk_span"], parts["topk_codes"].reshape(total, k - 2), codec.value_bits, shard
@@ -226,9 +225,19 @@ def _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answ
     else the next entry of the row's ``target_logprobs_missing`` list (whose length must match)."""
     pos = np.repeat(ids_off[:-1] + answer_start, n_answer) + _ranges(n_answer)
     answer = ids[pos]
-    hit = topk_ids == answer[:, None]
-    found = hit.any(axis=1)
-    targets = values[np.arange(values.shape[0]), hit.argmax(axis=1)]
+    n, k = topk_ids.shape
+    # the first column holding the answer's id (0 where none does), a few thousand positions at a time so the
+    # [rows, K] comparison stays in the cache
+    first = np.empty(n, np.int64)
+    rows = max(1, min(n, DECODE_CHUNK // max(k, 1)))
+    eq = np.empty((rows, k), bool)
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        np.equal(topk_ids[t0:t1], answer[t0:t1, None], out=eq[: t1 - t0])
+        first[t0:t1] = eq[: t1 - t0].argmax(axis=1)
+    first += np.arange(n) * k
+    found = np.take(topk_ids.reshape(-1), first) == answer
+    targets = np.take(values.reshape(-1), first)
     off, missing = _list_parts(batch.column("target_logprobs_missing"), shard, "target_logprobs_missing")
     row_of = np.repeat(np.arange(len(n_answer)), n_answer)
     want = np.bincount(row_of[~found], minlength=len(n_answer))

@@ -563,3 +563,72 @@ def test_bucket_ids_round_trip_across_decode_chunks_and_every_width():
         table = rng.permutation(top).astype(np.int32)
         got = decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s", table)
         np.testing.assert_array_equal(got, table[ranks])
+
+
+def test_bucket_widths_match_the_bucket_tables():
+    from fusion_cache.cache.codecs import bucket_tables
+    from fusion_cache.cache.codecs import bucket_widths
+
+    for id_bytes in (1, 2, 3):
+        w_tab = bucket_tables(id_bytes)[0]
+        np.testing.assert_array_equal(bucket_widths(np.arange(w_tab.size, dtype=np.uint8)), w_tab)
+
+
+def test_bucket_ids_decode_in_chunks_of_whole_rows(monkeypatch):
+    """Rows longer than a chunk, many one-id rows, empty rows: every chunking decodes the same ranks."""
+    from fusion_cache.cache import codecs
+    from fusion_cache.cache.codecs import decode_bucket_ids
+    from fusion_cache.cache.codecs import encode_bucket_ids
+
+    rng = np.random.default_rng(1)
+    counts = np.concatenate([rng.integers(0, 4, 200), [3000], rng.integers(1, 3, 50), [0]])
+    ranks = np.minimum((rng.pareto(0.6, counts.sum()) * 30).astype(np.int64), (1 << 16) - 1)
+    buckets, offsets, nbytes = encode_bucket_ids(ranks, counts, 2)
+    table = rng.permutation(1 << 16).astype(np.int32)
+    for chunk in (1, 7, 64, 1000, 1 << 16):
+        monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
+        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, 2, "s"), ranks)
+        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, 2, "s", table), table[ranks])
+    empty = np.zeros(0, np.uint8)
+    assert decode_bucket_ids(empty, empty, np.zeros(2, np.int64), np.zeros(2, np.int64), 2, "s").size == 0
+
+
+@pytest.mark.parametrize("k,bits", [(2, 6), (3, 6), (17, 5), (64, 6), (130, 8), (40, 12)])
+def test_value_groups_decode_like_the_reference(k, bits, monkeypatch):
+    """decode_value_groups (chunked) against code_sums + dequantize_values (whole arrays), bit for bit."""
+    from fusion_cache.cache import codecs
+    from fusion_cache.cache.codecs import code_groups
+    from fusion_cache.cache.codecs import code_sums
+    from fusion_cache.cache.codecs import decode_value_groups
+    from fusion_cache.cache.codecs import dequantize_values
+    from fusion_cache.cache.codecs import quantize_values
+
+    rng = np.random.default_rng(k)
+    n = 300
+    values = -np.sort(rng.exponential(3.0, (n, k)), axis=1).astype(np.float32)
+    values[5] = -1.0  # a row of equal values: span 0
+    vmax, span, codes = quantize_values(values, bits, np.float16, "log")
+    groups = code_groups(k)
+    cols = [np.ascontiguousarray(codes[:, a:b]) for a, b in groups]
+    want = dequantize_values(vmax, span, None, bits, "s", "log", code_sums(cols, bits, groups, n))
+    for chunk in (1, 100, 1 << 16):  # one row, a few rows and all rows per chunk
+        monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
+        np.testing.assert_array_equal(decode_value_groups(cols, vmax, span, k, bits, "s"), want)
+
+
+def test_corrupt_layout2_value_codes_are_named(monkeypatch):
+    from fusion_cache.cache import codecs
+    from fusion_cache.cache.codecs import code_groups
+    from fusion_cache.cache.codecs import decode_value_groups
+
+    k, n, bits = 16, 50, 6
+    monkeypatch.setattr(codecs, "DECODE_CHUNK", 3 * k)  # the bad rows sit in a later chunk
+    cols = [np.zeros((n, b - a), np.uint8) for a, b in code_groups(k)]
+    vmax, span = np.zeros(n, np.float16), np.ones(n, np.float16)
+    cols[-1][37, 0] = 64  # the deltas of position 37 sum past 63
+    with pytest.raises(ShardFormatError, match="shard-v: answer position 37: corrupt value codes \\(sum 64 > 63"):
+        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
+    cols[-1][37, 0] = 0
+    span[41] = np.inf
+    with pytest.raises(ShardFormatError, match="shard-v: answer position 41: corrupt value codes .*span inf"):
+        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
