@@ -50,6 +50,8 @@ def block_sums(v: torch.Tensor) -> list[float]:
 
     Rows whose length is a multiple of ``REDUCE_CHUNK`` are reduced in a single torch call.
     """
+    if v.numel() == 0:
+        return []
     rows = v.reshape(-1, v.shape[-1]) if v.dim() else v.reshape(1, 1)
     m = rows.shape[1]
     full = m - m % REDUCE_CHUNK
@@ -85,7 +87,7 @@ def ordered_sum(v: torch.Tensor) -> float:
     chunks that start at multiples of ``REDUCE_CHUNK``, so the blocks do not depend on the chunking either.
     """
     total = 0.0
-    for part in block_sums(v.reshape(-1)) if v.numel() else ():
+    for part in block_sums(v.reshape(-1)):
         total += part
     return total
 
@@ -154,14 +156,14 @@ def _scan(xs: np.ndarray, lo: float, hi: float, band: bool) -> tuple[int, int, n
     """One chunked pass over ``xs``: (#values > hi, #values >= lo, the values in [lo, hi] if ``band``)."""
     above = at_least = 0
     parts = []
-    mask = np.empty(min(CHUNK, xs.size), dtype=bool)
+    mask, inside = np.empty(min(CHUNK, xs.size), dtype=bool), np.empty(min(CHUNK, xs.size), dtype=bool)
     for sl in _chunks(xs.size):
         c = xs[sl]
-        m = mask[: c.size]
+        m, b = mask[: c.size], inside[: c.size]
         above += int(np.count_nonzero(np.greater(c, hi, out=m)))
         at_least += int(np.count_nonzero(np.greater_equal(c, lo, out=m)))
-        if band:
-            parts.append(c[m & (c <= hi)])
+        if band:  # lo <= c <= hi, without fresh bool arrays
+            parts.append(c[np.logical_and(m, np.less_equal(c, hi, out=b), out=b)])
     return above, at_least, (np.concatenate(parts) if band else None)
 
 
