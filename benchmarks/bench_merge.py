@@ -9,6 +9,10 @@ an idle worker's RSS (python + torch imported) is reported too. Throughput is by
 of the merge itself (interpreter start and imports excluded); inputs sit in the page cache, so this measures the
 merge, not the disk. The naive baseline loads every state dict whole with safetensors.torch.load_file, merges
 tensor by tensor with the same method functions, and saves with save_file. Appends to benchmarks/results/merge.md.
+
+With ``--baseline-src DIR`` (a directory holding another version's ``fusion_cache`` package, e.g. from
+``git archive <rev> fusion_cache | tar -x -C DIR``), every streaming merge is also run with that version right
+after, in the same load: a before/after comparison within one run.
 """
 
 from __future__ import annotations
@@ -114,10 +118,11 @@ def make_models(teacher: Path, work: Path, dtype_name: str, n: int) -> tuple[Pat
     return base, copies
 
 
-def run_worker(kind: str, base: Path, models: list[Path], method: str, out: Path) -> dict:
+def run_worker(kind: str, base: Path, models: list[Path], method: str, out: Path, src: Path = ROOT) -> dict:
+    """One merge in a fresh interpreter; ``src``: the directory whose ``fusion_cache`` package it imports."""
     cmd = [sys.executable, __file__, "--worker", kind, "--method", method, "--base", str(base), "--out", str(out)]
     cmd += ["--threads", str(THREADS), "--models", *map(str, models)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(src)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
@@ -135,6 +140,7 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--methods", nargs="*", default=["ta", "ties", "dare", "sce", "rsaf"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads per merge (0: torch's default)")
+    ap.add_argument("--baseline-src", type=Path, help="also run each streaming merge with the fusion_cache in DIR")
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
@@ -155,11 +161,11 @@ def main() -> None:
     grid += [("bf16", 3, m) for m in args.methods if m != "ta"]
     for dtype, n, method in grid:
         base, copies = make_models(args.teacher, args.work, dtype, 3)
-        for kind in ("streaming", "naive"):
-            if kind == "naive" and method not in ("ta", "ties"):
-                continue
+        kinds = [("streaming", ROOT)] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
+        kinds += [("naive", ROOT)] if method in ("ta", "ties") else []
+        for kind, src in kinds:
             load = os.getloadavg()[0]
-            r = run_worker(kind, base, copies[:n], method, out)
+            r = run_worker("streaming" if kind == "baseline" else kind, base, copies[:n], method, out, src)
             row = {
                 "dtype": dtype,
                 "models": n,
@@ -197,7 +203,11 @@ def main() -> None:
             f"{r['mb_per_s']} | {r['cpu_seconds']} | {r['mb_per_cpu_s']} | {r['peak_rss_mb']:.0f} | "
             f"{r['load_1min']} |"
         )
-    lines += ["", f"Command: `PYTHONPATH=. python benchmarks/bench_merge.py --threads {args.threads}`"]
+    if args.baseline_src:
+        lines += ["", f"baseline = the streaming merge of the `fusion_cache` in {args.baseline_src}, run right after."]
+    command = f"PYTHONPATH=. python benchmarks/bench_merge.py --threads {args.threads}"
+    command += f" --baseline-src {args.baseline_src}" if args.baseline_src else ""
+    lines += ["", f"Command: `{command}`"]
     body = "\n".join(lines)
     print(body)
     append_markdown("merge", f"{m['date']} merge throughput and peak RSS", body, {"machine": m, "rows": rows})
