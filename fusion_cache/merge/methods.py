@@ -15,9 +15,12 @@ Why the in-place kernels look the way they do (measured on SmolLM2-135M's 49152 
   elementwise parts run over chunks of ``CHUNK`` elements with a few chunk-size scratch buffers (cache resident).
 - Masks are float 0/1 tensors multiplied in, not bool masks: torch's where/masked_fill/bool reductions are 10-20x
   slower than float arithmetic on CPU. ``t * 0`` may give -0.0 where the formula has +0.0; the values are equal.
-- The k-th largest magnitude is an exact selection (numpy's introselect, `kth_largest_`), not a sort.
+- The k-th largest magnitude (or variance) is an exact selection, not a sort (`_select`: a sorted sample brackets
+  it, one chunked pass counts and collects the values in the bracket, numpy's introselect runs on those).
+- TIES, RSAF and SCE share one sign-election step (`_agreeing`).
 - Sums over sources accumulate in source order, as ``tau.sum(0)`` does, so results are the same floats as the
-  direct formula; SCE's variance reproduces torch's Welford-in-double ``tau.var(0)`` bit for bit.
+  direct formula; SCE's variance reproduces torch's Welford-in-double ``tau.var(0)`` bit for bit, and float64
+  scalar sums are added in one fixed grouping of fixed blocks (`block_sums`, `grouped_total`) whatever the pass.
 
 Defaults follow docs/merge.md (FuseChat's configs where the InfiFusion paper gives none).
 """
@@ -363,11 +366,15 @@ def task_arithmetic_(tau: torch.Tensor, *, alpha: float = 0.3) -> torch.Tensor:
     """`task_arithmetic`, overwriting ``tau``; returns a view of tau[0]. Sums in source order, as tau.sum(0)."""
     flat = _rows(tau)
     for sl in _chunks(flat.shape[1]):
-        blk = flat[:, sl]
-        for r in blk[1:]:
-            blk[0].add_(r)
-        blk[0].mul_(alpha)
+        _sum_rows_(flat[:, sl], alpha)
     return tau[0]
+
+
+def _sum_rows_(blk: torch.Tensor, alpha: float) -> None:
+    """``alpha * sum_s blk[s]`` into blk[0] for one chunk [S, m], adding in source order as tau.sum(0) does."""
+    for r in blk[1:]:
+        blk[0].add_(r)
+    blk[0].mul_(alpha)
 
 
 def ties_(
@@ -395,18 +402,21 @@ def dare_(
 
     The uniforms are drawn chunk by chunk from each source's generator, which yields the same stream as one
     ``torch.rand(shape)`` (tests/fusion_cache/merge/test_methods.py checks it), so the drop masks are `dare_drop`'s.
+    The drop and the sum run in the same pass over each chunk.
     """
     flat = _rows(tau)
     s_count, n = flat.shape
-    if drop_rate > 0.0:
-        gens = [torch.Generator().manual_seed(tensor_seed(seed, name, s)) for s in range(s_count)]
-        keep = torch.empty(s_count, min(CHUNK, max(n, 1)), dtype=torch.float32)
-        for sl in _chunks(n):
-            k = keep[:, : sl.stop - sl.start]
-            for s in range(s_count):
-                k[s].uniform_(0.0, 1.0, generator=gens[s])
-            flat[:, sl].div_(1.0 - drop_rate).mul_(k.ge_(drop_rate))
-    return task_arithmetic_(tau, alpha=alpha)
+    if drop_rate <= 0.0:
+        return task_arithmetic_(tau, alpha=alpha)
+    gens = [torch.Generator().manual_seed(tensor_seed(seed, name, s)) for s in range(s_count)]
+    keep = torch.empty(s_count, min(CHUNK, max(n, 1)), dtype=torch.float32)
+    for sl in _chunks(n):
+        k, blk = keep[:, : sl.stop - sl.start], flat[:, sl]
+        for s in range(s_count):
+            k[s].uniform_(0.0, 1.0, generator=gens[s])
+        blk.div_(1.0 - drop_rate).mul_(k.ge_(drop_rate))
+        _sum_rows_(blk, alpha)
+    return tau[0]
 
 
 def _population_var_(flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
