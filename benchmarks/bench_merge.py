@@ -6,9 +6,10 @@ Models have SmolLM2-135M's shape: the real embedded teacher (bf16 as packaged, a
 `fusion-cache train` writes) is the base, and the "fine-tuned" models are copies of it with every tensor moved by
 N(0, 1e-3^2), written into --work. Each merge runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own;
 an idle worker's RSS (python + torch imported) is reported too. Throughput is bytes read (base + models) per second
-of the merge itself (interpreter start and imports excluded); inputs sit in the page cache, so this measures the
-merge, not the disk. The naive baseline loads every state dict whole with safetensors.torch.load_file, merges
-tensor by tensor with the same method functions, and saves with save_file. Appends to benchmarks/results/merge.md.
+of the merge itself (interpreter start and imports excluded); inputs are read once before each merge so they sit in
+the page cache, so this measures the merge, not the disk. The naive baseline loads every state dict whole with
+safetensors.torch.load_file, merges tensor by tensor with the same method functions, and saves with save_file.
+Appends to benchmarks/results/merge.md.
 
 With ``--baseline-src DIR`` (a directory holding another version's ``fusion_cache`` package, e.g. from
 ``git archive <rev> fusion_cache | tar -x -C DIR``), every streaming merge is also run with that version right
@@ -118,6 +119,16 @@ def make_models(teacher: Path, work: Path, dtype_name: str, n: int) -> tuple[Pat
     return base, copies
 
 
+def warm_page_cache(dirs: list[Path]) -> None:
+    """Read every input file once, so each timed merge finds its inputs in the page cache (the first row of a
+    dtype would otherwise also time the disk)."""
+    buf = bytearray(16 << 20)
+    for d in dirs:
+        with open(d / "model.safetensors", "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
 def run_worker(kind: str, base: Path, models: list[Path], method: str, out: Path, src: Path = ROOT) -> dict:
     """One merge in a fresh interpreter; ``src``: the directory whose ``fusion_cache`` package it imports."""
     cmd = [sys.executable, __file__, "--worker", kind, "--method", method, "--base", str(base), "--out", str(out)]
@@ -164,6 +175,7 @@ def main() -> None:
         kinds = [("streaming", ROOT)] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
         kinds += [("naive", ROOT)] if method in ("ta", "ties") else []
         for kind, src in kinds:
+            warm_page_cache([base, *copies[:n]])
             load = os.getloadavg()[0]
             r = run_worker("streaming" if kind == "baseline" else kind, base, copies[:n], method, out, src)
             row = {
