@@ -6,9 +6,16 @@ Models have SmolLM2-135M's shape: the real embedded teacher (bf16 as packaged, a
 `fusion-cache train` writes) is the base, and the "fine-tuned" models are copies of it with every tensor moved by
 N(0, 1e-3^2), written into --work. Each merge runs in a fresh subprocess, so its peak RSS (ru_maxrss) is its own;
 an idle worker's RSS (python + torch imported) is reported too. Throughput is bytes read (base + models) per second
-of the merge itself (interpreter start and imports excluded); inputs sit in the page cache, so this measures the
-merge, not the disk. The naive baseline loads every state dict whole with safetensors.torch.load_file, merges
-tensor by tensor with the same method functions, and saves with save_file. Appends to benchmarks/results/merge.md.
+of the merge itself (interpreter start and imports excluded); inputs are read once before each merge so they sit in
+the page cache, so this measures the merge, not the disk. The naive baseline loads every state dict whole with
+safetensors.torch.load_file, merges tensor by tensor with the same method functions, and saves with save_file.
+Appends to benchmarks/results/merge.md.
+
+With ``--baseline-src DIR`` (a directory holding another version's ``fusion_cache`` package, e.g. from
+``git archive <rev> fusion_cache | tar -x -C DIR``), every streaming merge is also run with that version right
+after, in the same load: a before/after comparison within one run. ``--repeat N`` runs every row N times,
+reversing the order of the providers each time (on a shared machine one run per row is noisy, and whichever runs
+first after a large merge exits pays more page faults).
 """
 
 from __future__ import annotations
@@ -114,14 +121,50 @@ def make_models(teacher: Path, work: Path, dtype_name: str, n: int) -> tuple[Pat
     return base, copies
 
 
-def run_worker(kind: str, base: Path, models: list[Path], method: str, out: Path) -> dict:
+def warm_page_cache(dirs: list[Path]) -> None:
+    """Read every input file once, so each timed merge finds its inputs in the page cache (the first row of a
+    dtype would otherwise also time the disk)."""
+    buf = bytearray(16 << 20)
+    for d in dirs:
+        with open(d / "model.safetensors", "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def run_worker(kind: str, base: Path, models: list[Path], method: str, out: Path, src: Path = ROOT) -> dict:
+    """One merge in a fresh interpreter; ``src``: the directory whose ``fusion_cache`` package it imports."""
     cmd = [sys.executable, __file__, "--worker", kind, "--method", method, "--base", str(base), "--out", str(out)]
     cmd += ["--threads", str(THREADS), "--models", *map(str, models)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(src)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def medians_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per (method, models, dtype, provider), the median of the repeated rows."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["models"], r["dtype"], r["provider"]), []).append(r)
+    lines = [
+        "",
+        "Medians of the repeats:",
+        "",
+        "| method | models | dtype | provider | runs | seconds | MB/s read | CPU s | MB/s per CPU s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, models, dtype, provider), rs in groups.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu_seconds", "peak_rss_mb")}
+        mb = rs[0]["mb_read"]  # the same for every repeat
+        lines.append(
+            f"| {method} | {models} | {dtype} | {provider} | {len(rs)} | {med['seconds']:.2f} | "
+            f"{mb / med['seconds']:.1f} | {med['cpu_seconds']:.2f} | {mb / med['cpu_seconds']:.1f} | "
+            f"{med['peak_rss_mb']:.0f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -135,6 +178,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--methods", nargs="*", default=["ta", "ties", "dare", "sce", "rsaf"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads per merge (0: torch's default)")
+    ap.add_argument("--baseline-src", type=Path, help="also run each streaming merge with the fusion_cache in DIR")
+    ap.add_argument("--repeat", type=int, default=1, help="run each row N times, alternating the order of providers")
     args = ap.parse_args()
     global THREADS
     THREADS = args.threads
@@ -155,11 +200,13 @@ def main() -> None:
     grid += [("bf16", 3, m) for m in args.methods if m != "ta"]
     for dtype, n, method in grid:
         base, copies = make_models(args.teacher, args.work, dtype, 3)
-        for kind in ("streaming", "naive"):
-            if kind == "naive" and method not in ("ta", "ties"):
-                continue
+        kinds = [("streaming", ROOT)] + ([("baseline", args.baseline_src)] if args.baseline_src else [])
+        kinds += [("naive", ROOT)] if method in ("ta", "ties") else []
+        runs = [k for rep in range(args.repeat) for k in (kinds if rep % 2 == 0 else kinds[::-1])]
+        for kind, src in runs:  # repeats alternate the order: no version always runs first after another's exit
+            warm_page_cache([base, *copies[:n]])
             load = os.getloadavg()[0]
-            r = run_worker(kind, base, copies[:n], method, out)
+            r = run_worker("streaming" if kind == "baseline" else kind, base, copies[:n], method, out, src)
             row = {
                 "dtype": dtype,
                 "models": n,
@@ -167,6 +214,7 @@ def main() -> None:
                 "provider": kind,
                 "model_mb": round((base / "model.safetensors").stat().st_size / 1e6, 1),
                 "seconds": round(r["seconds"], 2),
+                "mb_read": round(r["bytes_read"] / 1e6, 1),
                 "mb_per_s": round(r["bytes_read"] / 1e6 / r["seconds"], 1),
                 "cpu_seconds": round(r["cpu_seconds"], 2),
                 "mb_per_cpu_s": round(r["bytes_read"] / 1e6 / r["cpu_seconds"], 1),
@@ -197,7 +245,14 @@ def main() -> None:
             f"{r['mb_per_s']} | {r['cpu_seconds']} | {r['mb_per_cpu_s']} | {r['peak_rss_mb']:.0f} | "
             f"{r['load_1min']} |"
         )
-    lines += ["", f"Command: `PYTHONPATH=. python benchmarks/bench_merge.py --threads {args.threads}`"]
+    if args.repeat > 1:
+        lines += medians_table(rows)
+    if args.baseline_src:
+        lines += ["", f"baseline = the streaming merge of the `fusion_cache` in {args.baseline_src}, run right after."]
+    command = f"PYTHONPATH=. python benchmarks/bench_merge.py --threads {args.threads}"
+    command += f" --baseline-src {args.baseline_src}" if args.baseline_src else ""
+    command += f" --repeat {args.repeat}" if args.repeat != 1 else ""
+    lines += ["", f"Command: `{command}`"]
     body = "\n".join(lines)
     print(body)
     append_markdown("merge", f"{m['date']} merge throughput and peak RSS", body, {"machine": m, "rows": rows})

@@ -1,16 +1,20 @@
 """Tensor-at-a-time safetensors I/O: a reader for single-file and sharded models, and a streaming sharded writer.
 
-Both use plain file reads and writes (``pread``/``write``), never mmap and never a whole state dict, so a merge holds
-only the tensors it is working on: mapped pages of every input file would otherwise count towards the process's
-resident memory as soon as they are touched.
+Never a whole state dict: a merge holds only the tensors it is working on. Reads are either ``pread`` into a buffer
+(`SafetensorsModel.tensor`) or a zero-copy view of the file's memory map (`SafetensorsModel.view`), which the merge
+converts straight into its fp32 rows and then releases (`SafetensorsModel.release`: the mapped pages would otherwise
+count towards the process's resident memory until the end). Writes are plain ``write`` calls.
 
     model = SafetensorsModel("runs/kd/model")     # model.safetensors or model.safetensors.index.json
     t = model.tensor("model.embed_tokens.weight") # a torch tensor, read from disk now
+    v = model.view("model.embed_tokens.weight")   # the same values, mapped (no copy); read it, then:
+    model.release("model.embed_tokens.weight")
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -122,6 +126,7 @@ class SafetensorsModel:
         else:
             self.infos = read_header(self.dir / SINGLE_FILE)
         self._handles: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @property
     def config(self) -> dict:
@@ -142,9 +147,7 @@ class SafetensorsModel:
                 page faults, per tensor). None: a fresh tensor.
         """
         info = self.infos[name]
-        fd = self._handles.get(info.file)
-        if fd is None:
-            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        fd = self._fd(info.file)
         dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
@@ -163,7 +166,49 @@ class SafetensorsModel:
             done += n
         return buf.view(dtype).reshape(info.shape)
 
+    def _fd(self, file: Path) -> int:
+        fd = self._handles.get(file)
+        if fd is None:
+            fd = self._handles[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def view(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a view of its file's memory map: no read into a buffer, no copy.
+
+        The map is private (copy-on-write), so writing to the view never reaches the file; the merge only reads it.
+        Its pages count towards resident memory once touched: call `release` when done. Falls back to `tensor` (a
+        fresh read) for an empty tensor or an offset that is not a multiple of the element size.
+        """
+        info = self.infos[name]
+        dtype = DTYPES[info.dtype]
+        size = torch.empty((), dtype=dtype).element_size()
+        if info.nbytes == 0 or info.start % size:
+            return self.tensor(name)
+        mm = self._maps.get(info.file)
+        if mm is None:
+            mm = self._maps[info.file] = mmap.mmap(self._fd(info.file), 0, access=mmap.ACCESS_COPY)
+        if info.end > len(mm):
+            raise ConfigError(f"{info.file}: truncated while reading tensor {name!r}")
+        flat = torch.frombuffer(mm, dtype=dtype, count=info.nbytes // size, offset=info.start)
+        return flat.view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of tensor ``name`` from this process (the page cache keeps them); a no-op if its
+        file is not mapped. A view of it stays valid: reading it again maps the pages again."""
+        info = self.infos[name]
+        mm = self._maps.get(info.file)
+        if mm is None or info.nbytes == 0:
+            return
+        start = info.start - info.start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
     def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a view is still alive; the map closes when it goes
+                pass
+        self._maps.clear()
         for fd in self._handles.values():
             os.close(fd)
         self._handles.clear()

@@ -15,9 +15,12 @@ Why the in-place kernels look the way they do (measured on SmolLM2-135M's 49152 
   elementwise parts run over chunks of ``CHUNK`` elements with a few chunk-size scratch buffers (cache resident).
 - Masks are float 0/1 tensors multiplied in, not bool masks: torch's where/masked_fill/bool reductions are 10-20x
   slower than float arithmetic on CPU. ``t * 0`` may give -0.0 where the formula has +0.0; the values are equal.
-- The k-th largest magnitude is an exact selection (numpy's introselect, `kth_largest_`), not a sort.
+- The k-th largest magnitude (or variance) is an exact selection, not a sort (`_select`: a sorted sample brackets
+  it, one chunked pass counts and collects the values in the bracket, numpy's introselect runs on those).
+- TIES, RSAF and SCE share one sign-election step (`_agreeing`).
 - Sums over sources accumulate in source order, as ``tau.sum(0)`` does, so results are the same floats as the
-  direct formula; SCE's variance reproduces torch's Welford-in-double ``tau.var(0)`` bit for bit.
+  direct formula; SCE's variance reproduces torch's Welford-in-double ``tau.var(0)`` bit for bit, and float64
+  scalar sums are added in one fixed grouping of fixed blocks (`block_sums`, `grouped_total`) whatever the pass.
 
 Defaults follow docs/merge.md (FuseChat's configs where the InfiFusion paper gives none).
 """
@@ -38,8 +41,45 @@ CHUNK = 1 << 16
 REDUCE_CHUNK = 1 << 15
 # Entries per chunk of the float64 statistics (a multiple of REDUCE_CHUNK).
 STAT_CHUNK = 4 * REDUCE_CHUNK
+# Entries per chunk of `skewness`'s float64 passes (any multiple of REDUCE_CHUNK gives the same bits).
+SKEW_CHUNK = 2 * STAT_CHUNK
 # Below this size `kth_largest` just copies and selects; above it, a sample brackets the answer first.
 SMALL = 1 << 18
+
+
+def block_sums(v: torch.Tensor) -> list[float]:
+    """Per-block sums of a [rows, m] (or 1-D) float64 tensor: for each row, its consecutive ``REDUCE_CHUNK``-entry
+    blocks (the last may be shorter) summed by torch on one thread in one fixed order, as a flat list (row by row).
+
+    Rows whose length is a multiple of ``REDUCE_CHUNK`` are reduced in a single torch call.
+    """
+    if v.numel() == 0:
+        return []
+    rows = v.reshape(-1, v.shape[-1]) if v.dim() else v.reshape(1, 1)
+    m = rows.shape[1]
+    full = m - m % REDUCE_CHUNK
+    if full == m and m:
+        return rows.view(rows.shape[0], -1, REDUCE_CHUNK).sum(2).reshape(-1).tolist()
+    out: list[float] = []
+    for r in rows:
+        if full:
+            out += r[:full].view(-1, REDUCE_CHUNK).sum(1).tolist()
+        if full < m:
+            out.append(float(r[full:].sum()))
+    return out
+
+
+def grouped_total(blocks: list[float], total: float = 0.0) -> float:
+    """``total`` plus the block sums of one row (`block_sums`) added as `sum_sq` adds them: in order, the blocks of
+    each ``STAT_CHUNK`` span into a partial sum starting at 0.0, the partials into the total. The fused passes
+    (SCE's weights, the rate pass) use it to give `sum_sq`'s exact float whatever chunk size they run at."""
+    per = STAT_CHUNK // REDUCE_CHUNK
+    for i in range(0, len(blocks), per):
+        part = 0.0
+        for b in blocks[i : i + per]:
+            part += b
+        total += part
+    return total
 
 
 def ordered_sum(v: torch.Tensor) -> float:
@@ -49,14 +89,9 @@ def ordered_sum(v: torch.Tensor) -> float:
     block on one thread, in one fixed order; a test pins this) and the block sums are added in order. Callers pass
     chunks that start at multiples of ``REDUCE_CHUNK``, so the blocks do not depend on the chunking either.
     """
-    n = v.numel()
-    full = n - n % REDUCE_CHUNK
     total = 0.0
-    if full:
-        for part in v[:full].view(-1, REDUCE_CHUNK).sum(1).tolist():
-            total += part
-    if full < n:
-        total += float(v[full:].sum())
+    for part in block_sums(v.reshape(-1)):
+        total += part
     return total
 
 
@@ -99,22 +134,22 @@ def _rows(tau: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- building blocks
-def _bracket(x: torch.Tensor, k: int) -> tuple[float, float]:
-    """[lo, hi] that holds the k-th largest of 1-D ``x`` with high probability, from a strided sample of ~65536.
+def _bracket(a: np.ndarray, k: int) -> tuple[float, float]:
+    """[lo, hi] that holds the k-th largest of 1-D ``a`` with high probability, from a strided sample of ~65536.
 
     The bounds are the sample's order statistics 4 standard deviations of the sample quantile either side of the
     k-th largest's expected position (-inf / +inf at the ends). On quantized data (task vectors of bf16 models have
-    a few thousand distinct values) they are often equal: the sample has already found the answer.
+    a few thousand distinct values) they are often equal: the sample has already found the answer. The sample is
+    sorted, not partitioned: numpy's sort is 2-7x faster than its introselect on duplicate-heavy samples.
     """
-    n = x.numel()
-    sample = x[:: max(1, n // (1 << 16))].clone().numpy()
+    n = a.size
+    sample = np.sort(a[:: max(1, n // (1 << 16))])
     m = sample.size
     q = k / n
     center = m * (1.0 - q)  # ascending position of the k-th largest in the sample
     margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
     lo_i = int(min(max(math.floor(center - margin), 0), m - 1))
     hi_i = int(min(max(math.ceil(center + margin), 0), m - 1))
-    sample.partition((lo_i, hi_i))
     lo = -math.inf if lo_i == 0 else float(sample[lo_i])
     hi = math.inf if hi_i == m - 1 else float(sample[hi_i])
     return lo, hi
@@ -124,62 +159,65 @@ def _scan(xs: np.ndarray, lo: float, hi: float, band: bool) -> tuple[int, int, n
     """One chunked pass over ``xs``: (#values > hi, #values >= lo, the values in [lo, hi] if ``band``)."""
     above = at_least = 0
     parts = []
-    mask = np.empty(min(CHUNK, xs.size), dtype=bool)
+    mask, inside = np.empty(min(CHUNK, xs.size), dtype=bool), np.empty(min(CHUNK, xs.size), dtype=bool)
     for sl in _chunks(xs.size):
         c = xs[sl]
-        m = mask[: c.size]
+        m, b = mask[: c.size], inside[: c.size]
         above += int(np.count_nonzero(np.greater(c, hi, out=m)))
         at_least += int(np.count_nonzero(np.greater_equal(c, lo, out=m)))
-        if band:
-            parts.append(c[m & (c <= hi)])
+        if band:  # lo <= c <= hi, without fresh bool arrays
+            parts.append(c[np.logical_and(m, np.less_equal(c, hi, out=b), out=b)])
     return above, at_least, (np.concatenate(parts) if band else None)
+
+
+def _select(a: np.ndarray, k: int, reorder: bool) -> float:
+    """The k-th largest of the 1-D array ``a`` (1 <= k <= a.size), exactly; `kth_largest` and `kth_largest_`.
+
+    Small arrays: numpy's introselect (``partition``). Large ones: the sample's bracket [lo, hi] (`_bracket`) and one
+    chunked pass counting the values above ``hi`` and at least ``lo`` (and, unless lo == hi, collecting the values
+    in between: ~1% of them); the answer is in the bracket iff #(> hi) < k <= #(>= lo), and is then ``lo`` (a
+    collapsed bracket, common on quantized data) or found by selecting in the collected values. If the bracket
+    misses (rare: structured data), a full selection answers, in place when ``reorder`` allows it.
+    """
+    n = a.size
+    if n > SMALL:
+        lo, hi = _bracket(a, k)
+        above, at_least, band = _scan(a, lo, hi, band=lo != hi)
+        if above < k <= at_least:  # the answer is in [lo, hi]
+            if lo == hi:
+                return lo
+            need = k - above  # its rank, from the top, among the values in [lo, hi]
+            band.partition(band.size - need)
+            return float(band[band.size - need])
+    if not reorder:
+        a = a.copy()
+    a.partition(n - k)
+    return float(a[n - k])
 
 
 def kth_largest_(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of the contiguous 1-D fp32/fp64 tensor ``x`` (1 <= k <= numel), exactly.
 
-    May reorder ``x`` in place (numpy's introselect: O(n), about 15x faster than torch.kthvalue on CPU). Large
-    tensors try the sample's guess first (`_bracket`): when the bracket collapses to one value v, two counts
-    decide (v is the answer iff #(x > v) < k <= #(x >= v)), which on duplicate-heavy data is several times
-    cheaper than the selection. NaN counts as the largest value. Returns a 0-d tensor of ``x``'s dtype.
+    May reorder ``x`` in place (numpy's introselect: O(n), about 15x faster than torch.kthvalue on CPU); large
+    tensors first try the sampled bracket of `_select`, which reads ``x`` once and leaves it alone. NaN counts as
+    the largest value. Returns a 0-d tensor of ``x``'s dtype.
     """
     n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    a = x.numpy()
-    if n > SMALL:
-        lo, hi = _bracket(x, k)
-        if lo == hi:
-            above, at_least, _ = _scan(a, lo, hi, band=False)
-            if above < k <= at_least:
-                return torch.tensor(lo, dtype=x.dtype)
-    a.partition(n - k)
-    return torch.tensor(a[n - k], dtype=x.dtype)
+    return torch.tensor(_select(x.numpy(), k, reorder=True), dtype=x.dtype)
 
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of ``x`` (any shape, fp32/fp64; 1 <= k <= numel), exactly; ``x`` is not modified.
 
-    Small tensors are copied and selected (`kth_largest_`). Large ones: the sample's bracket [lo, hi]
-    (`_bracket`), one chunked pass counting the values above ``hi`` and collecting those inside the bracket
-    (about 1% of them), and the selection on the bracket only. If the bracket misses (rare: structured data),
-    a full copy-and-select answers.
+    As `kth_largest_` (`_select`), selecting on a copy where it must reorder.
     """
     x = x.reshape(-1)
     n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n <= SMALL:
-        return kth_largest_(x.clone(), k)
-    lo, hi = _bracket(x, k)
-    above, at_least, band = _scan(x.contiguous().numpy(), lo, hi, band=lo != hi)
-    if above < k <= at_least:  # the answer is in [lo, hi]
-        if lo == hi:
-            return torch.tensor(lo, dtype=x.dtype)
-        need = k - above  # its rank, from the top, among the values in [lo, hi]
-        band.partition(band.size - need)
-        return torch.tensor(band[band.size - need], dtype=x.dtype)
-    return kth_largest_(x.clone(), k)
+    return torch.tensor(_select(x.contiguous().numpy(), k, reorder=False), dtype=x.dtype)
 
 
 def magnitude_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -259,32 +297,48 @@ def _below(threshold: torch.Tensor) -> float:
     return float(torch.nextafter(t, torch.tensor(-math.inf)))
 
 
+def _agreeing(flat: torch.Tensor, sign_election: str, lambdas: list | None = None):
+    """TIES and SCE's shared step, chunk by chunk: elect a sign per entry and mark the sources that agree with it.
+
+    Args:
+        flat: [S, n] task vectors; with ``lambdas``, trimmed here in place first: ``hardshrink(tau_s, lambdas[s])``
+            zeroes |tau_s| <= lambdas[s] (None: no trim).
+
+    Yields:
+        (blk [S, m] the chunk of ``flat``, e [m] the elected sign +1/-1 (`_elect_`), agree [S, m] float 1 where the
+        entry is non-zero with the elected sign, else 0). ``e`` and ``agree`` are scratch reused for the next chunk:
+        the caller consumes them (and may overwrite ``agree`` and ``blk[0]``) before asking for it.
+    """
+    s_count, n = flat.shape
+    c = min(CHUNK, max(n, 1))
+    agree = torch.empty(s_count, c, dtype=flat.dtype)
+    e = torch.empty(c, dtype=flat.dtype)
+    ones = torch.ones(c, dtype=flat.dtype)
+    for sl in _chunks(n):
+        m = sl.stop - sl.start
+        blk, e_, a_ = flat[:, sl], e[:m], agree[:, :m]
+        for s, lam in enumerate(lambdas or ()):
+            if lam is not None:
+                torch.hardshrink(blk[s], lam, out=blk[s])  # zero where |x| < threshold
+        _elect_(blk, sign_election, e_, a_, ones[:m])
+        yield blk, e_, torch.mul(blk, e_, out=a_).gt_(0.0)  # > 0 exactly where non-zero with the elected sign
+
+
 def _trim_elect_mean_(tau: torch.Tensor, thresholds: list, sign_election: str, alpha: float) -> torch.Tensor:
     """TIES after the thresholds: trim, elect a sign, disjoint mean, times alpha; in place, into tau[0].
 
-    ``thresholds[s]`` keeps |tau_s| >= it (None keeps all). One chunked pass:
+    ``thresholds[s]`` keeps |tau_s| >= it (None keeps all). One chunked pass (`_agreeing`):
         trimmed_s = tau_s * (|tau_s| >= thr_s); e = elect_sign(trimmed); agree_s = trimmed_s * e > 0
-        result = alpha * e * (sum_s max(trimmed_s * e, 0)) / max(sum_s agree_s, 1)
-    which is the formula's ``alpha * (sum_s agree_s trimmed_s) / max(count, 1)`` to the bit (negation is exact).
+        result = alpha * (sum_s agree_s trimmed_s) / max(sum_s agree_s, 1)
+    summed over sources in order, so the same floats as the formula (``agree_s trimmed_s`` is trimmed_s or +-0).
     """
     flat = _rows(tau)
-    s_count, n = flat.shape
-    c = min(CHUNK, max(n, 1))
-    u, g = torch.empty(s_count, c, dtype=tau.dtype), torch.empty(s_count, c, dtype=tau.dtype)
-    e, total, count = (torch.empty(c, dtype=tau.dtype) for _ in range(3))
-    ones = torch.ones(c, dtype=tau.dtype)
+    c = min(CHUNK, max(flat.shape[1], 1))
+    count = torch.empty(c, dtype=tau.dtype)
     lambdas = [None if thr is None else _below(thr) for thr in thresholds]
-    for sl in _chunks(n):
-        m = sl.stop - sl.start
-        blk, u_, g_, e_ = flat[:, sl], u[:, :m], g[:, :m], e[:m]
-        for s, lam in enumerate(lambdas):
-            if lam is not None:
-                torch.hardshrink(blk[s], lam, out=blk[s])  # zero where |x| < threshold
-        _elect_(blk, sign_election, e_, g_, ones[:m])
-        torch.mul(blk, e_, out=u_)  # > 0 exactly where the entry is non-zero with the elected sign
-        torch.sum(torch.gt(u_, 0.0, out=g_), 0, out=count[:m])
-        torch.sum(u_.clamp_min_(0.0), 0, out=total[:m])
-        torch.div(total[:m], count[:m].clamp_min_(1.0), out=blk[0]).mul_(e_)
+    for blk, _e, agree in _agreeing(flat, sign_election, lambdas):
+        count_ = torch.sum(agree, 0, out=count[: blk.shape[1]]).clamp_min_(1.0)
+        torch.sum(agree.mul_(blk), 0, out=blk[0]).div_(count_)
         if alpha != 1.0:  # x * 1.0 is x
             blk[0].mul_(alpha)
     return tau[0]
@@ -312,11 +366,15 @@ def task_arithmetic_(tau: torch.Tensor, *, alpha: float = 0.3) -> torch.Tensor:
     """`task_arithmetic`, overwriting ``tau``; returns a view of tau[0]. Sums in source order, as tau.sum(0)."""
     flat = _rows(tau)
     for sl in _chunks(flat.shape[1]):
-        blk = flat[:, sl]
-        for r in blk[1:]:
-            blk[0].add_(r)
-        blk[0].mul_(alpha)
+        _sum_rows_(flat[:, sl], alpha)
     return tau[0]
+
+
+def _sum_rows_(blk: torch.Tensor, alpha: float) -> None:
+    """``alpha * sum_s blk[s]`` into blk[0] for one chunk [S, m], adding in source order as tau.sum(0) does."""
+    for r in blk[1:]:
+        blk[0].add_(r)
+    blk[0].mul_(alpha)
 
 
 def ties_(
@@ -344,41 +402,67 @@ def dare_(
 
     The uniforms are drawn chunk by chunk from each source's generator, which yields the same stream as one
     ``torch.rand(shape)`` (tests/fusion_cache/merge/test_methods.py checks it), so the drop masks are `dare_drop`'s.
+    The drop and the sum run in the same pass over each chunk.
     """
     flat = _rows(tau)
     s_count, n = flat.shape
-    if drop_rate > 0.0:
-        gens = [torch.Generator().manual_seed(tensor_seed(seed, name, s)) for s in range(s_count)]
-        keep = torch.empty(s_count, min(CHUNK, max(n, 1)), dtype=torch.float32)
-        for sl in _chunks(n):
-            k = keep[:, : sl.stop - sl.start]
-            for s in range(s_count):
-                k[s].uniform_(0.0, 1.0, generator=gens[s])
-            flat[:, sl].div_(1.0 - drop_rate).mul_(k.ge_(drop_rate))
-    return task_arithmetic_(tau, alpha=alpha)
+    if drop_rate <= 0.0:
+        return task_arithmetic_(tau, alpha=alpha)
+    gens = [torch.Generator().manual_seed(tensor_seed(seed, name, s)) for s in range(s_count)]
+    keep = torch.empty(s_count, min(CHUNK, max(n, 1)), dtype=torch.float32)
+    for sl in _chunks(n):
+        k, blk = keep[:, : sl.stop - sl.start], flat[:, sl]
+        for s in range(s_count):
+            k[s].uniform_(0.0, 1.0, generator=gens[s])
+        blk.div_(1.0 - drop_rate).mul_(k.ge_(drop_rate))
+        _sum_rows_(blk, alpha)
+    return tau[0]
 
 
 def _population_var_(flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``flat.var(0, unbiased=False)`` into ``out`` [numel], chunked, bit for bit.
 
     torch's CPU kernel runs Welford's update in double per entry and is slow on this layout (6 s on the 135M
-    model's embedding); this is the same recurrence with vectorized double ops.
+    model's embedding); this is the same recurrence with vectorized double ops. ``addcdiv_``/``addcmul_`` round
+    the quotient/product before adding, as the recurrence's separate ops do (a test pins it against torch.var).
     """
     s_count, n = flat.shape
     c = min(CHUNK, max(n, 1))
-    mean, m2, x, delta, step = (torch.empty(c, dtype=torch.float64) for _ in range(5))
+    mean, m2, x, delta = (torch.empty(c, dtype=torch.float64) for _ in range(4))
+    counts = [torch.tensor(float(s + 1), dtype=torch.float64) for s in range(s_count)]
     for sl in _chunks(n):
         m = sl.stop - sl.start
-        mean_, m2_, x_, delta_, step_ = mean[:m], m2[:m], x[:m], delta[:m], step[:m]
+        mean_, m2_, x_, delta_ = mean[:m], m2[:m], x[:m], delta[:m]
         mean_.copy_(flat[0, sl])  # the first update from (0, 0) gives mean = x_0, m2 = 0 exactly
         m2_.zero_()
         for s in range(1, s_count):  # torch's WelfordOps.reduce: delta, mean += delta / n, m2 += delta * (x - mean)
             x_.copy_(flat[s, sl])
             torch.sub(x_, mean_, out=delta_)
-            mean_.add_(torch.div(delta_, float(s + 1), out=step_))
-            m2_.add_(delta_.mul_(x_.sub_(mean_)))
+            mean_.addcdiv_(delta_, counts[s])
+            m2_.addcmul_(delta_, x_.sub_(mean_))
         out[sl].copy_(m2_.div_(float(s_count)))
     return out
+
+
+def _mask_and_weigh_(flat: torch.Tensor, keep: torch.Tensor | None, threshold: float) -> list[float]:
+    """SCE's masking and weights in one chunked pass: ``d_s = tau_s * (keep >= threshold)`` in place (no mask
+    when ``keep`` is None) and ``sum(d_s^2)`` per source, in float64, the same floats as `sum_sq` (`grouped_total`).
+    """
+    s_count, n = flat.shape
+    c = min(CHUNK, max(n, 1))
+    mask = torch.empty(c, dtype=flat.dtype)
+    sq = torch.empty(s_count, c, dtype=torch.float64)
+    blocks: list[list[float]] = [[] for _ in range(s_count)]
+    for sl in _chunks(n):
+        m = sl.stop - sl.start
+        blk, sq_ = flat[:, sl], sq[:, :m]
+        if keep is not None:
+            blk.mul_(torch.ge(keep[sl], threshold, out=mask[:m]))
+        sums = block_sums(sq_.copy_(blk).square_())
+        per = len(sums) // s_count
+        for s in range(s_count):
+            blocks[s] += sums[s * per : (s + 1) * per]
+    return [grouped_total(b) for b in blocks]
 
 
 def sce_(tau: torch.Tensor, *, select_topk: float = 0.1, work: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,34 +470,24 @@ def sce_(tau: torch.Tensor, *, select_topk: float = 0.1, work: torch.Tensor | No
     flat = _rows(tau)
     s_count, n = flat.shape
     work = torch.empty(n, dtype=tau.dtype) if work is None else work
-    w_buf = work[:n]
+    keep, threshold = None, 0.0
     if select_topk < 1.0:  # d = tau * select_mask(tau)
-        var = _population_var_(flat, w_buf)
-        k = int(int(torch.count_nonzero(var)) * select_topk)
-        if k == 0:
-            flat.zero_()
-        else:
-            threshold = kth_largest(var, k)
-            mask = torch.empty(min(CHUNK, max(n, 1)), dtype=tau.dtype)
-            for sl in _chunks(n):
-                flat[:, sl].mul_(torch.ge(var[sl], threshold, out=mask[: sl.stop - sl.start]))
-    # w_s = sum(d_s^2) / numel, summed in float64 (see `sum_sq`) and rounded to fp32 once
-    w = torch.tensor([sum_sq(r) / max(n, 1) for r in flat], dtype=tau.dtype)
+        keep = _population_var_(flat, work[:n])
+        k = int(int(np.count_nonzero(keep.numpy())) * select_topk)  # numpy's count: 5x torch's on CPU
+        if k == 0:  # nothing selected: every d_s is 0, and so is the result
+            return tau[0].zero_()
+        threshold = float(kth_largest(keep, k))
+    # w_s = sum(d_s^2) / numel, summed in float64 (as `sum_sq`) and rounded to fp32 once
+    w = torch.tensor([sq / max(n, 1) for sq in _mask_and_weigh_(flat, keep, threshold)], dtype=tau.dtype)
     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(w))
     c = min(CHUNK, max(n, 1))
-    u, g = torch.empty(s_count, c, dtype=tau.dtype), torch.empty(s_count, c, dtype=tau.dtype)
-    e, num, den = (torch.empty(c, dtype=tau.dtype) for _ in range(3))
-    ones = torch.ones(c, dtype=tau.dtype)
+    den = torch.empty(c, dtype=tau.dtype)
     w_col = w.view(s_count, 1)
-    for sl in _chunks(n):
-        m = sl.stop - sl.start
-        blk, u_, g_, e_, num_, den_ = flat[:, sl], u[:, :m], g[:, :m], e[:m], num[:m], den[:m]
-        _elect_(blk, "sum", e_, g_, ones[:m])
-        torch.mul(blk, e_, out=u_).gt_(0.0).mul_(w_col)  # w_s where the entry has the elected sign, else 0
-        torch.sum(u_, 0, out=den_)
-        torch.sum(u_.mul_(blk), 0, out=num_)
-        den_.add_(torch.eq(den_, 0.0, out=e_))  # 0 / 0 -> 0
-        torch.div(num_, den_, out=blk[0])
+    for blk, _e, agree in _agreeing(flat, "sum"):
+        den_ = torch.sum(agree.mul_(w_col), 0, out=den[: blk.shape[1]])  # w_s where the sign agrees, else 0
+        torch.sum(agree.mul_(blk), 0, out=blk[0])
+        den_.add_(torch.eq(den_, 0.0, out=_e))  # 0 / 0 -> 0
+        blk[0].div_(den_)
     return tau[0]
 
 
@@ -511,29 +585,35 @@ def sce(tau: torch.Tensor, *, select_topk: float = 0.1) -> torch.Tensor:
 def skewness(x: torch.Tensor) -> float:
     """Population skewness E[((x - mu) / sigma)^3] of all of ``x``'s entries; 0 for a constant tensor.
 
-    Two passes in float64 over chunks (mean, then the second and third central moments): no full-size copy, and
-    the same bits whatever torch's thread count (`ordered_sum`).
+    Two passes in float64 over chunks (mean, then the second and third central moments, both summed by one torch
+    call per chunk): no full-size copy, and the same bits whatever torch's thread count (`block_sums`,
+    `grouped_total`: the sums `ordered_sum` gives over ``STAT_CHUNK`` chunks).
     """
     x = x.reshape(-1)
     n = x.numel()
     if n == 0:
         return 0.0
-    c = min(STAT_CHUNK, n)
-    d, d2 = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
-    total = 0.0
-    for sl in _chunks(n, STAT_CHUNK):
-        total += ordered_sum(d[: sl.stop - sl.start].copy_(x[sl]))
-    mu = total / n
-    m2 = m3 = 0.0
-    for sl in _chunks(n, STAT_CHUNK):
-        d_, d2_ = d[: sl.stop - sl.start], d2[: sl.stop - sl.start]
+    c = min(SKEW_CHUNK, n)
+    d = torch.empty(c, dtype=torch.float64)
+    powers = torch.empty(2, c, dtype=torch.float64)
+    firsts: list[float] = []
+    for sl in _chunks(n, SKEW_CHUNK):
+        firsts += block_sums(d[: sl.stop - sl.start].copy_(x[sl]))
+    mu = grouped_total(firsts) / n
+    seconds: list[float] = []
+    thirds: list[float] = []
+    for sl in _chunks(n, SKEW_CHUNK):
+        m = sl.stop - sl.start
+        d_, p_ = d[:m], powers[:, :m]
         d_.copy_(x[sl]).sub_(mu)
-        m2 += ordered_sum(torch.mul(d_, d_, out=d2_))
-        m3 += ordered_sum(d2_.mul_(d_))
-    sigma = math.sqrt(m2 / n)
+        torch.mul(torch.mul(d_, d_, out=p_[0]), d_, out=p_[1])
+        sums = block_sums(p_)
+        seconds += sums[: len(sums) // 2]
+        thirds += sums[len(sums) // 2 :]
+    sigma = math.sqrt(grouped_total(seconds) / n)
     if sigma == 0.0:
         return 0.0
-    return m3 / n / sigma**3
+    return grouped_total(thirds) / n / sigma**3
 
 
 def rsaf_density(

@@ -120,30 +120,38 @@ def model_change_rates(
 ) -> list[float]:
     """Per model, ``||theta_s - theta_o|| / ||theta_o||`` over all floating tensors (RSAF's reference rate).
 
-    Sums of squares in float64 over chunks (as `methods.sum_sq`), from tensors read into reused buffers.
+    Sums of squares in float64 over chunks, the same floats as `methods.sum_sq` per tensor (`methods.block_sums`,
+    `methods.grouped_total`), from the files' memory maps (`SafetensorsModel.view`: no read buffers). ``buffers``
+    is unused (kept for callers that pass one).
     """
-    buffers = buffers or Buffers()
     base_sq = 0.0
     tau_sq = [0.0] * len(models)
-    chunk = methods.STAT_CHUNK  # float64 sums in fixed blocks (methods.ordered_sum): thread-count independent
-    b64, m64 = torch.empty(chunk, dtype=torch.float64), torch.empty(chunk, dtype=torch.float64)
+    chunk = methods.STAT_CHUNK  # float64 sums in fixed blocks (methods.block_sums): thread-count independent
+    s_count = len(models)
+    b64, b2 = torch.empty(chunk, dtype=torch.float64), torch.empty(chunk, dtype=torch.float64)
+    m64 = torch.empty(s_count, chunk, dtype=torch.float64)
     for n in names:
         info = base.infos[n]
         if not _is_float(info.dtype):
             continue
-        b = base.tensor(n, out=buffers.get("base_raw", torch.uint8, info.nbytes)).reshape(-1)
-        # every model's tensor at once, in the (not yet used) tau buffer: the base chunk is widened once
-        offsets = [0]
-        for m in models:
-            offsets.append(offsets[-1] + m.infos[n].nbytes + (-m.infos[n].nbytes % 8))
-        raw = buffers.get("tau", torch.uint8, offsets[-1])
-        ts = [m.tensor(n, out=raw[offsets[s] :]).reshape(-1) for s, m in enumerate(models)]
+        b = base.view(n).reshape(-1)  # mapped, not read into a buffer: the float64 copies below read the file
+        ts = [m.view(n).reshape(-1) for m in models]
+        base_blocks: list[float] = []
+        blocks: list[list[float]] = [[] for _ in models]
         for i in range(0, b.numel(), chunk):
             b_ = b64[: min(chunk, b.numel() - i)].copy_(b[i : i + chunk])
-            m_ = m64[: b_.numel()]
-            base_sq += methods.ordered_sum(torch.mul(b_, b_, out=m_))
+            m_ = m64[:, : b_.numel()]
+            base_blocks += methods.block_sums(torch.mul(b_, b_, out=b2[: b_.numel()]))
             for s, t in enumerate(ts):
-                tau_sq[s] += methods.ordered_sum(torch.sub(m_.copy_(t[i : i + chunk]), b_, out=m_).square_())
+                m_[s].copy_(t[i : i + chunk])
+            sums = methods.block_sums(m_.sub_(b_).square_())  # (theta_s - theta_o)^2, all models in one call
+            per = len(sums) // s_count
+            for s in range(s_count):
+                blocks[s] += sums[s * per : (s + 1) * per]
+        base_sq = methods.grouped_total(base_blocks, base_sq)
+        tau_sq = [methods.grouped_total(bl, t) for bl, t in zip(blocks, tau_sq, strict=True)]
+        for m in (base, *models):
+            m.release(n)
     return [(t / base_sq) ** 0.5 if base_sq > 0 else 0.0 for t in tau_sq]
 
 
@@ -190,12 +198,14 @@ def merge_tensor_(
     raise ConfigError(f"method: unknown value {method!r}; valid values: {', '.join(METHODS)}")
 
 
-def _read_fp32(model: SafetensorsModel, name: str, out: torch.Tensor, raw: Buffers, slot: str) -> torch.Tensor:
-    """Tensor ``name`` as fp32 in ``out``: read straight into it when stored as F32, else via a raw buffer."""
+def _read_fp32(model: SafetensorsModel, name: str, out: torch.Tensor) -> torch.Tensor:
+    """Tensor ``name`` as fp32 in ``out``: read straight into it when stored as F32, else converted from the map."""
     info = model.infos[name]
     if info.dtype == "F32":
         return model.tensor(name, out=out)
-    return out.view(info.shape).copy_(model.tensor(name, out=raw.get(slot, torch.uint8, info.nbytes)))
+    out = out.view(info.shape).copy_(model.view(name))  # converted straight from the file's mapped pages
+    model.release(name)
+    return out
 
 
 def _check_finite(t: torch.Tensor, name: str, model: SafetensorsModel, base: SafetensorsModel) -> None:
@@ -279,14 +289,15 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
                     writer.write(n, base.tensor(n))  # integer buffers (e.g. position ids) are not task vectors
                     continue
                 numel = math.prod(info.shape)
-                b32 = _read_fp32(base, n, bufs.get("base32", torch.float32, numel), bufs, "base_raw")
+                b32 = _read_fp32(base, n, bufs.get("base32", torch.float32, numel))
                 tau = bufs.get("tau", torch.float32, s_count * numel).view(s_count, *info.shape)
                 for s, m in enumerate(models):  # tau_s = theta_s - theta_o, written in place
                     if m.infos[n].dtype == "F32":
                         m.tensor(n, out=tau[s]).sub_(b32)
-                    else:
-                        raw = m.tensor(n, out=bufs.get("model_raw", torch.uint8, m.infos[n].nbytes))
-                        tau[s].copy_(raw).sub_(b32)  # (a mixed-dtype torch.sub is 3x slower)
+                    else:  # converted straight from the mapped file (a mixed-dtype torch.sub is 3x slower)
+                        tau[s].copy_(m.view(n))
+                        m.release(n)
+                        tau[s].sub_(b32)
                     _check_finite(tau[s], n, m, base)
                 work = bufs.get("work", torch.float32, numel) if cfg.method in ("ties", "sce", "rsaf") else None
                 merged = b32.add_(merge_tensor_(cfg.method, tau, b32, n, opts, rate_refs, work))

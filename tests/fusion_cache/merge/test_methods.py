@@ -363,3 +363,56 @@ def test_ordered_sum_is_blockwise_and_thread_count_independent():
         torch.set_num_threads(threads)
     assert got[0] == got[1] == blocks
     assert methods.sum_sq(v.float()) == pytest.approx(float((v.float().double() ** 2).sum()), rel=1e-12)
+
+
+# ---------------------------------------------------------------- helpers of the fused passes
+def _rows_spanning_groups(s_count=3, seed=10):
+    """[S, n] with n over three STAT_CHUNK groups and not a multiple of REDUCE_CHUNK (a short last block)."""
+    n = 3 * methods.STAT_CHUNK + 12345
+    return torch.randn(s_count, n, generator=torch.Generator().manual_seed(seed)) * 1e-3
+
+
+def test_block_sums_grouped_give_sum_sq_at_any_chunk_size():
+    tau = _rows_spanning_groups()
+    want = [methods.sum_sq(r) for r in tau]
+    for chunk in (methods.REDUCE_CHUNK, methods.CHUNK, 3 * methods.STAT_CHUNK):  # multiples of REDUCE_CHUNK
+        blocks = [[] for _ in tau]
+        for i in range(0, tau.shape[1], chunk):
+            sq = tau[:, i : i + chunk].double().square()
+            sums = methods.block_sums(sq)  # all rows in one call when the chunk is whole blocks
+            per = len(sums) // len(tau)
+            for s in range(len(tau)):
+                blocks[s] += sums[s * per : (s + 1) * per]
+        assert [methods.grouped_total(b) for b in blocks] == want, chunk
+    assert methods.grouped_total(methods.block_sums(tau[0].double().square())) == want[0]  # 1-D input
+    assert methods.block_sums(torch.zeros(0, dtype=torch.float64)) == []
+
+
+def test_mask_and_weigh_is_the_mask_then_sum_sq():
+    tau = _rows_spanning_groups(seed=11)
+    keep = torch.rand(tau.shape[1], generator=torch.Generator().manual_seed(12))
+    want_rows = tau * (keep >= 0.7)
+    got = methods._mask_and_weigh_(tau, keep, 0.7)
+    assert torch.equal(tau, want_rows)  # masked in place
+    assert got == [methods.sum_sq(r) for r in want_rows]  # exact: the same float64 sums
+    assert methods._mask_and_weigh_(tau.clone(), None, 0.0) == [methods.sum_sq(r) for r in want_rows]
+
+
+@pytest.mark.parametrize("election", ["sum", "count"])
+def test_agreeing_elects_and_marks_the_agreeing_sources(election):
+    tau = _big_tau(13)
+    tau[:, :100] = 0.0  # all zero: +1 elected, nobody agrees
+    lambdas = [5e-4, None, 1e-3]
+    trimmed = torch.stack(
+        [torch.where(t.abs() > lam, t, 0.0) if lam else t for t, lam in zip(tau, lambdas, strict=True)]
+    )
+    sign = methods.elect_sign(trimmed, election).reshape(-1)
+    flat = tau.clone().reshape(3, -1)
+    es, agrees = [], []
+    for _blk, e, agree in methods._agreeing(flat, election, lambdas):
+        es.append(e.clone())
+        agrees.append(agree.clone())
+    assert torch.equal(flat, trimmed.reshape(3, -1))  # trimmed in place
+    assert torch.equal(torch.cat(es), sign)
+    want = ((torch.sign(trimmed.reshape(3, -1)) == sign) & (trimmed.reshape(3, -1) != 0)).float()
+    assert torch.equal(torch.cat(agrees, 1), want)

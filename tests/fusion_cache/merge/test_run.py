@@ -253,3 +253,32 @@ def test_dare_merge_depends_on_the_seed_not_on_sharding(tiny_model_dir, variants
     a, b, c = _state(tmp_path / "plain"), _state(tmp_path / "sh"), _state(tmp_path / "other")
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_model_change_rates_are_the_chunked_float64_sums(tmp_path):
+    from fusion_cache.merge.run import model_change_rates
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big": (400, 1000), "small": (7, 3)}  # "big" spans several STAT_CHUNKs, with a short last block
+    spread = torch.logspace(-3, 3, 400).view(400, 1)  # block sums of very different sizes: the order of adding shows
+    base = {n: (torch.randn(s, generator=g) * spread[: s[0]]).to(torch.bfloat16) for n, s in shapes.items()}
+    base["ids"] = torch.arange(4)
+    fts = [{n: (t.float() + 1e-2 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()}]
+    fts.append({n: (t.float() * 1.01).to(torch.float32) for n, t in base.items() if n != "ids"} | {"ids": base["ids"]})
+    for i, sd in enumerate([base, *fts]):
+        (tmp_path / str(i)).mkdir()
+        save_file(sd, str(tmp_path / str(i) / "model.safetensors"))
+    models = [SafetensorsModel(tmp_path / str(i)) for i in range(3)]
+    got = model_change_rates(models[0], models[1:], ["big", "small", "ids"])
+    # the definition: float64 squares, ordered sums over STAT_CHUNK chunks, added tensor after tensor
+    base_sq, tau_sq = 0.0, [0.0, 0.0]
+    for n in ("big", "small"):
+        b = base[n].double().reshape(-1)
+        for i in range(0, b.numel(), methods.STAT_CHUNK):
+            base_sq += methods.ordered_sum(b[i : i + methods.STAT_CHUNK] ** 2)
+            for s, sd in enumerate(fts):
+                d = sd[n].double().reshape(-1)[i : i + methods.STAT_CHUNK] - b[i : i + methods.STAT_CHUNK]
+                tau_sq[s] += methods.ordered_sum(d**2)
+    assert got == [(t / base_sq) ** 0.5 for t in tau_sq]
+    for m in models:
+        m.close()
