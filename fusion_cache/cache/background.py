@@ -1,0 +1,126 @@
+"""Runs a build's encoding and writing on a worker thread, so the teacher engine never waits on I/O.
+
+The engine thread hands each captured batch to `BackgroundWriter.submit`; one worker thread calls the write
+function on the batches in submission order. The queue is bounded (``max_pending`` batches), so a slow disk
+slows the engine down instead of filling memory. An error in the worker is raised again in the engine thread by
+the next `submit` or by `close`, with the worker's traceback chained.
+
+Crash safety is unchanged: the worker calls `fusion_cache.cache.writer.ShardWriter.write_rows` in input order,
+and only parts it has fsynced and recorded count as complete, so a build killed with batches still queued resumes
+from the last complete part and captures the queued rows again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+_STOP = object()  # the sentinel `close` queues after the last batch
+_POLL_SECONDS = 0.1  # how often a blocked `submit` checks whether the worker has died
+
+
+class BackgroundWriter:
+    """Context manager that calls ``write(batch)`` on one worker thread, in submission order.
+
+    Example:
+        with ShardWriter(work, provenance) as shards, BackgroundWriter(shards.write_rows) as bg:
+            for rows in batches:
+                bg.submit(rows)
+        # leaving the block without an error waits for every batch to be written
+
+    Args:
+        write: called with each submitted batch on the worker thread.
+        max_pending: batches queued but not yet written, at most (>= 1); `submit` blocks beyond that.
+
+    Raises:
+        ValueError: ``max_pending < 1``.
+    """
+
+    def __init__(self, write: Callable[[Any], None], *, max_pending: int = 2):
+        if max_pending < 1:
+            raise ValueError(f"max_pending: must be >= 1, got {max_pending}")
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fusion-cache-writer", daemon=True)
+        self._started = False
+        self.batches_written = 0
+
+    def __enter__(self) -> BackgroundWriter:
+        self._thread.start()
+        self._started = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the engine side failed: stop after the batch being written, drop the rest, keep the first error
+            self._abort.set()
+            self._stop_thread()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is _STOP or self._abort.is_set():
+                return
+            try:
+                self._write(batch)
+                self.batches_written += 1
+            except BaseException as err:  # noqa: BLE001 - handed to the engine thread, which raises it
+                self._error = err
+                return
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the background writer failed: {self._error}") from self._error
+
+    def submit(self, batch: Any) -> None:
+        """Queue ``batch`` for writing; blocks while ``max_pending`` batches are waiting.
+
+        Raises:
+            RuntimeError: the worker failed on an earlier batch (the cause is chained).
+        """
+        if not self._started:
+            raise RuntimeError("BackgroundWriter.submit outside its `with` block")
+        while True:
+            self._raise_worker_error()
+            if not self._thread.is_alive():
+                raise RuntimeError("the background writer has stopped")
+            try:
+                self._queue.put(batch, timeout=_POLL_SECONDS)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Wait until every submitted batch is written and stop the worker.
+
+        Raises:
+            RuntimeError: the worker failed (the cause is chained).
+        """
+        self._stop_thread()
+        self._raise_worker_error()
+
+    def _stop_thread(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=_POLL_SECONDS)
+                break
+            except queue.Full:
+                if self._abort.is_set():  # make room: the queued batches will not be written anyway
+                    _drain(self._queue)
+        self._thread.join()
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
