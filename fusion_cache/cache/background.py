@@ -47,6 +47,7 @@ class BackgroundWriter:
         self._abort = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fusion-cache-writer", daemon=True)
         self._started = False
+        self._closed = False
         self.batches_written = 0
 
     def __enter__(self) -> BackgroundWriter:
@@ -99,8 +100,11 @@ class BackgroundWriter:
         """Wait until every submitted batch is written and stop the worker.
 
         Raises:
-            RuntimeError: the worker failed (the cause is chained).
+            RuntimeError: the worker failed (the cause is chained); raised once, a second `close` is a no-op.
         """
+        if self._closed:
+            return
+        self._closed = True
         self._stop_thread()
         self._raise_worker_error()
 
