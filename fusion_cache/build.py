@@ -400,6 +400,12 @@ def _capture(cfg, engine, teacher, dtype, items, codec, config_fp, work, complet
                     background.submit(list(zip(group[fresh:], caps[fresh:], strict=True)))
                     bar.set_postfix(rows=f"{pos}/{len(items)}", refresh=False)
                     bar.update(sum(it.rendered.n_answer for it in group[fresh:]))
+            log.info(
+                "writer thread: %d batches, %.2f s encoding and writing, engine waited %.2f s on it",
+                background.batches_written,
+                background.busy_seconds,
+                background.wait_seconds,
+            )
     finally:
         bar.close()
         if own_engine:

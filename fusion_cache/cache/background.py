@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ class BackgroundWriter:
         self._started = False
         self._closed = False
         self.batches_written = 0
+        self.busy_seconds = 0.0  # time the worker spent in ``write``
+        self.wait_seconds = 0.0  # time `submit` blocked on a full queue (the engine waiting on I/O)
 
     def __enter__(self) -> BackgroundWriter:
         self._thread.start()
@@ -68,7 +71,9 @@ class BackgroundWriter:
             if batch is _STOP or self._abort.is_set():
                 return
             try:
+                t0 = time.perf_counter()
                 self._write(batch)
+                self.busy_seconds += time.perf_counter() - t0
                 self.batches_written += 1
             except BaseException as err:  # noqa: BLE001 - handed to the engine thread, which raises it
                 self._error = err
@@ -86,15 +91,19 @@ class BackgroundWriter:
         """
         if not self._started:
             raise RuntimeError("BackgroundWriter.submit outside its `with` block")
-        while True:
-            self._raise_worker_error()
-            if not self._thread.is_alive():
-                raise RuntimeError("the background writer has stopped")
-            try:
-                self._queue.put(batch, timeout=_POLL_SECONDS)
-                return
-            except queue.Full:
-                continue
+        t0 = time.perf_counter()
+        try:
+            while True:
+                self._raise_worker_error()
+                if not self._thread.is_alive():
+                    raise RuntimeError("the background writer has stopped")
+                try:
+                    self._queue.put(batch, timeout=_POLL_SECONDS)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         """Wait until every submitted batch is written and stop the worker.

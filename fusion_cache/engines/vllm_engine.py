@@ -288,6 +288,9 @@ class VLLMEngine:
             max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens or (CPU_BATCHED_TOKENS if on_cpu else 8192),
             enable_chunked_prefill=True,
+            # Prompt-logprob requests never read the prefix cache (SamplingParams.skip_reading_prefix_cache), so
+            # hashing every block for it is wasted work.
+            enable_prefix_caching=False,
             max_logprobs=max_k,
             # Log-probabilities of the model's own distribution, before any sampling-parameter processing.
             logprobs_mode="raw_logprobs",
