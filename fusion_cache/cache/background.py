@@ -3,7 +3,8 @@
 The engine thread hands each captured batch to `BackgroundWriter.submit`; one worker thread calls the write
 function on the batches in submission order. The queue is bounded (``max_pending`` batches), so a slow disk
 slows the engine down instead of filling memory. An error in the worker is raised again in the engine thread by
-the next `submit` or by `close`, with the worker's traceback chained.
+the next `submit` or by `close`, with the worker's traceback chained. When the engine thread fails instead (or is
+interrupted), the batches already queued are still written before its error propagates.
 
 Crash safety is unchanged: the worker calls `fusion_cache.cache.writer.ShardWriter.write_rows` in input order,
 and only parts it has fsynced and recorded count as complete, so a build killed with batches still queued resumes
@@ -12,11 +13,14 @@ from the last complete part and captures the queued rows again.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _STOP = object()  # the sentinel `close` queues after the last batch
 _POLL_SECONDS = 0.1  # how often a blocked `submit` checks whether the worker has died
@@ -45,7 +49,6 @@ class BackgroundWriter:
         self._write = write
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self._abort = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fusion-cache-writer", daemon=True)
         self._started = False
         self._closed = False
@@ -61,14 +64,18 @@ class BackgroundWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        else:  # the engine side failed: stop after the batch being written, drop the rest, keep the first error
-            self._abort.set()
+        else:
+            # The engine side failed (or was interrupted): still write the batches already captured, so a resume
+            # has less to redo, then let the engine's error propagate (a worker error is only logged then).
+            self._closed = True
             self._stop_thread()
+            if self._error is not None:
+                log.warning("the background writer failed as well: %r", self._error)
 
     def _run(self) -> None:
         while True:
             batch = self._queue.get()
-            if batch is _STOP or self._abort.is_set():
+            if batch is _STOP:
                 return
             try:
                 t0 = time.perf_counter()
@@ -121,19 +128,10 @@ class BackgroundWriter:
         if not self._started:
             return
         self._started = False
-        while self._thread.is_alive():
+        while self._thread.is_alive():  # a worker that failed has stopped reading the queue
             try:
                 self._queue.put(_STOP, timeout=_POLL_SECONDS)
                 break
             except queue.Full:
-                if self._abort.is_set():  # make room: the queued batches will not be written anyway
-                    _drain(self._queue)
+                continue
         self._thread.join()
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass

@@ -76,7 +76,7 @@ def test_worker_error_is_raised_by_close() -> None:
             bg.close()
 
 
-def test_caller_error_drops_queued_batches_without_hanging() -> None:
+def test_caller_error_writes_the_queued_batches_then_propagates() -> None:
     release = threading.Event()
     seen = []
 
@@ -84,13 +84,24 @@ def test_caller_error_drops_queued_batches_without_hanging() -> None:
         release.wait(5)
         seen.append(batch)
 
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="engine failed"):
         with BackgroundWriter(write, max_pending=2) as bg:
             for i in range(3):
                 bg.submit(i)
             threading.Timer(0.2, release.set).start()
             raise KeyError("engine failed")
-    assert seen == [0]  # the batch being written finishes; the queued ones are dropped
+    assert seen == [0, 1, 2]  # captured rows are not thrown away: a resume has less to redo
+
+
+def test_caller_error_after_a_worker_error_does_not_hang() -> None:
+    def write(batch):
+        raise OSError("disk full")
+
+    with pytest.raises(KeyError):
+        with BackgroundWriter(write, max_pending=1) as bg:
+            bg.submit(0)
+            time.sleep(0.2)
+            raise KeyError("engine failed")
 
 
 def test_bad_settings_and_use_outside_the_block() -> None:
