@@ -126,11 +126,14 @@ def main() -> None:
     logging.getLogger("fusion_cache.build").addHandler(writer_stats)
     logging.getLogger("fusion_cache.build").setLevel(logging.INFO)
 
+    runs = iter(range(1_000_000))
+
     def build(engine, k: int, codec: str, name: str) -> float:
+        # a fresh --out every run: the same settings into an existing cache are a no-op (run_build reuses it)
         cfg = BuildConfig.create(
             teacher=args.teacher,
             data=str(data),
-            out=str(work / name),
+            out=str(work / f"{name}-{next(runs)}"),
             top_k=k,
             codec=codec,
             engine=engine.name,
@@ -181,8 +184,11 @@ def main() -> None:
     prefill()  # warm-up
     build(eng, 64, "full", "warm")
     writer = {}
-    for _ in range(args.reps):
-        for name, fn in paths.items():
+    order = list(paths)
+    for rep in range(args.reps):
+        # rotate the order every repetition, so no path always runs right after the same neighbour
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            fn = paths[name]
             times.setdefault(name, []).append(fn())
             if name.startswith("build vllm"):
                 writer.setdefault(name, []).append(writer_stats.last)
@@ -208,7 +214,7 @@ def main() -> None:
         f"machine: {info['cpu']}, {info['cores']} cores, avx512_bf16={info['avx512_bf16']}, gpu={info['gpu']}; "
         f"torch {info['torch']}, vllm {info['vllm']}, fusion-cache {info['fusion_cache']}",
         f"load average (1/5/15 min, `uptime`): {load_before} before, {load_after} after; the machine is shared, "
-        f"so every vLLM path ran {args.reps}x interleaved and the table shows medians",
+        f"so every vLLM path ran {args.reps}x interleaved (order rotated each time) and the table shows medians",
         "",
         "| path | median s | runs (s) | tokens/s | ratio to prefill |",
         "|---|---|---|---|---|",
