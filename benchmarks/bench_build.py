@@ -1,18 +1,36 @@
-"""Capture throughput: vLLM engine vs the transformers engine, same teacher, same rows, one run.
+"""Capture throughput: `fusion-cache build` against plain vLLM prefill, same teacher, same token ids, one run.
 
-    .venv/bin/python benchmarks/bench_build.py [--rows 64] [--k 64]
+    .venv/bin/python benchmarks/bench_build.py --data /tmp/me/demo2/data/train.jsonl [--rows 24] [--reps 2]
 
-Rows are the demo prompts with the embedded teacher's own answers (from `demo-out/data/train.jsonl`, written by
-`fusion-cache demo`, or generated here with vLLM if missing). Reports tokens/s of: plain vLLM prefill
-(max_tokens=1, no logprobs; the ceiling), the vLLM capture engine (prompt_logprobs=K) and the HF engine (forward,
-lm_head at answer positions, top-K). Appends the table to benchmarks/results/build.md with machine and date.
+Rows are the demo prompts with the embedded teacher's own answers (`fusion-cache demo` writes them to
+`demo-out/data/train.jsonl`). Every path sees the same rendered token ids (the build renders them the same way):
+
+- vllm plain prefill: ``llm.generate`` with max_tokens=1 and no logprobs, the ceiling (not reading vLLM's prefix
+  cache, which prompt-logprob requests never read: the repeated passes would otherwise skip the prefill);
+- vllm prompt_logprobs=K, engine only: the same call with ``prompt_logprobs=K`` whose results are left as vLLM's
+  tensors (no decoding, no cache): what vLLM itself pays for the logits, log-softmax and top-K at every position;
+- build vllm K=64 (full codec) and K=10 (values codec): `run_build` end to end (render, capture, encode, write,
+  fsync, sha256, manifest) on the same started engine;
+- build hf K=64: the transformers engine, run first (vLLM pins the process's threads once it starts).
+
+The machine is shared, so the vLLM paths run interleaved (rep 1 of each, then rep 2, ...) and the medians are
+compared: ``ratio build/prefill = prefill seconds / build seconds``. One more build run under cProfile gives the
+profile summary (where the build's time goes beyond prefill). Appends a dated section to
+benchmarks/results/build.md with the machine, its load and the versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import logging
+import os
+import pstats
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,25 +39,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_markdown  # noqa: E402
 from common import machine  # noqa: E402
 
+PREFILL = "vllm plain prefill (max_tokens=1, no logprobs)"
+ENGINE_ONLY = "vllm prompt_logprobs=64, engine only (no decoding, no cache)"
 
-def _rows(path: Path, n: int) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:n]
+# Functions whose cumulative time the profile summary reports (file suffix, function name) -> label.
+PROFILE_SECTIONS = [
+    (("entrypoints/llm.py", "generate"), "vLLM generate (engine, everything below)"),
+    (("llama.py", "forward"), "  model forward (all decoder layers)"),
+    (("gpu_model_runner.py", "_get_prompt_logprobs_dict"), "  prompt logprobs: lm_head + log_softmax + top-K + ranks"),
+    (("vllm_engine.py", "keep_arrays"), "  tensors kept as numpy (replaces vLLM's per-token lists)"),
+    (("vllm_engine.py", "_arrays_to_capture"), "our decode of the tensors (slice, tie re-sort)"),
+    (("background.py", "submit"), "engine thread waiting for the writer thread"),
+    (("build.py", "_prepare"), "render rows (chat template, byte offsets)"),
+    (("inputs.py", "dataset_hash"), "dataset hash"),
+]
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+class _WriterStats(logging.Handler):
+    """Catches build.py's "writer thread: ..." log record (batches, seconds encoding+writing, seconds waited)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.last: tuple | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("writer thread:"):
+            self.last = record.args
+
+
+def _profile_summary(stats: pstats.Stats, total: float) -> list[str]:
+    rows = []
+    for (suffix, name), label in PROFILE_SECTIONS:
+        # v = (primitive calls, calls, tottime, cumtime, callers); the largest cumtime is the outermost function
+        # of that name in the file (llama.py has a forward per module, nested)
+        cum = max(
+            (v[3] for (file, _line, func), v in stats.stats.items() if func == name and file.endswith(suffix)),
+            default=0.0,
+        )
+        rows.append(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--rows", type=int, default=24)
+    ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of each vLLM path (median)")
     ap.add_argument("--data", type=Path, default=Path("demo-out/data/train.jsonl"))
     ap.add_argument("--teacher", default="smollm2-135m")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers engine")
     args = ap.parse_args()
+    if not args.data.exists():
+        sys.exit(f"{args.data} is missing: run `fusion-cache demo` first (it writes the teacher's answers there)")
 
     from transformers import AutoTokenizer
 
-    from fusion_cache.engines.base import SequenceRequest
+    from fusion_cache.build import run_build
+    from fusion_cache.config import BuildConfig
     from fusion_cache.engines.hf import HFEngine
     from fusion_cache.engines.vllm_engine import VLLMEngine
+    from fusion_cache.engines.vllm_engine import _prompt_logprob_arrays
     from fusion_cache.hardware import default_dtype
     from fusion_cache.render import has_chat_template
     from fusion_cache.render import render
@@ -47,80 +112,157 @@ def main() -> None:
 
     teacher = resolve_model(args.teacher)
     tok = AutoTokenizer.from_pretrained(teacher.path)
-    if not args.data.exists():
-        sys.exit(f"{args.data} is missing: run `fusion-cache demo` first (it writes the teacher's answers there)")
+    lines = [line for line in args.data.read_text().splitlines() if line.strip()][: args.rows]
+    work = Path(tempfile.mkdtemp(prefix="bench_build-"))
+    data = work / "rows.jsonl"
+    data.write_text("\n".join(lines) + "\n")
     chat = has_chat_template(tok)
-    rendered = [render(tok, r["messages"], chat_template=chat) for r in _rows(args.data, args.rows)]
-    reqs = [SequenceRequest(r.input_ids.tolist(), r.answer_start) for r in rendered]
+    rendered = [render(tok, json.loads(line)["messages"], chat_template=chat) for line in lines]
     tokens = sum(len(r.input_ids) for r in rendered)
+    answers = sum(r.n_answer for r in rendered)
     dtype = default_dtype()
-    results = {}
+    load_before = _load_average()
+    writer_stats = _WriterStats()
+    logging.getLogger("fusion_cache.build").addHandler(writer_stats)
+    logging.getLogger("fusion_cache.build").setLevel(logging.INFO)
 
-    # HF first: vLLM binds the process's threads for good once it starts.
-    hf = HFEngine(teacher.path, dtype=dtype)
-    hf.capture(reqs[:2], args.k)  # warm-up
-    t = time.perf_counter()
-    hf_caps = hf.capture(reqs, args.k)
-    results["hf engine (capture top-K)"] = time.perf_counter() - t
-    hf.close()
+    runs = iter(range(1_000_000))
+
+    def build(engine, k: int, codec: str, name: str) -> float:
+        # a fresh --out every run: the same settings into an existing cache are a no-op (run_build reuses it)
+        cfg = BuildConfig.create(
+            teacher=args.teacher,
+            data=str(data),
+            out=str(work / f"{name}-{next(runs)}"),
+            top_k=k,
+            codec=codec,
+            engine=engine.name,
+            overwrite=True,
+        )
+        t = time.perf_counter()
+        run_build(cfg, engine=engine, progress=False)
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {}
+    if not args.no_hf:
+        hf = HFEngine(teacher.path, dtype=dtype)
+        build(hf, 64, "full", "warm-hf")
+        times["build hf K=64 (full codec)"] = [build(hf, 64, "full", "hf")]
+        hf.close()
 
     t = time.perf_counter()
-    eng = VLLMEngine(teacher.path, dtype=dtype, max_model_len=max(len(r.input_ids) for r in rendered) + 1, max_k=args.k)
+    max_len = max(len(r.input_ids) for r in rendered)
+    eng = VLLMEngine(teacher.path, dtype=dtype, max_model_len=max_len + 1, max_k=64)
     start_s = time.perf_counter() - t
+    batched_tokens = eng.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompts = [TokensPrompt(prompt_token_ids=list(r.input_ids)) for r in reqs]
-    eng.llm.generate(prompts[:2], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)  # warm-up
+    prompts = [TokensPrompt(prompt_token_ids=r.input_ids.tolist()) for r in rendered]
+    # prompt-logprob requests never read vLLM's prefix cache; a plain request would, and from the second pass over
+    # the same prompts it would skip most of the prefill: skip reading it here too, or the ceiling is fake
+    plain = SamplingParams(max_tokens=1, detokenize=False, skip_reading_prefix_cache=True)
+    with_logprobs = SamplingParams(max_tokens=1, prompt_logprobs=64, detokenize=False, flat_logprobs=True)
+
+    def prefill() -> float:
+        t = time.perf_counter()
+        eng.llm.generate(prompts, plain, use_tqdm=False)
+        return time.perf_counter() - t
+
+    def engine_only() -> float:
+        t = time.perf_counter()
+        with _prompt_logprob_arrays():
+            eng.llm.generate(prompts, with_logprobs, use_tqdm=False)
+        return time.perf_counter() - t
+
+    paths = {
+        PREFILL: prefill,
+        ENGINE_ONLY: engine_only,
+        "build vllm K=64 (full codec)": lambda: build(eng, 64, "full", "v64"),
+        "build vllm K=10 (values codec)": lambda: build(eng, 10, "values", "v10"),
+    }
+    prefill()  # warm-up
+    build(eng, 64, "full", "warm")
+    writer = {}
+    order = list(paths)
+    for rep in range(args.reps):
+        # rotate the order every repetition, so no path always runs right after the same neighbour
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            fn = paths[name]
+            times.setdefault(name, []).append(fn())
+            if name.startswith("build vllm"):
+                writer.setdefault(name, []).append(writer_stats.last)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
     t = time.perf_counter()
-    eng.llm.generate(prompts, SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
-    results["vllm plain prefill (ceiling)"] = time.perf_counter() - t
-    eng.capture(reqs[:2], args.k)
-    t = time.perf_counter()
-    v_caps = eng.capture(reqs, args.k)
-    results["vllm engine (capture top-K)"] = time.perf_counter() - t
+    build(eng, 64, "full", "profiled")
+    profiled_s = time.perf_counter() - t
+    profiler.disable()
     eng.close()
+    load_after = _load_average()
+    stats = pstats.Stats(profiler)
+    shutil.rmtree(work, ignore_errors=True)
 
-    # the two engines must agree, or the comparison means nothing
-    pairs = [(a, b) for x, y in zip(hf_caps, v_caps, strict=True) for a, b in zip(x.ids, y.ids, strict=True)]
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in pairs)
-    total = sum(c.ids.size for c in hf_caps)
-    max_diff = max(float(abs(x.logprobs - y.logprobs).max()) for x, y in zip(hf_caps, v_caps, strict=True))
-
+    median = {name: statistics.median(v) for name, v in times.items()}
+    base = median[PREFILL]
     info = machine()
-    lines = [
-        f"teacher `{args.teacher}` ({teacher.revision}), {dtype}, K={args.k}, {len(reqs)} rows, {tokens} tokens "
-        f"(answers {sum(r.n_answer for r in rendered)}); vLLM engine start {start_s:.1f} s",
+    out = [
+        f"teacher `{args.teacher}` ({teacher.revision}), {dtype}, {len(rendered)} rows, {tokens} tokens "
+        f"(answers {answers}); vLLM engine start {start_s:.1f} s, max_num_batched_tokens "
+        f"{batched_tokens}",
         f"machine: {info['cpu']}, {info['cores']} cores, avx512_bf16={info['avx512_bf16']}, gpu={info['gpu']}; "
         f"torch {info['torch']}, vllm {info['vllm']}, fusion-cache {info['fusion_cache']}",
+        f"load average (1/5/15 min, `uptime`): {load_before} before, {load_after} after; the machine is shared, "
+        f"so every vLLM path ran {args.reps}x interleaved (order rotated each time) and the table shows medians",
         "",
-        "| path | seconds | tokens/s |",
+        "| path | median s | runs (s) | tokens/s | ratio to prefill |",
+        "|---|---|---|---|---|",
+    ]
+    for name, sec in median.items():
+        runs = ", ".join(f"{s:.1f}" for s in times[name])
+        ratio = f"{base / sec:.2f}" if not name.startswith("build hf") else f"{base / sec:.2f} (not interleaved)"
+        out.append(f"| {name} | {sec:.2f} | {runs} | {tokens / sec:.0f} | {ratio} |")
+    out.append("")
+    for name in ("build vllm K=64 (full codec)", "build vllm K=10 (values codec)"):
+        k = name.split()[2]
+        out.append(f"{k}: ratio build/prefill: {base / median[name]:.2f}")
+    out.append(f"vLLM's own prompt-logprob cost: ratio engine-only/prefill: {base / median[ENGINE_ONLY]:.2f}")
+    out.append(
+        f"build K=64 vs vLLM engine-only: {median[ENGINE_ONLY] / median['build vllm K=64 (full codec)']:.2f} "
+        "(the share of build time that is vLLM's prompt_logprobs call)"
+    )
+    for name, stats_list in writer.items():
+        if stats_list and stats_list[-1]:
+            batches, busy, waited = stats_list[-1]
+            out.append(
+                f"{name}: writer thread {busy:.2f} s encoding+writing over {batches} batches, "
+                f"engine waited {waited:.2f} s on it"
+            )
+    out += [
+        "",
+        f"profile of one more `build vllm K=64` run ({profiled_s:.1f} s under cProfile, main thread; the writer "
+        "thread's time is the line above):",
+        "",
+        "| part | cumulative s | share |",
         "|---|---|---|",
+        *_profile_summary(stats, profiled_s),
     ]
-    for name, sec in results.items():
-        lines.append(f"| {name} | {sec:.2f} | {tokens / sec:.0f} |")
-    ratio = results["vllm plain prefill (ceiling)"] / results["vllm engine (capture top-K)"]
-    speedup = results["hf engine (capture top-K)"] / results["vllm engine (capture top-K)"]
-    lines += [
-        "",
-        f"vllm engine vs hf engine: {speedup:.2f}x; ratio build/prefill: {ratio:.2f}",
-        f"engines agree: top-{args.k} id overlap {overlap / total:.4f}, max |delta logprob| {max_diff:.2e}",
-    ]
-    body = "\n".join(lines)
+    body = "\n".join(out)
     print(body)
     path = append_markdown(
         "build",
-        f"{info['date']} capture throughput",
+        f"{info['date']} capture throughput (interleaved, medians)",
         body,
         {
             **info,
-            "rows": len(reqs),
+            "rows": len(rendered),
             "tokens": tokens,
-            "k": args.k,
+            "answers": answers,
             "dtype": dtype,
-            "seconds": results,
-            "overlap": overlap / total,
-            "max_abs_diff": max_diff,
+            "seconds": times,
+            "load": [load_before, load_after],
+            "pid": os.getpid(),
         },
     )
     print(f"appended to {path}")

@@ -163,7 +163,7 @@ def generate(
     engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
     max_tokens: int = typer.Option(256, help="new tokens per answer, at most"),
     temperature: float = typer.Option(0.8, help="sampling temperature; 0 for greedy"),
-    n: int = typer.Option(1, help="answers per prompt (sample j uses seed + j)"),
+    n: int = typer.Option(1, help="answers per prompt (vllm: one request with n outputs; hf: sample j uses seed + j)"),
     seed: int = typer.Option(0, help="sampling seed"),
     limit: int = typer.Option(None, help="use only the first N rows"),
     dtype: str = typer.Option(None, help="model dtype (default: from the hardware)"),

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fusion_cache import __version__
+from fusion_cache.cache.background import BackgroundWriter
 from fusion_cache.cache.build_state import STATE_NAME
 from fusion_cache.cache.build_state import check_build_state
 from fusion_cache.cache.build_state import read_build_state
@@ -53,6 +54,7 @@ from fusion_cache.cache.writer import remove_part_records
 from fusion_cache.config import BuildConfig
 from fusion_cache.engines.base import SequenceRequest
 from fusion_cache.engines.base import TeacherEngine
+from fusion_cache.engines.base import TopKCapture
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import ShardFormatError
@@ -381,18 +383,29 @@ def _capture(cfg, engine, teacher, dtype, items, codec, config_fp, work, complet
     bar.set_postfix(rows=f"{done_rows}/{len(items)}")
     try:
         with ShardWriter(work, provenance, shard_rows=cfg.shard_rows, completed=completed) as writer:
-            pos = 0
-            for group in _batches(items, cfg.batch_tokens):
-                start, pos = pos, pos + len(group)
-                if pos <= done_rows:
-                    continue  # held by a complete shard
-                reqs = [SequenceRequest(it.rendered.input_ids.tolist(), it.rendered.answer_start) for it in group]
-                caps = engine.capture(reqs, cfg.top_k)
-                fresh = max(0, done_rows - start)
-                rows = [_to_row(it, cap) for it, cap in zip(group[fresh:], caps[fresh:], strict=True)]
-                writer.write_rows(rows)
-                bar.set_postfix(rows=f"{pos}/{len(items)}", refresh=False)
-                bar.update(sum(r.n_answer for r in rows))
+
+            def write(batch: list[tuple[_Prepared, TopKCapture]]) -> None:
+                writer.write_rows([_to_row(it, cap) for it, cap in batch])
+
+            # encoding and writing run on a worker thread while the engine captures the next batch
+            with BackgroundWriter(write, max_pending=2) as background:
+                pos = 0
+                for group in _batches(items, cfg.batch_tokens):
+                    start, pos = pos, pos + len(group)
+                    if pos <= done_rows:
+                        continue  # held by a complete shard
+                    reqs = [SequenceRequest(it.rendered.input_ids.tolist(), it.rendered.answer_start) for it in group]
+                    caps = engine.capture(reqs, cfg.top_k)
+                    fresh = max(0, done_rows - start)
+                    background.submit(list(zip(group[fresh:], caps[fresh:], strict=True)))
+                    bar.set_postfix(rows=f"{pos}/{len(items)}", refresh=False)
+                    bar.update(sum(it.rendered.n_answer for it in group[fresh:]))
+            log.info(
+                "writer thread: %d batches, %.2f s encoding and writing, engine waited %.2f s on it",
+                background.batches_written,
+                background.busy_seconds,
+                background.wait_seconds,
+            )
     finally:
         bar.close()
         if own_engine:

