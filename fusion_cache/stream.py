@@ -321,7 +321,7 @@ def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tens
         n = e.teacher_values.shape[0]  # <= n_ans: answer token t pairs with teacher row t
         uld_rows.append(m + np.arange(n))
         vals.append(e.teacher_values)
-        weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
+        weights.append(np.full(n, 1.0 / (max(n, 1) * b), dtype=np.float32))  # n = 0: no teacher rows (CE-only eval)
         top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
     batch.update(
         uld_rows=torch.from_numpy(np.concatenate(uld_rows)).long(),
