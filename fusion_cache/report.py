@@ -175,8 +175,9 @@ def report_table(runs: list[Run]) -> str:
         steps = f"{o['steps']}" + (f" of {o['planned_steps']}" if o["planned_steps"] not in (None, o["steps"]) else "")
         wall = "n/a" if o["wall_seconds"] is None else f"{o['wall_seconds']:.1f} s"
         tps = "n/a" if o["tokens_per_s"] is None else f"{o['tokens_per_s']:.1f}"
+        lam = "n/a" if o["lambda"] is None else f"{o['lambda']:g}"
         lines.append(
-            f"| {run.name} | {o['mode']} | {'n/a' if o['lambda'] is None else f"{o['lambda']:g}"} | {o['kd_loss'] or 'n/a'} | {steps} | "
+            f"| {run.name} | {o['mode']} | {lam} | {o['kd_loss'] or 'n/a'} | {steps} | "
             f"{_fmt(o['answer_tokens'])} | {wall} | {tps} |"
         )
     lines += ["", "| run | metric | first | last | min (step) |", "|---|---|---|---|---|"]
