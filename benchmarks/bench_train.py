@@ -90,32 +90,38 @@ def replicate_cache(src: str, out: Path, times: int, *, batch_rows: int = 16, sh
         "answer_tokens": answer,
         "payload_bytes": sum(s["bytes"] for s in w.shards),
     }
-    manifest = m.model_copy(
-        update={
-            "shards": w.shards,
-            "stats": type(m.stats)(**stats),
-            "fingerprint": chain_fingerprint(m.config_fingerprint, w.shards),
-        }
-    )
-    manifest = type(m).model_validate(json.loads(manifest.to_json()))
+    fields = json.loads(m.to_json()) | {
+        "shards": w.shards,
+        "stats": stats,
+        "fingerprint": chain_fingerprint(m.config_fingerprint, w.shards),
+    }
+    manifest = type(m).model_validate(fields)
     manifest.write(work)
     publish_directory(work, out, overwrite=False)
     load_manifest(out)  # validates the fingerprint chain
     return out
 
 
+# Runs the measured command and prints its rusage. A child forked from a big process starts with that process's
+# resident pages counted in its ru_maxrss (Linux carries the high-water mark across exec), so the measured command
+# is started from this small launcher (a fresh interpreter without site-packages) instead of from the benchmark.
+_LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=sys.stdout, stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "ru_maxrss_kib": usage.ru_maxrss}))
+"""
+
+
 def child_peak_rss(args: list[str]) -> tuple[float, dict]:
-    """(peak RSS in MiB of a fresh child running this script with ``args``, the JSON it printed last)."""
+    """(peak RSS in MiB of a fresh process running this script's ``--child args``, the JSON it printed)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *args]
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=os.environ.copy())
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    if proc.returncode != 0:
-        raise RuntimeError(f"child {args} exited with {proc.returncode}: {text[-2000:]}")
-    return usage.ru_maxrss / 1024, json.loads(text.strip().splitlines()[-1])  # ru_maxrss is KiB on Linux
+    out = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    usage = json.loads(lines[-1])
+    if usage["exit"] != 0:
+        raise RuntimeError(f"child {args} exited with {usage['exit']}: {out.stdout[-2000:]}")
+    return usage["ru_maxrss_kib"] / 1024, json.loads(lines[-2])  # ru_maxrss is KiB on Linux
 
 
 def stream_pass(cache: str, tokenizer, *, batch_size: int, max_length: int, epochs: int, shuffle_buffer: int) -> dict:
@@ -172,7 +178,7 @@ def child(argv: list[str]) -> None:
     elif what == "train":
         from fusion_cache.train import run_train
 
-        res = run_train(train_cfg(argv[2], argv[1], argv[3], steps=3, batch_size=4), progress=False)
+        res = run_train(train_cfg(argv[2], argv[1], argv[3], steps=2, batch_size=4), progress=False)
         print(json.dumps({"steps": res.summary["steps"], "answer_tokens": res.summary["answer_tokens"]}))
     elif what == "baseline":  # the interpreter with torch, transformers and the tokenizer loaded
         import torch  # noqa: F401
@@ -272,29 +278,6 @@ def main() -> None:
     data: dict = {"machine": machine(), "cache": args.cache, "student_layers": args.student_layers,
                   "batch_size": args.batch_size, "load_start": load_start}  # fmt: skip
 
-    # (a) reader vs trainer
-    print("(a) streaming reader ...", flush=True)
-    stream_pass(args.cache, tok, batch_size=args.batch_size, max_length=512, epochs=1, shuffle_buffer=256)  # warm
-    reader = stream_pass(
-        args.cache, tok, batch_size=args.batch_size, max_length=512, epochs=args.stream_epochs, shuffle_buffer=256
-    )
-    print(f"    {reader['tokens_per_s']:.0f} answer tokens/s; trainer ...", flush=True)
-    out = args.work / "run-a"
-    run_train(train_cfg(student, args.cache, str(out), steps=args.train_steps, batch_size=args.batch_size),
-              progress=False)  # fmt: skip
-    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = recs[0], recs[-1]
-    trainer_tps = (last["answer_tokens"] - first["answer_tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-    data["a"] = {"reader": reader, "trainer_tokens_per_s": trainer_tps, "trainer_steps": len(recs) - 1,
-                 "ratio": reader["tokens_per_s"] / trainer_tps, "load": load_avg()}  # fmt: skip
-    print(f"    trainer {trainer_tps:.0f} answer tokens/s, ratio {data['a']['ratio']:.0f}x", flush=True)
-
-    # (b) KD vs CE-only step time, interleaved
-    print("(b) interleaved steps ...", flush=True)
-    data["b"] = interleaved_steps(student, args.cache, batch_size=args.batch_size, rounds=args.rounds)
-    data["b"]["load"] = load_avg()
-    print("    " + json.dumps(data["b"]["ratio_to_ce"]), flush=True)
-
     # (c) peak RSS as the cache grows
     print("(c) peak RSS ...", flush=True)
     caches = {1: replicate_cache(args.cache, args.work / "cache-x1", 1),
@@ -310,10 +293,35 @@ def main() -> None:
 
             shutil.rmtree(out)
         mib, _ = child_peak_rss(["train", str(cache), student, str(out)])
-        rss[f"3 train steps on cache x{n}"] = mib
+        rss[f"2 train steps on cache x{n}"] = mib
     data["c"] = {"peak_rss_mib": rss, "load": load_avg()}
+    (args.work / "partial.json").write_text(json.dumps(data, indent=1))  # survives an interrupted run
     for k, v in rss.items():
         print(f"    {k}: {v:.0f} MiB", flush=True)
+    # (a) reader vs trainer
+    print("(a) streaming reader ...", flush=True)
+    stream_pass(args.cache, tok, batch_size=args.batch_size, max_length=512, epochs=1, shuffle_buffer=256)  # warm
+    reader = stream_pass(
+        args.cache, tok, batch_size=args.batch_size, max_length=512, epochs=args.stream_epochs, shuffle_buffer=256
+    )
+    print(f"    {reader['tokens_per_s']:.0f} answer tokens/s; trainer ...", flush=True)
+    out = args.work / "run-a"
+    run_train(train_cfg(student, args.cache, str(out), steps=args.train_steps, batch_size=args.batch_size),
+              progress=False)  # fmt: skip
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = recs[0], recs[-1]
+    trainer_tps = (last["answer_tokens"] - first["answer_tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+    data["a"] = {"reader": reader, "trainer_tokens_per_s": trainer_tps, "trainer_steps": len(recs) - 1,
+                 "ratio": reader["tokens_per_s"] / trainer_tps, "load": load_avg()}  # fmt: skip
+    (args.work / "partial.json").write_text(json.dumps(data, indent=1))
+    print(f"    trainer {trainer_tps:.0f} answer tokens/s, ratio {data['a']['ratio']:.0f}x", flush=True)
+
+    # (b) KD vs CE-only step time, interleaved
+    print("(b) interleaved steps ...", flush=True)
+    data["b"] = interleaved_steps(student, args.cache, batch_size=args.batch_size, rounds=args.rounds)
+    data["b"]["load"] = load_avg()
+    print("    " + json.dumps(data["b"]["ratio_to_ce"]), flush=True)
+
     data["wall_s"] = time.perf_counter() - t_all
     write_results(data, args)
 
