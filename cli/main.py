@@ -613,6 +613,7 @@ def eval_(
             max_length=max_length,
             k=top_k,
             out=None if out is None else str(out),
+            progress=True,
         )
     except FusionCacheError as e:
         _fail(e)

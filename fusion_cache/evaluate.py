@@ -152,6 +152,7 @@ def run_eval(
     max_length: int = 1024,
     k: int = 10,
     out: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """`fusion-cache eval`: what was asked for, as one JSON-ready dict (also written to ``out`` when given).
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from fusion_cache.sandbox import run_program
 
@@ -69,6 +70,7 @@ def evaluate_humaneval(
     max_new_tokens: int = 384,
     timeout: float = 5.0,
     on_problem: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
 ) -> dict:
     """pass@1 (greedy, one sample) on the first ``limit`` HumanEval problems.
 
@@ -77,7 +79,8 @@ def evaluate_humaneval(
         limit: first N problems (None: all 164).
         max_new_tokens: longest completion.
         timeout: seconds each program may run (`sandbox.run_program`).
-        on_problem: called with (index, result record) after each problem (progress).
+        on_problem: called with (index, result record) after each problem.
+        progress: show a progress bar (problems, passed so far).
 
     Returns:
         {"pass@1", "passed", "problems", "max_new_tokens", "timeout_s", "generate_seconds", "execute_seconds",
@@ -87,8 +90,10 @@ def evaluate_humaneval(
     model.eval()
     results = []
     gen_s = exec_s = 0.0
+    problems = load_problems(limit)
+    bar = tqdm(total=len(problems), unit="problem", desc="HumanEval", disable=not progress, dynamic_ncols=True)
     try:
-        for i, problem in enumerate(load_problems(limit)):
+        for i, problem in enumerate(problems):
             t = time.perf_counter()
             completion = greedy_completion(model, tokenizer, problem["prompt"], max_new_tokens=max_new_tokens)
             gen_s += time.perf_counter() - t
@@ -99,7 +104,10 @@ def evaluate_humaneval(
             results.append(record)
             if on_problem is not None:
                 on_problem(i, record)
+            bar.update(1)
+            bar.set_postfix(passed=sum(x["passed"] for x in results))
     finally:
+        bar.close()
         model.train(was_training)
     passed = sum(r["passed"] for r in results)
     return {
