@@ -160,6 +160,7 @@ def run_eval(
     ``<run>/eval.json`` unless ``out`` says otherwise, where `fusion-cache report` finds them). ``data`` is an input
     file (answer CE of its rows) or a cache (treated as ``cache``); ``cache`` a teacher cache (answer CE, teacher
     top-1 agreement when the tokenizers match, ULD). ``limit`` takes the first N rows and HumanEval problems.
+    ``progress`` shows a progress bar over the HumanEval problems.
     """
     from fusion_cache.errors import ConfigError
     from fusion_cache.train import load_student
@@ -189,7 +190,9 @@ def run_eval(
     if humaneval:
         from fusion_cache.humaneval import evaluate_humaneval
 
-        result["humaneval"] = evaluate_humaneval(net, tok, limit=limit, max_new_tokens=max_new_tokens, timeout=timeout)
+        result["humaneval"] = evaluate_humaneval(
+            net, tok, limit=limit, max_new_tokens=max_new_tokens, timeout=timeout, progress=progress
+        )
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     target = out if out is not None else (run_dir / "eval.json" if run_dir is not None else None)
     if target is not None:
