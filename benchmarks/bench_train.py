@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,7 +179,9 @@ def child(argv: list[str]) -> None:
     elif what == "train":
         from fusion_cache.train import run_train
 
-        res = run_train(train_cfg(argv[2], argv[1], argv[3], steps=2, batch_size=4), progress=False)
+        # cache order (no shuffle): both cache sizes train on the same first rows, so activations are comparable
+        cfg = train_cfg(argv[2], argv[1], argv[3], steps=2, batch_size=4, shuffle_buffer=1)
+        res = run_train(cfg, progress=False)
         print(json.dumps({"steps": res.summary["steps"], "answer_tokens": res.summary["answer_tokens"]}))
     elif what == "baseline":  # the interpreter with torch, transformers and the tokenizer loaded
         import torch  # noqa: F401
@@ -263,6 +266,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from fusion_cache.cache.reader import CacheReader
     from fusion_cache.students import make_layer_subset_student
     from fusion_cache.teachers import resolve_model
     from fusion_cache.train import run_train
@@ -280,20 +284,31 @@ def main() -> None:
 
     # (c) peak RSS as the cache grows
     print("(c) peak RSS ...", flush=True)
-    caches = {1: replicate_cache(args.cache, args.work / "cache-x1", 1),
-              args.scale: replicate_cache(args.cache, args.work / f"cache-x{args.scale}", args.scale)}  # fmt: skip
+    # the same shard size (the source's rows per shard) at both scales, plus the larger cache with 1000-row shards:
+    # the reader memory-maps the shard it reads, so its pages count in RSS up to one shard's size
+    rows = CacheReader(args.cache).manifest.shards[0].rows
+    caches = {
+        f"x1 ({rows}-row shards)": replicate_cache(args.cache, args.work / "cache-x1", 1, shard_rows=rows),
+        f"x{args.scale} ({rows}-row shards)": replicate_cache(
+            args.cache, args.work / f"cache-x{args.scale}", args.scale, shard_rows=rows
+        ),
+        f"x{args.scale} (1000-row shards)": replicate_cache(
+            args.cache, args.work / f"cache-x{args.scale}-big-shards", args.scale, shard_rows=1000
+        ),
+    }
     rss: dict = {"baseline (python + torch + tokenizer)": child_peak_rss(["baseline", student])[0]}
-    for n, cache in caches.items():
+    for name, cache in caches.items():
+        m = CacheReader(cache).manifest
         size = sum(f.stat().st_size for f in cache.glob("*.arrow")) / 2**20
         mib, r = child_peak_rss(["stream", str(cache), student])
-        rss[f"stream whole cache x{n} ({r['rows']} rows, {size:.0f} MiB)"] = mib
-        out = args.work / f"run-c{n}"
+        rss[f"stream whole cache {name}: {r['rows']} rows, {len(m.shards)} shards, {size:.0f} MiB"] = mib
+        if "1000-row" in name:
+            continue
+        out = args.work / f"run-c-{name.split()[0]}"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         mib, _ = child_peak_rss(["train", str(cache), student, str(out)])
-        rss[f"2 train steps on cache x{n}"] = mib
+        rss[f"2 train steps (batch {args.batch_size}, cache order) on cache {name}"] = mib
     data["c"] = {"peak_rss_mib": rss, "load": load_avg()}
     (args.work / "partial.json").write_text(json.dumps(data, indent=1))  # survives an interrupted run
     for k, v in rss.items():
@@ -361,16 +376,20 @@ def write_results(data: dict, args) -> None:
         r = med / ce
         verdict = "" if name.startswith("CE") else (" (met)" if r <= 1.15 else " (MISSED)")
         lines.append(f"| {name} | {med:.3f} | {r:.3f}{verdict} | {', '.join(f'{x:.2f}' for x in b['all_s'][name])} |")
-    growth = [rss[keys[3]] / rss[keys[1]], rss[keys[4]] / rss[keys[2]]]
+    growth_stream = rss[keys[3]] / rss[keys[1]]
+    growth_train = rss[keys[4]] / rss[keys[2]]
     lines += [
         "",
-        f"(c) Peak RSS (ru_maxrss of a fresh child process per row), cache x1 vs x{args.scale} (target: flat):",
+        f"(c) Peak RSS (ru_maxrss of a fresh child process per row, started from a small launcher), cache x1 vs "
+        f"x{args.scale} replicated with the shard writer (target: flat):",
         "",
         "| measurement | peak RSS MiB |",
         "|---|---|",
         *(f"| {k} | {v:.0f} |" for k, v in rss.items()),
         "",
-        f"x{args.scale} / x1: streaming {growth[0]:.3f}, train steps {growth[1]:.3f}.",
+        f"x{args.scale} / x1 at the same shard size: streaming {growth_stream:.3f}, train steps {growth_train:.3f}. "
+        "The reader memory-maps the shard it is reading (file-backed pages, counted in RSS, dropped when the shard "
+        "is closed), so RSS is bounded by the largest shard, not by the cache: compare the 1000-row-shard row.",
         "",
         f"Command: `PYTHONPATH=. python benchmarks/bench_train.py --cache {data['cache']} --rounds {args.rounds}` "
         f"({data['wall_s']:.0f} s).",
