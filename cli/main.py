@@ -587,7 +587,10 @@ def eval_(
     humaneval: bool = typer.Option(False, "--humaneval", help="HumanEval pass@1 (greedy, sandboxed execution)"),
     limit: int = typer.Option(None, help="only the first N rows / HumanEval problems"),
     max_new_tokens: int = typer.Option(384, help="HumanEval: longest completion"),
-    timeout: float = typer.Option(5.0, help="HumanEval: seconds each program may run"),
+    timeout: float = typer.Option(10.0, help="HumanEval: seconds (wall) each program may run"),
+    humaneval_prompt: str = typer.Option(
+        "raw", help="HumanEval: raw (continue the prompt, the standard harness) or chat (instruct models)"
+    ),
     top_k: int = typer.Option(10, "--top-k", help="K of the reported ULD"),
     batch_size: int = typer.Option(8, help="samples per forward pass"),
     max_length: int = typer.Option(1024, help="longest sequence in the model's tokens"),
@@ -609,6 +612,7 @@ def eval_(
             limit=limit,
             max_new_tokens=max_new_tokens,
             timeout=timeout,
+            prompt_style=humaneval_prompt,
             batch_size=batch_size,
             max_length=max_length,
             k=top_k,

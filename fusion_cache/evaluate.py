@@ -147,7 +147,8 @@ def run_eval(
     humaneval: bool = False,
     limit: int | None = None,
     max_new_tokens: int = 384,
-    timeout: float = 5.0,
+    timeout: float = 10.0,
+    prompt_style: str = "raw",
     batch_size: int = 8,
     max_length: int = 1024,
     k: int = 10,
@@ -169,6 +170,8 @@ def run_eval(
         if cache is not None:
             raise ConfigError(f"data: {data} is a cache and --cache {cache} was given too; pass one cache")
         data, cache = None, data
+    if prompt_style not in ("raw", "chat"):
+        raise ConfigError(f"humaneval prompt: unknown value {prompt_style!r}; valid values: raw, chat")
     if data is None and cache is None and not humaneval:
         raise ConfigError("nothing to evaluate: give --data FILE, --cache DIR and/or --humaneval")
     if data is not None and not Path(data).exists():
@@ -191,7 +194,13 @@ def run_eval(
         from fusion_cache.humaneval import evaluate_humaneval
 
         result["humaneval"] = evaluate_humaneval(
-            net, tok, limit=limit, max_new_tokens=max_new_tokens, timeout=timeout, progress=progress
+            net,
+            tok,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            timeout=timeout,
+            prompt_style=prompt_style,
+            progress=progress,
         )
     result["wall_seconds"] = round(time.perf_counter() - t0, 2)
     target = out if out is not None else (run_dir / "eval.json" if run_dir is not None else None)
@@ -218,6 +227,7 @@ def eval_table(result: dict) -> str:
     h = result.get("humaneval")
     if h is not None:
         score = "n/a" if h["pass@1"] is None else f"{h['pass@1']:.4f} ({h['passed']} passed)"
-        lines.append(f"| HumanEval pass@1 (greedy, {h['problems']} problems) | {score} |")
+        style = h.get("prompt_style", "raw")
+        lines.append(f"| HumanEval pass@1 (greedy, {style} prompt, {h['problems']} problems) | {score} |")
     lines.append(f"| wall time | {result['wall_seconds']:.1f} s |")
     return "\n".join(lines)
