@@ -6,6 +6,7 @@ import pytest
 
 from fusion_cache.humaneval import STOP_SEQUENCES
 from fusion_cache.humaneval import evaluate_humaneval
+from fusion_cache.humaneval import extract_code
 from fusion_cache.humaneval import load_problems
 from fusion_cache.humaneval import program
 from fusion_cache.humaneval import truncate_completion
@@ -26,6 +27,18 @@ def test_completion_is_cut_at_the_first_stop_sequence():
     p = load_problems(1)[0]
     cut = truncate_completion(p["canonical_solution"] + "\nprint(has_close_elements([], 1.0))\n")
     assert run_program(program(p, cut)).passed
+
+
+def test_chat_answers_run_their_first_code_block():
+    p = load_problems(1)[0]
+    full = p["prompt"] + p["canonical_solution"]
+    answer = f"Here it is:\n```python\n{full}```\nIt compares every pair.\n```python\nprint(1)\n```"
+    code = extract_code(p, answer)
+    assert code.startswith("\n") and "print(1)" not in code and "It compares" not in code
+    assert run_program(program(p, code)).passed  # the whole function replaces the stub
+    body = extract_code(p, f"```\n{p['canonical_solution']}```")
+    assert body == p["canonical_solution"] and run_program(program(p, body)).passed  # a body continues it
+    assert not run_program(program(p, extract_code(p, "I cannot help with that."))).passed
 
 
 @pytest.mark.slow
