@@ -258,10 +258,14 @@ def main() -> None:
     ap.add_argument("--stream-epochs", type=int, default=5, help="(a): passes of the reader over the cache")
     ap.add_argument("--scale", type=int, default=10, help="(c): the larger cache holds this many copies")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fusion-cache-bench-train")
+    ap.add_argument("--write-partial", type=Path, help="write the tables from an interrupted run's partial.json")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.write_partial:
+        write_results(json.loads(args.write_partial.read_text()), args)
         return
 
     from transformers import AutoTokenizer
@@ -335,6 +339,7 @@ def main() -> None:
     print("(b) interleaved steps ...", flush=True)
     data["b"] = interleaved_steps(student, args.cache, batch_size=args.batch_size, rounds=args.rounds)
     data["b"]["load"] = load_avg()
+    (args.work / "partial.json").write_text(json.dumps(data, indent=1))
     print("    " + json.dumps(data["b"]["ratio_to_ce"]), flush=True)
 
     data["wall_s"] = time.perf_counter() - t_all
@@ -342,57 +347,75 @@ def main() -> None:
 
 
 def write_results(data: dict, args) -> None:
-    m, a, b, c = data["machine"], data["a"], data["b"], data["c"]
-    ce = b["median_s"]["CE only (lambda=0)"]
-    rss = c["peak_rss_mib"]
-    keys = list(rss)
+    """Append the tables to benchmarks/results/train.md; a section that was not measured says so."""
+    m, a, b, c = data["machine"], data.get("a"), data.get("b"), data.get("c")
+    loads = ", ".join(f"after ({k}) {data[k]['load']}" for k in "cab" if data.get(k))
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}, torch {m['torch']}, fusion-cache "
-        f"{m['fusion_cache']}; {m['date']}. Load average (1/5/15 min) at the start {data['load_start']}, after "
-        f"(a) {a['load']}, (b) {b['load']}, (c) {c['load']} (2 cores shared with other jobs: absolute times are "
-        "noisy, the ratios are measured within one run).",
+        f"{m['fusion_cache']}; {m['date']}. Load average (1/5/15 min) at the start {data['load_start']}, {loads} "
+        "(2 cores shared with other jobs: absolute times are noisy, the ratios are measured within one run).",
         "",
         f"Cache `{data['cache']}` (K=64, raw codec), student = the teacher pruned to {data['student_layers']} layers, "
         f"batch {data['batch_size']}, max length 512, fp32 on the CPU.",
         "",
         "(a) Streaming reader (decode + collate, no model) against the trainer's consumption (target >= 10x):",
         "",
-        "| what | answer tokens/s |",
-        "|---|---|",
-        f"| reader: CacheStream + collate, {a['reader']['rows']} rows ({args.stream_epochs} passes), "
-        f"shuffle buffer 256 | {a['reader']['tokens_per_s']:.0f} |",
-        f"| trainer: run_train, lambda 0.5 ULD K=10, steps 2..{a['trainer_steps'] + 1} | "
-        f"{a['trainer_tokens_per_s']:.1f} |",
-        f"| **ratio** | **{a['ratio']:.0f}x** ({'met' if a['ratio'] >= 10 else 'MISSED'}) |",
-        "",
-        f"(b) Step time (forward + backward + clip + AdamW), median of {args.rounds} interleaved rounds on the same "
-        f"batches (answer tokens per batch {b['answer_tokens_per_batch']}, padded lengths {b['seq_len']}); "
-        "target KD / CE <= 1.15:",
-        "",
-        "| step | median s | / CE-only | all rounds (s) |",
-        "|---|---|---|---|",
     ]
-    for name, med in b["median_s"].items():
-        r = med / ce
-        verdict = "" if name.startswith("CE") else (" (met)" if r <= 1.15 else " (MISSED)")
-        lines.append(f"| {name} | {med:.3f} | {r:.3f}{verdict} | {', '.join(f'{x:.2f}' for x in b['all_s'][name])} |")
-    growth_stream = rss[keys[3]] / rss[keys[1]]
-    growth_train = rss[keys[4]] / rss[keys[2]]
+    if a:
+        lines += [
+            "| what | answer tokens/s |",
+            "|---|---|",
+            f"| reader: CacheStream + collate, {a['reader']['rows']} rows ({args.stream_epochs} passes), "
+            f"shuffle buffer 256 | {a['reader']['tokens_per_s']:.0f} |",
+            f"| trainer: run_train, lambda 0.5 ULD K=10, steps 2..{a['trainer_steps'] + 1} | "
+            f"{a['trainer_tokens_per_s']:.1f} |",
+            f"| **ratio** | **{a['ratio']:.0f}x** ({'met' if a['ratio'] >= 10 else 'MISSED'}) |",
+        ]
+    else:
+        lines.append("Not measured in this run (interrupted).")
+    lines += ["", "(b) Step time (forward + backward + clip + AdamW), target KD / CE <= 1.15:", ""]
+    if b:
+        ce = b["median_s"]["CE only (lambda=0)"]
+        lines += [
+            f"Median of {args.rounds} interleaved rounds on the same batches (answer tokens per batch "
+            f"{b['answer_tokens_per_batch']}, padded lengths {b['seq_len']}).",
+            "",
+            "| step | median s | / CE-only | all rounds (s) |",
+            "|---|---|---|---|",
+        ]
+        for name, med in b["median_s"].items():
+            r = med / ce
+            verdict = "" if name.startswith("CE") else (" (met)" if r <= 1.15 else " (MISSED)")
+            rounds = ", ".join(f"{x:.2f}" for x in b["all_s"][name])
+            lines.append(f"| {name} | {med:.3f} | {r:.3f}{verdict} | {rounds} |")
+    else:
+        lines.append("Not measured in this run (interrupted).")
     lines += [
         "",
         f"(c) Peak RSS (ru_maxrss of a fresh child process per row, started from a small launcher), cache x1 vs "
         f"x{args.scale} replicated with the shard writer (target: flat):",
         "",
-        "| measurement | peak RSS MiB |",
-        "|---|---|",
-        *(f"| {k} | {v:.0f} |" for k, v in rss.items()),
+    ]
+    if c:
+        rss = c["peak_rss_mib"]
+        keys = list(rss)
+        lines += ["| measurement | peak RSS MiB |", "|---|---|", *(f"| {k} | {v:.0f} |" for k, v in rss.items()), ""]
+        if len(keys) >= 5:
+            growth_stream = rss[keys[3]] / rss[keys[1]]
+            growth_train = rss[keys[4]] / rss[keys[2]]
+            lines.append(
+                f"x{args.scale} / x1 at the same shard size: streaming {growth_stream:.3f}, train steps "
+                f"{growth_train:.3f}. The reader memory-maps the shard it is reading (file-backed pages, counted in "
+                "RSS, dropped when the shard is closed), so RSS is bounded by the largest shard, not by the cache: "
+                "compare the 1000-row-shard row."
+            )
+    else:
+        lines.append("Not measured in this run (interrupted).")
+    wall = f" ({data['wall_s']:.0f} s)" if "wall_s" in data else " (interrupted; written from its partial results)"
+    lines += [
         "",
-        f"x{args.scale} / x1 at the same shard size: streaming {growth_stream:.3f}, train steps {growth_train:.3f}. "
-        "The reader memory-maps the shard it is reading (file-backed pages, counted in RSS, dropped when the shard "
-        "is closed), so RSS is bounded by the largest shard, not by the cache: compare the 1000-row-shard row.",
-        "",
-        f"Command: `PYTHONPATH=. python benchmarks/bench_train.py --cache {data['cache']} --rounds {args.rounds}` "
-        f"({data['wall_s']:.0f} s).",
+        f"Command: `PYTHONPATH=. python benchmarks/bench_train.py --cache {data['cache']} --rounds {args.rounds} "
+        f"--train-steps {args.train_steps}`{wall}.",
     ]
     md = append_markdown("train", f"Training throughput and memory ({m['date']})", "\n".join(lines), data)
     print("\n".join(lines))
