@@ -115,9 +115,11 @@ class CacheStream(torch.utils.data.IterableDataset):
         if n < 1:
             return None
         # a `values` cache has no ids: training needs only the values, the top-1 agreement metric is skipped
-        teacher_ids = row.topk_ids[:n] if self.same_tokenizer and self.reader.codec.has_ids else None
+        # Copies, not views: a raw-codec row's arrays are views of the memory-mapped shard, and one example that
+        # waits long in the shuffle buffer would keep its whole shard mapped and resident (bench_train (c)).
+        teacher_ids = np.array(row.topk_ids[:n]) if self.same_tokenizer and self.reader.codec.has_ids else None
         top1 = None if teacher_ids is None else teacher_ids[:, 0]
-        return StudentExample(row.sample_id, ids, start, row.topk_logprobs[:n], top1, teacher_ids)
+        return StudentExample(row.sample_id, ids, start, np.array(row.topk_logprobs[:n]), top1, teacher_ids)
 
     def epoch_rng(self, epoch: int) -> random.Random:
         """The shuffle RNG of ``epoch`` on this rank (rank 0 of 1 keeps the single-process seeds)."""
