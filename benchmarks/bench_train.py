@@ -362,6 +362,7 @@ def measure_reader_vs_trainer(args, data: dict, student: str, tok) -> None:
 def write_results(data: dict, args) -> None:
     """Append the tables to benchmarks/results/train.md; a section that was not measured says so."""
     m, a, b, c = data["machine"], data.get("a"), data.get("b"), data.get("c")
+    skipped = f"Not measured in this run (`--sections {args.sections}`, or interrupted)."
     loads = ", ".join(f"after ({k}) {data[k]['load']}" for k in "cab" if data.get(k))
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}, torch {m['torch']}, fusion-cache "
@@ -385,7 +386,7 @@ def write_results(data: dict, args) -> None:
             f"| **ratio** | **{a['ratio']:.0f}x** ({'met' if a['ratio'] >= 10 else 'MISSED'}) |",
         ]
     else:
-        lines.append("Not measured in this run (interrupted).")
+        lines.append(skipped)
     lines += ["", "(b) Step time (forward + backward + clip + AdamW), target KD / CE <= 1.15:", ""]
     if b:
         ce = b["median_s"]["CE only (lambda=0)"]
@@ -402,7 +403,7 @@ def write_results(data: dict, args) -> None:
             rounds = ", ".join(f"{x:.2f}" for x in b["all_s"][name])
             lines.append(f"| {name} | {med:.3f} | {r:.3f}{verdict} | {rounds} |")
     else:
-        lines.append("Not measured in this run (interrupted).")
+        lines.append(skipped)
     lines += [
         "",
         f"(c) Peak RSS (ru_maxrss of a fresh child process per row, started from a small launcher), cache x1 vs "
@@ -422,15 +423,16 @@ def write_results(data: dict, args) -> None:
             lines.append(
                 f"x{args.scale} / x1 at the same shard size: {growth}. The reader memory-maps the shard it is "
                 "reading (file-backed pages count in RSS while mapped); RSS stays bounded by the shards in use, not "
-                "by the cache, as long as no example keeps a view of an old shard (see the note below the table)."
+                "by the cache, as long as no example keeps a view of an old shard (docs/dev-notes.md)."
             )
     else:
-        lines.append("Not measured in this run (interrupted).")
+        lines.append(skipped)
     wall = f" ({data['wall_s']:.0f} s)" if "wall_s" in data else " (interrupted; written from its partial results)"
     lines += [
         "",
         f"Command: `PYTHONPATH=. python benchmarks/bench_train.py --cache {data['cache']} --rounds {args.rounds} "
-        f"--train-steps {args.train_steps}`{wall}.",
+        f"--train-steps {args.train_steps} --sections {args.sections}"
+        f"{' --stream-rss-only' if args.stream_rss_only else ''}`{wall}.",
     ]
     md = append_markdown("train", f"Training throughput and memory ({m['date']})", "\n".join(lines), data)
     print("\n".join(lines))
