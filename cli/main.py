@@ -12,6 +12,8 @@ fusion-cache train --mode pairwise --student ./student --shards ./cache/a --shar
 fusion-cache train --mode unified --student ./student --shards ./cache/a --shards ./cache/b --out ./runs/u
 fusion-cache merge --base ./student --models ./runs/a --models ./runs/b --method ties --out ./merged
 fusion-cache fuse --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./fused
+fusion-cache eval --model ./runs/kd --data heldout.jsonl [--cache ./cache/heldout] [--humaneval] [--limit N]
+fusion-cache report ./runs/kd [./runs/sft ...]
 fusion-cache demo
 """
 
@@ -565,6 +567,75 @@ def fuse(
     except FusionCacheError as e:
         _fail(e)
     typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {method} into {summary['out']}")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="`fusion-cache train` run directories (several: overlaid)"),
+    out: Path = typer.Option(None, help="PNG to write (default: <run>/report.png; several runs: in their parent)"),
+) -> None:
+    """Plot CE, per-teacher ULD, loss and lr over steps (PNG) and summarize the runs (markdown table).
+
+    Example: fusion-cache report ./runs/kd ./runs/sft --out ./runs/compare.png
+    """
+    from fusion_cache.report import write_report
+
+    try:
+        png, md, table = write_report([str(r) for r in runs], None if out is None else str(out))
+    except FusionCacheError as e:
+        _fail(e)
+    except ImportError as e:  # matplotlib is an optional extra
+        _fail(e)
+    typer.echo(table)
+    typer.echo(f"wrote {png} and {md}")
+
+
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Option(..., help="model: preset, local dir, HF id, or a `train` run dir (its model/)"),
+    data: str = typer.Option(None, help="input rows (JSONL/Parquet, `build --data` format) or a cache: answer CE"),
+    cache: str = typer.Option(None, help="teacher cache: answer CE, teacher top-1 agreement (same tokenizer), ULD"),
+    humaneval: bool = typer.Option(False, "--humaneval", help="HumanEval pass@1 (greedy, sandboxed execution)"),
+    limit: int = typer.Option(None, help="only the first N rows / HumanEval problems"),
+    max_new_tokens: int = typer.Option(384, help="HumanEval: longest completion"),
+    timeout: float = typer.Option(10.0, help="HumanEval: seconds (wall) each program may run"),
+    humaneval_prompt: str = typer.Option(
+        "raw", help="HumanEval: raw (continue the prompt, the standard harness) or chat (instruct models)"
+    ),
+    top_k: int = typer.Option(10, "--top-k", help="K of the reported ULD"),
+    batch_size: int = typer.Option(8, help="samples per forward pass"),
+    max_length: int = typer.Option(1024, help="longest sequence in the model's tokens"),
+    out: Path = typer.Option(None, help="write the results as JSON here (default for a run dir: <run>/eval.json)"),
+) -> None:
+    """Held-out answer CE, teacher top-1 agreement and HumanEval pass@1 of a model.
+
+    Example: fusion-cache eval --model ./runs/kd --data heldout.jsonl --cache ./cache/heldout --humaneval --limit 20
+    """
+    from fusion_cache.evaluate import eval_table
+    from fusion_cache.evaluate import run_eval
+
+    try:
+        result = run_eval(
+            model,
+            data=data,
+            cache=cache,
+            humaneval=humaneval,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            timeout=timeout,
+            prompt_style=humaneval_prompt,
+            batch_size=batch_size,
+            max_length=max_length,
+            k=top_k,
+            out=None if out is None else str(out),
+            progress=True,
+        )
+    except FusionCacheError as e:
+        _fail(e)
+    typer.echo(f"model {result['model']}")
+    typer.echo(eval_table(result))
+    if "written_to" in result:
+        typer.echo(f"wrote {result['written_to']}")
 
 
 @app.command()

@@ -115,9 +115,11 @@ class CacheStream(torch.utils.data.IterableDataset):
         if n < 1:
             return None
         # a `values` cache has no ids: training needs only the values, the top-1 agreement metric is skipped
-        teacher_ids = row.topk_ids[:n] if self.same_tokenizer and self.reader.codec.has_ids else None
+        # Copies, not views: a raw-codec row's arrays are views of the memory-mapped shard, and one example that
+        # waits long in the shuffle buffer would keep its whole shard mapped and resident (bench_train (c)).
+        teacher_ids = np.array(row.topk_ids[:n]) if self.same_tokenizer and self.reader.codec.has_ids else None
         top1 = None if teacher_ids is None else teacher_ids[:, 0]
-        return StudentExample(row.sample_id, ids, start, row.topk_logprobs[:n], top1, teacher_ids)
+        return StudentExample(row.sample_id, ids, start, np.array(row.topk_logprobs[:n]), top1, teacher_ids)
 
     def epoch_rng(self, epoch: int) -> random.Random:
         """The shuffle RNG of ``epoch`` on this rank (rank 0 of 1 keeps the single-process seeds)."""
@@ -321,7 +323,7 @@ def collate(examples: list[StudentExample], pad_id: int) -> dict[str, torch.Tens
         n = e.teacher_values.shape[0]  # <= n_ans: answer token t pairs with teacher row t
         uld_rows.append(m + np.arange(n))
         vals.append(e.teacher_values)
-        weights.append(np.full(n, 1.0 / (n * b), dtype=np.float32))
+        weights.append(np.full(n, 1.0 / (max(n, 1) * b), dtype=np.float32))  # n = 0: no teacher rows (CE-only eval)
         top1.append(e.teacher_top1 if e.teacher_top1 is not None else np.full(n, -1, dtype=np.int32))
     batch.update(
         uld_rows=torch.from_numpy(np.concatenate(uld_rows)).long(),
