@@ -83,7 +83,18 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: int) -> dict:
+def validation_ids(s, caches: dict, tokenizer) -> list[str]:
+    """The train rows no run sees: every run reads the first ``steps * batch_size`` samples of the same seeded
+    shuffle of the train cache (checked per run through ``on_batch``); the rest is the validation split."""
+    from fusion_cache.unified import UnifiedStream
+
+    stream = UnifiedStream([str(caches[s.teacher]["train"])], tokenizer, chat_template=True,
+                           max_length=s.max_length, shuffle_buffer=256, seed=s.seed, epochs=1)  # fmt: skip
+    order = [e.sample_id for e in stream]
+    return sorted(order[s.steps * s.batch_size :])
+
+
+def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: int, val_ids: list[str]) -> dict:
     from fusion_cache.demo import evaluate_student
     from fusion_cache.demo import train_config
     from fusion_cache.merge.config import MergeConfig
@@ -93,6 +104,7 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
 
     t0 = time.perf_counter()
     extra: dict = {}
+    seen: list[str] = []
     if row["kind"] == "start":
         model, tok, _ = load_student(str(student_dir))
     elif row["kind"] == "train":
@@ -100,7 +112,10 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
         out = work / "runs" / run.run_dir
         # pivots are saved for the merges; the others are evaluated in memory
         cfg = train_config(run, student_dir, caches, out, s, save=run.run_dir in PIVOTS)
-        res = run_train(cfg, progress=False)
+        res = run_train(cfg, progress=False, on_batch=lambda step, examples: seen.extend(e.sample_id for e in examples))
+        if set(seen) & set(val_ids):
+            raise RuntimeError(f"{run.run_dir}: trained on validation rows {sorted(set(seen) & set(val_ids))[:3]}")
+        extra["trained_on"] = {"samples": len(seen), "distinct": len(set(seen)), "first": seen[:3]}
         model, tok = res.model, res.tokenizer
         keep = ("steps", "answer_tokens", "wall_seconds", "final", "fusion")
         extra["train_summary"] = {k: v for k, v in res.summary.items() if k in keep}
@@ -124,13 +139,17 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
     t_train = time.perf_counter() - t0
     _wait_for_caches(caches)
     metrics = evaluate_student(model, tok, caches, s)
+    t_eval = time.perf_counter()
+    val = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
     return {
         "slug": row["slug"],
         "name": row["name"],
         "kind": row["kind"],
         "metrics": metrics,
         "train_or_merge_s": round(t_train, 1),
-        "eval_s": round(time.perf_counter() - t0 - t_train, 1),
+        "validation": val,
+        "eval_s": round(t_eval - t0 - t_train, 1),
+        "val_eval_s": round(time.perf_counter() - t_eval, 1),
         "loadavg_end": os.getloadavg(),
         "finished": machine()["date"],
         **extra,
@@ -239,13 +258,17 @@ def main() -> None:
         build_demo_caches(SECOND, data_paths, caches[SECOND], s)
         student_dir = make_layer_subset_student(resolve_model(s.teacher).path, work / "student-init-24l", 24)
     if not args.report:
+        from transformers import AutoTokenizer
+
+        val_ids = validation_ids(s, caches, AutoTokenizer.from_pretrained(student_dir))
+        print(f"[bench] validation split: {len(val_ids)} train rows no run trains on", flush=True)
         todo = [r for r in rows if (args.only is None or r["slug"] in args.only)]
         for row in todo:
             if row["slug"] in load_results(work):
                 print(f"[bench] {row['slug']}: done already, skipped", flush=True)
                 continue
             print(f"[bench] {row['slug']}: running (load {os.getloadavg()[0]:.1f})", flush=True)
-            r = run_one(row, s, work, caches, student_dir, args.threads)
+            r = run_one(row, s, work, caches, student_dir, args.threads, val_ids)
             _write_json(work / "results" / f"{row['slug']}.json", r)
             print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])}", flush=True)
     results = load_results(work)

@@ -295,17 +295,19 @@ def train_config(run: StudentRun, student_dir: str | Path, caches: dict, out: st
     return TrainConfig.create(**opts)
 
 
-def evaluate_student(model, tokenizer, caches: dict, s: DemoSettings) -> dict:
+def evaluate_student(
+    model, tokenizer, caches: dict, s: DemoSettings, *, split: str = "heldout", sample_ids=None
+) -> dict:
     """Held-out metrics against the teachers' held-out caches (`cache_dirs`): with one teacher
     `evaluate.evaluate_model` (its ``uld`` a number), with several `evaluate.evaluate_teachers` (``uld`` a dict per
     teacher; byte-span alignment for teachers with another tokenizer)."""
     from fusion_cache.evaluate import evaluate_model
     from fusion_cache.evaluate import evaluate_teachers
 
-    held = [str(c["heldout"]) for c in caches.values()]
-    if len(held) == 1:
+    held = [str(c[split]) for c in caches.values()]
+    if len(held) == 1 and sample_ids is None:
         return evaluate_model(model, tokenizer, held[0], k=s.uld_k, max_length=s.max_length)
-    r = evaluate_teachers(model, tokenizer, held, k=s.uld_k, max_length=s.max_length)
+    r = evaluate_teachers(model, tokenizer, held, k=s.uld_k, max_length=s.max_length, sample_ids=sample_ids)
     r["uld"] = dict(zip(caches, r["uld"].values(), strict=True))  # keyed by the teachers' names as given
     return r
 

@@ -7,6 +7,7 @@ evaluate_model(model, tokenizer, "cache/heldout")  # {"answer_ce": ..., "top1_ag
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 
@@ -72,11 +73,13 @@ def evaluate_teachers(
     batch_size: int = 8,
     max_length: int = 1024,
     k: int = 10,
+    sample_ids: Collection[str] | None = None,
 ) -> dict:
     """Held-out metrics against several teachers' caches of the same rows (joined on sample_id), in one pass.
 
     The student's tokens are a same-tokenizer teacher's (else its own rendering); each teacher's answer rows are
     paired with the student's as in unified training (`fusion_cache.unified.UnifiedStream`, ``align_mode``).
+    ``sample_ids``: evaluate only these samples (e.g. train rows a run never saw, as a validation split).
 
     Returns:
         {"answer_ce", "answer_ppl", "top1_agreement" (from same-tokenizer teachers; None if there is none),
@@ -122,6 +125,8 @@ def evaluate_teachers(
         batch.clear()
 
     for ex in stream:
+        if sample_ids is not None and ex.sample_id not in sample_ids:
+            continue
         batch.append(ex)
         if len(batch) == batch_size:
             flush()
