@@ -65,6 +65,32 @@ def plan(s) -> list[dict]:
     return rows
 
 
+# The investigation (run only when fusion does not beat the best single teacher): variants of unified fusion,
+# judged on the validation split only (never on the held-out rows). (slug, run_dir of the table run it varies,
+# TrainConfig overrides)
+VARIANTS = [
+    ("val-unified-mean-lambda0.1", "unified-mean", {"lambda": 0.1}),
+    ("val-unified-mean-lambda0.9", "unified-mean", {"lambda": 0.9}),
+    ("val-unified-mean-k32", "unified-mean", {"top_k": 32}),
+    ("val-unified-mean-no-zscore", "unified-mean", {"zscore": False}),
+    ("val-kd-uld-gemma-lambda0.1", f"kd-uld-{SECOND}", {"lambda": 0.1}),
+    ("val-unified-sum-lambda0.1", "unified-sum", {"lambda": 0.1}),
+]
+
+
+def variant_rows(s) -> list[dict]:
+    """The investigation's runs: {"slug", "name", "kind": "variant", "run", "overrides"}."""
+    from fusion_cache.demo import demo_runs
+
+    by_dir = {r.run_dir: r for r in demo_runs(s)}
+    out = []
+    for slug, base, over in VARIANTS:
+        desc = ", ".join(f"{k} {v}" for k, v in over.items())
+        out.append({"slug": slug, "name": f"{by_dir[base].name}; {desc}", "kind": "variant", "run": by_dir[base],
+                    "overrides": over})  # fmt: skip
+    return out
+
+
 PIVOTS = ("kd-uld", f"kd-uld-{SECOND}")  # the two single-teacher ULD runs that the merges combine
 
 
@@ -107,11 +133,12 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
     seen: list[str] = []
     if row["kind"] == "start":
         model, tok, _ = load_student(str(student_dir))
-    elif row["kind"] == "train":
+    elif row["kind"] in ("train", "variant"):
         run = row["run"]
-        out = work / "runs" / run.run_dir
+        out = work / "runs" / (run.run_dir if row["kind"] == "train" else row["slug"])
         # pivots are saved for the merges; the others are evaluated in memory
-        cfg = train_config(run, student_dir, caches, out, s, save=run.run_dir in PIVOTS)
+        over = row.get("overrides", {})
+        cfg = train_config(run, student_dir, caches, out, s, save=row["slug"] in PIVOTS, **over)
         res = run_train(cfg, progress=False, on_batch=lambda step, examples: seen.extend(e.sample_id for e in examples))
         if set(seen) & set(val_ids):
             raise RuntimeError(f"{run.run_dir}: trained on validation rows {sorted(set(seen) & set(val_ids))[:3]}")
@@ -138,7 +165,8 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
         model, tok, _ = load_student(summary["out"])
     t_train = time.perf_counter() - t0
     _wait_for_caches(caches)
-    metrics = evaluate_student(model, tok, caches, s)
+    # the investigation's variants are never evaluated on the held-out rows
+    metrics = None if row["kind"] == "variant" else evaluate_student(model, tok, caches, s)
     t_eval = time.perf_counter()
     val = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
     return {
@@ -148,6 +176,7 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
         "metrics": metrics,
         "train_or_merge_s": round(t_train, 1),
         "validation": val,
+        "validation_ids": val_ids,
         "eval_s": round(t_eval - t0 - t_train, 1),
         "val_eval_s": round(time.perf_counter() - t_eval, 1),
         "loadavg_end": os.getloadavg(),
@@ -182,17 +211,41 @@ def report(rows: list[dict], results: dict, s, args, m: dict) -> str:
         "train/merge s |",
         "|---|---|---|---|---|---|",
     ]
+    lines += _table_rows(rows, results, "metrics", teachers)
+    return "\n".join(lines)
+
+
+def validation_table(rows: list[dict], results: dict, s) -> str:
+    """The same metrics on the validation split, for the table's runs and the investigation's variants."""
+    n = next(len(r["validation_ids"]) for r in results.values() if "validation_ids" in r)
+    lines = [
+        f"Validation split: the {n} train rows that no run trains on (every run reads the same first "
+        f"{s.steps * s.batch_size} rows of the same seeded shuffle, checked per run). The investigation's variants "
+        "were evaluated on these rows only, never on the held-out ones.",
+        "",
+        "| model | val answer CE | val top-1 agreement (smollm2) | val ULD to smollm2 | val ULD to gemma | "
+        "train/merge s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += _table_rows(rows, results, "validation", s.teachers)
+    return "\n".join(lines)
+
+
+def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str]) -> list[str]:
+    lines = []
     for row in rows:
+        if row["kind"] == "variant" and not lines[-1].startswith("| *investigation"):
+            lines.append("| *investigation (validation only)* | | | | | |")
         r = results.get(row["slug"])
         if r is None:
             lines.append(f"| {row['name']} | not run | | | | |")
             continue
-        x = r["metrics"]
+        x = r[key]
         agree = "n/a" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
         uld = [x["uld"].get(t) for t in teachers]
         ulds = " | ".join("n/a" if v is None else f"{v:.4f}" for v in uld)
         lines.append(f"| {row['name']} | {x['answer_ce']:.4f} | {agree} | {ulds} | {r['train_or_merge_s']:.0f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def write_results_md(body: str, path: Path) -> None:
@@ -218,6 +271,7 @@ def main() -> None:
         help="use the data, caches and student start already under --work (another process may still be building "
         "a held-out cache: evaluation waits for it)",
     )
+    ap.add_argument("--investigate", action="store_true", help="also run the validation-only variants (VARIANTS)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two processes can share 2 cores)")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     ap.add_argument("--steps", type=int, default=20)
@@ -239,7 +293,8 @@ def main() -> None:
     s = settings(args)
     rows = plan(s)
     slugs = [r["slug"] for r in rows]
-    bad = [x for x in args.only or [] if x not in slugs]
+    variants = variant_rows(s)
+    bad = [x for x in args.only or [] if x not in slugs + [v["slug"] for v in variants]]
     if bad:
         raise SystemExit(f"--only: unknown slug(s) {bad}; known: {slugs}")
     work = args.work
@@ -262,7 +317,9 @@ def main() -> None:
 
         val_ids = validation_ids(s, caches, AutoTokenizer.from_pretrained(student_dir))
         print(f"[bench] validation split: {len(val_ids)} train rows no run trains on", flush=True)
+        # the variants run only when named (--only or --investigate)
         todo = [r for r in rows if (args.only is None or r["slug"] in args.only)]
+        todo += [v for v in variants if (args.investigate and args.only is None) or v["slug"] in (args.only or [])]
         for row in todo:
             if row["slug"] in load_results(work):
                 print(f"[bench] {row['slug']}: done already, skipped", flush=True)
@@ -270,7 +327,7 @@ def main() -> None:
             print(f"[bench] {row['slug']}: running (load {os.getloadavg()[0]:.1f})", flush=True)
             r = run_one(row, s, work, caches, student_dir, args.threads, val_ids)
             _write_json(work / "results" / f"{row['slug']}.json", r)
-            print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])}", flush=True)
+            print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])} val {json.dumps(r['validation'])}", flush=True)
     results = load_results(work)
     if not all(sl in results for sl in slugs):
         print(f"[bench] not finished yet: {[sl for sl in slugs if sl not in results]}; no table written", flush=True)
@@ -279,12 +336,14 @@ def main() -> None:
     loads = [r["loadavg_end"][0] for r in results.values()]
     args.load = f"{min(loads):.1f}-{max(loads):.1f} at the end of the runs"
     body = report(rows, results, s, args, m)
-    total = sum(r["train_or_merge_s"] + r["eval_s"] for r in results.values())
+    total = sum(r["train_or_merge_s"] + r["eval_s"] + r["val_eval_s"] for r in results.values())
     body += (
         f"\n\nWall time {total:.0f} s summed over the runs (one torch thread each; two processes side by side), "
         "caches not included. Command: `PYTHONPATH=. python benchmarks/bench_fusion_results.py` (resumable; "
         "`--only SLUG ...` to split the runs over processes, `--report` to redo the table)."
     )
+    done_variants = [v for v in variants if v["slug"] in results]
+    body += "\n\n" + validation_table(rows + done_variants, results, s)
     print(body)
     write_results_md(body, args.out)
     append_markdown(
