@@ -217,7 +217,7 @@ def report(rows: list[dict], results: dict, s, args, m: dict) -> str:
 
 def validation_table(rows: list[dict], results: dict, s) -> str:
     """The same metrics on the validation split, for the table's runs and the investigation's variants."""
-    n = next(len(r["validation_ids"]) for r in results.values() if "validation_ids" in r)
+    n = s.n_train - s.steps * s.batch_size
     lines = [
         f"Validation split: the {n} train rows that no run trains on (every run reads the same first "
         f"{s.steps * s.batch_size} rows of the same seeded shuffle, checked per run). The investigation's variants "
