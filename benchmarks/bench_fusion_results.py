@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_markdown  # noqa: E402
 from common import machine  # noqa: E402
+from common import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECOND = "gemma3-270m"
@@ -248,18 +249,6 @@ def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str]) 
     return lines
 
 
-def write_results_md(body: str, path: Path) -> None:
-    """Put ``body`` as the top section of docs/results.md, replacing an earlier version of this section and
-    keeping every other section below it."""
-    text = path.read_text() if path.exists() else "# Results\n"
-    head, _, rest = text.partition("\n## ")
-    rest = ("## " + rest) if rest else ""
-    if rest.startswith(SECTION):  # drop the previous version of this section
-        nxt = rest.find("\n## ", len(SECTION))
-        rest = rest[nxt + 1 :] if nxt >= 0 else ""
-    path.write_text(head.rstrip() + "\n\n" + SECTION + "\n\n" + body + "\n\n" + rest)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/fusion-results"))
@@ -345,7 +334,7 @@ def main() -> None:
     done_variants = [v for v in variants if v["slug"] in results]
     body += "\n\n" + validation_table(rows + done_variants, results, s)
     print(body)
-    write_results_md(body, args.out)
+    replace_section(args.out, SECTION, body, first=True)
     append_markdown(
         "fusion_results", f"{m['date']} two-teacher fusion results", body, {"machine": m, "results": results}
     )
