@@ -137,9 +137,9 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
     elif row["kind"] in ("train", "variant"):
         run = row["run"]
         out = work / "runs" / (run.run_dir if row["kind"] == "train" else row["slug"])
-        # pivots are saved for the merges; the others are evaluated in memory
+        # saved: the pivots for the merges, the others for a validation pass that waits for a cache
         over = row.get("overrides", {})
-        cfg = train_config(run, student_dir, caches, out, s, save=row["slug"] in PIVOTS, **over)
+        cfg = train_config(run, student_dir, caches, out, s, save=True, **over)
         res = run_train(cfg, progress=False, on_batch=lambda step, examples: seen.extend(e.sample_id for e in examples))
         if set(seen) & set(val_ids):
             raise RuntimeError(f"{run.run_dir}: trained on validation rows {sorted(set(seen) & set(val_ids))[:3]}")
@@ -169,7 +169,9 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
     # the investigation's variants are never evaluated on the held-out rows
     metrics = None if row["kind"] == "variant" else evaluate_student(model, tok, caches, s)
     t_eval = time.perf_counter()
-    val = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
+    val = None  # filled in by a later pass (`fill_validation`) when a train cache is still being built
+    if _ready(caches, "train"):
+        val = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
     return {
         "slug": row["slug"],
         "name": row["name"],
@@ -184,6 +186,41 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
         "finished": machine()["date"],
         **extra,
     }
+
+
+def _ready(caches: dict, split: str) -> bool:
+    return all((Path(d[split]) / "manifest.json").exists() for d in caches.values())
+
+
+def model_dir(row: dict, work: Path, student_dir: Path) -> Path:
+    """Where the model of a finished row is (every trained and merged model is saved)."""
+    if row["kind"] == "start":
+        return student_dir
+    if row["kind"] == "merge":
+        return work / "merged" / row["method"]
+    return work / "runs" / (row["run"].run_dir if row["kind"] == "train" else row["slug"]) / "model"
+
+
+def fill_validation(rows: list[dict], s, work: Path, caches: dict, student_dir: Path, val_ids: list[str]) -> None:
+    """Evaluate on the validation split the finished rows that were run before the train caches were complete."""
+    from fusion_cache.demo import evaluate_student
+    from fusion_cache.train import load_student
+
+    if not _ready(caches, "train"):
+        return
+    for row in rows:
+        path = work / "results" / f"{row['slug']}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        if r.get("validation") is not None:
+            continue
+        t = time.perf_counter()
+        model, tok, _ = load_student(str(model_dir(row, work, student_dir)))
+        r["validation"] = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
+        r["val_eval_s"] = round(time.perf_counter() - t, 1)
+        _write_json(path, r)
+        print(f"[bench] {row['slug']}: validation {json.dumps(r['validation'])}", flush=True)
 
 
 def _wait_for_caches(caches: dict) -> None:
@@ -242,6 +279,9 @@ def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str]) 
             lines.append(f"| {row['name']} | not run | | | | |")
             continue
         x = r[key]
+        if x is None:
+            lines.append(f"| {row['name']} | pending | | | | |")
+            continue
         agree = "n/a" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
         uld = [x["uld"].get(t) for t in teachers]
         ulds = " | ".join("n/a" if v is None else f"{v:.4f}" for v in uld)
@@ -317,6 +357,7 @@ def main() -> None:
             r = run_one(row, s, work, caches, student_dir, args.threads, val_ids)
             _write_json(work / "results" / f"{row['slug']}.json", r)
             print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])} val {json.dumps(r['validation'])}", flush=True)
+        fill_validation(rows + variants, s, work, caches, student_dir, val_ids)
     results = load_results(work)
     if not all(sl in results for sl in slugs):
         print(f"[bench] not finished yet: {[sl for sl in slugs if sl not in results]}; no table written", flush=True)
