@@ -353,9 +353,17 @@ def main() -> None:
             if row["slug"] in load_results(work):
                 print(f"[bench] {row['slug']}: done already, skipped", flush=True)
                 continue
+            lock = work / "results" / f"{row['slug']}.running"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            try:  # another process on the same --work has it (remove a stale one after a crash)
+                lock.open("x").write(str(os.getpid()))
+            except FileExistsError:
+                print(f"[bench] {row['slug']}: {lock} exists (another process runs it), skipped", flush=True)
+                continue
             print(f"[bench] {row['slug']}: running (load {os.getloadavg()[0]:.1f})", flush=True)
             r = run_one(row, s, work, caches, student_dir, args.threads, val_ids)
             _write_json(work / "results" / f"{row['slug']}.json", r)
+            lock.unlink()
             print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])} val {json.dumps(r['validation'])}", flush=True)
         fill_validation(rows + variants, s, work, caches, student_dir, val_ids)
     results = load_results(work)
