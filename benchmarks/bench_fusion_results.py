@@ -361,9 +361,11 @@ def main() -> None:
                 print(f"[bench] {row['slug']}: {lock} exists (another process runs it), skipped", flush=True)
                 continue
             print(f"[bench] {row['slug']}: running (load {os.getloadavg()[0]:.1f})", flush=True)
-            r = run_one(row, s, work, caches, student_dir, args.threads, val_ids)
-            _write_json(work / "results" / f"{row['slug']}.json", r)
-            lock.unlink()
+            try:
+                r = run_one(row, s, work, caches, student_dir, args.threads, val_ids)
+                _write_json(work / "results" / f"{row['slug']}.json", r)
+            finally:
+                lock.unlink()
             print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])} val {json.dumps(r['validation'])}", flush=True)
         fill_validation(rows + variants, s, work, caches, student_dir, val_ids)
     results = load_results(work)
