@@ -148,9 +148,10 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
         keep = ("steps", "answer_tokens", "wall_seconds", "final", "fusion")
         extra["train_summary"] = {k: v for k, v in res.summary.items() if k in keep}
     else:
-        missing = [p for p in PIVOTS if not (work / "runs" / p / "model").exists()]
-        if missing:
-            raise RuntimeError(f"merge {row['method']}: pivot run(s) {missing} not trained yet")
+        # another process may still be training a pivot: wait for its summary (written after the model)
+        while missing := [p for p in PIVOTS if not (work / "runs" / p / "summary.json").exists()]:
+            print(f"[bench] merge {row['method']}: waiting for pivot run(s) {missing}", flush=True)
+            time.sleep(30)
         summary = run_merge(
             MergeConfig.create(
                 base=str(student_dir),
