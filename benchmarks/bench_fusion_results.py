@@ -110,15 +110,15 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def validation_ids(s, caches: dict, tokenizer) -> list[str]:
+def validation_ids(s, caches: dict, tokenizer, n: int) -> list[str]:
     """The train rows no run sees: every run reads the first ``steps * batch_size`` samples of the same seeded
-    shuffle of the train cache (checked per run through ``on_batch``); the rest is the validation split."""
+    shuffle of the train cache (checked per run through ``on_batch``); the next ``n`` are the validation split."""
     from fusion_cache.unified import UnifiedStream
 
     stream = UnifiedStream([str(caches[s.teacher]["train"])], tokenizer, chat_template=True,
                            max_length=s.max_length, shuffle_buffer=256, seed=s.seed, epochs=1)  # fmt: skip
     order = [e.sample_id for e in stream]
-    return sorted(order[s.steps * s.batch_size :])
+    return sorted(order[s.steps * s.batch_size :][:n])
 
 
 def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: int, val_ids: list[str]) -> dict:
@@ -166,12 +166,13 @@ def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: 
         extra["merge"] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
         model, tok, _ = load_student(summary["out"])
     t_train = time.perf_counter() - t0
-    _wait_for_caches(caches)
+    _wait_for_caches(caches, "heldout")
     # the investigation's variants are never evaluated on the held-out rows
     metrics = None if row["kind"] == "variant" else evaluate_student(model, tok, caches, s)
     t_eval = time.perf_counter()
-    val = None  # filled in by a later pass (`fill_validation`) when a train cache is still being built
-    if _ready(caches, "train"):
+    val = None  # the table's rows: filled in by `fill_validation` when asked (--validate), to save CPU time
+    if row["kind"] == "variant":
+        _wait_for_caches(caches, "train")
         val = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
     return {
         "slug": row["slug"],
@@ -203,32 +204,32 @@ def model_dir(row: dict, work: Path, student_dir: Path) -> Path:
 
 
 def fill_validation(rows: list[dict], s, work: Path, caches: dict, student_dir: Path, val_ids: list[str]) -> None:
-    """Evaluate on the validation split the finished rows that were run before the train caches were complete."""
+    """Evaluate the finished ``rows`` on the validation split (from their saved models), where not done yet."""
     from fusion_cache.demo import evaluate_student
     from fusion_cache.train import load_student
 
-    if not _ready(caches, "train"):
-        return
+    _wait_for_caches(caches, "train")
     for row in rows:
         path = work / "results" / f"{row['slug']}.json"
         if not path.exists():
             continue
         r = json.loads(path.read_text())
-        if r.get("validation") is not None:
+        if r.get("validation") is not None and r.get("validation_ids") == val_ids:
             continue
         t = time.perf_counter()
         model, tok, _ = load_student(str(model_dir(row, work, student_dir)))
         r["validation"] = evaluate_student(model, tok, caches, s, split="train", sample_ids=val_ids)
+        r["validation_ids"] = val_ids
         r["val_eval_s"] = round(time.perf_counter() - t, 1)
         _write_json(path, r)
         print(f"[bench] {row['slug']}: validation {json.dumps(r['validation'])}", flush=True)
 
 
-def _wait_for_caches(caches: dict) -> None:
-    """With --no-build another process may still be writing a held-out cache: wait for its manifest."""
+def _wait_for_caches(caches: dict, split: str) -> None:
+    """With --no-build another process may still be writing a cache: wait for its manifest."""
     for dirs in caches.values():
-        while not (Path(dirs["heldout"]) / "manifest.json").exists():
-            print(f"[bench] waiting for {dirs['heldout']}", flush=True)
+        while not (Path(dirs[split]) / "manifest.json").exists():
+            print(f"[bench] waiting for {dirs[split]}", flush=True)
             time.sleep(30)
 
 
@@ -256,7 +257,7 @@ def report(rows: list[dict], results: dict, s, args, m: dict) -> str:
 
 def validation_table(rows: list[dict], results: dict, s) -> str:
     """The same metrics on the validation split, for the table's runs and the investigation's variants."""
-    n = s.n_train - s.steps * s.batch_size
+    n = next((len(r["validation_ids"]) for r in results.values() if r.get("validation")), 0)
     lines = [
         f"Validation split: the {n} train rows that no run trains on (every run reads the same first "
         f"{s.steps * s.batch_size} rows of the same seeded shuffle, checked per run). The investigation's variants "
@@ -266,7 +267,8 @@ def validation_table(rows: list[dict], results: dict, s) -> str:
         "train/merge s |",
         "|---|---|---|---|---|---|",
     ]
-    lines += _table_rows(rows, results, "validation", s.teachers)
+    lines += _table_rows([r for r in rows if results.get(r["slug"], {}).get("validation")], results, "validation",
+                         s.teachers)  # fmt: skip
     return "\n".join(lines)
 
 
@@ -301,6 +303,10 @@ def main() -> None:
         help="use the data, caches and student start already under --work (another process may still be building "
         "a held-out cache: evaluation waits for it)",
     )
+    ap.add_argument(
+        "--validate", nargs="*", default=[], help="also evaluate these finished rows on the validation split"
+    )
+    ap.add_argument("--val-rows", type=int, default=40, help="size of the validation split (unseen train rows)")
     ap.add_argument("--investigate", action="store_true", help="also run the validation-only variants (VARIANTS)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two processes can share 2 cores)")
     ap.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
@@ -345,7 +351,7 @@ def main() -> None:
     if not args.report:
         from transformers import AutoTokenizer
 
-        val_ids = validation_ids(s, caches, AutoTokenizer.from_pretrained(student_dir))
+        val_ids = validation_ids(s, caches, AutoTokenizer.from_pretrained(student_dir), args.val_rows)
         print(f"[bench] validation split: {len(val_ids)} train rows no run trains on", flush=True)
         # the variants run only when named (--only or --investigate)
         todo = [r for r in rows if (args.only is None or r["slug"] in args.only)]
@@ -368,7 +374,8 @@ def main() -> None:
             finally:
                 lock.unlink()
             print(f"[bench] {row['slug']}: {json.dumps(r['metrics'])} val {json.dumps(r['validation'])}", flush=True)
-        fill_validation(rows + variants, s, work, caches, student_dir, val_ids)
+        if args.validate:
+            fill_validation([r for r in rows if r["slug"] in args.validate], s, work, caches, student_dir, val_ids)
     results = load_results(work)
     if not all(sl in results for sl in slugs):
         print(f"[bench] not finished yet: {[sl for sl in slugs if sl not in results]}; no table written", flush=True)
@@ -384,7 +391,8 @@ def main() -> None:
         "`--only SLUG ...` to split the runs over processes, `--report` to redo the table)."
     )
     done_variants = [v for v in variants if v["slug"] in results]
-    body += "\n\n" + validation_table(rows + done_variants, results, s)
+    if any(r.get("validation") for r in results.values()):
+        body += "\n\n" + validation_table(rows + done_variants, results, s)
     print(body)
     replace_section(args.out, SECTION, body, first=True)
     append_markdown(
