@@ -355,8 +355,9 @@ def main() -> None:
         val_ids = validation_ids(s, caches, AutoTokenizer.from_pretrained(student_dir), args.val_rows)
         print(f"[bench] validation split: {len(val_ids)} train rows no run trains on", flush=True)
         # the variants run only when named (--only or --investigate)
-        todo = [r for r in rows if (args.only is None or r["slug"] in args.only)]
-        todo += [v for v in variants if (args.investigate and args.only is None) or v["slug"] in (args.only or [])]
+        by_slug = {r["slug"]: r for r in rows + variants}
+        todo = [by_slug[x] for x in args.only] if args.only is not None else list(rows)  # --only: in its order
+        todo += [v for v in variants if args.investigate and args.only is None]
         for row in todo:
             if row["slug"] in load_results(work):
                 print(f"[bench] {row['slug']}: done already, skipped", flush=True)
