@@ -121,6 +121,39 @@ def validation_ids(s, caches: dict, tokenizer, n: int) -> list[str]:
     return sorted(order[s.steps * s.batch_size :][:n])
 
 
+def teacher_stats(caches: dict, split: str = "train") -> dict[str, dict]:
+    """How each teacher sees the (smollm2-sampled) answers, from its cache alone (no model): answer NLL in bits
+    per byte, mean top-1 probability, mean top-10 mass and how often the answer token is its top-1."""
+    import numpy as np
+
+    from fusion_cache.cache.reader import CacheReader
+
+    out = {}
+    for name, dirs in caches.items():
+        nll = nbytes = tokens = top1_hit = 0.0
+        p1 = m10 = 0.0
+        for row in CacheReader(str(dirs[split])).iter_rows():
+            a = row.answer_start
+            n = len(row.target_logprobs)
+            if n == 0:
+                continue
+            nll += -float(np.sum(row.target_logprobs))
+            nbytes += float(row.token_byte_end[a + n - 1] - row.token_byte_start[a])
+            tokens += n
+            lp = row.topk_logprobs
+            p1 += float(np.exp(lp[:, 0]).sum())
+            m10 += float(np.exp(lp[:, :10]).sum())
+            top1_hit += float((row.topk_ids[:, 0] == row.input_ids[a : a + n]).sum())  # row t predicts token a+t
+        out[name] = {
+            "answer_tokens": int(tokens),
+            "bits_per_byte": nll / max(nbytes, 1) / np.log(2),
+            "top1_prob": p1 / max(tokens, 1),
+            "top10_mass": m10 / max(tokens, 1),
+            "answer_is_top1": top1_hit / max(tokens, 1),
+        }
+    return out
+
+
 def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: int, val_ids: list[str]) -> dict:
     from fusion_cache.demo import evaluate_student
     from fusion_cache.demo import train_config
@@ -392,6 +425,17 @@ def main() -> None:
         "side on the shared machine), caches not included. Command: "
         "`PYTHONPATH=. python benchmarks/bench_fusion_results.py` (resumable; "
         "`--only SLUG ...` to split the runs over processes, `--report` to redo the table)."
+    )
+    stats = teacher_stats(caches, "train")
+    body += (
+        "\n\nThe teachers on the train answers, from their caches alone (no training; answers sampled from "
+        "smollm2-135m at T=0.8):\n\n| teacher | answer tokens | answer NLL, bits/byte | mean top-1 prob | "
+        "mean top-10 mass | answer token is its top-1 |\n|---|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {n} | {x['answer_tokens']} | {x['bits_per_byte']:.3f} | {x['top1_prob']:.3f} | {x['top10_mass']:.3f} "
+            f"| {x['answer_is_top1']:.3f} |"
+            for n, x in stats.items()
+        )
     )
     done_variants = [v for v in variants if v["slug"] in results]
     if any(r.get("validation") for r in results.values()):
