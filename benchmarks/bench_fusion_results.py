@@ -284,8 +284,23 @@ def report(rows: list[dict], results: dict, s, args, m: dict) -> str:
         "train/merge s |",
         "|---|---|---|---|---|---|",
     ]
-    lines += _table_rows(rows, results, "metrics", teachers)
+    lines += _table_rows(rows, results, "metrics", teachers, reference=_reference(args.reference))
+    if args.reference:
+        lines += [
+            "",
+            f"(ref) rows not run here, taken from `{args.reference}` (a `fusion-cache demo --kd-loss uld --kd-loss kl` "
+            "run with the same caches, student start, steps, seed and lr, torch's default 2 threads; no ULD to gemma).",
+        ]
     return "\n".join(lines)
+
+
+def _reference(path: Path | None) -> dict:
+    """{row name: metrics} of a `fusion-cache demo` results.json (rows of the same recipe run elsewhere)."""
+    if path is None:
+        return {}
+    return {
+        name: {**r, "uld": {"smollm2-135m": r["uld"]}} for name, r in json.loads(path.read_text())["results"].items()
+    }
 
 
 def validation_table(rows: list[dict], results: dict, s) -> str:
@@ -305,12 +320,15 @@ def validation_table(rows: list[dict], results: dict, s) -> str:
     return "\n".join(lines)
 
 
-def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str]) -> list[str]:
+def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str], reference=None) -> list[str]:
     lines = []
     for row in rows:
         if row["kind"] == "variant" and not lines[-1].startswith("| *investigation"):
             lines.append("| *investigation (validation only)* | | | | | |")
         r = results.get(row["slug"])
+        if r is None and row["name"] in (reference or {}):
+            r = {key: reference[row["name"]], "train_or_merge_s": float("nan")}
+            row = {**row, "name": row["name"] + " (ref)"}
         if r is None:
             lines.append(f"| {row['name']} | not run | | | | |")
             continue
@@ -321,7 +339,8 @@ def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str]) 
         agree = "n/a" if x["top1_agreement"] is None else f"{x['top1_agreement']:.4f}"
         uld = [x["uld"].get(t) for t in teachers]
         ulds = " | ".join("n/a" if v is None else f"{v:.4f}" for v in uld)
-        lines.append(f"| {row['name']} | {x['answer_ce']:.4f} | {agree} | {ulds} | {r['train_or_merge_s']:.0f} |")
+        secs = "" if r["train_or_merge_s"] != r["train_or_merge_s"] else f"{r['train_or_merge_s']:.0f}"  # NaN: ref
+        lines.append(f"| {row['name']} | {x['answer_ce']:.4f} | {agree} | {ulds} | {secs} |")
     return lines
 
 
@@ -331,6 +350,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None, help="run only these slugs (default: all not finished)")
     ap.add_argument("--report", action="store_true", help="only write the table from the finished runs")
     ap.add_argument("--partial", action="store_true", help="write the table even if some rows have not run")
+    ap.add_argument(
+        "--reference", type=Path, default=None, help="a `fusion-cache demo` results.json: its numbers for rows not run"
+    )
     ap.add_argument(
         "--no-build",
         action="store_true",
