@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_markdown  # noqa: E402
 from common import machine  # noqa: E402
+from common import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Earlier single-teacher experiment: pairwise pivots and merge methods (6-layer student)"
 MERGES = [
     ("TA (alpha 0.3, default)", {"method": "ta"}),
     ("TA (alpha 0.5 = mean)", {"method": "ta", "alpha": 0.5}),
@@ -121,7 +123,7 @@ def main() -> None:
     ]
     body = "\n".join(lines)
     print(body)
-    args.out.write_text("# Results\n\n## Pairwise pivots and merge methods (demo setup)\n\n" + body + "\n")
+    replace_section(args.out, SECTION, body)  # the two-teacher section (bench_fusion_results.py) is kept
     append_markdown(
         "merge_quality",
         f"{m['date']} merge quality",

@@ -53,3 +53,21 @@ def append_markdown(name: str, title: str, body: str, data: dict) -> Path:
     with (RESULTS / f"{name}.jsonl").open("a") as f:
         f.write(json.dumps(data) + "\n")
     return md
+
+
+def replace_section(path: Path, heading: str, body: str, *, first: bool = False) -> None:
+    """Write ``heading`` + ``body`` into the markdown file ``path`` (a "# Title" then "## ..." sections): replace
+    the section with that heading where it is, else add it (at the top with ``first``, else at the end). Every
+    other section is kept as it is."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    head, *sections = text.split("\n## ")
+    sections = ["## " + x.rstrip("\n") for x in sections]
+    new = heading + "\n\n" + body.rstrip("\n")
+    at = next((i for i, x in enumerate(sections) if x.split("\n", 1)[0] == heading), None)
+    if at is not None:
+        sections[at] = new
+    elif first:
+        sections.insert(0, new)
+    else:
+        sections.append(new)
+    path.write_text(head.rstrip("\n") + "\n\n" + "\n\n".join(sections) + "\n")

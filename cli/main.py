@@ -569,6 +569,26 @@ def fuse(
     typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {method} into {summary['out']}")
 
 
+def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | None, combine: list[str] | None):
+    """The `DemoSettings` of `fusion-cache demo`'s options (repeated values are kept once, in order)."""
+    from dataclasses import replace
+
+    from fusion_cache.demo import DemoSettings
+
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    if kd_loss:
+        bad = [k for k in kd_loss if k not in ("kl", "uld")]
+        if bad:
+            raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: kl, uld")
+        settings = replace(settings, kd_losses=tuple(dict.fromkeys(kd_loss)))
+    if combine and not second_teacher:
+        raise ConfigError(f"--combine {combine}: unified runs need a --second-teacher")
+    if second_teacher:
+        extra = {"combines": tuple(dict.fromkeys(combine))} if combine else {}
+        settings = replace(settings, second_teacher=second_teacher, **extra)  # DemoSettings checks the values
+    return settings
+
+
 @app.command()
 def report(
     runs: list[Path] = typer.Argument(..., help="`fusion-cache train` run directories (several: overlaid)"),
@@ -648,21 +668,21 @@ def demo(
         help="KD runs to compare with SFT (repeat): kl (default: top-K KL) and/or uld (InfiFusion's ULD; "
         "each run adds ~4 minutes on 2 cores)",
     ),
+    second_teacher: str | None = typer.Option(
+        None,
+        "--second-teacher",
+        help="a second teacher (e.g. gemma3-270m): captures the same rows and adds KD from it alone and unified "
+        "fusion of both teachers to the table (each run adds ~4-8 minutes on 2 cores)",
+    ),
+    combine: list[str] = typer.Option(
+        None, "--combine", help="with --second-teacher: unified runs to add (repeat): mean (default), sum, uncertainty"
+    ),
 ) -> None:
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""
-    from dataclasses import replace
-
-    from fusion_cache.demo import DemoSettings
     from fusion_cache.demo import run_demo
 
     try:
-        settings = DemoSettings.quick() if quick else DemoSettings()
-        if kd_loss:
-            bad = [k for k in kd_loss if k not in ("kl", "uld")]
-            if bad:
-                raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: kl, uld")
-            settings = replace(settings, kd_losses=tuple(dict.fromkeys(kd_loss)))
-        run_demo(out, settings=settings)
+        run_demo(out, settings=demo_settings(quick, kd_loss, second_teacher, combine))
     except FusionCacheError as e:
         _fail(e)
 

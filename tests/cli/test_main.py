@@ -125,3 +125,23 @@ def test_train_unified_reports_join_and_alignment(tmp_path, tiny_model_dir, mult
 def test_demo_refuses_an_unknown_kd_loss(tmp_path):
     r = _run("demo", "--out", tmp_path / "d", "--kd-loss", "mse")
     assert r.exit_code == 2 and "--kd-loss: unknown value(s) ['mse']" in r.output
+
+
+def test_demo_second_teacher_options():
+    from cli.main import demo_settings
+
+    s = demo_settings(False, None, "gemma3-270m", None)
+    assert s.second_teacher == "gemma3-270m" and s.combines == ("mean",) and s.kd_losses == ("kl",)
+    s = demo_settings(True, ["uld"], "gemma3-270m", ["sum", "uncertainty", "sum"])
+    assert s.combines == ("sum", "uncertainty") and s.kd_losses == ("uld",) and s.steps == 3  # --quick kept
+    assert demo_settings(False, None, None, None).second_teacher is None  # the default demo: one teacher
+
+
+def test_demo_refuses_bad_second_teacher_options(tmp_path):
+    r = _run("demo", "--out", tmp_path / "d", "--combine", "sum")
+    assert r.exit_code == 2 and "unified runs need a --second-teacher" in r.output
+    r = _run("demo", "--out", tmp_path / "d", "--second-teacher", "gemma3-270m", "--combine", "max")
+    assert r.exit_code == 2 and "combines: unknown or no value(s) ['max']" in r.output
+    r = _run("demo", "--out", tmp_path / "d", "--second-teacher", "smollm2-135m")
+    assert r.exit_code == 2 and "is the demo's teacher already" in r.output
+    assert not (tmp_path / "d").exists()  # refused before anything ran

@@ -1,4 +1,5 @@
-"""`fusion_cache.evaluate` on the tiny model: answer CE of an input file's rows, a cache's metrics, `run_eval`."""
+"""`fusion_cache.evaluate` on the tiny model: answer CE of an input file's rows, a cache's metrics, several
+teachers' caches at once (`evaluate_teachers`), `run_eval`."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 
 import pytest
 
+from fusion_cache.cache.reader import CacheReader
 from fusion_cache.config import TrainConfig
 from fusion_cache.errors import ConfigError
 from fusion_cache.evaluate import eval_table
 from fusion_cache.evaluate import evaluate_model
 from fusion_cache.evaluate import evaluate_rows
+from fusion_cache.evaluate import evaluate_teachers
 from fusion_cache.evaluate import run_eval
 from fusion_cache.train import load_student
 from fusion_cache.train import run_train
@@ -65,3 +68,22 @@ def test_run_eval_refuses_what_it_cannot_evaluate(tmp_path, tiny_model_dir, buil
         run_eval(str(tiny_model_dir), cache=str(tmp_path))
     with pytest.raises(ConfigError, match="pass one cache"):
         run_eval(str(tiny_model_dir), data=str(built_cache), cache=str(built_cache))
+
+
+@pytest.mark.slow  # builds the shared tiny caches when run alone
+def test_evaluate_teachers_matches_evaluate_model_and_adds_the_other_teacher(tiny_model_dir, multi_caches):
+    model, tok, _ = load_student(str(tiny_model_dir))
+    a, b = str(multi_caches["a"]), str(multi_caches["b"])
+    one = evaluate_model(model, tok, a, k=6, batch_size=3)
+    both = evaluate_teachers(model, tok, [a, b], k=6, batch_size=3)
+    # the student's tokens and CE come from the same-tokenizer cache, whichever teachers join it
+    assert both["samples"] == one["samples"] == 8 and both["answer_tokens"] == one["answer_tokens"]
+    assert both["answer_ce"] == pytest.approx(one["answer_ce"], rel=1e-5)
+    assert both["top1_agreement"] == pytest.approx(one["top1_agreement"])
+    ulds = list(both["uld"].values())
+    assert ulds[0] == pytest.approx(one["uld"], rel=1e-4)  # per-sample mean, then mean over samples, as evaluate_model
+    assert ulds[1] is not None and ulds[1] > 0 and list(both["aligned"].values())[1] > 0  # the other tokenizer
+    # a subset of samples: only those are evaluated; teacher b lacks rows 5-7, so its ULD covers what it has
+    ids = [r.sample_id for r in CacheReader(a).iter_rows()]
+    sub = evaluate_teachers(model, tok, [a, b], k=6, sample_ids=set(ids[5:]))
+    assert sub["samples"] == 3 and list(sub["uld"].values())[1] is None
