@@ -140,6 +140,15 @@ class CacheStream(torch.utils.data.IterableDataset):
         return self.reader.decode_batch(batch.take(pa.array(rows, type=pa.int64())), name)
 
 
+def check_rank_layout(state: dict, rank: int, world_size: int) -> None:
+    """Refuse a saved stream position taken by another rank layout (each rank saved its own part of the data)."""
+    if (state.get("rank"), state.get("world_size")) != (rank, world_size):
+        raise ConfigError(
+            f"stream state: saved by rank {state.get('rank')} of {state.get('world_size')}, "
+            f"loaded by rank {rank} of {world_size}; resume with the same number of processes"
+        )
+
+
 class StreamIterator:
     """The stateful iterator of a `CacheStream`; ``state_dict()`` between two examples captures it exactly.
 
@@ -186,11 +195,7 @@ class StreamIterator:
                 f"stream state: saved for cache fingerprint {str(state.get('cache_fingerprint'))[:16]}..., "
                 f"but {s.reader.path} has {fp[:16]}...; resume with the cache the run started with"
             )
-        if (state.get("rank"), state.get("world_size")) != (s.rank, s.world_size):
-            raise ConfigError(
-                f"stream state: saved by rank {state.get('rank')} of {state.get('world_size')}, "
-                f"loaded by rank {s.rank} of {s.world_size}; resume with the same number of processes"
-            )
+        check_rank_layout(state, s.rank, s.world_size)
         self._epoch = int(state["epoch"])
         self._pos = _Ref(*(int(x) for x in state["position"]))
         self._ordinal = int(state["ordinal"])

@@ -36,6 +36,7 @@ from fusion_cache.losses import uld_loss
 from fusion_cache.objective import answer_logits
 from fusion_cache.render import render
 from fusion_cache.render import tokenizer_hash
+from fusion_cache.stream import check_rank_layout
 from fusion_cache.stream import pad_answers
 
 
@@ -259,11 +260,7 @@ class UnifiedIterator:
                 f"stream state: saved for caches with fingerprints {state.get('cache_fingerprints')}, but the "
                 f"caches given have {s.fingerprints()}; resume with the caches the run started with, in that order"
             )
-        if (state.get("rank"), state.get("world_size")) != (s.rank, s.world_size):
-            raise ConfigError(
-                f"stream state: saved by rank {state.get('rank')} of {state.get('world_size')}, "
-                f"loaded by rank {s.rank} of {s.world_size}; resume with the same number of processes"
-            )
+        check_rank_layout(state, s.rank, s.world_size)
         target = int(state["yielded"])
         for _ in range(target):
             if next(self._gen, None) is None:
