@@ -3,12 +3,15 @@
 Four codecs, chosen at build time and recorded in the manifest and every shard's schema metadata:
 
 - ``raw``: fp32 log-probs + int32 ids + fp32 target log-probs, uncompressed. The exact reference (v1's only codec).
-- ``full`` (layout 2, schema version 3): ids as per-shard ranks split into a bucket byte (zstd's Huffman stage codes
-  it, one Arrow column per group of rank columns so each group gets its own table) and bit-packed offsets inside the
-  bucket; values quantized relative to the row maximum with a log companding; the tail mass (1 - sum of the top-K
-  probabilities) as fp16; target log-probs only where the answer token is not among the top-K ids (elsewhere they
-  are the decoded value of that id). Layout 1 (schema version 2: ids as byte planes, square-root companding, every
-  target log-prob as fp16) is still read.
+- ``full`` (layout 3, schema version 3): ids as per-shard ranks split into byte planes (byte i of every rank), each
+  plane one Arrow column per group of rank columns, so zstd gives each group its own Huffman table; values quantized
+  relative to the row maximum with a log companding; the tail mass (1 - sum of the top-K probabilities) as fp16;
+  target log-probs only where the answer token is not among the top-K ids (elsewhere they are the decoded value of
+  that id); zstd level 16 (its optimal parsing codes the high rank plane and the value codes near their order-0
+  entropy, where level 3's greedy matches lose 3.4 B/token on them at K=64). Layout 2 (schema version 3, the same
+  but each rank as a bucket byte plus bit-packed offsets: 1.2 B/token smaller at the same level, ~4x slower to
+  decode) and layout 1 (schema version 2: ungrouped byte planes, square-root companding, every target log-prob as
+  fp16) are still read.
 - ``values``: the sorted values only (ULD needs nothing else): fp16 row maximum and span + quantized codes, zstd.
 - ``shape`` (schema version 3): the sorted values' shape only, ``(v_j - v_0) / (v_0 - v_{K-1})`` in [-1, 0],
   linearly quantized; no row maximum or span. The z-scored ULD loss is invariant to a row's offset and scale, so it
@@ -47,9 +50,14 @@ from fusion_cache.errors import ShardFormatError
 CODEC_NAMES = ("full", "values", "shape", "raw")
 LATEST_SCHEMA_VERSION = 3  # fusion_cache/cache/schema.py re-exports it as SCHEMA_VERSION
 DEFAULT_VALUE_BITS = {"full": 6, "values": 8, "shape": 8}
-DEFAULT_ZSTD_LEVEL = 3
-FULL_LAYOUT = 2  # the layout a build writes; layout 1 (no "layout" key, schema version 2) is still read
-MU = 16.0  # the log companding's curvature (full layout 2): f(x) = ln(1 + MU x) / ln(1 + MU)
+# zstd level of each compact codec's Arrow IPC compression. full: 16, the first level with zstd's optimal parsing
+# (btultra): at K=64 on SmolLM2 output the high rank plane drops from 32.3 to 28.9 B/token and the value codes from
+# 12.1 to 8.7 against level 3, and they decompress faster (fewer, longer sequences); encoding costs ~50 us/token
+# (benchmarks/results/codec.md).
+DEFAULT_ZSTD_LEVELS = {"full": 16, "values": 3, "shape": 3}
+FULL_LAYOUT = 3  # the layout a build writes; layout 2 and layout 1 (no "layout" key, schema version 2) are still read
+FULL_LAYOUTS = (2, 3)  # the layouts schema version 3 has
+MU = 16.0  # the log companding's curvature (full layouts 2 and 3): f(x) = ln(1 + MU x) / ln(1 + MU)
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,9 @@ class CodecSpec:
     Attributes:
         name: "raw", "full", "values" or "shape".
         value_bits: bits per quantized value code (2..16), all but raw.
-        id_bytes: bytes per token id (1..4; 1..3 for full layout 2), full only.
+        id_bytes: bytes per token id (1..4; 1..3 for full layouts 2 and 3), full only.
         zstd_level: zstd level of the Arrow IPC buffer compression, all but raw.
-        layout: full only: 2 (schema version 3) or None for layout 1 (schema version 2, no "layout" key).
+        layout: full only: 3 or 2 (schema version 3) or None for layout 1 (schema version 2, no "layout" key).
     """
 
     name: str
@@ -93,9 +101,9 @@ class CodecSpec:
 
     @property
     def companding(self) -> str:
-        """ "sqrt" (values, full layout 1), "log" (full layout 2) or "linear" (shape); "none" for raw."""
+        """ "sqrt" (values, full layout 1), "log" (full layouts 2 and 3) or "linear" (shape); "none" for raw."""
         if self.name == "full":
-            return "log" if self.layout == 2 else "sqrt"
+            return "sqrt" if self.layout is None else "log"
         return {"values": "sqrt", "shape": "linear"}.get(self.name, "none")
 
     def to_json(self) -> dict:
@@ -107,8 +115,8 @@ class CodecSpec:
         return out
 
     def columns(self, k: int | None = None) -> dict[str, pa.DataType]:
-        """The codec's Arrow columns (after the common columns), in schema order. ``k`` is needed by full layout 2,
-        whose column groups depend on K."""
+        """The codec's Arrow columns (after the common columns), in schema order. ``k`` is needed by full layouts 2
+        and 3, whose column groups depend on K."""
         code_type = pa.uint8() if (self.value_bits or 0) <= 8 else pa.uint16()
         if self.name == "raw":
             return {
@@ -116,11 +124,14 @@ class CodecSpec:
                 "topk_logprobs": pa.list_(pa.float32()),
                 "target_logprobs": pa.list_(pa.float32()),
             }
-        if self.name == "full" and self.layout == 2:
+        if self.name == "full" and self.layout is not None:
             if k is None:
-                raise ValueError("the columns of full layout 2 depend on K")
-            cols = {f"topk_id_buckets_g{g}": pa.list_(pa.uint8()) for g in range(len(id_groups(k)))}
-            cols["topk_id_offsets"] = pa.list_(pa.uint8())
+                raise ValueError(f"the columns of full layout {self.layout} depend on K")
+            if self.layout == 2:
+                cols = {f"topk_id_buckets_g{g}": pa.list_(pa.uint8()) for g in range(len(id_groups(k)))}
+                cols["topk_id_offsets"] = pa.list_(pa.uint8())
+            else:
+                cols = {name: pa.list_(pa.uint8()) for name in id_plane_columns(self.id_bytes, k)}
             cols.update({"topk_max": pa.list_(pa.float16()), "topk_span": pa.list_(pa.float16())})
             cols.update({f"topk_codes_g{g}": pa.list_(code_type) for g in range(len(code_groups(k)))})
             cols.update({"tail_mass": pa.list_(pa.float16()), "target_logprobs_missing": pa.list_(pa.float16())})
@@ -152,11 +163,17 @@ class CodecSpec:
         return pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=self.zstd_level))
 
 
+def id_plane_columns(id_bytes: int, k: int) -> list[str]:
+    """Full layout 3's id columns in schema order: ``topk_ids_b{i}_g{g}``, byte i (least significant first) of the
+    ranks in column group g (``id_groups(k)``), for i = 0..id_bytes-1, then g."""
+    return [f"topk_ids_b{i}_g{g}" for i in range(id_bytes) for g in range(len(id_groups(k)))]
+
+
 def id_groups(k: int) -> list[tuple[int, int]]:
-    """Column groups of the [n, K] id buckets (full layout 2): group g holds columns [2^g - 1, min(2^(g+1) - 1, K)).
+    """Column groups of the [n, K] id buckets (full layout 2) and rank byte planes (layout 3): group g holds columns [2^g - 1, min(2^(g+1) - 1, K)).
 
     Each group is its own Arrow column, so its own zstd frame with its own Huffman table: the top ranks' buckets
-    are far more skewed than the 60th's.
+    (and high bytes) are far more skewed than the 60th's.
     """
     out, g = [], 0
     while (1 << g) - 1 < k:
@@ -209,7 +226,7 @@ def make_codec(
     params = {
         "name": name,
         "value_bits": DEFAULT_VALUE_BITS[name] if value_bits is None else value_bits,
-        "zstd_level": DEFAULT_ZSTD_LEVEL if zstd_level is None else zstd_level,
+        "zstd_level": DEFAULT_ZSTD_LEVELS[name] if zstd_level is None else zstd_level,
     }
     if name == "full":
         if vocab_size is None:
@@ -277,8 +294,8 @@ def parse_codec(raw: object, where: str = "codec", schema_version: int = LATEST_
         return CodecSpec("raw")
     bits = _int("value_bits", 2, 16)
     level = _int("zstd_level", -7, 22)
-    layout = _int("layout", FULL_LAYOUT, FULL_LAYOUT) if "layout" in allowed else None
-    ids = _int("id_bytes", 1, 3 if layout == 2 else 4) if name == "full" else None
+    layout = _int("layout", FULL_LAYOUTS[0], FULL_LAYOUTS[-1]) if "layout" in allowed else None
+    ids = _int("id_bytes", 1, 4 if layout is None else 3) if name == "full" else None
     return CodecSpec(name, value_bits=bits, id_bytes=ids, zstd_level=level, layout=layout)
 
 
@@ -553,6 +570,41 @@ def rank_table(order: np.ndarray, size: int) -> np.ndarray:
         _PERM_CACHE.clear()
     _PERM_CACHE[id(order)] = (order, table)
     return table
+
+
+# ------------------------------------------------------------------------------------------------ id planes
+def decode_rank_planes(
+    planes: list[list[np.ndarray]], n: int, k: int, id_bytes: int, table: np.ndarray | None = None
+) -> np.ndarray:
+    """Ranks of full layout 3 from their byte planes: int32 [n, k], or ``table[rank]`` when a rank -> id ``table``
+    (of 256^id_bytes entries, id_bytes <= 2) is given.
+
+    Args:
+        planes: ``planes[i][g]``: uint8 [n * (b - a)], byte i (least significant first) of the ranks in column
+            group g = ``id_groups(k)[g]`` = [a, b), row-major [n, b - a] (the reader checks the lengths).
+
+    The bytes go straight into the byte lanes of a little-endian uint16 (uint32 for 3-byte ids) scratch matrix of
+    ~DECODE_CHUNK ranks (strided byte copies: no shifts, no casts), which is then gathered through ``table`` into
+    the output while it is in the L2 cache. Every rank < 256^id_bytes is valid, so nothing can be corrupt here.
+    """
+    groups = id_groups(k)
+    out = np.empty((n, k), np.int32)
+    if n == 0 or k == 0:
+        return out
+    lanes = 2 if id_bytes <= 2 else 4
+    rows = max(1, min(n, DECODE_CHUNK // k))
+    scratch = np.zeros((rows, k), f"<u{lanes}")  # lanes past id_bytes stay zero
+    lane = scratch.view(np.uint8).reshape(rows, k, lanes)
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        for i in range(id_bytes):
+            for g, (a, b) in enumerate(groups):
+                lane[: t1 - t0, a:b, i] = planes[i][g][t0 * (b - a) : t1 * (b - a)].reshape(t1 - t0, b - a)
+        if table is None:
+            out[t0:t1] = scratch[: t1 - t0]
+        else:  # a uint16 index array: numpy widens it in its own buffer, as fast as an explicit int64 copy
+            np.take(table, scratch[: t1 - t0], out=out[t0:t1], mode="clip")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ id buckets
