@@ -170,7 +170,8 @@ def id_plane_columns(id_bytes: int, k: int) -> list[str]:
 
 
 def id_groups(k: int) -> list[tuple[int, int]]:
-    """Column groups of the [n, K] id buckets (full layout 2) and rank byte planes (layout 3): group g holds columns [2^g - 1, min(2^(g+1) - 1, K)).
+    """Column groups of the [n, K] id buckets (full layout 2) and rank byte planes (layout 3): group g holds columns
+    [2^g - 1, min(2^(g+1) - 1, K)).
 
     Each group is its own Arrow column, so its own zstd frame with its own Huffman table: the top ranks' buckets
     (and high bytes) are far more skewed than the 60th's.
@@ -868,7 +869,8 @@ def decode_value_groups(
     shard: str,
     companding: str = "log",
 ) -> np.ndarray:
-    """Values of full layout 2: dequantize_values(vmax, span, code_sums(codes, bits, code_groups(k), n)) in chunks.
+    """Values of full layouts 2 and 3: dequantize_values(vmax, span, code_sums(codes, bits, code_groups(k), n)) in
+    chunks.
 
     Args:
         codes: one uint8/uint16 [n, b - a] array per column group ``code_groups(k)`` of the [n, K-2] code deltas.
@@ -881,7 +883,7 @@ def decode_value_groups(
     About DECODE_CHUNK codes at a time go through a scratch [rows, K] matrix: the groups copied in after a zero
     column, one flat int64 cumsum across the rows (a flat cumsum is ~1.5x faster than numpy's per-row
     ``axis=1`` one), each row's running total before it subtracted, the expansion table gathered with int64
-    indices (no index conversion) straight into the output, then scaled by the span and subtracted from the max.
+    indices (no index conversion) straight into the output, then scaled by the negated span and added to the max.
     """
     n = vmax.shape[0]
     m = (1 << bits) - 1
@@ -892,6 +894,7 @@ def decode_value_groups(
     if n == 0:
         return out
     bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
+    neg_span = np.negative(span)
     table = expand_table(companding, m)
     rows = max(1, min(n, DECODE_CHUNK // k))
     scratch = np.zeros((rows, k), dtype=codes[0].dtype if codes else np.uint8)  # column 0 and K-1 stay 0
@@ -914,6 +917,8 @@ def decode_value_groups(
                 f"max {float(vmax[t0 + t])}, span {float(span[t0 + t])})"
             )
         np.take(table, qc, out=o, mode="clip")
-        o *= span[t0:t1, None]
-        np.subtract(vmax[t0:t1, None], o, out=o)
+        # max - span * g as max + (-span) * g: the same float32 result bit for bit (negation is exact), and the
+        # output is the first operand of the add, so numpy does not copy it first (as it does for max - o)
+        o *= neg_span[t0:t1, None]
+        o += vmax[t0:t1, None]
     return out

@@ -176,26 +176,32 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
     if targets is not None:
         targets = targets.astype(np.float32, copy=False)
     sample_ids = batch.column("sample_id").to_pylist()
-    row_index = batch.column("row_index").to_numpy()
+    row_index = batch.column("row_index").to_numpy().tolist()
     convs = batch.column("conversation").to_pylist()
-    missing_ids = MissingField("topk_ids", codec.name)
-    missing_targets = MissingField("target_logprobs", codec.name)
+    has_ids, has_targets = codec.has_ids, codec.has_targets
+    if not has_ids:
+        topk_ids = MissingField("topk_ids", codec.name)
+    if not has_targets:
+        targets = MissingField("target_logprobs", codec.name)
+    byte_start, byte_end = parts["token_byte_start"], parts["token_byte_end"]
+    # Python ints for the per-row slicing (numpy scalars make every slice several times slower)
+    tok_at, ans_at, starts = ids_off.tolist(), ans_off.tolist(), answer_start.tolist()
     rows = []
     for r in range(batch.num_rows):
-        s, e = ids_off[r], ids_off[r + 1]
-        a0, a1 = ans_off[r], ans_off[r + 1]
+        s, e = tok_at[r], tok_at[r + 1]
+        a0, a1 = ans_at[r], ans_at[r + 1]
         rows.append(
             CacheRow(
                 sample_id=sample_ids[r],
-                row_index=int(row_index[r]),
+                row_index=row_index[r],
                 conversation=convs[r],
                 input_ids=ids[s:e],
-                answer_start=int(answer_start[r]),
-                token_byte_start=parts["token_byte_start"][s:e],
-                token_byte_end=parts["token_byte_end"][s:e],
-                topk_ids=topk_ids[a0:a1] if codec.has_ids else missing_ids,
+                answer_start=starts[r],
+                token_byte_start=byte_start[s:e],
+                token_byte_end=byte_end[s:e],
+                topk_ids=topk_ids[a0:a1] if has_ids else topk_ids,
                 topk_logprobs=values[a0:a1],
-                target_logprobs=targets[a0:a1] if codec.has_targets else missing_targets,
+                target_logprobs=targets[a0:a1] if has_targets else targets,
                 tail_mass=tail[a0:a1] if tail is not None else None,
             )
         )

@@ -676,7 +676,7 @@ def test_rank_planes_decode_in_chunks(id_bytes, monkeypatch):
     for k, n in ((1, 5), (7, 40), (64, 300)):
         ranks = np.minimum((rng.pareto(0.5, (n, k)) * 20).astype(np.int64), top - 1)
         ranks[0, 0] = top - 1
-        planes = [[np.ascontiguousarray(p[:, a:b]).reshape(-1) for a, b in id_groups(k)] for p in pack_ids(ranks, id_bytes)]
+        planes = [[np.ascontiguousarray(p[:, a:b]).ravel() for a, b in id_groups(k)] for p in pack_ids(ranks, id_bytes)]
         table = rng.permutation(min(top, 1 << 16)).astype(np.int32) if id_bytes <= 2 else None
         for chunk in (1, 3 * k, 1 << 16):
             monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
