@@ -356,6 +356,9 @@ class CacheReader:
         while True:
             try:
                 batch = reader.read_next_batch()
+                # buffer sizes against the declared lengths (O(columns)): a damaged shard read without its checksum
+                # is refused here, not deep inside Arrow or numpy
+                batch.validate()
             except StopIteration:
                 return
             except (pa.ArrowInvalid, OSError) as e:

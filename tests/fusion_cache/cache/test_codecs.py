@@ -498,23 +498,24 @@ def test_corrupt_full_layout2_columns_are_named():
         decode_record_batch(_replace(batch, schema, "target_logprobs_missing", extra, ends), codec, 8, "shard-b")
 
 
-def _rewrite_as_v2_full(cache, tmp_path):
-    """Turn a raw v3 cache into the v2 full layout-1 cache an older fusion-cache wrote."""
+def _rewrite_as_v2_full(cache, tmp_path, codec=None, version=2):
+    """Turn a raw v3 cache into the v2 full layout-1 cache an older fusion-cache wrote (or into ``codec`` of
+    schema ``version``)."""
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.fingerprint import file_sha256
     from fusion_cache.cache.writer import ShardWriter
 
     reader = CacheReader(cache)
     m = json.loads((cache / "manifest.json").read_text())
-    codec = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3}
-    prov = {"schema_version": 2, "k": m["k"], "codec": codec, "config_fingerprint": m["config_fingerprint"]}
+    codec = codec or {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3}
+    prov = {"schema_version": version, "k": m["k"], "codec": codec, "config_fingerprint": m["config_fingerprint"]}
     for i, info in enumerate(m["shards"]):
         rows = [r for b in reader._iter_shard(i) for r in reader.decode_batch(b, info["path"])]
         with ShardWriter(tmp_path / f"w{i}", prov) as w:
             w.write_rows(rows)
         (cache / info["path"]).write_bytes((tmp_path / f"w{i}" / w.shards[0]["path"]).read_bytes())
         info.update(sha256=file_sha256(cache / info["path"]), bytes=(cache / info["path"]).stat().st_size)
-    m.update(schema_version=2, codec=codec)
+    m.update(schema_version=version, codec=codec)
     m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
     (cache / "manifest.json").write_text(json.dumps(m))
 
@@ -531,6 +532,18 @@ def test_v2_full_layout1_caches_are_still_read(cache_copy, built_cache, tmp_path
     _edit(cache_copy, lambda m: m["codec"].update(layout=2))  # version 2 has no layout 2
     with pytest.raises(ShardFormatError, match="unknown \\['layout'\\]"):
         load_manifest(cache_copy)
+
+
+def test_v3_full_layout2_caches_are_still_read(cache_copy, built_cache, tmp_path, monkeypatch):
+    layout2 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3, "layout": 2}
+    _rewrite_as_v2_full(cache_copy, tmp_path, layout2, version=3)
+    _check_doc_reader(cache_copy, monkeypatch)  # the reader in the docs reads layout 2 too
+    reader = CacheReader(cache_copy)
+    assert reader.codec.layout == 2 and reader.verify() == [] and "topk_id_offsets" in reader.columns
+    for a, b in zip(CacheReader(built_cache).iter_rows(), reader.iter_rows(), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+        np.testing.assert_allclose(b.target_logprobs, a.target_logprobs, atol=0.05)
 
 
 def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refused():
