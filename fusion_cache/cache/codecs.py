@@ -721,6 +721,8 @@ def bucket_widths(buckets: np.ndarray, out: np.ndarray | None = None) -> np.ndar
 # element; this is one multiplication per eight elements plus a cumsum over an eighth of them.
 _LANES_INCL = np.uint64(0x0101010101010101)
 _LANES_EXCL = np.uint64(0x0101010101010100)
+_BYTES_EVEN = np.uint64(0x00FF00FF00FF00FF)  # bytes 0, 2, 4, 6 of a uint64 as four 16-bit lanes
+_WORDS_INCL = np.uint64(0x0001000100010001)  # the same prefix-sum trick over four 16-bit lanes
 
 
 def decode_bucket_ids(
@@ -880,10 +882,14 @@ def decode_value_groups(
         float32 [n, K]. Refuses (naming the shard and answer position) codes that sum past 2^bits - 1 and a
         non-finite or negative max or span.
 
-    About DECODE_CHUNK codes at a time go through a scratch [rows, K] matrix: the groups copied in after a zero
-    column, one flat int64 cumsum across the rows (a flat cumsum is ~1.5x faster than numpy's per-row
-    ``axis=1`` one), each row's running total before it subtracted, the expansion table gathered with int64
-    indices (no index conversion) straight into the output, then scaled by the negated span and added to the max.
+    About DECODE_CHUNK codes at a time go through a scratch [rows, K] matrix (the groups copied in after a zero
+    column), then the running sums Q, the expansion table gathered with int64 indices (no index conversion)
+    straight into the output, scaled by the negated span and added to the max. For codes of up to 8 bits every
+    valid Q fits in a byte, so the running sums are computed eight bytes at a time (``_LANES_INCL``: one uint64
+    multiplication gives the prefix sums inside eight lanes, then each lane group's carry is added): about 1/8 of
+    a numpy pass per code where a cumsum is a sequential loop over every code, and it is checked first with exact
+    per-row totals (so no lane can overflow). Wider codes take one flat int64 cumsum across the rows minus each
+    row's running total before it (a flat cumsum is ~1.5x faster than numpy's per-row ``axis=1`` one).
     """
     n = vmax.shape[0]
     m = (1 << bits) - 1
@@ -893,6 +899,65 @@ def decode_value_groups(
     out = np.empty((n, k), np.float32)
     if n == 0:
         return out
+    bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
+    neg_span = np.negative(span)
+    table = expand_table(companding, m)
+    # twice the ids' chunk: the eight-lane steps work on 1/8 of the codes each, so a smaller chunk is bound by
+    # numpy's per-call cost (K=64: 3.9 ms against 4.7 at DECODE_CHUNK codes)
+    rows = max(1, min(n, 2 * DECODE_CHUNK // k))
+    lanes = bits <= 8 and all(c.dtype == np.uint8 for c in codes)
+    width = -(-k // 8) * 8 if lanes else k  # whole uint64 lane groups (the padding columns stay 0)
+    scratch = np.zeros((rows, width), dtype=np.uint8 if lanes else (codes[0].dtype if codes else np.uint8))
+    q, before = np.empty((rows, k), np.int64), np.empty(rows, np.int64)
+    if lanes:
+        g8 = width // 8
+        prefix, sums, tmp, carry = (np.empty((rows, g8), "<u8") for _ in range(4))
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        r = t1 - t0
+        sc, qc, o = scratch[:r], q[:r], out[t0:t1]
+        for c, (a, b) in zip(codes, groups, strict=True):
+            sc[:, 1 + a : 1 + b] = c[t0:t1]
+        if lanes:
+            x, p, gs, tm, cy = sc.view("<u8"), prefix[:r], sums[:r], tmp[:r], carry[:r]
+            # exact sum of each lane group's eight bytes: bytes -> four 16-bit lanes -> their sum in the top lane
+            np.bitwise_and(x, _BYTES_EVEN, out=gs)
+            np.right_shift(x, np.uint64(8), out=tm)
+            tm &= _BYTES_EVEN
+            gs += tm
+            gs *= _WORDS_INCL
+            gs >>= np.uint64(48)
+            np.cumsum(gs.reshape(-1), out=cy.reshape(-1))  # inclusive, across the rows
+            total = cy[:, -1] - (cy[:, 0] - gs[:, 0])  # each row's sum (uint64 wraps back exactly)
+            over = total > np.uint64(m)
+        else:
+            flat = qc.reshape(-1)
+            np.cumsum(sc.reshape(-1), dtype=np.int64, out=flat)
+            np.copyto(before[:r], qc[:, 0])  # column 0 holds the running total of the rows before
+            qc -= before[:r, None]  # (a copy first: an operand overlapping the output is copied whole by numpy)
+            over = qc[:, -2] > m if k > 2 else np.zeros(r, bool)
+        if over.any() or bad[t0:t1].any():
+            t = int(np.flatnonzero(over | bad[t0:t1])[0])
+            total_t = int(np.sum(sc[t], dtype=np.int64))
+            raise ShardFormatError(
+                f"{shard}: answer position {t0 + t}: corrupt value codes (sum {total_t} > {m}, "
+                f"max {float(vmax[t0 + t])}, span {float(span[t0 + t])})"
+            )
+        if lanes:
+            cy -= gs  # exclusive running sums across the rows ...
+            np.copyto(before[:r], cy[:, 0].view(np.int64))
+            cy -= before[:r, None].view(np.uint64)  # ... restarted at each row: the carry into each lane group
+            cy *= _LANES_INCL  # copied into every byte
+            np.multiply(x, _LANES_INCL, out=p)  # prefix sums inside each lane group (every one <= m <= 255)
+            p += cy
+            np.copyto(qc, p.view(np.uint8)[:, :k])  # Q, widened for the gather
+        qc[:, -1] = m
+        np.take(table, qc, out=o, mode="clip")
+        # max - span * g as max + (-span) * g: the same float32 result bit for bit (negation is exact), and the
+        # output is the first operand of the add, so numpy does not copy it first (as it does for max - o)
+        o *= neg_span[t0:t1, None]
+        o += vmax[t0:t1, None]
+    return out
     bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
     neg_span = np.negative(span)
     table = expand_table(companding, m)
