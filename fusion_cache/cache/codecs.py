@@ -8,9 +8,9 @@ Four codecs, chosen at build time and recorded in the manifest and every shard's
   relative to the row maximum with a log companding; the tail mass (1 - sum of the top-K probabilities) as fp16;
   target log-probs only where the answer token is not among the top-K ids (elsewhere they are the decoded value of
   that id); zstd level 16 (its optimal parsing codes the high rank plane and the value codes near their order-0
-  entropy, where level 3's greedy matches lose 3.4 B/token on them at K=64). Layout 2 (schema version 3, the same
-  but each rank as a bucket byte plus bit-packed offsets: 1.2 B/token smaller at the same level, ~4x slower to
-  decode) and layout 1 (schema version 2: ungrouped byte planes, square-root companding, every target log-prob as
+  entropy, where level 3's greedy matches lose 6.8 B/token on them at K=64). Layout 2 (schema version 3, the same
+  but each rank as a bucket byte plus bit-packed offsets: 1.2 B/token smaller at the same level, ids ~2.5x slower
+  to decode) and layout 1 (schema version 2: ungrouped byte planes, square-root companding, every target log-prob as
   fp16) are still read.
 - ``values``: the sorted values only (ULD needs nothing else): fp16 row maximum and span + quantized codes, zstd.
 - ``shape`` (schema version 3): the sorted values' shape only, ``(v_j - v_0) / (v_0 - v_{K-1})`` in [-1, 0],
@@ -27,13 +27,13 @@ Value quantization, per answer position with values ``v_0 >= ... >= v_{K-1}``:
     decoded v_j = max - span * g(Q_j / M),  Q_j = c_1 + ... + c_j,  Q_0 = 0,  Q_{K-1} = M
 
 with the companding ``f(x) = sqrt(x)``, ``g(y) = y^2`` (``values``, ``full`` layout 1), ``f(x) = ln(1 + 16 x) /
-ln(17)``, ``g(y) = (17^y - 1) / 16`` (``full`` layout 2: finer near the maximum, where the probability mass and so
-the KL is; 1.3 B/token less than the square root at a lower KL on SmolLM2 output), or ``f(x) = g(x) = x`` with
+ln(17)``, ``g(y) = (17^y - 1) / 16`` (``full`` layouts 2 and 3: finer near the maximum, where the probability mass
+and so the KL is; 1.3 B/token less than the square root at a lower KL on SmolLM2 output), or ``f(x) = g(x) = x`` with
 max = 0 and span = 1 after the division (``shape``: the z-score weighs every value alike, and linear codes moved
 the ULD loss less than square-root ones at the same size). The deltas are small non-negative integers that zstd packs
 to a few bits each.
 
-Every decode is vectorized over a whole record batch (numpy; full layout 2 in chunks of ~65k symbols so each pass
+Every decode is vectorized over a whole record batch (numpy; full layouts 2 and 3 in chunks of ~65k symbols so each pass
 stays in the L2 cache); corrupt codes are refused with the shard and row.
 """
 
@@ -184,8 +184,9 @@ def id_groups(k: int) -> list[tuple[int, int]]:
 
 
 def code_groups(k: int) -> list[tuple[int, int]]:
-    """Groups of the [n, K-2] code deltas c_1..c_{K-2} (full layout 2): group g holds c_j for j in [2^g, 2^(g+1)),
-    as 0-based column ranges [2^g - 1, min(2^(g+1) - 1, K-2)) of the [n, K-2] matrix. Empty for K = 2."""
+    """Groups of the [n, K-2] code deltas c_1..c_{K-2} (full layouts 2 and 3): group g holds c_j for j in
+    [2^g, 2^(g+1)), as 0-based column ranges [2^g - 1, min(2^(g+1) - 1, K-2)) of the [n, K-2] matrix. Empty for
+    K = 2."""
     return id_groups(k - 2)
 
 
@@ -367,7 +368,7 @@ def code_sums(
     codes: np.ndarray | list[np.ndarray], bits: int, groups: list[tuple[int, int]] | None = None, n: int | None = None
 ) -> np.ndarray:
     """Q of the module docstring: int32 [N, K] with Q_0 = 0, Q_{K-1} = 2^bits - 1 and the running sums of the code
-    deltas between. ``codes`` is [N, K-2], or (full layout 2) one [N, b - a] array per column group ``groups`` of
+    deltas between. ``codes`` is [N, K-2], or (full layouts 2, 3) one [N, b - a] array per column group ``groups`` of
     an ``n``-row matrix."""
     m = (1 << bits) - 1
     if groups is not None:  # reassemble first: a cumsum over short strided group slices is several times slower
