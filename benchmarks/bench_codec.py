@@ -134,7 +134,8 @@ def _ours(rows: list[CacheRow], k: int, codec: CodecSpec) -> tuple[int, float, t
 
     def decode():
         out = []
-        for b in pa.ipc.open_stream(pa.BufferReader(blob)):
+        # as CacheReader reads on one CPU thread: decompression on the calling thread
+        for b in pa.ipc.open_stream(pa.BufferReader(blob), options=pa.ipc.IpcReadOptions(use_threads=False)):
             out.extend(decode_record_batch(b, codec, k, "bench"))
         return out
 

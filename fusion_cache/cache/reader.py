@@ -312,7 +312,10 @@ class CacheReader:
                     "...; the shard is corrupt or was replaced"
                 )
         try:
-            reader = pa.ipc.open_stream(self.location.open_arrow(name))
+            # decompress on the calling thread when Arrow has one CPU thread: the pool's single thread only adds a
+            # hand-off per record batch (~10% of a full K=64 batch's read, benchmarks/results/codec.md)
+            options = pa.ipc.IpcReadOptions(use_threads=pa.cpu_count() > 1)
+            reader = pa.ipc.open_stream(self.location.open_arrow(name), options=options)
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardFormatError(f"{name}: not a readable Arrow IPC stream: {e}") from e
         self._check_schema(name, reader.schema)
