@@ -3,12 +3,15 @@
 Four codecs, chosen at build time and recorded in the manifest and every shard's schema metadata:
 
 - ``raw``: fp32 log-probs + int32 ids + fp32 target log-probs, uncompressed. The exact reference (v1's only codec).
-- ``full`` (layout 2, schema version 3): ids as per-shard ranks split into a bucket byte (zstd's Huffman stage codes
-  it, one Arrow column per group of rank columns so each group gets its own table) and bit-packed offsets inside the
-  bucket; values quantized relative to the row maximum with a log companding; the tail mass (1 - sum of the top-K
-  probabilities) as fp16; target log-probs only where the answer token is not among the top-K ids (elsewhere they
-  are the decoded value of that id). Layout 1 (schema version 2: ids as byte planes, square-root companding, every
-  target log-prob as fp16) is still read.
+- ``full`` (layout 3, schema version 3): ids as per-shard ranks split into byte planes (byte i of every rank), each
+  plane one Arrow column per group of rank columns, so zstd gives each group its own Huffman table; values quantized
+  relative to the row maximum with a log companding; the tail mass (1 - sum of the top-K probabilities) as fp16;
+  target log-probs only where the answer token is not among the top-K ids (elsewhere they are the decoded value of
+  that id); zstd level 16 (its optimal parsing codes the high rank plane and the value codes near their order-0
+  entropy, where level 3's greedy matches lose 6.8 B/token on them at K=64). Layout 2 (schema version 3, the same
+  but each rank as a bucket byte plus bit-packed offsets: 1.2 B/token smaller at the same level, ids ~2.5x slower
+  to decode) and layout 1 (schema version 2: ungrouped byte planes, square-root companding, every target log-prob as
+  fp16) are still read.
 - ``values``: the sorted values only (ULD needs nothing else): fp16 row maximum and span + quantized codes, zstd.
 - ``shape`` (schema version 3): the sorted values' shape only, ``(v_j - v_0) / (v_0 - v_{K-1})`` in [-1, 0],
   linearly quantized; no row maximum or span. The z-scored ULD loss is invariant to a row's offset and scale, so it
@@ -24,13 +27,13 @@ Value quantization, per answer position with values ``v_0 >= ... >= v_{K-1}``:
     decoded v_j = max - span * g(Q_j / M),  Q_j = c_1 + ... + c_j,  Q_0 = 0,  Q_{K-1} = M
 
 with the companding ``f(x) = sqrt(x)``, ``g(y) = y^2`` (``values``, ``full`` layout 1), ``f(x) = ln(1 + 16 x) /
-ln(17)``, ``g(y) = (17^y - 1) / 16`` (``full`` layout 2: finer near the maximum, where the probability mass and so
-the KL is; 1.3 B/token less than the square root at a lower KL on SmolLM2 output), or ``f(x) = g(x) = x`` with
+ln(17)``, ``g(y) = (17^y - 1) / 16`` (``full`` layouts 2 and 3: finer near the maximum, where the probability mass
+and so the KL is; 1.3 B/token less than the square root at a lower KL on SmolLM2 output), or ``f(x) = g(x) = x`` with
 max = 0 and span = 1 after the division (``shape``: the z-score weighs every value alike, and linear codes moved
 the ULD loss less than square-root ones at the same size). The deltas are small non-negative integers that zstd packs
 to a few bits each.
 
-Every decode is vectorized over a whole record batch (numpy; full layout 2 in chunks of ~65k symbols so each pass
+Every decode is vectorized over a whole record batch (numpy; full layouts 2 and 3 in chunks of ~65k symbols so each pass
 stays in the L2 cache); corrupt codes are refused with the shard and row.
 """
 
@@ -47,9 +50,14 @@ from fusion_cache.errors import ShardFormatError
 CODEC_NAMES = ("full", "values", "shape", "raw")
 LATEST_SCHEMA_VERSION = 3  # fusion_cache/cache/schema.py re-exports it as SCHEMA_VERSION
 DEFAULT_VALUE_BITS = {"full": 6, "values": 8, "shape": 8}
-DEFAULT_ZSTD_LEVEL = 3
-FULL_LAYOUT = 2  # the layout a build writes; layout 1 (no "layout" key, schema version 2) is still read
-MU = 16.0  # the log companding's curvature (full layout 2): f(x) = ln(1 + MU x) / ln(1 + MU)
+# zstd level of each compact codec's Arrow IPC compression. full: 16, the first level with zstd's optimal parsing
+# (btultra): at K=64 on SmolLM2 output the high rank plane drops from 32.3 to 28.9 B/token and the value codes from
+# 12.1 to 8.7 against level 3, and they decompress faster (fewer, longer sequences); encoding costs ~50 us/token
+# (benchmarks/results/codec.md).
+DEFAULT_ZSTD_LEVELS = {"full": 16, "values": 3, "shape": 3}
+FULL_LAYOUT = 3  # the layout a build writes; layout 2 and layout 1 (no "layout" key, schema version 2) are still read
+FULL_LAYOUTS = (2, 3)  # the layouts schema version 3 has
+MU = 16.0  # the log companding's curvature (full layouts 2 and 3): f(x) = ln(1 + MU x) / ln(1 + MU)
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,9 @@ class CodecSpec:
     Attributes:
         name: "raw", "full", "values" or "shape".
         value_bits: bits per quantized value code (2..16), all but raw.
-        id_bytes: bytes per token id (1..4; 1..3 for full layout 2), full only.
+        id_bytes: bytes per token id (1..4; 1..3 for full layouts 2 and 3), full only.
         zstd_level: zstd level of the Arrow IPC buffer compression, all but raw.
-        layout: full only: 2 (schema version 3) or None for layout 1 (schema version 2, no "layout" key).
+        layout: full only: 3 or 2 (schema version 3) or None for layout 1 (schema version 2, no "layout" key).
     """
 
     name: str
@@ -93,9 +101,9 @@ class CodecSpec:
 
     @property
     def companding(self) -> str:
-        """ "sqrt" (values, full layout 1), "log" (full layout 2) or "linear" (shape); "none" for raw."""
+        """ "sqrt" (values, full layout 1), "log" (full layouts 2 and 3) or "linear" (shape); "none" for raw."""
         if self.name == "full":
-            return "log" if self.layout == 2 else "sqrt"
+            return "sqrt" if self.layout is None else "log"
         return {"values": "sqrt", "shape": "linear"}.get(self.name, "none")
 
     def to_json(self) -> dict:
@@ -107,8 +115,8 @@ class CodecSpec:
         return out
 
     def columns(self, k: int | None = None) -> dict[str, pa.DataType]:
-        """The codec's Arrow columns (after the common columns), in schema order. ``k`` is needed by full layout 2,
-        whose column groups depend on K."""
+        """The codec's Arrow columns (after the common columns), in schema order. ``k`` is needed by full layouts 2
+        and 3, whose column groups depend on K."""
         code_type = pa.uint8() if (self.value_bits or 0) <= 8 else pa.uint16()
         if self.name == "raw":
             return {
@@ -116,11 +124,14 @@ class CodecSpec:
                 "topk_logprobs": pa.list_(pa.float32()),
                 "target_logprobs": pa.list_(pa.float32()),
             }
-        if self.name == "full" and self.layout == 2:
+        if self.name == "full" and self.layout is not None:
             if k is None:
-                raise ValueError("the columns of full layout 2 depend on K")
-            cols = {f"topk_id_buckets_g{g}": pa.list_(pa.uint8()) for g in range(len(id_groups(k)))}
-            cols["topk_id_offsets"] = pa.list_(pa.uint8())
+                raise ValueError(f"the columns of full layout {self.layout} depend on K")
+            if self.layout == 2:
+                cols = {f"topk_id_buckets_g{g}": pa.list_(pa.uint8()) for g in range(len(id_groups(k)))}
+                cols["topk_id_offsets"] = pa.list_(pa.uint8())
+            else:
+                cols = {name: pa.list_(pa.uint8()) for name in id_plane_columns(self.id_bytes, k)}
             cols.update({"topk_max": pa.list_(pa.float16()), "topk_span": pa.list_(pa.float16())})
             cols.update({f"topk_codes_g{g}": pa.list_(code_type) for g in range(len(code_groups(k)))})
             cols.update({"tail_mass": pa.list_(pa.float16()), "target_logprobs_missing": pa.list_(pa.float16())})
@@ -152,11 +163,18 @@ class CodecSpec:
         return pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=self.zstd_level))
 
 
+def id_plane_columns(id_bytes: int, k: int) -> list[str]:
+    """Full layout 3's id columns in schema order: ``topk_ids_b{i}_g{g}``, byte i (least significant first) of the
+    ranks in column group g (``id_groups(k)``), for i = 0..id_bytes-1, then g."""
+    return [f"topk_ids_b{i}_g{g}" for i in range(id_bytes) for g in range(len(id_groups(k)))]
+
+
 def id_groups(k: int) -> list[tuple[int, int]]:
-    """Column groups of the [n, K] id buckets (full layout 2): group g holds columns [2^g - 1, min(2^(g+1) - 1, K)).
+    """Column groups of the [n, K] id buckets (full layout 2) and rank byte planes (layout 3): group g holds columns
+    [2^g - 1, min(2^(g+1) - 1, K)).
 
     Each group is its own Arrow column, so its own zstd frame with its own Huffman table: the top ranks' buckets
-    are far more skewed than the 60th's.
+    (and high bytes) are far more skewed than the 60th's.
     """
     out, g = [], 0
     while (1 << g) - 1 < k:
@@ -166,8 +184,9 @@ def id_groups(k: int) -> list[tuple[int, int]]:
 
 
 def code_groups(k: int) -> list[tuple[int, int]]:
-    """Groups of the [n, K-2] code deltas c_1..c_{K-2} (full layout 2): group g holds c_j for j in [2^g, 2^(g+1)),
-    as 0-based column ranges [2^g - 1, min(2^(g+1) - 1, K-2)) of the [n, K-2] matrix. Empty for K = 2."""
+    """Groups of the [n, K-2] code deltas c_1..c_{K-2} (full layouts 2 and 3): group g holds c_j for j in
+    [2^g, 2^(g+1)), as 0-based column ranges [2^g - 1, min(2^(g+1) - 1, K-2)) of the [n, K-2] matrix. Empty for
+    K = 2."""
     return id_groups(k - 2)
 
 
@@ -209,7 +228,7 @@ def make_codec(
     params = {
         "name": name,
         "value_bits": DEFAULT_VALUE_BITS[name] if value_bits is None else value_bits,
-        "zstd_level": DEFAULT_ZSTD_LEVEL if zstd_level is None else zstd_level,
+        "zstd_level": DEFAULT_ZSTD_LEVELS[name] if zstd_level is None else zstd_level,
     }
     if name == "full":
         if vocab_size is None:
@@ -277,8 +296,8 @@ def parse_codec(raw: object, where: str = "codec", schema_version: int = LATEST_
         return CodecSpec("raw")
     bits = _int("value_bits", 2, 16)
     level = _int("zstd_level", -7, 22)
-    layout = _int("layout", FULL_LAYOUT, FULL_LAYOUT) if "layout" in allowed else None
-    ids = _int("id_bytes", 1, 3 if layout == 2 else 4) if name == "full" else None
+    layout = _int("layout", FULL_LAYOUTS[0], FULL_LAYOUTS[-1]) if "layout" in allowed else None
+    ids = _int("id_bytes", 1, 4 if layout is None else 3) if name == "full" else None
     return CodecSpec(name, value_bits=bits, id_bytes=ids, zstd_level=level, layout=layout)
 
 
@@ -349,7 +368,7 @@ def code_sums(
     codes: np.ndarray | list[np.ndarray], bits: int, groups: list[tuple[int, int]] | None = None, n: int | None = None
 ) -> np.ndarray:
     """Q of the module docstring: int32 [N, K] with Q_0 = 0, Q_{K-1} = 2^bits - 1 and the running sums of the code
-    deltas between. ``codes`` is [N, K-2], or (full layout 2) one [N, b - a] array per column group ``groups`` of
+    deltas between. ``codes`` is [N, K-2], or (full layouts 2, 3) one [N, b - a] array per column group ``groups`` of
     an ``n``-row matrix."""
     m = (1 << bits) - 1
     if groups is not None:  # reassemble first: a cumsum over short strided group slices is several times slower
@@ -555,6 +574,41 @@ def rank_table(order: np.ndarray, size: int) -> np.ndarray:
     return table
 
 
+# ------------------------------------------------------------------------------------------------ id planes
+def decode_rank_planes(
+    planes: list[list[np.ndarray]], n: int, k: int, id_bytes: int, table: np.ndarray | None = None
+) -> np.ndarray:
+    """Ranks of full layout 3 from their byte planes: int32 [n, k], or ``table[rank]`` when a rank -> id ``table``
+    (of 256^id_bytes entries, id_bytes <= 2) is given.
+
+    Args:
+        planes: ``planes[i][g]``: uint8 [n * (b - a)], byte i (least significant first) of the ranks in column
+            group g = ``id_groups(k)[g]`` = [a, b), row-major [n, b - a] (the reader checks the lengths).
+
+    The bytes go straight into the byte lanes of a little-endian uint16 (uint32 for 3-byte ids) scratch matrix of
+    ~DECODE_CHUNK ranks (strided byte copies: no shifts, no casts), which is then gathered through ``table`` into
+    the output while it is in the L2 cache. Every rank < 256^id_bytes is valid, so nothing can be corrupt here.
+    """
+    groups = id_groups(k)
+    out = np.empty((n, k), np.int32)
+    if n == 0 or k == 0:
+        return out
+    lanes = 2 if id_bytes <= 2 else 4
+    rows = max(1, min(n, DECODE_CHUNK // k))
+    scratch = np.zeros((rows, k), f"<u{lanes}")  # lanes past id_bytes stay zero
+    lane = scratch.view(np.uint8).reshape(rows, k, lanes)
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        for i in range(id_bytes):
+            for g, (a, b) in enumerate(groups):
+                lane[: t1 - t0, a:b, i] = planes[i][g][t0 * (b - a) : t1 * (b - a)].reshape(t1 - t0, b - a)
+        if table is None:
+            out[t0:t1] = scratch[: t1 - t0]
+        else:  # a uint16 index array: numpy widens it in its own buffer, as fast as an explicit int64 copy
+            np.take(table, scratch[: t1 - t0], out=out[t0:t1], mode="clip")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ id buckets
 # Full layout 2 codes each rank r as a bucket byte plus w(bucket) offset bits. Ranks below 64 are their own bucket
 # (no offset bits); above, with e = floor(log2 r), bucket = 64 + 8 (e - 6) + the three bits after the leading one,
@@ -668,6 +722,8 @@ def bucket_widths(buckets: np.ndarray, out: np.ndarray | None = None) -> np.ndar
 # element; this is one multiplication per eight elements plus a cumsum over an eighth of them.
 _LANES_INCL = np.uint64(0x0101010101010101)
 _LANES_EXCL = np.uint64(0x0101010101010100)
+_BYTES_EVEN = np.uint64(0x00FF00FF00FF00FF)  # bytes 0, 2, 4, 6 of a uint64 as four 16-bit lanes
+_WORDS_INCL = np.uint64(0x0001000100010001)  # the same prefix-sum trick over four 16-bit lanes
 
 
 def decode_bucket_ids(
@@ -816,7 +872,8 @@ def decode_value_groups(
     shard: str,
     companding: str = "log",
 ) -> np.ndarray:
-    """Values of full layout 2: dequantize_values(vmax, span, code_sums(codes, bits, code_groups(k), n)) in chunks.
+    """Values of full layouts 2 and 3: dequantize_values(vmax, span, code_sums(codes, bits, code_groups(k), n)) in
+    chunks.
 
     Args:
         codes: one uint8/uint16 [n, b - a] array per column group ``code_groups(k)`` of the [n, K-2] code deltas.
@@ -826,10 +883,14 @@ def decode_value_groups(
         float32 [n, K]. Refuses (naming the shard and answer position) codes that sum past 2^bits - 1 and a
         non-finite or negative max or span.
 
-    About DECODE_CHUNK codes at a time go through a scratch [rows, K] matrix: the groups copied in after a zero
-    column, one flat int64 cumsum across the rows (a flat cumsum is ~1.5x faster than numpy's per-row
-    ``axis=1`` one), each row's running total before it subtracted, the expansion table gathered with int64
-    indices (no index conversion) straight into the output, then scaled by the span and subtracted from the max.
+    About DECODE_CHUNK codes at a time go through a scratch [rows, K] matrix (the groups copied in after a zero
+    column), then the running sums Q, the expansion table gathered with int64 indices (no index conversion)
+    straight into the output, scaled by the negated span and added to the max. For codes of up to 8 bits every
+    valid Q fits in a byte, so the running sums are computed eight bytes at a time (``_LANES_INCL``: one uint64
+    multiplication gives the prefix sums inside eight lanes, then each lane group's carry is added): about 1/8 of
+    a numpy pass per code where a cumsum is a sequential loop over every code, and it is checked first with exact
+    per-row totals (so no lane can overflow). Wider codes take one flat int64 cumsum across the rows minus each
+    row's running total before it (a flat cumsum is ~1.5x faster than numpy's per-row ``axis=1`` one).
     """
     n = vmax.shape[0]
     m = (1 << bits) - 1
@@ -840,6 +901,66 @@ def decode_value_groups(
     if n == 0:
         return out
     bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
+    neg_span = np.negative(span)
+    table = expand_table(companding, m)
+    # twice the ids' chunk: the eight-lane steps work on 1/8 of the codes each, so a smaller chunk is bound by
+    # numpy's per-call cost (K=64: 3.9 ms against 4.7 at DECODE_CHUNK codes)
+    rows = max(1, min(n, 2 * DECODE_CHUNK // k))
+    lanes = bits <= 8 and all(c.dtype == np.uint8 for c in codes)
+    width = -(-k // 8) * 8 if lanes else k  # whole uint64 lane groups (the padding columns stay 0)
+    scratch = np.zeros((rows, width), dtype=np.uint8 if lanes else (codes[0].dtype if codes else np.uint8))
+    q, before = np.empty((rows, k), np.int64), np.empty(rows, np.int64)
+    if lanes:
+        g8 = width // 8
+        prefix, sums, tmp, carry = (np.empty((rows, g8), "<u8") for _ in range(4))
+    for t0 in range(0, n, rows):
+        t1 = min(t0 + rows, n)
+        r = t1 - t0
+        sc, qc, o = scratch[:r], q[:r], out[t0:t1]
+        for c, (a, b) in zip(codes, groups, strict=True):
+            sc[:, 1 + a : 1 + b] = c[t0:t1]
+        if lanes:
+            x, p, gs, tm, cy = sc.view("<u8"), prefix[:r], sums[:r], tmp[:r], carry[:r]
+            # exact sum of each lane group's eight bytes: bytes -> four 16-bit lanes -> their sum in the top lane
+            np.bitwise_and(x, _BYTES_EVEN, out=gs)
+            np.right_shift(x, np.uint64(8), out=tm)
+            tm &= _BYTES_EVEN
+            gs += tm
+            gs *= _WORDS_INCL
+            gs >>= np.uint64(48)
+            np.cumsum(gs.reshape(-1), out=cy.reshape(-1))  # inclusive, across the rows
+            total = cy[:, -1] - (cy[:, 0] - gs[:, 0])  # each row's sum (uint64 wraps back exactly)
+            over = total > np.uint64(m)
+        else:
+            flat = qc.reshape(-1)
+            np.cumsum(sc.reshape(-1), dtype=np.int64, out=flat)
+            np.copyto(before[:r], qc[:, 0])  # column 0 holds the running total of the rows before
+            qc -= before[:r, None]  # (a copy first: an operand overlapping the output is copied whole by numpy)
+            over = qc[:, -2] > m if k > 2 else np.zeros(r, bool)
+        if over.any() or bad[t0:t1].any():
+            t = int(np.flatnonzero(over | bad[t0:t1])[0])
+            total_t = int(np.sum(sc[t], dtype=np.int64))
+            raise ShardFormatError(
+                f"{shard}: answer position {t0 + t}: corrupt value codes (sum {total_t} > {m}, "
+                f"max {float(vmax[t0 + t])}, span {float(span[t0 + t])})"
+            )
+        if lanes:
+            cy -= gs  # exclusive running sums across the rows ...
+            np.copyto(before[:r], cy[:, 0].view(np.int64))
+            cy -= before[:r, None].view(np.uint64)  # ... restarted at each row: the carry into each lane group
+            cy *= _LANES_INCL  # copied into every byte
+            np.multiply(x, _LANES_INCL, out=p)  # prefix sums inside each lane group (every one <= m <= 255)
+            p += cy
+            np.copyto(qc, p.view(np.uint8)[:, :k])  # Q, widened for the gather
+        qc[:, -1] = m
+        np.take(table, qc, out=o, mode="clip")
+        # max - span * g as max + (-span) * g: the same float32 result bit for bit (negation is exact), and the
+        # output is the first operand of the add, so numpy does not copy it first (as it does for max - o)
+        o *= neg_span[t0:t1, None]
+        o += vmax[t0:t1, None]
+    return out
+    bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
+    neg_span = np.negative(span)
     table = expand_table(companding, m)
     rows = max(1, min(n, DECODE_CHUNK // k))
     scratch = np.zeros((rows, k), dtype=codes[0].dtype if codes else np.uint8)  # column 0 and K-1 stay 0
@@ -862,6 +983,8 @@ def decode_value_groups(
                 f"max {float(vmax[t0 + t])}, span {float(span[t0 + t])})"
             )
         np.take(table, qc, out=o, mode="clip")
-        o *= span[t0:t1, None]
-        np.subtract(vmax[t0:t1, None], o, out=o)
+        # max - span * g as max + (-span) * g: the same float32 result bit for bit (negation is exact), and the
+        # output is the first operand of the add, so numpy does not copy it first (as it does for max - o)
+        o *= neg_span[t0:t1, None]
+        o += vmax[t0:t1, None]
     return out

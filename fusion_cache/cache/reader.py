@@ -19,9 +19,11 @@ from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import code_groups
 from fusion_cache.cache.codecs import decode_bucket_ids
+from fusion_cache.cache.codecs import decode_rank_planes
 from fusion_cache.cache.codecs import decode_value_groups
 from fusion_cache.cache.codecs import dequantize_values
 from fusion_cache.cache.codecs import id_groups
+from fusion_cache.cache.codecs import id_plane_columns
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs import parse_id_order
 from fusion_cache.cache.codecs import rank_table
@@ -101,18 +103,23 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
             f"{shard}: row {r}: answer_start={int(answer_start[r])} invalid for {int(n_tokens[r])} tokens"
         )
     expected = {"token_byte_start": n_tokens, "token_byte_end": n_tokens}
-    layout2 = codec.name == "full" and codec.layout == 2
+    grouped = codec.name == "full" and codec.layout is not None  # layouts 2 and 3: column groups, log companding
+    layout2 = grouped and codec.layout == 2
     if codec.name == "raw":
         expected.update({"topk_ids": n_answer * k, "topk_logprobs": n_answer * k, "target_logprobs": n_answer})
     elif codec.name == "shape":
         expected["topk_codes"] = n_answer * (k - 2)
-    elif layout2:
-        expected.update({f"topk_id_buckets_g{g}": n_answer * (b - a) for g, (a, b) in enumerate(id_groups(k))})
+    elif grouped:
+        if layout2:
+            expected.update({f"topk_id_buckets_g{g}": n_answer * (b - a) for g, (a, b) in enumerate(id_groups(k))})
+        else:
+            widths = [b - a for a, b in id_groups(k)] * codec.id_bytes
+            expected.update({c: n_answer * w for c, w in zip(id_plane_columns(codec.id_bytes, k), widths, strict=True)})
         expected.update({"topk_max": n_answer, "topk_span": n_answer, "tail_mass": n_answer})
         expected.update({f"topk_codes_g{g}": n_answer * (b - a) for g, (a, b) in enumerate(code_groups(k))})
     else:
         expected.update({"topk_max": n_answer, "topk_span": n_answer, "topk_codes": n_answer * (k - 2)})
-    if codec.name == "full" and not layout2:
+    if codec.name == "full" and not grouped:
         expected.update({f"topk_ids_b{i}": n_answer * k for i in range(codec.id_bytes)})
         expected.update({"tail_mass": n_answer, "target_logprobs": n_answer})
     parts = {}
@@ -139,7 +146,7 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
         codes = parts["topk_codes"].reshape(total, k - 2)
         values = dequantize_values(None, None, codes, codec.value_bits, shard, "linear")
         values[_flat_positions(batch, ans_off, n_answer, shard)] = 0.0
-    elif layout2:
+    elif grouped:
         codes = [parts[f"topk_codes_g{g}"].reshape(total, b - a) for g, (a, b) in enumerate(code_groups(k))]
         values = decode_value_groups(codes, parts["topk_max"], parts["topk_span"], k, codec.value_bits, shard)
     else:
@@ -154,36 +161,47 @@ def decode_record_batch(batch: pa.RecordBatch, codec: CodecSpec, k: int, shard: 
             off_off, off_bytes = _list_parts(batch.column("topk_id_offsets"), shard, "topk_id_offsets")
             counts = n_answer * k
             ranks = decode_bucket_ids(buckets, off_bytes, np.diff(off_off), counts, codec.id_bytes, shard, table)
+        elif grouped:
+            n_groups = len(id_groups(k))
+            names = id_plane_columns(codec.id_bytes, k)
+            planes = [[parts[names[i * n_groups + g]] for g in range(n_groups)] for i in range(codec.id_bytes)]
+            ranks = decode_rank_planes(planes, total, k, codec.id_bytes, table)
         else:
             ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(codec.id_bytes)])
             ranks = ranks if table is None else np.take(table, ranks)
         topk_ids = (ranks if table is not None else ranks_to_ids(ranks, order)).reshape(total, k)
         tail = parts["tail_mass"].astype(np.float32)
-        if layout2:
+        if grouped:
             targets = _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answer, shard)
     if targets is not None:
         targets = targets.astype(np.float32, copy=False)
     sample_ids = batch.column("sample_id").to_pylist()
-    row_index = batch.column("row_index").to_numpy()
+    row_index = batch.column("row_index").to_numpy().tolist()
     convs = batch.column("conversation").to_pylist()
-    missing_ids = MissingField("topk_ids", codec.name)
-    missing_targets = MissingField("target_logprobs", codec.name)
+    has_ids, has_targets = codec.has_ids, codec.has_targets
+    if not has_ids:
+        topk_ids = MissingField("topk_ids", codec.name)
+    if not has_targets:
+        targets = MissingField("target_logprobs", codec.name)
+    byte_start, byte_end = parts["token_byte_start"], parts["token_byte_end"]
+    # Python ints for the per-row slicing (numpy scalars make every slice several times slower)
+    tok_at, ans_at, starts = ids_off.tolist(), ans_off.tolist(), answer_start.tolist()
     rows = []
     for r in range(batch.num_rows):
-        s, e = ids_off[r], ids_off[r + 1]
-        a0, a1 = ans_off[r], ans_off[r + 1]
+        s, e = tok_at[r], tok_at[r + 1]
+        a0, a1 = ans_at[r], ans_at[r + 1]
         rows.append(
             CacheRow(
                 sample_id=sample_ids[r],
-                row_index=int(row_index[r]),
+                row_index=row_index[r],
                 conversation=convs[r],
                 input_ids=ids[s:e],
-                answer_start=int(answer_start[r]),
-                token_byte_start=parts["token_byte_start"][s:e],
-                token_byte_end=parts["token_byte_end"][s:e],
-                topk_ids=topk_ids[a0:a1] if codec.has_ids else missing_ids,
+                answer_start=starts[r],
+                token_byte_start=byte_start[s:e],
+                token_byte_end=byte_end[s:e],
+                topk_ids=topk_ids[a0:a1] if has_ids else topk_ids,
                 topk_logprobs=values[a0:a1],
-                target_logprobs=targets[a0:a1] if codec.has_targets else missing_targets,
+                target_logprobs=targets[a0:a1] if has_targets else targets,
                 tail_mass=tail[a0:a1] if tail is not None else None,
             )
         )
@@ -221,7 +239,7 @@ def _flat_positions(batch, ans_off, n_answer, shard) -> np.ndarray:
 
 
 def _targets_layout2(batch, topk_ids, values, ids, ids_off, answer_start, n_answer, shard) -> np.ndarray:
-    """Target log-probs of full layout 2: the decoded value of the answer token's id where it is among the top-K,
+    """Target log-probs of full layouts 2 and 3: the decoded value of the answer token's id where it is among the top-K,
     else the next entry of the row's ``target_logprobs_missing`` list (whose length must match)."""
     pos = np.repeat(ids_off[:-1] + answer_start, n_answer) + _ranges(n_answer)
     answer = ids[pos]
@@ -294,7 +312,10 @@ class CacheReader:
                     "...; the shard is corrupt or was replaced"
                 )
         try:
-            reader = pa.ipc.open_stream(self.location.open_arrow(name))
+            # decompress on the calling thread when Arrow has one CPU thread: the pool's single thread only adds a
+            # hand-off per record batch (~10% of a full K=64 batch's read, benchmarks/results/codec.md)
+            options = pa.ipc.IpcReadOptions(use_threads=pa.cpu_count() > 1)
+            reader = pa.ipc.open_stream(self.location.open_arrow(name), options=options)
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardFormatError(f"{name}: not a readable Arrow IPC stream: {e}") from e
         self._check_schema(name, reader.schema)
@@ -338,6 +359,9 @@ class CacheReader:
         while True:
             try:
                 batch = reader.read_next_batch()
+                # buffer sizes against the declared lengths (O(columns)): a damaged shard read without its checksum
+                # is refused here, not deep inside Arrow or numpy
+                batch.validate()
             except StopIteration:
                 return
             except (pa.ArrowInvalid, OSError) as e:

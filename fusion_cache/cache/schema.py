@@ -16,7 +16,7 @@ from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
 from fusion_cache.cache.codecs import CodecSpec
 
 SCHEMA_VERSION = LATEST_SCHEMA_VERSION  # 3
-# v1 = v2 with the raw codec only; v3 = v2 + the shape codec + full layout 2 (codecs.parse_codec has the rules)
+# v1 = v2 with the raw codec only; v3 = v2 + the shape codec + full layouts 2 and 3 (codecs.parse_codec has the rules)
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 METADATA_KEY = b"fusion_cache"  # Arrow schema metadata key holding the JSON provenance of the shard
 FORMAT_NAME = "fusion-cache"
@@ -36,7 +36,7 @@ COLUMNS = {**COMMON_COLUMNS, **CodecSpec("raw").columns()}
 
 
 def shard_columns(codec: CodecSpec, k: int | None = None) -> dict[str, pa.DataType]:
-    """Every column of a shard written with ``codec`` (and K, which full layout 2's columns depend on)."""
+    """Every column of a shard written with ``codec`` (and K, which full layouts 2 and 3's columns depend on)."""
     return {**COMMON_COLUMNS, **codec.columns(k)}
 
 

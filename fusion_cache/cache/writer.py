@@ -134,8 +134,8 @@ def encode_topk(
                 local[flat].astype(np.int32), np.bincount(row_of[flat], minlength=len(rows)), cols["topk_flat"]
             ),
         }
-    if codec.name == "full" and codec.layout == 2:
-        return _encode_full_layout2(rows, codec, k, id_order, values, vmax, span, codes, n, cols)
+    if codec.name == "full" and codec.layout is not None:
+        return _encode_full_grouped(rows, codec, k, id_order, values, vmax, span, codes, n, cols)
     out = {
         "topk_max": _split_column(vmax, n, cols["topk_max"]),
         "topk_span": _split_column(span, n, cols["topk_span"]),
@@ -159,20 +159,27 @@ def encode_topk(
     return out
 
 
-def _encode_full_layout2(rows, codec, k, id_order, values, vmax, span, codes, n, cols) -> dict[str, pa.Array]:
-    """The columns of full layout 2 (docs/cache-format.md section 1.2): grouped id buckets, bit-packed offsets,
-    max/span, grouped code deltas, tail mass, and the target log-probs of answer tokens outside the top-K."""
+def _encode_full_grouped(rows, codec, k, id_order, values, vmax, span, codes, n, cols) -> dict[str, pa.Array]:
+    """The columns of full layouts 2 and 3 (docs/cache-format.md section 1.2): the ids (layout 3: grouped rank
+    byte planes; layout 2: grouped id buckets and bit-packed offsets), max/span, grouped code deltas, tail mass, and
+    the target log-probs of answer tokens outside the top-K."""
     if id_order is None:
         raise ValueError("the full codec needs the shard's id order")
     ids = np.concatenate([r.topk_ids for r in rows]) if rows else np.zeros((0, k), np.int32)
     total = ids.shape[0]
     ranks = ids_to_ranks(ids, id_order)
-    buckets, offset_bytes, nbytes = encode_bucket_ids(ranks.reshape(-1), n * k, codec.id_bytes)
-    buckets = buckets.reshape(total, k)
     out = {}
-    for g, (a, b) in enumerate(id_groups(k)):
-        out[f"topk_id_buckets_g{g}"] = _split_column(buckets[:, a:b], n * (b - a), cols[f"topk_id_buckets_g{g}"])
-    out["topk_id_offsets"] = _split_column(offset_bytes, nbytes, cols["topk_id_offsets"])
+    if codec.layout == 2:
+        buckets, offset_bytes, nbytes = encode_bucket_ids(ranks.reshape(-1), n * k, codec.id_bytes)
+        buckets = buckets.reshape(total, k)
+        for g, (a, b) in enumerate(id_groups(k)):
+            out[f"topk_id_buckets_g{g}"] = _split_column(buckets[:, a:b], n * (b - a), cols[f"topk_id_buckets_g{g}"])
+        out["topk_id_offsets"] = _split_column(offset_bytes, nbytes, cols["topk_id_offsets"])
+    else:
+        for i, plane in enumerate(pack_ids(ranks, codec.id_bytes)):  # [total, k] uint8 each
+            for g, (a, b) in enumerate(id_groups(k)):
+                name = f"topk_ids_b{i}_g{g}"
+                out[name] = _split_column(plane[:, a:b], n * (b - a), cols[name])
     out["topk_max"] = _split_column(vmax, n, cols["topk_max"])
     out["topk_span"] = _split_column(span, n, cols["topk_span"])
     for g, (a, b) in enumerate(code_groups(k)):

@@ -62,10 +62,14 @@ LAYOUT1 = {"name": "full", "layout": None}  # the schema-version-2 full codec (b
 
 
 def _codec(name, bits, vocab):
-    """(codec, schema version) for a test name: "full1" is full layout 1 in a version-2 shard."""
+    """(codec, schema version) for a test name: "full1" is full layout 1 in a version-2 shard, "full2" full layout 2
+    (both still read); "full" is the layout a build writes (3)."""
     if name == "full1":
         full = make_codec("full", value_bits=bits, vocab_size=vocab)
         return CodecSpec("full", value_bits=bits, id_bytes=full.id_bytes, zstd_level=3), 2
+    if name == "full2":
+        full = make_codec("full", value_bits=bits, vocab_size=vocab)
+        return CodecSpec("full", value_bits=bits, id_bytes=full.id_bytes, zstd_level=3, layout=2), SCHEMA_VERSION
     return make_codec(name, value_bits=None if name == "raw" else bits, vocab_size=vocab), SCHEMA_VERSION
 
 
@@ -88,7 +92,7 @@ def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
     vocab=st.sampled_from([64, 300, 70000]),
     scale=st.sampled_from([0.0, 0.5, 4.0, 30.0]),
-    name=st.sampled_from(["raw", "full", "full1", "values", "shape"]),
+    name=st.sampled_from(["raw", "full", "full2", "full1", "values", "shape"]),
     bits=st.integers(2, 16),
 )
 def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
@@ -136,7 +140,7 @@ def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
                 idx = hit.argmax(axis=1)
                 np.testing.assert_array_equal(b.target_logprobs[found], b.topk_logprobs[found, idx[found]])
                 np.testing.assert_allclose(b.target_logprobs[~found], a.target_logprobs[~found], rtol=1e-3, atol=1e-6)
-        if name in ("full", "full1"):
+        if name.startswith("full"):
             want = np.clip(1 - np.exp(a.topk_logprobs.astype(np.float64)).sum(axis=1), 0, 1)
             np.testing.assert_allclose(b.tail_mass, want, rtol=2e-3, atol=1e-6)
 
@@ -153,15 +157,17 @@ def test_codec_parameters_are_validated():
         "name": "full",
         "value_bits": 6,
         "id_bytes": 3,
-        "zstd_level": 3,
-        "layout": 2,
+        "zstd_level": 16,
+        "layout": 3,
     }
     with pytest.raises(ConfigError, match="at most 2\\^24 ids"):
         make_codec("full", vocab_size=1 << 25)
     full2 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3, "layout": 2}
     full1 = {k: v for k, v in full2.items() if k != "layout"}
     shape = {"name": "shape", "value_bits": 8, "zstd_level": 3}
+    full3 = {**full2, "layout": 3}
     assert parse_codec(full1, schema_version=2).layout is None and parse_codec(full2).layout == 2
+    assert parse_codec(full3).layout == 3 and parse_codec(full3).companding == "log"
     assert parse_codec(shape).name == "shape" and not parse_codec(shape).has_logprobs
     for bad, version, why in (
         ({"name": "full", "value_bits": 7}, 3, "missing"),
@@ -171,8 +177,10 @@ def test_codec_parameters_are_validated():
         (full1, 3, "missing \\['layout'\\]"),  # version 3 records the layout
         (full2, 2, "unknown \\['layout'\\]"),  # version 2 had none
         ({**full2, "layout": 1}, 3, "layout=1"),
-        ({**full2, "layout": 3}, 3, "layout=3"),
+        ({**full2, "layout": 4}, 3, "layout=4"),
         ({**full2, "id_bytes": 4}, 3, "id_bytes=4"),
+        ({**full3, "id_bytes": 4}, 3, "id_bytes=4"),
+        (full3, 2, "unknown \\['layout'\\]"),
         (shape, 2, "schema_version 2 has no codec 'shape'"),
         (shape, 1, "schema_version 1 has no codec 'shape'"),
         ({"name": "zip9"}, 3, "unknown"),
@@ -385,7 +393,7 @@ def test_compact_declared_lengths_larger_than_data_are_refused(codec_cache):
     cols = {n: batch.column(n) for n in batch.schema.names}
     cols["answer_start"] = pa.array([1] * batch.num_rows, pa.int32())  # claims more answer rows than stored
     bad = pa.RecordBatch.from_arrays(list(cols.values()), schema=batch.schema)
-    with pytest.raises(ShardFormatError, match="shard-y: row 0: column '(topk_id_buckets_g0|topk_max|topk_codes)' has"):
+    with pytest.raises(ShardFormatError, match="shard-y: row 0: column '(topk_ids_b0_g0|topk_max|topk_codes)' has"):
         reader.decode_batch(bad, "shard-y")
 
 
@@ -454,9 +462,9 @@ def test_training_on_a_shape_cache_refuses_modes_that_need_log_probs(codec_cache
         run_train(cfg, progress=False)
 
 
-def _layout2_batch():
+def _layout2_batch(layout=2):
     rows = _rows(3, 8, [5, 4], 300, 4.0)
-    codec = make_codec("full", vocab_size=300)
+    codec = CodecSpec("full", value_bits=6, id_bytes=2, zstd_level=3, layout=layout)
     prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows[:1])
     return rows_to_batch(rows, schema, codec, 8, order), codec, schema
@@ -490,23 +498,24 @@ def test_corrupt_full_layout2_columns_are_named():
         decode_record_batch(_replace(batch, schema, "target_logprobs_missing", extra, ends), codec, 8, "shard-b")
 
 
-def _rewrite_as_v2_full(cache, tmp_path):
-    """Turn a raw v3 cache into the v2 full layout-1 cache an older fusion-cache wrote."""
+def _rewrite_as_v2_full(cache, tmp_path, codec=None, version=2):
+    """Turn a raw v3 cache into the v2 full layout-1 cache an older fusion-cache wrote (or into ``codec`` of
+    schema ``version``)."""
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.fingerprint import file_sha256
     from fusion_cache.cache.writer import ShardWriter
 
     reader = CacheReader(cache)
     m = json.loads((cache / "manifest.json").read_text())
-    codec = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3}
-    prov = {"schema_version": 2, "k": m["k"], "codec": codec, "config_fingerprint": m["config_fingerprint"]}
+    codec = codec or {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3}
+    prov = {"schema_version": version, "k": m["k"], "codec": codec, "config_fingerprint": m["config_fingerprint"]}
     for i, info in enumerate(m["shards"]):
         rows = [r for b in reader._iter_shard(i) for r in reader.decode_batch(b, info["path"])]
         with ShardWriter(tmp_path / f"w{i}", prov) as w:
             w.write_rows(rows)
         (cache / info["path"]).write_bytes((tmp_path / f"w{i}" / w.shards[0]["path"]).read_bytes())
         info.update(sha256=file_sha256(cache / info["path"]), bytes=(cache / info["path"]).stat().st_size)
-    m.update(schema_version=2, codec=codec)
+    m.update(schema_version=version, codec=codec)
     m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
     (cache / "manifest.json").write_text(json.dumps(m))
 
@@ -523,6 +532,18 @@ def test_v2_full_layout1_caches_are_still_read(cache_copy, built_cache, tmp_path
     _edit(cache_copy, lambda m: m["codec"].update(layout=2))  # version 2 has no layout 2
     with pytest.raises(ShardFormatError, match="unknown \\['layout'\\]"):
         load_manifest(cache_copy)
+
+
+def test_v3_full_layout2_caches_are_still_read(cache_copy, built_cache, tmp_path, monkeypatch):
+    layout2 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3, "layout": 2}
+    _rewrite_as_v2_full(cache_copy, tmp_path, layout2, version=3)
+    _check_doc_reader(cache_copy, monkeypatch)  # the reader in the docs reads layout 2 too
+    reader = CacheReader(cache_copy)
+    assert reader.codec.layout == 2 and reader.verify() == [] and "topk_id_offsets" in reader.columns
+    for a, b in zip(CacheReader(built_cache).iter_rows(), reader.iter_rows(), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+        np.testing.assert_allclose(b.target_logprobs, a.target_logprobs, atol=0.05)
 
 
 def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refused():
@@ -632,3 +653,47 @@ def test_corrupt_layout2_value_codes_are_named(monkeypatch):
     span[41] = np.inf
     with pytest.raises(ShardFormatError, match="shard-v: answer position 41: corrupt value codes .*span inf"):
         decode_value_groups(cols, vmax, span, k, bits, "shard-v")
+
+
+def test_corrupt_full_layout3_columns_are_named():
+    batch, codec, schema = _layout2_batch(layout=3)
+    decode_record_batch(batch, codec, 8, "shard-p")  # intact
+    plane = batch.column("topk_ids_b1_g2")
+    short = np.asarray(plane.values)[:-1]
+    ends = np.asarray(plane.offsets).copy()
+    ends[-1] -= 1  # the last row's high bytes of group 2 lose one byte
+    with pytest.raises(ShardFormatError, match="shard-p: row 1: column 'topk_ids_b1_g2' has 15 values, expected 16"):
+        decode_record_batch(_replace(batch, schema, "topk_ids_b1_g2", short, ends), codec, 8, "shard-p")
+    miss = batch.column("target_logprobs_missing")
+    extra = np.concatenate([np.asarray(miss.values), np.zeros(1, np.float16)])
+    ends = np.asarray(miss.offsets).copy()
+    ends[-1] += 1
+    with pytest.raises(ShardFormatError, match="shard-p: row 1: column 'target_logprobs_missing' has"):
+        decode_record_batch(_replace(batch, schema, "target_logprobs_missing", extra, ends), codec, 8, "shard-p")
+    cols = {n: batch.column(n) for n in schema.names}
+    cols.pop("topk_ids_b0_g3")
+    with pytest.raises(ShardFormatError, match="shard-p: column 'topk_ids_b0_g3' is missing"):
+        decode_record_batch(pa.RecordBatch.from_pydict(cols), codec, 8, "shard-p")
+
+
+@pytest.mark.parametrize("id_bytes", [1, 2, 3])
+def test_rank_planes_decode_in_chunks(id_bytes, monkeypatch):
+    """decode_rank_planes against the ranks, for every chunking (one row, a few rows, all rows) and K."""
+    from fusion_cache.cache import codecs
+    from fusion_cache.cache.codecs import decode_rank_planes
+    from fusion_cache.cache.codecs import id_groups
+    from fusion_cache.cache.codecs import pack_ids
+
+    rng = np.random.default_rng(id_bytes)
+    top = 1 << (8 * id_bytes)
+    for k, n in ((1, 5), (7, 40), (64, 300)):
+        ranks = np.minimum((rng.pareto(0.5, (n, k)) * 20).astype(np.int64), top - 1)
+        ranks[0, 0] = top - 1
+        planes = [[np.ascontiguousarray(p[:, a:b]).ravel() for a, b in id_groups(k)] for p in pack_ids(ranks, id_bytes)]
+        table = rng.permutation(min(top, 1 << 16)).astype(np.int32) if id_bytes <= 2 else None
+        for chunk in (1, 3 * k, 1 << 16):
+            monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
+            np.testing.assert_array_equal(decode_rank_planes(planes, n, k, id_bytes), ranks)
+            if table is not None:
+                np.testing.assert_array_equal(decode_rank_planes(planes, n, k, id_bytes, table), table[ranks])
+    assert decode_rank_planes([[np.zeros(0, np.uint8)]] * id_bytes, 0, 1, id_bytes).shape == (0, 1)
