@@ -167,10 +167,10 @@ def _scan(xs: np.ndarray, lo: float, hi: float, band: bool) -> tuple[int, int, n
     for sl in _chunks(xs.size):
         c = xs[sl]
         m, b = mask[: c.size], inside[: c.size]
-        above += int(np.count_nonzero(np.greater(c, hi, out=m)))
+        above += int(np.count_nonzero(np.greater(c, hi, out=b)))
         at_least += int(np.count_nonzero(np.greater_equal(c, lo, out=m)))
-        if band:  # lo <= c <= hi, without fresh bool arrays
-            parts.append(c[np.logical_and(m, np.less_equal(c, hi, out=b), out=b)])
+        if band:  # lo <= c <= hi: (c >= lo) and not (c > hi); lo <= hi, so xor, without fresh bool arrays
+            parts.append(c[np.logical_xor(m, b, out=b)])
     return above, at_least, (np.concatenate(parts) if band else None)
 
 
