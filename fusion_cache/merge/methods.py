@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ STAT_CHUNK = 4 * REDUCE_CHUNK
 SKEW_CHUNK = 2 * STAT_CHUNK
 # Below this size `kth_largest` just copies and selects; above it, a sample brackets the answer first.
 SMALL = 1 << 18
+# `skewness` uses the power sums while mean^2 <= SKEW_CONDITION * variance: their cancellation then costs at most
+# ~1e3 float64 ulps of the third moment, an absolute skewness error under ~1e-12; otherwise the two-pass definition.
+SKEW_CONDITION = 100.0
 
 
 def block_sums(v: torch.Tensor) -> list[float]:
@@ -163,10 +167,10 @@ def _scan(xs: np.ndarray, lo: float, hi: float, band: bool) -> tuple[int, int, n
     for sl in _chunks(xs.size):
         c = xs[sl]
         m, b = mask[: c.size], inside[: c.size]
-        above += int(np.count_nonzero(np.greater(c, hi, out=m)))
+        above += int(np.count_nonzero(np.greater(c, hi, out=b)))
         at_least += int(np.count_nonzero(np.greater_equal(c, lo, out=m)))
-        if band:  # lo <= c <= hi, without fresh bool arrays
-            parts.append(c[np.logical_and(m, np.less_equal(c, hi, out=b), out=b)])
+        if band:  # lo <= c <= hi: (c >= lo) and not (c > hi); lo <= hi, so xor, without fresh bool arrays
+            parts.append(c[np.logical_xor(m, b, out=b)])
     return above, at_least, (np.concatenate(parts) if band else None)
 
 
@@ -491,6 +495,14 @@ def sce_(tau: torch.Tensor, *, select_topk: float = 0.1, work: torch.Tensor | No
     return tau[0]
 
 
+class TensorStats(NamedTuple):
+    """What RSAF's ratio needs from one tensor: ``base_sq`` = sum(theta_o^2) and, per source, the power sums
+    (sum |tau_s|, sum tau_s^2, sum |tau_s|^3) (`power_sums`), all float64 in `block_sums`' fixed blocks."""
+
+    base_sq: float
+    sums: list[tuple[float, float, float]]
+
+
 def rsaf_(
     tau: torch.Tensor,
     base: torch.Tensor,
@@ -503,20 +515,29 @@ def rsaf_(
     max_density: float = 1.0,
     sign_election: str = "sum",
     alpha: float = 1.0,
+    stats: TensorStats | None = None,
     work: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`rsaf`, overwriting ``tau``; returns a view of tau[0]. ``work``: fp32 scratch of >= tau[0].numel()."""
+    """`rsaf`, overwriting ``tau``; returns a view of tau[0]. ``work``: fp32 scratch of >= tau[0].numel().
+
+    ``stats``: this tensor's sums, as `fusion_cache.merge.run.model_stats` computes them in its pass over the
+    models (the same floats as computed here from ``tau`` and ``base``, which None does); with them the kernel is
+    TIES plus a few scalar operations per source.
+    """
     flat = _rows(tau)
     n = flat.shape[1]
     work = torch.empty(n, dtype=tau.dtype) if work is None else work
-    base_norm = float(base.norm())
+    base_sq = sum_sq(base) if stats is None else stats.base_sq
     thresholds = []
-    for s, t in enumerate(tau):
-        rate = float(t.norm()) / base_norm if base_norm > 0 else 0.0
+    for s in range(flat.shape[0]):
         mag = torch.abs(flat[s], out=work[:n])
+        sums = power_sums(mag) if stats is None else stats.sums[s]
+        skew = skew_from_sums(n, *sums)
+        if skew is None:  # ill-conditioned power sums (or a constant |tau|): the two-pass definition
+            skew = _skewness_two_pass(mag)
         k = rsaf_density(
-            rate,
-            skewness(mag),
+            (sums[1] / base_sq) ** 0.5 if base_sq > 0 else 0.0,  # ||tau_s|| / ||theta_o||
+            skew,
             rate_ref=rate_refs[s],
             density=density,
             rate_power=rate_power,
@@ -524,7 +545,7 @@ def rsaf_(
             min_density=min_density,
             max_density=max_density,
         )
-        thresholds.append(_magnitude_threshold(mag, k))
+        thresholds.append(_magnitude_threshold(mag, k))  # reorders mag: after the sums
     return _trim_elect_mean_(tau, thresholds, sign_election, alpha)
 
 
@@ -582,13 +603,65 @@ def sce(tau: torch.Tensor, *, select_topk: float = 0.1) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- RSAF (our reconstruction; docs/merge.md)
+def power_sums(x: torch.Tensor) -> tuple[float, float, float]:
+    """(sum x, sum x^2, sum x^3) over all of ``x``'s entries (fp32/fp64, any shape), in float64.
+
+    One pass over chunks; the powers are float64 products (x^2 = x * x, x^3 = x^2 * x), summed in `block_sums`'
+    fixed blocks and added by `grouped_total`: the same floats whatever the chunk size or torch's thread count, and
+    the same as `fusion_cache.merge.run.model_stats` gets from its fused pass.
+    """
+    x = x.reshape(-1)
+    n = x.numel()
+    p = torch.empty(3, min(SKEW_CHUNK, max(n, 1)), dtype=torch.float64)
+    blocks: list[list[float]] = [[], [], []]
+    for sl in _chunks(n, SKEW_CHUNK):
+        p_ = p[:, : sl.stop - sl.start]
+        p_[0].copy_(x[sl])
+        torch.mul(torch.mul(p_[0], p_[0], out=p_[1]), p_[0], out=p_[2])
+        sums = block_sums(p_)  # the three rows in one call
+        per = len(sums) // 3
+        for j in range(3):
+            blocks[j] += sums[j * per : (j + 1) * per]
+    return grouped_total(blocks[0]), grouped_total(blocks[1]), grouped_total(blocks[2])
+
+
+def skew_from_sums(n: int, s1: float, s2: float, s3: float) -> float | None:
+    """Population skewness from the power sums of ``n`` values (`power_sums`); None where they are ill-conditioned.
+
+        mu = s1 / n;  m2 = s2 / n - mu^2;  m3 = s3 / n - 3 mu s2 / n + 2 mu^3;  skew = m3 / m2^1.5
+
+    The central moments come from raw ones by subtraction, which loses digits when the mean is large against the
+    spread: used only while mu^2 <= SKEW_CONDITION * m2 (|tau| of a task vector: mu^2 ~ 1.75 m2 for a Gaussian
+    tau). None (the caller falls back to the two-pass definition) otherwise, which includes a constant tensor.
+    """
+    if n == 0:
+        return 0.0
+    mu = s1 / n
+    e2 = s2 / n
+    m2 = e2 - mu * mu
+    if not m2 > 0.0 or mu * mu > SKEW_CONDITION * m2:
+        return None
+    m3 = s3 / n - 3.0 * mu * e2 + 2.0 * mu**3
+    return m3 / m2**1.5
+
+
 def skewness(x: torch.Tensor) -> float:
     """Population skewness E[((x - mu) / sigma)^3] of all of ``x``'s entries; 0 for a constant tensor.
 
-    Two passes in float64 over chunks (mean, then the second and third central moments, both summed by one torch
-    call per chunk): no full-size copy, and the same bits whatever torch's thread count (`block_sums`,
-    `grouped_total`: the sums `ordered_sum` gives over ``STAT_CHUNK`` chunks).
+    From the float64 power sums (`power_sums`, `skew_from_sums`: one pass) where they are well conditioned, which
+    for |tau| they are; else in two float64 passes (`_skewness_two_pass`). Either way the same bits whatever the
+    chunking and torch's thread count.
     """
+    n = x.numel()
+    if n == 0:
+        return 0.0
+    skew = skew_from_sums(n, *power_sums(x))
+    return _skewness_two_pass(x) if skew is None else skew
+
+
+def _skewness_two_pass(x: torch.Tensor) -> float:
+    """`skewness` by its definition: the mean, then the second and third central moments (two float64 passes
+    over chunks, both moments summed by one torch call per chunk; `block_sums`, `grouped_total`)."""
     x = x.reshape(-1)
     n = x.numel()
     if n == 0:
@@ -664,6 +737,9 @@ def rsaf(
 
         k_s = rsaf_density(||tau_s|| / ||base||, skewness(|tau_s|), rate_ref=rate_refs[s], ...)
         trimmed_s = tau_s * magnitude_mask(tau_s, k_s);  result = alpha * disjoint_mean(trimmed, elect_sign(...))
+
+    The norms are square roots of float64 sums of squares (`sum_sq`, `power_sums`), the same bits whatever torch's
+    thread count.
 
     Args:
         tau: [S, *shape]; base: [*shape] (for the change rate).

@@ -38,6 +38,9 @@ ARCH_FIELDS = ("model_type", "architectures", "tie_word_embeddings", "vocab_size
 TIED_NAMES = ("lm_head.weight",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 PROVENANCE = "merge_config.json"
+# Entries per chunk of RSAF's pass over the models (`model_stats`): a multiple of methods.REDUCE_CHUNK, so its
+# float64 blocks do not depend on it; 65536 was the fastest of 32768-262144 (1 thread, 3 models).
+STATS_CHUNK = 2 * methods.REDUCE_CHUNK
 
 
 def _open_base(base: str) -> SafetensorsModel:
@@ -120,39 +123,67 @@ def model_change_rates(
 ) -> list[float]:
     """Per model, ``||theta_s - theta_o|| / ||theta_o||`` over all floating tensors (RSAF's reference rate).
 
-    Sums of squares in float64 over chunks, the same floats as `methods.sum_sq` per tensor (`methods.block_sums`,
-    `methods.grouped_total`), from the files' memory maps (`SafetensorsModel.view`: no read buffers). ``buffers``
-    is unused (kept for callers that pass one).
+    `model_stats`' rates (its per-tensor sums are dropped). ``buffers`` is unused (kept for callers that pass one).
+    """
+    return model_stats(base, models, names)[0]
+
+
+def model_stats(
+    base: SafetensorsModel, models: list[SafetensorsModel], names: list[str]
+) -> tuple[list[float], dict[str, methods.TensorStats]]:
+    """RSAF's pass over the models: the model-wide change rates and every floating tensor's `methods.TensorStats`.
+
+    Returns:
+        (rates, stats): rates[s] = ``||theta_s - theta_o|| / ||theta_o||`` over all floating tensors; stats[name]
+        holds sum(theta_o^2) and, per model, the power sums of |theta_s - theta_o| (`methods.power_sums`), from
+        which `methods.rsaf_` takes the tensor's rate and skewness without another pass over it.
+
+    Everything in float64 from the files' memory maps (`SafetensorsModel.view`: no read buffers), chunk by chunk
+    with all models in one torch call per power: ``d = theta_s - theta_o`` (exact in float64), ``d^2``, ``|d|``,
+    ``d^2 * |d|``, summed in `methods.block_sums`' fixed blocks. Per tensor the sums are `methods.grouped_total`
+    of its blocks, the floats `methods.power_sums` and `methods.sum_sq` give on the fp32 task vector the merge forms
+    (the same values wherever its fp32 subtraction is exact, as it is for bf16 inputs); the model-wide sums add the
+    block groups tensor after tensor, `methods.sum_sq`'s grouping over the concatenated model. Thread-count
+    independent.
     """
     base_sq = 0.0
     tau_sq = [0.0] * len(models)
-    chunk = methods.STAT_CHUNK  # float64 sums in fixed blocks (methods.block_sums): thread-count independent
+    stats: dict[str, methods.TensorStats] = {}
+    chunk = STATS_CHUNK
     s_count = len(models)
-    b64, b2 = torch.empty(chunk, dtype=torch.float64), torch.empty(chunk, dtype=torch.float64)
-    m64 = torch.empty(s_count, chunk, dtype=torch.float64)
+    # rows: theta_o^2, then per model d^2, |d|, |d|^3 (d = theta_s - theta_o): one block_sums call per chunk
+    p64 = torch.empty(1 + 3 * s_count, chunk, dtype=torch.float64)
+    b64 = torch.empty(chunk, dtype=torch.float64)
     for n in names:
         info = base.infos[n]
         if not _is_float(info.dtype):
             continue
         b = base.view(n).reshape(-1)  # mapped, not read into a buffer: the float64 copies below read the file
         ts = [m.view(n).reshape(-1) for m in models]
-        base_blocks: list[float] = []
-        blocks: list[list[float]] = [[] for _ in models]
+        blocks: list[list[float]] = [[] for _ in range(1 + 3 * s_count)]  # per row of p64
         for i in range(0, b.numel(), chunk):
             b_ = b64[: min(chunk, b.numel() - i)].copy_(b[i : i + chunk])
-            m_ = m64[:, : b_.numel()]
-            base_blocks += methods.block_sums(torch.mul(b_, b_, out=b2[: b_.numel()]))
+            m = b_.numel()
+            p_ = p64[:, :m]
+            torch.mul(b_, b_, out=p_[0])
+            d, mag, cube = p_[1 : 1 + s_count], p_[1 + s_count : 1 + 2 * s_count], p_[1 + 2 * s_count :]
             for s, t in enumerate(ts):
-                m_[s].copy_(t[i : i + chunk])
-            sums = methods.block_sums(m_.sub_(b_).square_())  # (theta_s - theta_o)^2, all models in one call
-            per = len(sums) // s_count
-            for s in range(s_count):
-                blocks[s] += sums[s * per : (s + 1) * per]
-        base_sq = methods.grouped_total(base_blocks, base_sq)
-        tau_sq = [methods.grouped_total(bl, t) for bl, t in zip(blocks, tau_sq, strict=True)]
-        for m in (base, *models):
-            m.release(n)
-    return [(t / base_sq) ** 0.5 if base_sq > 0 else 0.0 for t in tau_sq]
+                d[s].copy_(t[i : i + chunk])
+            d.sub_(b_)  # theta_s - theta_o, all models (exact in float64)
+            torch.abs(d, out=mag)
+            torch.mul(d.square_(), mag, out=cube)
+            sums = methods.block_sums(p_)  # row by row
+            per = len(sums) // len(blocks)
+            for r, bl in enumerate(blocks):
+                bl += sums[r * per : (r + 1) * per]
+        base_sq = methods.grouped_total(blocks[0], base_sq)
+        sq, ab, cu = blocks[1 : 1 + s_count], blocks[1 + s_count : 1 + 2 * s_count], blocks[1 + 2 * s_count :]
+        tau_sq = [methods.grouped_total(bl, t) for bl, t in zip(sq, tau_sq, strict=True)]
+        g = methods.grouped_total
+        stats[n] = methods.TensorStats(g(blocks[0]), [(g(ab[s]), g(sq[s]), g(cu[s])) for s in range(s_count)])
+        for mdl in (base, *models):
+            mdl.release(n)
+    return [(t / base_sq) ** 0.5 if base_sq > 0 else 0.0 for t in tau_sq], stats
 
 
 def merge_tensor(
@@ -180,10 +211,12 @@ def merge_tensor_(
     opts: dict,
     rate_refs: list[float] | None,
     work: torch.Tensor | None = None,
+    stats: methods.TensorStats | None = None,
 ) -> torch.Tensor:
     """`merge_tensor`, overwriting ``tau`` (contiguous [S, *shape] fp32); returns a view of tau[0].
 
     ``work``: fp32 scratch of >= tau[0].numel() elements for the methods that select by magnitude or variance.
+    ``stats``: RSAF's sums for this tensor from `model_stats` (None: computed from ``tau`` and ``base``).
     """
     if method == "ta":
         return methods.task_arithmetic_(tau, **opts)
@@ -194,7 +227,7 @@ def merge_tensor_(
     if method == "sce":
         return methods.sce_(tau, work=work, **opts)
     if method == "rsaf":
-        return methods.rsaf_(tau, base, rate_refs=rate_refs, work=work, **opts)
+        return methods.rsaf_(tau, base, rate_refs=rate_refs, stats=stats, work=work, **opts)
     raise ConfigError(f"method: unknown value {method!r}; valid values: {', '.join(METHODS)}")
 
 
@@ -279,7 +312,7 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
         bufs.reserve("base32", 4 * max_numel)
         if cfg.method in ("ties", "sce", "rsaf"):
             bufs.reserve("work", 4 * max_numel)
-        rate_refs = model_change_rates(base, models, names, bufs) if cfg.method == "rsaf" else None
+        rate_refs, stats = model_stats(base, models, names) if cfg.method == "rsaf" else (None, {})
         bytes_read = 0
         with ShardedWriter(tmp, plan, cfg.max_shard_bytes, metadata={"merged_by": "fusion-cache"}) as writer:
             for n in tqdm(names, desc=f"merge {cfg.method}", unit="tensor", disable=not progress):
@@ -300,7 +333,7 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
                         tau[s].sub_(b32)
                     _check_finite(tau[s], n, m, base)
                 work = bufs.get("work", torch.float32, numel) if cfg.method in ("ties", "sce", "rsaf") else None
-                merged = b32.add_(merge_tensor_(cfg.method, tau, b32, n, opts, rate_refs, work))
+                merged = b32.add_(merge_tensor_(cfg.method, tau, b32, n, opts, rate_refs, work, stats.get(n)))
                 if info.dtype != "F32":  # back to the base's dtype, in a reused buffer
                     out_dtype = DTYPES[info.dtype]
                     merged = bufs.get("model_raw", out_dtype, numel).view(info.shape).copy_(merged)

@@ -323,11 +323,52 @@ def test_rsaf_kernel_equals_the_direct_formula_bit_for_bit():
     refs = [0.001, 0.002, 0.0005]
     trimmed = []
     for s, t in enumerate(tau):
-        k = methods.rsaf_density(float(t.norm()) / float(base.norm()), methods.skewness(t.abs()), rate_ref=refs[s])
+        rate = float(t.double().norm() / base.double().norm())  # ||tau_s|| / ||theta_o||, in float64
+        k = methods.rsaf_density(rate, methods.skewness(t.abs()), rate_ref=refs[s])
         trimmed.append(torch.where(methods.magnitude_mask(t, k), t, 0.0))
     trimmed = torch.stack(trimmed)
     want = methods.disjoint_mean(trimmed, methods.elect_sign(trimmed))
     assert torch.equal(methods.rsaf(tau, base, rate_refs=refs), want)
+
+
+def test_power_sums_are_the_float64_sums_of_the_powers():
+    x = torch.rand(methods.SKEW_CHUNK + 3 * methods.REDUCE_CHUNK + 77, generator=torch.Generator().manual_seed(14))
+    got = methods.power_sums(x)
+    want = [float((x.double() ** p).sum()) for p in (1, 2, 3)]
+    assert got == pytest.approx(want, rel=1e-13)
+    assert got[1] == methods.sum_sq(x)  # the same blocks and grouping as sum_sq
+    assert methods.power_sums(x.view(-1, 5)) == got  # any shape
+    assert methods.power_sums(torch.zeros(0)) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("case", ["half-normal", "large mean", "constant", "empty"])
+def test_skewness_from_power_sums_or_two_passes_matches_the_formula(case):
+    g = torch.Generator().manual_seed(15)
+    x = {
+        "half-normal": torch.randn(methods.SKEW_CHUNK + 1001, generator=g).abs() * 1e-3,
+        "large mean": 1000.0 + torch.randn(5000, generator=g) ** 2,  # mean^2 >> variance: the power sums cancel
+        "constant": torch.full((300,), 0.25),
+        "empty": torch.zeros(0),
+    }[case]
+    n = x.numel()
+    direct = 0.0
+    if n and float(x.double().std(unbiased=False)) > 0:
+        mu, sd = x.double().mean(), x.double().std(unbiased=False)
+        direct = float((((x.double() - mu) / sd) ** 3).mean())
+    conditioned = methods.skew_from_sums(n, *methods.power_sums(x)) is not None
+    assert conditioned == (case in ("half-normal", "empty"))  # else the two-pass definition answers
+    assert methods.skewness(x) == pytest.approx(direct, rel=1e-9, abs=1e-12)
+
+
+def test_rsaf_kernel_with_given_stats_equals_it_without():
+    tau = _big_tau(16)
+    base = torch.randn(tau.shape[1:], generator=torch.Generator().manual_seed(17))
+    refs = [0.001, 0.002, 0.0005]
+    stats = methods.TensorStats(methods.sum_sq(base), [methods.power_sums(t.abs()) for t in tau])
+    want = methods.rsaf(tau, base, rate_refs=refs)
+    assert torch.equal(methods.rsaf_(tau.clone(), base, rate_refs=refs, stats=stats), want)
+    bumped = methods.TensorStats(stats.base_sq / 4, stats.sums)  # the kernel does use the given sums: rates x 2
+    assert not torch.equal(methods.rsaf_(tau.clone(), base, rate_refs=refs, stats=bumped), want)
 
 
 def test_skewness_in_chunks_matches_the_whole_tensor_formula():

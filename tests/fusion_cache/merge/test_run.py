@@ -219,7 +219,7 @@ def test_bad_inputs_and_options_are_refused(tiny_model_dir, tmp_path):
 
 def test_thread_count_changes_nothing_and_is_restored(tiny_model_dir, variants, tmp_path):
     before = torch.get_num_threads()
-    for method in ("ties", "sce"):
+    for method in ("ties", "sce", "rsaf"):
         _merge(tiny_model_dir, variants, tmp_path / f"{method}1", method=method, threads=1)
         assert torch.get_num_threads() == before
         _merge(tiny_model_dir, variants, tmp_path / f"{method}2", method=method, threads=2)
@@ -280,5 +280,37 @@ def test_model_change_rates_are_the_chunked_float64_sums(tmp_path):
                 d = sd[n].double().reshape(-1)[i : i + methods.STAT_CHUNK] - b[i : i + methods.STAT_CHUNK]
                 tau_sq[s] += methods.ordered_sum(d**2)
     assert got == [(t / base_sq) ** 0.5 for t in tau_sq]
+    for m in models:
+        m.close()
+
+
+def test_model_stats_are_the_power_sums_of_each_task_vector(tmp_path):
+    from fusion_cache.merge.run import STATS_CHUNK
+    from fusion_cache.merge.run import merge_tensor_
+    from fusion_cache.merge.run import model_change_rates
+    from fusion_cache.merge.run import model_stats
+
+    g = torch.Generator().manual_seed(1)
+    shapes = {"big": (STATS_CHUNK // 100 * 3 + 7, 100), "small": (7, 3)}  # several chunks, a short last block
+    base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
+    base["ids"] = torch.arange(4)
+    fts = [{n: (t.float() + 1e-2 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()}]
+    fts.append({n: (t.float() * 1.01).to(torch.float32) for n, t in base.items() if n != "ids"} | {"ids": base["ids"]})
+    for i, sd in enumerate([base, *fts]):
+        (tmp_path / str(i)).mkdir()
+        save_file(sd, str(tmp_path / str(i) / "model.safetensors"))
+    models = [SafetensorsModel(tmp_path / str(i)) for i in range(3)]
+    rates, stats = model_stats(models[0], models[1:], ["big", "small", "ids"])
+    assert rates == model_change_rates(models[0], models[1:], ["big", "small", "ids"]) and "ids" not in stats
+    for n in ("big", "small"):
+        b = base[n].float()
+        tau = torch.stack([sd[n].float() - b for sd in fts])  # as the merge forms it, in fp32
+        for s, sd in enumerate(fts):  # here the fp32 difference is exact, so the sums must be the same floats
+            assert torch.equal(tau[s].double(), sd[n].double() - base[n].double())
+        assert stats[n].base_sq == methods.sum_sq(b)
+        assert stats[n].sums == [methods.power_sums(t.abs()) for t in tau]
+        refs = [0.01, 0.02]
+        got = merge_tensor_("rsaf", tau.clone(), b, n, {}, refs, torch.empty(b.numel()), stats[n])
+        assert torch.equal(got, methods.rsaf(tau, b, rate_refs=refs))
     for m in models:
         m.close()
