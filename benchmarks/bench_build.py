@@ -8,9 +8,11 @@ Rows are the demo prompts with the embedded teacher's own answers (`fusion-cache
 - vllm plain prefill: ``llm.generate`` with max_tokens=1 and no logprobs, the ceiling (not reading vLLM's prefix
   cache, which prompt-logprob requests never read: the repeated passes would otherwise skip the prefill);
 - vllm prompt_logprobs=K, engine only: the same call with ``prompt_logprobs=K`` whose results are left as vLLM's
-  tensors (no decoding, no cache): what vLLM itself pays for the logits, log-softmax and top-K at every position;
+  tensors (no decoding, no cache): what stock vLLM pays for the logits, log-softmax and top-K at every position
+  (the reference for fusion-cache's answer-only hook, which this path does not use);
 - build vllm K=64 (full codec) and K=10 (values codec): `run_build` end to end (render, capture, encode, write,
-  fsync, sha256, manifest) on the same started engine;
+  fsync, sha256, manifest) on the same started engine, with the engine's answer-only prompt logprobs
+  (`fusion_cache.engines.vllm_answer_logits`: logits at answer positions only);
 - build hf K=64: the transformers engine, run first (vLLM pins the process's threads once it starts).
 
 The machine is shared, so the vLLM paths run interleaved (rep 1 of each, then rep 2, ...) and the medians are
@@ -46,7 +48,11 @@ ENGINE_ONLY = "vllm prompt_logprobs=64, engine only (no decoding, no cache)"
 PROFILE_SECTIONS = [
     (("entrypoints/llm.py", "generate"), "vLLM generate (engine, everything below)"),
     (("llama.py", "forward"), "  model forward (all decoder layers)"),
-    (("gpu_model_runner.py", "_get_prompt_logprobs_dict"), "  prompt logprobs: lm_head + log_softmax + top-K + ranks"),
+    (("gpu_model_runner.py", "_get_prompt_logprobs_dict"), "  vLLM's prompt logprobs at every position (not used)"),
+    (
+        ("vllm_answer_logits.py", "_answer_only_prompt_logprobs_dict"),
+        "  prompt logprobs at answer positions: lm_head + top-K + normalizer",
+    ),
     (("vllm_engine.py", "keep_arrays"), "  tensors kept as numpy (replaces vLLM's per-token lists)"),
     (("vllm_engine.py", "_arrays_to_capture"), "our decode of the tensors (slice, tie re-sort)"),
     (("background.py", "submit"), "engine thread waiting for the writer thread"),
@@ -75,7 +81,7 @@ class _WriterStats(logging.Handler):
 
 
 def _profile_summary(stats: pstats.Stats, total: float) -> list[str]:
-    rows = []
+    rows, found = [], {}
     for (suffix, name), label in PROFILE_SECTIONS:
         # v = (primitive calls, calls, tottime, cumtime, callers); the largest cumtime is the outermost function
         # of that name in the file (llama.py has a forward per module, nested)
@@ -84,6 +90,13 @@ def _profile_summary(stats: pstats.Stats, total: float) -> list[str]:
             default=0.0,
         )
         rows.append(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
+        found[label] = cum
+    # the rest of generate: scheduler, input preparation, attention metadata, the sampled token's lm_head + sampler,
+    # output processing
+    generate, *inner = (found[label] for (_key, label) in PROFILE_SECTIONS[:5])
+    rest = generate - sum(inner)
+    label = "  rest of generate (scheduler, inputs, sampler, outputs)"
+    rows.insert(5, f"| {label} | {rest:.2f} | {100 * rest / total:.0f}% |")
     return rows
 
 
@@ -199,6 +212,7 @@ def main() -> None:
     build(eng, 64, "full", "profiled")
     profiled_s = time.perf_counter() - t
     profiler.disable()
+    hook = eng.last_answer_hook
     eng.close()
     load_after = _load_average()
     stats = pstats.Stats(profiler)
@@ -239,6 +253,13 @@ def main() -> None:
                 f"{name}: writer thread {busy:.2f} s encoding+writing over {batches} batches, "
                 f"engine waited {waited:.2f} s on it"
             )
+    if hook is not None and hook.installed:
+        out.append(
+            f"answer-only prompt logprobs (profiled run): logits at {hook.scored_rows} answer positions, "
+            f"{hook.skipped_rows} other prompt positions skipped, {hook.fallback_steps} steps on vLLM's own path"
+        )
+    else:
+        out.append(f"answer-only prompt logprobs OFF: {getattr(hook, 'reason', 'disabled')}")
     out += [
         "",
         f"profile of one more `build vllm K=64` run ({profiled_s:.1f} s under cProfile, main thread; the writer "
