@@ -17,7 +17,9 @@ K = 64
 TOL = 4e-6
 
 
-def test_answer_topk_equals_log_softmax_top_k() -> None:
+@pytest.mark.parametrize("block_rows", [256, 8])  # one normalizer block, and 5 blocks with a partial last one
+def test_answer_topk_equals_log_softmax_top_k(block_rows, monkeypatch) -> None:
+    monkeypatch.setattr("fusion_cache.engines.vllm_answer_logits._NORM_BLOCK_ROWS", block_rows)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(37, 500, generator=gen) * 4
     targets = torch.randint(0, 500, (37,), generator=gen)
