@@ -62,6 +62,7 @@ _NAMES = frozenset(
     }
 )
 _LOCK = threading.Lock()
+_WARNED: set[str] = set()
 # rows per block of the normalizer's exp(x - max) buffer (256 x V fp32: 50 MB for a 49152-token vocabulary)
 _NORM_BLOCK_ROWS = 256
 
@@ -118,7 +119,9 @@ def answer_only_prompt_logprobs() -> Iterator[AnswerOnlyHook]:
     original = GPUModelRunner.__dict__.get(_METHOD)
     hook.reason = _incompatibility(original)
     if hook.reason is not None:
-        log.warning("answer-only prompt logprobs off, vLLM computes every position: %s", hook.reason)
+        if hook.reason not in _WARNED:  # once per reason, not once per engine batch
+            _WARNED.add(hook.reason)
+            log.warning("answer-only prompt logprobs off, vLLM computes every position: %s", hook.reason)
         yield hook
         return
 

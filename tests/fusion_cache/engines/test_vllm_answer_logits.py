@@ -135,6 +135,7 @@ def test_unexpected_runner_method_keeps_vllms_path(vllm_engine, monkeypatch, cap
     reqs = _long_requests()[5:]
     expected = vllm_engine.capture(reqs, K)
     monkeypatch.setattr(GPUModelRunner, "_get_prompt_logprobs_dict", wrapped)
+    monkeypatch.setattr("fusion_cache.engines.vllm_answer_logits._WARNED", set())
     with caplog.at_level("WARNING", logger="fusion_cache.engines.vllm_answer_logits"):
         got = vllm_engine.capture(reqs, K)
     hook = vllm_engine.last_answer_hook
