@@ -18,6 +18,7 @@ Distributed (``--num-shards N --shard-index I``): the build captures one contigu
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import shutil
@@ -259,14 +260,13 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
             build without ``--resume``, or ``--resume`` with settings other than the interrupted build's.
         DataError: a malformed input row (before any model runs).
     """
-    from transformers import AutoTokenizer
 
     from fusion_cache.hardware import default_dtype
     from fusion_cache.teachers import resolve_model
 
     t0 = time.perf_counter()
     teacher = resolve_model(cfg.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher.path, trust_remote_code=False)
+    tokenizer = _teacher_tokenizer(teacher.path, teacher.revision)
     chat = has_chat_template(tokenizer)
     dtype = engine.dtype if engine is not None else (cfg.dtype or default_dtype())
     engine_name = engine.name if engine is not None else cfg.engine
@@ -472,6 +472,18 @@ def build_summary(manifest: Manifest, out: str) -> str:
         f"  fingerprint    {manifest.fingerprint}",
     ]
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher_tokenizer(path: str, revision: str):
+    """The teacher's tokenizer, loaded once per process and revision.
+
+    Loading takes ~0.9 s for SmolLM2 (most of a small build's fixed cost), paid again by every `run_build` in one
+    process (the demo, the tests, a benchmark) without this. Builds only read it (render, hash).
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def _engine_length_limit(model_path: str, engine_name: str, engine: TeacherEngine | None) -> int | None:
