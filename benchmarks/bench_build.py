@@ -8,9 +8,11 @@ Rows are the demo prompts with the embedded teacher's own answers (`fusion-cache
 - vllm plain prefill: ``llm.generate`` with max_tokens=1 and no logprobs, the ceiling (not reading vLLM's prefix
   cache, which prompt-logprob requests never read: the repeated passes would otherwise skip the prefill);
 - vllm prompt_logprobs=K, engine only: the same call with ``prompt_logprobs=K`` whose results are left as vLLM's
-  tensors (no decoding, no cache): what vLLM itself pays for the logits, log-softmax and top-K at every position;
+  tensors (no decoding, no cache): what stock vLLM pays for the logits, log-softmax and top-K at every position
+  (the reference for fusion-cache's answer-only hook, which this path does not use);
 - build vllm K=64 (full codec) and K=10 (values codec): `run_build` end to end (render, capture, encode, write,
-  fsync, sha256, manifest) on the same started engine;
+  fsync, sha256, manifest) on the same started engine, with the engine's answer-only prompt logprobs
+  (`fusion_cache.engines.vllm_answer_logits`: logits at answer positions only);
 - build hf K=64: the transformers engine, run first (vLLM pins the process's threads once it starts).
 
 The machine is shared, so the vLLM paths run interleaved (rep 1 of each, then rep 2, ...) and the medians are
@@ -41,12 +43,18 @@ from common import machine  # noqa: E402
 
 PREFILL = "vllm plain prefill (max_tokens=1, no logprobs)"
 ENGINE_ONLY = "vllm prompt_logprobs=64, engine only (no decoding, no cache)"
+BUILD_K64 = "build vllm K=64 (full codec)"
 
 # Functions whose cumulative time the profile summary reports (file suffix, function name) -> label.
 PROFILE_SECTIONS = [
     (("entrypoints/llm.py", "generate"), "vLLM generate (engine, everything below)"),
     (("llama.py", "forward"), "  model forward (all decoder layers)"),
-    (("gpu_model_runner.py", "_get_prompt_logprobs_dict"), "  prompt logprobs: lm_head + log_softmax + top-K + ranks"),
+    (("gpu_model_runner.py", "_get_prompt_logprobs_dict"), "  vLLM's prompt logprobs at every position (not used)"),
+    (
+        ("vllm_answer_logits.py", "_answer_only_prompt_logprobs_dict"),
+        "  prompt logprobs at answer positions: lm_head + top-K + normalizer",
+    ),
+    (("vllm_answer_logits.py", "answer_topk"), "    of which top-K + normalizer (the rest: lm_head)"),
     (("vllm_engine.py", "keep_arrays"), "  tensors kept as numpy (replaces vLLM's per-token lists)"),
     (("vllm_engine.py", "_arrays_to_capture"), "our decode of the tensors (slice, tie re-sort)"),
     (("background.py", "submit"), "engine thread waiting for the writer thread"),
@@ -75,7 +83,7 @@ class _WriterStats(logging.Handler):
 
 
 def _profile_summary(stats: pstats.Stats, total: float) -> list[str]:
-    rows = []
+    rows, found = [], {}
     for (suffix, name), label in PROFILE_SECTIONS:
         # v = (primitive calls, calls, tottime, cumtime, callers); the largest cumtime is the outermost function
         # of that name in the file (llama.py has a forward per module, nested)
@@ -84,6 +92,13 @@ def _profile_summary(stats: pstats.Stats, total: float) -> list[str]:
             default=0.0,
         )
         rows.append(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
+        found[label] = cum
+    # the rest of generate: scheduler, input preparation, attention metadata, the sampled token's lm_head + sampler,
+    # output processing
+    generate, *inner = (found[label] for (_key, label) in PROFILE_SECTIONS[:6] if "of which" not in label)
+    rest = generate - sum(inner)
+    label = "  rest of generate (scheduler, inputs, sampler, outputs)"
+    rows.insert(6, f"| {label} | {rest:.2f} | {100 * rest / total:.0f}% |")
     return rows
 
 
@@ -127,6 +142,7 @@ def main() -> None:
     logging.getLogger("fusion_cache.build").setLevel(logging.INFO)
 
     runs = iter(range(1_000_000))
+    last_capture = [0.0]
 
     def build(engine, k: int, codec: str, name: str) -> float:
         # a fresh --out every run: the same settings into an existing cache are a no-op (run_build reuses it)
@@ -139,8 +155,24 @@ def main() -> None:
             engine=engine.name,
             overwrite=True,
         )
+        # time inside engine.capture too: tells the engine's share of each run from the rest (render, encode,
+        # write, fsync, hash) without a profiler
+        original, spent = engine.capture, [0.0]
+
+        def timed_capture(requests, k):
+            t = time.perf_counter()
+            try:
+                return original(requests, k)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        engine.capture = timed_capture
         t = time.perf_counter()
-        run_build(cfg, engine=engine, progress=False)
+        try:
+            run_build(cfg, engine=engine, progress=False)
+        finally:
+            del engine.capture  # the instance attribute: the class method is back
+        last_capture[0] = spent[0]
         return time.perf_counter() - t
 
     times: dict[str, list[float]] = {}
@@ -183,7 +215,7 @@ def main() -> None:
     }
     prefill()  # warm-up
     build(eng, 64, "full", "warm")
-    writer = {}
+    writer, in_capture = {}, {}
     order = list(paths)
     for rep in range(args.reps):
         # rotate the order every repetition, so no path always runs right after the same neighbour
@@ -192,6 +224,7 @@ def main() -> None:
             times.setdefault(name, []).append(fn())
             if name.startswith("build vllm"):
                 writer.setdefault(name, []).append(writer_stats.last)
+                in_capture.setdefault(name, []).append(last_capture[0])
 
     profiler = cProfile.Profile()
     profiler.enable()
@@ -199,6 +232,7 @@ def main() -> None:
     build(eng, 64, "full", "profiled")
     profiled_s = time.perf_counter() - t
     profiler.disable()
+    hook = eng.last_answer_hook
     eng.close()
     load_after = _load_average()
     stats = pstats.Stats(profiler)
@@ -229,9 +263,15 @@ def main() -> None:
         out.append(f"{k}: ratio build/prefill: {base / median[name]:.2f}")
     out.append(f"vLLM's own prompt-logprob cost: ratio engine-only/prefill: {base / median[ENGINE_ONLY]:.2f}")
     out.append(
-        f"build K=64 vs vLLM engine-only: {median[ENGINE_ONLY] / median['build vllm K=64 (full codec)']:.2f} "
-        "(the share of build time that is vLLM's prompt_logprobs call)"
+        f"stock vLLM prompt_logprobs call / build K=64: {median[ENGINE_ONLY] / median[BUILD_K64]:.2f} "
+        "(above 1: the whole build, with logits at answer positions only, is faster than stock vLLM's call alone)"
     )
+    for name, spent in in_capture.items():
+        rest = ", ".join(f"{b - c:.1f}" for b, c in zip(times[name], spent, strict=True))
+        out.append(
+            f"{name}: engine.capture {', '.join(f'{c:.1f}' for c in spent)} s of the runs above; "
+            f"the rest of run_build (render, encode, write, fsync, hash): {rest} s"
+        )
     for name, stats_list in writer.items():
         if stats_list and stats_list[-1]:
             batches, busy, waited = stats_list[-1]
@@ -239,6 +279,13 @@ def main() -> None:
                 f"{name}: writer thread {busy:.2f} s encoding+writing over {batches} batches, "
                 f"engine waited {waited:.2f} s on it"
             )
+    if hook is not None and hook.installed:
+        out.append(
+            f"answer-only prompt logprobs (profiled run): logits at {hook.scored_rows} answer positions, "
+            f"{hook.skipped_rows} other prompt positions skipped, {hook.fallback_steps} steps on vLLM's own path"
+        )
+    else:
+        out.append(f"answer-only prompt logprobs OFF: {getattr(hook, 'reason', 'disabled')}")
     out += [
         "",
         f"profile of one more `build vllm K=64` run ({profiled_s:.1f} s under cProfile, main thread; the writer "

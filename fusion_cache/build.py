@@ -18,6 +18,7 @@ Distributed (``--num-shards N --shard-index I``): the build captures one contigu
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import shutil
@@ -85,24 +86,28 @@ def _read_inputs(cfg: BuildConfig) -> list[Conversation]:
     return convs
 
 
-def _prepare(cfg: BuildConfig, tokenizer, chat_template: bool, convs: list[Conversation]):
-    """Render ``convs``. Returns (kept rows, skip counts by reason, truncated count)."""
+def _prepare(cfg: BuildConfig, tokenizer, chat_template: bool, convs: list[Conversation], limit: int | None = None):
+    """Render ``convs``; rows longer than ``min(cfg.max_length, limit)`` are truncated or skipped (``cfg.overlong``).
+
+    Returns (kept rows, skip counts by reason, truncated count).
+    """
     skipped = {"empty_response": 0, "overlong": 0, "no_answer_after_truncation": 0}
     truncated = 0
+    max_length = cfg.max_length if limit is None else min(cfg.max_length, limit)
     kept: list[_Prepared] = []
     for conv in convs:
         if not conv.response.strip():
             skipped["empty_response"] += 1
             continue
         r = render(tokenizer, conv.messages, chat_template=chat_template)
-        if len(r.input_ids) > cfg.max_length:
+        if len(r.input_ids) > max_length:
             if cfg.overlong == "skip":
                 skipped["overlong"] += 1
                 continue
-            if r.answer_start >= cfg.max_length:  # nothing of the answer would survive
+            if r.answer_start >= max_length:  # nothing of the answer would survive
                 skipped["no_answer_after_truncation"] += 1
                 continue
-            n = cfg.max_length
+            n = max_length
             r = Rendered(r.input_ids[:n], r.answer_start, r.byte_start[:n], r.byte_end[:n], r.text)
             truncated += 1
         kept.append(_Prepared(conv, r))
@@ -255,14 +260,13 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
             build without ``--resume``, or ``--resume`` with settings other than the interrupted build's.
         DataError: a malformed input row (before any model runs).
     """
-    from transformers import AutoTokenizer
 
     from fusion_cache.hardware import default_dtype
     from fusion_cache.teachers import resolve_model
 
     t0 = time.perf_counter()
     teacher = resolve_model(cfg.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(teacher.path, trust_remote_code=False)
+    tokenizer = _teacher_tokenizer(teacher.path, teacher.revision)
     chat = has_chat_template(tokenizer)
     dtype = engine.dtype if engine is not None else (cfg.dtype or default_dtype())
     engine_name = engine.name if engine is not None else cfg.engine
@@ -273,7 +277,15 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
         lo, hi = part_rows(rows_read, cfg.shard_index, cfg.num_shards)
         part = {"index": cfg.shard_index, "count": cfg.num_shards, "row_start": lo, "row_end": hi}
         convs = convs[lo:hi]
-    items, skipped, truncated = _prepare(cfg, tokenizer, chat, convs)
+    limit = _engine_length_limit(teacher.path, engine_name, engine)
+    if limit is not None and limit < cfg.max_length:
+        log.info(
+            "max_length %d > %d, the longest row the %s engine takes: rows are cut there",
+            cfg.max_length,
+            limit,
+            engine_name,
+        )
+    items, skipped, truncated = _prepare(cfg, tokenizer, chat, convs, limit)
 
     teacher_info = {
         "name": cfg.teacher,
@@ -460,6 +472,43 @@ def build_summary(manifest: Manifest, out: str) -> str:
         f"  fingerprint    {manifest.fingerprint}",
     ]
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4)
+def _teacher_tokenizer(path: str, revision: str):
+    """The teacher's tokenizer, loaded once per process and revision.
+
+    Loading takes ~0.9 s for SmolLM2 (most of a small build's fixed cost), paid again by every `run_build` in one
+    process (the demo, the tests, a benchmark) without this. Builds only read it (render, hash).
+    """
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def _engine_length_limit(model_path: str, engine_name: str, engine: TeacherEngine | None) -> int | None:
+    """Longest sequence the engine can score for this teacher (None: no known limit).
+
+    The teacher's ``max_position_embeddings`` (its text config's, for multimodal configs); vLLM needs one position
+    more than the prompt (it must generate a token after it, and refuses ``max_model_len`` above the model's
+    positions), so a vLLM row holds at most ``max_position_embeddings - 1`` tokens. An already started engine
+    adds its own ``max_model_len`` the same way.
+    """
+    limit = None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 1:
+            limit = positions - 1 if engine_name == "vllm" else positions
+    except (OSError, ValueError):
+        pass  # a GGUF-only dir or an unusual config: the engine reports an over-long row itself
+    engine_len = getattr(engine, "max_model_len", None)
+    if isinstance(engine_len, int) and engine_name == "vllm":
+        limit = engine_len - 1 if limit is None else min(limit, engine_len - 1)
+    return limit
 
 
 def _vocab_size(model_path: str, tokenizer) -> int:

