@@ -322,9 +322,11 @@ def validation_table(rows: list[dict], results: dict, s) -> str:
 
 def _table_rows(rows: list[dict], results: dict, key: str, teachers: list[str], reference=None) -> list[str]:
     lines = []
+    in_variants = False
     for row in rows:
-        if row["kind"] == "variant" and not lines[-1].startswith("| *investigation"):
+        if row["kind"] == "variant" and not in_variants:  # one separator row above the variants
             lines.append("| *investigation (validation only)* | | | | | |")
+            in_variants = True
         r = results.get(row["slug"])
         if r is None and row["name"] in (reference or {}):
             r = {key: reference[row["name"]], "train_or_merge_s": float("nan")}
