@@ -255,6 +255,18 @@ def test_dare_merge_depends_on_the_seed_not_on_sharding(tiny_model_dir, variants
     assert not all(torch.equal(a[n], c[n]) for n in a)
 
 
+def _base_and_two_finetunes(tmp_path, base: dict, g) -> tuple[list[dict], list]:
+    """Save ``base`` (plus an int "ids" tensor) and two fine-tunes of it: a bf16 one with small noise and an fp32 one
+    scaled by 1.01; returns the fine-tunes' state dicts and the three opened models (base first)."""
+    base["ids"] = torch.arange(4)
+    fts = [{n: (t.float() + 1e-2 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()}]
+    fts.append({n: (t.float() * 1.01).to(torch.float32) for n, t in base.items() if n != "ids"} | {"ids": base["ids"]})
+    for i, sd in enumerate([base, *fts]):
+        (tmp_path / str(i)).mkdir()
+        save_file(sd, str(tmp_path / str(i) / "model.safetensors"))
+    return fts, [SafetensorsModel(tmp_path / str(i)) for i in range(3)]
+
+
 def test_model_change_rates_are_the_chunked_float64_sums(tmp_path):
     from fusion_cache.merge.run import model_change_rates
 
@@ -262,13 +274,7 @@ def test_model_change_rates_are_the_chunked_float64_sums(tmp_path):
     shapes = {"big": (400, 1000), "small": (7, 3)}  # "big" spans several STAT_CHUNKs, with a short last block
     spread = torch.logspace(-3, 3, 400).view(400, 1)  # block sums of very different sizes: the order of adding shows
     base = {n: (torch.randn(s, generator=g) * spread[: s[0]]).to(torch.bfloat16) for n, s in shapes.items()}
-    base["ids"] = torch.arange(4)
-    fts = [{n: (t.float() + 1e-2 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()}]
-    fts.append({n: (t.float() * 1.01).to(torch.float32) for n, t in base.items() if n != "ids"} | {"ids": base["ids"]})
-    for i, sd in enumerate([base, *fts]):
-        (tmp_path / str(i)).mkdir()
-        save_file(sd, str(tmp_path / str(i) / "model.safetensors"))
-    models = [SafetensorsModel(tmp_path / str(i)) for i in range(3)]
+    fts, models = _base_and_two_finetunes(tmp_path, base, g)
     got = model_change_rates(models[0], models[1:], ["big", "small", "ids"])
     # the definition: float64 squares, ordered sums over STAT_CHUNK chunks, added tensor after tensor
     base_sq, tau_sq = 0.0, [0.0, 0.0]
@@ -293,13 +299,7 @@ def test_model_stats_are_the_power_sums_of_each_task_vector(tmp_path):
     g = torch.Generator().manual_seed(1)
     shapes = {"big": (STATS_CHUNK // 100 * 3 + 7, 100), "small": (7, 3)}  # several chunks, a short last block
     base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
-    base["ids"] = torch.arange(4)
-    fts = [{n: (t.float() + 1e-2 * torch.randn(t.shape, generator=g)).to(t.dtype) for n, t in base.items()}]
-    fts.append({n: (t.float() * 1.01).to(torch.float32) for n, t in base.items() if n != "ids"} | {"ids": base["ids"]})
-    for i, sd in enumerate([base, *fts]):
-        (tmp_path / str(i)).mkdir()
-        save_file(sd, str(tmp_path / str(i) / "model.safetensors"))
-    models = [SafetensorsModel(tmp_path / str(i)) for i in range(3)]
+    fts, models = _base_and_two_finetunes(tmp_path, base, g)
     rates, stats = model_stats(models[0], models[1:], ["big", "small", "ids"])
     assert rates == model_change_rates(models[0], models[1:], ["big", "small", "ids"]) and "ids" not in stats
     for n in ("big", "small"):
