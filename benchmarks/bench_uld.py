@@ -8,7 +8,9 @@ Providers (all compute a loss over N rows of a V-wide vocabulary against cached 
 - ``triton``: kernels/uld.py on given logits (CUDA only: the CPU interpreter is a correctness tool, not a benchmark).
 - ``linear_reference``: logits = hidden @ W.T, then the reference (the unfused baseline of the next one).
 - ``fused_linear``: kernels/fused_linear.py from hidden [N, H] and W [V, H], chunked (Triton per chunk on CUDA,
-  the reference per chunk on CPU).
+  the reference per chunk on CPU). Pure ULD: on CUDA its gradient is sparse (K entries per row) and skips two matmuls.
+- ``linear_reference_ce`` and ``fused_linear_ce``: the same two with the training objective 0.5 CE + 0.5 ULD on the
+  same logits (CE makes the gradient dense, so the fused path does all three matmuls).
 
 Modes: ``forward``, ``backward`` (backward alone, after an untimed forward) and ``full``. On CUDA the times are
 triton.testing.do_bench quantiles (p50, p20, p80) and memory is torch.cuda.max_memory_allocated above the inputs; on
@@ -72,11 +74,12 @@ def gold_uld(logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tens
 
 def make_case(provider: str, n: int, v: int, h: int, k: int, dtype: torch.dtype, device: str):
     """(forward closure returning a scalar loss, list of leaf tensors that receive gradients)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    teacher = torch.randn(n, k, generator=g).sort(dim=-1, descending=True).values
-    teacher = torch.log_softmax(teacher, -1).to(device)
+    # drawn on the device itself: an [8192, 151936] draw on the host takes longer than the measurement
+    g = torch.Generator(device=device).manual_seed(0)
+    teacher = torch.randn(n, k, generator=g, device=device).sort(dim=-1, descending=True).values
+    teacher = torch.log_softmax(teacher, -1)
     if provider in ("gold", "reference", "triton"):
-        logits = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+        logits = (torch.randn(n, v, generator=g, device=device) * 2).to(dtype).requires_grad_()
         if provider == "gold":
             return (lambda: gold_uld(logits, teacher)), [logits]
         if provider == "reference":
@@ -84,11 +87,27 @@ def make_case(provider: str, n: int, v: int, h: int, k: int, dtype: torch.dtype,
         from kernels.uld import uld_rows_triton
 
         return (lambda: uld_rows_triton(logits, teacher, k=k).mean()), [logits]
-    hidden = (torch.randn(n, h, generator=g)).to(device=device, dtype=dtype).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device=device, dtype=dtype).requires_grad_()
+    hidden = torch.randn(n, h, generator=g, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, device=device) / h**0.5).to(dtype).requires_grad_()
     if provider == "linear_reference":
         return (lambda: uld_loss_reference(hidden @ weight.t(), teacher, k=k)), [hidden, weight]
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    if provider == "linear_reference_ce":
+        # what training optimizes: (1 - lambda) CE + lambda ULD on the same logits, here lambda = 0.5
+
+        def dense_ce():
+            logits = hidden @ weight.t()
+            ce = torch.nn.functional.cross_entropy(logits.float(), labels)
+            return 0.5 * ce + 0.5 * uld_loss_reference(logits, teacher, k=k)
+
+        return dense_ce, [hidden, weight]
     backend = "triton" if device == "cuda" else "torch"
+    if provider == "fused_linear_ce":
+        return (
+            lambda: fused_linear_uld_loss(
+                hidden, weight, teacher, labels=labels, k=k, backend=backend, ce_weight=0.5, uld_weight=0.5
+            )[0]
+        ), [hidden, weight]
     return (lambda: fused_linear_uld_loss(hidden, weight, teacher, k=k, backend=backend)[0]), [hidden, weight]
 
 
@@ -159,7 +178,10 @@ def measure(fwd, leaves, mode: str, device: str, reps: int) -> tuple[list[float]
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--providers", default="gold,reference,triton,linear_reference,fused_linear")
+    ap.add_argument(
+        "--providers",
+        default="gold,reference,triton,linear_reference,fused_linear,linear_reference_ce,fused_linear_ce",
+    )
     ap.add_argument("--modes", default="forward,backward,full")
     ap.add_argument("--n", default="1024,4096,8192")
     ap.add_argument("--v", default="32768,151936")

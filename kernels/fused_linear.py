@@ -33,12 +33,16 @@ class FusedLinearOutput(NamedTuple):
 
 
 def chunk_size_for(n: int, v: int, h: int) -> int:
-    """Rows per chunk, as Liger chooses it: the [C, V] logits chunk is about the size of the [N, H] hidden states.
+    """Rows per chunk: Liger's rule, with a floor that amortizes the weight gradient's update.
 
-    ``inc_factor = ceil(V / H)``; ``C = next_power_of_2(ceil(N / inc_factor))``.
+    Liger sizes the [C, V] logits chunk like the [N, H] hidden states: ``inc_factor = ceil(V / H)``,
+    ``C = next_power_of_2(ceil(N / inc_factor))``. Every chunk also reads and writes the whole [V, H] weight gradient
+    once (``addmm_``), which at C = 256, V = 151936, H = 4096 is most of the non-matmul time on an H100. So C is at
+    least ``H / 4`` rows (capped by N): a [H / 4, V] chunk is a quarter of the [V, H] weight gradient that is held
+    anyway, so peak memory stays O(V x H + N x H), never O(N x V).
     """
     inc_factor = max(math.ceil(v / max(h, 1)), 1)
-    rows = max(math.ceil(n / inc_factor), 1)
+    rows = max(math.ceil(n / inc_factor), 1, min(n, h // 4))
     return 1 << (rows - 1).bit_length()
 
 
@@ -75,6 +79,50 @@ def _chunk_uld_grad(logits, teacher, mask, coef, *, backend, k, opts):
     return total.detach(), grad
 
 
+def _chunk_ce_grad(logits, labels, scale):
+    """(sum of the chunk's CE over labelled rows, scale * (softmax - onehot) [C, V] fp32, 0 at ignored rows)."""
+    keep = labels != IGNORE_INDEX
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    picked = lf.gather(1, safe[:, None])[:, 0]
+    ce = torch.where(keep, lse - picked, torch.zeros_like(lse)).sum()
+    g = torch.exp(lf - lse[:, None])
+    g.scatter_add_(1, safe[:, None], -torch.ones_like(picked)[:, None])
+    return ce, g * (keep.to(torch.float32) * scale)[:, None]
+
+
+def _chunk_uld_grad_sparse(logits, teacher, mask, coef, k, opts):
+    """(sum_i coef_i d_i, selected indices [C, K] int64, gradient at them [C, K] fp32) through the Triton kernels."""
+    from kernels.uld import uld_rows_backward_compact
+    from kernels.uld import uld_rows_forward
+
+    dist, idx, val, _ = uld_rows_forward(logits, teacher, mask, k=k, **opts)
+    no_tail = {key: value for key, value in opts.items() if key != "tail"}
+    g_sel = uld_rows_backward_compact(coef, teacher, mask, idx, val, **no_tail)
+    return (dist * coef).sum(), idx, g_sel
+
+
+def _fold_sparse_grad(idx, g_sel, h_c, weight, grad_hidden_c, grad_weight, grad_bias):
+    """Add the chunk's contribution of a logits gradient that is ``g_sel`` [C, K] at ``idx`` [C, K] and 0 elsewhere.
+
+    grad_hidden_c [C, H] (a view, written in place) = sum_k g_sel[c, k] * W[idx[c, k]]; grad_weight [V, H] gets
+    g_sel[c, k] * h_c[c] added at row idx[c, k]. Sums run in fp32 and are rounded once per chunk, as the dense matmul
+    path does (a weight row picked by many rows of the chunk is accumulated before rounding).
+    """
+    h = h_c.shape[1]
+    w_sel = weight[idx].float()  # [C, K, H]
+    grad_hidden_c.copy_(torch.bmm(g_sel[:, None, :], w_sel)[:, 0])
+    rows, inverse = torch.unique(idx.reshape(-1), return_inverse=True)
+    contrib = (g_sel[:, :, None] * h_c.float()[:, None, :]).reshape(-1, h)
+    acc = torch.zeros(rows.shape[0], h, dtype=torch.float32, device=h_c.device).index_add_(0, inverse, contrib)
+    grad_weight.index_add_(0, rows, acc.to(grad_weight.dtype))
+    if grad_bias is not None:
+        acc_b = torch.zeros(rows.shape[0], dtype=torch.float32, device=h_c.device)
+        acc_b.index_add_(0, inverse, g_sel.reshape(-1))
+        grad_bias.index_add_(0, rows, acc_b.to(grad_bias.dtype))
+
+
 def fused_linear_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -102,35 +150,49 @@ def fused_linear_forward(
     ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     uld_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     argmax = torch.empty(n, dtype=torch.int64, device=hidden.device)
+    # Without the tail bucket the ULD gradient w.r.t. the logits is nonzero only at each row's K selected entries.
+    # The Triton backend returns it compactly. Without CE it then reaches the hidden states and the weight through a
+    # gather and an index_add over K rows, instead of two [C, V] x [V, H] matmuls (two thirds of the FLOPs); with CE
+    # the gradient is dense, so the CE kernel writes it over the logits chunk and the K entries are added to it.
+    sparse = backend == "triton" and not opts["tail"]
     for start in range(0, n, c):
         sl = slice(start, min(start + c, n))
         h_c = hidden[sl]
         logits = h_c @ weight.t()
         if bias is not None:
             logits = logits + bias
-        argmax[sl] = logits.argmax(-1)
-        uld_c, grad = _chunk_uld_grad(logits, teacher[sl], row_mask[sl], coef[sl], backend=backend, k=k, opts=opts)
-        uld_sum += uld_c
-        grad *= uld_weight
-        if n_labels:
-            lab = labels[sl]
-            keep = lab != IGNORE_INDEX
-            lf = logits.float()
-            lse = torch.logsumexp(lf, dim=-1)
-            safe = torch.where(keep, lab, torch.zeros_like(lab))
-            picked = lf.gather(1, safe[:, None])[:, 0]
-            ce_sum += torch.where(keep, lse - picked, torch.zeros_like(lse)).sum()
-            # d CE_mean / d logits = (softmax - onehot) / n_labels at labelled rows
-            g_ce = torch.exp(lf - lse[:, None])
-            g_ce.scatter_add_(1, safe[:, None], -torch.ones_like(picked)[:, None])
-            grad += g_ce * (keep.to(torch.float32) * (ce_weight / n_labels))[:, None]
-            del lf, g_ce
-        g = grad.to(weight.dtype)
+        if sparse:
+            uld_c, idx, g_sel = _chunk_uld_grad_sparse(logits, teacher[sl], row_mask[sl], coef[sl], k, opts)
+            uld_sum += uld_c
+            g_sel *= uld_weight
+            if not n_labels:
+                argmax[sl] = logits.argmax(-1)
+                del logits
+                _fold_sparse_grad(idx, g_sel, h_c, weight, grad_hidden[sl], grad_weight, grad_bias)
+                continue
+            from kernels.ce import ce_grad_inplace
+
+            scale = torch.full((logits.shape[0],), ce_weight / n_labels, dtype=torch.float32, device=logits.device)
+            ce_rows, argmax[sl] = ce_grad_inplace(logits, labels[sl], scale)
+            ce_sum += ce_rows.sum()
+            g = logits.scatter_add_(1, idx, g_sel.to(logits.dtype))  # the logits chunk now holds its gradient
+        else:
+            argmax[sl] = logits.argmax(-1)
+            uld_c, grad = _chunk_uld_grad(logits, teacher[sl], row_mask[sl], coef[sl], backend=backend, k=k, opts=opts)
+            uld_sum += uld_c
+            grad *= uld_weight
+            if n_labels:
+                ce_c, g_ce = _chunk_ce_grad(logits, labels[sl], ce_weight / n_labels)
+                ce_sum += ce_c
+                grad += g_ce
+                del g_ce
+            g = grad.to(weight.dtype)
+            del grad
         grad_hidden[sl] = g @ weight
         grad_weight.addmm_(g.t(), h_c)
         if grad_bias is not None:
             grad_bias += g.sum(0)
-        del logits, grad, g
+        del logits, g
     ce = ce_sum / max(n_labels, 1)
     loss = ce_weight * ce + uld_weight * uld_sum
     return loss, ce, uld_sum, argmax, grad_hidden, grad_weight, grad_bias

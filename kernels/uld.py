@@ -93,7 +93,8 @@ def _uld_fwd_kernel(
         if tl.max(beats.to(tl.int32), axis=0) > 0:
             new_v = tl.full([BLOCK_N, KP], float("-inf"), tl.float32)
             new_i = tl.zeros([BLOCK_N, KP], tl.int64)
-            for j in tl.static_range(K):
+            # a runtime loop, not unrolled: K up to 128 unrolled makes the compile take minutes on a GPU
+            for j in range(K):
                 mb = tl.max(buf_v, axis=1)
                 mx = tl.max(x, axis=1)
                 # the buffer holds lower indices than this chunk, so it wins ties
@@ -148,6 +149,7 @@ def _uld_bwd_kernel(
     ZSCORE: tl.constexpr,
     SOFTMAX: tl.constexpr,
     TAIL: tl.constexpr,
+    COMPACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -191,7 +193,10 @@ def _uld_bwd_kernel(
             coef = tl.where(sd > 0, gc / (den * den * (K - 1) * sd), 0.0)
             g = (g - gz_mean[:, None]) / den[:, None] - coef[:, None] * c
     g = tl.where(m2, g, 0.0)
-    tl.store(grad_ptr + rows64[:, None] * stride_g + ind, g.to(grad_ptr.dtype.element_ty), mask=m2)
+    if COMPACT:  # [N, K]: the gradient at the selected entries, in rank order (idx says where they belong)
+        tl.store(grad_ptr + rows64[:, None] * stride_g + kcols[None, :], g.to(grad_ptr.dtype.element_ty), mask=m2)
+    else:
+        tl.store(grad_ptr + rows64[:, None] * stride_g + ind, g.to(grad_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -237,7 +242,9 @@ def _blocks(n: int, v: int, k: int) -> tuple[int, int, int]:
         block_v = min(triton.next_power_of_2(v), 2048)
     else:
         block_n = 1
-        block_v = min(triton.next_power_of_2(v), 4096 if k <= 32 else 2048)
+        # at least 256 columns: with Triton 3.6 on an H100, BLOCK_V of 16 or 64 with a narrow KP never finished
+        # compiling (stuck in make_ttgir; seen 2026-11-24, scratch runs in docs/dev-notes.md); masking covers the rest
+        block_v = max(min(triton.next_power_of_2(v), 4096 if k <= 32 else 2048), 256)
     return block_n, block_v, kp
 
 
@@ -370,6 +377,7 @@ def uld_rows_backward(
             ZSCORE=zscore,
             SOFTMAX=softmax,
             TAIL=tail,
+            COMPACT=False,
             BLOCK_N=block_n,
         )
         if tail:
@@ -379,6 +387,54 @@ def uld_rows_backward(
                 logits, logits.stride(0), grad, grad.stride(0), mask, lse, a, n, v, BLOCK_N=block_n, BLOCK_V=block_v
             )
     return grad.to(dtype)
+
+
+def uld_rows_backward_compact(
+    grad_dist: torch.Tensor,
+    teacher: torch.Tensor,
+    row_mask: torch.Tensor,
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    *,
+    zscore: bool,
+    softmax: bool,
+    temperature: float,
+    eps: float,
+) -> torch.Tensor:
+    """[N, K] fp32 gradient of sum_i grad_dist[i] * d_i at the K selected entries (their vocabulary indices are the
+    forward's ``idx`` [N, K]); 0 at masked rows. Without the tail variant that is the whole gradient: every other
+    entry of the [N, V] gradient is zero, so a caller can fold it into a linear layer with a gather and an
+    index_add over K rows instead of two [N, V] matmuls (kernels/fused_linear.py)."""
+    n, k_eff = idx.shape
+    grad = torch.zeros(n, k_eff, dtype=torch.float32, device=idx.device)
+    if teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+    mask = row_mask.to(device=grad.device, dtype=torch.int8).contiguous()
+    block_n, _, kp = _blocks(n, k_eff, k_eff)
+    if n:
+        _uld_bwd_kernel[(triton.cdiv(n, block_n),)](
+            grad,
+            grad.stride(0),
+            teacher,
+            teacher.stride(0),
+            mask,
+            grad_dist.float().contiguous(),
+            idx,
+            val,
+            val,
+            val,
+            n,
+            1.0 / temperature,
+            eps,
+            K=k_eff,
+            KP=kp,
+            ZSCORE=zscore,
+            SOFTMAX=softmax,
+            TAIL=False,
+            COMPACT=True,
+            BLOCK_N=block_n,
+        )
+    return grad
 
 
 class ULDRowsFunction(torch.autograd.Function):

@@ -125,12 +125,16 @@ def cache_copy(built_cache, tmp_path) -> Path:
 # interpreted, so TRITON_INTERPRET=1 has to be in the environment when triton itself is imported. `triton_uld` sets
 # it only for the test module that asks for it, imports triton and kernels.uld afresh under it, and afterwards puts
 # back the environment and whatever triton modules the rest of the session had imported; other tests never see it.
+TRITON_KERNEL_MODULES = ("kernels.uld", "kernels.ce")
+
+
 def _triton_modules() -> dict:
-    """triton's Python modules and kernels.uld; never triton._C (its native library cannot be loaded twice)."""
+    """triton's Python modules and our kernel modules; never triton._C (its native library cannot be loaded
+    twice)."""
     return {
         n: m
         for n, m in sys.modules.items()
-        if (n == "triton" or n.startswith("triton.")) and not n.startswith("triton._C") or n == "kernels.uld"
+        if (n == "triton" or n.startswith("triton.")) and not n.startswith("triton._C") or n in TRITON_KERNEL_MODULES
     }
 
 
@@ -141,10 +145,12 @@ def device() -> str:
 
 @pytest.fixture(scope="module")
 def triton_uld(device):
-    """The `kernels.uld` module, runnable on ``device`` (interpreted on CPU)."""
+    """The `kernels.uld` module, runnable on ``device`` (interpreted on CPU); `kernels.ce` is imported the same way,
+    so code that imports it lazily (kernels/fused_linear.py) gets the interpreted one."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed: pip install 'fusion-cache[kernels]'")
     if device == "cuda":
+        importlib.import_module("kernels.ce")
         yield importlib.import_module("kernels.uld")
         return
     saved = _triton_modules()
@@ -155,6 +161,7 @@ def triton_uld(device):
     try:
         module = importlib.import_module("kernels.uld")
         assert module.INTERPRETED, "kernels.uld was not imported under the Triton interpreter"
+        assert importlib.import_module("kernels.ce").INTERPRETED, "kernels.ce was not imported under the interpreter"
         yield module
     finally:
         for name in _triton_modules():

@@ -49,12 +49,12 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_backends_agree_through_uld_loss_and_module(triton_uld, reduction):
+def test_backends_agree_through_uld_loss_and_module(triton_uld, device, reduction):
     g = torch.Generator().manual_seed(4)
-    logits = torch.randn(11, 90, generator=g)
-    teacher = torch.randn(11, 7, generator=g).sort(dim=-1, descending=True).values
-    mask = torch.rand(11, generator=g) > 0.3
-    w = torch.rand(11, generator=g)
+    logits = torch.randn(11, 90, generator=g).to(device)
+    teacher = torch.randn(11, 7, generator=g).sort(dim=-1, descending=True).values.to(device)
+    mask = (torch.rand(11, generator=g) > 0.3).to(device)
+    w = torch.rand(11, generator=g).to(device)
     results = {}
     for backend in ("torch", "triton"):
         losses.set_backend(backend)
@@ -65,18 +65,19 @@ def test_backends_agree_through_uld_loss_and_module(triton_uld, reduction):
             (out.sum() * 2.5).backward()
         results[backend] = (out.detach(), x.grad)
     torch.testing.assert_close(results["torch"][0], results["triton"][0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(results["torch"][1], results["triton"][1], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(results["torch"][1], results["triton"][1], atol=1e-6, rtol=1e-4)
     want = uld_loss_reference(logits, teacher, mask, w, k=7, reduction=reduction)
     torch.testing.assert_close(results["triton"][0], want, atol=1e-6, rtol=1e-5)
 
 
-def test_all_masked_mean_has_zero_gradient_on_both_backends(triton_uld):
+def test_all_masked_mean_has_zero_gradient_on_both_backends(triton_uld, device):
     for backend in ("torch", "triton"):
         losses.set_backend(backend)
-        x = torch.randn(3, 20, requires_grad=True)
+        x = torch.randn(3, 20, device=device, requires_grad=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss = losses.uld_loss(x, torch.randn(3, 6), torch.zeros(3, dtype=torch.bool), k=6)
+            mask = torch.zeros(3, dtype=torch.bool, device=device)
+            loss = losses.uld_loss(x, torch.randn(3, 6, device=device), mask, k=6)
             loss.backward()
         assert loss.item() == 0.0 and (x.grad == 0).all()
 
