@@ -18,6 +18,7 @@ fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -183,6 +184,53 @@ def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, tuple, n
 floors: list[str] = []
 
 
+@contextlib.contextmanager
+def _decoder(name: str):
+    """FUSION_CACHE_DECODER=name (auto|numpy|numba, fusion_cache/cache/fast_decode.py) inside the block."""
+    old = os.environ.get("FUSION_CACHE_DECODER")
+    os.environ["FUSION_CACHE_DECODER"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FUSION_CACHE_DECODER"]
+        else:
+            os.environ["FUSION_CACHE_DECODER"] = old
+
+
+def _held_out_id_bytes(ids: np.ndarray) -> dict[str, float]:
+    """B/token of the ids [n, K] under static frequency models fitted on one half of the tokens and scored on the
+    other (both ways): pooled, per rank group (`id_groups`, as full layout 3 groups them) and per rank; additive
+    smoothing towards the pooled frequencies, the best of three strengths. Unlike the in-sample entropy this is a
+    cost a real static coder could reach without storing its model."""
+    from fusion_cache.cache.codecs import id_groups
+
+    n, k = ids.shape
+    vocab = int(ids.max()) + 1
+    half = n // 2
+    folds = ((slice(0, half), slice(half, n)), (slice(half, n), slice(0, half)))
+    out = {}
+    for name, groups in (
+        ("pooled", [(0, k)]),
+        ("rank groups", id_groups(k)),
+        ("per rank", [(j, j + 1) for j in range(k)]),
+    ):
+        bits = 0.0
+        for train, test in folds:
+            prior = np.bincount(ids[train].ravel(), minlength=vocab) + 0.5
+            prior = prior / prior.sum()
+            for a, b in groups:
+                counts = np.bincount(ids[train, a:b].ravel(), minlength=vocab).astype(np.float64)
+                sym = ids[test, a:b].ravel()
+                costs = []
+                for alpha in (0.05, 0.2, 1.0):
+                    p = (counts + alpha * vocab * prior) / (counts.sum() + alpha * vocab)
+                    costs.append(-np.log2(p[sym]).sum())
+                bits += min(costs)
+        out[name] = bits / 8 / n
+    return out
+
+
 def bench_cache(path: str) -> list[dict]:
     reader = CacheReader(path)
     if reader.codec.name != "raw":
@@ -223,10 +271,13 @@ def bench_cache(path: str) -> list[dict]:
         (f"full{'' if b is None else f' bits={b}'}", make_codec("full", value_bits=b, vocab_size=49152))
         for b in (None, 5, 8)
     ]
+    # the default full codec again through the numpy decoders (the reference; what runs without numba)
+    configs += [("full, numpy decoder", make_codec("full", vocab_size=49152))]
     configs += [(f"values{'' if b is None else f' bits={b}'}", make_codec("values", value_bits=b)) for b in (None, 6)]
     configs += [("shape", make_codec("shape"))]
     for label, codec in configs:
-        payload, te, td, dec = _ours(rows, k, codec)
+        with _decoder("numpy" if "numpy decoder" in label else os.environ.get("FUSION_CACHE_DECODER", "auto")):
+            payload, te, td, dec = _ours(rows, k, codec)
         dv = np.concatenate([r.topk_logprobs for r in dec])
         di = np.concatenate([r.topk_ids for r in dec]) if codec.has_ids else None
         add(label, payload, te, td, dv, di, logprobs=codec.has_logprobs)
@@ -245,7 +296,12 @@ def bench_cache(path: str) -> list[dict]:
     _, counts = np.unique(ids, return_counts=True)
     p = counts / counts.sum()
     h0 = float(-(p * np.log2(p)).sum())
-    floors.append(f"{Path(path).name} K={k}: ids order-0 entropy {h0:.2f} bits/id = {h0 * k / 8:.1f} B/token")
+    held_out = _held_out_id_bytes(ids)
+    floors.append(
+        f"{Path(path).name} K={k}: ids order-0 entropy {h0:.2f} bits/id = {h0 * k / 8:.1f} B/token in sample; "
+        f"held out (a static model fitted on the other half of the tokens, two-fold): {held_out['pooled']:.1f} "
+        f"B/token pooled, {held_out['rank groups']:.1f} per rank group, {held_out['per rank']:.1f} per rank"
+    )
     add("peer fp16+int32", *_fp16_int(values, ids, np.int32))
     add("peer Megatron fp16+17bit+zstd", *_megatron(values, ids))
     add("peer FuseLLM fp16+int64", *_fp16_int(values, ids, np.int64))
@@ -269,6 +325,9 @@ def main() -> None:
     pa.set_io_thread_count(1)
     DECODE_REPEAT = args.repeat
     info = machine()
+    from fusion_cache.cache.fast_decode import decoder_name
+
+    info["decoder"] = decoder_name()  # the compiled (numba) or numpy decoders, for every row but "numpy decoder"
     load_start = os.getloadavg()
     all_rows = []
     for c in args.cache:

@@ -34,7 +34,9 @@ the ULD loss less than square-root ones at the same size). The deltas are small 
 to a few bits each.
 
 Every decode is vectorized over a whole record batch (numpy; full layouts 2 and 3 in chunks of ~65k symbols so each pass
-stays in the L2 cache); corrupt codes are refused with the shard and row.
+stays in the L2 cache); corrupt codes are refused with the shard and row. These numpy decoders are the reference:
+where numba is installed, layout 3's ids and the grouped value codes go through compiled loops with the same
+results bit for bit (fusion_cache/cache/fast_decode.py; ``FUSION_CACHE_DECODER=numpy`` turns them off).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from fusion_cache.cache import fast_decode
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
 
@@ -593,6 +596,15 @@ def decode_rank_planes(
     out = np.empty((n, k), np.int32)
     if n == 0 or k == 0:
         return out
+    fast = fast_decode.kernels()
+    if fast is not None:  # the compiled decoder: the same result, one pass
+        planes_t = [tuple(fast_decode.readonly(p) for p in planes[i]) for i in range(id_bytes)]
+        planes_t += [planes_t[0]] * (3 - id_bytes)  # bytes a rank does not have are never read
+        starts, ends = fast_decode.group_bounds(groups)
+        use = table is not None
+        lookup = table if use else np.zeros(1, np.int32)
+        fast["rank_planes"](*planes_t, id_bytes, starts, ends, n, lookup, use, out)
+        return out
     lanes = 2 if id_bytes <= 2 else 4
     rows = max(1, min(n, DECODE_CHUNK // k))
     scratch = np.zeros((rows, k), f"<u{lanes}")  # lanes past id_bytes stay zero
@@ -900,9 +912,21 @@ def decode_value_groups(
     out = np.empty((n, k), np.float32)
     if n == 0:
         return out
+    table = expand_table(companding, m)
+    fast = fast_decode.kernels() if groups else None
+    if fast is not None:  # the compiled decoder: the same float32 arithmetic, one pass
+        starts, ends = fast_decode.group_bounds(groups)
+        codes_t = tuple(fast_decode.readonly(c) for c in codes)
+        t = fast["value_groups"](codes_t, starts, ends, vmax, span, n, k, m, table, out)
+        if t >= 0:
+            total_t = int(sum(int(np.sum(c[t], dtype=np.int64)) for c in codes))
+            raise ShardFormatError(
+                f"{shard}: answer position {t}: corrupt value codes (sum {total_t} > {m}, "
+                f"max {float(vmax[t])}, span {float(span[t])})"
+            )
+        return out
     bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
     neg_span = np.negative(span)
-    table = expand_table(companding, m)
     # twice the ids' chunk: the eight-lane steps work on 1/8 of the codes each, so a smaller chunk is bound by
     # numpy's per-call cost (K=64: 3.9 ms against 4.7 at DECODE_CHUNK codes)
     rows = max(1, min(n, 2 * DECODE_CHUNK // k))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -27,6 +30,26 @@ from fusion_cache.cache.writer import rows_to_batch
 from fusion_cache.cache.writer import shard_schema_with_order
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
+
+# the numpy decoders are the reference; the compiled ones (fusion_cache/cache/fast_decode.py) must match them
+DECODERS = [
+    "numpy",
+    pytest.param("numba", marks=pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="no numba")),
+]
+
+
+@contextlib.contextmanager
+def using_decoder(name: str):
+    """FUSION_CACHE_DECODER=name for the block (a context manager: hypothesis tests cannot take monkeypatch)."""
+    old = os.environ.get("FUSION_CACHE_DECODER")
+    os.environ["FUSION_CACHE_DECODER"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FUSION_CACHE_DECODER"]
+        else:
+            os.environ["FUSION_CACHE_DECODER"] = old
 
 
 def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> list[CacheRow]:
@@ -85,6 +108,7 @@ def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     return [r for b in batches for r in decode_record_batch(b, codec, k, "mem")]
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
@@ -95,11 +119,12 @@ def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     name=st.sampled_from(["raw", "full", "full2", "full1", "values", "shape"]),
     bits=st.integers(2, 16),
 )
-def test_every_codec_round_trips(seed, k, lengths, vocab, scale, name, bits):
+def test_every_codec_round_trips(decoder, seed, k, lengths, vocab, scale, name, bits):
     rows = _rows(seed, k, lengths, vocab, scale)
     codec, version = _codec(name, bits, vocab)
     assert parse_codec(codec.to_json(), schema_version=version) == codec
-    dec = _round_trip(rows, codec, k, version)
+    with using_decoder(decoder):
+        dec = _round_trip(rows, codec, k, version)
     assert len(dec) == len(rows)
     m = (1 << bits) - 1
     for a, b in zip(rows, dec, strict=True):
@@ -614,8 +639,9 @@ def test_bucket_ids_decode_in_chunks_of_whole_rows(monkeypatch):
     assert decode_bucket_ids(empty, empty, np.zeros(2, np.int64), np.zeros(2, np.int64), 2, "s").size == 0
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("k,bits", [(2, 6), (3, 6), (17, 5), (64, 6), (130, 8), (40, 12)])
-def test_value_groups_decode_like_the_reference(k, bits, monkeypatch):
+def test_value_groups_decode_like_the_reference(k, bits, decoder, monkeypatch):
     """decode_value_groups (chunked) against code_sums + dequantize_values (whole arrays), bit for bit."""
     from fusion_cache.cache import codecs
     from fusion_cache.cache.codecs import code_groups
@@ -624,6 +650,7 @@ def test_value_groups_decode_like_the_reference(k, bits, monkeypatch):
     from fusion_cache.cache.codecs import dequantize_values
     from fusion_cache.cache.codecs import quantize_values
 
+    monkeypatch.setenv("FUSION_CACHE_DECODER", decoder)
     rng = np.random.default_rng(k)
     n = 300
     values = -np.sort(rng.exponential(3.0, (n, k)), axis=1).astype(np.float32)
@@ -634,14 +661,17 @@ def test_value_groups_decode_like_the_reference(k, bits, monkeypatch):
     want = dequantize_values(vmax, span, None, bits, "s", "log", code_sums(cols, bits, groups, n))
     for chunk in (1, 100, 1 << 16):  # one row, a few rows and all rows per chunk
         monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
-        np.testing.assert_array_equal(decode_value_groups(cols, vmax, span, k, bits, "s"), want)
+        got = decode_value_groups(cols, vmax, span, k, bits, "s")
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))  # bit for bit, -0.0 included
 
 
-def test_corrupt_layout2_value_codes_are_named(monkeypatch):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_corrupt_layout2_value_codes_are_named(decoder, monkeypatch):
     from fusion_cache.cache import codecs
     from fusion_cache.cache.codecs import code_groups
     from fusion_cache.cache.codecs import decode_value_groups
 
+    monkeypatch.setenv("FUSION_CACHE_DECODER", decoder)
     k, n, bits = 16, 50, 6
     monkeypatch.setattr(codecs, "DECODE_CHUNK", 3 * k)  # the bad rows sit in a later chunk
     cols = [np.zeros((n, b - a), np.uint8) for a, b in code_groups(k)]
@@ -652,6 +682,12 @@ def test_corrupt_layout2_value_codes_are_named(monkeypatch):
     cols[-1][37, 0] = 0
     span[41] = np.inf
     with pytest.raises(ShardFormatError, match="shard-v: answer position 41: corrupt value codes .*span inf"):
+        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
+    span[41] = -1.0
+    with pytest.raises(ShardFormatError, match="shard-v: answer position 41: corrupt value codes .*span -1.0"):
+        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
+    span[41], vmax[3] = 1.0, np.nan
+    with pytest.raises(ShardFormatError, match="shard-v: answer position 3: corrupt value codes .*max nan"):
         decode_value_groups(cols, vmax, span, k, bits, "shard-v")
 
 
@@ -676,17 +712,19 @@ def test_corrupt_full_layout3_columns_are_named():
         decode_record_batch(pa.RecordBatch.from_pydict(cols), codec, 8, "shard-p")
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("id_bytes", [1, 2, 3])
-def test_rank_planes_decode_in_chunks(id_bytes, monkeypatch):
+def test_rank_planes_decode_in_chunks(id_bytes, decoder, monkeypatch):
     """decode_rank_planes against the ranks, for every chunking (one row, a few rows, all rows) and K."""
     from fusion_cache.cache import codecs
     from fusion_cache.cache.codecs import decode_rank_planes
     from fusion_cache.cache.codecs import id_groups
     from fusion_cache.cache.codecs import pack_ids
 
+    monkeypatch.setenv("FUSION_CACHE_DECODER", decoder)
     rng = np.random.default_rng(id_bytes)
     top = 1 << (8 * id_bytes)
-    for k, n in ((1, 5), (7, 40), (64, 300)):
+    for k, n in ((1, 5), (7, 40), (64, 300), (128, 70)):
         ranks = np.minimum((rng.pareto(0.5, (n, k)) * 20).astype(np.int64), top - 1)
         ranks[0, 0] = top - 1
         planes = [[np.ascontiguousarray(p[:, a:b]).ravel() for a, b in id_groups(k)] for p in pack_ids(ranks, id_bytes)]
