@@ -18,7 +18,6 @@ fp16 + int32 (DistillKit-style), Megatron's fp16 + 17-bit index + zstd, FuseLLM'
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 import sys
@@ -37,6 +36,7 @@ from benchmarks.common import machine  # noqa: E402
 from fusion_cache.cache.codecs import ID_ORDER_KEY  # noqa: E402
 from fusion_cache.cache.codecs import CodecSpec  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
+from fusion_cache.cache.fast_decode import use_decoder  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
 from fusion_cache.cache.schema import SCHEMA_VERSION  # noqa: E402
@@ -184,20 +184,6 @@ def _megatron(values: np.ndarray, ids: np.ndarray) -> tuple[int, float, tuple, n
 floors: list[str] = []
 
 
-@contextlib.contextmanager
-def _decoder(name: str):
-    """FUSION_CACHE_DECODER=name (auto|numpy|numba, fusion_cache/cache/fast_decode.py) inside the block."""
-    old = os.environ.get("FUSION_CACHE_DECODER")
-    os.environ["FUSION_CACHE_DECODER"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FUSION_CACHE_DECODER"]
-        else:
-            os.environ["FUSION_CACHE_DECODER"] = old
-
-
 def _held_out_id_bytes(ids: np.ndarray) -> dict[str, float]:
     """B/token of the ids [n, K] under static frequency models fitted on one half of the tokens and scored on the
     other (both ways): pooled, per rank group (`id_groups`, as full layout 3 groups them) and per rank; additive
@@ -276,7 +262,7 @@ def bench_cache(path: str) -> list[dict]:
     configs += [(f"values{'' if b is None else f' bits={b}'}", make_codec("values", value_bits=b)) for b in (None, 6)]
     configs += [("shape", make_codec("shape"))]
     for label, codec in configs:
-        with _decoder("numpy" if "numpy decoder" in label else os.environ.get("FUSION_CACHE_DECODER", "auto")):
+        with use_decoder("numpy" if "numpy decoder" in label else os.environ.get("FUSION_CACHE_DECODER", "auto")):
             payload, te, td, dec = _ours(rows, k, codec)
         dv = np.concatenate([r.topk_logprobs for r in dec])
         di = np.concatenate([r.topk_ids for r in dec]) if codec.has_ids else None

@@ -322,6 +322,35 @@ def uld_rows_forward(
     return dist, idx, val, lse
 
 
+def _launch_bwd(
+    grad, teacher, mask, grad_dist, idx, val, lse, a, *, zscore, softmax, temperature, eps, tail, compact, block_n
+):
+    """One launch of `_uld_bwd_kernel` over the N rows of ``idx`` [N, K] (``lse`` and ``a``: tail variant only)."""
+    n, k_eff = idx.shape
+    _uld_bwd_kernel[(triton.cdiv(n, block_n),)](
+        grad,
+        grad.stride(0),
+        teacher,
+        teacher.stride(0),
+        mask,
+        grad_dist.float().contiguous(),
+        idx,
+        val,
+        lse if tail else val,
+        a if tail else val,
+        n,
+        1.0 / temperature,
+        eps,
+        K=k_eff,
+        KP=max(triton.next_power_of_2(k_eff), 2),
+        ZSCORE=zscore,
+        SOFTMAX=softmax,
+        TAIL=tail,
+        COMPACT=compact,
+        BLOCK_N=block_n,
+    )
+
+
 def uld_rows_backward(
     grad_dist: torch.Tensor,
     shape: tuple[int, int],
@@ -354,32 +383,12 @@ def uld_rows_backward(
     if teacher.stride(1) != 1:
         teacher = teacher.contiguous()
     mask = row_mask.to(device=grad.device, dtype=torch.int8).contiguous()
-    block_n, block_v, kp = _blocks(n, v, k_eff)
+    block_n, block_v, _ = _blocks(n, v, k_eff)
     a = torch.zeros(n if tail else 0, dtype=torch.float32, device=grad.device)
     if n:
         grid = (triton.cdiv(n, block_n),)
-        _uld_bwd_kernel[grid](
-            grad,
-            grad.stride(0),
-            teacher,
-            teacher.stride(0),
-            mask,
-            grad_dist.float().contiguous(),
-            idx,
-            val,
-            lse if tail else val,
-            a if tail else val,
-            n,
-            1.0 / temperature,
-            eps,
-            K=k_eff,
-            KP=kp,
-            ZSCORE=zscore,
-            SOFTMAX=softmax,
-            TAIL=tail,
-            COMPACT=False,
-            BLOCK_N=block_n,
-        )
+        opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
+        _launch_bwd(grad, teacher, mask, grad_dist, idx, val, lse, a, tail=tail, compact=False, block_n=block_n, **opts)
         if tail:
             if logits.stride(1) != 1:
                 logits = logits.contiguous()
@@ -410,29 +419,11 @@ def uld_rows_backward_compact(
     if teacher.stride(1) != 1:
         teacher = teacher.contiguous()
     mask = row_mask.to(device=grad.device, dtype=torch.int8).contiguous()
-    block_n, _, kp = _blocks(n, k_eff, k_eff)
+    block_n = _blocks(n, k_eff, k_eff)[0]
     if n:
-        _uld_bwd_kernel[(triton.cdiv(n, block_n),)](
-            grad,
-            grad.stride(0),
-            teacher,
-            teacher.stride(0),
-            mask,
-            grad_dist.float().contiguous(),
-            idx,
-            val,
-            val,
-            val,
-            n,
-            1.0 / temperature,
-            eps,
-            K=k_eff,
-            KP=kp,
-            ZSCORE=zscore,
-            SOFTMAX=softmax,
-            TAIL=False,
-            COMPACT=True,
-            BLOCK_N=block_n,
+        opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
+        _launch_bwd(
+            grad, teacher, mask, grad_dist, idx, val, None, None, tail=False, compact=True, block_n=block_n, **opts
         )
     return grad
 

@@ -12,6 +12,7 @@ second, cached on disk next to this file when the directory is writable).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -23,6 +24,21 @@ _TRIED = False
 def decoder_name() -> str:
     """ "numba" when the compiled decoders are in use, else "numpy" (``FUSION_CACHE_DECODER`` = auto|numpy|numba)."""
     return "numba" if kernels() is not None else "numpy"
+
+
+@contextlib.contextmanager
+def use_decoder(name: str):
+    """``FUSION_CACHE_DECODER=name`` (auto|numpy|numba) inside the block, restored after (benchmarks and tests that
+    compare the decoders; a context manager rather than monkeypatch, which hypothesis tests cannot take)."""
+    old = os.environ.get("FUSION_CACHE_DECODER")
+    os.environ["FUSION_CACHE_DECODER"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FUSION_CACHE_DECODER"]
+        else:
+            os.environ["FUSION_CACHE_DECODER"] = old
 
 
 def kernels() -> dict | None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import io
 import json
-import os
 import shutil
 
 import numpy as np
@@ -20,6 +18,7 @@ from fusion_cache.cache.codecs import CodecSpec
 from fusion_cache.cache.codecs import check_training_modes
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.fast_decode import use_decoder
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.reader import decode_record_batch
@@ -36,20 +35,6 @@ DECODERS = [
     "numpy",
     pytest.param("numba", marks=pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="no numba")),
 ]
-
-
-@contextlib.contextmanager
-def using_decoder(name: str):
-    """FUSION_CACHE_DECODER=name for the block (a context manager: hypothesis tests cannot take monkeypatch)."""
-    old = os.environ.get("FUSION_CACHE_DECODER")
-    os.environ["FUSION_CACHE_DECODER"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FUSION_CACHE_DECODER"]
-        else:
-            os.environ["FUSION_CACHE_DECODER"] = old
 
 
 def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> list[CacheRow]:
@@ -123,7 +108,7 @@ def test_every_codec_round_trips(decoder, seed, k, lengths, vocab, scale, name, 
     rows = _rows(seed, k, lengths, vocab, scale)
     codec, version = _codec(name, bits, vocab)
     assert parse_codec(codec.to_json(), schema_version=version) == codec
-    with using_decoder(decoder):
+    with use_decoder(decoder):
         dec = _round_trip(rows, codec, k, version)
     assert len(dec) == len(rows)
     m = (1 << bits) - 1

@@ -4,6 +4,7 @@ reference in test_codecs.py, under both decoders)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -47,3 +48,14 @@ def test_readonly_views_share_memory_and_flatten():
     assert v.shape == (6,) and not v.flags.writeable and np.shares_memory(v, a) and a.flags.writeable
     starts, ends = fast_decode.group_bounds([(0, 1), (1, 3)])
     assert starts.tolist() == [0, 1] and ends.tolist() == [1, 3] and starts.dtype == np.int64
+
+
+def test_use_decoder_sets_and_restores_the_switch(monkeypatch):
+    monkeypatch.delenv("FUSION_CACHE_DECODER", raising=False)
+    with fast_decode.use_decoder("numpy"):
+        assert fast_decode.decoder_name() == "numpy"
+    assert "FUSION_CACHE_DECODER" not in os.environ
+    monkeypatch.setenv("FUSION_CACHE_DECODER", "auto")
+    with fast_decode.use_decoder("numpy"):
+        pass
+    assert os.environ["FUSION_CACHE_DECODER"] == "auto"
