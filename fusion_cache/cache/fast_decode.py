@@ -60,8 +60,28 @@ def kernels() -> dict | None:
     return _KERNELS
 
 
+def _keep_llvmlite_scannable() -> None:
+    """Let vLLM start after numba has been imported in the same process.
+
+    vLLM 0.32 on CPU rebinds its Triton kernels by scanning the globals of every module in ``sys.modules`` and calling
+    ``vars(value).get("kernel")`` on each value that has a ``__dict__``. llvmlite's ``ffi.lib`` (a ``__slots__``
+    object with a ``__getattr__`` that wraps C symbols) answers ``__dict__`` with a wrapped symbol, so the scan raised
+    AttributeError and every vLLM engine started after a decode in that process failed (seen in CI: the demo, the
+    vLLM engine tests). An empty dict under ``__dict__`` in its symbol table answers the scan with nothing to rebind.
+    """
+    try:
+        from llvmlite.binding import ffi
+    except ImportError:
+        return
+    fntab = getattr(ffi.lib, "_fntab", None)
+    if isinstance(fntab, dict):
+        fntab.setdefault("__dict__", {})
+
+
 def _compile() -> dict:
     import numba
+
+    _keep_llvmlite_scannable()
 
     cache = os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK)
     jit = numba.njit(cache=cache, nogil=True, boundscheck=False)

@@ -59,3 +59,18 @@ def test_use_decoder_sets_and_restores_the_switch(monkeypatch):
     with fast_decode.use_decoder("numpy"):
         pass
     assert os.environ["FUSION_CACHE_DECODER"] == "auto"
+
+
+@pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+def test_after_numba_every_module_global_survives_vllms_kernel_rebinding_scan(monkeypatch):
+    """vLLM (CPU) scans every module's globals with vars(value).get("kernel") when an engine starts; llvmlite's
+    ffi.lib broke that scan once numba was imported (fast_decode._keep_llvmlite_scannable)."""
+    import sys
+
+    monkeypatch.setenv("FUSION_CACHE_DECODER", "numba")
+    assert fast_decode.kernels() is not None
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        for value in list((namespace or {}).values()):
+            if hasattr(value, "__dict__"):
+                vars(value).get("kernel")  # what vLLM's triton_utils.dispatcher._rebind_kernels does
