@@ -473,7 +473,9 @@ def merge(
     max_density: float = _MAX_D,
     max_shard_mb: int = _SHARD_MB,
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
-    threads: int = typer.Option(0, help="torch threads for the merge (0: torch's default; 1 on a busy machine)"),
+    threads: int = typer.Option(
+        0, help="torch threads for the merge (0: torch's default, capped by the cores the load average leaves idle)"
+    ),
 ) -> None:
     """Merge fine-tuned pivots around their base with task vectors, one tensor at a time (docs/merge.md).
 

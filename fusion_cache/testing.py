@@ -191,3 +191,14 @@ def _is_complete(out: Path, settings: dict) -> bool:
         return json.loads((out / _MARKER).read_text(encoding="utf-8")) == settings
     except (OSError, ValueError):
         return False
+
+
+def capture_with(engine, flag: str, value: bool, requests: list, k: int) -> list:
+    """``engine.capture(requests, k)`` with the engine's switch ``flag`` (e.g. ``fast_logprobs``,
+    ``answer_only_logits``) set to ``value`` for that call only: tests compare a fast path with vLLM's own."""
+    old = getattr(engine, flag)
+    setattr(engine, flag, value)
+    try:
+        return engine.capture(requests, k)
+    finally:
+        setattr(engine, flag, old)

@@ -52,7 +52,7 @@ class MergeConfig(_Config):
     max_density: float | None = Field(None, gt=0.0, le=1.0, description="RSAF: highest ratio")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1, description="largest output shard")
     overwrite: bool = False
-    threads: int = Field(0, ge=0, description="torch threads for the merge (0: torch's default)")
+    threads: int = Field(0, ge=0, description="torch threads for the merge (0: automatic, see run.auto_threads)")
 
     @model_validator(mode="after")
     def _options_fit_method(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -285,12 +286,31 @@ def run_merge(cfg: MergeConfig, *, progress: bool = True) -> dict:
     """
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    chosen = cfg.threads or auto_threads(threads)
+    if chosen != threads:
+        log.info("merge: %d torch thread(s) (%s)", chosen, "--threads" if cfg.threads else "idle cores")
+    torch.set_num_threads(chosen)
     try:
         return _run_merge(cfg, progress, t0)
     finally:
         torch.set_num_threads(threads)
+
+
+def auto_threads(default: int) -> int:
+    """Threads for a merge when the user gave none: torch's ``default``, capped by the cores the 1-minute load
+    average leaves idle (at least 1).
+
+    The merge's element-wise torch ops split every tensor across threads whose OpenMP workers spin-wait for each
+    other; when the cores are taken by other jobs that wait costs far more than the work. Measured on 2 cores with
+    three training jobs beside it (docs/dev-notes.md): TA 29 s, TIES 109 s, RSAF 123 s at 2 threads against 1.0,
+    2.4 and 2.7 s at 1.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return default
+    idle = int((os.cpu_count() or 1) - load + 0.5)
+    return max(1, min(default, idle))
 
 
 def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:

@@ -22,6 +22,7 @@ from fusion_cache.engines.vllm_engine import _sort_rows
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import DataError
 from fusion_cache.errors import MissingDependencyError
+from fusion_cache.testing import capture_with
 from fusion_cache.testing import make_tiny_model
 
 K = 64
@@ -260,11 +261,7 @@ def test_vllm_tensor_path_equals_flat_logprobs_path(vllm_engine, requests_: list
     assert vllm_engine.fast_logprobs
     fast = vllm_engine.capture(requests_, K)
     assert LogprobsProcessor._update_prompt_logprobs is original  # vLLM's method is put back after the call
-    vllm_engine.fast_logprobs = False
-    try:
-        flat = vllm_engine.capture(requests_, K)
-    finally:
-        vllm_engine.fast_logprobs = True
+    flat = capture_with(vllm_engine, "fast_logprobs", False, requests_, K)
     for a, b in zip(fast, flat, strict=True):
         assert np.array_equal(a.ids, b.ids) and a.ids.dtype == b.ids.dtype == np.int32
         assert np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.target_logprobs, b.target_logprobs)

@@ -11,6 +11,7 @@ from fusion_cache.engines.base import SequenceRequest
 from fusion_cache.engines.vllm_answer_logits import _incompatibility
 from fusion_cache.engines.vllm_answer_logits import answer_only_prompt_logprobs
 from fusion_cache.engines.vllm_answer_logits import answer_topk
+from fusion_cache.testing import capture_with
 
 K = 64
 # fp32 log-probabilities of magnitude < 20: a few ulps; the hook's normalizer sums in another order than log_softmax
@@ -84,11 +85,7 @@ def test_answer_only_rows_equal_vllms_full_path(vllm_engine) -> None:
     on = vllm_engine.capture(reqs, K)
     hook = vllm_engine.last_answer_hook
     assert GPUModelRunner._get_prompt_logprobs_dict is original  # vLLM's method is put back after the call
-    vllm_engine.answer_only_logits = False
-    try:
-        off = vllm_engine.capture(reqs, K)
-    finally:
-        vllm_engine.answer_only_logits = True
+    off = capture_with(vllm_engine, "answer_only_logits", False, reqs, K)
     # the hook ran in the runner: it scored exactly the answer rows and skipped every other prompt row
     sent = [r for r in reqs if r.answer_start < len(r.input_ids)]
     assert hook.installed and hook.fallback_steps == 0

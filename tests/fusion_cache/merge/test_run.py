@@ -314,3 +314,24 @@ def test_model_stats_are_the_power_sums_of_each_task_vector(tmp_path):
         assert torch.equal(got, methods.rsaf(tau, b, rate_refs=refs))
     for m in models:
         m.close()
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    """0 threads means torch's default, capped by the cores the 1-minute load average leaves idle (at least 1)."""
+    import os
+
+    from fusion_cache.merge import run
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, want in ((0.2, 2), (0.6, 1), (1.0, 1), (4.5, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert run.auto_threads(2) == want, load
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert run.auto_threads(8) == 8 and run.auto_threads(32) == 13
+
+    def unavailable():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert run.auto_threads(4) == 4
