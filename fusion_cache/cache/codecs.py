@@ -983,32 +983,3 @@ def decode_value_groups(
         o *= neg_span[t0:t1, None]
         o += vmax[t0:t1, None]
     return out
-    bad = ~np.isfinite(vmax) | ~np.isfinite(span) | (span < 0)
-    neg_span = np.negative(span)
-    table = expand_table(companding, m)
-    rows = max(1, min(n, DECODE_CHUNK // k))
-    scratch = np.zeros((rows, k), dtype=codes[0].dtype if codes else np.uint8)  # column 0 and K-1 stay 0
-    q, before = np.empty((rows, k), np.int64), np.empty(rows, np.int64)
-    for t0 in range(0, n, rows):
-        t1 = min(t0 + rows, n)
-        sc, qc, o = scratch[: t1 - t0], q[: t1 - t0], out[t0:t1]
-        for c, (a, b) in zip(codes, groups, strict=True):
-            sc[:, 1 + a : 1 + b] = c[t0:t1]
-        flat = qc.reshape(-1)
-        np.cumsum(sc.reshape(-1), dtype=np.int64, out=flat)
-        np.copyto(before[: t1 - t0], qc[:, 0])  # column 0 holds the running total of the rows before
-        qc -= before[: t1 - t0, None]  # (a copy first: an operand overlapping the output is copied whole by numpy)
-        qc[:, -1] = m
-        over = qc[:, -2] > m if k > 2 else np.zeros(t1 - t0, bool)
-        if over.any() or bad[t0:t1].any():
-            t = int(np.flatnonzero(over | bad[t0:t1])[0])
-            raise ShardFormatError(
-                f"{shard}: answer position {t0 + t}: corrupt value codes (sum {int(qc[t, -2])} > {m}, "
-                f"max {float(vmax[t0 + t])}, span {float(span[t0 + t])})"
-            )
-        np.take(table, qc, out=o, mode="clip")
-        # max - span * g as max + (-span) * g: the same float32 result bit for bit (negation is exact), and the
-        # output is the first operand of the add, so numpy does not copy it first (as it does for max - o)
-        o *= neg_span[t0:t1, None]
-        o += vmax[t0:t1, None]
-    return out
