@@ -12,7 +12,7 @@ Rows are the demo prompts with the embedded teacher's own answers (`fusion-cache
   (the reference for fusion-cache's answer-only hook, which this path does not use);
 - build vllm K=64 (full codec) and K=10 (values codec): `run_build` end to end (render, capture, encode, write,
   fsync, sha256, manifest) on the same started engine, with the engine's answer-only prompt logprobs
-  (`fusion_cache.engines.vllm_answer_logits`: logits at answer positions only);
+  (`fusion_cache.capture.engines.vllm_answer_logits`: logits at answer positions only);
 - build hf K=64: the transformers engine, run first (vLLM pins the process's threads once it starts).
 
 The machine is shared, so the vLLM paths run interleaved (rep 1 of each, then rep 2, ...) and the medians are
@@ -115,15 +115,15 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
-    from fusion_cache.engines.hf import HFEngine
-    from fusion_cache.engines.vllm_engine import VLLMEngine
-    from fusion_cache.engines.vllm_engine import _prompt_logprob_arrays
-    from fusion_cache.hardware import default_dtype
-    from fusion_cache.render import has_chat_template
-    from fusion_cache.render import render
-    from fusion_cache.teachers import resolve_model
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
+    from fusion_cache.capture.engines.hf import HFEngine
+    from fusion_cache.capture.engines.vllm import VLLMEngine
+    from fusion_cache.capture.engines.vllm import _prompt_logprob_arrays
+    from fusion_cache.capture.render import has_chat_template
+    from fusion_cache.capture.render import render
+    from fusion_cache.models.hardware import default_dtype
+    from fusion_cache.models.presets import resolve_model
 
     teacher = resolve_model(args.teacher)
     tok = AutoTokenizer.from_pretrained(teacher.path)
@@ -138,8 +138,8 @@ def main() -> None:
     dtype = default_dtype()
     load_before = _load_average()
     writer_stats = _WriterStats()
-    logging.getLogger("fusion_cache.build").addHandler(writer_stats)
-    logging.getLogger("fusion_cache.build").setLevel(logging.INFO)
+    logging.getLogger("fusion_cache.capture.build").addHandler(writer_stats)
+    logging.getLogger("fusion_cache.capture.build").setLevel(logging.INFO)
 
     runs = iter(range(1_000_000))
     last_capture = [0.0]

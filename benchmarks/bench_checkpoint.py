@@ -44,16 +44,16 @@ def main() -> None:
     from common import append_markdown
     from common import machine
 
-    from fusion_cache.checkpoint import load_checkpoint
-    from fusion_cache.checkpoint import rng_state
-    from fusion_cache.checkpoint import save_checkpoint
-    from fusion_cache.config import TrainConfig
-    from fusion_cache.render import has_chat_template
-    from fusion_cache.stream import CacheStream
-    from fusion_cache.stream import collate
-    from fusion_cache.students import make_layer_subset_student
-    from fusion_cache.train import StudentLoss
-    from fusion_cache.train import load_student
+    from fusion_cache.capture.render import has_chat_template
+    from fusion_cache.models.load import load_student
+    from fusion_cache.models.prune import make_layer_subset_student
+    from fusion_cache.train.checkpoint import load_checkpoint
+    from fusion_cache.train.checkpoint import rng_state
+    from fusion_cache.train.checkpoint import save_checkpoint
+    from fusion_cache.train.config import TrainConfig
+    from fusion_cache.train.stream import CacheStream
+    from fusion_cache.train.stream import collate
+    from fusion_cache.train.trainer import StudentLoss
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default=DEFAULT_TEACHER)

@@ -39,13 +39,13 @@ from fusion_cache.cache.codecs import make_codec  # noqa: E402
 from fusion_cache.cache.fast_decode import use_decoder  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
+from fusion_cache.cache.row import CacheRow  # noqa: E402
 from fusion_cache.cache.schema import SCHEMA_VERSION  # noqa: E402
 from fusion_cache.cache.schema import shard_schema  # noqa: E402
-from fusion_cache.cache.writer import CacheRow  # noqa: E402
 from fusion_cache.cache.writer import encode_topk  # noqa: E402
 from fusion_cache.cache.writer import rows_to_batch  # noqa: E402
 from fusion_cache.cache.writer import shard_schema_with_order  # noqa: E402
-from kernels.reference import uld_rows_reference  # noqa: E402
+from fusion_cache.kernels.reference import uld_rows_reference  # noqa: E402
 
 ULD_K = 10
 

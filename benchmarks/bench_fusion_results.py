@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_fusion_results.py [--work /tmp/fusion-results] [--only SLUG ...]
     PYTHONPATH=. python benchmarks/bench_fusion_results.py --report      # the table from the finished runs
 
-The demo's recipe (`fusion_cache.demo`: the same bundled answers, 160 train / 40 held-out rows, the 24-layer
+The demo's recipe (`fusion_cache.recipes.demo`: the same bundled answers, 160 train / 40 held-out rows, the 24-layer
 pruned-teacher student, 20 steps x 4 rows, lr 1e-4, lambda 0.5, ULD K=10, seed 0) with gemma3-270m as a second
 teacher whose caches cover the same rows (so sample_ids match). Runs, all from the same student start:
 
@@ -12,7 +12,7 @@ teacher whose caches cover the same rows (so sample_ids match). Runs, all from t
 - pairwise: the two single-teacher ULD pivots merged with TA, TIES, DARE, SCE and RSAF (default options, base =
   the student start).
 
-Each is evaluated on the held-out caches of both teachers (`fusion_cache.demo.evaluate_student`): answer CE,
+Each is evaluated on the held-out caches of both teachers (`fusion_cache.recipes.demo.evaluate_student`): answer CE,
 top-1 agreement with smollm2, ULD to each teacher (gemma's rows paired by byte span). Every finished run is
 written to ``<work>/results/<slug>.json`` at once, and a rerun skips it, so a crash loses at most the run in
 progress; ``--only`` lets two processes share the list (one thread each). When every run has a result the table
@@ -42,8 +42,8 @@ SECTION = "## Two teachers: smollm2-135m + gemma3-270m (demo setup)"
 
 
 def settings(args):
-    from fusion_cache.demo import COMBINES
-    from fusion_cache.demo import DemoSettings
+    from fusion_cache.recipes.demo import COMBINES
+    from fusion_cache.recipes.demo import DemoSettings
 
     s = DemoSettings(second_teacher=SECOND, kd_losses=("uld", "kl"), combines=COMBINES, engine=args.engine)
     return replace(s, steps=args.steps, seed=args.seed, lambda_=args.lambda_, uld_k=args.uld_k)
@@ -51,7 +51,7 @@ def settings(args):
 
 def plan(s) -> list[dict]:
     """Every row of the table, in order: {"slug", "name", "kind": start|train|merge, ...}."""
-    from fusion_cache.demo import demo_runs
+    from fusion_cache.recipes.demo import demo_runs
 
     rows = [{"slug": "start", "name": "student (start)", "kind": "start"}]
     runs = demo_runs(s)
@@ -81,7 +81,7 @@ VARIANTS = [
 
 def variant_rows(s) -> list[dict]:
     """The investigation's runs: {"slug", "name", "kind": "variant", "run", "overrides"}."""
-    from fusion_cache.demo import demo_runs
+    from fusion_cache.recipes.demo import demo_runs
 
     by_dir = {r.run_dir: r for r in demo_runs(s)}
     out = []
@@ -113,7 +113,7 @@ def _write_json(path: Path, data: dict) -> None:
 def validation_ids(s, caches: dict, tokenizer, n: int) -> list[str]:
     """The train rows no run sees: every run reads the first ``steps * batch_size`` samples of the same seeded
     shuffle of the train cache (checked per run through ``on_batch``); the next ``n`` are the validation split."""
-    from fusion_cache.unified import UnifiedStream
+    from fusion_cache.train.unified import UnifiedStream
 
     stream = UnifiedStream([str(caches[s.teacher]["train"])], tokenizer, chat_template=True,
                            max_length=s.max_length, shuffle_buffer=256, seed=s.seed, epochs=1)  # fmt: skip
@@ -155,12 +155,12 @@ def teacher_stats(caches: dict, split: str = "train") -> dict[str, dict]:
 
 
 def run_one(row: dict, s, work: Path, caches: dict, student_dir: Path, threads: int, val_ids: list[str]) -> dict:
-    from fusion_cache.demo import evaluate_student
-    from fusion_cache.demo import train_config
     from fusion_cache.merge.config import MergeConfig
     from fusion_cache.merge.run import run_merge
-    from fusion_cache.train import load_student
-    from fusion_cache.train import run_train
+    from fusion_cache.models.load import load_student
+    from fusion_cache.recipes.demo import evaluate_student
+    from fusion_cache.recipes.demo import train_config
+    from fusion_cache.train.trainer import run_train
 
     t0 = time.perf_counter()
     extra: dict = {}
@@ -238,8 +238,8 @@ def model_dir(row: dict, work: Path, student_dir: Path) -> Path:
 
 def fill_validation(rows: list[dict], s, work: Path, caches: dict, student_dir: Path, val_ids: list[str]) -> None:
     """Evaluate the finished ``rows`` on the validation split (from their saved models), where not done yet."""
-    from fusion_cache.demo import evaluate_student
-    from fusion_cache.train import load_student
+    from fusion_cache.models.load import load_student
+    from fusion_cache.recipes.demo import evaluate_student
 
     _wait_for_caches(caches, "train")
     for row in rows:
@@ -274,7 +274,7 @@ def report(rows: list[dict], results: dict, s, args, m: dict) -> str:
         "",
         f"Teachers {teachers[0]} (the student's tokenizer) and {teachers[1]} (262k SentencePiece vocabulary, base "
         f"model, plain text), both captured with {s.engine} at K={s.cache_k} over the same {s.n_train} train and "
-        f"{s.n_heldout} held-out rows (smollm2's sampled answers, `fusion_cache.demo.write_demo_data`). Student: "
+        f"{s.n_heldout} held-out rows (smollm2's sampled answers, `recipes.demo.write_demo_data`). Student: "
         f"{teachers[0]} pruned to {s.student_layers} of 30 layers, {s.steps} steps x {s.batch_size} rows, lr {s.lr}, "
         f"lambda {s.lambda_}, ULD K={s.uld_k}, seed {s.seed}, the same start for every run. Top-1 agreement is with "
         f"{teachers[0]}; ULD to {teachers[1]} pairs rows by byte span. Merges: base = the student start, models = "
@@ -377,11 +377,11 @@ def main() -> None:
 
     import torch
 
-    from fusion_cache.demo import build_demo_caches
-    from fusion_cache.demo import cache_dirs
-    from fusion_cache.demo import write_demo_data
-    from fusion_cache.students import make_layer_subset_student
-    from fusion_cache.teachers import resolve_model
+    from fusion_cache.models.presets import resolve_model
+    from fusion_cache.models.prune import make_layer_subset_student
+    from fusion_cache.recipes.demo import build_demo_caches
+    from fusion_cache.recipes.demo import cache_dirs
+    from fusion_cache.recipes.demo import write_demo_data
 
     torch.set_num_threads(args.threads)
     s = settings(args)

@@ -6,7 +6,7 @@ Only one real teacher exists today, so the two "pairwise" pivots are two KD runs
 (`fusion-cache demo`'s train cache) from the same 6-layer student start, with the same recipe and different data
 seeds: with 20 steps x 4 rows each run sees a different random 80 of the 160 rows. Each pivot and each merge of the
 two (TA, TIES, DARE, SCE, RSAF with their defaults, plus plain averaging = TA alpha 0.5) is evaluated on the
-held-out cache with `fusion_cache.evaluate.evaluate_model`. Writes docs/results.md (and appends to
+held-out cache with `fusion_cache.eval.evaluate.evaluate_model`. Writes docs/results.md (and appends to
 benchmarks/results/merge_quality.md).
 """
 
@@ -50,12 +50,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     args = ap.parse_args()
 
-    from fusion_cache.config import TrainConfig
-    from fusion_cache.evaluate import evaluate_model
+    from fusion_cache.eval.evaluate import evaluate_model
     from fusion_cache.merge.config import MergeConfig
     from fusion_cache.merge.run import run_merge
-    from fusion_cache.train import load_student
-    from fusion_cache.train import run_train
+    from fusion_cache.models.load import load_student
+    from fusion_cache.train.config import TrainConfig
+    from fusion_cache.train.trainer import run_train
 
     t_all = time.perf_counter()
     results: dict[str, dict] = {}

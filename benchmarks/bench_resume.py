@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _build_args(a, out: Path) -> list[str]:
-    args = [sys.executable, "-m", "cli.main", "build", "--teacher", a.teacher, "--data", a.data, "--out", str(out)]
+    args = [sys.executable, "-m", "fusion_cache", "build", "--teacher", a.teacher, "--data", a.data, "--out", str(out)]
     args += ["--engine", a.engine, "--top-k", str(a.top_k), "--shard-rows", str(a.shard_rows)]
     return args + (["--limit", str(a.limit)] if a.limit else [])
 

@@ -127,9 +127,9 @@ def child_peak_rss(args: list[str]) -> tuple[float, dict]:
 
 def stream_pass(cache: str, tokenizer, *, batch_size: int, max_length: int, epochs: int, shuffle_buffer: int) -> dict:
     """Decode + collate every row ``epochs`` times, as the trainer's stream does (no model)."""
-    from fusion_cache.render import has_chat_template
-    from fusion_cache.stream import CacheStream
-    from fusion_cache.stream import collate
+    from fusion_cache.capture.render import has_chat_template
+    from fusion_cache.train.stream import CacheStream
+    from fusion_cache.train.stream import collate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = CacheStream(
@@ -157,7 +157,7 @@ def stream_pass(cache: str, tokenizer, *, batch_size: int, max_length: int, epoc
 
 
 def train_cfg(student: str, cache: str, out: str, *, steps: int, batch_size: int, **kw):
-    from fusion_cache.config import TrainConfig
+    from fusion_cache.train.config import TrainConfig
 
     settings = dict(
         student=student, shards=[cache], out=out, top_k=10, lr=1e-4, batch_size=batch_size,
@@ -177,7 +177,7 @@ def child(argv: list[str]) -> None:
         r = stream_pass(argv[1], tok, batch_size=4, max_length=512, epochs=1, shuffle_buffer=256)
         print(json.dumps(r))
     elif what == "train":
-        from fusion_cache.train import run_train
+        from fusion_cache.train.trainer import run_train
 
         # cache order (no shuffle): both cache sizes train on the same first rows, so activations are comparable
         cfg = train_cfg(argv[2], argv[1], argv[3], steps=2, batch_size=4, shuffle_buffer=1)
@@ -187,7 +187,7 @@ def child(argv: list[str]) -> None:
         import torch  # noqa: F401
         from transformers import AutoTokenizer
 
-        from fusion_cache.stream import CacheStream  # noqa: F401
+        from fusion_cache.train.stream import CacheStream  # noqa: F401
 
         AutoTokenizer.from_pretrained(argv[1])
         print(json.dumps({}))
@@ -200,11 +200,11 @@ def interleaved_steps(student: str, cache: str, *, batch_size: int, rounds: int)
     """Median step time of CE-only, KD ULD K=10 and KD top-K KL on the same batches, interleaved."""
     import torch
 
-    from fusion_cache.render import has_chat_template
-    from fusion_cache.stream import CacheStream
-    from fusion_cache.stream import collate
-    from fusion_cache.train import StudentLoss
-    from fusion_cache.train import load_student
+    from fusion_cache.capture.render import has_chat_template
+    from fusion_cache.models.load import load_student
+    from fusion_cache.train.stream import CacheStream
+    from fusion_cache.train.stream import collate
+    from fusion_cache.train.trainer import StudentLoss
 
     model, tok, _ = load_student(student)
     model.train()
@@ -272,8 +272,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from fusion_cache.students import make_layer_subset_student
-    from fusion_cache.teachers import resolve_model
+    from fusion_cache.models.presets import resolve_model
+    from fusion_cache.models.prune import make_layer_subset_student
 
     t_all = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -339,7 +339,7 @@ def measure_rss(args, data: dict, student: str) -> None:
 
 def measure_reader_vs_trainer(args, data: dict, student: str, tok) -> None:
     """(a) the streaming reader's tokens/s against the trainer's."""
-    from fusion_cache.train import run_train
+    from fusion_cache.train.trainer import run_train
 
     print("(a) streaming reader ...", flush=True)
     stream_pass(args.cache, tok, batch_size=args.batch_size, max_length=512, epochs=1, shuffle_buffer=256)  # warm

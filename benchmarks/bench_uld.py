@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from kernels.fused_linear import fused_linear_uld_loss  # noqa: E402
-from kernels.reference import uld_loss_reference  # noqa: E402
+from fusion_cache.kernels.fused_linear import fused_linear_uld_loss  # noqa: E402
+from fusion_cache.kernels.reference import uld_loss_reference  # noqa: E402
 
 CSV = RESULTS / "uld.csv"
 FIELDS = [
@@ -84,7 +84,7 @@ def make_case(provider: str, n: int, v: int, h: int, k: int, dtype: torch.dtype,
             return (lambda: gold_uld(logits, teacher)), [logits]
         if provider == "reference":
             return (lambda: uld_loss_reference(logits, teacher, k=k)), [logits]
-        from kernels.uld import uld_rows_triton
+        from fusion_cache.kernels.uld import uld_rows_triton
 
         return (lambda: uld_rows_triton(logits, teacher, k=k).mean()), [logits]
     hidden = torch.randn(n, h, generator=g, device=device).to(dtype).requires_grad_()

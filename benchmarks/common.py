@@ -16,7 +16,7 @@ def machine() -> dict:
     import torch
 
     import fusion_cache
-    from fusion_cache.hardware import cpu_has_avx512_bf16
+    from fusion_cache.models.hardware import cpu_has_avx512_bf16
 
     cpu = platform.processor() or "unknown"
     try:

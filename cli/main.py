@@ -53,7 +53,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at IN
 @app.command()
 def teachers() -> None:
     """List the teacher and pivot presets (any local model directory or HF id works too)."""
-    from fusion_cache.teachers import list_presets
+    from fusion_cache.models.presets import list_presets
 
     for p in list_presets():
         where = "packaged (offline)" if p.source == "packaged" else p.hf_id
@@ -90,8 +90,8 @@ def build(
 
     Example: fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2
     """
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
 
     try:
         cfg = BuildConfig.create(
@@ -114,14 +114,14 @@ def build(
             shard_index=shard_index,
         )
         if ray:
-            from fusion_cache.ray_build import run_build_ray
+            from fusion_cache.capture.ray import run_build_ray
 
             m = run_build_ray(cfg, address=ray_address)
         else:
             m = run_build(cfg)
     except FusionCacheError as e:
         _fail(e)
-    from fusion_cache.build import build_summary
+    from fusion_cache.capture.build import build_summary
 
     typer.echo(build_summary(m, str(out)))
     if num_shards > 1 and not ray:
@@ -175,7 +175,7 @@ def generate(
 
     Example: fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl --n 2
     """
-    from fusion_cache.generate import run_generate
+    from fusion_cache.capture.generate import run_generate
 
     try:
         meta = run_generate(
@@ -346,10 +346,10 @@ def train(
 
     Example: fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
 
-    Data parallel: torchrun --nproc-per-node 2 -m fusion_cache.train --student ... (the same flags).
+    Data parallel: torchrun --nproc-per-node 2 -m fusion_cache train --student ... (the same flags).
     """
-    from fusion_cache.config import TrainConfig
-    from fusion_cache.train import run_train
+    from fusion_cache.train.config import TrainConfig
+    from fusion_cache.train.trainer import run_train
 
     settings = _train_settings(
         student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed
@@ -366,7 +366,7 @@ def train(
         fsdp=fsdp,
     )
     if mode == "pairwise":
-        from fusion_cache.merge.pairwise import train_pairwise
+        from fusion_cache.recipes.pairwise import train_pairwise
 
         try:
             runs = train_pairwise([str(s) for s in shards], out, **settings)
@@ -542,7 +542,7 @@ def fuse(
 
     Example: fusion-cache fuse --student ./student --shards ./cache/a --shards ./cache/b --out ./fused --method ties
     """
-    from fusion_cache.merge.pairwise import fuse_pairwise
+    from fusion_cache.recipes.pairwise import fuse_pairwise
 
     if mode != "pairwise":
         _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: pairwise"))
@@ -575,7 +575,7 @@ def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | 
     """The `DemoSettings` of `fusion-cache demo`'s options (repeated values are kept once, in order)."""
     from dataclasses import replace
 
-    from fusion_cache.demo import DemoSettings
+    from fusion_cache.recipes.demo import DemoSettings
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     if kd_loss:
@@ -600,7 +600,7 @@ def report(
 
     Example: fusion-cache report ./runs/kd ./runs/sft --out ./runs/compare.png
     """
-    from fusion_cache.report import write_report
+    from fusion_cache.eval.report import write_report
 
     try:
         png, md, table = write_report([str(r) for r in runs], None if out is None else str(out))
@@ -633,8 +633,8 @@ def eval_(
 
     Example: fusion-cache eval --model ./runs/kd --data heldout.jsonl --cache ./cache/heldout --humaneval --limit 20
     """
-    from fusion_cache.evaluate import eval_table
-    from fusion_cache.evaluate import run_eval
+    from fusion_cache.eval.evaluate import eval_table
+    from fusion_cache.eval.evaluate import run_eval
 
     try:
         result = run_eval(
@@ -681,7 +681,7 @@ def demo(
     ),
 ) -> None:
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""
-    from fusion_cache.demo import run_demo
+    from fusion_cache.recipes.demo import run_demo
 
     try:
         run_demo(out, settings=demo_settings(quick, kd_loss, second_teacher, combine))

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.reference import uld_loss_reference
+from fusion_cache.kernels.reference import uld_loss_reference
 
 IGNORE_INDEX = -100
 
@@ -63,8 +63,8 @@ def uld_row_coefficients(
 def _chunk_uld_grad(logits, teacher, mask, coef, *, backend, k, opts):
     """(sum_i coef_i d_i, gradient of it w.r.t. the chunk's logits in fp32) for one chunk."""
     if backend == "triton":
-        from kernels.uld import uld_rows_backward
-        from kernels.uld import uld_rows_forward
+        from fusion_cache.kernels.uld import uld_rows_backward
+        from fusion_cache.kernels.uld import uld_rows_forward
 
         dist, idx, val, lse = uld_rows_forward(logits, teacher, mask, k=k, **opts)
         grad = uld_rows_backward(
@@ -94,8 +94,8 @@ def _chunk_ce_grad(logits, labels, scale):
 
 def _chunk_uld_grad_sparse(logits, teacher, mask, coef, k, opts):
     """(sum_i coef_i d_i, selected indices [C, K] int64, gradient at them [C, K] fp32) through the Triton kernels."""
-    from kernels.uld import uld_rows_backward_compact
-    from kernels.uld import uld_rows_forward
+    from fusion_cache.kernels.uld import uld_rows_backward_compact
+    from fusion_cache.kernels.uld import uld_rows_forward
 
     dist, idx, val, _ = uld_rows_forward(logits, teacher, mask, k=k, **opts)
     no_tail = {key: value for key, value in opts.items() if key != "tail"}
@@ -170,7 +170,7 @@ def fused_linear_forward(
                 del logits
                 _fold_sparse_grad(idx, g_sel, h_c, weight, grad_hidden[sl], grad_weight, grad_bias)
                 continue
-            from kernels.ce import ce_grad_inplace
+            from fusion_cache.kernels.ce import ce_grad_inplace
 
             scale = torch.full((logits.shape[0],), ce_weight / n_labels, dtype=torch.float32, device=logits.device)
             ce_rows, argmax[sl] = ce_grad_inplace(logits, labels[sl], scale)
@@ -260,7 +260,7 @@ def fused_linear_uld_loss(
         hidden: [N, H] hidden states (requires grad as needed); weight: [V, H]; bias: [V] or None.
         teacher_values: [N, Kt] sorted teacher top-K values; row_mask [N] bool (None = all rows), row_weights [N].
         labels: [N] int64 CE targets, IGNORE_INDEX (-100) for rows without one; None = no CE.
-        tail: the tail-mass bucket variant (see `kernels.reference.uld_rows_reference`).
+        tail: the tail-mass bucket variant (see `fusion_cache.kernels.reference.uld_rows_reference`).
         reduction: of the ULD term, "mean" or "sum", as `uld_loss_reference`. CE is the mean over labelled rows.
         ce_weight, uld_weight: loss = ce_weight * ce + uld_weight * uld (e.g. 1 - lambda and lambda).
         backend: "triton" or "torch" for the per-chunk ULD.

@@ -189,7 +189,7 @@ def reduce_rows(
 ) -> torch.Tensor:
     """Reduce per-row distances [N] (zeros at masked rows) as every loss here documents: "none" -> [N], "sum"
     (weighted when ``row_weights`` [N] is given), "mean" (over valid rows; weighted mean with weights). The
-    kernels' wrappers (fusion_cache/losses.py) reduce with this same function."""
+    kernels' wrappers (fusion_cache/train/losses.py) reduce with this same function."""
     if reduction == "none":
         return dist
     w = None if row_weights is None else torch.where(row_mask, row_weights.to(dist.dtype), torch.zeros_like(dist))

@@ -4,7 +4,7 @@ One program handles BLOCK_N rows. The forward streams each row of student logits
 keeps a running top-K buffer in registers: a chunk is merged only when one of its values beats a row's current K-th
 value, and the merge is K passes of max / lowest-index argmax over (buffer, chunk), so the vocabulary is never
 sorted and [N, V] is read once. Ties go to the lower vocabulary index, both at the K-th boundary and for the rank
-order, exactly as `kernels.reference.topk_canonical`. It writes the per-row distance d [N] and the K selected
+order, exactly as `reference.topk_canonical`. It writes the per-row distance d [N] and the K selected
 indices and values; the backward recomputes the K-wide math from those and scatters the exact gradient into the
 K selected entries of a zeroed [N, V] gradient.
 

@@ -12,13 +12,13 @@ import argparse
 
 from transformers import AutoTokenizer
 
-from fusion_cache.demo_data import generate_responses
-from fusion_cache.demo_data import generation_settings
-from fusion_cache.demo_data import load_demo_prompts
-from fusion_cache.demo_data import write_bundled_responses
-from fusion_cache.engines import make_engine
-from fusion_cache.hardware import default_dtype
-from fusion_cache.teachers import resolve_model
+from fusion_cache.capture.engines import make_engine
+from fusion_cache.models.hardware import default_dtype
+from fusion_cache.models.presets import resolve_model
+from fusion_cache.recipes.demo_data import generate_responses
+from fusion_cache.recipes.demo_data import generation_settings
+from fusion_cache.recipes.demo_data import load_demo_prompts
+from fusion_cache.recipes.demo_data import write_bundled_responses
 
 
 def main() -> None:

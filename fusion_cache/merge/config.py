@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic import model_validator
 
-from fusion_cache.config import _Config
+from fusion_cache.config import StrictConfig
 
 METHODS = ("ta", "ties", "dare", "sce", "rsaf")
 
@@ -33,7 +33,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
-class MergeConfig(_Config):
+class MergeConfig(StrictConfig):
     """Settings of `fusion-cache merge`. Method options left as None take the method's default."""
 
     base: str = Field(description="the original pivot every model was fine-tuned from")

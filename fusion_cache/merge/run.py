@@ -47,8 +47,8 @@ STATS_CHUNK = 2 * methods.REDUCE_CHUNK
 def _open_base(base: str) -> SafetensorsModel:
     """The base pivot: a model directory, a run directory, or a preset name (resolved like `train --student`)."""
     if not Path(base).exists():
-        from fusion_cache.teachers import PRESETS
-        from fusion_cache.teachers import resolve_model
+        from fusion_cache.models.presets import PRESETS
+        from fusion_cache.models.presets import resolve_model
 
         if base in PRESETS:
             return SafetensorsModel(resolve_model(base).path)

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from fusion_cache.cli.main import app
 
 runner = CliRunner()
 
@@ -128,7 +128,7 @@ def test_demo_refuses_an_unknown_kd_loss(tmp_path):
 
 
 def test_demo_second_teacher_options():
-    from cli.main import demo_settings
+    from fusion_cache.cli.main import demo_settings
 
     s = demo_settings(False, None, "gemma3-270m", None)
     assert s.second_teacher == "gemma3-270m" and s.combines == ("mean",) and s.kd_losses == ("kl",)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from fusion_cache.cli.main import app
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 7), (13, 301), (6, 5000)], ids=lambda s: f"N{s[0]}-V{s[1]}")
 def test_matches_torch(triton_uld, device, shape, dtype):
-    ce_mod = importlib.import_module("kernels.ce")
+    ce_mod = importlib.import_module("fusion_cache.kernels.ce")
     n, v = shape
     g = torch.Generator().manual_seed(n * 7 + v)
     x = (torch.randn(n, v, generator=g) * 3).to(device, dtype)
@@ -38,7 +38,7 @@ def test_matches_torch(triton_uld, device, shape, dtype):
 
 
 def test_refuses_a_non_unit_column_stride(triton_uld, device):
-    ce_mod = importlib.import_module("kernels.ce")
+    ce_mod = importlib.import_module("fusion_cache.kernels.ce")
     x = torch.randn(8, 4, device=device).t()
     with pytest.raises(ValueError, match="unit column stride"):
         ce_mod.ce_grad_inplace(x, torch.zeros(4, dtype=torch.int64, device=device), torch.ones(4, device=device))

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.fused_linear import chunk_size_for
-from kernels.fused_linear import fused_linear_uld_loss
-from kernels.fused_linear import uld_row_coefficients
-from kernels.reference import uld_loss_reference
+from fusion_cache.kernels.fused_linear import chunk_size_for
+from fusion_cache.kernels.fused_linear import fused_linear_uld_loss
+from fusion_cache.kernels.fused_linear import uld_row_coefficients
+from fusion_cache.kernels.reference import uld_loss_reference
 
 
 def _dense(hidden, weight, bias, teacher, mask, weights, labels, *, reduction, ce_w, uld_w, k):

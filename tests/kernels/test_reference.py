@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from kernels.reference import standardized_probs
-from kernels.reference import uld_loss_reference
-from kernels.reference import uld_rows_reference
+from fusion_cache.kernels.reference import standardized_probs
+from fusion_cache.kernels.reference import uld_loss_reference
+from fusion_cache.kernels.reference import uld_rows_reference
 
 
 def _by_hand(student_row: list[float], teacher_row: list[float], k: int) -> float:
@@ -138,7 +138,7 @@ def test_temperature_flattens():
 
 
 def test_topk_canonical_breaks_ties_by_lower_index():
-    from kernels.reference import topk_canonical
+    from fusion_cache.kernels.reference import topk_canonical
 
     x = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
     assert topk_canonical(x, 2).tolist() == [[1, 2], [0, 1], [5, 4]]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kernels.reference import topk_kl_loss_reference
-from kernels.reference import topk_kl_rows_reference
+from fusion_cache.kernels.reference import topk_kl_loss_reference
+from fusion_cache.kernels.reference import topk_kl_rows_reference
 
 
 def _by_hand(student_row: list[float], ids: list[int], teacher_lp: list[float]) -> float:

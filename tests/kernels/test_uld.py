@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from kernels.reference import uld_loss_reference
+from fusion_cache.kernels.reference import uld_loss_reference
 
 # per-dtype tolerances (distance, gradient); bf16 gradients are rounded to bf16 on both sides
 TOL = {
@@ -130,7 +130,7 @@ def test_ties_follow_the_reference(triton_uld, device):
     )
     want = uld_loss_reference(logits, teacher, mask, k=12, reduction="none")
     torch.testing.assert_close(d, want, atol=2e-5, rtol=1e-4)
-    from kernels.reference import topk_canonical
+    from fusion_cache.kernels.reference import topk_canonical
 
     assert torch.equal(idx, topk_canonical(logits, 12))
 

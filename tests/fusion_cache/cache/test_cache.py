@@ -14,8 +14,8 @@ from fusion_cache.cache.fingerprint import validate_fingerprint
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import BatchPosition
 from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.row import CacheRow
 from fusion_cache.cache.schema import COLUMNS
-from fusion_cache.cache.writer import CacheRow
 from fusion_cache.cache.writer import ShardWriter
 from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import ShardFormatError
@@ -106,8 +106,8 @@ def test_fingerprint_is_deterministic_and_sensitive():
 
 
 def test_rebuild_gives_the_same_fingerprint(built_cache, tmp_path, tiny_model_dir, data_file, hf_engine):
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
 
     cfg = BuildConfig.create(
         teacher=str(tiny_model_dir),

@@ -22,9 +22,9 @@ from fusion_cache.cache.fast_decode import use_decoder
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.reader import decode_record_batch
+from fusion_cache.cache.row import CacheRow
 from fusion_cache.cache.schema import SCHEMA_VERSION
 from fusion_cache.cache.schema import shard_schema
-from fusion_cache.cache.writer import CacheRow
 from fusion_cache.cache.writer import rows_to_batch
 from fusion_cache.cache.writer import shard_schema_with_order
 from fusion_cache.errors import ConfigError
@@ -231,8 +231,8 @@ def test_corrupt_value_codes_are_named():
 # ---------------------------------------------------------------- real builds with each compact codec
 @pytest.fixture(scope="module", params=["full", "values", "shape"])
 def codec_cache(request, tmp_path_factory, tiny_model_dir, data_file, hf_engine):
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
 
     out = tmp_path_factory.mktemp("codec-caches") / request.param
     cfg = BuildConfig.create(
@@ -279,7 +279,7 @@ def test_compact_cache_loads_with_hf_datasets(codec_cache):
 def test_values_cache_streams_for_uld(codec_cache, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from fusion_cache.stream import CacheStream
+    from fusion_cache.train.stream import CacheStream
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     ex = list(CacheStream(str(codec_cache), tok, chat_template=True, max_length=256))
@@ -460,8 +460,8 @@ def test_missing_or_corrupt_id_order_is_refused():
 
 
 def test_training_on_a_shape_cache_refuses_modes_that_need_log_probs(codec_cache, tiny_model_dir, tmp_path):
-    from fusion_cache.config import TrainConfig
-    from fusion_cache.train import run_train
+    from fusion_cache.train.config import TrainConfig
+    from fusion_cache.train.trainer import run_train
 
     if codec_cache.name != "shape":
         pytest.skip("only a shape cache lacks true log-probs")

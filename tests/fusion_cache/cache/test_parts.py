@@ -11,13 +11,13 @@ import fsspec
 import numpy as np
 import pytest
 
-from cli.main import app
-from fusion_cache.build import run_build
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.parts import combine_parts
 from fusion_cache.cache.parts import part_rows
 from fusion_cache.cache.reader import CacheReader
-from fusion_cache.config import BuildConfig
+from fusion_cache.capture.build import run_build
+from fusion_cache.capture.config import BuildConfig
+from fusion_cache.cli.main import app
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import ShardFormatError

@@ -6,13 +6,13 @@ import fsspec
 import numpy as np
 from typer.testing import CliRunner
 
-from cli.main import app
 from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cli.main import app
 
 
 def test_build_read_and_verify_at_a_memory_url(built_cache, tiny_model_dir, data_file, hf_engine):
-    from fusion_cache.build import run_build
-    from fusion_cache.config import BuildConfig
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
 
     url = "memory://caches/tiny-full"
     cfg = BuildConfig.create(

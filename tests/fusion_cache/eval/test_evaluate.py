@@ -1,0 +1,89 @@
+"""`fusion_cache.eval.evaluate` on the tiny model: answer CE of an input file's rows, a cache's metrics, several
+teachers' caches at once (`evaluate_teachers`), `run_eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.errors import ConfigError
+from fusion_cache.eval.evaluate import eval_table
+from fusion_cache.eval.evaluate import evaluate_model
+from fusion_cache.eval.evaluate import evaluate_rows
+from fusion_cache.eval.evaluate import evaluate_teachers
+from fusion_cache.eval.evaluate import run_eval
+from fusion_cache.models.load import load_student
+from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.trainer import run_train
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok, _ = load_student(str(tiny_model_dir))
+    return model, tok
+
+
+def test_rows_of_a_file_give_the_same_ce_as_the_cache_of_those_rows(tiny, data_file, built_cache):
+    model, tok = tiny
+    rows = evaluate_rows(model, tok, str(data_file), batch_size=2)
+    assert math.isfinite(rows["answer_ce"]) and rows["answer_ce"] > 0
+    assert rows["samples"] == 4  # the row with an empty answer is skipped, as `build` skips it
+    assert rows["top1_agreement"] is None and rows["uld"] is None
+    # the cache holds the same rows rendered the same way: the same tokens and the same CE
+    cached = evaluate_model(model, tok, str(built_cache), batch_size=3, k=8)
+    assert rows["answer_tokens"] == cached["answer_tokens"]
+    assert rows["answer_ce"] == pytest.approx(cached["answer_ce"], rel=1e-5)
+    assert 0.0 <= cached["top1_agreement"] <= 1.0 and cached["uld"] > 0
+    first = evaluate_rows(model, tok, str(data_file), limit=1)
+    assert first["samples"] == 1 and first["answer_tokens"] < rows["answer_tokens"]
+
+
+def test_run_eval_of_a_run_directory_writes_eval_json(tmp_path, tiny_model_dir, data_file, built_cache):
+    run = tmp_path / "run"
+    cfg = TrainConfig.create(student=str(tiny_model_dir), shards=[str(built_cache)], out=str(run), batch_size=2,
+                             max_steps=1, top_k=8)  # fmt: skip
+    run_train(cfg, progress=False)
+    result = run_eval(str(run), data=str(data_file), cache=str(built_cache), k=8)
+    assert result["model"] == str(run / "model") and result["written_to"] == str(run / "eval.json")
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["data"]["answer_ce"] == result["data"]["answer_ce"] and math.isfinite(saved["cache"]["answer_ce"])
+    table = eval_table(result)
+    assert f"| {result['cache']['top1_agreement']:.4f} |" in table and "HumanEval" not in table
+    # a cache passed as --data is evaluated as a cache
+    as_data = run_eval(str(tiny_model_dir), data=str(built_cache), k=8, out=str(tmp_path / "e.json"))
+    assert "data" not in as_data and as_data["cache"]["answer_ce"] == pytest.approx(
+        json.loads((tmp_path / "e.json").read_text())["cache"]["answer_ce"]
+    )
+
+
+def test_run_eval_refuses_what_it_cannot_evaluate(tmp_path, tiny_model_dir, built_cache):
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        run_eval(str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_eval(str(tiny_model_dir), data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="not a fusion-cache cache"):
+        run_eval(str(tiny_model_dir), cache=str(tmp_path))
+    with pytest.raises(ConfigError, match="pass one cache"):
+        run_eval(str(tiny_model_dir), data=str(built_cache), cache=str(built_cache))
+
+
+@pytest.mark.slow  # builds the shared tiny caches when run alone
+def test_evaluate_teachers_matches_evaluate_model_and_adds_the_other_teacher(tiny_model_dir, multi_caches):
+    model, tok, _ = load_student(str(tiny_model_dir))
+    a, b = str(multi_caches["a"]), str(multi_caches["b"])
+    one = evaluate_model(model, tok, a, k=6, batch_size=3)
+    both = evaluate_teachers(model, tok, [a, b], k=6, batch_size=3)
+    # the student's tokens and CE come from the same-tokenizer cache, whichever teachers join it
+    assert both["samples"] == one["samples"] == 8 and both["answer_tokens"] == one["answer_tokens"]
+    assert both["answer_ce"] == pytest.approx(one["answer_ce"], rel=1e-5)
+    assert both["top1_agreement"] == pytest.approx(one["top1_agreement"])
+    ulds = list(both["uld"].values())
+    assert ulds[0] == pytest.approx(one["uld"], rel=1e-4)  # per-sample mean, then mean over samples, as evaluate_model
+    assert ulds[1] is not None and ulds[1] > 0 and list(both["aligned"].values())[1] > 0  # the other tokenizer
+    # a subset of samples: only those are evaluated; teacher b lacks rows 5-7, so its ULD covers what it has
+    ids = [r.sample_id for r in CacheReader(a).iter_rows()]
+    sub = evaluate_teachers(model, tok, [a, b], k=6, sample_ids=set(ids[5:]))
+    assert sub["samples"] == 3 and list(sub["uld"].values())[1] is None

@@ -1,0 +1,123 @@
+"""End to end on the tiny model: build a cache, train a student from it, evaluate; deterministic under a seed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fusion_cache.errors import ConfigError
+from fusion_cache.eval.evaluate import evaluate_model
+from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.trainer import lr_lambda
+from fusion_cache.train.trainer import run_train
+
+
+def _train(student, cache, out, **kw):
+    base = dict(student=str(student), shards=[str(cache)], out=str(out), batch_size=2, lr=3e-3, max_steps=8)
+    return run_train(TrainConfig.create(**{**base, **kw}), progress=False)
+
+
+def test_build_then_train_then_evaluate(tmp_path, built_cache, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    before = evaluate_model(*_load(tiny_model_dir), str(built_cache), k=8)
+    res = _train(tiny_model_dir, built_cache, tmp_path / "run", **{"lambda": 0.5, "top_k": 8})
+    after = evaluate_model(res.model, res.tokenizer, str(built_cache), k=8)
+    assert after["answer_ce"] < before["answer_ce"] - 0.1  # it learned the cached answers
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 9))
+    assert all(math.isfinite(r["loss"]) and r["uld"] >= 0 for r in lines)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # safetensors that transformers loads
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert reloaded.config.vocab_size == res.model.config.vocab_size
+    assert 0.0 <= after["top1_agreement"] <= 1.0
+
+
+def test_same_seed_same_losses_and_lambda_changes_them(tmp_path, built_cache, tiny_model_dir):
+    a = _train(tiny_model_dir, built_cache, tmp_path / "a", max_steps=3, save=False)
+    b = _train(tiny_model_dir, built_cache, tmp_path / "b", max_steps=3, save=False)
+    c = _train(tiny_model_dir, built_cache, tmp_path / "c", max_steps=3, save=False, **{"lambda": 0.0})
+    la, lb, lc = ((tmp_path / n / "metrics.jsonl").read_text() for n in "abc")
+    assert la == lb.replace(str(tmp_path / "b"), str(tmp_path / "a")) or _losses(la) == _losses(lb)
+    assert _losses(la)[1:] != _losses(lc)[1:]
+    assert a.summary["steps"] == b.summary["steps"] == c.summary["steps"] == 3
+
+
+def test_student_with_another_tokenizer_trains(tmp_path, built_cache):
+    from fusion_cache.testing import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "llama", arch="llama", vocab_size=1024)
+    res = _train(other, built_cache, tmp_path / "run", max_steps=2, save=False)
+    assert evaluate_model(res.model, res.tokenizer, str(built_cache))["top1_agreement"] is None
+    with pytest.raises(ValueError, match="kd_loss='kl' needs the teacher's token ids"):
+        _train(other, built_cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
+
+
+def test_top_k_kl_distillation_trains_and_logs_both_terms(tmp_path, built_cache, tiny_model_dir):
+    _train(tiny_model_dir, built_cache, tmp_path / "kl", max_steps=4, save=False, kd_loss="kl", top_k=8)
+    _train(tiny_model_dir, built_cache, tmp_path / "uld", max_steps=4, save=False, top_k=8)
+    kl, uld = (_records(tmp_path / n) for n in ("kl", "uld"))
+    assert all(r["kl"] >= -1e-6 and math.isfinite(r["kl"]) and r["uld"] >= 0 for r in kl)
+    assert "kl" not in uld[0] and [r["loss"] for r in kl] != [r["loss"] for r in uld]
+    with pytest.raises(ConfigError, match="kd_loss"):
+        TrainConfig.create(student="s", shards=["c"], out="o", kd_loss="mse")
+
+
+def test_schedule_warms_up_then_decays():
+    f = lr_lambda(total_steps=10, warmup_steps=2)
+    assert f(0) == 0.5 and f(1) == 1.0 and f(9) < 0.05 and all(f(i) >= f(i + 1) for i in range(1, 9))
+
+
+def test_train_settings_are_validated():
+    with pytest.raises(ConfigError, match=r"lambda.*less than or equal to 1"):
+        TrainConfig.create(student="s", shards=["c"], out="o", **{"lambda": 1.5})
+    with pytest.raises(ConfigError, match="shards"):
+        TrainConfig.create(student="s", shards=[], out="o")
+    with pytest.raises(ConfigError, match="tail=True.*zscore=False"):
+        TrainConfig.create(student="s", shards=["c"], out="o", tail=True)
+
+
+def test_tail_bucket_variant_trains_and_changes_the_loss(tmp_path, built_cache, tiny_model_dir):
+    opts = dict(max_steps=2, save=False, zscore=False, top_k=8)
+    plain = _train(tiny_model_dir, built_cache, tmp_path / "a", **opts)
+    tail = _train(tiny_model_dir, built_cache, tmp_path / "b", **opts, tail=True)
+    la, lb = (_losses((tmp_path / n / "metrics.jsonl").read_text()) for n in "ab")
+    assert all(math.isfinite(x) for x in lb) and la != lb
+    assert plain.summary["steps"] == tail.summary["steps"] == 2
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _losses(text):
+    return [round(json.loads(line)["loss"], 6) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data_file, hf_engine):
+    """A `values` cache has no ids: ULD training works, the top-1 agreement (which needs ids) is reported as None."""
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
+
+    cache = tmp_path / "values"
+    cfg = BuildConfig.create(
+        teacher=str(tiny_model_dir), data=str(data_file), out=str(cache), top_k=8, engine="hf", codec="values"
+    )
+    run_build(cfg, engine=hf_engine, progress=False)
+    res = _train(tiny_model_dir, cache, tmp_path / "run", max_steps=3, save=False, **{"lambda": 0.5, "top_k": 8})
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(r["loss"]) and r["uld"] > 0 for r in lines)
+    metrics = evaluate_model(res.model, res.tokenizer, str(cache), k=8)
+    assert metrics["top1_agreement"] is None and math.isfinite(metrics["uld"])
+    with pytest.raises(ValueError, match="a cache whose codec stores ids"):
+        _train(tiny_model_dir, cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
