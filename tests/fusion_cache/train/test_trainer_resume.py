@@ -20,7 +20,7 @@ from fusion_cache.train.checkpoint import list_checkpoints
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.trainer import run_train
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _cfg(student, cache, out, **kw):
