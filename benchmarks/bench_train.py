@@ -51,9 +51,9 @@ def replicate_cache(src: str, out: Path, times: int, *, batch_rows: int = 16, sh
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.manifest import load_manifest
     from fusion_cache.cache.reader import CacheReader
+    from fusion_cache.cache.resume import remove_part_records
     from fusion_cache.cache.writer import ShardWriter
     from fusion_cache.cache.writer import publish_directory
-    from fusion_cache.cache.writer import remove_part_records
 
     if (out / "manifest.json").exists():
         return out

@@ -1,4 +1,4 @@
-"""PyTorch reference of InfiFusion's top-K, z-scored, sorted-logit ULD loss (DESIGN.md section 1), and of the
+"""PyTorch reference of InfiFusion's top-K, z-scored, sorted-logit ULD loss (its definition below), and of the
 identity-aware top-K KL for students that share the teacher's vocabulary (`topk_kl_loss_reference`).
 
 This is the single source of truth: the trainer's CPU path, the tests of every kernel and the benchmarks all call

@@ -1,4 +1,4 @@
-"""Triton forward and backward of the top-K z-scored sorted ULD loss (DESIGN.md section 1, kernels/reference.py).
+"""Triton forward and backward of the top-K z-scored sorted ULD loss (defined in kernels/reference.py).
 
 One program handles BLOCK_N rows. The forward streams each row of student logits [N, V] in BLOCK_V-wide chunks and
 keeps a running top-K buffer in registers: a chunk is merged only when one of its values beats a row's current K-th

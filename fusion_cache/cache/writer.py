@@ -8,17 +8,15 @@ looks like a cache.
 
 Crash safety (``fusion-cache build --resume``): a part is *complete* once its bytes are fsynced, the temp file is
 renamed to ``part-NNNNN.arrow`` and its record ``part-NNNNN.json`` (rows, answer tokens, bytes, sha256) is written
-atomically. `load_completed_parts` returns the complete parts of an interrupted build after checking each one's
-size and sha256, and deletes what cannot be trusted (temp files, a part without a record, everything after the
-first bad part). Parts are written in input order, so the complete parts hold exactly the first ``sum(rows)`` rows.
+atomically (cache/durable.py). `load_completed_parts` (cache/resume.py) returns the complete parts of an
+interrupted build after checking each one's size and sha256, and deletes what cannot be trusted (temp files, a part
+without a record, everything after the first bad part). Parts are written in input order, so the complete parts
+hold exactly the first ``sum(rows)`` rows.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -38,15 +36,15 @@ from fusion_cache.cache.codecs import pack_ids
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs import quantize_values
 from fusion_cache.cache.codecs import tail_mass
+from fusion_cache.cache.durable import fsync_dir
+from fusion_cache.cache.durable import fsync_file
 from fusion_cache.cache.fingerprint import file_sha256
+from fusion_cache.cache.resume import part_name
+from fusion_cache.cache.resume import write_part_record
 from fusion_cache.cache.row import CacheRow
 from fusion_cache.cache.schema import COMMON_COLUMNS
 from fusion_cache.cache.schema import shard_name
 from fusion_cache.cache.schema import shard_schema
-
-log = logging.getLogger(__name__)
-
-_PART_RE = re.compile(r"^part-(\d{5})\.json$")
 
 
 def _list_column(arrays: list[np.ndarray], dtype: np.dtype, arrow_type: pa.DataType) -> pa.Array:
@@ -197,35 +195,6 @@ def shard_schema_with_order(schema: pa.Schema, codec: CodecSpec, first_rows: lis
     return schema.with_metadata({**schema.metadata, ID_ORDER_KEY: id_order_metadata(order)}), order
 
 
-def _part_name(index: int) -> str:
-    return f"part-{index:05d}"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably and atomically: temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames inside ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Context manager that writes rows into shards under a work directory.
 
@@ -282,7 +251,7 @@ class ShardWriter:
             self._abandon_current()
 
     def _open_part(self, first_rows: list[CacheRow]) -> None:
-        path = self.work_dir / f"{_part_name(len(self._parts))}.arrow.tmp"
+        path = self.work_dir / f"{part_name(len(self._parts))}.arrow.tmp"
         # full codec: the shard's id order comes from its first record batch and is stored in its schema
         self._schema, self._id_order = shard_schema_with_order(self.schema, self.codec, first_rows)
         schema = self._schema
@@ -297,10 +266,9 @@ class ShardWriter:
         self._writer.close()
         self._sink.close()
         tmp = self._cur["tmp"]
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         index = len(self._parts)
-        final = self.work_dir / f"{_part_name(index)}.arrow"
+        final = self.work_dir / f"{part_name(index)}.arrow"
         os.replace(tmp, final)
         record = {
             "index": index,
@@ -311,7 +279,7 @@ class ShardWriter:
             "sha256": file_sha256(final),
         }
         # the record is written after the rename: a part without a record is never trusted
-        _fsync_write(self.work_dir / f"{_part_name(index)}.json", json.dumps(record, sort_keys=True).encode())
+        write_part_record(self.work_dir, record)
         self._parts.append(record)
         self._writer = self._sink = self._cur = None
 
@@ -358,77 +326,8 @@ class ShardWriter:
                     "sha256": part["sha256"],
                 }
             )
-        _fsync_dir(self.work_dir)
+        fsync_dir(self.work_dir)
         return self.shards
-
-
-def remove_part_records(work_dir: str | Path) -> None:
-    """Delete the resume bookkeeping (part records) of a finished build before it is published."""
-    for path in Path(work_dir).glob("part-*.json"):
-        path.unlink()
-
-
-def load_completed_parts(work_dir: str | Path) -> list[dict]:
-    """The complete parts of an interrupted build in ``work_dir``, checked, in order; deletes the rest.
-
-    A part counts when its record ``part-NNNNN.json`` parses, the records are numbered 0, 1, 2... without a gap, and
-    its file (``part-NNNNN.arrow``, or ``shard-NNNNN-of-*.arrow`` when the build was killed while renaming) has the
-    recorded size and sha256. The first part that fails ends the list: it and every later part, temp file and
-    stray shard are deleted, so the build rewrites those rows.
-
-    Returns:
-        The part records ``{"index", "file", "rows", "answer_tokens", "bytes", "sha256"}``, files named
-        ``part-NNNNN.arrow``.
-    """
-    work = Path(work_dir)
-    records: dict[int, Path] = {}
-    for path in work.glob("part-*.json"):
-        m = _PART_RE.match(path.name)
-        if m:
-            records[int(m.group(1))] = path
-    good: list[dict] = []
-    for index in range(len(records) + 1):
-        if index not in records:
-            break
-        record = _read_record(records[index], index)
-        if record is None:
-            break
-        candidates = [work / f"{_part_name(index)}.arrow", *sorted(work.glob(f"shard-{index:05d}-of-*.arrow"))]
-        found = next((c for c in candidates if _matches(c, record)), None)
-        if found is None:
-            log.warning("%s: part %d does not match its record (missing or corrupt); rewriting it", work, index)
-            break
-        target = work / f"{_part_name(index)}.arrow"
-        if found != target:
-            os.replace(found, target)
-        good.append({**record, "file": target.name})
-    keep = {p["file"] for p in good} | {f"{_part_name(p['index'])}.json" for p in good}
-    for path in work.iterdir():
-        is_part = path.name.startswith(("part-", "shard-")) or path.name.endswith(".tmp")
-        if is_part and path.name not in keep and path.is_file():
-            path.unlink()
-    _fsync_dir(work)
-    return good
-
-
-def _read_record(path: Path, index: int) -> dict | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    want = {"index": int, "file": str, "rows": int, "answer_tokens": int, "bytes": int, "sha256": str}
-    if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in want.items()):
-        return None
-    if record["index"] != index or record["rows"] < 1:
-        return None
-    return record
-
-
-def _matches(path: Path, record: dict) -> bool:
-    try:
-        return path.is_file() and path.stat().st_size == record["bytes"] and file_sha256(path) == record["sha256"]
-    except OSError:
-        return False
 
 
 def publish_directory(work_dir: Path, out: Path, *, overwrite: bool) -> None:

@@ -7,18 +7,18 @@ Input rows are those of `build` without the answer: ``prompt`` (+ ``system``) or
 message, if any, is replaced). Each row gets ``n`` sampled answers (`TeacherEngine.sample_n`: one vLLM request
 with ``SamplingParams(n=n)`` per prompt; the hf engine's sample j uses seed ``seed + j``), written as
 ``{"messages": [..., {"role": "assistant", "content": answer}], "source_row": i, "sample": j}`` in input order,
-so the file is valid `build` input. The settings go to ``<out>.meta.json``. Both files are written to temp names
-and renamed, so a killed run leaves no half-written output.
+so the file is valid `build` input. The settings go to ``<out>.meta.json``. Both files are written atomically
+(cache/durable.py), so a killed run leaves no half-written output.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 
 from fusion_cache import __version__
+from fusion_cache.cache.durable import write_atomic
 from fusion_cache.capture.inputs import dataset_hash
 from fusion_cache.capture.inputs import iter_raw_rows
 from fusion_cache.capture.inputs import normalize_row
@@ -123,12 +123,7 @@ def run_generate(
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target.with_name(target.name + ".meta.json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _atomic_write(target, "".join(lines))
+    meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    write_atomic(target.with_name(target.name + ".meta.json"), meta_text.encode("utf-8"))
+    write_atomic(target, "".join(lines).encode("utf-8"))
     return meta
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -6,9 +6,10 @@ comparable when both models have consumed exactly the same answer text, i.e. the
 byte** of the answer. Offsets are taken relative to the answer's first byte (the end of the last prompt token), so
 the two models may render different prompts (chat templates, plain text) and still share the answer's bytes.
 
-- ``bytes`` (DESIGN.md section 1): a student row is paired with the teacher row whose context token ends at the same
-  answer byte; rows with no partner are dropped. Nothing crosses the prompt/answer boundary: only answer rows are
-  paired, and row 0 of each side (context = the whole prompt) pairs with row 0 of the other.
+- ``bytes`` (docs/fusion.md, "Alignment of answer rows across tokenizers"): a student row is paired with the
+  teacher row whose context token ends at the same answer byte; rows with no partner are dropped. Nothing crosses
+  the prompt/answer boundary: only answer rows are paired, and row 0 of each side (context = the whole prompt)
+  pairs with row 0 of the other.
 - ``index`` (ULD, arXiv 2402.12030): row t pairs with row t for t < min(n_student, n_teacher), whatever the text.
 
 The cached offsets are character-granular (the fast tokenizers' offset mapping, see docs/dev-notes.md): when a

@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusion_cache.cache.durable import fsync_dir
+from fusion_cache.cache.durable import fsync_file
+from fusion_cache.cache.durable import write_atomic
 from fusion_cache.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -129,26 +132,6 @@ class Checkpoint:
         return int(self.trainer["step"])
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -181,20 +164,20 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_weights(model, tmp / "model.safetensors")
-        _fsync_file(tmp / "model.safetensors")
+        fsync_file(tmp / "model.safetensors")
         # torch.save writes tensors and plain containers; load_checkpoint reads them back with weights_only=True
         torch.save(optimizer, tmp / "optimizer.pt")
-        _fsync_file(tmp / "optimizer.pt")
+        fsync_file(tmp / "optimizer.pt")
         torch.save(scheduler, tmp / "scheduler.pt")
-        _fsync_file(tmp / "scheduler.pt")
+        fsync_file(tmp / "scheduler.pt")
         for r, state in enumerate(ranks):
-            _fsync_write(tmp / f"rank-{r:05d}.json", json.dumps(state).encode())
-        _fsync_write(tmp / "trainer_state.json", (json.dumps(trainer, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
+            write_atomic(tmp / f"rank-{r:05d}.json", json.dumps(state).encode())
+        write_atomic(tmp / "trainer_state.json", (json.dumps(trainer, indent=2) + "\n").encode())
+        fsync_dir(tmp)
         if final.exists():  # only when a run is re-saved at a step it already had: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep is not None:

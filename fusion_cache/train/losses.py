@@ -90,7 +90,7 @@ def uld_loss(
     tail: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """InfiFusion's top-K z-scored sorted ULD (DESIGN.md section 1). Shapes and semantics as
+    """InfiFusion's top-K z-scored sorted ULD, defined (shapes and semantics too) by
     `fusion_cache.kernels.reference.uld_loss_reference`: logits [N, V], teacher values [N, Kt] sorted descending."""
     opts = dict(k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail)
     if resolve_backend(student_logits.device) == "torch":

@@ -1,6 +1,6 @@
 """How unified fusion combines the teachers' ULD terms: per-row loss weights for `mean`, `sum` and `uncertainty`.
 
-    L = (1 - lambda) * CE + lambda * combine_s(L_pair,s)          (DESIGN.md section 1)
+    L = (1 - lambda) * CE + lambda * combine_s(L_pair,s)          (docs/fusion.md, "Loss and combine modes")
 
 Every mode comes down to one weight per (teacher, aligned row), so the loss is ``sum_s sum_r w[s, r] * d[s, r]`` with
 ``d`` the per-row ULD distance. With B samples in the batch, S_b the teachers sample b has (a sample missing from a

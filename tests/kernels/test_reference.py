@@ -13,7 +13,7 @@ from fusion_cache.kernels.reference import uld_rows_reference
 
 
 def _by_hand(student_row: list[float], teacher_row: list[float], k: int) -> float:
-    """Direct transcription of DESIGN.md section 1 for one row, in plain Python."""
+    """Direct transcription of the definition in kernels/reference.py's docstring for one row, in plain Python."""
 
     def probs(vals: list[float]) -> list[float]:
         top = sorted(vals, reverse=True)[:k]
