@@ -423,7 +423,7 @@ def write_results(data: dict, args) -> None:
             lines.append(
                 f"x{args.scale} / x1 at the same shard size: {growth}. The reader memory-maps the shard it is "
                 "reading (file-backed pages count in RSS while mapped); RSS stays bounded by the shards in use, not "
-                "by the cache, as long as no example keeps a view of an old shard (docs/dev-notes.md)."
+                "by the cache, as long as no example keeps a view of an old shard (docs/training.md)."
             )
     else:
         lines.append(skipped)

@@ -243,7 +243,7 @@ def _blocks(n: int, v: int, k: int) -> tuple[int, int, int]:
     else:
         block_n = 1
         # at least 256 columns: with Triton 3.6 on an H100, BLOCK_V of 16 or 64 with a narrow KP never finished
-        # compiling (stuck in make_ttgir; seen 2026-11-24, scratch runs in docs/dev-notes.md); masking covers the rest
+        # compiling (stuck in make_ttgir; measured 2026-11-24, docs/training.md); masking covers the rest
         block_v = max(min(triton.next_power_of_2(v), 4096 if k <= 32 else 2048), 256)
     return block_n, block_v, kp
 

@@ -10,7 +10,7 @@ Each method comes twice: ``ties(tau, ...)`` leaves ``tau`` alone (tests check it
 tensors), ``ties_(tau, ...)`` overwrites ``tau`` and returns the result as a view of ``tau[0]`` (what
 `fusion_cache.merge.run` streams over a whole model, reusing its buffers). Both compute the same numbers.
 
-Why the in-place kernels look the way they do (measured on SmolLM2-135M's 49152 x 576 embedding, docs/dev-notes.md):
+Why the in-place kernels look the way they do (measured on SmolLM2-135M's 49152 x 576 embedding, docs/merge.md):
 - No full-size temporaries: a fresh 100 MB tensor costs more in page faults than the arithmetic on it. The
   elementwise parts run over chunks of ``CHUNK`` elements with a few chunk-size scratch buffers (cache resident).
 - Masks are float 0/1 tensors multiplied in, not bool masks: torch's where/masked_fill/bool reductions are 10-20x

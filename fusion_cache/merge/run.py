@@ -302,7 +302,7 @@ def auto_threads(default: int) -> int:
 
     The merge's element-wise torch ops split every tensor across threads whose OpenMP workers spin-wait for each
     other; when the cores are taken by other jobs that wait costs far more than the work. Measured on 2 cores with
-    three training jobs beside it (docs/dev-notes.md): TA 29 s, TIES 109 s, RSAF 123 s at 2 threads against 1.0,
+    three training jobs beside it (docs/merge.md): TA 29 s, TIES 109 s, RSAF 123 s at 2 threads against 1.0,
     2.4 and 2.7 s at 1.
     """
     try:

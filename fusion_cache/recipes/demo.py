@@ -40,7 +40,7 @@ class DemoSettings:
     Why this student: KD only pays once the student ranks tokens roughly like the teacher. A 6-layer student
     (CE 12 at the start) learns the same from the sampled answers with or without the teacher's distribution
     (both KD losses were within 0.01 of SFT after 30-120 steps); a 24-layer one (CE 2.2 at the start, top-1
-    agreement 0.53) is where the teacher's top-K distribution adds something (docs/dev-notes.md).
+    agreement 0.53) is where the teacher's top-K distribution adds something (docs/results.md).
     """
 
     n_train: int | None = 160  # first N train prompts of the bundled file (None: all 259)
@@ -401,7 +401,7 @@ def _report(results: dict, s: DemoSettings, timings: dict) -> str:
         )
     lines += [
         "",
-        # Said, not hidden: what the numbers mean and how they were investigated is in docs/dev-notes.md.
+        # Said, not hidden: what the numbers mean and how they were investigated is in docs/results.md.
         "The sorted ULD term carries the shape of the teacher's top-K but not which tokens it holds, so for a",
         "student with the teacher's vocabulary it adds little to CE on the teacher's own answers; the top-K KL",
         "adds the identities. ULD is what works across tokenizers (unified fusion, docs/fusion.md).",

@@ -12,7 +12,7 @@ the two models may render different prompts (chat templates, plain text) and sti
   pairs with row 0 of the other.
 - ``index`` (ULD, arXiv 2402.12030): row t pairs with row t for t < min(n_student, n_teacher), whatever the text.
 
-The cached offsets are character-granular (the fast tokenizers' offset mapping, see docs/dev-notes.md): when a
+The cached offsets are character-granular (the fast tokenizers' offset mapping, see docs/fusion.md): when a
 byte-level tokenizer splits a multi-byte character over two tokens, both get the character's whole span. Such a
 token does not really end where its span says, and it is recognized by the next token starting before its end
 (the two overlap); its row is not a valid boundary and is never paired. Everything here is numpy over whole rows.
