@@ -24,7 +24,7 @@ from fusion_cache.capture.build import run_build
 from fusion_cache.capture.config import BuildConfig
 from fusion_cache.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 N_ROWS = 24
 
 

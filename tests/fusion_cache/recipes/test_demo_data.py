@@ -14,7 +14,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.recipes.demo_data import demo_prompts_path
 from fusion_cache.recipes.demo_data import load_demo_prompts
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_demo_prompts.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "make_demo_prompts.py"
 ID_PATTERN = {"humaneval": re.compile(r"^humaneval/\d+$"), "arithmetic": re.compile(r"^arith/\d+$")}
 
 

@@ -17,7 +17,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.train import distributed
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = HERE.parents[2]
 
 
 def test_a_single_process_is_rank_0_of_1_and_nothing_is_wrapped(monkeypatch):
