@@ -317,16 +317,19 @@ def train(
     max_length: int = _MAX_LEN,
     seed: int = _TRAIN_SEED,
     no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
-    kd_loss: str = typer.Option(
-        "uld", "--kd-loss", help="uld (InfiFusion, any tokenizer) or kl (top-K KL; same tokenizer, cache with ids)"
+    kd_loss: list[str] = typer.Option(
+        ["uld"],
+        "--kd-loss",
+        help="distillation loss, once for every teacher or once per --shards in order: uld (InfiFusion, any "
+        "tokenizer), kl (top-K KL; same tokenizer, cache with ids), auto (kl where allowed, else uld)",
     ),
     tail: bool = typer.Option(
         False, "--tail", help="compare true top-K probabilities plus the tail mass (needs --no-zscore)"
     ),
     mode: str = typer.Option(
-        "single",
-        help="single: one cache; pairwise: one run per cache into <out>/<cache-name>/ (then merge); "
-        "unified: one run against every cache, joined on sample_id",
+        "unified",
+        help="unified (default): one run against every cache, joined on sample_id (one cache: single-teacher KD); "
+        "pairwise: one run per cache into <out>/<cache-name>/ (then merge); single: like unified, one cache only",
     ),
     checkpoint_every: int = typer.Option(None, help="write <out>/checkpoints/step-N every N optimizer steps"),
     keep_checkpoints: int = typer.Option(3, help="newest checkpoints to keep"),
@@ -337,12 +340,12 @@ def train(
         False, "--grad-checkpointing", help="recompute activations in the backward pass to save memory"
     ),
     fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student with FSDP2 instead of DDP"),
-    combine: str = typer.Option("mean", help="unified: mean | sum | uncertainty (per-token entropy weights)"),
-    align: str = typer.Option(None, help="unified: bytes (default: pair tokens ending at the same byte) | index"),
-    uncertainty_temperature: float = typer.Option(1.0, help="unified: T of softmax_s(-H_s,t / T)"),
-    join_window: int = typer.Option(1024, help="unified: reads a sample may wait for its partners (other inputs)"),
+    combine: str = typer.Option("mean", help="several teachers: mean | sum | uncertainty (per-token entropy weights)"),
+    align: str = typer.Option("bytes", help="another tokenizer: bytes (tokens ending at the same byte) | index"),
+    uncertainty_temperature: float = typer.Option(1.0, help="combine uncertainty: T of softmax_s(-H_s,t / T)"),
+    join_window: int = typer.Option(1024, help="reads a sample may wait for its partners (caches of other inputs)"),
 ) -> None:
-    """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*ULD.
+    """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*KD (each teacher its own loss).
 
     Example: fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
 
@@ -376,12 +379,13 @@ def train(
         return
     if mode not in ("single", "unified"):
         _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise, unified"))
-    if mode == "unified":
-        settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature, join_window=join_window)
-    if align is not None:
-        settings.update(align=align)
+    if mode == "single" and len(shards) > 1:
+        _fail(ValueError(f"--mode single takes one cache, got {len(shards)}; use unified (one run against all of "
+                         "them) or pairwise (one run per cache, then merge)"))  # fmt: skip
+    settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature, join_window=join_window,
+                    align=align)  # fmt: skip
     try:
-        cfg = TrainConfig.create(mode=mode, shards=[str(s) for s in shards], out=str(out), **settings)
+        cfg = TrainConfig.create(shards=[str(s) for s in shards], out=str(out), **settings)
         result = run_train(cfg)
     except FusionCacheError as e:
         _fail(e)
@@ -390,9 +394,9 @@ def train(
         return
     typer.echo(
         f"trained {result.summary['steps']} steps in {result.summary['wall_seconds']:.0f} s: "
-        f"ce {f['ce']:.4f}, uld {f['uld']:.4f}; model in {out / 'model'}"
+        f"ce {f['ce']:.4f}, kd {f['kd']:.4f}; model in {out / 'model'}"
     )
-    if "fusion" in result.summary:
+    if len(result.summary["teachers"]) > 1 or any(k != "uld" for k in result.summary["kd_loss"].values()):
         fusion = result.summary["fusion"]
         j = fusion["join"]
         typer.echo(
@@ -400,9 +404,10 @@ def train(
             + ", ".join(f"{n}: {c}" for n, c in j["missing"].items())
         )
         for name, a in fusion["align"].items():
-            last = f.get("uld_" + name)
+            loss = result.summary["kd_loss"][name]
+            last = f.get(f"{loss}_{name}")
             typer.echo(
-                f"  {name}: last uld {'n/a' if last is None else f'{last:.4f}'}, aligned {a['aligned']} rows "
+                f"  {name}: last {loss} {'n/a' if last is None else f'{last:.4f}'}, aligned {a['aligned']} rows "
                 f"({fusion['align_mode']}), "
                 f"dropped {a['dropped_student']} student / {a['dropped_teacher']} teacher rows"
             )

@@ -203,16 +203,6 @@ def require_logprobs(codec: CodecSpec, what: str) -> None:
         )
 
 
-def check_training_modes(codec: CodecSpec, *, zscore: bool, tail: bool, kd_loss: str) -> None:
-    """Refuse training settings that read true log-probabilities from a cache that has none (``shape``)."""
-    if tail:  # first: --tail implies --no-zscore, and names the real reason
-        require_logprobs(codec, "train --tail")
-    if not zscore:
-        require_logprobs(codec, "train --no-zscore")
-    if kd_loss == "kl":
-        require_logprobs(codec, "train --kd-loss kl")
-
-
 def id_bytes_for_vocab(vocab_size: int) -> int:
     """Bytes per id so that every id < vocab_size fits (2 for a 49152 vocab, 3 for 151k)."""
     return max(1, (int(vocab_size - 1).bit_length() + 7) // 8)

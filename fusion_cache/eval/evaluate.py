@@ -1,8 +1,12 @@
-"""Held-out metrics of a student: answer CE, and against a teacher cache teacher top-1 agreement and ULD.
+"""Held-out metrics of a student: answer CE, and against teacher caches teacher top-1 agreement and ULD.
 
-from fusion_cache.eval.evaluate import evaluate_model, evaluate_rows
-evaluate_model(model, tokenizer, "cache/heldout")  # {"answer_ce": ..., "top1_agreement": ..., ...}
+from fusion_cache.eval.evaluate import evaluate_model, evaluate_rows, evaluate_teachers
+evaluate_model(model, tokenizer, "cache/heldout")  # {"answer_ce": ..., "top1_agreement": ..., "uld": ...}
+evaluate_teachers(model, tokenizer, ["cache/a", "cache/b"])  # the same, "uld" per teacher
 evaluate_rows(model, tokenizer, "heldout.jsonl")  # answer CE of the rows of an input file (no teacher)
+
+Every number comes from the training objective (`train.objective.forward_losses` at lambda 0) over the training
+stream (`train.stream.DistillStream`), so evaluation pairs a student with its teachers exactly as training does.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Collection
 from collections.abc import Iterable
 from itertools import islice
@@ -22,10 +25,11 @@ import torch
 from fusion_cache.capture.inputs import read_conversations
 from fusion_cache.capture.render import has_chat_template
 from fusion_cache.capture.render import render
+from fusion_cache.train.batch import collate
+from fusion_cache.train.losses import ULD
 from fusion_cache.train.objective import forward_losses
-from fusion_cache.train.stream import CacheStream
-from fusion_cache.train.stream import StudentExample
-from fusion_cache.train.stream import collate
+from fusion_cache.train.stream import DistillStream
+from fusion_cache.train.stream import Example
 
 
 @torch.no_grad()
@@ -37,18 +41,22 @@ def evaluate_model(
     batch_size: int = 8,
     max_length: int = 1024,
     k: int = 10,
+    align_mode: str = "bytes",
     limit: int | None = None,
 ) -> dict:
-    """Token-weighted answer CE and top-1 agreement over the rows of ``cache_dir`` (one pass, cache order).
+    """Token-weighted answer CE, top-1 agreement and ULD over the rows of one cache (one pass, cache order).
 
     Args:
+        align_mode: how a student of another tokenizer is paired with the teacher (as in training).
         limit: only the first N usable rows (None: every row).
 
     Returns:
-        {"answer_ce", "answer_ppl", "top1_agreement" (None across tokenizers), "uld", "answer_tokens", "samples"}.
+        {"answer_ce", "answer_ppl", "top1_agreement" (None across tokenizers), "uld", "answer_tokens", "samples",
+        "aligned"}.
     """
-    stream = CacheStream(cache_dir, tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length)
-    return _score(model, tokenizer, islice(stream, limit), batch_size=batch_size, k=k)
+    r = evaluate_teachers(model, tokenizer, [cache_dir], batch_size=batch_size, max_length=max_length, k=k,
+                          align_mode=align_mode, limit=limit)  # fmt: skip
+    return r | {"uld": next(iter(r["uld"].values())), "aligned": next(iter(r["aligned"].values()))}
 
 
 @torch.no_grad()
@@ -79,33 +87,43 @@ def evaluate_rows(
             ids = r.input_ids.astype(np.int64)[:max_length]
             if len(ids) - r.answer_start < 1:
                 continue
-            # no teacher rows: the batch's ULD/agreement terms are empty and only CE counts
-            yield StudentExample(conv.sample_id, ids, r.answer_start, np.zeros((0, 2), np.float32), None)
+            yield Example(conv.sample_id, ids, r.answer_start, [])  # no teacher: only CE counts
 
-    with warnings.catch_warnings():  # the (empty) ULD term's z-score of zero rows warns about std()
-        warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom")
-        out = _score(model, tokenizer, islice(examples(), limit), batch_size=batch_size, k=2)
+    out = _score(model, tokenizer, islice(examples(), limit), [], batch_size=batch_size)
     return out | {"uld": None}
 
 
-def _score(model: torch.nn.Module, tokenizer, examples: Iterable[StudentExample], *, batch_size: int, k: int) -> dict:
-    """The one evaluation loop: `forward_losses` (lambda 0) over batches of ``examples``, token-weighted CE."""
+def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names: list[str], *, batch_size: int,
+           k: int = 10) -> dict:  # fmt: skip
+    """The one evaluation loop: `forward_losses` (lambda 0, ULD to each teacher) over batches, token-weighted CE.
+
+    Returns:
+        {"answer_ce", "answer_ppl", "top1_agreement" (None without a same-tokenizer teacher), "uld": {teacher: mean
+        over its samples of the per-sample mean ULD}, "answer_tokens", "samples"}.
+    """
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ce_sum = uld_sum = 0.0
+    n = len(names)
+    losses = [ULD(k=k)] * n
+    ce_sum = 0.0
+    uld_sum, uld_n = [0.0] * n, [0] * n
     tokens = hits = total = samples = 0
     batch: list = []
 
     def flush():
-        nonlocal ce_sum, uld_sum, tokens, hits, total, samples
-        out = forward_losses(model, collate(batch, pad), lambda_=0.0, k=k)
+        nonlocal ce_sum, tokens, hits, total, samples
+        out = forward_losses(model, collate(batch, pad, n), losses, lambda_=0.0, fused_linear=False)
         ce_sum += float(out.ce) * out.answer_tokens
-        uld_sum += float(out.uld) * len(batch)
         tokens += out.answer_tokens
         hits += out.top1_hits
         total += out.top1_total
         samples += len(batch)
+        for s, v in enumerate(out.teacher_kd):
+            if v is not None:  # v is the mean over the batch's samples that have teacher s
+                have = sum(e.teachers[s] is not None for e in batch)
+                uld_sum[s] += v * have
+                uld_n[s] += have
         batch.clear()
 
     try:
@@ -122,7 +140,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[StudentExample]
         "answer_ce": ce,
         "answer_ppl": math.exp(min(ce, 50.0)),
         "top1_agreement": hits / total if total else None,
-        "uld": uld_sum / max(samples, 1),
+        "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
         "answer_tokens": tokens,
         "samples": samples,
     }
@@ -245,73 +263,24 @@ def evaluate_teachers(
     max_length: int = 1024,
     k: int = 10,
     sample_ids: Collection[str] | None = None,
+    limit: int | None = None,
 ) -> dict:
-    """Held-out metrics against several teachers' caches of the same rows (joined on sample_id), in one pass.
+    """Held-out metrics against S >= 1 teachers' caches of the same rows (joined on sample_id), in one pass.
 
     The student's tokens are a same-tokenizer teacher's (else its own rendering); each teacher's answer rows are
-    paired with the student's as in unified training (`fusion_cache.train.unified.UnifiedStream`, ``align_mode``).
-    ``sample_ids``: evaluate only these samples (e.g. train rows a run never saw, as a validation split).
+    paired with the student's as in training (`train.stream.DistillStream`, ``align_mode``). ``sample_ids``:
+    evaluate only these samples (e.g. train rows a run never saw, as a validation split); ``limit``: the first N.
 
     Returns:
         {"answer_ce", "answer_ppl", "top1_agreement" (from same-tokenizer teachers; None if there is none),
         "uld": {teacher: mean over its samples of the per-sample mean ULD}, "answer_tokens", "samples",
         "aligned": {teacher: aligned answer rows}}.
     """
-    from fusion_cache.train.unified import UnifiedStream
-    from fusion_cache.train.unified import collate_unified
-    from fusion_cache.train.unified import unified_losses
-
-    was_training = model.training
-    model.eval()
-    stream = UnifiedStream(
-        list(cache_dirs),
-        tokenizer,
-        chat_template=has_chat_template(tokenizer),
-        max_length=max_length,
-        align_mode=align_mode,
-        k=k,
-        epochs=1,
-    )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    n = stream.n_teachers
-    ce_sum = 0.0
-    uld_sum = [0.0] * n
-    uld_n = [0] * n
-    tokens = hits = total = samples = 0
-    batch: list = []
-
-    def flush():
-        nonlocal ce_sum, tokens, hits, total, samples
-        out = unified_losses(model, collate_unified(batch, pad, n, "mean"), lambda_=0.0, k=k)
-        ce_sum += float(out.ce) * out.answer_tokens
-        tokens += out.answer_tokens
-        hits += out.top1_hits
-        total += out.top1_total
-        samples += len(batch)
-        for s, v in enumerate(out.teacher_uld):
-            if v is not None:  # v is the mean over the batch's samples that have teacher s
-                have = sum(e.teachers[s] is not None for e in batch)
-                uld_sum[s] += v * have
-                uld_n[s] += have
-        batch.clear()
-
-    for ex in stream:
-        if sample_ids is not None and ex.sample_id not in sample_ids:
-            continue
-        batch.append(ex)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    model.train(was_training)
-    ce = ce_sum / max(tokens, 1)
+    stream = DistillStream(
+        list(cache_dirs), tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length,
+        align_mode=align_mode, epochs=1,
+    )  # fmt: skip
+    examples = (ex for ex in stream if sample_ids is None or ex.sample_id in sample_ids)
+    out = _score(model, tokenizer, islice(examples, limit), stream.names, batch_size=batch_size, k=k)
     counts = stream.counts()["align"]
-    return {
-        "answer_ce": ce,
-        "answer_ppl": math.exp(min(ce, 50.0)),
-        "top1_agreement": hits / total if total else None,
-        "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(stream.names)},
-        "answer_tokens": tokens,
-        "samples": samples,
-        "aligned": {name: c.get("aligned") for name, c in counts.items()},
-    }
+    return out | {"aligned": {name: c.get("aligned") for name, c in counts.items()}}

@@ -4,11 +4,11 @@
     write_report(["runs/kd", "runs/sft"], "runs/compare.png")  # also writes runs/compare.md; returns the table
 
 A run directory is what `fusion-cache train` writes: ``metrics.jsonl`` (one record per optimizer step: loss, ce,
-uld, one ``uld_<teacher>`` per teacher in unified mode, kl with ``--kd-loss kl``, lr, grad_norm, answer_tokens,
-elapsed_s), ``train_config.json``, ``summary.json`` at the end, and ``eval.json`` once `fusion-cache eval` ran on
-it. The plot has four panels (answer CE, the distillation terms, the total loss, the learning rate), one colour
-per run; the table gives each run's steps, answer tokens, wall time, the first/last/min of every logged metric,
-and the held-out numbers of ``eval.json`` when present. matplotlib is optional (``pip install
+kd (the combined distillation term), one ``<loss>_<teacher>`` per teacher (e.g. ``uld_gemma3-270m``), lr,
+grad_norm, answer_tokens, elapsed_s), ``train_config.json``, ``summary.json`` at the end, and ``eval.json`` once
+`fusion-cache eval` ran on it. The plot has four panels (answer CE, the distillation terms, the total loss, the
+learning rate), one colour per run; the table gives each run's steps, answer tokens, wall time, the first/last/min
+of every logged metric, and the held-out numbers of ``eval.json`` when present. matplotlib is optional (``pip install
 'fusion-cache[report]'``) and runs headless (Agg).
 """
 
@@ -138,16 +138,18 @@ def run_overview(run: Run) -> dict:
     wall = run.summary.get("wall_seconds", last.get("elapsed_s"))
     tokens = last.get("answer_tokens")
     cfg = run.config
-    mode = cfg.get("mode", "single")
+    n = len(cfg.get("shards") or [None])
+    mode = "1 teacher" if n == 1 else f"{n} teachers" + (f" ({cfg['combine']})" if "combine" in cfg else "")
+    kd_loss = cfg.get("kd_loss")
     return {
         "steps": last["step"],
         "planned_steps": run.summary.get("steps"),
         "answer_tokens": tokens,
         "wall_seconds": wall,
         "tokens_per_s": tokens / wall if tokens and wall else None,
-        "mode": mode + (f" ({cfg['combine']})" if mode == "unified" and "combine" in cfg else ""),
+        "mode": mode,
         "lambda": cfg.get("lambda", cfg.get("lambda_")),
-        "kd_loss": cfg.get("kd_loss"),
+        "kd_loss": ", ".join(kd_loss) if isinstance(kd_loss, list) else kd_loss,
     }
 
 
@@ -220,6 +222,8 @@ def _pyplot():
 
 def plot_runs(runs: list[Run], png: str | Path, *, dpi: int = 110) -> Path:
     """Write the four-panel PNG (CE; ULD per teacher and KL; total loss; lr) of ``runs`` to ``png``."""
+    from fusion_cache.train.losses import LOSSES  # the loss names (imports torch: only when drawing)
+
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     (ax_ce, ax_kd), (ax_loss, ax_lr) = axes
@@ -231,13 +235,13 @@ def plot_runs(runs: list[Run], png: str | Path, *, dpi: int = 110) -> Path:
         ax_ce.plot(*run.series("ce"), color=c, label=run.name)
         ax_loss.plot(*run.series("loss"), color=c, label=run.name)
         ax_lr.plot(*run.series("lr"), color=c, label=run.name)
-        # the distillation terms: the mean ULD, then each teacher's own L_pair (unified), then the top-K KL
-        kd = [k for k in keys if k == "uld" or k.startswith("uld_")] + [k for k in keys if k == "kl"]
+        # the distillation terms: the combined one, then each teacher's own (``<loss>_<teacher>``)
+        kd = [k for k in keys if k in ("kd", *LOSSES) or k.startswith(tuple(f"{n}_" for n in LOSSES))]
         for j, key in enumerate(kd):
             ax_kd.plot(*run.series(key), color=c, linestyle=styles[j % len(styles)], label=f"{run.name}: {key}")
     for ax, title in (
         (ax_ce, "answer CE"),
-        (ax_kd, "distillation terms (ULD per teacher, KL)"),
+        (ax_kd, "distillation terms (combined, per teacher)"),
         (ax_loss, "total loss"),
         (ax_lr, "learning rate"),
     ):

@@ -98,9 +98,9 @@ class StudentRun:
     Attributes:
         name: the table's row label.
         run_dir: directory name under ``<out>/runs``.
-        teachers: whose train caches it reads (one: single-teacher; several: unified).
-        lambda_, kd_loss: the loss, ``(1-lambda)*CE + lambda*KD``.
-        mode: "single" (the first teacher, index alignment) or "unified" (joined caches, ``align``, ``combine``).
+        teachers: whose train caches it reads (one: single-teacher KD; several: unified fusion).
+        lambda_, kd_loss: the loss, ``(1-lambda)*CE + lambda*KD`` (one loss for every teacher).
+        combine, align: how several teachers combine, and how a teacher of another tokenizer is paired.
     """
 
     name: str
@@ -108,7 +108,6 @@ class StudentRun:
     teachers: tuple[str, ...]
     lambda_: float
     kd_loss: str = "uld"
-    mode: str = "single"
     combine: str = "mean"
     align: str = "bytes"
 
@@ -127,14 +126,12 @@ def demo_runs(s: DemoSettings) -> list[StudentRun]:
     if s.second_teacher:
         t2 = s.second_teacher
         runs.append(
-            StudentRun(f"KD ULD {_short(t2)} (bytes, lambda={s.lambda_})", f"kd-uld-{_short(t2)}", (t2,), s.lambda_,
-                       mode="unified")
-        )  # fmt: skip
+            StudentRun(f"KD ULD {_short(t2)} (bytes, lambda={s.lambda_})", f"kd-uld-{_short(t2)}", (t2,), s.lambda_)
+        )
         runs += [
-            StudentRun(f"unified {c} (bytes, lambda={s.lambda_})", f"unified-{c}", (t1, t2), s.lambda_,
-                       mode="unified", combine=c)
+            StudentRun(f"unified {c} (bytes, lambda={s.lambda_})", f"unified-{c}", (t1, t2), s.lambda_, combine=c)
             for c in s.combines
-        ]  # fmt: skip
+        ]
     return runs
 
 
@@ -288,9 +285,9 @@ def train_config(run: StudentRun, student_dir: str | Path, caches: dict, out: st
         max_length=s.max_length,
         seed=s.seed,
         save=False,
+        combine=run.combine,
+        align=run.align,
     )
-    if run.mode == "unified":
-        opts.update(mode="unified", combine=run.combine, align=run.align)
     opts.update(kw)
     return TrainConfig.create(**opts)
 

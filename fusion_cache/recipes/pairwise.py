@@ -37,7 +37,8 @@ def train_pairwise(shards: list[str], out: str | Path, *, progress: bool = True,
     Args:
         shards: cache directories, one per teacher (at least 2).
         out: parent of the run directories.
-        **train_settings: `TrainConfig` fields other than ``shards`` and ``out`` (``student`` is required).
+        **train_settings: `TrainConfig` fields other than ``shards`` and ``out`` (``student`` is required;
+            ``kd_loss`` may name one loss per cache).
 
     Returns:
         The run directories, in the order of ``shards``.
@@ -48,10 +49,18 @@ def train_pairwise(shards: list[str], out: str | Path, *, progress: bool = True,
     if len(shards) < 2:
         raise ConfigError(f"pairwise mode needs at least 2 caches, got {len(shards)}")
     names = run_names(shards)
+    # one loss per cache, when given so (`--kd-loss kl --kd-loss uld`), else the same loss for every run
+    losses = train_settings.pop("kd_loss", None)
+    losses = [losses] if isinstance(losses, str) else losses
+    if losses is not None and len(losses) not in (1, len(shards)):
+        raise ConfigError(f"kd_loss: give one loss or one per cache ({len(shards)}), got {len(losses)}: {losses}")
+    per_run = [None] * len(shards) if losses is None else (losses * len(shards) if len(losses) == 1 else losses)
     # Validate every run's settings before the first (long) one starts.
     cfgs = [
-        TrainConfig.create(shards=[str(s)], out=str(Path(out) / n), **train_settings)
-        for s, n in zip(shards, names, strict=True)
+        TrainConfig.create(
+            shards=[str(s)], out=str(Path(out) / n), **train_settings, **({"kd_loss": [kd]} if kd else {})
+        )
+        for s, n, kd in zip(shards, names, per_run, strict=True)
     ]
     runs = []
     for i, cfg in enumerate(cfgs):

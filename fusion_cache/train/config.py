@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
+from pydantic import field_validator
 from pydantic import model_validator
 
 from fusion_cache.config import StrictConfig
@@ -15,25 +16,25 @@ class TrainConfig(StrictConfig):
 
     student: str = Field(description="student (pivot) model: preset, local directory or HF id")
     shards: list[str] = Field(min_length=1, description="one cache directory per teacher")
-    mode: Literal["single", "unified"] = Field(
-        "single", description="single: one cache; unified: one run against every cache (joined on sample_id)"
-    )
     combine: Literal["mean", "sum", "uncertainty"] = Field(
-        "mean", description="unified: how the teachers' ULD terms combine (fusion_cache/train/weights.py)"
+        "mean", description="how the teachers' distillation terms combine (fusion_cache/train/weights.py)"
     )
     align: Literal["bytes", "index"] = Field(
-        "bytes", description="unified: pair answer rows across tokenizers by byte span (default) or by index (ULD)"
+        "bytes", description="pair answer rows with a teacher of another tokenizer by byte span or by index (ULD)"
     )
     uncertainty_temperature: float = Field(1.0, gt=0.0, description="T in softmax_s(-H_s,t / T) (combine=uncertainty)")
-    join_window: int = Field(1024, ge=1, description="unified: reads a sample may wait for its partners")
+    join_window: int = Field(1024, ge=1, description="reads a sample may wait for its partners in other caches")
     out: str = Field(description="run directory")
-    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*ULD")
-    top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10)")
+    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*KD")
+    top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10); kl uses every cached entry")
     zscore: bool = True
     softmax: bool = True
     temperature: float = Field(1.0, gt=0.0)
-    kd_loss: Literal["uld", "kl"] = Field(
-        "uld", description="distillation term: uld (InfiFusion, any tokenizer) or kl (top-K KL, same vocabulary)"
+    kd_loss: list[str] = Field(
+        ["uld"],
+        min_length=1,
+        description="distillation loss: one for every teacher, or one per cache in --shards order "
+        "(fusion_cache/train/losses.py: uld, kl, auto)",
     )
     tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
     lr: float = Field(5e-5, gt=0.0)
@@ -69,31 +70,23 @@ class TrainConfig(StrictConfig):
             )
         return self
 
+    @field_validator("kd_loss", mode="before")
+    @classmethod
+    def _one_or_many_losses(cls, value):
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
-    def _caches_fit_the_mode(self):
-        if self.mode == "single" and len(self.shards) > 1:
+    def _known_losses_one_per_cache(self):
+        from fusion_cache.train.losses import LOSS_CHOICES  # the registry (imports torch): only when validating
+
+        bad = [name for name in self.kd_loss if name not in LOSS_CHOICES]
+        if bad:
+            raise ValueError(f"kd_loss: unknown value {bad[0]!r}; valid values: {', '.join(LOSS_CHOICES)}")
+        if len(self.kd_loss) not in (1, len(self.shards)):
             raise ValueError(
-                f"{len(self.shards)} caches given with mode 'single'; use mode 'unified' (one run against all of "
-                "them) or 'pairwise' (one run per cache, then merge)"
-            )
-        if self.mode == "single" and "align" in self.model_fields_set and self.align == "bytes":
-            raise ValueError(
-                "align 'bytes': mode 'single' pairs a re-rendered student's rows with the teacher's by index (ULD); "
-                "use mode 'unified' (with one or more caches) for byte-span alignment"
+                f"kd_loss: give one loss for every teacher or one per cache ({len(self.shards)}), "
+                f"got {len(self.kd_loss)}: {self.kd_loss}"
             )
         if len(set(self.shards)) != len(self.shards):
             raise ValueError(f"shards: a cache is given twice: {self.shards}")
-        if self.mode == "unified":
-            # not wired into the joined stream yet: refuse rather than silently ignore
-            unsupported = {
-                "kd_loss": self.kd_loss != "uld",
-                "tail": self.tail,
-            }
-            bad = [k for k, v in unsupported.items() if v]
-            if bad:
-                raise ValueError(
-                    f"mode 'unified' does not support {', '.join(bad)} yet (got "
-                    + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-                    + "); use mode 'single' or 'pairwise' for them"
-                )
         return self

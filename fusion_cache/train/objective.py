@@ -1,9 +1,11 @@
-"""One forward pass of the student on a collated batch: CE on the answer tokens and the distillation term against
-the teacher (InfiFusion's ULD, or the identity-aware top-K KL for students that share the teacher's vocabulary).
+"""One forward pass of the student on a collated batch: CE on the answer tokens plus each teacher's own
+distillation term, combined (`train.weights`) into ``L = (1 - lambda) * CE + lambda * sum_s sum_r w_sr d_sr``.
 
 Shared by training and evaluation so the numbers they report are computed the same way. The lm_head is applied
 only at the positions that predict answer tokens: with a 49k-262k vocabulary the head dominates a small student's
-compute, and prompt positions carry no loss, so the [B, L, V] logits are never materialized.
+compute, and prompt positions carry no loss, so the [B, L, V] logits are never materialized. On the fused path
+(a GPU) the [M, V] answer logits are not materialized either: every teacher's term is computed in the same chunked
+pass over the lm_head as the CE (`fusion_cache.kernels.fused_linear.fused_linear_terms`).
 """
 
 from __future__ import annotations
@@ -13,33 +15,43 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusion_cache.train.losses import fused_linear_uld
+from fusion_cache.kernels.fused_linear import FusedTerm
+from fusion_cache.kernels.fused_linear import fused_linear_terms
+from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import resolve_backend
-from fusion_cache.train.losses import topk_kl_loss
-from fusion_cache.train.losses import uld_loss
 
 
 @dataclass
 class StepOutput:
-    """Loss terms of one batch (tensors; ``loss`` carries the graph)."""
+    """Loss terms of one batch (``loss`` carries the graph; the others are detached).
+
+    Attributes:
+        loss: (1 - lambda) * ce + lambda * kd.
+        ce: token-mean cross-entropy over the answer tokens.
+        kd: the combined distillation term, as weighted into the loss.
+        answer_tokens: M.
+        top1_hits, top1_total: student argmax == teacher top-1, over the rows of teachers with known ids.
+        teacher_kd: [S] each teacher's own term (its loss, mean over its rows then over the batch's samples that
+            have it), None where no sample of the batch has the teacher.
+    """
 
     loss: torch.Tensor
-    ce: torch.Tensor  # token-mean cross-entropy over answer tokens
-    uld: torch.Tensor  # mean over each sample's aligned positions, then over the batch
+    ce: torch.Tensor
+    kd: torch.Tensor
     answer_tokens: int
-    top1_hits: int  # student argmax == teacher top-1 (same-tokenizer caches)
+    top1_hits: int
     top1_total: int
-    kl: torch.Tensor | None = None  # top-K KL, when it is the distillation term (kd_loss="kl")
+    teacher_kd: list[float | None]
 
 
-def answer_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """[M, H] final hidden states at the positions that predict answer tokens (flat ``batch["answer_index"]``)."""
     decoder = model.get_decoder()
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])[batch["answer_index"]]
 
 
-def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def answer_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Student logits at the positions that predict answer tokens.
 
     Returns:
@@ -53,95 +65,87 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return logits
 
 
+def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """logits[rows] without a copy when ``rows`` is every row in order (a same-tokenizer teacher)."""
+    if rows.numel() == logits.shape[0] and (rows.numel() == 0 or int(rows[-1]) == rows.numel() - 1):
+        return logits
+    return logits[rows]
+
+
 def forward_losses(
     model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
+    batch: dict,
+    losses: list[DistillLoss],
     *,
     lambda_: float,
-    k: int,
-    zscore: bool = True,
-    softmax: bool = True,
-    temperature: float = 1.0,
-    tail: bool = False,
-    kd_loss: str = "uld",
     fused_linear: bool | None = None,
 ) -> StepOutput:
-    """L = (1 - lambda) * CE + lambda * KD for one batch (see `fusion_cache.train.stream.collate` for the batch keys).
+    """L = (1 - lambda) * CE + lambda * KD for one `train.batch.collate` batch.
 
-    ``kd_loss``: "uld" (InfiFusion's sorted ULD, any tokenizer) or "kl" (KL over every cached top-K entry plus a tail
-    bucket; ``k`` applies to ULD only; needs the
-    teacher's token ids in the student's vocabulary, i.e. a same-tokenizer student and a cache with ids). The ULD
-    term is always computed and reported; with lambda == 0, or when KL is the distillation term, without a graph.
-
-    ``fused_linear``: take CE and ULD in one chunked pass over the lm_head (`losses.fused_linear_uld`), so the
-    [M, V] answer logits never exist whole. None (default): on where the loss backend is Triton (a GPU) and the
-    model has no logit soft-capping; the dense path otherwise (CPU).
+    Args:
+        model: the student (a transformers causal LM).
+        batch: a collated batch; ``batch["teachers"][s]`` is scored with ``losses[s]``.
+        losses: [S] one loss per teacher (`train.losses.make_loss`).
+        lambda_: the distillation weight. With lambda == 0 the teachers' terms are computed for the logs only,
+            without a graph.
+        fused_linear: take CE and every teacher's term in one chunked pass over the lm_head, so the [M, V] answer
+            logits never exist whole. None (default): on where the loss backend is Triton (a GPU) and the model has
+            no logit soft-capping; the dense path otherwise (CPU).
     """
+    if len(losses) != len(batch["teachers"]):
+        raise ValueError(f"{len(losses)} losses for a batch of {len(batch['teachers'])} teachers")
     head = model.get_output_embeddings()
     soft_cap = getattr(model.config, "final_logit_softcapping", None)
-    if kd_loss not in ("uld", "kl"):
-        raise ValueError(f"kd_loss must be 'uld' or 'kl', got {kd_loss!r}")
+    backend = resolve_backend(head.weight.device)
     if fused_linear is None:
-        fused_linear = kd_loss == "uld" and not soft_cap and resolve_backend(head.weight.device) == "triton"
+        fused_linear = not soft_cap and backend == "triton"
     if fused_linear:
-        if kd_loss != "uld":
-            raise ValueError(f"the fused lm_head path computes ULD only, got kd_loss={kd_loss!r}")
         if soft_cap:
             raise ValueError(f"fused_linear does not apply logit soft-capping (final_logit_softcapping={soft_cap})")
-        return _fused_losses(model, head, batch, lambda_=lambda_, k=k, zscore=zscore, softmax=softmax,
-                             temperature=temperature, tail=tail)  # fmt: skip
+        return _fused(model, head, batch, losses, lambda_=lambda_, backend=backend)
     logits = answer_logits(model, batch)  # [M, V]
     ce = F.cross_entropy(logits.float(), batch["answer_targets"])
-    rows = logits[batch["uld_rows"]]  # [N, V] aligned with the teacher's rows
-    opts = dict(
-        row_weights=batch["row_weights"],
-        reduction="sum",
-        k=k,
-        zscore=zscore,
-        softmax=softmax,
-        temperature=temperature,
-        tail=tail,
-    )
-    kl = None
-    if kd_loss == "kl":
-        if "teacher_ids" not in batch:
-            raise ValueError(
-                "kd_loss='kl' needs the teacher's token ids in the student's vocabulary: a student with the "
-                "teacher's tokenizer and chat template, and a cache whose codec stores ids (raw or full)"
-            )
-        kl = topk_kl_loss(
-            rows, batch["teacher_ids"], batch["teacher_values"], row_weights=batch["row_weights"], reduction="sum"
-        )
-    if lambda_ > 0 and kd_loss == "uld":
-        uld = uld_loss(rows, batch["teacher_values"], **opts)
-        loss = (1.0 - lambda_) * ce + lambda_ * uld
-    else:
+    kd = logits.new_zeros((), dtype=torch.float32)
+    per_teacher: list[float | None] = []
+    hits = total = 0
+    for t, loss in zip(batch["teachers"], losses, strict=True):
+        if t is None:
+            per_teacher.append(None)
+            continue
+        rows = _rows(logits, t["rows"])  # [N_s, V]
+        with torch.set_grad_enabled(lambda_ > 0 and torch.is_grad_enabled()):
+            d = loss.rows(rows if lambda_ > 0 else rows.detach(), t)  # [N_s]
+        kd = kd + (t["loss_weights"].to(d.dtype) * d).sum()
+        per_teacher.append(float((t["log_weights"].to(d.dtype) * d.detach()).sum()))
         with torch.no_grad():
-            uld = uld_loss(rows.detach(), batch["teacher_values"], **opts)
-        loss = (1.0 - lambda_) * ce + lambda_ * kl if kl is not None and lambda_ > 0 else ce
-    with torch.no_grad():
-        known = batch["teacher_top1"] >= 0
-        hits = int((rows.argmax(-1) == batch["teacher_top1"])[known].sum())
-    return StepOutput(loss, ce, uld, int(batch["answer_targets"].numel()), hits, int(known.sum()), kl)
+            known = t["top1"] >= 0
+            hits += int((rows.argmax(-1) == t["top1"])[known].sum())
+            total += int(known.sum())
+    loss_value = (1.0 - lambda_) * ce + lambda_ * kd if lambda_ > 0 else ce
+    return StepOutput(loss_value, ce.detach(), kd.detach(), int(batch["answer_targets"].numel()), hits, total,
+                      per_teacher)  # fmt: skip
 
 
-def _fused_losses(
-    model, head, batch, *, lambda_: float, k: int, zscore: bool, softmax: bool, temperature: float, tail: bool
-):
+def _fused(model, head, batch, losses: list[DistillLoss], *, lambda_: float, backend: str) -> StepOutput:
     """`forward_losses` through the chunked fused lm_head path: the same numbers, O(chunk x V) logits memory."""
-    rows = answer_hidden(model, batch)  # [M, H]
-    m = rows.shape[0]
-    uld_rows = batch["uld_rows"]
-    teacher = batch["teacher_values"]
-    # the teacher rows live on a subset of the M answer rows (collate gives each at most one)
-    teacher_full = teacher.new_zeros(m, teacher.shape[1]).index_copy(0, uld_rows, teacher)
-    mask = torch.zeros(m, dtype=torch.bool, device=rows.device).index_fill(0, uld_rows, True)
-    weights = batch["row_weights"].new_zeros(m).index_copy(0, uld_rows, batch["row_weights"])
-    out = fused_linear_uld(
-        rows, head.weight, teacher_full, mask, weights, batch["answer_targets"], head.bias,
-        k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail, reduction="sum",
-        ce_weight=1.0 - lambda_, uld_weight=lambda_,
+    hidden = answer_hidden(model, batch)  # [M, H]
+    present = [(t, loss) for t, loss in zip(batch["teachers"], losses, strict=True) if t is not None]
+    terms = [FusedTerm(t["rows"], t["loss_weights"].float(), loss.grad_fn(t, t["loss_weights"].float(), backend))
+             for t, loss in present]  # fmt: skip
+    out = fused_linear_terms(
+        hidden, head.weight, terms, batch["answer_targets"], head.bias,
+        ce_weight=1.0 - lambda_, kd_weight=lambda_, ce_backend=backend,
     )  # fmt: skip
-    known = batch["teacher_top1"] >= 0
-    hits = int((out.argmax[uld_rows] == batch["teacher_top1"])[known].sum())
-    return StepOutput(out.loss, out.ce, out.uld, int(batch["answer_targets"].numel()), hits, int(known.sum()))
+    distances = iter(out.distances)
+    per_teacher: list[float | None] = []
+    hits = total = 0
+    for t in batch["teachers"]:
+        if t is None:
+            per_teacher.append(None)
+            continue
+        d = next(distances)
+        per_teacher.append(float((t["log_weights"].to(d.dtype) * d).sum()))
+        known = t["top1"] >= 0
+        hits += int((out.argmax[t["rows"]] == t["top1"])[known].sum())
+        total += int(known.sum())
+    return StepOutput(out.loss, out.ce, out.kd, int(batch["answer_targets"].numel()), hits, total, per_teacher)

@@ -1,6 +1,10 @@
-"""Stage two: train a student (pivot) by streaming a teacher cache with (1 - lambda) * CE + lambda * ULD.
+"""Stage two: train a student (pivot) by streaming S >= 1 teacher caches with (1 - lambda) * CE + lambda * KD.
 
     fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
+    fusion-cache train --student ./student --shards ./cache/a --shards ./cache/b --kd-loss kl --kd-loss uld ...
+
+One path for any number of teachers: the caches are joined on sample_id (`train.stream`), each teacher's term uses
+its own loss (`train.losses`, chosen per teacher) and the terms combine as ``cfg.combine`` says (`train.weights`).
 
 AdamW, linear warmup then cosine decay, gradient accumulation and clipping, metrics to ``<out>/metrics.jsonl``,
 and the final model saved as safetensors (with its tokenizer) in ``<out>/model``. With ``checkpoint_every`` the run
@@ -27,12 +31,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fusion_cache.cache.codecs import check_training_modes
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.capture.render import has_chat_template
 from fusion_cache.errors import ConfigError
 from fusion_cache.models.load import load_student
+from fusion_cache.models.load import load_tokenizer
 from fusion_cache.train import distributed
+from fusion_cache.train.batch import collate
 from fusion_cache.train.checkpoint import check_same_settings
 from fusion_cache.train.checkpoint import latest_checkpoint
 from fusion_cache.train.checkpoint import load_checkpoint
@@ -41,15 +46,13 @@ from fusion_cache.train.checkpoint import save_checkpoint
 from fusion_cache.train.checkpoint import set_rng_state
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.distributed import DistContext
+from fusion_cache.train.losses import DistillLoss
+from fusion_cache.train.losses import TeacherTraits
+from fusion_cache.train.losses import make_loss
+from fusion_cache.train.losses import resolve_loss_names
 from fusion_cache.train.objective import forward_losses
-from fusion_cache.train.stream import CacheStream
-from fusion_cache.train.stream import StudentExample
-from fusion_cache.train.stream import collate
-from fusion_cache.train.unified import TeacherTerms
-from fusion_cache.train.unified import UnifiedStream
-from fusion_cache.train.unified import collate_unified
-from fusion_cache.train.unified import make_unified_stream
-from fusion_cache.train.unified import unified_losses
+from fusion_cache.train.stream import DistillStream
+from fusion_cache.train.stream import Example
 
 log = logging.getLogger(__name__)
 
@@ -73,40 +76,18 @@ class StudentLoss(torch.nn.Module):
     loss (which calls the decoder and the lm_head separately) must run inside a wrapped module's forward.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+    def __init__(self, model: torch.nn.Module, losses: list[DistillLoss], lambda_: float):
         super().__init__()
         self.model = model
-        self.opts = dict(
-            lambda_=cfg.lambda_,
-            k=cfg.top_k,
-            zscore=cfg.zscore,
-            softmax=cfg.softmax,
-            temperature=cfg.temperature,
-            tail=cfg.tail,
-            kd_loss=cfg.kd_loss,
-        )
-
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return forward_losses(self.model, batch, **self.opts)
-
-
-class UnifiedStudentLoss(torch.nn.Module):
-    """`StudentLoss` for ``mode="unified"``: ``forward(batch)`` is `unified.unified_losses` on a `collate_unified`
-    batch (several teachers, each with its own rows, values and combine weights)."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
-        super().__init__()
-        self.model = model
-        self.opts = dict(
-            lambda_=cfg.lambda_, k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature
-        )
+        self.losses = losses
+        self.lambda_ = lambda_
 
     def forward(self, batch: dict):
-        return unified_losses(self.model, batch, **self.opts)
+        return forward_losses(self.model, batch, self.losses, lambda_=self.lambda_)
 
 
 def _to_device(obj, device: torch.device):
-    """Tensors (also inside the nested lists/dicts of a unified batch) moved to ``device``."""
+    """Tensors (also inside the nested lists/dicts of a batch) moved to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
@@ -263,7 +244,7 @@ def _save(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, examples, pr
 
 
 # ------------------------------------------------------------------------------------------- the run
-OnBatch = Callable[[int, list[StudentExample]], None]
+OnBatch = Callable[[int, list[Example]], None]
 
 
 def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | None = None) -> TrainResult:
@@ -277,9 +258,6 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | No
         progress: show a progress bar (rank 0 only).
         on_batch: called with (step, examples) for every micro-batch this rank trains on (auditing, tests).
     """
-    # a `shape` cache holds no true log-probs: refuse the modes that need them before loading anything
-    for cache in cfg.shards:
-        check_training_modes(CacheReader(cache).codec, zscore=cfg.zscore, tail=cfg.tail, kd_loss=cfg.kd_loss)
     ctx = distributed.setup(cfg.device)
     try:
         result = _run(cfg, ctx, progress=progress, on_batch=on_batch)
@@ -298,44 +276,94 @@ class _Parts:
     wrapped: torch.nn.Module  # StudentLoss(model), wrapped in DDP/FSDP under torchrun
     tokenizer: object
     student_path: str
-    stream: CacheStream | UnifiedStream
+    stream: DistillStream
+    losses: list[DistillLoss]  # one per teacher
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     pad: int
 
 
+def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 0, world_size: int = 1):
+    """The `DistillStream` of ``cfg`` (this rank's part under data parallelism)."""
+    return DistillStream(
+        list(cfg.shards),
+        tokenizer,
+        chat_template=has_chat_template(tokenizer),
+        max_length=cfg.max_length,
+        align_mode=cfg.align,
+        entropy_k=cfg.top_k if cfg.combine == "uncertainty" else None,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        epochs=epochs,
+        join_window=cfg.join_window,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def resolve_losses(cfg: TrainConfig, stream: DistillStream) -> list[DistillLoss]:
+    """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not)."""
+    traits = [
+        TeacherTraits(name, stream.has_ids(s), reader.codec)
+        for s, (name, reader) in enumerate(zip(stream.names, stream.readers, strict=True))
+    ]
+    options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
+    for loss, t in zip(losses, traits, strict=True):
+        loss.check(t)
+    return losses
+
+
 def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
+    # the caches first: a loss a teacher's cache cannot serve is refused before the student loads
+    tokenizer = load_tokenizer(cfg.student)
+    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
+    total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
+    stream = make_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
+    losses = resolve_losses(cfg, stream)
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     model.to(ctx.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # unified: steps count passes over the largest cache (samples join on sample_id across caches)
-    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)
-    total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
-    if cfg.mode == "unified":
-        stream = make_unified_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
-    else:
-        stream = CacheStream(
-            cfg.shards[0],
-            tokenizer,
-            chat_template=has_chat_template(tokenizer),
-            max_length=cfg.max_length,
-            shuffle_buffer=cfg.shuffle_buffer,
-            seed=cfg.seed,
-            epochs=epochs_needed,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
     layers = getattr(getattr(model, "model", None), "layers", None)
-    loss_module = UnifiedStudentLoss(model, cfg) if cfg.mode == "unified" else StudentLoss(model, cfg)
+    loss_module = StudentLoss(model, losses, cfg.lambda_)
     wrapped = distributed.wrap(loss_module, ctx, fsdp=cfg.fsdp, layers=list(layers or []))
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
-    return _Parts(model, wrapped, tokenizer, student_path, stream, opt, sched, total_steps, pad)
+    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad)
+
+
+class TeacherTerms:
+    """Averages each teacher's own term over the micro-batches of one optimizer step that had the teacher.
+
+    ``pop()`` gives ``{"<loss>_<teacher>": value or None}`` for the step's metrics record and starts the next step.
+    """
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self._sum = [0.0] * len(keys)
+        self._n = [0] * len(keys)
+
+    def add(self, terms: list[float | None]) -> None:
+        for s, v in enumerate(terms):
+            if v is not None:
+                self._sum[s] += v
+                self._n[s] += 1
+
+    def pop(self) -> dict[str, float | None]:
+        out = {k: (self._sum[s] / self._n[s] if self._n[s] else None) for s, k in enumerate(self.keys)}
+        self._sum = [0.0] * len(self.keys)
+        self._n = [0] * len(self.keys)
+        return out
+
+
+def teacher_metric_keys(names: list[str], losses: list[DistillLoss]) -> list[str]:
+    """The metrics key of each teacher's own term: ``<loss>_<teacher>`` (e.g. ``kl_smollm2-135m``)."""
+    return [f"{loss.name}_{name}" for name, loss in zip(names, losses, strict=True)]
 
 
 class _MetricsLog:
@@ -374,7 +402,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
     if ctx.is_main:
         (out / "train_config.json").write_text(json.dumps(_config_dump(cfg), indent=2) + "\n")
     metrics = _MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main, fresh=prog.step == 0)
-    terms = TeacherTerms(p.stream.names) if cfg.mode == "unified" else None  # each teacher's own L_pair,s
+    terms = TeacherTerms(teacher_metric_keys(p.stream.names, p.losses))  # each teacher's own term
     p.wrapped.train()
     t0 = time.perf_counter() - prog.elapsed_s
     bar = tqdm(total=p.total_steps, initial=prog.step, unit="step", disable=not (progress and ctx.is_main),
@@ -389,8 +417,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
             prog.step = step + 1
             prog.answer_tokens += distributed.all_reduce_sum_int(tokens, ctx)
             prog.elapsed_s = time.perf_counter() - t0
-            if terms is not None:
-                acc.update(terms.pop())
+            acc.update(terms.pop())
             prog.last = {"step": prog.step, **acc, "lr": p.sched.get_last_lr()[0], "grad_norm": grad_norm,
                          "answer_tokens": prog.answer_tokens, "elapsed_s": round(prog.elapsed_s, 3)}  # fmt: skip
             checkpoint_now = cfg.checkpoint_every is not None and prog.step % cfg.checkpoint_every == 0
@@ -400,7 +427,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
                 _save(cfg, ctx, out, p, examples, prog)
             bar.update(1)
             tok_s = prog.answer_tokens / max(prog.elapsed_s, 1e-9)
-            bar.set_postfix(ce=f"{acc['ce']:.3f}", uld=f"{acc['uld']:.3f}", tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(ce=f"{acc['ce']:.3f}", kd=f"{acc['kd']:.3f}", tok_s=f"{tok_s:.0f}")
     finally:
         metrics.close()
         bar.close()
@@ -410,12 +437,13 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "final": prog.last,
         "student": p.student_path,
-        "cache": cfg.shards[0],
+        "cache": list(cfg.shards),
+        "teachers": p.stream.names,
+        "kd_loss": {name: loss.name for name, loss in zip(p.stream.names, p.losses, strict=True)},
         "world_size": ctx.world_size,
+        "fusion": p.stream.counts(),
     }
-    if cfg.mode == "unified":
-        summary.update(cache=list(cfg.shards), teachers=p.stream.names, fusion=p.stream.counts())
-        log.info("unified fusion counts: %s", json.dumps(p.stream.counts()))
+    log.info("join and alignment counts: %s", json.dumps(p.stream.counts()))
     _finish(cfg, ctx, out, p, summary)
     return TrainResult(summary, p.model, p.tokenizer)
 
@@ -433,9 +461,9 @@ def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: d
         p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
 
 
-def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms) -> tuple[dict, int]:
+def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms) -> tuple[dict, int]:
     """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens)."""
-    acc = {"loss": 0.0, "ce": 0.0, "uld": 0.0} | ({"kl": 0.0} if cfg.kd_loss == "kl" else {})
+    acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     tokens = 0
     for micro in range(cfg.grad_accum):
         batch = list(islice(examples, cfg.batch_size))
@@ -443,19 +471,15 @@ def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms) -> tu
             raise RuntimeError("the cache stream ended early")  # plan_steps gives it enough epochs
         if on_batch is not None:
             on_batch(step + 1, batch)
-        if cfg.mode == "unified":
-            n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
-            tensors = _to_device(collate_unified(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
-        else:
-            tensors = {k: v.to(ctx.device) for k, v in collate(batch, p.pad).items()}
+        n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
+        tensors = _to_device(collate(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
         # gradients are all-reduced once per optimizer step, on the last micro-batch
         with distributed.no_sync(p.wrapped, sync=micro == cfg.grad_accum - 1):
             with _autocast(cfg, ctx.device):
                 o = p.wrapped(tensors)
             (o.loss / cfg.grad_accum).backward()
         tokens += o.answer_tokens
-        if terms is not None:
-            terms.add(o.teacher_uld)
+        terms.add(o.teacher_kd)
         for key in acc:
             acc[key] += float(getattr(o, key).detach()) / cfg.grad_accum
     means = distributed.all_reduce_mean(list(acc.values()), ctx)

@@ -107,19 +107,23 @@ def test_build_and_train_from_an_fsspec_url(tmp_path, tiny_model_dir, data_file)
 
 
 @pytest.mark.slow
-def test_train_unified_reports_join_and_alignment(tmp_path, tiny_model_dir, multi_caches):
+def test_train_with_two_teachers_reports_join_and_alignment(tmp_path, tiny_model_dir, multi_caches):
     r = _run(
-        "train", "--mode", "unified", "--student", tiny_model_dir, "--shards", multi_caches["a"],
-        "--shards", multi_caches["b"], "--out", tmp_path / "u", "--combine", "sum", "--max-steps", 2,
-        "--batch-size", 2, "--top-k", 6,
+        "train", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards", multi_caches["b"],
+        "--out", tmp_path / "u", "--combine", "sum", "--max-steps", 2, "--batch-size", 2, "--top-k", 6,
+        "--kd-loss", "kl", "--kd-loss", "uld",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "joined" in r.output and "tiny-llama: 3" in r.output and "aligned" in r.output
+    assert "tiny-qwen2: last kl" in r.output and "tiny-llama: last uld" in r.output
     cfg = json.loads((tmp_path / "u" / "train_config.json").read_text())
-    assert (cfg["mode"], cfg["combine"], cfg["align"]) == ("unified", "sum", "bytes")
+    assert (cfg["combine"], cfg["align"], cfg["kd_loss"]) == ("sum", "bytes", ["kl", "uld"])
+    r = _run("train", "--mode", "single", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards",
+             multi_caches["b"], "--out", tmp_path / "s")  # fmt: skip
+    assert r.exit_code == 2 and "--mode single takes one cache, got 2" in r.output
     r = _run("train", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards", multi_caches["b"],
-             "--out", tmp_path / "s")  # fmt: skip
-    assert r.exit_code == 2 and "mode 'unified'" in r.output
+             "--out", tmp_path / "k", "--kd-loss", "kl", "--kd-loss", "uld", "--kd-loss", "kl")  # fmt: skip
+    assert r.exit_code == 2 and "one per cache (2), got 3" in r.output
 
 
 def test_demo_refuses_an_unknown_kd_loss(tmp_path):

@@ -28,10 +28,11 @@ def _two_caches(built_cache, tmp_path):
 TRAIN = ("--max-steps", 1, "--batch-size", 2, "--top-k", 8, "--max-length", 128)
 
 
-def test_train_refuses_several_caches_without_pairwise(tiny_model_dir, built_cache, tmp_path):
+def test_train_single_mode_refuses_several_caches(tiny_model_dir, built_cache, tmp_path):
     a, b = _two_caches(built_cache, tmp_path)
-    r = _run("train", "--student", tiny_model_dir, "--shards", a, "--shards", b, "--out", tmp_path / "run", *TRAIN)
-    assert r.exit_code == 2 and "2 caches given" in r.output
+    r = _run("train", "--mode", "single", "--student", tiny_model_dir, "--shards", a, "--shards", b, "--out",
+             tmp_path / "run", *TRAIN)  # fmt: skip
+    assert r.exit_code == 2 and "--mode single takes one cache, got 2" in r.output
 
 
 @pytest.mark.slow

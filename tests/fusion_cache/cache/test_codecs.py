@@ -15,7 +15,6 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from fusion_cache.cache.codecs import CodecSpec
-from fusion_cache.cache.codecs import check_training_modes
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.fast_decode import use_decoder
@@ -200,19 +199,6 @@ def test_codec_parameters_are_validated():
             parse_codec(bad, schema_version=version)
 
 
-def test_shape_caches_refuse_training_that_needs_log_probs():
-    shape = make_codec("shape")
-    check_training_modes(shape, zscore=True, tail=False, kd_loss="uld")  # the z-scored ULD loss is fine
-    for kwargs, flag in (
-        ({"zscore": False, "tail": False, "kd_loss": "uld"}, "--no-zscore"),
-        ({"zscore": False, "tail": True, "kd_loss": "uld"}, "--tail"),
-        ({"zscore": True, "tail": False, "kd_loss": "kl"}, "--kd-loss kl"),
-    ):
-        with pytest.raises(ConfigError, match=f"{flag}.*'shape' cache stores only the standardized shape"):
-            check_training_modes(shape, **kwargs)
-        check_training_modes(make_codec("values"), **kwargs)  # true log-probs: allowed here
-
-
 def test_corrupt_value_codes_are_named():
     rows = _rows(0, 8, [5, 3], 300, 4.0)
     codec = make_codec("values", vocab_size=300)
@@ -279,12 +265,12 @@ def test_compact_cache_loads_with_hf_datasets(codec_cache):
 def test_values_cache_streams_for_uld(codec_cache, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from fusion_cache.train.stream import CacheStream
+    from fusion_cache.train.stream import DistillStream
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    ex = list(CacheStream(str(codec_cache), tok, chat_template=True, max_length=256))
-    assert len(ex) == 4 and all(e.teacher_values.shape[1] == 8 for e in ex)
-    assert all((e.teacher_top1 is None) == (codec_cache.name != "full") for e in ex)
+    ex = list(DistillStream(str(codec_cache), tok, chat_template=True, max_length=256))
+    assert len(ex) == 4 and all(e.teachers[0].values.shape[1] == 8 for e in ex)
+    assert all((e.teachers[0].top1 is None) == (codec_cache.name != "full") for e in ex)
 
 
 def _edit(cache, fn):

@@ -55,7 +55,7 @@ def test_one_run_png_and_table_match_the_metrics(runs):
     assert img.shape[0] >= 600 and img.shape[1] >= 900  # 12 x 8 in at 110 dpi
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50 and img.std() > 10  # curves, text, not a blank canvas
     recs = _records(runs[0])
-    for metric in ("ce", "uld", "loss", "lr", "grad_norm"):
+    for metric in ("ce", "kd", "uld_tiny-qwen2", "loss", "lr", "grad_norm"):
         first, last, min_cell = _table_row(table, "kd", metric)
         values = [r[metric] for r in recs]
         assert float(first) == pytest.approx(values[0], rel=1e-3)
@@ -66,7 +66,7 @@ def test_one_run_png_and_table_match_the_metrics(runs):
     overview = next(line for line in table.splitlines() if line.startswith("| kd |"))
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert f"| {recs[-1]['step']} | {recs[-1]['answer_tokens']} | {summary['wall_seconds']:.1f} s |" in overview
-    assert "| single | 0.5 |" in overview
+    assert "| 1 teacher | 0.5 |" in overview
 
 
 def test_several_runs_overlay_and_held_out_numbers(runs, tmp_path):
@@ -85,13 +85,13 @@ def test_several_runs_overlay_and_held_out_numbers(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_unified_run_plots_each_teacher(tmp_path, multi_caches, tiny_model_dir):
-    run = _train(tmp_path, tiny_model_dir, [multi_caches["a"], multi_caches["b"]], "u", mode="unified", max_steps=3,
-                 top_k=6)  # fmt: skip
+def test_two_teacher_run_plots_each_teacher(tmp_path, multi_caches, tiny_model_dir):
+    run = _train(tmp_path, tiny_model_dir, [multi_caches["a"], multi_caches["b"]], "u", max_steps=3, top_k=6,
+                 kd_loss=["kl", "uld"])  # fmt: skip
     stats = metric_stats(load_run(run))
-    assert {"uld_tiny-qwen2", "uld_tiny-llama", "uld", "ce"} <= set(stats)
+    assert {"kl_tiny-qwen2", "uld_tiny-llama", "kd", "ce"} <= set(stats)
     _, _, table = write_report([run])
-    assert "| unified (mean) |" in table and _table_row(table, "u", "uld_tiny-qwen2")
+    assert "| 2 teachers (mean) | 0.5 | kl, uld |" in table and _table_row(table, "u", "kl_tiny-qwen2")
 
 
 def test_bad_runs_are_refused(tmp_path, runs):

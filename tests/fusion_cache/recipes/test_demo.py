@@ -54,17 +54,17 @@ def test_second_teacher_adds_its_kd_row_and_one_unified_row_per_combine(tmp_path
     runs = demo_runs(s)
     assert [r.run_dir for r in runs] == ["sft", "kd-kl", "kd-uld-gemma3-270m", "unified-mean", "unified-uncertainty"]
     gemma = runs[2]
-    assert gemma.teachers == ("gemma3-270m",) and gemma.mode == "unified" and gemma.align == "bytes"
+    assert gemma.teachers == ("gemma3-270m",) and gemma.align == "bytes"
     assert all(r.teachers == ("smollm2-135m", "gemma3-270m") for r in runs[3:])
     caches = cache_dirs(tmp_path, s)
     assert caches["smollm2-135m"]["train"] == tmp_path / "cache" / "train"  # unchanged single-teacher layout
     assert caches["gemma3-270m"]["heldout"] == tmp_path / "cache" / "gemma3-270m" / "heldout"
     cfg = train_config(runs[4], tmp_path / "student", caches, tmp_path / "run", s)
-    assert cfg.mode == "unified" and cfg.combine == "uncertainty" and cfg.align == "bytes"
+    assert cfg.combine == "uncertainty" and cfg.align == "bytes"
     assert cfg.shards == [str(caches["smollm2-135m"]["train"]), str(caches["gemma3-270m"]["train"])]
     assert (cfg.max_steps, cfg.seed, cfg.lr, cfg.lambda_) == (s.steps, s.seed, s.lr, s.lambda_)
     sft = train_config(runs[0], tmp_path / "student", caches, tmp_path / "sft", s)
-    assert sft.mode == "single" and sft.lambda_ == 0.0 and sft.shards == [str(caches["smollm2-135m"]["train"])]
+    assert sft.lambda_ == 0.0 and sft.shards == [str(caches["smollm2-135m"]["train"])]
     assert [r.run_dir for r in demo_runs(DemoSettings())] == ["sft", "kd-kl"]  # the default demo is unchanged
 
 

@@ -49,7 +49,7 @@ def main(student: str, cache: str, work: str, *unified_caches: str) -> None:
             shuffle_buffer=2, device="cpu", checkpoint_every=2, fsdp=mode == "fsdp",
         )  # fmt: skip
         if mode == "unified":
-            settings.update(shards=list(unified_caches), mode="unified", combine="uncertainty")
+            settings.update(shards=list(unified_caches), combine="uncertainty", kd_loss=["kl", "uld"])
         seen: dict[str, list] = {"ref": [], "resumed": []}
         ref = root / "ref"
         res = run_train(

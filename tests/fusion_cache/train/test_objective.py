@@ -1,58 +1,135 @@
-"""forward_losses: the chunked fused lm_head path gives the same losses, metric and gradients as the dense one."""
+"""forward_losses for S >= 1 teachers: the chunked fused lm_head path gives the same losses, metrics and gradients
+as the dense one (per-teacher losses included, on the PyTorch backend and on the Triton kernels interpreted on
+CPU), and two copies of one teacher reduce to single-teacher KD."""
 
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers import AutoTokenizer
 
-from fusion_cache.capture.render import has_chat_template
 from fusion_cache.train import losses
+from fusion_cache.train.batch import collate
+from fusion_cache.train.losses import ULD
+from fusion_cache.train.losses import TopKKL
+from fusion_cache.train.losses import make_loss
 from fusion_cache.train.objective import forward_losses
-from fusion_cache.train.stream import CacheStream
-from fusion_cache.train.stream import collate
+from fusion_cache.train.stream import DistillStream
 
 
-@pytest.mark.parametrize(
-    ("lambda_", "opts"), [(0.5, {}), (1.0, {}), (0.0, {}), (0.5, {"zscore": False, "tail": True})], ids=str
-)
-def test_fused_linear_matches_dense(built_cache, tiny_model_dir, lambda_, opts):
-    from transformers import AutoModelForCausalLM
-    from transformers import AutoTokenizer
-
+def _student(model_dir, noise=0.05):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    # The cache was captured from this very model, so unperturbed its ULD distances are ~1e-7: every |p_o - p_s|
-    # sits at the kink of the L1, where the gradient is the sign of rounding noise and differs between any two
-    # summation orders. Move the student away from the teacher so the gradient is well defined.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # The caches were captured from this very model, so unperturbed its ULD distances are ~1e-7: every
+    # |p_o - p_s| sits at the kink of the L1, where the gradient is the sign of rounding noise and differs between
+    # any two summation orders. Move the student away from the teacher so the gradient is well defined.
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    stream = CacheStream(str(built_cache), tok, chat_template=has_chat_template(tok), max_length=256)
-    batch = collate(list(itertools.islice(iter(stream), 3)), tok.pad_token_id or 0)
-    losses.set_backend("torch")
-    try:
-        results = []
-        for fused in (False, True):
-            model.zero_grad()
-            out = forward_losses(model, batch, lambda_=lambda_, k=8, fused_linear=fused, **opts)
-            out.loss.backward()
-            grads = [p.grad.clone() for p in (model.get_output_embeddings().weight, model.model.norm.weight)]
-            results.append((out, grads))
-    finally:
-        losses.set_backend(None)
+            p.add_(noise * torch.randn_like(p))
+    return model
+
+
+def _batch(caches, tok, n, max_length=256, combine="mean"):
+    stream = DistillStream([str(c) for c in caches], tok, chat_template=True, max_length=max_length, entropy_k=8)
+    return collate(list(itertools.islice(iter(stream), n)), tok.pad_token_id or 0, len(caches), combine)
+
+
+def _both_paths(model, batch, loss_list, lambda_):
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        out = forward_losses(model, batch, loss_list, lambda_=lambda_, fused_linear=fused)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in (model.get_output_embeddings().weight, model.model.norm.weight)]
+        results.append((out, grads))
+    return results
+
+
+def _assert_same(results, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6):
     (dense, g_dense), (fused, g_fused) = results
-    for name in ("loss", "ce", "uld"):
-        torch.testing.assert_close(getattr(fused, name).float(), getattr(dense, name).detach().float(), rtol=1e-5,
-                                   atol=1e-6)  # fmt: skip
+    for name in ("loss", "ce", "kd"):
+        torch.testing.assert_close(getattr(fused, name).detach().float(), getattr(dense, name).detach().float(),
+                                   rtol=rtol, atol=atol)  # fmt: skip
+    assert fused.teacher_kd == pytest.approx(dense.teacher_kd, rel=rtol, abs=atol)
     assert (fused.answer_tokens, fused.top1_hits, fused.top1_total) == (
         dense.answer_tokens, dense.top1_hits, dense.top1_total)  # fmt: skip
     for a, b in zip(g_fused, g_dense, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=grad_atol)
 
 
-def test_auto_keeps_the_dense_path_on_cpu(built_cache, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize(
+    ("lambda_", "loss"),
+    [(0.5, ULD(k=8)), (1.0, ULD(k=8)), (0.0, ULD(k=8)), (0.5, ULD(k=8, zscore=False, tail=True)), (0.5, TopKKL())],
+    ids=str,
+)
+def test_one_teacher_fused_matches_dense(built_cache, tiny_model_dir, lambda_, loss):
+    model = _student(tiny_model_dir)
+    batch = _batch([built_cache], AutoTokenizer.from_pretrained(tiny_model_dir), 3)
+    losses.set_backend("torch")
+    try:
+        _assert_same(_both_paths(model, batch, [loss], lambda_))
+    finally:
+        losses.set_backend(None)
+
+
+@pytest.mark.parametrize("combine", ["mean", "uncertainty"])
+def test_two_teachers_with_their_own_losses_fused_matches_dense(multi_caches, tiny_model_dir, combine):
+    """Teacher a (the student's tokenizer) with the top-K KL, teacher b (another tokenizer) with ULD, one run."""
+    model = _student(tiny_model_dir)
+    batch = _batch([multi_caches["a"], multi_caches["b"]], AutoTokenizer.from_pretrained(tiny_model_dir), 4,
+                   combine=combine)  # fmt: skip
+    assert all(t is not None for t in batch["teachers"])
+    losses.set_backend("torch")
+    try:
+        results = _both_paths(model, batch, [TopKKL(), ULD(k=6)], 0.5)
+    finally:
+        losses.set_backend(None)
+    _assert_same(results)
+    dense = results[0][0]
+    assert all(v is not None and v > 0 for v in dense.teacher_kd) and dense.top1_total > 0
+
+
+def test_two_teachers_fused_triton_matches_dense(multi_caches, tiny_model_dir, triton_uld, device):
+    """The same on the Triton backend: ULD kernels (sparse gradient) and the in-place CE kernel, interpreted on CPU."""
+    model = _student(tiny_model_dir).to(device)
+    batch = _batch([multi_caches["a"], multi_caches["b"]], AutoTokenizer.from_pretrained(tiny_model_dir), 2,
+                   max_length=48)  # fmt: skip
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["teachers"] = [None if t is None else {k: v.to(device) for k, v in t.items()} for t in batch["teachers"]]
+    losses.set_backend("triton")
+    try:
+        _assert_same(_both_paths(model, batch, [TopKKL(), ULD(k=6)], 0.5), rtol=1e-4, atol=1e-5, grad_atol=1e-5)
+    finally:
+        losses.set_backend(None)
+
+
+def test_two_copies_of_one_teacher_reduce_to_single_teacher_kd(tmp_path, multi_caches, tiny_model_dir):
+    model = _student(tiny_model_dir, noise=0.0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    a = multi_caches["a"]
+    twin = shutil.copytree(a, tmp_path / "twin")
+    single = _batch([a], tok, 4)
+    for combine, scale in (("mean", 1.0), ("sum", 2.0), ("uncertainty", 1.0)):
+        ref = forward_losses(model, single, [ULD(k=8)], lambda_=0.5)
+        o = forward_losses(model, _batch([a, twin], tok, 4, combine=combine), [ULD(k=8)] * 2, lambda_=0.5)
+        torch.testing.assert_close(o.ce, ref.ce)
+        torch.testing.assert_close(o.kd, scale * ref.kd)
+        assert o.teacher_kd == pytest.approx(ref.teacher_kd * 2)
+        assert (o.top1_hits, o.top1_total) == (2 * ref.top1_hits, 2 * ref.top1_total)
+        torch.testing.assert_close(o.loss, 0.5 * ref.ce + 0.5 * scale * ref.kd)
+
+
+def test_loss_and_teacher_counts_must_agree(built_cache, tiny_model_dir):
+    model = _student(tiny_model_dir, noise=0.0)
+    batch = _batch([built_cache], AutoTokenizer.from_pretrained(tiny_model_dir), 2)
+    with pytest.raises(ValueError, match="2 losses for a batch of 1 teachers"):
+        forward_losses(model, batch, [make_loss("uld"), make_loss("kl")], lambda_=0.5)
+
+
+def test_auto_keeps_the_dense_path_on_cpu(monkeypatch):
     monkeypatch.delenv("FUSION_CACHE_KERNEL", raising=False)
     assert losses.resolve_backend("cpu") == "torch"  # so fused_linear=None means the dense path here

@@ -1,134 +1,148 @@
-"""Streaming a cache for a student: same-tokenizer reuse, re-rendering for another tokenizer, index alignment."""
+"""Streaming S >= 1 caches for a student: same-tokenizer reuse, re-rendering and alignment for another tokenizer,
+joins with missing samples, the bounded shuffle, rank splits, and exact resume at every example."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from fusion_cache.cache.reader import CacheReader
-from fusion_cache.train.stream import CacheStream
-from fusion_cache.train.stream import collate
+from fusion_cache.errors import ConfigError
+from fusion_cache.train.stream import DistillStream
 
 
 @pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory):
-    from fusion_cache.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("other") / "tiny-llama", arch="llama", vocab_size=1024)
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_same_tokenizer_reuses_cached_tokens(built_cache, tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    stream = CacheStream(str(built_cache), tok, chat_template=True, max_length=4096)
-    assert stream.same_tokenizer
+def _stream(caches, tok, **kw):
+    caches = [str(c) for c in caches] if isinstance(caches, list) else str(caches)
+    return DistillStream(caches, tok, chat_template=True, max_length=kw.pop("max_length", 4096), **kw)
+
+
+def test_same_tokenizer_reuses_cached_tokens(built_cache, tok):
+    stream = _stream(built_cache, tok)
+    assert stream.same_tokenizer == [True] and stream.n_teachers == 1
     rows = list(CacheReader(built_cache).iter_rows())
     exs = list(stream)
     assert len(exs) == len(rows)
     for ex, row in zip(exs, rows, strict=True):
+        (t,) = ex.teachers
         assert (ex.input_ids == row.input_ids).all()
-        assert ex.teacher_values.shape == row.topk_logprobs.shape
-        assert (ex.teacher_top1 == row.topk_ids[:, 0]).all()
-        assert (ex.teacher_ids == row.topk_ids).all()  # what the top-K KL needs
-    b = collate(exs[:2], pad_id=0)
-    assert b["teacher_ids"].shape == b["teacher_values"].shape and b["teacher_ids"].dtype == torch.int64
+        assert t.values.shape == row.topk_logprobs.shape and (t.student_rows == np.arange(row.n_answer)).all()
+        assert (t.ids == row.topk_ids).all() and (t.top1 == row.topk_ids[:, 0]).all()  # what the top-K KL needs
+        assert t.entropy is None  # only computed for the uncertainty combine
 
 
-def test_other_tokenizer_is_rerendered_and_index_aligned(built_cache, other_model_dir):
-    tok = AutoTokenizer.from_pretrained(other_model_dir)
-    stream = CacheStream(str(built_cache), tok, chat_template=True, max_length=4096)
-    assert not stream.same_tokenizer
-    for ex, row in zip(stream, CacheReader(built_cache).iter_rows(), strict=True):
-        n_student = len(ex.input_ids) - ex.answer_start
-        n_teacher = row.topk_logprobs.shape[0]
-        assert ex.teacher_values.shape[0] == min(n_student, n_teacher)  # ULD: first min(n_S, n_T) positions
-        assert ex.teacher_top1 is None and ex.teacher_ids is None
-        assert tok.decode(ex.input_ids[ex.answer_start :].tolist()).startswith(tok.decode(row.input_ids[:0].tolist()))
-    assert "teacher_ids" not in collate(list(stream)[:2], pad_id=0)  # other vocabulary: no top-K KL
+def test_other_tokenizer_is_rerendered_and_aligned(built_cache, other_teacher_dir):
+    tok = AutoTokenizer.from_pretrained(other_teacher_dir)
+    by_bytes = list(_stream(built_cache, tok))
+    by_index = list(_stream(built_cache, tok, align_mode="index"))
+    assert not _stream(built_cache, tok).same_tokenizer[0]
+    for eb, ei, row in zip(by_bytes, by_index, CacheReader(built_cache).iter_rows(), strict=True):
+        n_student = len(ei.input_ids) - ei.answer_start
+        ti, tb = ei.teachers[0], eb.teachers[0]
+        assert len(ti.student_rows) == min(n_student, row.n_answer)  # ULD: first min(n_S, n_T) positions
+        assert ti.ids is None and ti.top1 is None  # another vocabulary: no top-K KL
+        assert tb.student_rows[0] == 0 and np.array_equal(tb.values[0], row.topk_logprobs[0])  # row 0 with row 0
+        assert len(tb.student_rows) <= n_student
 
 
-def test_truncation_and_shuffle_are_bounded_and_seeded(built_cache, tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+def test_cross_tokenizer_teacher_and_missing_samples(multi_caches, tok):
+    a, b = multi_caches["a"], multi_caches["b"]
+    stream = _stream([a, b], tok, entropy_k=8)
+    assert stream.same_tokenizer == [True, False] and stream.names == ["tiny-qwen2", "tiny-llama"]
+    exs = list(stream)
+    assert len(exs) == 8
+    assert [e.teachers[1] is not None for e in exs] == [True] * 5 + [False] * 3  # rows 5-7: teacher a only
+    b_rows = {r.sample_id: r for r in CacheReader(b).iter_rows()}
+    for e in exs[:5]:
+        t = e.teachers[1]
+        assert t.top1 is None and t.values.shape[1] == 6 and t.entropy.shape == (len(t.student_rows),)
+        row = b_rows[e.sample_id]
+        assert t.student_rows[0] == 0 and np.array_equal(t.values[0], row.topk_logprobs[0])
+        assert len(t.student_rows) < len(e.input_ids) - e.answer_start  # different granularity: some dropped
+    counts = stream.counts()
+    assert counts["join"] == {"samples": 8, "complete": 5, "missing": {"tiny-qwen2": 0, "tiny-llama": 3},
+                              "duplicates": 0}  # fmt: skip
+    al = counts["align"]["tiny-llama"]
+    assert al["samples"] == 5 and al["aligned"] > 0 and al["dropped_student"] > 0 and al["samples_without_pairs"] == 0
+    assert counts["align"]["tiny-qwen2"]["dropped_student"] == 0  # same tokenizer: every row
+    for e in list(_stream([a, b], tok, align_mode="index"))[:5]:
+        assert e.teachers[1].student_rows.tolist() == list(range(len(e.teachers[1].student_rows)))
 
+
+def test_truncation_and_shuffle_are_bounded_and_seeded(built_cache, tok):
     def ids(seed):
-        s = CacheStream(str(built_cache), tok, chat_template=True, max_length=30, shuffle_buffer=3, seed=seed, epochs=2)
-        return [e.sample_id for e in s]
+        return [e.sample_id for e in _stream(built_cache, tok, max_length=30, shuffle_buffer=3, seed=seed, epochs=2)]
 
     a, b, c = ids(0), ids(0), ids(1)
-    assert a == b and sorted(a) == sorted(c) and len(a) == 8
-    s = CacheStream(str(built_cache), tok, chat_template=True, max_length=30)
-    assert all(len(e.input_ids) <= 30 for e in s)
+    assert a == b and sorted(a) == sorted(c) and len(a) == 8 and a != c
+    assert all(len(e.input_ids) <= 30 for e in _stream(built_cache, tok, max_length=30))
 
 
-def test_collate_indexes_answer_positions(built_cache, tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    exs = list(CacheStream(str(built_cache), tok, chat_template=True, max_length=4096))[:3]
-    b = collate(exs, pad_id=0)
-    length = b["input_ids"].shape[1]
-    flat = b["input_ids"].reshape(-1)
-    # position p predicts token p + 1: the targets are the tokens right after the indexed positions
-    assert (flat[b["answer_index"] + 1] == b["answer_targets"]).all()
-    assert b["teacher_values"].shape[0] == b["row_weights"].shape[0] == b["uld_rows"].shape[0]
-    np.testing.assert_allclose(float(b["row_weights"].sum()), 1.0, rtol=1e-6)  # mean over positions, then batch
-    assert int(b["attention_mask"].sum()) == sum(len(e.input_ids) for e in exs) and length == max(
-        len(e.input_ids) for e in exs
-    )
+def _ids_and_values(examples) -> list[tuple]:
+    return [
+        (e.sample_id, e.input_ids.tolist(), [None if t is None else t.values.tobytes() for t in e.teachers])
+        for e in examples
+    ]
 
 
-def _stream(cache, tok, **kw):
-    return CacheStream(str(cache), tok, chat_template=True, max_length=4096, **kw)
-
-
-@pytest.mark.parametrize(("shuffle_buffer", "world_size"), [(1, 1), (3, 1), (2, 2)])
-def test_resume_from_any_state_continues_the_same_sequence(built_cache, tiny_model_dir, shuffle_buffer, world_size):
-    """A state taken after any example, saved as JSON and loaded into a new stream, yields exactly the rest."""
-    import json
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+@pytest.mark.parametrize(
+    ("caches", "shuffle_buffer", "world_size"),
+    [("single", 1, 1), ("single", 3, 1), ("single", 2, 2), ("joined", 3, 1), ("joined", 2, 2), ("window", 3, 1)],
+)
+def test_resume_from_any_state_continues_the_same_sequence(built_cache, multi_caches, tok, caches, shuffle_buffer,
+                                                           world_size):  # fmt: skip
+    """A state taken after any example, saved as JSON and loaded into a new stream, yields exactly the rest, and the
+    counts come out as in the uninterrupted run."""
+    caches = {"single": built_cache, "joined": [multi_caches["a"], multi_caches["b"]],
+              "window": [multi_caches["a"], multi_caches["c"]]}[caches]  # fmt: skip
     for rank in range(world_size):
-        kw = dict(shuffle_buffer=shuffle_buffer, seed=5, epochs=3, rank=rank, world_size=world_size)
-        full = [e.sample_id for e in _stream(built_cache, tok, **kw)]
+        kw = dict(shuffle_buffer=shuffle_buffer, seed=5, epochs=3, rank=rank, world_size=world_size, join_window=4)
+        ref = _stream(caches, tok, **kw)
+        full = list(ref)
         assert len(full) >= 3
-        it = _stream(built_cache, tok, **kw).iterator()
+        it = _stream(caches, tok, **kw).iterator()
         states = [json.dumps(it.state_dict())]
         for _ in full:
             next(it)
             states.append(json.dumps(it.state_dict()))
         for i, state in enumerate(states):
-            rest = [e.sample_id for e in _stream(built_cache, tok, **kw).iterator(json.loads(state))]
-            assert rest == full[i:], f"rank {rank}, resumed after {i} examples"
+            resumed = _stream(caches, tok, **kw)
+            rest = list(resumed.iterator(json.loads(state)))
+            assert _ids_and_values(full[:i] + rest) == _ids_and_values(full), f"rank {rank}, resumed after {i}"
+            assert resumed.counts() == ref.counts()
 
 
-def test_ranks_read_disjoint_rows_that_cover_the_cache(built_cache, tiny_model_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    every = [e.sample_id for e in _stream(built_cache, tok)]
-    parts = [[e.sample_id for e in _stream(built_cache, tok, rank=r, world_size=2)] for r in range(2)]
+def test_a_state_of_other_caches_or_ranks_is_refused(multi_caches, tok):
+    caches = [multi_caches["a"], multi_caches["b"]]
+    state = _stream(caches, tok).iterator().state_dict()
+    with pytest.raises(ConfigError, match="fingerprints"):
+        _stream(caches[::-1], tok).iterator(state)
+    with pytest.raises(ConfigError, match="rank 0 of 1, loaded by rank 1 of 2"):
+        _stream(caches, tok, rank=1, world_size=2).iterator(state)
+    with pytest.raises(ConfigError, match="rank: must be in"):
+        _stream(caches, tok, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("which", ["single", "joined"])
+def test_ranks_read_disjoint_samples_that_cover_the_caches(built_cache, multi_caches, tok, which):
+    caches = built_cache if which == "single" else [multi_caches["a"], multi_caches["b"]]
+    every = [e.sample_id for e in _stream(caches, tok)]
+    parts = [[e.sample_id for e in _stream(caches, tok, rank=r, world_size=2)] for r in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(every) and abs(len(parts[0]) - len(parts[1])) <= 1
 
 
-def test_a_state_from_another_rank_or_world_size_is_refused(built_cache, tiny_model_dir):
-    from fusion_cache.errors import ConfigError
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    state = _stream(built_cache, tok, rank=1, world_size=2).iterator().state_dict()
-    with pytest.raises(ConfigError, match="rank 1 of 2"):
-        _stream(built_cache, tok).iterator(state)
-    with pytest.raises(ConfigError, match="rank: must be in"):
-        _stream(built_cache, tok, rank=2, world_size=2)
-
-
-def test_examples_do_not_keep_the_mapped_shard_alive(built_cache, tiny_model_dir):
+def test_examples_do_not_keep_the_mapped_shard_alive(built_cache, tok):
     """Raw-codec rows are views of the memory-mapped shard; an example in the shuffle buffer must own its arrays,
     or it pins (and keeps resident) its whole shard (bench_train (c) measured one pinned shard per 160 rows)."""
-    from transformers import AutoTokenizer
-
-    from fusion_cache.train.stream import CacheStream
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    stream = CacheStream(str(built_cache), tok, chat_template=True, max_length=1024, shuffle_buffer=3)
-    examples = list(stream)
-    assert examples and all(e.teacher_values.flags.owndata for e in examples)
-    assert all(e.teacher_ids.flags.owndata for e in examples)
-    assert all(e.input_ids.flags.owndata or e.input_ids.base.flags.owndata for e in examples)  # a slice of a copy
+    examples = list(_stream(built_cache, tok, max_length=1024, shuffle_buffer=3))
+    assert examples and all(e.teachers[0].values.flags.owndata for e in examples)
+    assert all(e.teachers[0].ids.flags.owndata for e in examples)
+    assert all(e.input_ids.flags.owndata for e in examples)

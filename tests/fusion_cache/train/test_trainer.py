@@ -28,7 +28,7 @@ def test_build_then_train_then_evaluate(tmp_path, built_cache, tiny_model_dir):
     assert after["answer_ce"] < before["answer_ce"] - 0.1  # it learned the cached answers
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 9))
-    assert all(math.isfinite(r["loss"]) and r["uld"] >= 0 for r in lines)
+    assert all(math.isfinite(r["loss"]) and r["kd"] >= 0 and r["uld_tiny-qwen2"] >= 0 for r in lines)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # safetensors that transformers loads
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert reloaded.config.vocab_size == res.model.config.vocab_size
@@ -51,7 +51,7 @@ def test_student_with_another_tokenizer_trains(tmp_path, built_cache):
     other = make_tiny_model(tmp_path / "llama", arch="llama", vocab_size=1024)
     res = _train(other, built_cache, tmp_path / "run", max_steps=2, save=False)
     assert evaluate_model(res.model, res.tokenizer, str(built_cache))["top1_agreement"] is None
-    with pytest.raises(ValueError, match="kd_loss='kl' needs the teacher's token ids"):
+    with pytest.raises(ConfigError, match="needs the teacher's token ids in the student's vocabulary"):
         _train(other, built_cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
 
 
@@ -59,8 +59,9 @@ def test_top_k_kl_distillation_trains_and_logs_both_terms(tmp_path, built_cache,
     _train(tiny_model_dir, built_cache, tmp_path / "kl", max_steps=4, save=False, kd_loss="kl", top_k=8)
     _train(tiny_model_dir, built_cache, tmp_path / "uld", max_steps=4, save=False, top_k=8)
     kl, uld = (_records(tmp_path / n) for n in ("kl", "uld"))
-    assert all(r["kl"] >= -1e-6 and math.isfinite(r["kl"]) and r["uld"] >= 0 for r in kl)
-    assert "kl" not in uld[0] and [r["loss"] for r in kl] != [r["loss"] for r in uld]
+    assert all(r["kl_tiny-qwen2"] >= -1e-6 and math.isfinite(r["kd"]) for r in kl)
+    assert "kl_tiny-qwen2" not in uld[0] and uld[0]["uld_tiny-qwen2"] >= 0
+    assert [r["loss"] for r in kl] != [r["loss"] for r in uld]
     with pytest.raises(ConfigError, match="kd_loss"):
         TrainConfig.create(student="s", shards=["c"], out="o", kd_loss="mse")
 
@@ -112,7 +113,7 @@ def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data
     run_build(cfg, engine=hf_engine, progress=False)
     res = _train(tiny_model_dir, cache, tmp_path / "run", max_steps=3, save=False, **{"lambda": 0.5, "top_k": 8})
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 3 and all(math.isfinite(r["loss"]) and r["uld"] > 0 for r in lines)
+    assert len(lines) == 3 and all(math.isfinite(r["loss"]) and r["kd"] > 0 for r in lines)
     metrics = evaluate_model(res.model, res.tokenizer, str(cache), k=8)
     assert metrics["top1_agreement"] is None and math.isfinite(metrics["uld"])
     with pytest.raises(ValueError, match="a cache whose codec stores ids"):
@@ -121,3 +122,48 @@ def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data
 
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_run_with_two_teachers_logs_each_teacher(tmp_path, multi_caches, tiny_model_dir):
+    cfg = TrainConfig.create(
+        student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], out=str(tmp_path),
+        combine="uncertainty", batch_size=2, max_steps=3, top_k=6, lr=1e-3, save=False,
+    )  # fmt: skip
+    res = run_train(cfg, progress=False)
+    lines = _records(tmp_path)
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(r["uld_tiny-qwen2"] is not None and r["loss"] > 0 for r in lines)
+    assert any(r["uld_tiny-llama"] is not None for r in lines)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["teachers"] == ["tiny-qwen2", "tiny-llama"] == res.summary["teachers"]
+    assert summary["fusion"]["join"]["missing"]["tiny-llama"] >= 1 and summary["fusion"]["align_mode"] == "bytes"
+
+
+@pytest.mark.slow
+def test_each_teacher_trains_with_its_own_loss(tmp_path, multi_caches, tiny_model_dir):
+    """kl for the teacher with the student's tokenizer, uld for the other, in one run; auto picks the same."""
+    base = dict(student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], batch_size=2,
+                max_steps=2, top_k=6, lr=1e-3, save=False, seed=3)  # fmt: skip
+    per = run_train(TrainConfig.create(**base, out=str(tmp_path / "per"), kd_loss=["kl", "uld"]), progress=False)
+    auto = run_train(TrainConfig.create(**base, out=str(tmp_path / "auto"), kd_loss="auto"), progress=False)
+    assert per.summary["kd_loss"] == auto.summary["kd_loss"] == {"tiny-qwen2": "kl", "tiny-llama": "uld"}
+    rec = _records(tmp_path / "per")
+    assert {"kl_tiny-qwen2", "uld_tiny-llama"} <= set(rec[0]) and rec[0]["kl_tiny-qwen2"] >= -1e-6
+    assert [r["loss"] for r in rec] == [r["loss"] for r in _records(tmp_path / "auto")]
+    with pytest.raises(ConfigError, match="kd_loss 'kl' for teacher tiny-llama"):
+        run_train(TrainConfig.create(**base, out=str(tmp_path / "bad"), kd_loss="kl"), progress=False)
+
+
+def test_config_rules_for_several_caches(tmp_path):
+    base = dict(student="s", out=str(tmp_path))
+    with pytest.raises(ConfigError, match="given twice"):
+        TrainConfig.create(shards=["a", "a"], **base)
+    with pytest.raises(ConfigError, match="combine"):
+        TrainConfig.create(shards=["a", "b"], combine="max", **base)
+    with pytest.raises(ConfigError, match="one per cache"):
+        TrainConfig.create(shards=["a", "b", "c"], kd_loss=["kl", "uld"], **base)
+    with pytest.raises(ConfigError, match="kd_loss: unknown value 'mse'; valid values: uld, kl, auto"):
+        TrainConfig.create(shards=["a"], kd_loss="mse", **base)
+    cfg = TrainConfig.create(shards=["a", "b"], kd_loss="kl", **base)
+    assert (cfg.combine, cfg.align, cfg.kd_loss) == ("mean", "bytes", ["kl"])

@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _cfg(student, cache, out, **kw):
+    shards = [str(c) for c in cache] if isinstance(cache, list) else [str(cache)]
     base = dict(
-        student=str(student), shards=[str(cache)], out=str(out), batch_size=2, lr=3e-3, max_steps=6,
+        student=str(student), shards=shards, out=str(out), batch_size=2, lr=3e-3, max_steps=6,
         shuffle_buffer=3, device="cpu", checkpoint_every=2, keep_checkpoints=None,
     )  # fmt: skip
     return TrainConfig.create(**{**base, **kw})
@@ -61,19 +62,31 @@ def _cut_back_to(run: Path, step: int) -> None:
     shutil.rmtree(run / "model")
 
 
+def _caches(which, built_cache, multi_caches):
+    """One cache, or two teachers (one with another tokenizer) with a loss each and the uncertainty combine."""
+    if which == "one":
+        return built_cache, {}
+    return [multi_caches["a"], multi_caches["b"]], dict(kd_loss=["kl", "uld"], combine="uncertainty", top_k=6)
+
+
 @pytest.mark.slow
-def test_resume_from_each_checkpoint_equals_the_uninterrupted_run(tmp_path, built_cache, tiny_model_dir):
+@pytest.mark.parametrize("which", ["one", "two"])
+def test_resume_from_each_checkpoint_equals_the_uninterrupted_run(tmp_path, built_cache, multi_caches, tiny_model_dir,
+                                                                  which):  # fmt: skip
+    cache, kw = _caches(which, built_cache, multi_caches)
     ref = tmp_path / "ref"
-    run_train(_cfg(tiny_model_dir, built_cache, ref), progress=False)
+    run_train(_cfg(tiny_model_dir, cache, ref, **kw), progress=False)
     assert [s for s, _ in list_checkpoints(ref)] == [2, 4, 6]
     for step in (2,):  # (every checkpoint gives the same result; one keeps the test short)
         run = tmp_path / f"from-{step}"
         shutil.copytree(ref, run)
         _cut_back_to(run, step)
-        res = run_train(_cfg(tiny_model_dir, built_cache, run, resume=True), progress=False)
+        res = run_train(_cfg(tiny_model_dir, cache, run, resume=True, **kw), progress=False)
         assert _curve(run) == _curve(ref)  # bitwise: the same floats, step by step, before and after the resume
         _assert_same_weights(run, ref)
-        assert res.summary["answer_tokens"] == json.loads((ref / "summary.json").read_text())["answer_tokens"]
+        summary = json.loads((ref / "summary.json").read_text())
+        assert res.summary["answer_tokens"] == summary["answer_tokens"]
+        assert res.summary["fusion"] == summary["fusion"]  # the join and alignment counts too
 
 
 def test_checkpoints_are_pruned_and_a_fresh_run_does_not_overwrite_them(tmp_path, built_cache, tiny_model_dir):
@@ -92,20 +105,26 @@ def test_checkpoints_are_pruned_and_a_fresh_run_does_not_overwrite_them(tmp_path
 
 def _cli_train(student, cache, out, *extra) -> list[str]:
     """``python -m fusion_cache train`` (the torchrun entry point) with the settings of `_cfg`."""
-    args = ["--student", student, "--shards", cache, "--out", out, "--batch-size", 2, "--lr", 3e-3]
+    caches = [c for one in (cache if isinstance(cache, list) else [cache]) for c in ("--shards", one)]
+    args = ["--student", student, *caches, "--out", out, "--batch-size", 2, "--lr", 3e-3]
     return [sys.executable, "-m", "fusion_cache", "train", *map(str, args), *map(str, extra)]
 
 
 @pytest.mark.slow
-def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tmp_path, built_cache, tiny_model_dir):
+@pytest.mark.parametrize("which", ["one", "two"])
+def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tmp_path, built_cache, multi_caches, tiny_model_dir,
+                                                                which):  # fmt: skip
     """A real training process is killed with SIGKILL right after its first checkpoint; resuming finishes the run
-    with the losses and weights of an uninterrupted one."""
+    with the losses and weights of an uninterrupted one (one teacher, and two teachers with a loss each)."""
+    cache, two = _caches(which, built_cache, multi_caches)
     steps, every = 12, 2
     # the same intra-op thread count as this process, so the float reductions (and results) are the same here
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = tmp_path / "killed"
-    extra = ["--max-steps", steps, "--checkpoint-every", every, "--device", "cpu", "--top-k", 10]
-    proc = subprocess.Popen(_cli_train(tiny_model_dir, built_cache, killed, *extra), env=env, cwd=REPO,
+    extra = ["--max-steps", steps, "--checkpoint-every", every, "--device", "cpu", "--top-k", two.get("top_k", 10)]
+    if two:
+        extra += ["--kd-loss", "kl", "--kd-loss", "uld", "--combine", "uncertainty"]
+    proc = subprocess.Popen(_cli_train(tiny_model_dir, cache, killed, *extra), env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -120,10 +139,10 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tmp_path, built_
     done = max(s for s, _ in list_checkpoints(killed))
     assert done < steps and not (killed / "model").exists()
 
-    kw = dict(max_steps=steps, checkpoint_every=every, keep_checkpoints=3, shuffle_buffer=256, top_k=10)
-    run_train(_cfg(tiny_model_dir, built_cache, killed, resume=True, **kw), progress=False)
+    kw = dict(max_steps=steps, checkpoint_every=every, keep_checkpoints=3, shuffle_buffer=256, top_k=10) | two
+    run_train(_cfg(tiny_model_dir, cache, killed, resume=True, **kw), progress=False)
     ref = tmp_path / "ref"
-    run_train(_cfg(tiny_model_dir, built_cache, ref, **kw), progress=False)
+    run_train(_cfg(tiny_model_dir, cache, ref, **kw), progress=False)
     assert [r["step"] for r in _metrics(killed)] == list(range(1, steps + 1))  # nothing lost, nothing twice
     assert _curve(killed) == _curve(ref)
     _assert_same_weights(killed, ref)
