@@ -47,12 +47,12 @@ def main() -> None:
     from fusion_cache.capture.render import has_chat_template
     from fusion_cache.models.load import load_student
     from fusion_cache.models.prune import make_layer_subset_student
+    from fusion_cache.train.batch import collate
     from fusion_cache.train.checkpoint import load_checkpoint
     from fusion_cache.train.checkpoint import rng_state
     from fusion_cache.train.checkpoint import save_checkpoint
-    from fusion_cache.train.config import TrainConfig
-    from fusion_cache.train.stream import CacheStream
-    from fusion_cache.train.stream import collate
+    from fusion_cache.train.losses import make_loss
+    from fusion_cache.train.stream import DistillStream
     from fusion_cache.train.trainer import StudentLoss
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,18 +65,17 @@ def main() -> None:
     work = Path(args.work)
     student_dir = make_layer_subset_student(args.teacher, work / "student-6l", 6)
     model, tok, _ = load_student(str(student_dir))
-    cfg = TrainConfig.create(student=str(student_dir), shards=[args.cache], out=str(work / "run"), batch_size=4)
-    loss = StudentLoss(model, cfg)
+    loss = StudentLoss(model, [make_loss("uld")], 0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stream = CacheStream(
+    stream = DistillStream(
         args.cache, tok, chat_template=has_chat_template(tok), max_length=1024, shuffle_buffer=args.buffer
     )
-    rows = stream.reader.manifest.stats.rows
+    rows = stream.readers[0].manifest.stats.rows
 
     def step(examples):
-        o = loss(collate(list(islice(examples, 4)), pad))
+        o = loss(collate(list(islice(examples, 4)), pad, 1))
         o.loss.backward()
         opt.step()
         sched.step()

@@ -58,7 +58,7 @@ def plan(s) -> list[dict]:
     runs += [
         replace(r, name=r.name.replace("bytes", "index"), run_dir=r.run_dir + "-index", align="index")
         for r in runs
-        if r.mode == "unified" and len(r.teachers) > 1
+        if len(r.teachers) > 1
     ]
     rows += [{"slug": r.run_dir, "name": r.name, "kind": "train", "run": r} for r in runs]
     rows += [{"slug": f"merge-{m}", "name": f"pairwise merge: {m.upper()} (defaults)", "kind": "merge", "method": m}
@@ -113,9 +113,9 @@ def _write_json(path: Path, data: dict) -> None:
 def validation_ids(s, caches: dict, tokenizer, n: int) -> list[str]:
     """The train rows no run sees: every run reads the first ``steps * batch_size`` samples of the same seeded
     shuffle of the train cache (checked per run through ``on_batch``); the next ``n`` are the validation split."""
-    from fusion_cache.train.unified import UnifiedStream
+    from fusion_cache.train.stream import DistillStream
 
-    stream = UnifiedStream([str(caches[s.teacher]["train"])], tokenizer, chat_template=True,
+    stream = DistillStream([str(caches[s.teacher]["train"])], tokenizer, chat_template=True,
                            max_length=s.max_length, shuffle_buffer=256, seed=s.seed, epochs=1)  # fmt: skip
     order = [e.sample_id for e in stream]
     return sorted(order[s.steps * s.batch_size :][:n])

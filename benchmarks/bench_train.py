@@ -6,7 +6,7 @@
 On one teacher cache (default: the demo's train cache of the embedded SmolLM2 teacher, K=64, raw codec) and the
 demo's student (the teacher pruned to 24 of its 30 layers, `students.make_layer_subset_student`):
 
-(a) the streaming reader's decode + collate answer tokens/s (`stream.CacheStream` + `stream.collate`, no model)
+(a) the streaming reader's decode + collate answer tokens/s (`stream.DistillStream` + `batch.collate`, no model)
     against the trainer's consumption (answer tokens/s of `train.run_train` steps on the same cache); target >= 10x.
 (b) the step time (forward + backward + AdamW step) of KD with ULD K=10 and with the top-K KL against a CE-only
     step (lambda = 0), same batches and student, interleaved in one run (the order rotates every round); target
@@ -128,11 +128,11 @@ def child_peak_rss(args: list[str]) -> tuple[float, dict]:
 def stream_pass(cache: str, tokenizer, *, batch_size: int, max_length: int, epochs: int, shuffle_buffer: int) -> dict:
     """Decode + collate every row ``epochs`` times, as the trainer's stream does (no model)."""
     from fusion_cache.capture.render import has_chat_template
-    from fusion_cache.train.stream import CacheStream
-    from fusion_cache.train.stream import collate
+    from fusion_cache.train.batch import collate
+    from fusion_cache.train.stream import DistillStream
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stream = CacheStream(
+    stream = DistillStream(
         cache,
         tokenizer,
         chat_template=has_chat_template(tokenizer),
@@ -146,11 +146,11 @@ def stream_pass(cache: str, tokenizer, *, batch_size: int, max_length: int, epoc
     for ex in stream:
         batch.append(ex)
         if len(batch) == batch_size:
-            answer += int(collate(batch, pad)["answer_targets"].numel())
+            answer += int(collate(batch, pad, 1)["answer_targets"].numel())
             rows += len(batch)
             batch = []
     if batch:
-        answer += int(collate(batch, pad)["answer_targets"].numel())
+        answer += int(collate(batch, pad, 1)["answer_targets"].numel())
         rows += len(batch)
     seconds = time.perf_counter() - t
     return {"rows": rows, "answer_tokens": answer, "seconds": seconds, "tokens_per_s": answer / seconds}
@@ -187,7 +187,7 @@ def child(argv: list[str]) -> None:
         import torch  # noqa: F401
         from transformers import AutoTokenizer
 
-        from fusion_cache.train.stream import CacheStream  # noqa: F401
+        from fusion_cache.train.stream import DistillStream  # noqa: F401
 
         AutoTokenizer.from_pretrained(argv[1])
         print(json.dumps({}))
@@ -202,23 +202,24 @@ def interleaved_steps(student: str, cache: str, *, batch_size: int, rounds: int)
 
     from fusion_cache.capture.render import has_chat_template
     from fusion_cache.models.load import load_student
-    from fusion_cache.train.stream import CacheStream
-    from fusion_cache.train.stream import collate
+    from fusion_cache.train.batch import collate
+    from fusion_cache.train.losses import make_loss
+    from fusion_cache.train.stream import DistillStream
     from fusion_cache.train.trainer import StudentLoss
 
     model, tok, _ = load_student(student)
     model.train()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stream = iter(CacheStream(cache, tok, chat_template=has_chat_template(tok), max_length=512, shuffle_buffer=1))
-    batches = [collate([next(stream) for _ in range(batch_size)], pad) for _ in range(rounds + 1)]
+    stream = iter(DistillStream(cache, tok, chat_template=has_chat_template(tok), max_length=512, shuffle_buffer=1))
+    batches = [collate([next(stream) for _ in range(batch_size)], pad, 1) for _ in range(rounds + 1)]
 
-    def loss(**kw):
-        return StudentLoss(model, train_cfg(student, cache, "-", steps=1, batch_size=batch_size, **kw))
+    def loss(name="uld", lambda_=0.5):
+        return StudentLoss(model, [make_loss(name, k=10)], lambda_)
 
     kinds = {
-        "CE only (lambda=0)": loss(**{"lambda": 0.0}),
+        "CE only (lambda=0)": loss(lambda_=0.0),
         "KD ULD K=10 (lambda=0.5)": loss(),
-        "KD top-K KL (lambda=0.5)": loss(kd_loss="kl"),
+        "KD top-K KL (lambda=0.5)": loss("kl"),
     }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95))
     names = list(kinds)
@@ -379,7 +380,7 @@ def write_results(data: dict, args) -> None:
         lines += [
             "| what | answer tokens/s |",
             "|---|---|",
-            f"| reader: CacheStream + collate, {a['reader']['rows']} rows ({args.stream_epochs} passes), "
+            f"| reader: DistillStream + collate, {a['reader']['rows']} rows ({args.stream_epochs} passes), "
             f"shuffle buffer 256 | {a['reader']['tokens_per_s']:.0f} |",
             f"| trainer: run_train, lambda 0.5 ULD K=10, steps 2..{a['trainer_steps'] + 1} | "
             f"{a['trainer_tokens_per_s']:.1f} |",
