@@ -30,8 +30,9 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # The repository's top-level folders a doc may name, and where each installed package lives in the tree.
 REPO_DIRS = ("fusion_cache", "kernels", "cli", "tests", "benchmarks", "docs", "scripts", "requirements")
 PACKAGE_DIRS = {"fusion_cache": "fusion_cache", "fusion_cache.kernels": "kernels", "fusion_cache.cli": "cli"}
-# Dotted names whose first part is also one of our module names but that mean the outside library in the docs.
-EXTERNAL = {"ray", "vllm", "io", "json", "os"}
+# Dotted names whose first part is also one of our module names but that mean something else in the docs: the
+# outside library (ray.init), a manifest field (teacher.dtype), an object (stream.iterator).
+EXTERNAL = {"ray", "vllm", "io", "json", "os", "teacher", "stream"}
 FILE_SUFFIXES = {
     "py", "md", "json", "jsonl", "arrow", "csv", "sh", "txt", "toml", "yml", "yaml", "png", "gz", "pt", "tmp",
     "safetensors", "gguf", "whl", "lock", "incomplete",

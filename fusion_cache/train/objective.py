@@ -103,7 +103,27 @@ def forward_losses(
         if soft_cap:
             raise ValueError(f"fused_linear does not apply logit soft-capping (final_logit_softcapping={soft_cap})")
         return _fused(model, head, batch, losses, lambda_=lambda_, backend=backend)
-    logits = answer_logits(model, batch)  # [M, V]
+    return loss_from_logits(answer_logits(model, batch), batch, losses, lambda_=lambda_)
+
+
+def loss_from_logits(logits: torch.Tensor, batch: dict, losses: list[DistillLoss], *, lambda_: float) -> StepOutput:
+    """`forward_losses` from logits a caller already has (its own model or training loop).
+
+    Args:
+        logits: [M, V] the student's logits at the answer positions, row m for flat position
+            ``batch["answer_index"][m]`` of the [B * L] sequence positions (``model(...).logits.flatten(0, 1)[
+            batch["answer_index"]]`` for a causal LM).
+        batch: a `train.batch.collate` batch.
+        losses: [S] one loss per teacher.
+        lambda_: the distillation weight; with lambda == 0 the teachers' terms are computed without a graph.
+
+    Example:
+        >>> out = loss_from_logits(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ...                        .flatten(0, 1)[b["answer_index"]], b, [make_loss("kl")], lambda_=0.5)
+        >>> out.loss.backward()
+    """
+    if len(losses) != len(batch["teachers"]):
+        raise ValueError(f"{len(losses)} losses for a batch of {len(batch['teachers'])} teachers")
     ce = F.cross_entropy(logits.float(), batch["answer_targets"])
     kd = logits.new_zeros((), dtype=torch.float32)
     per_teacher: list[float | None] = []

@@ -1,0 +1,347 @@
+"""Writes cache shards: Arrow IPC stream files in ``<out>.incomplete/``, renamed into place when the build ends.
+
+Modelled on datasets' ArrowWriter and builder: rows are buffered into record batches, a new shard starts past
+``shard_rows`` rows or ``shard_bytes`` bytes, each shard is written as ``part-NNNNN.arrow.tmp``, and renamed to its
+final ``shard-NNNNN-of-MMMMM.arrow`` name only once the number of shards is known; the manifest is written last,
+and the whole directory is moved to ``<out>`` in one rename. A killed build therefore never leaves a directory that
+looks like a cache.
+
+Crash safety (``fusion-cache build --resume``): a part is *complete* once its bytes are fsynced, the temp file is
+renamed to ``part-NNNNN.arrow`` and its record ``part-NNNNN.json`` (rows, answer tokens, bytes, sha256) is written
+atomically (cache/durable.py). `load_completed_parts` (cache/resume.py) returns the complete parts of an
+interrupted build after checking each one's size and sha256, and deletes what cannot be trusted (temp files, a part
+without a record, everything after the first bad part). Parts are written in input order, so the complete parts
+hold exactly the first ``sum(rows)`` rows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fusion_cache.cache.codecs import ID_ORDER_KEY
+from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
+from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import code_groups
+from fusion_cache.cache.codecs import encode_bucket_ids
+from fusion_cache.cache.codecs import id_groups
+from fusion_cache.cache.codecs import id_order_metadata
+from fusion_cache.cache.codecs import ids_to_ranks
+from fusion_cache.cache.codecs import make_id_order
+from fusion_cache.cache.codecs import pack_ids
+from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.codecs import quantize_values
+from fusion_cache.cache.codecs import tail_mass
+from fusion_cache.cache.durable import fsync_dir
+from fusion_cache.cache.durable import fsync_file
+from fusion_cache.cache.fingerprint import file_sha256
+from fusion_cache.cache.resume import part_name
+from fusion_cache.cache.resume import write_part_record
+from fusion_cache.cache.row import CacheRow
+from fusion_cache.cache.schema import COMMON_COLUMNS
+from fusion_cache.cache.schema import shard_name
+from fusion_cache.cache.schema import shard_schema
+
+
+def _list_column(arrays: list[np.ndarray], dtype: np.dtype, arrow_type: pa.DataType) -> pa.Array:
+    """Build a list<T> column from per-row arrays without a per-element Python loop."""
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False) if arrays else np.array([], dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, arrow_type.value_type))
+
+
+def _split_column(flat: np.ndarray, per_row: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A list<T> column from one flat array and each row's element count."""
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
+    np.cumsum(per_row, out=offsets[1:])
+    if offsets[-1] >= 1 << 31:
+        raise ValueError("a record batch holds more than 2^31 list elements; write fewer rows per batch")
+    values = pa.array(np.ascontiguousarray(flat).reshape(-1), arrow_type.value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
+
+
+def encode_topk(
+    rows: list[CacheRow], codec: CodecSpec, k: int, id_order: np.ndarray | None = None
+) -> dict[str, pa.Array]:
+    """The codec's top-K columns for ``rows`` (vectorized over all the rows' answer positions at once).
+
+    ``id_order`` is the shard's id order (full codec; codecs.make_id_order), stored in the shard's metadata.
+    """
+    n = np.fromiter((r.topk_logprobs.shape[0] for r in rows), dtype=np.int64, count=len(rows))
+    for r in rows:
+        if r.topk_logprobs.ndim != 2 or r.topk_logprobs.shape[1] != k:
+            raise ValueError(f"row {r.sample_id}: top-K block has shape {r.topk_logprobs.shape}, expected [n, {k}]")
+    cols = codec.columns(k)
+    if codec.name == "raw":
+        return {
+            "topk_ids": _list_column([r.topk_ids for r in rows], np.int32, cols["topk_ids"]),
+            "topk_logprobs": _list_column([r.topk_logprobs for r in rows], np.float32, cols["topk_logprobs"]),
+            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
+        }
+    values = np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32) if rows else np.zeros((0, k))
+    vmax, span, codes = quantize_values(values, codec.value_bits, np.float16, codec.companding)
+    if codec.name == "shape":
+        # a row of equal values has no shape: its codes decode to [0, .., 0, -1], so list it to decode as zeros
+        flat = values[:, 0] == values[:, -1]
+        row_of = np.repeat(np.arange(len(rows)), n)
+        local = np.arange(values.shape[0]) - np.repeat(np.cumsum(n) - n, n)
+        return {
+            "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
+            "topk_flat": _split_column(
+                local[flat].astype(np.int32), np.bincount(row_of[flat], minlength=len(rows)), cols["topk_flat"]
+            ),
+        }
+    if codec.name == "full" and codec.layout is not None:
+        return _encode_full_grouped(rows, codec, k, id_order, values, vmax, span, codes, n, cols)
+    out = {
+        "topk_max": _split_column(vmax, n, cols["topk_max"]),
+        "topk_span": _split_column(span, n, cols["topk_span"]),
+        "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
+    }
+    if codec.name == "full":
+        ids = np.concatenate([r.topk_ids for r in rows])
+        if id_order is None:
+            raise ValueError("the full codec needs the shard's id order")
+        ranks = ids_to_ranks(ids, id_order)
+        planes = {
+            f"topk_ids_b{i}": _split_column(p, n * k, cols[f"topk_ids_b{i}"])
+            for i, p in enumerate(pack_ids(ranks, codec.id_bytes))
+        }
+        out = {
+            **planes,
+            **out,
+            "tail_mass": _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"]),
+            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float16, cols["target_logprobs"]),
+        }
+    return out
+
+
+def _encode_full_grouped(rows, codec, k, id_order, values, vmax, span, codes, n, cols) -> dict[str, pa.Array]:
+    """The columns of full layouts 2 and 3 (docs/cache-format.md section 1.2): the ids (layout 3: grouped rank
+    byte planes; layout 2: grouped id buckets and bit-packed offsets), max/span, grouped code deltas, tail mass, and
+    the target log-probs of answer tokens outside the top-K."""
+    if id_order is None:
+        raise ValueError("the full codec needs the shard's id order")
+    ids = np.concatenate([r.topk_ids for r in rows]) if rows else np.zeros((0, k), np.int32)
+    total = ids.shape[0]
+    ranks = ids_to_ranks(ids, id_order)
+    out = {}
+    if codec.layout == 2:
+        buckets, offset_bytes, nbytes = encode_bucket_ids(ranks.reshape(-1), n * k, codec.id_bytes)
+        buckets = buckets.reshape(total, k)
+        for g, (a, b) in enumerate(id_groups(k)):
+            out[f"topk_id_buckets_g{g}"] = _split_column(buckets[:, a:b], n * (b - a), cols[f"topk_id_buckets_g{g}"])
+        out["topk_id_offsets"] = _split_column(offset_bytes, nbytes, cols["topk_id_offsets"])
+    else:
+        for i, plane in enumerate(pack_ids(ranks, codec.id_bytes)):  # [total, k] uint8 each
+            for g, (a, b) in enumerate(id_groups(k)):
+                name = f"topk_ids_b{i}_g{g}"
+                out[name] = _split_column(plane[:, a:b], n * (b - a), cols[name])
+    out["topk_max"] = _split_column(vmax, n, cols["topk_max"])
+    out["topk_span"] = _split_column(span, n, cols["topk_span"])
+    for g, (a, b) in enumerate(code_groups(k)):
+        out[f"topk_codes_g{g}"] = _split_column(codes[:, a:b], n * (b - a), cols[f"topk_codes_g{g}"])
+    out["tail_mass"] = _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"])
+    # the answer token's log-prob is the decoded value of its id when it is among the top-K: store only the others
+    answer = np.concatenate([r.input_ids[r.answer_start :] for r in rows]) if rows else np.zeros(0, np.int32)
+    if answer.shape[0] != total:
+        raise ValueError(f"answer tokens ({answer.shape[0]}) and top-K rows ({total}) differ in number")
+    missing = ~(ids == answer[:, None]).any(axis=1)
+    targets = np.concatenate([r.target_logprobs for r in rows]) if rows else np.zeros(0, np.float32)
+    row_of = np.repeat(np.arange(len(rows)), n)
+    miss_counts = np.bincount(row_of[missing], minlength=len(rows)).astype(np.int64)
+    out["target_logprobs_missing"] = _split_column(
+        targets[missing].astype(np.float16), miss_counts, cols["target_logprobs_missing"]
+    )
+    return out
+
+
+def rows_to_batch(
+    rows: list[CacheRow],
+    schema: pa.Schema,
+    codec: CodecSpec | None = None,
+    k: int | None = None,
+    id_order: np.ndarray | None = None,
+):
+    """Convert rows to one record batch of ``schema`` (common columns + the codec's top-K columns)."""
+    codec = codec or CodecSpec("raw")
+    k = k if k is not None else (rows[0].topk_logprobs.shape[1] if rows else 1)
+    cols = {
+        "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
+        "row_index": pa.array([r.row_index for r in rows], pa.int64()),
+        "conversation": pa.array([r.conversation for r in rows], pa.string()),
+        "input_ids": _list_column([r.input_ids for r in rows], np.int32, COMMON_COLUMNS["input_ids"]),
+        "answer_start": pa.array([r.answer_start for r in rows], pa.int32()),
+        "token_byte_start": _list_column(
+            [r.token_byte_start for r in rows], np.int32, COMMON_COLUMNS["token_byte_start"]
+        ),
+        "token_byte_end": _list_column([r.token_byte_end for r in rows], np.int32, COMMON_COLUMNS["token_byte_end"]),
+        **encode_topk(rows, codec, k, id_order),
+    }
+    return pa.RecordBatch.from_arrays([cols[name] for name in schema.names], schema=schema)
+
+
+def shard_schema_with_order(schema: pa.Schema, codec: CodecSpec, first_rows: list[CacheRow]):
+    """(schema, id order): for the full codec, the id order of ``first_rows`` added to the schema metadata."""
+    if codec.name != "full":
+        return schema, None
+    order = make_id_order(np.concatenate([r.topk_ids.reshape(-1) for r in first_rows]))
+    return schema.with_metadata({**schema.metadata, ID_ORDER_KEY: id_order_metadata(order)}), order
+
+
+class ShardWriter:
+    """Context manager that writes rows into shards under a work directory.
+
+    Example:
+        with ShardWriter(work_dir, provenance, shard_rows=1000) as w:
+            w.write_rows(rows)
+        shards = w.shards  # [{"path", "rows", "answer_tokens", "bytes", "sha256"}], files renamed into place
+
+    Args:
+        work_dir: the ``<out>.incomplete`` directory.
+        provenance: the shard schema metadata (schema_version, k, codec, config_fingerprint, ...).
+        shard_rows, shard_bytes: a part is closed once it holds this many rows or bytes.
+        completed: the complete parts of an interrupted build (`load_completed_parts`); new parts follow them.
+    """
+
+    def __init__(
+        self,
+        work_dir: str | Path,
+        provenance: dict,
+        *,
+        shard_rows: int = 1000,
+        shard_bytes: int = 1 << 30,
+        completed: list[dict] | None = None,
+    ):
+        self.work_dir = Path(work_dir)
+        self.codec = parse_codec(
+            provenance.get("codec", {"name": "raw"}),
+            "provenance codec",
+            provenance.get("schema_version", LATEST_SCHEMA_VERSION),
+        )
+        self.k = provenance.get("k")
+        self.schema = shard_schema(provenance, self.codec, self.k)
+        self.shard_rows = shard_rows
+        self.shard_bytes = shard_bytes
+        self._parts: list[dict] = [dict(p) for p in completed or []]  # complete parts, before their final names
+        self._sink = None
+        self._writer = None
+        self._cur: dict | None = None
+        self.shards: list[dict] = []
+
+    @property
+    def rows_completed(self) -> int:
+        """Rows held by complete parts: an interrupted build resumes after this many rows."""
+        return sum(p["rows"] for p in self._parts)
+
+    def __enter__(self) -> ShardWriter:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self._abandon_current()
+
+    def _open_part(self, first_rows: list[CacheRow]) -> None:
+        path = self.work_dir / f"{part_name(len(self._parts))}.arrow.tmp"
+        # full codec: the shard's id order comes from its first record batch and is stored in its schema
+        self._schema, self._id_order = shard_schema_with_order(self.schema, self.codec, first_rows)
+        schema = self._schema
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema, options=self.codec.ipc_options())
+        self._cur = {"tmp": path, "rows": 0, "answer_tokens": 0}
+
+    def _close_current(self) -> None:
+        """Close the open part and make it complete: fsync, rename to ``part-NNNNN.arrow``, write its record."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()
+        tmp = self._cur["tmp"]
+        fsync_file(tmp)
+        index = len(self._parts)
+        final = self.work_dir / f"{part_name(index)}.arrow"
+        os.replace(tmp, final)
+        record = {
+            "index": index,
+            "file": final.name,
+            "rows": self._cur["rows"],
+            "answer_tokens": self._cur["answer_tokens"],
+            "bytes": final.stat().st_size,
+            "sha256": file_sha256(final),
+        }
+        # the record is written after the rename: a part without a record is never trusted
+        write_part_record(self.work_dir, record)
+        self._parts.append(record)
+        self._writer = self._sink = self._cur = None
+
+    def _abandon_current(self) -> None:
+        """After an error: close the open part and delete it (it is not complete; a resume rewrites its rows)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._cur["tmp"].unlink(missing_ok=True)
+            self._writer = self._sink = self._cur = None
+
+    def write_rows(self, rows: list[CacheRow]) -> None:
+        """Append rows; a shard is closed once it holds ``shard_rows`` rows or ``shard_bytes`` bytes."""
+        while rows:
+            if self._writer is None:
+                self._open_part(rows[: self.shard_rows])
+            take = rows[: self.shard_rows - self._cur["rows"]]
+            rows = rows[len(take) :]
+            self._writer.write_batch(rows_to_batch(take, self._schema, self.codec, self.k, self._id_order))
+            self._cur["rows"] += len(take)
+            self._cur["answer_tokens"] += sum(r.n_answer for r in take)
+            if self._cur["rows"] >= self.shard_rows or self._sink.tell() >= self.shard_bytes:
+                self._close_current()
+
+    def finalize(self) -> list[dict]:
+        """Close the last shard and rename every part to its final name. Returns the shard records.
+
+        The part records stay until `remove_part_records` (after the manifest is written), so a build killed here
+        still resumes: `load_completed_parts` also finds a part under its final shard name.
+        """
+        self._close_current()
+        count = len(self._parts)
+        self.shards = []
+        for i, part in enumerate(self._parts):
+            final = self.work_dir / shard_name(i, count)
+            if not final.exists():
+                os.replace(self.work_dir / part["file"], final)
+            self.shards.append(
+                {
+                    "path": final.name,
+                    "rows": part["rows"],
+                    "answer_tokens": part["answer_tokens"],
+                    "bytes": part["bytes"],
+                    "sha256": part["sha256"],
+                }
+            )
+        fsync_dir(self.work_dir)
+        return self.shards
+
+
+def publish_directory(work_dir: Path, out: Path, *, overwrite: bool) -> None:
+    """Move a finished ``work_dir`` to ``out``. An existing ``out`` is replaced only with ``overwrite`` and only
+    after the new cache is complete, so a failure never loses the old one."""
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty")
+        trash = out.with_name(out.name + ".old")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(out, trash)
+        os.replace(work_dir, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work_dir, out)

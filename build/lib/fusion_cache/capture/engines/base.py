@@ -1,0 +1,65 @@
+"""The contract every teacher engine (vLLM, transformers) implements.
+
+An engine turns token sequences into the teacher's top-K next-token log-probabilities at the answer positions.
+Row t of a capture is the distribution that predicts ``input_ids[answer_start + t]``, i.e. it comes from the
+logits at position ``answer_start + t - 1`` (so ``answer_start >= 1``). Values are natural-log probabilities of
+the full-vocabulary softmax in fp32, sorted descending; ties keep the lower token id first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TopKCapture:
+    """Top-K of one sequence's answer positions.
+
+    Attributes:
+        ids: int32 [n_answer, K], token ids sorted by descending log-probability.
+        logprobs: float32 [n_answer, K], the matching log-probabilities (descending).
+        target_logprobs: float32 [n_answer], log-probability of the actual next token ``input_ids[answer_start + t]``.
+    """
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    target_logprobs: np.ndarray
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to capture: the full rendered token ids and the index of the first answer token (>= 1)."""
+
+    input_ids: Sequence[int]
+    answer_start: int
+
+
+class TeacherEngine(Protocol):
+    """What `fusion_cache.capture.build` needs from an engine."""
+
+    name: str  # "vllm" or "hf"
+    dtype: str  # "float32" or "bfloat16", as actually run
+
+    def capture(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
+        """Top-K log-probabilities at the answer positions of every request, in request order."""
+        ...
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int
+    ) -> list[list[int]]:
+        """Continue each prompt (token ids) and return the generated token ids, stop tokens excluded."""
+        ...
+
+    def sample_n(
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
+    ) -> list[list[list[int]]]:
+        """``n`` continuations of each prompt, ``[prompt][sample]``, stop tokens excluded; deterministic per seed."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (and vLLM's engine)."""
+        ...

@@ -1,0 +1,164 @@
+"""Where a build's cache goes: what ``--out`` may already hold, where the cache is written, and its publication.
+
+A build writes into ``<out>.incomplete/`` and publishes it as ``<out>`` in one rename (cache/writer.py
+`publish_directory`). A build to an fsspec URL does this in a local staging directory fixed by the URL, so
+``--resume`` finds it, and uploads the finished cache (shards first, manifest last). ``--out`` is refused when it
+holds anything but this same build (then nothing is redone) unless ``--overwrite``; a part of a distributed build
+goes into ``<out>/part-I-of-N/``, next to the other parts and their combined manifest (cache/parts.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusion_cache.cache.manifest import MANIFEST_NAME
+from fusion_cache.cache.manifest import Manifest
+from fusion_cache.cache.manifest import load_manifest
+from fusion_cache.cache.parts import part_dir_name
+from fusion_cache.cache.resume import clear_resume_records
+from fusion_cache.cache.storage import CacheLocation
+from fusion_cache.cache.storage import upload_directory
+from fusion_cache.cache.writer import publish_directory
+from fusion_cache.capture.config import BuildConfig
+from fusion_cache.errors import ConfigError
+from fusion_cache.errors import ShardFormatError
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where one build (or one part of a distributed build) writes and publishes its cache.
+
+    Attributes:
+        url: where the cache is published: ``--out``, or the part's directory under it.
+        location: ``url`` opened (a local directory or an fsspec URL).
+        out: the local directory the cache is published to: ``url`` itself, or for an fsspec URL the staging copy
+            that is uploaded once complete.
+        existing: the manifest of this same build already at ``url`` (nothing to redo), else None.
+    """
+
+    url: str
+    location: CacheLocation
+    out: Path
+    existing: Manifest | None
+
+    @property
+    def work(self) -> Path:
+        """``<out>.incomplete``: where the cache is written, and what ``--resume`` continues."""
+        return self.out.with_name(self.out.name + ".incomplete")
+
+
+def plan_output(cfg: BuildConfig, config_fp: str, part: dict | None) -> OutputPlan:
+    """Decide where the build of ``config_fp`` goes, and refuse an ``--out`` holding something else.
+
+    Args:
+        cfg: the build settings (``out``, ``overwrite``, ``num_shards``, ``shard_index``).
+        config_fp: the build's config fingerprint.
+        part: ``{"index", "count", "row_start", "row_end"}`` for a part of a distributed build, else None.
+
+    Raises:
+        ConfigError: ``--out`` holds another cache, or files that are no cache, and ``--overwrite`` is not set; for
+            a part, ``--out`` holds a cache that is not a combination of this build's parts.
+    """
+    url = cfg.out
+    if part is not None:
+        _check_parts_root(cfg.out, config_fp)
+        name = part_dir_name(cfg.shard_index, cfg.num_shards)
+        url = str(Path(cfg.out) / name) if CacheLocation(cfg.out).local else f"{cfg.out.rstrip('/')}/{name}"
+    location = CacheLocation(url)
+    if location.local:
+        out = Path(location.root)
+        existing = _check_output(out, config_fp, cfg.overwrite, part)
+    else:  # an fsspec URL: build in a local staging dir, upload when complete (shards first, manifest last)
+        out = _staging_dir(url) / "cache"
+        existing = _check_remote_output(location, config_fp, cfg.overwrite, part)
+    return OutputPlan(url=url, location=location, out=out, existing=existing)
+
+
+def publish(plan: OutputPlan) -> None:
+    """Move the finished work directory to ``plan.out`` (replacing what `plan_output` allowed), and upload it for
+    an fsspec URL."""
+    clear_resume_records(plan.work)
+    publish_directory(plan.work, plan.out, overwrite=True)  # _check_output already refused what must not be replaced
+    if plan.location.local:
+        return
+    fs, root = plan.location.fs, plan.location.root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)  # _check_remote_output allowed the replacement
+    upload_directory(str(plan.out), plan.url)
+    shutil.rmtree(plan.out.parent, ignore_errors=True)
+    try:
+        plan.out.parent.parent.rmdir()  # the staging root, when no other build is staged there
+    except OSError:
+        pass
+
+
+def _read_manifest(where: Path | CacheLocation) -> Manifest | None:
+    """The manifest at ``where``, or None when it is missing or unreadable."""
+    try:
+        return load_manifest(where)
+    except ShardFormatError:
+        return None
+
+
+def _is_this_build(manifest: Manifest | None, config_fp: str, part: dict | None) -> bool:
+    """Whether ``manifest`` is the cache of this build (the same ``part`` of it, if any)."""
+    if manifest is None or manifest.config_fingerprint != config_fp:
+        return False
+    return (manifest.part.model_dump() if manifest.part is not None else None) == part
+
+
+def _check_output(out: Path, config_fp: str, overwrite: bool, part: dict | None) -> Manifest | None:
+    """Return the existing manifest when ``out`` already holds this exact build (the same ``part`` of it, if any);
+    refuse anything else unless ``overwrite`` (then None: build and replace)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if (out / MANIFEST_NAME).exists():
+        existing = _read_manifest(out)
+        if _is_this_build(existing, config_fp, part):
+            return existing  # the same build: nothing to redo, --overwrite or not
+        if not overwrite:
+            what = "a different cache" if existing is not None else "an unreadable cache"
+            raise ConfigError(f"--out {out}: holds {what}; pass --overwrite to replace it")
+        return None
+    if any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out}: directory is not empty and holds no cache; choose another --out")
+    return None
+
+
+def _check_remote_output(
+    location: CacheLocation, config_fp: str, overwrite: bool, part: dict | None
+) -> Manifest | None:
+    """_check_output for an fsspec URL: the same build is a no-op, anything else needs ``overwrite``."""
+    fs, root = location.fs, location.root
+    if not fs.exists(root) or not fs.ls(root):
+        return None
+    existing = _read_manifest(location)
+    if _is_this_build(existing, config_fp, part):
+        return existing
+    if not overwrite:
+        raise ConfigError(f"--out {location}: holds other files or another cache; pass --overwrite to replace it")
+    return None
+
+
+def _check_parts_root(out: str, config_fp: str) -> None:
+    """A part build's ``--out`` may hold other parts and their combined manifest, never another cache."""
+    loc = CacheLocation(out)
+    if not loc.exists(MANIFEST_NAME):
+        return
+    top = _read_manifest(loc)
+    if top is None or top.parts is None or top.config_fingerprint != config_fp:
+        raise ConfigError(
+            f"--out {out}: holds another cache (not the parts of this build); choose another --out for the parts"
+        )
+
+
+def _staging_dir(url: str) -> Path:
+    """Where a build to an fsspec URL is written before the upload: fixed per URL, so ``--resume`` finds it."""
+    from fusion_cache.models.convert import fusion_cache_home
+
+    return fusion_cache_home() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -1,0 +1,286 @@
+"""Held-out metrics of a student: answer CE, and against teacher caches teacher top-1 agreement and ULD.
+
+from fusion_cache.eval.evaluate import evaluate_model, evaluate_rows, evaluate_teachers
+evaluate_model(model, tokenizer, "cache/heldout")  # {"answer_ce": ..., "top1_agreement": ..., "uld": ...}
+evaluate_teachers(model, tokenizer, ["cache/a", "cache/b"])  # the same, "uld" per teacher
+evaluate_rows(model, tokenizer, "heldout.jsonl")  # answer CE of the rows of an input file (no teacher)
+
+Every number comes from the training objective (`train.objective.forward_losses` at lambda 0) over the training
+stream (`train.stream.DistillStream`), so evaluation pairs a student with its teachers exactly as training does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Collection
+from collections.abc import Iterable
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion_cache.capture.inputs import read_conversations
+from fusion_cache.capture.render import has_chat_template
+from fusion_cache.capture.render import render
+from fusion_cache.train.batch import collate
+from fusion_cache.train.losses import ULD
+from fusion_cache.train.objective import forward_losses
+from fusion_cache.train.stream import DistillStream
+from fusion_cache.train.stream import Example
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    cache_dir: str,
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    k: int = 10,
+    align_mode: str = "bytes",
+    limit: int | None = None,
+) -> dict:
+    """Token-weighted answer CE, top-1 agreement and ULD over the rows of one cache (one pass, cache order).
+
+    Args:
+        align_mode: how a student of another tokenizer is paired with the teacher (as in training).
+        limit: only the first N usable rows (None: every row).
+
+    Returns:
+        {"answer_ce", "answer_ppl", "top1_agreement" (None across tokenizers), "uld", "answer_tokens", "samples",
+        "aligned"}.
+    """
+    r = evaluate_teachers(model, tokenizer, [cache_dir], batch_size=batch_size, max_length=max_length, k=k,
+                          align_mode=align_mode, limit=limit)  # fmt: skip
+    return r | {"uld": next(iter(r["uld"].values())), "aligned": next(iter(r["aligned"].values()))}
+
+
+@torch.no_grad()
+def evaluate_rows(
+    model: torch.nn.Module,
+    tokenizer,
+    data: str,
+    *,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    limit: int | None = None,
+) -> dict:
+    """Token-weighted answer CE over the rows of an input file (``build --data`` rows, no teacher).
+
+    Each row is rendered for ``tokenizer`` (its chat template, else plain text) as training would render it; rows
+    with an empty answer, or with no answer token left after ``max_length`` truncation, are skipped.
+
+    Returns:
+        `evaluate_model`'s dict with "top1_agreement" and "uld" None (there is no teacher to compare with).
+    """
+    chat = has_chat_template(tokenizer)
+
+    def examples():
+        for conv in read_conversations(data):
+            if not conv.response:
+                continue  # as `build` does: an empty answer has nothing to score
+            r = render(tokenizer, conv.messages, chat_template=chat)
+            ids = r.input_ids.astype(np.int64)[:max_length]
+            if len(ids) - r.answer_start < 1:
+                continue
+            yield Example(conv.sample_id, ids, r.answer_start, [])  # no teacher: only CE counts
+
+    out = _score(model, tokenizer, islice(examples(), limit), [], batch_size=batch_size)
+    return out | {"uld": None}
+
+
+def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names: list[str], *, batch_size: int,
+           k: int = 10) -> dict:  # fmt: skip
+    """The one evaluation loop: `forward_losses` (lambda 0, ULD to each teacher) over batches, token-weighted CE.
+
+    Returns:
+        {"answer_ce", "answer_ppl", "top1_agreement" (None without a same-tokenizer teacher), "uld": {teacher: mean
+        over its samples of the per-sample mean ULD}, "answer_tokens", "samples"}.
+    """
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n = len(names)
+    losses = [ULD(k=k)] * n
+    ce_sum = 0.0
+    uld_sum, uld_n = [0.0] * n, [0] * n
+    tokens = hits = total = samples = 0
+    batch: list = []
+
+    def flush():
+        nonlocal ce_sum, tokens, hits, total, samples
+        out = forward_losses(model, collate(batch, pad, n), losses, lambda_=0.0, fused_linear=False)
+        ce_sum += float(out.ce) * out.answer_tokens
+        tokens += out.answer_tokens
+        hits += out.top1_hits
+        total += out.top1_total
+        samples += len(batch)
+        for s, v in enumerate(out.teacher_kd):
+            if v is not None:  # v is the mean over the batch's samples that have teacher s
+                have = sum(e.teachers[s] is not None for e in batch)
+                uld_sum[s] += v * have
+                uld_n[s] += have
+        batch.clear()
+
+    try:
+        for ex in examples:
+            batch.append(ex)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    finally:
+        model.train(was_training)
+    ce = ce_sum / max(tokens, 1)
+    return {
+        "answer_ce": ce,
+        "answer_ppl": math.exp(min(ce, 50.0)),
+        "top1_agreement": hits / total if total else None,
+        "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
+        "answer_tokens": tokens,
+        "samples": samples,
+    }
+
+
+def resolve_eval_model(model: str) -> tuple[str, Path | None]:
+    """(model to load, run directory or None): a `fusion-cache train` run directory means its ``model/``."""
+    p = Path(model)
+    if (p / "model" / "config.json").exists() and not (p / "config.json").exists():
+        return str(p / "model"), p
+    return model, None
+
+
+def is_cache(path: str) -> bool:
+    return (Path(path) / "manifest.json").exists()
+
+
+def run_eval(
+    model: str,
+    *,
+    data: str | None = None,
+    cache: str | None = None,
+    humaneval: bool = False,
+    limit: int | None = None,
+    max_new_tokens: int = 384,
+    timeout: float = 10.0,
+    prompt_style: str = "raw",
+    batch_size: int = 8,
+    max_length: int = 1024,
+    k: int = 10,
+    out: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """`fusion-cache eval`: what was asked for, as one JSON-ready dict (also written to ``out`` when given).
+
+    ``model`` is a preset, model directory, HF id or a train run directory (its ``model/``; the results then go to
+    ``<run>/eval.json`` unless ``out`` says otherwise, where `fusion-cache report` finds them). ``data`` is an input
+    file (answer CE of its rows) or a cache (treated as ``cache``); ``cache`` a teacher cache (answer CE, teacher
+    top-1 agreement when the tokenizers match, ULD). ``limit`` takes the first N rows and HumanEval problems.
+    ``progress`` shows a progress bar over the HumanEval problems.
+    """
+    from fusion_cache.errors import ConfigError
+    from fusion_cache.models.load import load_student
+
+    if data is not None and is_cache(data):
+        if cache is not None:
+            raise ConfigError(f"data: {data} is a cache and --cache {cache} was given too; pass one cache")
+        data, cache = None, data
+    if prompt_style not in ("raw", "chat"):
+        raise ConfigError(f"humaneval prompt: unknown value {prompt_style!r}; valid values: raw, chat")
+    if data is None and cache is None and not humaneval:
+        raise ConfigError("nothing to evaluate: give --data FILE, --cache DIR and/or --humaneval")
+    if data is not None and not Path(data).exists():
+        raise ConfigError(f"data: {data} does not exist")
+    if cache is not None and not is_cache(cache):
+        raise ConfigError(f"cache: {cache} holds no manifest.json (not a fusion-cache cache)")
+    path, run_dir = resolve_eval_model(model)
+    t0 = time.perf_counter()
+    net, tok, resolved = load_student(path)
+    result: dict = {"model": str(resolved), "limit": limit}
+    if data is not None:
+        result["data"] = {"path": str(data)} | evaluate_rows(
+            net, tok, data, batch_size=batch_size, max_length=max_length, limit=limit
+        )
+    if cache is not None:
+        result["cache"] = {"path": str(cache), "k": k} | evaluate_model(
+            net, tok, cache, batch_size=batch_size, max_length=max_length, k=k, limit=limit
+        )
+    if humaneval:
+        from fusion_cache.eval.humaneval import evaluate_humaneval
+
+        result["humaneval"] = evaluate_humaneval(
+            net,
+            tok,
+            limit=limit,
+            max_new_tokens=max_new_tokens,
+            timeout=timeout,
+            prompt_style=prompt_style,
+            progress=progress,
+        )
+    result["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    target = out if out is not None else (run_dir / "eval.json" if run_dir is not None else None)
+    if target is not None:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(json.dumps(result, indent=2) + "\n")
+        result["written_to"] = str(target)
+    return result
+
+
+def eval_table(result: dict) -> str:
+    """A markdown table of `run_eval`'s numbers."""
+    lines = ["| metric | value |", "|---|---|"]
+    for key, name in (("data", "rows"), ("cache", "cache")):
+        r = result.get(key)
+        if r is None:
+            continue
+        lines.append(f"| answer CE ({name} {r['path']}, {r['samples']} samples, {r['answer_tokens']} tokens) | "
+                     f"{r['answer_ce']:.4f} |")  # fmt: skip
+        if r.get("top1_agreement") is not None:
+            lines.append(f"| teacher top-1 agreement ({name}) | {r['top1_agreement']:.4f} |")
+        if r.get("uld") is not None:
+            lines.append(f"| ULD to teacher ({name}, K={r['k']}) | {r['uld']:.4f} |")
+    h = result.get("humaneval")
+    if h is not None:
+        score = "n/a" if h["pass@1"] is None else f"{h['pass@1']:.4f} ({h['passed']} passed)"
+        style = h.get("prompt_style", "raw")
+        lines.append(f"| HumanEval pass@1 (greedy, {style} prompt, {h['problems']} problems) | {score} |")
+    lines.append(f"| wall time | {result['wall_seconds']:.1f} s |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_teachers(
+    model: torch.nn.Module,
+    tokenizer,
+    cache_dirs: list[str],
+    *,
+    align_mode: str = "bytes",
+    batch_size: int = 8,
+    max_length: int = 1024,
+    k: int = 10,
+    sample_ids: Collection[str] | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Held-out metrics against S >= 1 teachers' caches of the same rows (joined on sample_id), in one pass.
+
+    The student's tokens are a same-tokenizer teacher's (else its own rendering); each teacher's answer rows are
+    paired with the student's as in training (`train.stream.DistillStream`, ``align_mode``). ``sample_ids``:
+    evaluate only these samples (e.g. train rows a run never saw, as a validation split); ``limit``: the first N.
+
+    Returns:
+        {"answer_ce", "answer_ppl", "top1_agreement" (from same-tokenizer teachers; None if there is none),
+        "uld": {teacher: mean over its samples of the per-sample mean ULD}, "answer_tokens", "samples",
+        "aligned": {teacher: aligned answer rows}}.
+    """
+    stream = DistillStream(
+        list(cache_dirs), tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length,
+        align_mode=align_mode, epochs=1,
+    )  # fmt: skip
+    examples = (ex for ex in stream if sample_ids is None or ex.sample_id in sample_ids)
+    out = _score(model, tokenizer, islice(examples, limit), stream.names, batch_size=batch_size, k=k)
+    counts = stream.counts()["align"]
+    return out | {"aligned": {name: c.get("aligned") for name, c in counts.items()}}

@@ -1,0 +1,293 @@
+"""PyTorch reference of InfiFusion's top-K, z-scored, sorted-logit ULD loss (its definition below), and of the
+identity-aware top-K KL for students that share the teacher's vocabulary (`topk_kl_loss_reference`).
+
+This is the single source of truth: the trainer's CPU path, the tests of every kernel and the benchmarks all call
+these functions. Per aligned answer position (one row):
+
+    l_o = topk(z_o, K).values                 # student logits, differentiable, sorted descending
+    l_s = teacher's cached top-K values       # log-probs or logits: the z-score removes the constant between them
+    l^  = (l - mean(l)) / (std(l) + eps)      # over the K values; unbiased std, as in logit-standardization KD
+    p   = softmax(l^ / tau)
+    d   = sum_i |p_o(i) - p_s(i)|             # both sorted, so this is ULD's closed form; d in [0, 2]
+
+When the student's K and the teacher's Kt differ, both sides are truncated to the common ``min(K, Kt)`` largest
+values (padding with zeros would change the z-score statistics). Rows whose mask is False contribute nothing and
+receive zero gradient; they are never even computed, so garbage (NaN) in a masked row cannot leak into the loss.
+
+Ties: torch.topk picks an arbitrary entry among equal values, so the selection is made canonical (`topk_canonical`):
+among equal values the lower vocabulary index wins, both at the K-th boundary and for the rank order inside the
+top-K. The values (and so the loss) are those of torch.topk; only which entry receives the gradient is pinned, so
+that a kernel can reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 are computed in fp32; fp64 stays fp64 (gradcheck)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def topk_canonical(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries per row, value descending, ties broken by the lower index.
+
+    Args:
+        x: [N, V] values (not differentiated here).
+        k: how many per row, k <= V.
+
+    Returns:
+        [N, k] int64 indices. O(V) per row like torch.topk: the full-vocabulary work is one topk and one comparison
+        with the k-th value; only rows with more tied candidates than slots at the boundary pay a cumsum.
+    """
+    with torch.no_grad():
+        vals, idx = torch.topk(x, k, dim=-1, sorted=True)
+        thr = vals[:, -1:]
+        slots = (vals == thr).sum(-1)  # boundary slots torch filled
+        candidates = (x == thr).sum(-1)  # entries that could fill them
+        ambiguous = (candidates > slots).nonzero(as_tuple=True)[0]
+        if ambiguous.numel():
+            xa, ta = x[ambiguous], thr[ambiguous]
+            eq = xa == ta
+            need = k - (xa > ta).sum(-1, keepdim=True)
+            sel = (xa > ta) | (eq & (eq.cumsum(-1) <= need))
+            idx = idx.clone()
+            idx[ambiguous] = sel.nonzero(as_tuple=True)[1].view(-1, k)
+        # rank order: value descending, lower index first among equal values
+        idx = idx.sort(dim=-1).values
+        order = torch.sort(x.gather(1, idx), dim=-1, descending=True, stable=True).indices
+        return idx.gather(1, order)
+
+
+def standardized_probs(
+    values: torch.Tensor, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, eps: float = 1e-7
+) -> torch.Tensor:
+    """Turn sorted top-K values into the vectors that ULD compares.
+
+    Args:
+        values: [N, K] top-K values per row, sorted descending (any float dtype; computed in fp32).
+        zscore: standardize each row over its K values first (InfiFusion's "logit standardization").
+        softmax: compare softmax(l^ / tau) (default); if False, compare the standardized values l^ themselves.
+        temperature: tau, divides the (standardized) values before the softmax.
+        eps: added to the standard deviation, as in the paper.
+
+    Returns:
+        [N, K] tensor in fp32 (fp64 inputs stay fp64).
+    """
+    x = _at_least_fp32(values)
+    if zscore:
+        x = (x - x.mean(dim=-1, keepdim=True)) / (x.std(dim=-1, keepdim=True) + eps)
+    if softmax:
+        x = torch.softmax(x / temperature, dim=-1)
+    return x
+
+
+def uld_rows_reference(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    *,
+    k: int = 10,
+    zscore: bool = True,
+    softmax: bool = True,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+    tail: bool = False,
+) -> torch.Tensor:
+    """Per-row ULD distance d for rows that are all valid.
+
+    Args:
+        student_logits: [N, V] student logits at the aligned answer positions (fp32 or bf16).
+        teacher_values: [N, Kt] teacher top-K values, sorted descending (log-probs or logits; log-probs with tail).
+        k: the student's K; the effective K is min(k, Kt, V).
+        tail: the tail-mass bucket variant: compare true probabilities instead of a softmax over the K values, plus
+            one bucket for the mass outside the top-K. Student: ``p_i = exp(l_i - logsumexp(z))`` over the whole
+            vocabulary, tail ``1 - sum p_i``; teacher: ``exp(l_s)`` of its cached log-probs, tail ``1 - sum``.
+            ``d = sum_i |p_o(i) - p_s(i)| + |tail_o - tail_s|``. Needs zscore=False, softmax=True, temperature=1
+            and log-prob teacher values; the gradient then reaches every logit of the row (through logsumexp).
+
+    Returns:
+        [N] fp32 distances, differentiable with respect to ``student_logits`` (the gradient is nonzero only at the
+        K selected entries of each row; among tied values the lower vocabulary index is selected, see `topk_canonical`).
+    """
+    assert student_logits.dim() == 2 and teacher_values.dim() == 2, "expected [N, V] logits and [N, Kt] values"
+    assert student_logits.shape[0] == teacher_values.shape[0], (
+        f"row count differs: logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_values.shape)}"
+    )
+    k_eff = min(k, teacher_values.shape[1], student_logits.shape[1])
+    if tail and (zscore or not softmax or temperature != 1.0):
+        raise ValueError(
+            f"the tail-mass bucket compares true probabilities: it needs zscore=False, softmax=True, temperature=1, "
+            f"got zscore={zscore}, softmax={softmax}, temperature={temperature}"
+        )
+    if zscore and k_eff < 2:
+        raise ValueError(f"z-score needs at least 2 values per row, got k={k_eff}")
+    logits = _at_least_fp32(student_logits)
+    student_top = logits.gather(1, topk_canonical(logits.detach(), k_eff))
+    teacher_top = teacher_values[:, :k_eff].to(student_top.dtype)
+    if tail:
+        p_student = torch.exp(student_top - torch.logsumexp(logits, dim=-1, keepdim=True))
+        p_teacher = torch.exp(teacher_top)
+        tail_gap = (1.0 - p_student.sum(-1)) - (1.0 - p_teacher.sum(-1))
+        return (p_student - p_teacher).abs().sum(dim=-1) + tail_gap.abs()
+    opts = dict(zscore=zscore, softmax=softmax, temperature=temperature, eps=eps)
+    p_student = standardized_probs(student_top, **opts)
+    p_teacher = standardized_probs(teacher_top, **opts)
+    return (p_student - p_teacher).abs().sum(dim=-1)
+
+
+def uld_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    *,
+    k: int = 10,
+    zscore: bool = True,
+    softmax: bool = True,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+    tail: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """ULD loss over rows, with a mask for ignored rows and optional per-row weights.
+
+    Args:
+        student_logits: [N, V] student logits (fp32 or bf16).
+        teacher_values: [N, Kt] teacher top-K values sorted descending.
+        tail: the tail-mass bucket variant, see `uld_rows_reference`.
+        row_mask: [N] bool, False rows are ignored (zero loss, zero gradient). None = all rows valid.
+        row_weights: [N] float weights. With weights, ``reduction="sum"`` gives ``sum_i w_i d_i``; this is how the
+            trainer takes "mean over a sample's positions, then mean over the batch" (w = 1 / (n_b * B)), and how
+            several teachers are combined.
+        reduction: "mean" (over valid rows, weights ignored unless given: then weighted mean), "sum", or "none"
+            ([N], zeros at masked rows).
+
+    Returns:
+        A scalar (fp32) for "mean"/"sum", or [N] for "none".
+    """
+    n = student_logits.shape[0]
+    if row_mask is None:
+        row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
+    idx = row_mask.nonzero(as_tuple=True)[0]
+    rows = _valid_rows(idx, n)
+    d_valid = uld_rows_reference(
+        rows(student_logits),
+        rows(teacher_values),
+        k=k,
+        zscore=zscore,
+        softmax=softmax,
+        temperature=temperature,
+        eps=eps,
+        tail=tail,
+    )
+    return reduce_rows(_scatter_rows(d_valid, idx, n), row_mask, row_weights, reduction)
+
+
+def reduce_rows(
+    dist: torch.Tensor, row_mask: torch.Tensor, row_weights: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """Reduce per-row distances [N] (zeros at masked rows) as every loss here documents: "none" -> [N], "sum"
+    (weighted when ``row_weights`` [N] is given), "mean" (over valid rows; weighted mean with weights). The
+    kernels' wrappers (fusion_cache/train/losses.py) reduce with this same function."""
+    if reduction == "none":
+        return dist
+    w = None if row_weights is None else torch.where(row_mask, row_weights.to(dist.dtype), torch.zeros_like(dist))
+    if reduction == "sum":
+        return dist.sum() if w is None else (w * dist).sum()
+    if reduction == "mean":
+        n_valid = int(row_mask.sum())
+        if n_valid == 0:
+            return dist.sum() * 0.0  # keeps the graph: backward() gives zero gradients instead of failing
+        return dist.sum() / n_valid if w is None else (w * dist).sum() / w.sum().clamp_min(1e-12)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _valid_rows(idx: torch.Tensor, n: int):
+    """Row selection for the valid rows ``idx`` of an [N, ...] tensor: the tensor itself when every row is valid.
+
+    Why: indexing copies the [N, V] logits in the forward and adds a dense [N, V] scatter in the backward (2.5 GB
+    each at N=4096, V=151936); the gradient is the same either way."""
+    if idx.numel() == n:
+        return lambda t: t
+    return lambda t: t[idx]
+
+
+def _scatter_rows(d_valid: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """[N] distances: ``d_valid`` at rows ``idx``, zeros elsewhere (masked rows are never computed)."""
+    return torch.zeros(n, dtype=d_valid.dtype, device=d_valid.device).index_put((idx,), d_valid)
+
+
+def topk_kl_rows_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    k: int | None = None,
+    tail: bool = True,
+) -> torch.Tensor:
+    """Per-row forward KL(teacher || student) over the teacher's top-K tokens, for students that share the
+    teacher's vocabulary (the identity-aware counterpart of ULD; DistillKit's and Megatron's sparse KD loss).
+
+    With ``tail`` the K tokens plus one "everything else" bucket form a proper distribution on both sides, so the
+    result is a true KL (>= 0, 0 iff the student matches the teacher on that partition):
+
+        p_i = exp(teacher_logprobs_i),  q_i = softmax(student_logits)[teacher_ids_i]   for i < K
+        p_tail = 1 - sum_i p_i,          q_tail = 1 - sum_i q_i
+        d = sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)
+
+    Without ``tail`` the teacher's top-K is renormalized (p^) and compared with the student's log-probs at those ids:
+    ``sum_i p^_i (log p^_i - log q_i) = KL(p^ || q^) - log(sum_i q_i)`` (q^: the student renormalized on the same ids),
+    minimized by a student that puts all its mass on the teacher's top-K in the teacher's proportions.
+
+    Args:
+        student_logits: [N, V] (fp32/bf16; computed in fp32).
+        teacher_ids: [N, Kt] int64 token ids of the teacher's top-K, in the student's vocabulary.
+        teacher_logprobs: [N, Kt] the teacher's log-probs of those tokens (true log-probs: full-vocabulary softmax).
+        k: use the teacher's first k entries (None: all Kt).
+
+    Returns:
+        [N] per-row divergences.
+    """
+    kt = teacher_ids.shape[1]
+    k_eff = kt if k is None else min(k, kt)
+    logits = _at_least_fp32(student_logits)
+    log_q_all = torch.log_softmax(logits, dim=-1)
+    ids = teacher_ids[:, :k_eff].long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"teacher_ids must lie in the student's vocabulary [0, {logits.shape[1]}), got range "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    log_q = log_q_all.gather(1, ids)  # [N, k]
+    log_p = teacher_logprobs[:, :k_eff].to(log_q.dtype)
+    if not tail:
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    tiny = torch.finfo(log_q.dtype).tiny
+    p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+    q_tail = (1.0 - log_q.exp().sum(-1)).clamp_min(tiny)
+    return kl + torch.xlogy(p_tail, p_tail) - p_tail * torch.log(q_tail)
+
+
+def topk_kl_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    row_mask: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
+    *,
+    k: int | None = None,
+    tail: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """`topk_kl_rows_reference` over rows, with the same mask, weights and reductions as `uld_loss_reference`."""
+    n = student_logits.shape[0]
+    if row_mask is None:
+        row_mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
+    idx = row_mask.nonzero(as_tuple=True)[0]
+    rows = _valid_rows(idx, n)
+    d_valid = topk_kl_rows_reference(rows(student_logits), rows(teacher_ids), rows(teacher_logprobs), k=k, tail=tail)
+    return reduce_rows(_scatter_rows(d_valid, idx, n), row_mask, row_weights, reduction)

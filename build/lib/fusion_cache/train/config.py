@@ -1,0 +1,92 @@
+"""Settings of `fusion-cache train` (`train.trainer.run_train`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic import field_validator
+from pydantic import model_validator
+
+from fusion_cache.config import StrictConfig
+
+
+class TrainConfig(StrictConfig):
+    """Settings of `fusion-cache train`."""
+
+    student: str = Field(description="student (pivot) model: preset, local directory or HF id")
+    shards: list[str] = Field(min_length=1, description="one cache directory per teacher")
+    combine: Literal["mean", "sum", "uncertainty"] = Field(
+        "mean", description="how the teachers' distillation terms combine (fusion_cache/train/weights.py)"
+    )
+    align: Literal["bytes", "index"] = Field(
+        "bytes", description="pair answer rows with a teacher of another tokenizer by byte span or by index (ULD)"
+    )
+    uncertainty_temperature: float = Field(1.0, gt=0.0, description="T in softmax_s(-H_s,t / T) (combine=uncertainty)")
+    join_window: int = Field(1024, ge=1, description="reads a sample may wait for its partners in other caches")
+    out: str = Field(description="run directory")
+    lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*KD")
+    top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10); kl uses every cached entry")
+    zscore: bool = True
+    softmax: bool = True
+    temperature: float = Field(1.0, gt=0.0)
+    kd_loss: list[str] = Field(
+        ["uld"],
+        min_length=1,
+        description="distillation loss: one for every teacher, or one per cache in --shards order "
+        "(fusion_cache/train/losses.py: uld, kl, auto)",
+    )
+    tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1, description="samples per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the cache")
+    epochs: float = Field(1.0, gt=0.0)
+    max_length: int = Field(1024, ge=2, description="longest student sequence; longer ones are truncated")
+    shuffle_buffer: int = Field(256, ge=1, description="rows held for shuffling; memory does not grow with the cache")
+    seed: int = 0
+    dtype: str | None = None
+    grad_clip: float = Field(1.0, gt=0.0)
+    log_every: int = Field(10, ge=1)
+    save: bool = True
+    # ---- robustness and scale (fusion_cache/train/checkpoint.py, fusion_cache/train/distributed.py)
+    checkpoint_every: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
+    keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None: all)")
+    resume: bool = Field(False, description="continue from the newest checkpoint in <out>/checkpoints")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: this rank's GPU if any, else CPU")
+    autocast: Literal["none", "bf16"] = Field("none", description="bf16 autocast of the forward pass")
+    grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    fsdp: bool = Field(False, description="shard the student with FSDP2 (torchrun, WORLD_SIZE > 1) instead of DDP")
+
+    @model_validator(mode="after")
+    def _tail_compares_probabilities(self):
+        if self.tail and (self.zscore or not self.softmax or self.temperature != 1.0):
+            raise ValueError(
+                "tail=True compares the teacher's true top-K probabilities and tail mass: it needs zscore=False, "
+                f"softmax=True, temperature=1 (got zscore={self.zscore}, softmax={self.softmax}, "
+                f"temperature={self.temperature})"
+            )
+        return self
+
+    @field_validator("kd_loss", mode="before")
+    @classmethod
+    def _one_or_many_losses(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known_losses_one_per_cache(self):
+        from fusion_cache.train.losses import LOSS_CHOICES  # the registry (imports torch): only when validating
+
+        bad = [name for name in self.kd_loss if name not in LOSS_CHOICES]
+        if bad:
+            raise ValueError(f"kd_loss: unknown value {bad[0]!r}; valid values: {', '.join(LOSS_CHOICES)}")
+        if len(self.kd_loss) not in (1, len(self.shards)):
+            raise ValueError(
+                f"kd_loss: give one loss for every teacher or one per cache ({len(self.shards)}), "
+                f"got {len(self.kd_loss)}: {self.kd_loss}"
+            )
+        if len(set(self.shards)) != len(self.shards):
+            raise ValueError(f"shards: a cache is given twice: {self.shards}")
+        return self

@@ -1,0 +1,171 @@
+"""One forward pass of the student on a collated batch: CE on the answer tokens plus each teacher's own
+distillation term, combined (`train.weights`) into ``L = (1 - lambda) * CE + lambda * sum_s sum_r w_sr d_sr``.
+
+Shared by training and evaluation so the numbers they report are computed the same way. The lm_head is applied
+only at the positions that predict answer tokens: with a 49k-262k vocabulary the head dominates a small student's
+compute, and prompt positions carry no loss, so the [B, L, V] logits are never materialized. On the fused path
+(a GPU) the [M, V] answer logits are not materialized either: every teacher's term is computed in the same chunked
+pass over the lm_head as the CE (`fusion_cache.kernels.fused_linear.fused_linear_terms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fusion_cache.kernels.fused_linear import FusedTerm
+from fusion_cache.kernels.fused_linear import fused_linear_terms
+from fusion_cache.train.losses import DistillLoss
+from fusion_cache.train.losses import resolve_backend
+
+
+@dataclass
+class StepOutput:
+    """Loss terms of one batch (``loss`` carries the graph; the others are detached).
+
+    Attributes:
+        loss: (1 - lambda) * ce + lambda * kd.
+        ce: token-mean cross-entropy over the answer tokens.
+        kd: the combined distillation term, as weighted into the loss.
+        answer_tokens: M.
+        top1_hits, top1_total: student argmax == teacher top-1, over the rows of teachers with known ids.
+        teacher_kd: [S] each teacher's own term (its loss, mean over its rows then over the batch's samples that
+            have it), None where no sample of the batch has the teacher.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+    answer_tokens: int
+    top1_hits: int
+    top1_total: int
+    teacher_kd: list[float | None]
+
+
+def answer_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """[M, H] final hidden states at the positions that predict answer tokens (flat ``batch["answer_index"]``)."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[batch["answer_index"]]
+
+
+def answer_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Student logits at the positions that predict answer tokens.
+
+    Returns:
+        [M, V] logits, row m for flat position ``batch["answer_index"][m]`` of the [B * L] sequence positions.
+    """
+    rows = answer_hidden(model, batch)  # [M, H]
+    logits = model.get_output_embeddings()(rows)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-style soft-capping, as the model's own forward applies it
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """logits[rows] without a copy when ``rows`` is every row in order (a same-tokenizer teacher)."""
+    if rows.numel() == logits.shape[0] and (rows.numel() == 0 or int(rows[-1]) == rows.numel() - 1):
+        return logits
+    return logits[rows]
+
+
+def forward_losses(
+    model: torch.nn.Module,
+    batch: dict,
+    losses: list[DistillLoss],
+    *,
+    lambda_: float,
+    fused_linear: bool | None = None,
+) -> StepOutput:
+    """L = (1 - lambda) * CE + lambda * KD for one `train.batch.collate` batch.
+
+    Args:
+        model: the student (a transformers causal LM).
+        batch: a collated batch; ``batch["teachers"][s]`` is scored with ``losses[s]``.
+        losses: [S] one loss per teacher (`train.losses.make_loss`).
+        lambda_: the distillation weight. With lambda == 0 the teachers' terms are computed for the logs only,
+            without a graph.
+        fused_linear: take CE and every teacher's term in one chunked pass over the lm_head, so the [M, V] answer
+            logits never exist whole. None (default): on where the loss backend is Triton (a GPU) and the model has
+            no logit soft-capping; the dense path otherwise (CPU).
+    """
+    if len(losses) != len(batch["teachers"]):
+        raise ValueError(f"{len(losses)} losses for a batch of {len(batch['teachers'])} teachers")
+    head = model.get_output_embeddings()
+    soft_cap = getattr(model.config, "final_logit_softcapping", None)
+    backend = resolve_backend(head.weight.device)
+    if fused_linear is None:
+        fused_linear = not soft_cap and backend == "triton"
+    if fused_linear:
+        if soft_cap:
+            raise ValueError(f"fused_linear does not apply logit soft-capping (final_logit_softcapping={soft_cap})")
+        return _fused(model, head, batch, losses, lambda_=lambda_, backend=backend)
+    return loss_from_logits(answer_logits(model, batch), batch, losses, lambda_=lambda_)
+
+
+def loss_from_logits(logits: torch.Tensor, batch: dict, losses: list[DistillLoss], *, lambda_: float) -> StepOutput:
+    """`forward_losses` from logits a caller already has (its own model or training loop).
+
+    Args:
+        logits: [M, V] the student's logits at the answer positions, row m for flat position
+            ``batch["answer_index"][m]`` of the [B * L] sequence positions (``model(...).logits.flatten(0, 1)[
+            batch["answer_index"]]`` for a causal LM).
+        batch: a `train.batch.collate` batch.
+        losses: [S] one loss per teacher.
+        lambda_: the distillation weight; with lambda == 0 the teachers' terms are computed without a graph.
+
+    Example:
+        >>> out = loss_from_logits(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ...                        .flatten(0, 1)[b["answer_index"]], b, [make_loss("kl")], lambda_=0.5)
+        >>> out.loss.backward()
+    """
+    if len(losses) != len(batch["teachers"]):
+        raise ValueError(f"{len(losses)} losses for a batch of {len(batch['teachers'])} teachers")
+    ce = F.cross_entropy(logits.float(), batch["answer_targets"])
+    kd = logits.new_zeros((), dtype=torch.float32)
+    per_teacher: list[float | None] = []
+    hits = total = 0
+    for t, loss in zip(batch["teachers"], losses, strict=True):
+        if t is None:
+            per_teacher.append(None)
+            continue
+        rows = _rows(logits, t["rows"])  # [N_s, V]
+        with torch.set_grad_enabled(lambda_ > 0 and torch.is_grad_enabled()):
+            d = loss.rows(rows if lambda_ > 0 else rows.detach(), t)  # [N_s]
+        kd = kd + (t["loss_weights"].to(d.dtype) * d).sum()
+        per_teacher.append(float((t["log_weights"].to(d.dtype) * d.detach()).sum()))
+        with torch.no_grad():
+            known = t["top1"] >= 0
+            hits += int((rows.argmax(-1) == t["top1"])[known].sum())
+            total += int(known.sum())
+    loss_value = (1.0 - lambda_) * ce + lambda_ * kd if lambda_ > 0 else ce
+    return StepOutput(loss_value, ce.detach(), kd.detach(), int(batch["answer_targets"].numel()), hits, total,
+                      per_teacher)  # fmt: skip
+
+
+def _fused(model, head, batch, losses: list[DistillLoss], *, lambda_: float, backend: str) -> StepOutput:
+    """`forward_losses` through the chunked fused lm_head path: the same numbers, O(chunk x V) logits memory."""
+    hidden = answer_hidden(model, batch)  # [M, H]
+    present = [(t, loss) for t, loss in zip(batch["teachers"], losses, strict=True) if t is not None]
+    terms = [FusedTerm(t["rows"], t["loss_weights"].float(), loss.grad_fn(t, t["loss_weights"].float(), backend))
+             for t, loss in present]  # fmt: skip
+    out = fused_linear_terms(
+        hidden, head.weight, terms, batch["answer_targets"], head.bias,
+        ce_weight=1.0 - lambda_, kd_weight=lambda_, ce_backend=backend,
+    )  # fmt: skip
+    distances = iter(out.distances)
+    per_teacher: list[float | None] = []
+    hits = total = 0
+    for t in batch["teachers"]:
+        if t is None:
+            per_teacher.append(None)
+            continue
+        d = next(distances)
+        per_teacher.append(float((t["log_weights"].to(d.dtype) * d).sum()))
+        known = t["top1"] >= 0
+        hits += int((out.argmax[t["rows"]] == t["top1"])[known].sum())
+        total += int(known.sum())
+    return StepOutput(out.loss, out.ce, out.kd, int(batch["answer_targets"].numel()), hits, total, per_teacher)

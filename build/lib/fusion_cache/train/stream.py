@@ -1,0 +1,367 @@
+"""Streams S >= 1 teacher caches into student training examples; memory does not grow with the caches.
+
+    stream = DistillStream(["cache/a", "cache/b"], tokenizer, chat_template=True, max_length=1024)
+    for ex in stream: ...      # ex.teachers[s]: teacher s's aligned rows of this sample, or None
+
+The caches are joined on sample_id (`train.join`; one cache is the S = 1 case: no join at all), each sample is
+rendered once for the student (or its cached tokens are reused when a teacher has the student's tokenizer and
+template), and each teacher's answer rows are paired with the student's (`train.align`): a teacher with the
+student's tokenizer row for row, another by byte span (default) or by index (ULD's alignment). Examples pass
+through a bounded, seeded shuffle buffer. The stream is resumable at any example: `DistillIterator.state_dict` is
+small JSON (the join's positions, the shuffle RNG and the buffered samples as row positions), and restoring it
+decodes only the rows it names again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.row import CacheRow
+from fusion_cache.capture.render import render
+from fusion_cache.capture.render import tokenizer_hash
+from fusion_cache.errors import ConfigError
+from fusion_cache.train.align import AlignStats
+from fusion_cache.train.align import TokenSpans
+from fusion_cache.train.align import align
+from fusion_cache.train.align import align_index
+from fusion_cache.train.join import CacheJoin
+from fusion_cache.train.join import JoinCounts
+from fusion_cache.train.join import RowRef
+from fusion_cache.train.join import Sample
+from fusion_cache.train.join import fetch_rows
+from fusion_cache.train.join import unique_names
+from fusion_cache.train.weights import topk_entropy
+
+
+@dataclass
+class TeacherTarget:
+    """One teacher's signal for one sample (arrays owned by the example, never views of a mapped shard).
+
+    Attributes:
+        student_rows: int64 [P] student answer rows (increasing) that the teacher is aligned to.
+        values: float32 [P, Kt] the teacher's top-K log-probs at the paired rows (sorted descending).
+        ids: int32 [P, Kt] the teacher's top-K token ids in the student's vocabulary (a teacher with the student's
+            tokenizer and a codec that stores ids), else None.
+        entropy: float64 [P] entropy of the teacher's cached distribution at those rows (`weights.topk_entropy`),
+            when the stream was asked for it (the ``uncertainty`` combine), else None.
+    """
+
+    student_rows: np.ndarray
+    values: np.ndarray
+    ids: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+
+    @property
+    def top1(self) -> np.ndarray | None:
+        """int32 [P] the teacher's most likely ids (None when ``ids`` is)."""
+        return None if self.ids is None else self.ids[:, 0]
+
+
+@dataclass
+class Example:
+    """One sample for the student with every teacher that has it (``teachers[s]`` None: absent or nothing aligned).
+
+    Attributes:
+        sample_id: the sample's id (32 hex chars).
+        input_ids: int64 [n] student tokens.
+        answer_start: index of the first answer token.
+        teachers: [S] per teacher, its aligned rows or None.
+    """
+
+    sample_id: str
+    input_ids: np.ndarray
+    answer_start: int
+    teachers: list[TeacherTarget | None]
+
+
+class DistillStream(torch.utils.data.IterableDataset):
+    """Iterate Examples from S >= 1 caches joined on sample_id, for ``epochs`` passes (None = forever).
+
+    Args:
+        caches: one cache (a path or fsspec URL) per teacher.
+        tokenizer: the student's tokenizer.
+        chat_template: render with the student's chat template (False: plain text).
+        max_length: student sequences are truncated to this many tokens.
+        align_mode: ``bytes`` (default) or ``index``, for teachers with another tokenizer; a teacher with the
+            student's tokenizer and template is always paired row for row (identical tokens).
+        entropy_k: compute each teacher's entropy over its top-``entropy_k`` values (the ``uncertainty``
+            combine needs it); None skips it.
+        shuffle_buffer: examples held for shuffling (1 = join order); seed: shuffle seed; epoch e of rank r uses
+            ``seed + e + 1_000_003 * r``.
+        join_window: see `train.join.CacheJoin`.
+        rank, world_size: data parallelism: this rank keeps the joined samples whose position in join order is
+            ``rank`` modulo ``world_size`` (disjoint across ranks, together every sample, counts within one).
+
+    ``iter(stream)`` starts at the beginning; ``stream.iterator(state)`` continues exactly where an earlier
+    `DistillIterator.state_dict` was taken, yielding the same examples in the same order.
+
+    Attributes:
+        names: one unique label per cache (the teachers' names).
+        same_tokenizer: [S] whether teacher s has the student's tokenizer and template.
+        join_counts: how many samples had every teacher and which were missing (cumulative over passes).
+        align_stats: per teacher, the aligned and dropped answer rows so far.
+        skipped: samples left out: no answer token after truncation, or no row aligned to any teacher.
+    """
+
+    def __init__(
+        self,
+        caches: list[str] | str,
+        tokenizer: Any,
+        *,
+        chat_template: bool,
+        max_length: int,
+        align_mode: str = "bytes",
+        entropy_k: int | None = None,
+        shuffle_buffer: int = 1,
+        seed: int = 0,
+        epochs: int | None = 1,
+        join_window: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        caches = [caches] if isinstance(caches, str) else list(caches)
+        self.readers = [CacheReader(c) for c in caches]
+        self.names = unique_names([r.manifest.teacher.name for r in self.readers])
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.max_length = max_length
+        self.align_mode = align_mode
+        self.entropy_k = entropy_k
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epochs = epochs
+        self.join_window = join_window
+        self.rank = rank
+        self.world_size = world_size
+        student_hash = tokenizer_hash(tokenizer)
+        self.same_tokenizer = [
+            student_hash == r.manifest.teacher.tokenizer_hash and chat_template == r.manifest.teacher.chat_template
+            for r in self.readers
+        ]
+        self.join_counts = JoinCounts(list(self.names))
+        self.align_stats = {n: AlignStats() for n in self.names}
+        self.skipped = {"no_answer_token": 0, "nothing_aligned": 0}
+
+    @property
+    def n_teachers(self) -> int:
+        return len(self.readers)
+
+    def has_ids(self, s: int) -> bool:
+        """Whether teacher s's examples carry its top-K ids in the student's vocabulary."""
+        return self.same_tokenizer[s] and self.readers[s].codec.has_ids
+
+    def counts(self) -> dict:
+        """The join's and the alignments' counts so far (for logs and the run summary)."""
+        return {
+            "join": self.join_counts.as_dict(),
+            "align": {n: s.as_dict() for n, s in self.align_stats.items()},
+            "skipped": dict(self.skipped),
+            "align_mode": self.align_mode,
+        }
+
+    def fingerprints(self) -> list[str]:
+        """The caches' config fingerprints, in order (a saved position is only valid for these caches)."""
+        return [r.manifest.config_fingerprint for r in self.readers]
+
+    # ------------------------------------------------------------------ one sample
+    def _student_view(self, rows: list[CacheRow | None]) -> tuple[np.ndarray, TokenSpans]:
+        # a teacher with the student's tokenizer and template already holds the student's tokens
+        for s, row in enumerate(rows):
+            if row is not None and self.same_tokenizer[s]:
+                ids, start, b0, b1 = row.input_ids, row.answer_start, row.token_byte_start, row.token_byte_end
+                break
+        else:
+            row = next(r for r in rows if r is not None)
+            r = render(self.tokenizer, json.loads(row.conversation), chat_template=self.chat_template)
+            ids, start, b0, b1 = r.input_ids, r.answer_start, r.byte_start, r.byte_end
+        # a copy: a raw-codec row's arrays are views of the memory-mapped shard, and an example that waits long in
+        # the shuffle buffer would keep its whole shard mapped and resident (benchmarks/bench_train.py (c))
+        ids = np.array(ids[: self.max_length], dtype=np.int64)
+        return ids, TokenSpans(b0, b1, start, max(0, len(ids) - start))
+
+    def example(self, rows: list[CacheRow | None]) -> Example | None:
+        """The student's view of one joined sample (None when nothing is left to train on)."""
+        ids, spans = self._student_view(rows)
+        if spans.n_rows < 1:
+            self.skipped["no_answer_token"] += 1
+            return None
+        targets: list[TeacherTarget | None] = []
+        for s, row in enumerate(rows):
+            if row is None:
+                targets.append(None)
+                continue
+            if self.same_tokenizer[s]:
+                a = align_index(spans.n_rows, row.n_answer)
+            else:
+                teacher = TokenSpans(row.token_byte_start, row.token_byte_end, row.answer_start, row.n_answer)
+                a = align(self.align_mode, spans, teacher)
+            self.align_stats[self.names[s]].add(a)
+            if a.aligned == 0:
+                targets.append(None)
+                continue
+            values = np.asarray(row.topk_logprobs[a.teacher_rows], dtype=np.float32)  # fancy indexing: a copy
+            ids_s = np.asarray(row.topk_ids[a.teacher_rows], dtype=np.int32) if self.has_ids(s) else None
+            entropy = topk_entropy(values, self.entropy_k) if self.entropy_k is not None else None
+            targets.append(TeacherTarget(a.student_rows, values, ids_s, entropy))
+        if all(t is None for t in targets):
+            self.skipped["nothing_aligned"] += 1
+            return None
+        sample_id = next(r.sample_id for r in rows if r is not None)
+        return Example(sample_id, ids, spans.answer_start, targets)
+
+    # ------------------------------------------------------------------ iteration
+    def join(self, state: dict | None = None) -> CacheJoin:
+        """One pass of the join (from ``state`` when given); with one cache, only this rank's rows are decoded."""
+        wanted = None
+        if self.n_teachers == 1 and self.world_size > 1:
+            rank, world = self.rank, self.world_size
+            wanted = lambda ordinal: ordinal % world == rank  # noqa: E731
+        return CacheJoin(
+            self.readers, self.names, window=self.join_window, counts=self.join_counts, wanted=wanted, state=state
+        )
+
+    def epoch_rng(self, epoch: int) -> random.Random:
+        """The shuffle RNG of ``epoch`` on this rank (rank 0 of 1 keeps the single-process seeds)."""
+        return random.Random(self.seed + epoch + 1_000_003 * self.rank)
+
+    def iterator(self, state: dict | None = None) -> DistillIterator:
+        """An iterator from the start, or from ``state`` (a `DistillIterator.state_dict` of this stream's settings)."""
+        return DistillIterator(self, state)
+
+    def __iter__(self) -> Iterator[Example]:
+        return self.iterator()
+
+
+def check_rank_layout(state: dict, rank: int, world_size: int) -> None:
+    """Refuse a saved stream position taken by another rank layout (each rank saved its own part of the data)."""
+    if (state.get("rank"), state.get("world_size")) != (rank, world_size):
+        raise ConfigError(
+            f"stream state: saved by rank {state.get('rank')} of {state.get('world_size')}, "
+            f"loaded by rank {rank} of {world_size}; resume with the same number of processes"
+        )
+
+
+class DistillIterator:
+    """The stateful iterator of a `DistillStream`; ``state_dict()`` between two examples captures it exactly.
+
+    The state is small JSON: the epoch, the join's state (`CacheJoin.state_dict`: read positions and the samples
+    waiting for partners), the shuffle RNG's state, the buffered examples as the row positions of their samples
+    (decoded and rebuilt on restore instead of being stored), and the counters.
+    """
+
+    def __init__(self, stream: DistillStream, state: dict | None = None):
+        self.stream = stream
+        self._epoch = 0
+        self._yielded = 0  # examples returned in this epoch
+        self._rng = stream.epoch_rng(0)
+        self._buf: list[tuple[list[RowRef | None], Example]] = []
+        self._join: CacheJoin | None = stream.join()  # None: this epoch's samples are all read; draining
+        if state is not None:
+            self._restore(state)
+        self._gen = self._run()
+
+    def __iter__(self) -> DistillIterator:
+        return self
+
+    def __next__(self) -> Example:
+        return next(self._gen)
+
+    def state_dict(self) -> dict:
+        """JSON-serializable position after the last example returned (see the class docstring)."""
+        s = self.stream
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "cache_fingerprints": s.fingerprints(),
+            "rank": s.rank,
+            "world_size": s.world_size,
+            "epoch": self._epoch,
+            "yielded": self._yielded,
+            "join": self._join.state_dict() if self._join is not None else None,
+            "rng": [version, list(internal), gauss],
+            "buffer": [[r.to_json() if r is not None else None for r in refs] for refs, _ in self._buf],
+            "counts": {
+                "join": s.join_counts.as_dict(),
+                "align": {n: vars(a) for n, a in s.align_stats.items()},
+                "skipped": dict(s.skipped),
+            },
+        }
+
+    def _restore(self, state: dict) -> None:
+        s = self.stream
+        if state.get("cache_fingerprints") != s.fingerprints():
+            raise ConfigError(
+                f"stream state: saved for caches with fingerprints {state.get('cache_fingerprints')}, but the "
+                f"caches given have {s.fingerprints()}; resume with the caches the run started with, in that order"
+            )
+        check_rank_layout(state, s.rank, s.world_size)
+        self._epoch = int(state["epoch"])
+        self._yielded = int(state["yielded"])
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self._join = s.join(state["join"]) if state["join"] is not None else None
+        # rebuild the buffered examples from their rows; then put back the counters as they were saved
+        buffered = [[RowRef.from_json(r) if r is not None else None for r in refs] for refs in state["buffer"]]
+        rows = [
+            fetch_rows(reader, [refs[i] for refs in buffered if refs[i] is not None])
+            for i, reader in enumerate(s.readers)
+        ]
+        self._buf = []
+        for refs in buffered:
+            ex = s.example([rows[i][r] if r is not None else None for i, r in enumerate(refs)])
+            if ex is None:
+                raise ConfigError(f"stream state: a buffered sample at {refs} has nothing to train on")
+            self._buf.append((refs, ex))
+        counts = state["counts"]
+        s.join_counts.load(counts["join"])
+        for name, a in counts["align"].items():
+            vars(s.align_stats[name]).update({k: int(v) for k, v in a.items()})
+        s.skipped.update({k: int(v) for k, v in counts["skipped"].items()})
+
+    def _run(self) -> Iterator[Example]:
+        s = self.stream
+        while s.epochs is None or self._epoch < s.epochs:
+            if self._join is not None:  # still reading this epoch's samples
+                for sample in self._join:
+                    ex = self._example(sample)
+                    if ex is None:
+                        continue
+                    if s.shuffle_buffer <= 1:
+                        self._yielded += 1
+                        yield ex
+                        continue
+                    self._buf.append((sample.refs, ex))
+                    if len(self._buf) >= s.shuffle_buffer:
+                        _, out = self._buf.pop(self._rng.randrange(len(self._buf)))
+                        self._yielded += 1
+                        yield out
+                self._join = None
+                self._rng.shuffle(self._buf)  # the drain order; saved with the buffer, so it survives a resume
+            while self._buf:
+                _, out = self._buf.pop(0)
+                self._yielded += 1
+                yield out
+            if self._yielded == 0 and (s.epochs is None or s.epochs > 1):  # every further epoch would be empty too
+                raise ConfigError(
+                    f"rank {s.rank} of {s.world_size} got no usable samples in epoch {self._epoch} "
+                    f"({', '.join(str(r.path) for r in s.readers)}); use fewer processes or a larger cache"
+                )
+            self._epoch += 1
+            self._yielded = 0
+            self._rng = s.epoch_rng(self._epoch)
+            self._join = s.join() if s.epochs is None or self._epoch < s.epochs else None
+
+    def _example(self, sample: Sample) -> Example | None:
+        s = self.stream
+        if sample.ordinal % s.world_size != s.rank:
+            return None
+        return s.example(sample.rows)

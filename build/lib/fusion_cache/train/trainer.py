@@ -1,0 +1,493 @@
+"""Stage two: train a student (pivot) by streaming S >= 1 teacher caches with (1 - lambda) * CE + lambda * KD.
+
+    fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
+    fusion-cache train --student ./student --shards ./cache/a --shards ./cache/b --kd-loss kl --kd-loss uld ...
+
+One path for any number of teachers: the caches are joined on sample_id (`train.stream`), each teacher's term uses
+its own loss (`train.losses`, chosen per teacher) and the terms combine as ``cfg.combine`` says (`train.weights`).
+
+AdamW, linear warmup then cosine decay, gradient accumulation and clipping, metrics to ``<out>/metrics.jsonl``,
+and the final model saved as safetensors (with its tokenizer) in ``<out>/model``. With ``checkpoint_every`` the run
+writes checkpoints (`fusion_cache.train.checkpoint`) that ``resume`` continues from exactly: the steps after a resume
+compute the same losses as an uninterrupted run. Under torchrun every rank trains on its own rows of the cache
+with DDP or FSDP (`fusion_cache.train.distributed`); rank 0 writes the logs, checkpoints and the model:
+
+    torchrun --nproc-per-node 2 -m fusion_cache train --student ./student --shards ./cache/smollm2 --out ./runs/ddp
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.capture.render import has_chat_template
+from fusion_cache.errors import ConfigError
+from fusion_cache.models.load import load_student
+from fusion_cache.models.load import load_tokenizer
+from fusion_cache.train import distributed
+from fusion_cache.train.batch import collate
+from fusion_cache.train.checkpoint import check_same_settings
+from fusion_cache.train.checkpoint import latest_checkpoint
+from fusion_cache.train.checkpoint import load_checkpoint
+from fusion_cache.train.checkpoint import rng_state
+from fusion_cache.train.checkpoint import save_checkpoint
+from fusion_cache.train.checkpoint import set_rng_state
+from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.distributed import DistContext
+from fusion_cache.train.losses import DistillLoss
+from fusion_cache.train.losses import TeacherTraits
+from fusion_cache.train.losses import make_loss
+from fusion_cache.train.losses import resolve_loss_names
+from fusion_cache.train.objective import forward_losses
+from fusion_cache.train.stream import DistillStream
+from fusion_cache.train.stream import Example
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warmup to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+class StudentLoss(torch.nn.Module):
+    """The student plus its loss: ``forward(batch)`` is `forward_losses`, so DDP/FSDP see one module's forward.
+
+    DDP prepares its gradient all-reduce in its own forward, and FSDP gathers the root's parameters there, so the
+    loss (which calls the decoder and the lm_head separately) must run inside a wrapped module's forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, losses: list[DistillLoss], lambda_: float):
+        super().__init__()
+        self.model = model
+        self.losses = losses
+        self.lambda_ = lambda_
+
+    def forward(self, batch: dict):
+        return forward_losses(self.model, batch, self.losses, lambda_=self.lambda_)
+
+
+def _to_device(obj, device: torch.device):
+    """Tensors (also inside the nested lists/dicts of a batch) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the summary written to ``<out>/summary.json`` and the trained model in memory."""
+
+    summary: dict
+    model: torch.nn.Module
+    tokenizer: object
+
+
+@dataclass
+class _Progress:
+    """Where the run stands: what a checkpoint stores besides weights, optimizer, scheduler, stream and RNGs."""
+
+    step: int = 0
+    answer_tokens: int = 0
+    elapsed_s: float = 0.0
+    last: dict | None = None  # the last metrics record
+
+
+def plan_steps(cfg: TrainConfig, rows: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps, epochs of the stream each rank needs); a step takes batch x accum x world samples."""
+    per_step = cfg.batch_size * cfg.grad_accum * world_size
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * rows / per_step))
+    epochs_needed = math.ceil(total_steps * per_step / max(rows, 1)) + 1
+    return total_steps, epochs_needed
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.autocast == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _config_dump(cfg: TrainConfig) -> dict:
+    return cfg.model_dump(by_alias=True)
+
+
+# ------------------------------------------------------------------------------------------- state I/O
+def _model_state(wrapped: torch.nn.Module, model: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The student's full state dict with its own (HF) names; collective under FSDP (every rank must call it)."""
+    if not cfg.fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in full.items()}
+
+
+def _optimizer_state(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict:
+    if not cfg.fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_states(wrapped, model, opt, ckpt, cfg: TrainConfig) -> None:
+    if not cfg.fsdp:
+        model.load_state_dict(ckpt.model, strict=True)
+        opt.load_state_dict(ckpt.optimizer)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(wrapped, {f"model.{k}": v for k, v in ckpt.model.items()}, options=options)
+    set_optimizer_state_dict(wrapped, opt, ckpt.optimizer, options=options)
+
+
+def _truncate_metrics(path: Path, step: int) -> dict | None:
+    """Drop metrics records after ``step`` (steps a killed run did after its last checkpoint); return the last kept."""
+    if not path.exists():
+        return None
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return json.loads(kept[-1]) if kept else None
+
+
+def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
+    """(examples iterator, progress): from the newest checkpoint when resuming, else from the start."""
+    found = latest_checkpoint(out)
+    if not cfg.resume:
+        if found is not None:
+            raise ConfigError(
+                f"out: {out} holds checkpoints of an earlier run ({found.name}); pass --resume to continue it "
+                "or choose another --out"
+            )
+        return p.stream.iterator(), _Progress()
+    if found is None:
+        log.warning("resume: no checkpoint in %s; starting from the beginning", out / "checkpoints")
+        return p.stream.iterator(), _Progress()
+    ckpt = load_checkpoint(found)
+    check_same_settings(ckpt.trainer["config"], _config_dump(cfg), found)
+    if int(ckpt.trainer["world_size"]) != ctx.world_size:
+        raise ConfigError(
+            f"{found}: written by {ckpt.trainer['world_size']} processes, resumed with {ctx.world_size}; "
+            "each rank's position in the cache is saved, so resume with the same --nproc-per-node"
+        )
+    saved_threads = ckpt.trainer.get("torch_threads")
+    if saved_threads is not None and int(saved_threads) != torch.get_num_threads():
+        log.warning(
+            "resume: the checkpoint was written with %s torch threads, this process has %d; the losses will match "
+            "the uninterrupted run only approximately (set OMP_NUM_THREADS=%s for a bitwise-exact resume)",
+            saved_threads, torch.get_num_threads(), saved_threads,
+        )  # fmt: skip
+    _load_states(p.wrapped, p.model, p.opt, ckpt, cfg)
+    p.sched.load_state_dict(ckpt.scheduler)
+    mine = ckpt.ranks[ctx.rank]
+    set_rng_state(mine["rng"])
+    last = _truncate_metrics(out / "metrics.jsonl", ckpt.step) if ctx.is_main else None
+    log.info("resumed from %s (step %d)", found, ckpt.step)
+    progress = _Progress(ckpt.step, int(ckpt.trainer["answer_tokens"]), float(ckpt.trainer["elapsed_s"]), last)
+    return p.stream.iterator(mine["stream"]), progress
+
+
+def _save(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, examples, progress: _Progress) -> None:
+    """Checkpoint the current step: every rank contributes its stream position and RNGs; rank 0 writes."""
+    ranks = distributed.all_gather_json({"stream": examples.state_dict(), "rng": rng_state()}, ctx)
+    model_state = _model_state(p.wrapped, p.model, cfg)
+    opt_state = _optimizer_state(p.wrapped, p.opt, cfg)
+    if ctx.is_main:
+        trainer = {
+            "step": progress.step,
+            "answer_tokens": progress.answer_tokens,
+            "elapsed_s": progress.elapsed_s,
+            "world_size": ctx.world_size,
+            "config": _config_dump(cfg),
+            # CPU matmul reductions depend on the intra-op thread count: a resume with another count is not bitwise
+            "torch_threads": torch.get_num_threads(),
+        }
+        save_checkpoint(
+            out,
+            model=model_state,
+            optimizer=opt_state,
+            scheduler=p.sched.state_dict(),
+            trainer=trainer,
+            ranks=ranks,
+            keep=cfg.keep_checkpoints,
+        )
+
+
+# ------------------------------------------------------------------------------------------- the run
+OnBatch = Callable[[int, list[Example]], None]
+
+
+def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | None = None) -> TrainResult:
+    """Train as ``cfg`` says and return the summary and the trained model.
+
+    Under torchrun (WORLD_SIZE > 1) this joins the process group, and every rank must call it with the same
+    ``cfg``; the returned summary is rank 0's view (all ranks log the same averaged losses).
+
+    Args:
+        cfg: the run's settings.
+        progress: show a progress bar (rank 0 only).
+        on_batch: called with (step, examples) for every micro-batch this rank trains on (auditing, tests).
+    """
+    ctx = distributed.setup(cfg.device)
+    try:
+        result = _run(cfg, ctx, progress=progress, on_batch=on_batch)
+    except BaseException:
+        distributed.teardown(ctx, ok=False)
+        raise
+    distributed.teardown(ctx)
+    return result
+
+
+@dataclass
+class _Parts:
+    """Everything a run trains with, built once by `_build` (the same on a fresh start and on a resume)."""
+
+    model: torch.nn.Module  # the student itself (HF names; what gets saved)
+    wrapped: torch.nn.Module  # StudentLoss(model), wrapped in DDP/FSDP under torchrun
+    tokenizer: object
+    student_path: str
+    stream: DistillStream
+    losses: list[DistillLoss]  # one per teacher
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    pad: int
+
+
+def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 0, world_size: int = 1):
+    """The `DistillStream` of ``cfg`` (this rank's part under data parallelism)."""
+    return DistillStream(
+        list(cfg.shards),
+        tokenizer,
+        chat_template=has_chat_template(tokenizer),
+        max_length=cfg.max_length,
+        align_mode=cfg.align,
+        entropy_k=cfg.top_k if cfg.combine == "uncertainty" else None,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        epochs=epochs,
+        join_window=cfg.join_window,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def resolve_losses(cfg: TrainConfig, stream: DistillStream) -> list[DistillLoss]:
+    """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not)."""
+    traits = [
+        TeacherTraits(name, stream.has_ids(s), reader.codec)
+        for s, (name, reader) in enumerate(zip(stream.names, stream.readers, strict=True))
+    ]
+    options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
+    for loss, t in zip(losses, traits, strict=True):
+        loss.check(t)
+    return losses
+
+
+def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
+    # the caches first: a loss a teacher's cache cannot serve is refused before the student loads
+    tokenizer = load_tokenizer(cfg.student)
+    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
+    total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
+    stream = make_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
+    losses = resolve_losses(cfg, stream)
+    model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
+    model.to(ctx.device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    loss_module = StudentLoss(model, losses, cfg.lambda_)
+    wrapped = distributed.wrap(loss_module, ctx, fsdp=cfg.fsdp, layers=list(layers or []))
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
+    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad)
+
+
+class TeacherTerms:
+    """Averages each teacher's own term over the micro-batches of one optimizer step that had the teacher.
+
+    ``pop()`` gives ``{"<loss>_<teacher>": value or None}`` for the step's metrics record and starts the next step.
+    """
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self._sum = [0.0] * len(keys)
+        self._n = [0] * len(keys)
+
+    def add(self, terms: list[float | None]) -> None:
+        for s, v in enumerate(terms):
+            if v is not None:
+                self._sum[s] += v
+                self._n[s] += 1
+
+    def pop(self) -> dict[str, float | None]:
+        out = {k: (self._sum[s] / self._n[s] if self._n[s] else None) for s, k in enumerate(self.keys)}
+        self._sum = [0.0] * len(self.keys)
+        self._n = [0] * len(self.keys)
+        return out
+
+
+def teacher_metric_keys(names: list[str], losses: list[DistillLoss]) -> list[str]:
+    """The metrics key of each teacher's own term: ``<loss>_<teacher>`` (e.g. ``kl_smollm2-135m``)."""
+    return [f"{loss.name}_{name}" for name, loss in zip(names, losses, strict=True)]
+
+
+class _MetricsLog:
+    """``<out>/metrics.jsonl``, one JSON record per step, written by rank 0 only (other ranks get a no-op)."""
+
+    def __init__(self, path: Path, *, enabled: bool, fresh: bool):
+        self.file = None
+        if enabled:
+            if fresh:
+                path.write_text("")
+            self.file = open(path, "a")  # noqa: SIM115 (closed by close())
+
+    def write(self, record: dict, *, flush: bool, durable: bool) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if flush or durable:
+            self.file.flush()
+        if durable:
+            os.fsync(self.file.fileno())  # the records up to a checkpoint outlive the process
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.autocast == "bf16" and ctx.device.type == "cpu":
+        log.warning("bf16 autocast on the CPU: slower than fp32 unless the CPU has AVX-512 bf16 or AMX")
+    p = _build(cfg, ctx)
+    examples, prog = _resume(cfg, ctx, out, p)
+    if ctx.is_main:
+        (out / "train_config.json").write_text(json.dumps(_config_dump(cfg), indent=2) + "\n")
+    metrics = _MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main, fresh=prog.step == 0)
+    terms = TeacherTerms(teacher_metric_keys(p.stream.names, p.losses))  # each teacher's own term
+    p.wrapped.train()
+    t0 = time.perf_counter() - prog.elapsed_s
+    bar = tqdm(total=p.total_steps, initial=prog.step, unit="step", disable=not (progress and ctx.is_main),
+               desc=f"train λ={cfg.lambda_}", dynamic_ncols=True)  # fmt: skip
+    try:
+        for step in range(prog.step, p.total_steps):
+            acc, tokens = _train_step(cfg, ctx, p, examples, step, on_batch, terms)
+            grad_norm = _clip(p.wrapped, cfg.grad_clip)
+            p.opt.step()
+            p.sched.step()
+            p.opt.zero_grad(set_to_none=True)
+            prog.step = step + 1
+            prog.answer_tokens += distributed.all_reduce_sum_int(tokens, ctx)
+            prog.elapsed_s = time.perf_counter() - t0
+            acc.update(terms.pop())
+            prog.last = {"step": prog.step, **acc, "lr": p.sched.get_last_lr()[0], "grad_norm": grad_norm,
+                         "answer_tokens": prog.answer_tokens, "elapsed_s": round(prog.elapsed_s, 3)}  # fmt: skip
+            checkpoint_now = cfg.checkpoint_every is not None and prog.step % cfg.checkpoint_every == 0
+            flush = prog.step % cfg.log_every == 0 or prog.step == p.total_steps
+            metrics.write(prog.last, flush=flush, durable=checkpoint_now)
+            if checkpoint_now:
+                _save(cfg, ctx, out, p, examples, prog)
+            bar.update(1)
+            tok_s = prog.answer_tokens / max(prog.elapsed_s, 1e-9)
+            bar.set_postfix(ce=f"{acc['ce']:.3f}", kd=f"{acc['kd']:.3f}", tok_s=f"{tok_s:.0f}")
+    finally:
+        metrics.close()
+        bar.close()
+    summary = {
+        "steps": p.total_steps,
+        "answer_tokens": prog.answer_tokens,
+        "wall_seconds": round(time.perf_counter() - t0, 2),
+        "final": prog.last,
+        "student": p.student_path,
+        "cache": list(cfg.shards),
+        "teachers": p.stream.names,
+        "kd_loss": {name: loss.name for name, loss in zip(p.stream.names, p.losses, strict=True)},
+        "world_size": ctx.world_size,
+        "fusion": p.stream.counts(),
+    }
+    log.info("join and alignment counts: %s", json.dumps(p.stream.counts()))
+    _finish(cfg, ctx, out, p, summary)
+    return TrainResult(summary, p.model, p.tokenizer)
+
+
+def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: dict) -> None:
+    """Rank 0 saves the model (safetensors + tokenizer) and the summary; the model ends up on the CPU."""
+    model_state = _model_state(p.wrapped, p.model, cfg) if cfg.save and cfg.fsdp else None  # collective
+    if ctx.is_main:
+        if cfg.save:
+            p.model.save_pretrained(out / "model", safe_serialization=True, state_dict=model_state)
+            p.tokenizer.save_pretrained(out / "model")
+            summary["model_dir"] = str(out / "model")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.device.type != "cpu" and not cfg.fsdp:
+        p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
+
+
+def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms) -> tuple[dict, int]:
+    """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens)."""
+    acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        batch = list(islice(examples, cfg.batch_size))
+        if not batch:
+            raise RuntimeError("the cache stream ended early")  # plan_steps gives it enough epochs
+        if on_batch is not None:
+            on_batch(step + 1, batch)
+        n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
+        tensors = _to_device(collate(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
+        # gradients are all-reduced once per optimizer step, on the last micro-batch
+        with distributed.no_sync(p.wrapped, sync=micro == cfg.grad_accum - 1):
+            with _autocast(cfg, ctx.device):
+                o = p.wrapped(tensors)
+            (o.loss / cfg.grad_accum).backward()
+        tokens += o.answer_tokens
+        terms.add(o.teacher_kd)
+        for key in acc:
+            acc[key] += float(getattr(o, key).detach()) / cfg.grad_accum
+    means = distributed.all_reduce_mean(list(acc.values()), ctx)
+    return dict(zip(acc, means, strict=True)), tokens
+
+
+def _clip(wrapped: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+        norm = norm.full_tensor()
+    return float(norm)

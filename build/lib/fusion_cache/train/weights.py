@@ -1,0 +1,115 @@
+"""How unified fusion combines the teachers' ULD terms: per-row loss weights for `mean`, `sum` and `uncertainty`.
+
+    L = (1 - lambda) * CE + lambda * combine_s(L_pair,s)          (docs/fusion.md, "Loss and combine modes")
+
+Every mode comes down to one weight per (teacher, aligned row), so the loss is ``sum_s sum_r w[s, r] * d[s, r]`` with
+``d`` the per-row ULD distance. With B samples in the batch, S_b the teachers sample b has (a sample missing from a
+cache, or with no aligned row for a teacher, uses the teachers it has) and n_bs the rows of sample b aligned to s:
+
+- ``mean`` (default): ``1 / (B * |S_b| * n_bs)``: per sample, the mean over its teachers of each teacher's mean over
+  its aligned rows; then the mean over the batch. With every teacher present this is ``mean_s L_pair,s``.
+- ``sum``: ``1 / (B * n_bs)``: the same without dividing by the number of teachers (InfiFusion v3's figure).
+- ``uncertainty``: per student row t of sample b, the teachers aligned to it are weighted
+  ``w_s,t = softmax_s(-H_s,t / T)`` (the more certain teacher counts more; method.md section 5), and the row's
+  combined distance is averaged over the sample's rows that have any teacher: ``w_s,t / (B * n_b)``. With equal
+  entropies this is exactly ``mean`` when all teachers align to the same rows.
+
+``H_s,t`` is the entropy of the teacher's **cached** distribution at that row, in nats: its top-k probabilities
+``exp(logprob)`` (k = the loss's K, at most the cache's K) plus one bucket for the mass outside them,
+``1 - sum exp(logprob)``. This is the teacher's true uncertainty; the z-scored softmax over the K values that the ULD
+loss compares would throw away the scale that tells a confident teacher from a hesitant one (z-scoring makes every
+row's K values unit-variance). Defined for log-prob caches, which is what `fusion-cache build` stores.
+
+The per-teacher term that is logged, ``L_pair,s``, is each teacher's own mean over its rows, then over the samples
+of the batch that have it (``1 / (B_s * n_bs)``), whatever the combine mode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from fusion_cache.errors import ConfigError
+
+CombineMode = Literal["mean", "sum", "uncertainty"]
+COMBINE_MODES: tuple[str, ...] = ("mean", "sum", "uncertainty")
+
+
+def topk_entropy(logprobs: np.ndarray, k: int) -> np.ndarray:
+    """Entropy in nats of each row's top-k probabilities plus the leftover tail bucket.
+
+    Args:
+        logprobs: [N, Kt] cached top-K log-probs, sorted descending.
+        k: how many of them to use (capped at Kt).
+
+    Returns:
+        float64 [N], between 0 and ln(k + 1).
+    """
+    lp = np.asarray(logprobs[:, :k], dtype=np.float64)
+    p = np.exp(lp)
+    tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)  # quantized values may sum a hair over 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail_term = np.where(tail > 0, tail * np.log(tail), 0.0)
+    return -(p * lp).sum(axis=1) - tail_term
+
+
+def uncertainty_weights(neg_entropy: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax_s(-H / T)`` over teachers, per row; -inf marks a teacher with no row there.
+
+    Args:
+        neg_entropy: [S, R] ``-H`` per teacher and row, -inf where the teacher is absent (each row has >= 1).
+
+    Returns:
+        [S, R] weights, each column summing to 1 over the teachers present, 0 for the absent.
+    """
+    x = neg_entropy / temperature
+    x = x - x.max(axis=0, keepdims=True)
+    e = np.exp(x)  # exp(-inf) = 0
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def sample_row_weights(
+    rows: list[np.ndarray | None],
+    entropies: list[np.ndarray | None],
+    mode: str,
+    batch_size: int,
+    *,
+    temperature: float = 1.0,
+) -> list[np.ndarray | None]:
+    """Loss weights of one sample's aligned rows, per teacher (see the module docstring).
+
+    Args:
+        rows: per teacher, the student answer rows it is aligned to (int [n_s], increasing), or None if absent.
+        entropies: per teacher, ``H`` at those rows ([n_s]); needed for ``uncertainty`` only.
+        mode: ``mean``, ``sum`` or ``uncertainty``.
+        batch_size: B, the samples in the batch.
+        temperature: T of the uncertainty softmax.
+
+    Returns:
+        per teacher, float32 [n_s] weights (None where absent).
+    """
+    present = [s for s, r in enumerate(rows) if r is not None and len(r)]
+    out: list[np.ndarray | None] = [None] * len(rows)
+    if not present:
+        return out
+    if mode in ("mean", "sum"):
+        per_teacher = len(present) if mode == "mean" else 1
+        for s in present:
+            out[s] = np.full(len(rows[s]), 1.0 / (batch_size * per_teacher * len(rows[s])), dtype=np.float32)
+        return out
+    if mode != "uncertainty":
+        raise ConfigError(f"combine: unknown value {mode!r}; valid values: {', '.join(COMBINE_MODES)}")
+    union = np.unique(np.concatenate([rows[s] for s in present]))
+    neg_h = np.full((len(present), len(union)), -np.inf)
+    cols = []
+    for i, s in enumerate(present):
+        if entropies[s] is None:
+            raise ValueError(f"teacher {s}: uncertainty weighting needs the entropy of each aligned row")
+        c = np.searchsorted(union, rows[s])
+        neg_h[i, c] = -np.asarray(entropies[s], dtype=np.float64)
+        cols.append(c)
+    w = uncertainty_weights(neg_h, temperature) / (batch_size * len(union))
+    for i, s in enumerate(present):
+        out[s] = w[i, cols[i]].astype(np.float32)
+    return out
