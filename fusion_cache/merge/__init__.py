@@ -1,2 +1,3 @@
-"""Merging pairwise-fused pivots: methods on tensors (`methods`), streaming safetensors I/O (`io`), the merge run
-(`run`), its settings (`config`) and train-per-teacher-then-merge (`pairwise`). See docs/merge.md."""
+"""Merging pairwise-fused pivots: the methods as registered units (`registry`: names, options, defaults), their
+kernels on tensors (`methods`), streaming safetensors I/O (`io`), the merge run (`run`) and its settings (`config`).
+See docs/merge.md."""
