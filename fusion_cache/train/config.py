@@ -8,25 +8,27 @@ from pydantic import Field
 from pydantic import model_validator
 
 from fusion_cache.config import StrictConfig
+from fusion_cache.train.align import ALIGN_MODES
+from fusion_cache.train.weights import COMBINE_MODES
 
 
 class TrainConfig(StrictConfig):
     """Settings of `fusion-cache train`."""
 
     student: str = Field(description="student (pivot) model: preset, local directory or HF id")
-    shards: list[str] = Field(min_length=1, description="one cache directory per teacher")
+    shards: list[str] = Field(min_length=1, description="teacher cache: a directory or fsspec URL, one per teacher")
     mode: Literal["single", "unified"] = Field(
         "single", description="single: one cache; unified: one run against every cache (joined on sample_id)"
     )
-    combine: Literal["mean", "sum", "uncertainty"] = Field(
+    combine: Literal[COMBINE_MODES] = Field(
         "mean", description="unified: how the teachers' ULD terms combine (fusion_cache/train/weights.py)"
     )
-    align: Literal["bytes", "index"] = Field(
-        "bytes", description="unified: pair answer rows across tokenizers by byte span (default) or by index (ULD)"
+    align: Literal[ALIGN_MODES] = Field(
+        "bytes", description="unified: how answer rows pair across tokenizers (fusion_cache/train/align.py)"
     )
     uncertainty_temperature: float = Field(1.0, gt=0.0, description="T in softmax_s(-H_s,t / T) (combine=uncertainty)")
     join_window: int = Field(1024, ge=1, description="unified: reads a sample may wait for its partners")
-    out: str = Field(description="run directory")
+    out: str = Field(description="run directory (metrics.jsonl, model/)")
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*ULD")
     top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10)")
     zscore: bool = True
@@ -36,20 +38,20 @@ class TrainConfig(StrictConfig):
         "uld", description="distillation term: uld (InfiFusion, any tokenizer) or kl (top-K KL, same vocabulary)"
     )
     tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
-    lr: float = Field(5e-5, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW, warmup + cosine)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="fraction of the steps the learning rate warms up")
     batch_size: int = Field(4, ge=1, description="samples per micro-batch")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the cache")
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, description="passes over the cache when max_steps is not given")
     max_length: int = Field(1024, ge=2, description="longest student sequence; longer ones are truncated")
     shuffle_buffer: int = Field(256, ge=1, description="rows held for shuffling; memory does not grow with the cache")
-    seed: int = 0
-    dtype: str | None = None
-    grad_clip: float = Field(1.0, gt=0.0)
-    log_every: int = Field(10, ge=1)
-    save: bool = True
+    seed: int = Field(0, description="training seed (shuffle; the same for every run)")
+    dtype: str | None = Field(None, description="student weights' dtype (default: float32)")
+    grad_clip: float = Field(1.0, gt=0.0, description="largest gradient norm (clipped above it)")
+    log_every: int = Field(10, ge=1, description="flush metrics.jsonl every N optimizer steps")
+    save: bool = Field(True, description="save the trained model in <out>/model")
     # ---- robustness and scale (fusion_cache/train/checkpoint.py, fusion_cache/train/distributed.py)
     checkpoint_every: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None: all)")
