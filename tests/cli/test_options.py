@@ -137,3 +137,32 @@ def test_mistakes_in_the_declaration_are_refused():
 
         @config_options(Toy, into="settings")
         def f(cfg: dict) -> None: ...
+
+
+class Loss(StrictConfig):
+    """A nested model, as a per-teacher setting might be."""
+
+    name: Literal["uld", "kl"] = "uld"
+    weight: float = 1.0
+
+
+class Nested(StrictConfig):
+    """Lists of choices and of models: repeatable flags, the models as JSON."""
+
+    kinds: list[Literal[NAMES]] = Field(default_factory=list, description="colours")
+    losses: list[Loss] = Field(default_factory=list, description="one per teacher")
+
+
+def test_lists_of_choices_and_of_models():
+    got = {}
+
+    @config_options(Nested, into="settings")
+    def nested(settings: dict) -> None:
+        got.update(settings)
+
+    app = _app(nested)
+    assert "[red|green]" in _invoke(app, "nested", "--help").output
+    r = _invoke(app, "nested", "--kinds", "red", "--kinds", "green", "--losses", '{"name": "kl"}', "--losses", "{}")
+    assert r.exit_code == 0, r.output
+    cfg = Nested.create(**got)
+    assert cfg.kinds == ["red", "green"] and [x.name for x in cfg.losses] == ["kl", "uld"]
