@@ -26,8 +26,14 @@ from pathlib import Path
 
 import typer
 
+from fusion_cache.capture.config import BuildConfig
+from fusion_cache.capture.engines import ENGINE_NAMES
+from fusion_cache.cli.options import Flag
+from fusion_cache.cli.options import config_options
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import FusionCacheError
+from fusion_cache.merge.config import MergeConfig
+from fusion_cache.train.config import TrainConfig
 
 app = typer.Typer(
     name="fusion-cache",
@@ -61,28 +67,9 @@ def teachers() -> None:
 
 
 @app.command()
+@config_options(BuildConfig, into="settings")
 def build(
-    teacher: str = typer.Option(..., help="preset name (see `fusion-cache teachers`), local model dir or HF id"),
-    data: Path = typer.Option(..., help="JSONL/Parquet with `messages` or `prompt`+`response`, or a datasets dir"),
-    out: str = typer.Option(..., help="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)"),
-    top_k: int = typer.Option(64, "--top-k", help="teacher log-probs kept per answer token"),
-    engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
-    codec: str = typer.Option(
-        "raw",
-        help="full (ids + quantized values, zstd), values (sorted values only), shape (the values' standardized "
-        "shape only: z-scored ULD training only), raw",
-    ),
-    value_bits: int = typer.Option(None, help="bits per value code of the full/values/shape codecs (default 6/8/8)"),
-    max_length: int = typer.Option(2048, help="longest rendered sequence in teacher tokens"),
-    overlong: str = typer.Option("truncate", help="truncate or skip sequences longer than --max-length"),
-    dtype: str = typer.Option(None, help="teacher dtype (default: from the hardware; fp32 on CPUs without bf16)"),
-    batch_tokens: int = typer.Option(8192, help="token budget of one engine call"),
-    shard_rows: int = typer.Option(1000, help="rows per shard"),
-    limit: int = typer.Option(None, help="use only the first N rows"),
-    overwrite: bool = typer.Option(False, help="replace a different cache (or an interrupted build) in --out"),
-    resume: bool = typer.Option(False, help="continue an interrupted build (same settings) where it stopped"),
-    num_shards: int = typer.Option(1, help="split the input into N contiguous parts, each built on its own"),
-    shard_index: int = typer.Option(0, help="the part this process builds, 0..N-1 (into <out>/part-I-of-N/)"),
+    settings: dict,
     ray: bool = typer.Option(False, "--ray", help="run all --num-shards parts as Ray tasks (pip install ray)"),
     ray_address: str = typer.Option(None, help="Ray cluster to join (e.g. auto); default: start a local Ray"),
 ) -> None:
@@ -90,29 +77,11 @@ def build(
 
     Example: fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2
     """
+    from fusion_cache.capture.build import build_summary
     from fusion_cache.capture.build import run_build
-    from fusion_cache.capture.config import BuildConfig
 
     try:
-        cfg = BuildConfig.create(
-            teacher=teacher,
-            data=str(data),
-            out=str(out),
-            top_k=top_k,
-            engine=engine,
-            codec=codec,
-            value_bits=value_bits,
-            max_length=max_length,
-            overlong=overlong,
-            dtype=dtype,
-            batch_tokens=batch_tokens,
-            shard_rows=shard_rows,
-            limit=limit,
-            overwrite=overwrite,
-            resume=resume,
-            num_shards=num_shards,
-            shard_index=shard_index,
-        )
+        cfg = BuildConfig.create(**settings)
         if ray:
             from fusion_cache.capture.ray import run_build_ray
 
@@ -121,11 +90,9 @@ def build(
             m = run_build(cfg)
     except FusionCacheError as e:
         _fail(e)
-    from fusion_cache.capture.build import build_summary
-
-    typer.echo(build_summary(m, str(out)))
-    if num_shards > 1 and not ray:
-        _echo_parts_status(str(out), num_shards)
+    typer.echo(build_summary(m, cfg.out))
+    if cfg.num_shards > 1 and not ray:
+        _echo_parts_status(cfg.out, cfg.num_shards)
 
 
 def _echo_parts_status(out: str, count: int) -> None:
@@ -162,7 +129,9 @@ def generate(
     model: str = typer.Option(..., help="the model that answers: preset name, local model dir or HF id"),
     data: Path = typer.Option(..., help="JSONL/Parquet with `prompt` (+`system`) or `messages` per row"),
     out: Path = typer.Option(..., help="JSONL to write: the rows with the answers, valid `build --data` input"),
-    engine: str = typer.Option("vllm", help="vllm (fast) or hf (transformers reference)"),
+    engine: str = typer.Option(
+        "vllm", metavar="[" + "|".join(ENGINE_NAMES) + "]", help="teacher engine (fusion_cache/capture/engines)"
+    ),
     max_tokens: int = typer.Option(256, help="new tokens per answer, at most"),
     temperature: float = typer.Option(0.8, help="sampling temperature; 0 for greedy"),
     n: int = typer.Option(1, help="answers per prompt (vllm: one request with n outputs; hf: sample j uses seed + j)"),
@@ -274,76 +243,24 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
     typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}")
 
 
-# Training options shared by `train` and `fuse`.
-_LAMBDA = typer.Option(0.5, "--lambda", help="L = (1-lambda)*CE + lambda*KD; 0 = plain SFT")
-_TOP_K = typer.Option(10, "--top-k", help="K of the KD loss")
-_LR = typer.Option(5e-5, help="peak learning rate (AdamW, warmup + cosine)")
-_BATCH = typer.Option(4, help="samples per micro-batch")
-_ACCUM = typer.Option(1, help="micro-batches per optimizer step")
-_MAX_STEPS = typer.Option(None, help="optimizer steps per run (default: --epochs over the cache)")
-_EPOCHS = typer.Option(1.0, help="passes over the cache when --max-steps is not given")
-_MAX_LEN = typer.Option(1024, help="longest student sequence")
-_TRAIN_SEED = typer.Option(0, help="training seed (shuffle, the same for every run)")
-
-
-def _train_settings(student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed) -> dict:
-    """The `TrainConfig` fields that `train` and `fuse` share, from their common options."""
-    return dict(
-        student=student,
-        **{"lambda": lambda_},
-        top_k=top_k,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_steps=max_steps,
-        epochs=epochs,
-        max_length=max_length,
-        seed=seed,
-    )
+# `train --mode`: one run against every cache (S >= 1 teachers), the same with exactly one cache, or the pairwise
+# recipe (one run per cache, then merge).
+PAIRWISE = "pairwise"
+TRAIN_MODES = ("unified", "single", PAIRWISE)
+# Merge flags that differ from the field names: a seed beside train's --seed, a shard size in MiB.
+MERGE_FLAGS = {"seed": Flag("--merge-seed"), "max_shard_bytes": Flag("--max-shard-mb", scale=1024**2, unit="MiB")}
 
 
 @app.command()
+@config_options(TrainConfig, into="settings")
 def train(
-    student: str = typer.Option(..., help="student (pivot) model: preset, local dir or HF id"),
-    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat for pairwise/unified)"),
-    out: Path = typer.Option(..., help="run directory (metrics.jsonl, model/)"),
-    lambda_: float = _LAMBDA,
-    top_k: int = _TOP_K,
-    lr: float = _LR,
-    batch_size: int = _BATCH,
-    grad_accum: int = _ACCUM,
-    max_steps: int = _MAX_STEPS,
-    epochs: float = _EPOCHS,
-    max_length: int = _MAX_LEN,
-    seed: int = _TRAIN_SEED,
-    no_zscore: bool = typer.Option(False, "--no-zscore", help="compare top-K values without standardizing"),
-    kd_loss: list[str] = typer.Option(
-        ["uld"],
-        "--kd-loss",
-        help="distillation loss, once for every teacher or once per --shards in order: uld (InfiFusion, any "
-        "tokenizer), kl (top-K KL; same tokenizer, cache with ids), auto (kl where allowed, else uld)",
-    ),
-    tail: bool = typer.Option(
-        False, "--tail", help="compare true top-K probabilities plus the tail mass (needs --no-zscore)"
-    ),
+    settings: dict,
     mode: str = typer.Option(
         "unified",
-        help="unified (default): one run against every cache, joined on sample_id (one cache: single-teacher KD); "
-        "pairwise: one run per cache into <out>/<cache-name>/ (then merge); single: like unified, one cache only",
+        metavar="[" + "|".join(TRAIN_MODES) + "]",
+        help="unified: one run against every cache, joined on sample_id (one cache: single-teacher KD); single: the "
+        f"same, refusing more than one cache; {PAIRWISE}: one run per cache into <out>/<cache-name>/ (then merge)",
     ),
-    checkpoint_every: int = typer.Option(None, help="write <out>/checkpoints/step-N every N optimizer steps"),
-    keep_checkpoints: int = typer.Option(3, help="newest checkpoints to keep"),
-    resume: bool = typer.Option(False, "--resume", help="continue exactly from the newest checkpoint in --out"),
-    device: str = typer.Option("auto", help="auto (this rank's GPU if any, else CPU), cpu or cuda"),
-    autocast: str = typer.Option("none", help="none or bf16 (autocast of the forward pass; never the default)"),
-    grad_checkpointing: bool = typer.Option(
-        False, "--grad-checkpointing", help="recompute activations in the backward pass to save memory"
-    ),
-    fsdp: bool = typer.Option(False, "--fsdp", help="under torchrun: shard the student with FSDP2 instead of DDP"),
-    combine: str = typer.Option("mean", help="several teachers: mean | sum | uncertainty (per-token entropy weights)"),
-    align: str = typer.Option("bytes", help="another tokenizer: bytes (tokens ending at the same byte) | index"),
-    uncertainty_temperature: float = typer.Option(1.0, help="combine uncertainty: T of softmax_s(-H_s,t / T)"),
-    join_window: int = typer.Option(1024, help="reads a sample may wait for its partners (caches of other inputs)"),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*KD (each teacher its own loss).
 
@@ -351,41 +268,25 @@ def train(
 
     Data parallel: torchrun --nproc-per-node 2 -m fusion_cache train --student ... (the same flags).
     """
-    from fusion_cache.train.config import TrainConfig
     from fusion_cache.train.trainer import run_train
 
-    settings = _train_settings(
-        student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed
-    ) | dict(
-        zscore=not no_zscore,
-        tail=tail,
-        kd_loss=kd_loss,
-        checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        resume=resume,
-        device=device,
-        autocast=autocast,
-        grad_checkpointing=grad_checkpointing,
-        fsdp=fsdp,
-    )
-    if mode == "pairwise":
+    if mode not in TRAIN_MODES:
+        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: {', '.join(TRAIN_MODES)}"))
+    if mode == PAIRWISE:
         from fusion_cache.recipes.pairwise import train_pairwise
 
+        shards, out = settings.pop("shards"), settings.pop("out")
         try:
-            runs = train_pairwise([str(s) for s in shards], out, **settings)
+            runs = train_pairwise(shards, out, **settings)
         except FusionCacheError as e:
             _fail(e)
         typer.echo(f"trained {len(runs)} pivots: " + ", ".join(str(r / "model") for r in runs))
         return
-    if mode not in ("single", "unified"):
-        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: single, pairwise, unified"))
-    if mode == "single" and len(shards) > 1:
-        _fail(ValueError(f"--mode single takes one cache, got {len(shards)}; use unified (one run against all of "
-                         "them) or pairwise (one run per cache, then merge)"))  # fmt: skip
-    settings.update(combine=combine, uncertainty_temperature=uncertainty_temperature, join_window=join_window,
-                    align=align)  # fmt: skip
+    if mode == "single" and len(settings["shards"]) > 1:
+        _fail(ValueError(f"--mode single takes one cache, got {len(settings['shards'])}; use unified (one run "
+                         "against all of them) or pairwise (one run per cache, then merge)"))  # fmt: skip
     try:
-        cfg = TrainConfig.create(shards=[str(s) for s in shards], out=str(out), **settings)
+        cfg = TrainConfig.create(**settings)
         result = run_train(cfg)
     except FusionCacheError as e:
         _fail(e)
@@ -394,7 +295,7 @@ def train(
         return
     typer.echo(
         f"trained {result.summary['steps']} steps in {result.summary['wall_seconds']:.0f} s: "
-        f"ce {f['ce']:.4f}, kd {f['kd']:.4f}; model in {out / 'model'}"
+        f"ce {f['ce']:.4f}, kd {f['kd']:.4f}; model in {Path(cfg.out) / 'model'}"
     )
     if len(result.summary["teachers"]) > 1 or any(k != "uld" for k in result.summary["kd_loss"].values()):
         fusion = result.summary["fusion"]
@@ -413,135 +314,37 @@ def train(
             )
 
 
-def _merge_options(
-    method,
-    alpha,
-    density,
-    sign_election,
-    drop_rate,
-    seed,
-    select_topk,
-    rate_power,
-    skew_strength,
-    min_density,
-    max_density,
-    max_shard_mb,
-    overwrite,
-) -> dict:
-    return dict(
-        method=method,
-        alpha=alpha,
-        density=density,
-        sign_election=sign_election,
-        drop_rate=drop_rate,
-        seed=seed,
-        select_topk=select_topk,
-        rate_power=rate_power,
-        skew_strength=skew_strength,
-        min_density=min_density,
-        max_density=max_density,
-        max_shard_bytes=max_shard_mb * 1024 * 1024,
-        overwrite=overwrite,
-    )
-
-
-# Merge options shared by `merge` and `fuse` (None: the method's default, see docs/merge.md).
-_METHOD = typer.Option("ta", help="ta | ties | dare | sce | rsaf")
-_ALPHA = typer.Option(None, help="scale of the merged task vector (ta 0.3, ties 1.0, dare 0.3, rsaf 1.0)")
-_DENSITY = typer.Option(None, help="ties/rsaf: fraction of each task vector kept (0.6)")
-_SIGN = typer.Option(None, "--sign-election", help="ties/rsaf: sum (default) or count")
-_DROP = typer.Option(None, "--drop-rate", help="dare: drop probability p (0.9)")
-_SEED = typer.Option(None, "--merge-seed", help="dare: random seed (0)")
-_SELECT = typer.Option(None, "--select-topk", help="sce: fraction of positions kept by variance (0.1)")
-_RATE_POWER = typer.Option(None, help="rsaf: exponent of the relative change rate (0.5)")
-_SKEW = typer.Option(None, help="rsaf: how much skewness lowers the ratio (0.5)")
-_MIN_D = typer.Option(None, help="rsaf: lowest ratio (0.1)")
-_MAX_D = typer.Option(None, help="rsaf: highest ratio (1.0)")
-_SHARD_MB = typer.Option(2048, "--max-shard-mb", help="largest output shard in MiB")
-
-
 @app.command()
-def merge(
-    base: str = typer.Option(..., help="the original pivot all models were fine-tuned from (dir or preset)"),
-    models: list[str] = typer.Option(..., help="fine-tuned pivot: model dir or `train` run dir (repeat)"),
-    out: Path = typer.Option(..., help="directory of the merged model"),
-    method: str = _METHOD,
-    alpha: float = _ALPHA,
-    density: float = _DENSITY,
-    sign_election: str = _SIGN,
-    drop_rate: float = _DROP,
-    seed: int = _SEED,
-    select_topk: float = _SELECT,
-    rate_power: float = _RATE_POWER,
-    skew_strength: float = _SKEW,
-    min_density: float = _MIN_D,
-    max_density: float = _MAX_D,
-    max_shard_mb: int = _SHARD_MB,
-    overwrite: bool = typer.Option(False, help="replace an existing --out"),
-    threads: int = typer.Option(
-        0, help="torch threads for the merge (0: torch's default, capped by the cores the load average leaves idle)"
-    ),
-) -> None:
+@config_options(MergeConfig, into="settings", flags=MERGE_FLAGS)
+def merge(settings: dict) -> None:
     """Merge fine-tuned pivots around their base with task vectors, one tensor at a time (docs/merge.md).
 
     Example: fusion-cache merge --base ./student --models runs/a --models runs/b --method ties --out ./merged
     """
-    from fusion_cache.merge.config import MergeConfig
+    from fusion_cache.merge.run import merge_summary
     from fusion_cache.merge.run import run_merge
 
-    opts = _merge_options(
-        method,
-        alpha,
-        density,
-        sign_election,
-        drop_rate,
-        seed,
-        select_topk,
-        rate_power,
-        skew_strength,
-        min_density,
-        max_density,
-        max_shard_mb,
-        overwrite,
-    )
     try:
-        summary = run_merge(MergeConfig.create(base=base, models=models, out=str(out), threads=threads, **opts))
+        summary = run_merge(MergeConfig.create(**settings))
     except FusionCacheError as e:
         _fail(e)
-    typer.echo(
-        f"merged {len(models)} models with {method} {summary['options']}: {summary['tensors']} tensors, "
-        f"{summary['shards']} shard(s), {summary['seconds']:.1f} s; model in {out}"
-    )
+    typer.echo(merge_summary(summary))
 
 
 @app.command()
+@config_options(
+    MergeConfig,
+    into="merge_settings",
+    skip={"base": "the pivot, --student", "models": "the pivots fuse trains, <out>/runs/*"},
+    flags=MERGE_FLAGS,
+)
+@config_options(TrainConfig, into="train_settings")
 def fuse(
-    student: str = typer.Option(..., help="the pivot: preset, local dir or HF id"),
+    train_settings: dict,
+    merge_settings: dict,
     shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat, one per teacher)"),
     out: Path = typer.Option(..., help="<out>/runs/<cache-name>/ per teacher, <out>/merged/ the result"),
-    mode: str = typer.Option("pairwise", help="pairwise: train per teacher, then merge"),
-    lambda_: float = _LAMBDA,
-    top_k: int = _TOP_K,
-    lr: float = _LR,
-    batch_size: int = _BATCH,
-    grad_accum: int = _ACCUM,
-    max_steps: int = _MAX_STEPS,
-    epochs: float = _EPOCHS,
-    max_length: int = _MAX_LEN,
-    seed: int = _TRAIN_SEED,
-    method: str = _METHOD,
-    alpha: float = _ALPHA,
-    density: float = _DENSITY,
-    sign_election: str = _SIGN,
-    drop_rate: float = _DROP,
-    merge_seed: int = _SEED,
-    select_topk: float = _SELECT,
-    rate_power: float = _RATE_POWER,
-    skew_strength: float = _SKEW,
-    min_density: float = _MIN_D,
-    max_density: float = _MAX_D,
-    max_shard_mb: int = _SHARD_MB,
-    overwrite: bool = typer.Option(False, help="replace an existing <out>/merged"),
+    mode: str = typer.Option(PAIRWISE, metavar=f"[{PAIRWISE}]", help="pairwise: train per teacher, then merge"),
 ) -> None:
     """Pairwise fusion in one go: train one pivot per teacher cache, then merge them.
 
@@ -549,31 +352,13 @@ def fuse(
     """
     from fusion_cache.recipes.pairwise import fuse_pairwise
 
-    if mode != "pairwise":
-        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: pairwise"))
-    train_settings = _train_settings(
-        student, lambda_, top_k, lr, batch_size, grad_accum, max_steps, epochs, max_length, seed
-    )
-    opts = _merge_options(
-        method,
-        alpha,
-        density,
-        sign_election,
-        drop_rate,
-        merge_seed,
-        select_topk,
-        rate_power,
-        skew_strength,
-        min_density,
-        max_density,
-        max_shard_mb,
-        overwrite,
-    )
+    if mode != PAIRWISE:
+        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: {PAIRWISE}"))
     try:
-        runs, summary = fuse_pairwise([str(s) for s in shards], out, train=train_settings, merge=opts)
+        runs, summary = fuse_pairwise(shards, out, train=train_settings, merge=merge_settings)
     except FusionCacheError as e:
         _fail(e)
-    typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {method} into {summary['out']}")
+    typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {summary['method']} into {summary['out']}")
 
 
 def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | None, combine: list[str] | None):

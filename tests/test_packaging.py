@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -44,9 +45,15 @@ def test_the_editable_install_maps_kernels_and_cli_under_the_package():
 
 @pytest.mark.slow
 def test_a_built_wheel_installs_and_imports(tmp_path):
+    src = tmp_path / "src"  # a copy: setuptools writes build/ next to the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("fusion_cache", "kernels", "cli"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheels), str(ROOT)], check=True, capture_output=True)  # fmt: skip
+                    str(wheels), str(src)], check=True, capture_output=True)  # fmt: skip
     (wheel,) = wheels.glob("fusion_cache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "fusion_cache/kernels/reference.py" in names and "fusion_cache/cli/main.py" in names

@@ -7,17 +7,18 @@ from typing import Literal
 from pydantic import Field
 from pydantic import model_validator
 
+from fusion_cache.capture.engines import ENGINE_NAMES
 from fusion_cache.config import StrictConfig
 
 
 class BuildConfig(StrictConfig):
     """Settings of `fusion-cache build`."""
 
-    teacher: str = Field(description="preset name, local model directory, or HF id")
-    data: str = Field(description="JSONL / Parquet file or saved datasets directory")
-    out: str = Field(description="cache directory to create")
+    teacher: str = Field(description="preset name (see `fusion-cache teachers`), local model directory, or HF id")
+    data: str = Field(description="JSONL / Parquet with `messages` or `prompt`+`response`, or a datasets directory")
+    out: str = Field(description="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)")
     top_k: int = Field(64, ge=2, le=1024, description="K: teacher log-probs kept per answer token")
-    engine: Literal["vllm", "hf"] = "vllm"
+    engine: Literal[ENGINE_NAMES] = Field("vllm", description="teacher engine (fusion_cache/capture/engines)")
     codec: Literal["full", "values", "shape", "raw"] = Field("raw", description="how the top-K block is stored")
     value_bits: int | None = Field(None, ge=2, le=16, description="bits per value code (full/values/shape codecs)")
     max_length: int = Field(2048, ge=2, description="longest rendered sequence, in teacher tokens")
@@ -25,7 +26,7 @@ class BuildConfig(StrictConfig):
     dtype: str | None = Field(None, description="teacher dtype; default chosen from the hardware")
     batch_tokens: int = Field(8192, ge=64, description="token budget of one engine call")
     shard_rows: int = Field(1000, ge=1, description="rows per shard")
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace a different cache (or an interrupted build) in out")
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
     resume: bool = Field(False, description="continue an interrupted build in <out>.incomplete/")
     num_shards: int = Field(1, ge=1, description="split the input into this many parts built independently")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_cache.errors import ConfigError
+from fusion_cache.train.losses import LOSSES
 
 # Record fields that are positions on the x axis or counters, not metrics to summarize.
 _NOT_METRICS = ("step", "answer_tokens", "elapsed_s")
@@ -222,8 +223,6 @@ def _pyplot():
 
 def plot_runs(runs: list[Run], png: str | Path, *, dpi: int = 110) -> Path:
     """Write the four-panel PNG (CE; ULD per teacher and KL; total loss; lr) of ``runs`` to ``png``."""
-    from fusion_cache.train.losses import LOSSES  # the loss names (imports torch: only when drawing)
-
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     (ax_ce, ax_kd), (ax_loss, ax_lr) = axes

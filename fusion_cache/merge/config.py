@@ -1,7 +1,8 @@
-"""Settings of `fusion-cache merge`: the method, its options (with per-method defaults), inputs and output.
+"""Settings of `fusion-cache merge`: inputs, output, the method and its options (with per-method defaults).
 
-An option that the chosen method does not take is refused, so a typo like ``--method ta --density 0.5`` does not
-silently do nothing.
+The method names and their options come from `fusion_cache.merge.registry`: ``method`` is one of its names, and
+every option any method declares is one optional field here (None: the chosen method's default). An option that the
+chosen method does not take is refused, so a typo like ``--method ta --density 0.5`` does not silently do nothing.
 """
 
 from __future__ import annotations
@@ -9,70 +10,60 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
+from pydantic import create_model
 from pydantic import model_validator
 
 from fusion_cache.config import StrictConfig
-
-METHODS = ("ta", "ties", "dare", "sce", "rsaf")
-
-# Per method: the options it takes and their defaults (docs/merge.md says where each comes from).
-DEFAULTS: dict[str, dict[str, object]] = {
-    "ta": {"alpha": 0.3},
-    "ties": {"density": 0.6, "sign_election": "sum", "alpha": 1.0},
-    "dare": {"drop_rate": 0.9, "alpha": 0.3, "seed": 0},
-    "sce": {"select_topk": 0.1},
-    "rsaf": {
-        "density": 0.6,
-        "rate_power": 0.5,
-        "skew_strength": 0.5,
-        "min_density": 0.1,
-        "max_density": 1.0,
-        "sign_election": "sum",
-        "alpha": 1.0,
-    },
-}
+from fusion_cache.merge.registry import METHODS
+from fusion_cache.merge.registry import REGISTRY
+from fusion_cache.merge.registry import Param
+from fusion_cache.merge.registry import get_method
+from fusion_cache.merge.registry import option_help
+from fusion_cache.merge.registry import option_params
 
 
-class MergeConfig(StrictConfig):
-    """Settings of `fusion-cache merge`. Method options left as None take the method's default."""
+class _MergeSettings(StrictConfig):
+    """The fields every method shares; `MergeConfig` adds one per method option."""
 
-    base: str = Field(description="the original pivot every model was fine-tuned from")
+    base: str = Field(description="the original pivot all models were fine-tuned from (dir or preset)")
     models: list[str] = Field(min_length=1, description="fine-tuned pivots: model dirs or `train` run dirs")
     out: str = Field(description="directory of the merged model")
-    method: Literal["ta", "ties", "dare", "sce", "rsaf"] = "ta"
-    alpha: float | None = Field(None, description="scale of the merged task vector (ta, ties, dare, rsaf)")
-    density: float | None = Field(None, gt=0.0, le=1.0, description="fraction of each task vector kept (ties, rsaf)")
-    sign_election: Literal["sum", "count"] | None = Field(None, description="TIES sign election (ties, rsaf)")
-    drop_rate: float | None = Field(None, ge=0.0, lt=1.0, description="DARE drop probability p")
-    seed: int | None = Field(None, description="DARE's random seed")
-    select_topk: float | None = Field(None, gt=0.0, le=1.0, description="SCE: fraction of positions kept by variance")
-    rate_power: float | None = Field(None, ge=0.0, description="RSAF: exponent of the relative change rate")
-    skew_strength: float | None = Field(None, ge=0.0, description="RSAF: how strongly skewness lowers the ratio")
-    min_density: float | None = Field(None, gt=0.0, le=1.0, description="RSAF: lowest ratio")
-    max_density: float | None = Field(None, gt=0.0, le=1.0, description="RSAF: highest ratio")
     max_shard_bytes: int = Field(2 * 1024**3, ge=1, description="largest output shard")
-    overwrite: bool = False
-    threads: int = Field(0, ge=0, description="torch threads for the merge (0: automatic, see run.auto_threads)")
+    overwrite: bool = Field(False, description="replace an existing out")
+    threads: int = Field(
+        0, ge=0, description="torch threads (0: torch's default, capped by the cores the load average leaves idle)"
+    )
+    method: Literal[METHODS] = Field("ta", description="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()))
 
     @model_validator(mode="after")
     def _options_fit_method(self):
-        allowed = DEFAULTS[self.method]
-        for key in ("alpha", "density", "sign_election", "drop_rate", "seed", "select_topk") + (
-            "rate_power",
-            "skew_strength",
-            "min_density",
-            "max_density",
-        ):
-            if getattr(self, key) is not None and key not in allowed:
+        method = get_method(self.method)
+        for key in option_params():
+            value = getattr(self, key)
+            if value is not None and key not in method.defaults:
                 raise ValueError(
-                    f"{key}={getattr(self, key)!r} does not apply to method {self.method!r} "
-                    f"(it takes: {', '.join(allowed)})"
+                    f"{key}={value!r} does not apply to method {self.method!r} (it takes: {', '.join(method.defaults)})"
                 )
-        opts = self.method_options()
-        if self.method == "rsaf" and opts["min_density"] > opts["max_density"]:
-            raise ValueError(f"min_density {opts['min_density']} > max_density {opts['max_density']}")
+        if method.check is not None:
+            method.check(self.method_options())
         return self
 
     def method_options(self) -> dict[str, object]:
         """The chosen method's options: given values over its defaults."""
-        return {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in DEFAULTS[self.method].items()}
+        defaults = get_method(self.method).defaults
+        return {k: (v if getattr(self, k) is None else getattr(self, k)) for k, v in defaults.items()}
+
+
+def _option_field(p: Param) -> tuple[object, object]:
+    """A method option as an optional field: None takes the chosen method's default."""
+    kind = Literal[p.choices] if p.choices else p.type
+    return kind | None, Field(None, description=option_help(p), **p.bounds)
+
+
+MergeConfig = create_model(
+    "MergeConfig",
+    __base__=_MergeSettings,
+    __module__=__name__,
+    __doc__="Settings of `fusion-cache merge`. Method options left as None take the method's default.",
+    **{name: _option_field(p) for name, p in option_params().items()},
+)

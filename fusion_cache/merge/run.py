@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from fusion_cache.errors import ConfigError
 from fusion_cache.merge import methods
-from fusion_cache.merge.config import METHODS
 from fusion_cache.merge.config import MergeConfig
 from fusion_cache.merge.io import DTYPES
 from fusion_cache.merge.io import INDEX_FILE
 from fusion_cache.merge.io import PlannedTensor
 from fusion_cache.merge.io import SafetensorsModel
 from fusion_cache.merge.io import ShardedWriter
+from fusion_cache.merge.registry import get_method
 
 log = logging.getLogger(__name__)
 
@@ -190,18 +190,8 @@ def model_stats(
 def merge_tensor(
     method: str, tau: torch.Tensor, base: torch.Tensor, name: str, opts: dict, rate_refs: list[float] | None
 ) -> torch.Tensor:
-    """The merged task vector of one tensor. tau: [S, *shape] fp32; base: [*shape] fp32."""
-    if method == "ta":
-        return methods.task_arithmetic(tau, **opts)
-    if method == "ties":
-        return methods.ties(tau, **opts)
-    if method == "dare":
-        return methods.dare(tau, name=name, **opts)
-    if method == "sce":
-        return methods.sce(tau, **opts)
-    if method == "rsaf":
-        return methods.rsaf(tau, base, rate_refs=rate_refs, **opts)
-    raise ConfigError(f"method: unknown value {method!r}; valid values: {', '.join(METHODS)}")
+    """The merged task vector of one tensor; ``tau`` is left alone. tau: [S, *shape] fp32; base: [*shape] fp32."""
+    return merge_tensor_(method, tau.clone(memory_format=torch.contiguous_format), base, name, opts, rate_refs)
 
 
 def merge_tensor_(
@@ -216,20 +206,14 @@ def merge_tensor_(
 ) -> torch.Tensor:
     """`merge_tensor`, overwriting ``tau`` (contiguous [S, *shape] fp32); returns a view of tau[0].
 
-    ``work``: fp32 scratch of >= tau[0].numel() elements for the methods that select by magnitude or variance.
-    ``stats``: RSAF's sums for this tensor from `model_stats` (None: computed from ``tau`` and ``base``).
+    The method's kernel (`fusion_cache.merge.registry`) gets the inputs it takes. ``work``: fp32 scratch of
+    >= tau[0].numel() elements for the methods that select by magnitude or variance. ``stats``: RSAF's sums for
+    this tensor from `model_stats` (None: computed from ``tau`` and ``base``).
+
+    Raises:
+        ConfigError: an unknown method name (the message lists the registered ones).
     """
-    if method == "ta":
-        return methods.task_arithmetic_(tau, **opts)
-    if method == "ties":
-        return methods.ties_(tau, work=work, **opts)
-    if method == "dare":
-        return methods.dare_(tau, name=name, **opts)
-    if method == "sce":
-        return methods.sce_(tau, work=work, **opts)
-    if method == "rsaf":
-        return methods.rsaf_(tau, base, rate_refs=rate_refs, stats=stats, work=work, **opts)
-    raise ConfigError(f"method: unknown value {method!r}; valid values: {', '.join(METHODS)}")
+    return get_method(method).merge_(tau, opts, base=base, name=name, rate_refs=rate_refs, work=work, stats=stats)
 
 
 def _read_fp32(model: SafetensorsModel, name: str, out: torch.Tensor) -> torch.Tensor:
@@ -330,9 +314,10 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
         bufs = Buffers()  # sized once to the largest tensor: (S + 2) fp32 copies plus raw reads
         bufs.reserve("tau", 4 * s_count * max_numel)
         bufs.reserve("base32", 4 * max_numel)
-        if cfg.method in ("ties", "sce", "rsaf"):
+        method = get_method(cfg.method)
+        if method.takes("work"):
             bufs.reserve("work", 4 * max_numel)
-        rate_refs, stats = model_stats(base, models, names) if cfg.method == "rsaf" else (None, {})
+        rate_refs, stats = model_stats(base, models, names) if method.takes("rate_refs") else (None, {})
         bytes_read = 0
         with ShardedWriter(tmp, plan, cfg.max_shard_bytes, metadata={"merged_by": "fusion-cache"}) as writer:
             for n in tqdm(names, desc=f"merge {cfg.method}", unit="tensor", disable=not progress):
@@ -352,8 +337,10 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
                         m.release(n)
                         tau[s].sub_(b32)
                     _check_finite(tau[s], n, m, base)
-                work = bufs.get("work", torch.float32, numel) if cfg.method in ("ties", "sce", "rsaf") else None
-                merged = b32.add_(merge_tensor_(cfg.method, tau, b32, n, opts, rate_refs, work, stats.get(n)))
+                work = bufs.get("work", torch.float32, numel) if method.takes("work") else None
+                merged = b32.add_(
+                    method.merge_(tau, opts, base=b32, name=n, rate_refs=rate_refs, work=work, stats=stats.get(n))
+                )
                 if info.dtype != "F32":  # back to the base's dtype, in a reused buffer
                     out_dtype = DTYPES[info.dtype]
                     merged = bufs.get("model_raw", out_dtype, numel).view(info.shape).copy_(merged)
@@ -385,3 +372,12 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
     tmp.rename(out)
     summary["out"] = str(out)
     return summary
+
+
+def merge_summary(summary: dict) -> str:
+    """The end-of-merge report (one line) of a `run_merge` summary."""
+    return (
+        f"merged {len(summary['models'])} models with {summary['method']} {summary['options']}: "
+        f"{summary['tensors']} tensors, {summary['shards']} shard(s), {summary['seconds']:.1f} s; "
+        f"model in {summary['out']}"
+    )

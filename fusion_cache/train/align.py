@@ -20,16 +20,13 @@ token does not really end where its span says, and it is recognized by the next 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
-from typing import Literal
 
 import numpy as np
 
 from fusion_cache.errors import ConfigError
-
-AlignMode = Literal["bytes", "index"]
-ALIGN_MODES: tuple[str, ...] = ("bytes", "index")
 
 
 @dataclass(frozen=True)
@@ -129,13 +126,24 @@ def align_index(n_student: int, n_teacher: int) -> Alignment:
     return Alignment(rows, rows, n_student, n_teacher)
 
 
+# The alignment modes (the module docstring defines them): name -> (student, teacher) -> Alignment.
+# `TrainConfig.align` takes these names.
+ALIGNERS: dict[str, Callable[[TokenSpans, TokenSpans], Alignment]] = {
+    "bytes": align_bytes,
+    "index": lambda student, teacher: align_index(student.n_rows, teacher.n_rows),
+}
+ALIGN_MODES: tuple[str, ...] = tuple(ALIGNERS)
+
+
 def align(mode: str, student: TokenSpans, teacher: TokenSpans) -> Alignment:
-    """`align_bytes` or `align_index` by name."""
-    if mode == "bytes":
-        return align_bytes(student, teacher)
-    if mode == "index":
-        return align_index(student.n_rows, teacher.n_rows)
-    raise ConfigError(f"align: unknown value {mode!r}; valid values: {', '.join(ALIGN_MODES)}")
+    """Align by the mode named ``mode`` (a key of ``ALIGNERS``).
+
+    Raises:
+        ConfigError: an unknown mode; the message lists the valid ones.
+    """
+    if mode not in ALIGNERS:
+        raise ConfigError(f"align: unknown value {mode!r}; valid values: {', '.join(ALIGN_MODES)}")
+    return ALIGNERS[mode](student, teacher)
 
 
 @dataclass

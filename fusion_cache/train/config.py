@@ -9,48 +9,51 @@ from pydantic import field_validator
 from pydantic import model_validator
 
 from fusion_cache.config import StrictConfig
+from fusion_cache.train.align import ALIGN_MODES
+from fusion_cache.train.losses import LOSS_CHOICES
+from fusion_cache.train.losses import loss_help
+from fusion_cache.train.weights import COMBINE_MODES
 
 
 class TrainConfig(StrictConfig):
     """Settings of `fusion-cache train`."""
 
     student: str = Field(description="student (pivot) model: preset, local directory or HF id")
-    shards: list[str] = Field(min_length=1, description="one cache directory per teacher")
-    combine: Literal["mean", "sum", "uncertainty"] = Field(
+    shards: list[str] = Field(min_length=1, description="teacher cache: a directory or fsspec URL, one per teacher")
+    combine: Literal[COMBINE_MODES] = Field(
         "mean", description="how the teachers' distillation terms combine (fusion_cache/train/weights.py)"
     )
-    align: Literal["bytes", "index"] = Field(
-        "bytes", description="pair answer rows with a teacher of another tokenizer by byte span or by index (ULD)"
+    align: Literal[ALIGN_MODES] = Field(
+        "bytes", description="how answer rows pair with a teacher of another tokenizer (fusion_cache/train/align.py)"
     )
     uncertainty_temperature: float = Field(1.0, gt=0.0, description="T in softmax_s(-H_s,t / T) (combine=uncertainty)")
     join_window: int = Field(1024, ge=1, description="reads a sample may wait for its partners in other caches")
-    out: str = Field(description="run directory")
+    out: str = Field(description="run directory (metrics.jsonl, model/)")
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*KD")
     top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10); kl uses every cached entry")
-    zscore: bool = True
-    softmax: bool = True
-    temperature: float = Field(1.0, gt=0.0)
-    kd_loss: list[str] = Field(
+    zscore: bool = Field(True, description="ULD: standardize each row's top-K values first (InfiFusion)")
+    softmax: bool = Field(True, description="ULD: compare softmax(values / temperature), else the values themselves")
+    temperature: float = Field(1.0, gt=0.0, description="ULD: temperature of the softmax over the top-K values")
+    kd_loss: list[Literal[LOSS_CHOICES]] = Field(
         ["uld"],
         min_length=1,
-        description="distillation loss: one for every teacher, or one per cache in --shards order "
-        "(fusion_cache/train/losses.py: uld, kl, auto)",
+        description="distillation loss, one for every teacher or one per cache in --shards order: " + loss_help(),
     )
     tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
-    lr: float = Field(5e-5, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW, warmup + cosine)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="fraction of the steps the learning rate warms up")
     batch_size: int = Field(4, ge=1, description="samples per micro-batch")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; default: epochs over the cache")
-    epochs: float = Field(1.0, gt=0.0)
+    epochs: float = Field(1.0, gt=0.0, description="passes over the cache when max_steps is not given")
     max_length: int = Field(1024, ge=2, description="longest student sequence; longer ones are truncated")
     shuffle_buffer: int = Field(256, ge=1, description="rows held for shuffling; memory does not grow with the cache")
-    seed: int = 0
-    dtype: str | None = None
-    grad_clip: float = Field(1.0, gt=0.0)
-    log_every: int = Field(10, ge=1)
-    save: bool = True
+    seed: int = Field(0, description="training seed (shuffle; the same for every run)")
+    dtype: str | None = Field(None, description="student weights' dtype (default: float32)")
+    grad_clip: float = Field(1.0, gt=0.0, description="largest gradient norm (clipped above it)")
+    log_every: int = Field(10, ge=1, description="flush metrics.jsonl every N optimizer steps")
+    save: bool = Field(True, description="save the trained model in <out>/model")
     # ---- robustness and scale (fusion_cache/train/checkpoint.py, fusion_cache/train/distributed.py)
     checkpoint_every: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None: all)")
@@ -77,11 +80,6 @@ class TrainConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _known_losses_one_per_cache(self):
-        from fusion_cache.train.losses import LOSS_CHOICES  # the registry (imports torch): only when validating
-
-        bad = [name for name in self.kd_loss if name not in LOSS_CHOICES]
-        if bad:
-            raise ValueError(f"kd_loss: unknown value {bad[0]!r}; valid values: {', '.join(LOSS_CHOICES)}")
         if len(self.kd_loss) not in (1, len(self.shards)):
             raise ValueError(
                 f"kd_loss: give one loss for every teacher or one per cache ({len(self.shards)}), "

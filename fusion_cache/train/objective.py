@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from fusion_cache.kernels.fused_linear import FusedTerm
 from fusion_cache.kernels.fused_linear import fused_linear_terms
+from fusion_cache.train.functional import resolve_backend
 from fusion_cache.train.losses import DistillLoss
-from fusion_cache.train.losses import resolve_backend
 
 
 @dataclass

@@ -20,20 +20,19 @@ cache, or with no aligned row for a teacher, uses the teachers it has) and n_bs 
 loss compares would throw away the scale that tells a confident teacher from a hesitant one (z-scoring makes every
 row's K values unit-variance). Defined for log-prob caches, which is what `fusion-cache build` stores.
 
+``COMBINES`` (at the end) maps each mode's name to its function; `TrainConfig.combine` takes its names.
+
 The per-teacher term that is logged, ``L_pair,s``, is each teacher's own mean over its rows, then over the samples
 of the batch that have it (``1 / (B_s * n_bs)``), whatever the combine mode.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import numpy as np
 
 from fusion_cache.errors import ConfigError
-
-CombineMode = Literal["mean", "sum", "uncertainty"]
-COMBINE_MODES: tuple[str, ...] = ("mean", "sum", "uncertainty")
 
 
 def topk_entropy(logprobs: np.ndarray, k: int) -> np.ndarray:
@@ -89,17 +88,36 @@ def sample_row_weights(
     Returns:
         per teacher, float32 [n_s] weights (None where absent).
     """
-    present = [s for s, r in enumerate(rows) if r is not None and len(r)]
-    out: list[np.ndarray | None] = [None] * len(rows)
-    if not present:
-        return out
-    if mode in ("mean", "sum"):
-        per_teacher = len(present) if mode == "mean" else 1
-        for s in present:
-            out[s] = np.full(len(rows[s]), 1.0 / (batch_size * per_teacher * len(rows[s])), dtype=np.float32)
-        return out
-    if mode != "uncertainty":
+    combine = COMBINES.get(mode)
+    if combine is None:
         raise ConfigError(f"combine: unknown value {mode!r}; valid values: {', '.join(COMBINE_MODES)}")
+    present = [s for s, r in enumerate(rows) if r is not None and len(r)]
+    if not present:
+        return [None] * len(rows)
+    return combine(rows, entropies, present, batch_size, temperature)
+
+
+def _uniform(rows: list, present: list[int], batch_size: int, per_teacher: int) -> list[np.ndarray | None]:
+    """``1 / (B * per_teacher * n_bs)`` on each present teacher's rows."""
+    out: list[np.ndarray | None] = [None] * len(rows)
+    for s in present:
+        out[s] = np.full(len(rows[s]), 1.0 / (batch_size * per_teacher * len(rows[s])), dtype=np.float32)
+    return out
+
+
+def _mean(rows, entropies, present, batch_size, temperature):
+    """``mean``: per sample, the mean over its teachers of each one's mean over its rows."""
+    return _uniform(rows, present, batch_size, len(present))
+
+
+def _sum(rows, entropies, present, batch_size, temperature):
+    """``sum``: ``mean`` without dividing by the number of teachers."""
+    return _uniform(rows, present, batch_size, 1)
+
+
+def _uncertainty(rows, entropies, present, batch_size, temperature):
+    """``uncertainty``: per student row, the teachers aligned to it weighted by ``softmax_s(-H_s,t / T)``."""
+    out: list[np.ndarray | None] = [None] * len(rows)
     union = np.unique(np.concatenate([rows[s] for s in present]))
     neg_h = np.full((len(present), len(union)), -np.inf)
     cols = []
@@ -113,3 +131,9 @@ def sample_row_weights(
     for i, s in enumerate(present):
         out[s] = w[i, cols[i]].astype(np.float32)
     return out
+
+
+# The combine modes (the module docstring defines them): name -> the weights of one sample's aligned rows, from
+# (rows, entropies, present teachers, B, T). `TrainConfig.combine` takes these names.
+COMBINES: dict[str, Callable[..., list[np.ndarray | None]]] = {"mean": _mean, "sum": _sum, "uncertainty": _uncertainty}
+COMBINE_MODES: tuple[str, ...] = tuple(COMBINES)

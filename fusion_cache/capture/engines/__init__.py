@@ -6,6 +6,7 @@ engine's module only when it is asked for.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from fusion_cache.capture.engines.base import SequenceRequest
@@ -13,16 +14,21 @@ from fusion_cache.capture.engines.base import TeacherEngine
 from fusion_cache.capture.engines.base import TopKCapture
 from fusion_cache.errors import ConfigError
 
-ENGINE_NAMES = ("vllm", "hf")
+# name -> "module:class" of the engine; the module is imported only when that engine is made.
+ENGINES: dict[str, str] = {
+    "vllm": "fusion_cache.capture.engines.vllm:VLLMEngine",
+    "hf": "fusion_cache.capture.engines.hf:HFEngine",
+}
+ENGINE_NAMES: tuple[str, ...] = tuple(ENGINES)
 
-__all__ = ["ENGINE_NAMES", "SequenceRequest", "TeacherEngine", "TopKCapture", "make_engine"]
+__all__ = ["ENGINES", "ENGINE_NAMES", "SequenceRequest", "TeacherEngine", "TopKCapture", "make_engine"]
 
 
 def make_engine(name: str, model_path: str, **kwargs: Any) -> TeacherEngine:
     """Create the teacher engine ``name`` on ``model_path``.
 
     Args:
-        name: "vllm" (`fusion_cache.capture.engines.vllm.VLLMEngine`) or "hf"
+        name: a key of ``ENGINES``: "vllm" (`fusion_cache.capture.engines.vllm.VLLMEngine`) or "hf"
             (`fusion_cache.capture.engines.hf.HFEngine`).
         model_path: the teacher model (a local directory, or a hub id when online).
         **kwargs: keyword arguments of the engine's constructor (dtype, max_model_len, ...).
@@ -31,12 +37,7 @@ def make_engine(name: str, model_path: str, **kwargs: Any) -> TeacherEngine:
         ConfigError: unknown engine name.
         MissingDependencyError: "vllm" without vLLM installed.
     """
-    if name == "vllm":
-        from fusion_cache.capture.engines.vllm import VLLMEngine
-
-        return VLLMEngine(model_path, **kwargs)
-    if name == "hf":
-        from fusion_cache.capture.engines.hf import HFEngine
-
-        return HFEngine(model_path, **kwargs)
-    raise ConfigError(f"engine: unknown value {name!r}; valid values: {', '.join(ENGINE_NAMES)}")
+    if name not in ENGINES:
+        raise ConfigError(f"engine: unknown value {name!r}; valid values: {', '.join(ENGINE_NAMES)}")
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(model_path, **kwargs)

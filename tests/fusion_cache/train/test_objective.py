@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers import AutoTokenizer
 
-from fusion_cache.train import losses
+from fusion_cache.train import functional
 from fusion_cache.train.batch import collate
 from fusion_cache.train.losses import ULD
 from fusion_cache.train.losses import TopKKL
@@ -69,11 +69,11 @@ def _assert_same(results, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6):
 def test_one_teacher_fused_matches_dense(built_cache, tiny_model_dir, lambda_, loss):
     model = _student(tiny_model_dir)
     batch = _batch([built_cache], AutoTokenizer.from_pretrained(tiny_model_dir), 3)
-    losses.set_backend("torch")
+    functional.set_backend("torch")
     try:
         _assert_same(_both_paths(model, batch, [loss], lambda_))
     finally:
-        losses.set_backend(None)
+        functional.set_backend(None)
 
 
 @pytest.mark.parametrize("combine", ["mean", "uncertainty"])
@@ -83,11 +83,11 @@ def test_two_teachers_with_their_own_losses_fused_matches_dense(multi_caches, ti
     batch = _batch([multi_caches["a"], multi_caches["b"]], AutoTokenizer.from_pretrained(tiny_model_dir), 4,
                    combine=combine)  # fmt: skip
     assert all(t is not None for t in batch["teachers"])
-    losses.set_backend("torch")
+    functional.set_backend("torch")
     try:
         results = _both_paths(model, batch, [TopKKL(), ULD(k=6)], 0.5)
     finally:
-        losses.set_backend(None)
+        functional.set_backend(None)
     _assert_same(results)
     dense = results[0][0]
     assert all(v is not None and v > 0 for v in dense.teacher_kd) and dense.top1_total > 0
@@ -100,11 +100,11 @@ def test_two_teachers_fused_triton_matches_dense(multi_caches, tiny_model_dir, t
                    max_length=48)  # fmt: skip
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     batch["teachers"] = [None if t is None else {k: v.to(device) for k, v in t.items()} for t in batch["teachers"]]
-    losses.set_backend("triton")
+    functional.set_backend("triton")
     try:
         _assert_same(_both_paths(model, batch, [TopKKL(), ULD(k=6)], 0.5), rtol=1e-4, atol=1e-5, grad_atol=1e-5)
     finally:
-        losses.set_backend(None)
+        functional.set_backend(None)
 
 
 def test_two_copies_of_one_teacher_reduce_to_single_teacher_kd(tmp_path, multi_caches, tiny_model_dir):
@@ -132,4 +132,4 @@ def test_loss_and_teacher_counts_must_agree(built_cache, tiny_model_dir):
 
 def test_auto_keeps_the_dense_path_on_cpu(monkeypatch):
     monkeypatch.delenv("FUSION_CACHE_KERNEL", raising=False)
-    assert losses.resolve_backend("cpu") == "torch"  # so fused_linear=None means the dense path here
+    assert functional.resolve_backend("cpu") == "torch"  # so fused_linear=None means the dense path here
