@@ -1,4 +1,6 @@
-"""Top-K codecs: property-based round trips, real builds with each codec, and refusal of corrupt compact shards."""
+"""Top-K codecs through the writer and the reader: property-based round trips of every codec and layout, every
+registered codec through ShardWriter, real builds with each codec, and refusal of corrupt compact shards. The codec
+modules' own tests (registry, quantization, ids, buckets) are in tests/fusion_cache/cache/codecs/."""
 
 from __future__ import annotations
 
