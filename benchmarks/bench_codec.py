@@ -33,9 +33,11 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
-from fusion_cache.cache.codecs import ID_ORDER_KEY  # noqa: E402
-from fusion_cache.cache.codecs import CodecSpec  # noqa: E402
+from fusion_cache.cache.codecs import Codec  # noqa: E402
+from fusion_cache.cache.codecs import FullCodec  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
+from fusion_cache.cache.codecs.base import id_groups  # noqa: E402
+from fusion_cache.cache.codecs.ids import ID_ORDER_KEY  # noqa: E402
 from fusion_cache.cache.fast_decode import use_decoder  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
@@ -101,7 +103,7 @@ def _fidelity(
 
 
 # ---------------------------------------------------------------- our codecs through the real writer/reader
-def _ours(rows: list[CacheRow], k: int, codec: CodecSpec) -> tuple[int, float, tuple[float, float], list]:
+def _ours(rows: list[CacheRow], k: int, codec: Codec) -> tuple[int, float, tuple[float, float], list]:
     """(payload bytes, encode s, (best, median) decode s, decoded rows) through encode_topk + Arrow IPC +
     decode_record_batch."""
     prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
@@ -189,8 +191,6 @@ def _held_out_id_bytes(ids: np.ndarray) -> dict[str, float]:
     other (both ways): pooled, per rank group (`id_groups`, as full layout 3 groups them) and per rank; additive
     smoothing towards the pooled frequencies, the best of three strengths. Unlike the in-sample entropy this is a
     cost a real static coder could reach without storing its model."""
-    from fusion_cache.cache.codecs import id_groups
-
     n, k = ids.shape
     vocab = int(ids.max()) + 1
     half = n // 2
@@ -250,8 +250,8 @@ def bench_cache(path: str) -> list[dict]:
 
     # full layout 1 is the previous version's full codec (schema version 2) and layout 2 the previous default of
     # version 3 (zstd level 3), kept as the baselines in the same run
-    layout1 = CodecSpec("full", value_bits=6, id_bytes=2, zstd_level=3)
-    layout2 = CodecSpec("full", value_bits=6, id_bytes=2, zstd_level=3, layout=2)
+    layout1 = FullCodec(value_bits=6, id_bytes=2, zstd_level=3)
+    layout2 = FullCodec(value_bits=6, id_bytes=2, zstd_level=3, layout=2)
     configs = [("raw", make_codec("raw")), ("full layout 1 (v2)", layout1), ("full layout 2", layout2)]
     configs += [
         (f"full{'' if b is None else f' bits={b}'}", make_codec("full", value_bits=b, vocab_size=49152))

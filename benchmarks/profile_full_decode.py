@@ -28,19 +28,22 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from fusion_cache.cache import reader as reader_module  # noqa: E402
-from fusion_cache.cache.codecs import CodecSpec  # noqa: E402
+from fusion_cache.cache.codecs import Codec  # noqa: E402
+from fusion_cache.cache.codecs import FullCodec  # noqa: E402
+from fusion_cache.cache.codecs import full as full_module  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
+from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
 from fusion_cache.cache.schema import SCHEMA_VERSION  # noqa: E402
 from fusion_cache.cache.schema import shard_schema  # noqa: E402
 from fusion_cache.cache.writer import rows_to_batch  # noqa: E402
 from fusion_cache.cache.writer import shard_schema_with_order  # noqa: E402
 
-STAGES = ("decode_rank_planes", "decode_bucket_ids", "_gather_groups", "decode_value_groups", "_targets_layout2")
+# the full codec's decode stages, each timed by a wrapper put in place of its name in codecs/full.py
+STAGES = ("decode_rank_planes", "decode_bucket_ids", "_gather_groups", "decode_value_groups", "_grouped_targets")
 
 
-def _blob(rows, k: int, codec: CodecSpec) -> bytes:
+def _blob(rows, k: int, codec: Codec) -> bytes:
     """The rows as one record batch of the full shard layout, Arrow IPC bytes with the codec's compression."""
     prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     used, first = 0, []
@@ -69,7 +72,7 @@ def main() -> None:
     vocab = int(max(r.topk_ids.max() for r in rows)) + 1
     full = make_codec("full", vocab_size=max(vocab, 257))
     codecs = {
-        "layout 2 (zstd 3)": CodecSpec("full", value_bits=6, id_bytes=full.id_bytes, zstd_level=3, layout=2),
+        "layout 2 (zstd 3)": FullCodec(value_bits=6, id_bytes=full.id_bytes, zstd_level=3, layout=2),
         f"layout 3 (zstd {full.zstd_level})": full,
     }
     blobs = {name: _blob(rows, k, codec) for name, codec in codecs.items()}
@@ -77,7 +80,7 @@ def main() -> None:
     spent: dict[str, float] = {}
 
     def timed(name):
-        fn = getattr(reader_module, name)
+        fn = getattr(full_module, name)
 
         @functools.wraps(fn)
         def wrapper(*a, **kw):
@@ -88,9 +91,9 @@ def main() -> None:
 
         return wrapper
 
-    originals = {name: getattr(reader_module, name) for name in STAGES}
+    originals = {name: getattr(full_module, name) for name in STAGES}
     for name in STAGES:
-        setattr(reader_module, name, timed(name))
+        setattr(full_module, name, timed(name))
     options = pa.ipc.IpcReadOptions(use_threads=False)
     res: dict[str, dict[str, list[float]]] = {name: {} for name in codecs}
     try:
@@ -102,22 +105,22 @@ def main() -> None:
                 t_ipc = time.process_time() - t
                 t = time.process_time()
                 for b in batches:
-                    reader_module.decode_record_batch(b, codec, k, "profile")
+                    decode_record_batch(b, codec, k, "profile")
                 t_dec = time.process_time() - t
                 ids = sum(spent.get(s, 0.0) for s in STAGES[:3])
                 stage = {
                     "Arrow IPC read + zstd decompression": t_ipc,
                     "ids": ids,
                     "values": spent["decode_value_groups"],
-                    "target log-probs": spent["_targets_layout2"],
-                    "the rest": t_dec - ids - spent["decode_value_groups"] - spent["_targets_layout2"],
+                    "target log-probs": spent["_grouped_targets"],
+                    "the rest": t_dec - ids - spent["decode_value_groups"] - spent["_grouped_targets"],
                     "total": t_ipc + t_dec,
                 }
                 for key, v in stage.items():
                     res[name].setdefault(key, []).append(v)
     finally:
         for name, fn in originals.items():
-            setattr(reader_module, name, fn)
+            setattr(full_module, name, fn)
     print(f"{Path(args.cache).name}, K={k}, {n} answer tokens; best / median ms of {args.repeat} interleaved runs")
     print("| stage | " + " | ".join(codecs) + " |\n|---|" + "---|" * len(codecs))
     for key in res[next(iter(codecs))]:

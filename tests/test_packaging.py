@@ -57,7 +57,7 @@ def test_a_built_wheel_installs_and_imports(tmp_path):
     (wheel,) = wheels.glob("fusion_cache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "fusion_cache/kernels/reference.py" in names and "fusion_cache/cli/main.py" in names
-    assert "fusion_cache/data/demo_prompts.jsonl" in names and "fusion_cache/cache/reader.py" in names
+    assert "fusion_cache/data/demo_prompts.jsonl" in names and "fusion_cache/cache/codecs/full.py" in names
     assert not [n for n in names if n.split("/")[0] in ("kernels", "cli", "tests", "benchmarks")]
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

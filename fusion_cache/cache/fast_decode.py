@@ -1,9 +1,10 @@
 """Compiled decoders of the `full` layout 3 ids and of the grouped value codes (layouts 2 and 3), through numba.
 
-The numpy decoders in fusion_cache/cache/codecs.py are the reference: every numpy pass reads and writes the whole
-chunk, so at K=128 a token costs ~20 passes over 256 symbols and the decode stalls near 0.9M answer tokens/s on
-one core. Here one loop per token does each step once per symbol, with the same arithmetic (float32, the same
-lookup tables), so the output is bit for bit the reference's (tests/fusion_cache/cache/test_fast_decode.py).
+The numpy decoders in fusion_cache/cache/codecs/ (ids.py, quantize.py) are the reference: every numpy pass reads
+and writes the whole chunk, so at K=128 a token costs ~20 passes over 256 symbols and the decode stalls near 0.9M
+answer tokens/s on one core. Here one loop per token does each step once per symbol, with the same arithmetic
+(float32, the same lookup tables), so the output is bit for bit the reference's
+(tests/fusion_cache/cache/test_fast_decode.py).
 
 numba is optional (installed with the vLLM CPU requirements, or ``pip install numba``) and imported lazily; without
 it, or with ``FUSION_CACHE_DECODER=numpy``, the numpy decoders run. The kernels are compiled on first use (about a

@@ -3,7 +3,8 @@
 One row per (sample, teacher). Row t of the top-K block is the teacher's distribution that predicts
 ``input_ids[answer_start + t]``; there are ``n_answer = len(input_ids) - answer_start`` such rows, each with K
 entries. The common columns below are the same for every codec; the top-K block's columns depend on the codec
-(fusion_cache/cache/codecs.py). Versions 1 (raw only) and 2 (no shape codec, full layout 1) are still read.
+(fusion_cache/cache/codecs/, one module per codec). Versions 1 (raw only) and 2 (no shape codec, full layout 1) are
+still read.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import pyarrow as pa
 
 from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
-from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import Codec
+from fusion_cache.cache.codecs import RawCodec
 
 SCHEMA_VERSION = LATEST_SCHEMA_VERSION  # 3
-# v1 = v2 with the raw codec only; v3 = v2 + the shape codec + full layouts 2 and 3 (codecs.parse_codec has the rules)
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+# v1 = v2 with the raw codec only; v3 = v2 + the shape codec + full layouts 2 and 3 (each codec's class has its rules)
+READABLE_SCHEMA_VERSIONS = tuple(range(1, LATEST_SCHEMA_VERSION + 1))  # (1, 2, 3)
 METADATA_KEY = b"fusion_cache"  # Arrow schema metadata key holding the JSON provenance of the shard
 FORMAT_NAME = "fusion-cache"
 
@@ -32,17 +34,17 @@ COMMON_COLUMNS = {
 }
 
 # The v1 / raw columns, kept under the old name for code that writes raw shards directly.
-COLUMNS = {**COMMON_COLUMNS, **CodecSpec("raw").columns()}
+COLUMNS = {**COMMON_COLUMNS, **RawCodec().columns()}
 
 
-def shard_columns(codec: CodecSpec, k: int | None = None) -> dict[str, pa.DataType]:
+def shard_columns(codec: Codec, k: int | None = None) -> dict[str, pa.DataType]:
     """Every column of a shard written with ``codec`` (and K, which full layouts 2 and 3's columns depend on)."""
     return {**COMMON_COLUMNS, **codec.columns(k)}
 
 
-def shard_schema(provenance: dict, codec: CodecSpec | None = None, k: int | None = None) -> pa.Schema:
+def shard_schema(provenance: dict, codec: Codec | None = None, k: int | None = None) -> pa.Schema:
     """The schema of a shard, with the build's provenance JSON under the ``fusion_cache`` metadata key."""
-    codec = codec or CodecSpec("raw")
+    codec = codec or RawCodec()
     meta = {METADATA_KEY: json.dumps(provenance, sort_keys=True).encode()}
     cols = shard_columns(codec, provenance.get("k") if k is None else k)
     return pa.schema([pa.field(name, typ, nullable=False) for name, typ in cols.items()], metadata=meta)

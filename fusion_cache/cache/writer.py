@@ -23,19 +23,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fusion_cache.cache.codecs import ID_ORDER_KEY
 from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
-from fusion_cache.cache.codecs import CodecSpec
-from fusion_cache.cache.codecs import code_groups
-from fusion_cache.cache.codecs import encode_bucket_ids
-from fusion_cache.cache.codecs import id_groups
-from fusion_cache.cache.codecs import id_order_metadata
-from fusion_cache.cache.codecs import ids_to_ranks
-from fusion_cache.cache.codecs import make_id_order
-from fusion_cache.cache.codecs import pack_ids
+from fusion_cache.cache.codecs import Codec
+from fusion_cache.cache.codecs import RawCodec
 from fusion_cache.cache.codecs import parse_codec
-from fusion_cache.cache.codecs import quantize_values
-from fusion_cache.cache.codecs import tail_mass
+from fusion_cache.cache.codecs.base import list_column
 from fusion_cache.cache.durable import fsync_dir
 from fusion_cache.cache.durable import fsync_file
 from fusion_cache.cache.fingerprint import file_sha256
@@ -47,152 +39,50 @@ from fusion_cache.cache.schema import shard_name
 from fusion_cache.cache.schema import shard_schema
 
 
-def _list_column(arrays: list[np.ndarray], dtype: np.dtype, arrow_type: pa.DataType) -> pa.Array:
-    """Build a list<T> column from per-row arrays without a per-element Python loop."""
-    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate([a.reshape(-1) for a in arrays]).astype(dtype, copy=False) if arrays else np.array([], dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, arrow_type.value_type))
+def encode_topk(rows: list[CacheRow], codec: Codec, k: int, id_order: np.ndarray | None = None) -> dict[str, pa.Array]:
+    """The codec's top-K columns for ``rows``, after checking that every row's top-K block is [n_answer, K].
 
-
-def _split_column(flat: np.ndarray, per_row: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """A list<T> column from one flat array and each row's element count."""
-    offsets = np.zeros(len(per_row) + 1, dtype=np.int64)
-    np.cumsum(per_row, out=offsets[1:])
-    if offsets[-1] >= 1 << 31:
-        raise ValueError("a record batch holds more than 2^31 list elements; write fewer rows per batch")
-    values = pa.array(np.ascontiguousarray(flat).reshape(-1), arrow_type.value_type)
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), values)
-
-
-def encode_topk(
-    rows: list[CacheRow], codec: CodecSpec, k: int, id_order: np.ndarray | None = None
-) -> dict[str, pa.Array]:
-    """The codec's top-K columns for ``rows`` (vectorized over all the rows' answer positions at once).
-
-    ``id_order`` is the shard's id order (full codec; codecs.make_id_order), stored in the shard's metadata.
+    ``id_order`` is the shard's id order (the full codec's; from `shard_schema_with_order`), stored in the shard's
+    metadata.
     """
-    n = np.fromiter((r.topk_logprobs.shape[0] for r in rows), dtype=np.int64, count=len(rows))
     for r in rows:
         if r.topk_logprobs.ndim != 2 or r.topk_logprobs.shape[1] != k:
             raise ValueError(f"row {r.sample_id}: top-K block has shape {r.topk_logprobs.shape}, expected [n, {k}]")
-    cols = codec.columns(k)
-    if codec.name == "raw":
-        return {
-            "topk_ids": _list_column([r.topk_ids for r in rows], np.int32, cols["topk_ids"]),
-            "topk_logprobs": _list_column([r.topk_logprobs for r in rows], np.float32, cols["topk_logprobs"]),
-            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float32, cols["target_logprobs"]),
-        }
-    values = np.concatenate([r.topk_logprobs for r in rows]).astype(np.float32) if rows else np.zeros((0, k))
-    vmax, span, codes = quantize_values(values, codec.value_bits, np.float16, codec.companding)
-    if codec.name == "shape":
-        # a row of equal values has no shape: its codes decode to [0, .., 0, -1], so list it to decode as zeros
-        flat = values[:, 0] == values[:, -1]
-        row_of = np.repeat(np.arange(len(rows)), n)
-        local = np.arange(values.shape[0]) - np.repeat(np.cumsum(n) - n, n)
-        return {
-            "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
-            "topk_flat": _split_column(
-                local[flat].astype(np.int32), np.bincount(row_of[flat], minlength=len(rows)), cols["topk_flat"]
-            ),
-        }
-    if codec.name == "full" and codec.layout is not None:
-        return _encode_full_grouped(rows, codec, k, id_order, values, vmax, span, codes, n, cols)
-    out = {
-        "topk_max": _split_column(vmax, n, cols["topk_max"]),
-        "topk_span": _split_column(span, n, cols["topk_span"]),
-        "topk_codes": _split_column(codes, n * (k - 2), cols["topk_codes"]),
-    }
-    if codec.name == "full":
-        ids = np.concatenate([r.topk_ids for r in rows])
-        if id_order is None:
-            raise ValueError("the full codec needs the shard's id order")
-        ranks = ids_to_ranks(ids, id_order)
-        planes = {
-            f"topk_ids_b{i}": _split_column(p, n * k, cols[f"topk_ids_b{i}"])
-            for i, p in enumerate(pack_ids(ranks, codec.id_bytes))
-        }
-        out = {
-            **planes,
-            **out,
-            "tail_mass": _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"]),
-            "target_logprobs": _list_column([r.target_logprobs for r in rows], np.float16, cols["target_logprobs"]),
-        }
-    return out
-
-
-def _encode_full_grouped(rows, codec, k, id_order, values, vmax, span, codes, n, cols) -> dict[str, pa.Array]:
-    """The columns of full layouts 2 and 3 (docs/cache-format.md section 1.2): the ids (layout 3: grouped rank
-    byte planes; layout 2: grouped id buckets and bit-packed offsets), max/span, grouped code deltas, tail mass, and
-    the target log-probs of answer tokens outside the top-K."""
-    if id_order is None:
-        raise ValueError("the full codec needs the shard's id order")
-    ids = np.concatenate([r.topk_ids for r in rows]) if rows else np.zeros((0, k), np.int32)
-    total = ids.shape[0]
-    ranks = ids_to_ranks(ids, id_order)
-    out = {}
-    if codec.layout == 2:
-        buckets, offset_bytes, nbytes = encode_bucket_ids(ranks.reshape(-1), n * k, codec.id_bytes)
-        buckets = buckets.reshape(total, k)
-        for g, (a, b) in enumerate(id_groups(k)):
-            out[f"topk_id_buckets_g{g}"] = _split_column(buckets[:, a:b], n * (b - a), cols[f"topk_id_buckets_g{g}"])
-        out["topk_id_offsets"] = _split_column(offset_bytes, nbytes, cols["topk_id_offsets"])
-    else:
-        for i, plane in enumerate(pack_ids(ranks, codec.id_bytes)):  # [total, k] uint8 each
-            for g, (a, b) in enumerate(id_groups(k)):
-                name = f"topk_ids_b{i}_g{g}"
-                out[name] = _split_column(plane[:, a:b], n * (b - a), cols[name])
-    out["topk_max"] = _split_column(vmax, n, cols["topk_max"])
-    out["topk_span"] = _split_column(span, n, cols["topk_span"])
-    for g, (a, b) in enumerate(code_groups(k)):
-        out[f"topk_codes_g{g}"] = _split_column(codes[:, a:b], n * (b - a), cols[f"topk_codes_g{g}"])
-    out["tail_mass"] = _split_column(tail_mass(values).astype(np.float16), n, cols["tail_mass"])
-    # the answer token's log-prob is the decoded value of its id when it is among the top-K: store only the others
-    answer = np.concatenate([r.input_ids[r.answer_start :] for r in rows]) if rows else np.zeros(0, np.int32)
-    if answer.shape[0] != total:
-        raise ValueError(f"answer tokens ({answer.shape[0]}) and top-K rows ({total}) differ in number")
-    missing = ~(ids == answer[:, None]).any(axis=1)
-    targets = np.concatenate([r.target_logprobs for r in rows]) if rows else np.zeros(0, np.float32)
-    row_of = np.repeat(np.arange(len(rows)), n)
-    miss_counts = np.bincount(row_of[missing], minlength=len(rows)).astype(np.int64)
-    out["target_logprobs_missing"] = _split_column(
-        targets[missing].astype(np.float16), miss_counts, cols["target_logprobs_missing"]
-    )
-    return out
+    return codec.encode(rows, k, id_order)
 
 
 def rows_to_batch(
     rows: list[CacheRow],
     schema: pa.Schema,
-    codec: CodecSpec | None = None,
+    codec: Codec | None = None,
     k: int | None = None,
     id_order: np.ndarray | None = None,
 ):
     """Convert rows to one record batch of ``schema`` (common columns + the codec's top-K columns)."""
-    codec = codec or CodecSpec("raw")
+    codec = codec or RawCodec()
     k = k if k is not None else (rows[0].topk_logprobs.shape[1] if rows else 1)
     cols = {
         "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
         "row_index": pa.array([r.row_index for r in rows], pa.int64()),
         "conversation": pa.array([r.conversation for r in rows], pa.string()),
-        "input_ids": _list_column([r.input_ids for r in rows], np.int32, COMMON_COLUMNS["input_ids"]),
+        "input_ids": list_column([r.input_ids for r in rows], np.int32, COMMON_COLUMNS["input_ids"]),
         "answer_start": pa.array([r.answer_start for r in rows], pa.int32()),
-        "token_byte_start": _list_column(
+        "token_byte_start": list_column(
             [r.token_byte_start for r in rows], np.int32, COMMON_COLUMNS["token_byte_start"]
         ),
-        "token_byte_end": _list_column([r.token_byte_end for r in rows], np.int32, COMMON_COLUMNS["token_byte_end"]),
+        "token_byte_end": list_column([r.token_byte_end for r in rows], np.int32, COMMON_COLUMNS["token_byte_end"]),
         **encode_topk(rows, codec, k, id_order),
     }
     return pa.RecordBatch.from_arrays([cols[name] for name in schema.names], schema=schema)
 
 
-def shard_schema_with_order(schema: pa.Schema, codec: CodecSpec, first_rows: list[CacheRow]):
-    """(schema, id order): for the full codec, the id order of ``first_rows`` added to the schema metadata."""
-    if codec.name != "full":
-        return schema, None
-    order = make_id_order(np.concatenate([r.topk_ids.reshape(-1) for r in first_rows]))
-    return schema.with_metadata({**schema.metadata, ID_ORDER_KEY: id_order_metadata(order)}), order
+def shard_schema_with_order(schema: pa.Schema, codec: Codec, first_rows: list[CacheRow]):
+    """(schema, id order): the codec's per-shard metadata from ``first_rows`` (the full codec's id order) added to
+    the schema metadata, and the id order its encode takes (None for the codecs without one)."""
+    meta, order = codec.shard_metadata(first_rows)
+    if not meta:
+        return schema, order
+    return schema.with_metadata({**schema.metadata, **meta}), order
 
 
 class ShardWriter:
@@ -252,7 +142,7 @@ class ShardWriter:
 
     def _open_part(self, first_rows: list[CacheRow]) -> None:
         path = self.work_dir / f"{part_name(len(self._parts))}.arrow.tmp"
-        # full codec: the shard's id order comes from its first record batch and is stored in its schema
+        # the codec's per-shard state (full: the id order) comes from its first record batch, stored in its schema
         self._schema, self._id_order = shard_schema_with_order(self.schema, self.codec, first_rows)
         schema = self._schema
         self._sink = pa.OSFile(str(path), "wb")

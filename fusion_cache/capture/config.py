@@ -7,6 +7,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic import model_validator
 
+from fusion_cache.cache.codecs import CODEC_NAMES
+from fusion_cache.cache.codecs import codec_help
+from fusion_cache.cache.codecs import value_bits_help
 from fusion_cache.capture.engines import ENGINE_NAMES
 from fusion_cache.config import StrictConfig
 
@@ -19,8 +22,9 @@ class BuildConfig(StrictConfig):
     out: str = Field(description="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)")
     top_k: int = Field(64, ge=2, le=1024, description="K: teacher log-probs kept per answer token")
     engine: Literal[ENGINE_NAMES] = Field("vllm", description="teacher engine (fusion_cache/capture/engines)")
-    codec: Literal["full", "values", "shape", "raw"] = Field("raw", description="how the top-K block is stored")
-    value_bits: int | None = Field(None, ge=2, le=16, description="bits per value code (full/values/shape codecs)")
+    # the names come from the codec registry (fusion_cache/cache/codecs/__init__.py)
+    codec: Literal[CODEC_NAMES] = Field("raw", description=f"how the top-K block is stored: {codec_help()}")
+    value_bits: int | None = Field(None, ge=2, le=16, description=f"bits per value code of the {value_bits_help()}")
     max_length: int = Field(2048, ge=2, description="longest rendered sequence, in teacher tokens")
     overlong: Literal["truncate", "skip"] = Field("truncate", description="what to do with longer sequences")
     dtype: str | None = Field(None, description="teacher dtype; default chosen from the hardware")

@@ -1,8 +1,9 @@
-"""Top-K codecs: property-based round trips, real builds with each codec, and refusal of corrupt compact shards."""
+"""Top-K codecs through the writer and the reader: property-based round trips of every codec and layout, every
+registered codec through ShardWriter, real builds with each codec, and refusal of corrupt compact shards. The codec
+modules' own tests (registry, quantization, ids, buckets) are in tests/fusion_cache/cache/codecs/."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -14,26 +15,25 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from fusion_cache.cache.codecs import CodecSpec
+from fusion_cache.cache.codecs import CODEC_NAMES
+from fusion_cache.cache.codecs import FullCodec
+from fusion_cache.cache.codecs import get_codec
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.codecs.ids import ID_ORDER_KEY
 from fusion_cache.cache.fast_decode import use_decoder
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.reader import decode_record_batch
 from fusion_cache.cache.row import CacheRow
+from fusion_cache.cache.schema import METADATA_KEY
 from fusion_cache.cache.schema import SCHEMA_VERSION
 from fusion_cache.cache.schema import shard_schema
+from fusion_cache.cache.writer import ShardWriter
 from fusion_cache.cache.writer import rows_to_batch
 from fusion_cache.cache.writer import shard_schema_with_order
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
-
-# the numpy decoders are the reference; the compiled ones (fusion_cache/cache/fast_decode.py) must match them
-DECODERS = [
-    "numpy",
-    pytest.param("numba", marks=pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="no numba")),
-]
 
 
 def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> list[CacheRow]:
@@ -65,18 +65,15 @@ def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> li
     return rows
 
 
-LAYOUT1 = {"name": "full", "layout": None}  # the schema-version-2 full codec (byte planes), still read
-
-
 def _codec(name, bits, vocab):
     """(codec, schema version) for a test name: "full1" is full layout 1 in a version-2 shard, "full2" full layout 2
     (both still read); "full" is the layout a build writes (3)."""
     if name == "full1":
         full = make_codec("full", value_bits=bits, vocab_size=vocab)
-        return CodecSpec("full", value_bits=bits, id_bytes=full.id_bytes, zstd_level=3), 2
+        return FullCodec(value_bits=bits, id_bytes=full.id_bytes, zstd_level=3), 2
     if name == "full2":
         full = make_codec("full", value_bits=bits, vocab_size=vocab)
-        return CodecSpec("full", value_bits=bits, id_bytes=full.id_bytes, zstd_level=3, layout=2), SCHEMA_VERSION
+        return FullCodec(value_bits=bits, id_bytes=full.id_bytes, zstd_level=3, layout=2), SCHEMA_VERSION
     return make_codec(name, value_bits=None if name == "raw" else bits, vocab_size=vocab), SCHEMA_VERSION
 
 
@@ -92,7 +89,6 @@ def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     return [r for b in batches for r in decode_record_batch(b, codec, k, "mem")]
 
 
-@pytest.mark.parametrize("decoder", DECODERS)
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
@@ -154,49 +150,55 @@ def test_every_codec_round_trips(decoder, seed, k, lengths, vocab, scale, name, 
             np.testing.assert_allclose(b.tail_mass, want, rtol=2e-3, atol=1e-6)
 
 
-def test_codec_parameters_are_validated():
-    with pytest.raises(ConfigError, match="unknown codec"):
-        make_codec("zip9")
-    with pytest.raises(ConfigError, match="value_bits=40"):
-        make_codec("full", value_bits=40, vocab_size=100)
-    with pytest.raises(ConfigError, match="raw codec"):
-        make_codec("raw", value_bits=8)
-    assert make_codec("full", vocab_size=49152).id_bytes == 2
-    assert make_codec("full", vocab_size=151936).to_json() == {
-        "name": "full",
-        "value_bits": 6,
-        "id_bytes": 3,
-        "zstd_level": 16,
-        "layout": 3,
-    }
-    with pytest.raises(ConfigError, match="at most 2\\^24 ids"):
-        make_codec("full", vocab_size=1 << 25)
-    full2 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3, "layout": 2}
-    full1 = {k: v for k, v in full2.items() if k != "layout"}
-    shape = {"name": "shape", "value_bits": 8, "zstd_level": 3}
-    full3 = {**full2, "layout": 3}
-    assert parse_codec(full1, schema_version=2).layout is None and parse_codec(full2).layout == 2
-    assert parse_codec(full3).layout == 3 and parse_codec(full3).companding == "log"
-    assert parse_codec(shape).name == "shape" and not parse_codec(shape).has_logprobs
-    for bad, version, why in (
-        ({"name": "full", "value_bits": 7}, 3, "missing"),
-        ({"name": "values", "value_bits": 8, "zstd_level": 3, "x": 1}, 3, "unknown \\['x'\\]"),
-        ({"name": "values", "value_bits": "8", "zstd_level": 3}, 3, "value_bits='8'"),
-        (["raw"], 3, "must be an object"),
-        (full1, 3, "missing \\['layout'\\]"),  # version 3 records the layout
-        (full2, 2, "unknown \\['layout'\\]"),  # version 2 had none
-        ({**full2, "layout": 1}, 3, "layout=1"),
-        ({**full2, "layout": 4}, 3, "layout=4"),
-        ({**full2, "id_bytes": 4}, 3, "id_bytes=4"),
-        ({**full3, "id_bytes": 4}, 3, "id_bytes=4"),
-        (full3, 2, "unknown \\['layout'\\]"),
-        (shape, 2, "schema_version 2 has no codec 'shape'"),
-        (shape, 1, "schema_version 1 has no codec 'shape'"),
-        ({"name": "zip9"}, 3, "unknown"),
-        (shape, 4, "schema_version 4 is unknown"),
-    ):
-        with pytest.raises(ShardFormatError, match=why):
-            parse_codec(bad, schema_version=version)
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_every_registered_codec_round_trips_through_writer_and_reader(name, decoder, tmp_path):
+    """Each codec of the registry through ShardWriter (several shards, the codec from the provenance) and
+    decode_record_batch (the codec from the shard's own metadata), checked by what the codec declares it stores."""
+    k, vocab = 12, 300
+    rows = _rows(11, k, [5, 1, 9, 3, 7], vocab, 4.0)
+    codec = make_codec(name, vocab_size=vocab)
+    prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    with ShardWriter(tmp_path, prov, shard_rows=2) as w:
+        w.write_rows(rows)
+    assert len(w.shards) == 3
+    dec = []
+    with use_decoder(decoder):
+        for shard in w.shards:
+            stream = pa.ipc.open_stream(pa.memory_map(str(tmp_path / shard["path"])))
+            stored = parse_codec(json.loads(stream.schema.metadata[METADATA_KEY])["codec"])
+            assert stored == codec and type(stored) is get_codec(name)
+            dec += [r for b in stream for r in decode_record_batch(b, stored, k, shard["path"])]
+    assert [r.sample_id for r in dec] == [r.sample_id for r in rows]
+    bits = getattr(codec, "value_bits", None)  # None: exact values
+    for a, b in zip(rows, dec, strict=True):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        v = a.topk_logprobs.astype(np.float64)
+        span = v[:, :1] - v[:, -1:]
+        assert b.topk_logprobs.dtype == np.float32 and b.topk_logprobs.shape == v.shape
+        # half a code step times the steepest expansion slope (< 3.1), plus fp16 max and span; 0 for exact values
+        tol = 0.0 if bits is None else span * (3.1 / (2 * ((1 << bits) - 1)) + 1e-3) + np.abs(v[:, :1]) * 1e-3
+        if codec.has_logprobs:
+            assert (np.abs(b.topk_logprobs - v) <= tol).all()
+        else:  # the standardized shape
+            want = np.where(span > 0, (v - v[:, :1]) / np.where(span > 0, span, 1), 0.0)
+            assert (np.abs(b.topk_logprobs - want) <= 0.5 / ((1 << bits) - 1) + 1e-6).all()
+        if codec.has_ids:
+            np.testing.assert_array_equal(b.topk_ids, a.topk_ids)
+        else:
+            with pytest.raises(ShardFormatError, match=f"topk_ids: a {name!r} cache"):
+                b.topk_ids[:, 0]
+        if codec.has_targets:
+            # the decoded value of the answer's id where it is among the top-K, else fp16 (full); exact (raw)
+            target_tol = np.maximum(tol[:, 0], np.abs(a.target_logprobs) * 1e-3) if bits else 0.0
+            assert (np.abs(b.target_logprobs - a.target_logprobs) <= target_tol).all()
+        else:
+            with pytest.raises(ShardFormatError, match=f"target_logprobs: a {name!r} cache"):
+                np.asarray(b.target_logprobs)
+        if codec.has_tail_mass:
+            want = np.clip(1 - np.exp(v).sum(axis=1), 0, 1)
+            np.testing.assert_allclose(b.tail_mass, want, rtol=2e-3, atol=1e-6)
+        else:
+            assert b.tail_mass is None
 
 
 def test_corrupt_value_codes_are_named():
@@ -397,7 +399,6 @@ def _rewrite_as_v1(cache, tmp_path):
     """Turn a raw v2 cache into the v1 layout an older fusion-cache wrote (same columns, version 1)."""
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.fingerprint import file_sha256
-    from fusion_cache.cache.writer import ShardWriter
 
     reader = CacheReader(cache)
     m = json.loads((cache / "manifest.json").read_text())
@@ -424,8 +425,6 @@ def test_v1_caches_are_still_read_and_v1_with_a_compact_codec_is_refused(cache_c
 
 
 def test_missing_or_corrupt_id_order_is_refused():
-    from fusion_cache.cache.codecs import ID_ORDER_KEY
-
     rows = _rows(1, 8, [4, 3], 300, 4.0)
     codec = make_codec("full", vocab_size=300)
     prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
@@ -460,7 +459,7 @@ def test_training_on_a_shape_cache_refuses_modes_that_need_log_probs(codec_cache
 
 def _layout2_batch(layout=2):
     rows = _rows(3, 8, [5, 4], 300, 4.0)
-    codec = CodecSpec("full", value_bits=6, id_bytes=2, zstd_level=3, layout=layout)
+    codec = FullCodec(value_bits=6, id_bytes=2, zstd_level=3, layout=layout)
     prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows[:1])
     return rows_to_batch(rows, schema, codec, 8, order), codec, schema
@@ -499,7 +498,6 @@ def _rewrite_as_v2_full(cache, tmp_path, codec=None, version=2):
     schema ``version``)."""
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.fingerprint import file_sha256
-    from fusion_cache.cache.writer import ShardWriter
 
     reader = CacheReader(cache)
     m = json.loads((cache / "manifest.json").read_text())
@@ -562,106 +560,6 @@ def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refus
             decode_record_batch(bad, codec, 5, "shard-f")
 
 
-def test_bucket_ids_round_trip_across_decode_chunks_and_every_width():
-    from fusion_cache.cache.codecs import DECODE_CHUNK
-    from fusion_cache.cache.codecs import decode_bucket_ids
-    from fusion_cache.cache.codecs import encode_bucket_ids
-
-    rng = np.random.default_rng(0)
-    for id_bytes in (1, 2, 3):
-        top = 1 << (8 * id_bytes)
-        counts = rng.integers(0, 5000, 60)  # rows of 0..5k ids, ~150k in all: past two decode chunks
-        counts[3] = 0
-        ranks = np.minimum((rng.pareto(0.5, counts.sum()) * 20).astype(np.int64), top - 1)
-        ranks[:50] = np.arange(top - 50, top)  # the widest offsets
-        buckets, offsets, nbytes = encode_bucket_ids(ranks, counts, id_bytes)
-        assert counts.sum() > 2 * DECODE_CHUNK and nbytes[3] == 0
-        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s"), ranks)
-        table = rng.permutation(top).astype(np.int32)
-        got = decode_bucket_ids(buckets, offsets, nbytes, counts, id_bytes, "s", table)
-        np.testing.assert_array_equal(got, table[ranks])
-
-
-def test_bucket_widths_match_the_bucket_tables():
-    from fusion_cache.cache.codecs import bucket_tables
-    from fusion_cache.cache.codecs import bucket_widths
-
-    for id_bytes in (1, 2, 3):
-        w_tab = bucket_tables(id_bytes)[0]
-        np.testing.assert_array_equal(bucket_widths(np.arange(w_tab.size, dtype=np.uint8)), w_tab)
-
-
-def test_bucket_ids_decode_in_chunks_of_whole_rows(monkeypatch):
-    """Rows longer than a chunk, many one-id rows, empty rows: every chunking decodes the same ranks."""
-    from fusion_cache.cache import codecs
-    from fusion_cache.cache.codecs import decode_bucket_ids
-    from fusion_cache.cache.codecs import encode_bucket_ids
-
-    rng = np.random.default_rng(1)
-    counts = np.concatenate([rng.integers(0, 4, 200), [3000], rng.integers(1, 3, 50), [0]])
-    ranks = np.minimum((rng.pareto(0.6, counts.sum()) * 30).astype(np.int64), (1 << 16) - 1)
-    buckets, offsets, nbytes = encode_bucket_ids(ranks, counts, 2)
-    table = rng.permutation(1 << 16).astype(np.int32)
-    for chunk in (1, 7, 64, 1000, 1 << 16):
-        monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
-        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, 2, "s"), ranks)
-        np.testing.assert_array_equal(decode_bucket_ids(buckets, offsets, nbytes, counts, 2, "s", table), table[ranks])
-    empty = np.zeros(0, np.uint8)
-    assert decode_bucket_ids(empty, empty, np.zeros(2, np.int64), np.zeros(2, np.int64), 2, "s").size == 0
-
-
-@pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("k,bits", [(2, 6), (3, 6), (17, 5), (64, 6), (130, 8), (40, 12)])
-def test_value_groups_decode_like_the_reference(k, bits, decoder, monkeypatch):
-    """decode_value_groups (chunked) against code_sums + dequantize_values (whole arrays), bit for bit."""
-    from fusion_cache.cache import codecs
-    from fusion_cache.cache.codecs import code_groups
-    from fusion_cache.cache.codecs import code_sums
-    from fusion_cache.cache.codecs import decode_value_groups
-    from fusion_cache.cache.codecs import dequantize_values
-    from fusion_cache.cache.codecs import quantize_values
-
-    monkeypatch.setenv("FUSION_CACHE_DECODER", decoder)
-    rng = np.random.default_rng(k)
-    n = 300
-    values = -np.sort(rng.exponential(3.0, (n, k)), axis=1).astype(np.float32)
-    values[5] = -1.0  # a row of equal values: span 0
-    vmax, span, codes = quantize_values(values, bits, np.float16, "log")
-    groups = code_groups(k)
-    cols = [np.ascontiguousarray(codes[:, a:b]) for a, b in groups]
-    want = dequantize_values(vmax, span, None, bits, "s", "log", code_sums(cols, bits, groups, n))
-    for chunk in (1, 100, 1 << 16):  # one row, a few rows and all rows per chunk
-        monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
-        got = decode_value_groups(cols, vmax, span, k, bits, "s")
-        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))  # bit for bit, -0.0 included
-
-
-@pytest.mark.parametrize("decoder", DECODERS)
-def test_corrupt_layout2_value_codes_are_named(decoder, monkeypatch):
-    from fusion_cache.cache import codecs
-    from fusion_cache.cache.codecs import code_groups
-    from fusion_cache.cache.codecs import decode_value_groups
-
-    monkeypatch.setenv("FUSION_CACHE_DECODER", decoder)
-    k, n, bits = 16, 50, 6
-    monkeypatch.setattr(codecs, "DECODE_CHUNK", 3 * k)  # the bad rows sit in a later chunk
-    cols = [np.zeros((n, b - a), np.uint8) for a, b in code_groups(k)]
-    vmax, span = np.zeros(n, np.float16), np.ones(n, np.float16)
-    cols[-1][37, 0] = 64  # the deltas of position 37 sum past 63
-    with pytest.raises(ShardFormatError, match="shard-v: answer position 37: corrupt value codes \\(sum 64 > 63"):
-        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
-    cols[-1][37, 0] = 0
-    span[41] = np.inf
-    with pytest.raises(ShardFormatError, match="shard-v: answer position 41: corrupt value codes .*span inf"):
-        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
-    span[41] = -1.0
-    with pytest.raises(ShardFormatError, match="shard-v: answer position 41: corrupt value codes .*span -1.0"):
-        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
-    span[41], vmax[3] = 1.0, np.nan
-    with pytest.raises(ShardFormatError, match="shard-v: answer position 3: corrupt value codes .*max nan"):
-        decode_value_groups(cols, vmax, span, k, bits, "shard-v")
-
-
 def test_corrupt_full_layout3_columns_are_named():
     batch, codec, schema = _layout2_batch(layout=3)
     decode_record_batch(batch, codec, 8, "shard-p")  # intact
@@ -681,28 +579,3 @@ def test_corrupt_full_layout3_columns_are_named():
     cols.pop("topk_ids_b0_g3")
     with pytest.raises(ShardFormatError, match="shard-p: column 'topk_ids_b0_g3' is missing"):
         decode_record_batch(pa.RecordBatch.from_pydict(cols), codec, 8, "shard-p")
-
-
-@pytest.mark.parametrize("decoder", DECODERS)
-@pytest.mark.parametrize("id_bytes", [1, 2, 3])
-def test_rank_planes_decode_in_chunks(id_bytes, decoder, monkeypatch):
-    """decode_rank_planes against the ranks, for every chunking (one row, a few rows, all rows) and K."""
-    from fusion_cache.cache import codecs
-    from fusion_cache.cache.codecs import decode_rank_planes
-    from fusion_cache.cache.codecs import id_groups
-    from fusion_cache.cache.codecs import pack_ids
-
-    monkeypatch.setenv("FUSION_CACHE_DECODER", decoder)
-    rng = np.random.default_rng(id_bytes)
-    top = 1 << (8 * id_bytes)
-    for k, n in ((1, 5), (7, 40), (64, 300), (128, 70)):
-        ranks = np.minimum((rng.pareto(0.5, (n, k)) * 20).astype(np.int64), top - 1)
-        ranks[0, 0] = top - 1
-        planes = [[np.ascontiguousarray(p[:, a:b]).ravel() for a, b in id_groups(k)] for p in pack_ids(ranks, id_bytes)]
-        table = rng.permutation(min(top, 1 << 16)).astype(np.int32) if id_bytes <= 2 else None
-        for chunk in (1, 3 * k, 1 << 16):
-            monkeypatch.setattr(codecs, "DECODE_CHUNK", chunk)
-            np.testing.assert_array_equal(decode_rank_planes(planes, n, k, id_bytes), ranks)
-            if table is not None:
-                np.testing.assert_array_equal(decode_rank_planes(planes, n, k, id_bytes, table), table[ranks])
-    assert decode_rank_planes([[np.zeros(0, np.uint8)]] * id_bytes, 0, 1, id_bytes).shape == (0, 1)
