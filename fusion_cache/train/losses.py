@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import ClassVar
 
+from fusion_cache.config import lookup
 from fusion_cache.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -155,9 +156,7 @@ def make_loss(name: str, **options) -> DistillLoss:
     Raises:
         ConfigError: an unknown name (the message lists the valid ones).
     """
-    cls = LOSSES.get(name)
-    if cls is None:
-        raise ConfigError(f"kd_loss: unknown value {name!r}; valid values: {', '.join(LOSS_CHOICES)}")
+    cls = lookup(LOSSES, name, "kd_loss")
     fields = getattr(cls, "__dataclass_fields__", {})
     return cls(**{k: v for k, v in options.items() if k in fields})
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fusion_cache.errors import ConfigError
+from fusion_cache.config import lookup
 
 
 def topk_entropy(logprobs: np.ndarray, k: int) -> np.ndarray:
@@ -88,9 +88,7 @@ def sample_row_weights(
     Returns:
         per teacher, float32 [n_s] weights (None where absent).
     """
-    combine = COMBINES.get(mode)
-    if combine is None:
-        raise ConfigError(f"combine: unknown value {mode!r}; valid values: {', '.join(COMBINE_MODES)}")
+    combine = lookup(COMBINES, mode, "combine")
     present = [s for s, r in enumerate(rows) if r is not None and len(r)]
     if not present:
         return [None] * len(rows)
