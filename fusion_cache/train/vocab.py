@@ -59,7 +59,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def _style(tokenizer: Any) -> str:
-    """"bytelevel" (GPT-2 style BPE) or "sentencepiece" (``▁`` for spaces, ``<0xAB>`` byte fallback)."""
+    """ "bytelevel" (GPT-2 style BPE) or "sentencepiece" (``▁`` for spaces, ``<0xAB>`` byte fallback)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ConfigError(f"vocabulary map: {type(tokenizer).__name__} is not a fast tokenizer (tokenizer.json)")
@@ -82,15 +82,15 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     table = _byte_decoder()
     out: list[bytes | None] = []
     for i, piece in enumerate(pieces):
-        if piece is None or i in special:
+        if style == "sentencepiece" and piece and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))  # a byte-fallback piece, even where it is flagged special
+        elif piece is None or i in special:
             out.append(None)
         elif style == "bytelevel":
             try:
                 out.append(bytes(table[c] for c in piece))
             except KeyError:  # an added token written in plain text
                 out.append(piece.encode())
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            out.append(bytes([int(piece[3:5], 16)]))
         else:
             out.append(piece.replace("▁", " ").encode())
     return out
@@ -137,9 +137,19 @@ class VocabMap:
                 student[t_id], kind[t_id] = s_id, SPECIAL
         return cls(student, kind, t_bytes, s_bytes)
 
+    def exact_ids(self, teacher_ids: np.ndarray) -> np.ndarray:
+        """int32 [..] the student id of each teacher id that maps EXACT (or SPECIAL, by role), -1 for the others."""
+        ids = np.asarray(teacher_ids, dtype=np.int64)
+        ok = (ids >= 0) & (ids < len(self.student))
+        safe = np.where(ok, ids, 0)
+        keep = ok & ((self.kind[safe] == EXACT) | (self.kind[safe] == SPECIAL))
+        return np.where(keep, self.student[safe], -1).astype(np.int32)
+
     def next_student_token(self, remainder: bytes) -> int:
         """The student token that starts ``remainder`` (the longest of its vocabulary that is a prefix), or -1."""
-        s = _longest_prefix(self._lookup, remainder)
+        s = self._lookup.get(remainder)
+        if s is None:
+            s = _longest_prefix(self._lookup, remainder)
         return -1 if s is None else s
 
     @property
@@ -170,11 +180,39 @@ class VocabMap:
 
 
 def _longest_prefix(lookup: dict[bytes, int], b: bytes) -> int | None:
+    """The id of the longest token in ``lookup`` that is a proper prefix of ``b``."""
     for end in range(len(b) - 1, 0, -1):
         s = lookup.get(b[:end])
         if s is not None:
             return s
     return None
+
+
+def teacher_tokenizer(manifest: Any) -> Any:
+    """The tokenizer a cache was built with, found from its manifest (the preset name, else the model path) and
+    checked against the manifest's tokenizer hash, so a map is never built from another tokenizer.
+
+    Raises:
+        ConfigError: no loadable tokenizer has the cache's hash (the message says what was tried).
+    """
+    from fusion_cache.capture.render import tokenizer_hash
+    from fusion_cache.models.load import load_tokenizer
+
+    t = manifest.teacher
+    tried = []
+    for where in dict.fromkeys([t.name, t.model]):
+        try:
+            tok = load_tokenizer(where)
+        except Exception as e:  # noqa: BLE001 (any failure to load means: try the next place, and say why)
+            tried.append(f"{where}: {type(e).__name__}")
+            continue
+        if tokenizer_hash(tok) == t.tokenizer_hash:
+            return tok
+        tried.append(f"{where}: another tokenizer (hash {tokenizer_hash(tok)[:12]})")
+    raise ConfigError(
+        f"teacher {t.name}: the cache's tokenizer (hash {t.tokenizer_hash[:12]}) is needed to map its ids onto the "
+        f"student's vocabulary, and none was found ({'; '.join(tried)}); use kd_loss 'uld' for this teacher"
+    )
 
 
 def _home() -> Path:
@@ -302,3 +340,52 @@ def _merge(ids: np.ndarray, mass: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     out_ids[: len(order)] = uniq[order]
     out_lp[: len(order)] = np.log(np.minimum(summed[order], 1.0))
     return out_ids, out_lp
+
+
+def coverage_report(cache: str, student_tokenizer: Any, *, limit: int | None = None) -> dict:
+    """How well a cache serves a student of another tokenizer through the map (`fusion-cache coverage`).
+
+    Returns:
+        {"teacher", "student_vocab", "teacher_vocab", "map": {exact, prefix, special, unmapped: shares of the
+        teacher's vocabulary}, "mass": {exact, prefix, special, unmapped, tail: shares of the teacher's probability
+        mass at the cached answer rows}, "rows": {student answer rows, with a target at a shared boundary, inside a
+        teacher token, without a target}, "samples"}.
+    """
+    from fusion_cache.cache.reader import CacheReader
+    from fusion_cache.capture.render import has_chat_template
+    from fusion_cache.train.stream import DistillStream
+    from fusion_cache.train.stream import carry_row
+
+    reader = CacheReader(cache)
+    # the student's view of each row, as training renders it (max_length: no truncation here)
+    view = DistillStream([cache], student_tokenizer, chat_template=has_chat_template(student_tokenizer),
+                         max_length=1 << 30)  # fmt: skip
+    if view.same_tokenizer[0]:
+        raise ConfigError(f"{cache}: the student has the teacher's tokenizer; every token maps to itself")
+    vmap = vocab_map(teacher_tokenizer(reader.manifest), student_tokenizer)
+    mass = dict.fromkeys((*KIND_NAMES, "tail"), 0.0)
+    rows = {"student_rows": 0, "boundary": 0, "inside_teacher_token": 0, "no_target": 0}
+    n_teacher_rows = samples = 0
+    for cached in reader.iter_rows():
+        if limit is not None and samples >= limit:
+            break
+        samples += 1
+        for key, v in vmap.coverage(cached.topk_ids, cached.topk_logprobs).items():
+            mass[key] += v * cached.n_answer
+        n_teacher_rows += cached.n_answer
+        _, spans = view._student_view([cached])
+        c = carry_row(vmap, cached, spans)
+        rows["student_rows"] += spans.n_rows
+        rows["boundary"] += int(c.exact.sum())
+        rows["inside_teacher_token"] += int((~c.exact).sum())
+        rows["no_target"] += spans.n_rows - len(c.student_rows)
+    kinds = np.bincount(vmap.kind, minlength=len(KIND_NAMES)) / max(len(vmap.kind), 1)
+    return {
+        "teacher": reader.manifest.teacher.name,
+        "teacher_vocab": len(vmap.student),
+        "student_vocab": len(student_tokenizer),
+        "map": {name: float(kinds[k]) for k, name in enumerate(KIND_NAMES)},
+        "mass": {k: v / max(n_teacher_rows, 1) for k, v in mass.items()},
+        "rows": rows,
+        "samples": samples,
+    }
