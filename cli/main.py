@@ -226,6 +226,40 @@ def inspect(
 
 
 @app.command()
+def coverage(
+    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
+    student: str = typer.Option(..., help="the student (its tokenizer): preset, local dir or HF id"),
+    limit: int = typer.Option(None, help="look at the first N rows only"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """How a cache serves a student of another tokenizer: where the teacher's top-K mass goes through the
+    vocabulary map (exact, prefix, special, unmapped, tail) and which student rows get a target.
+
+    Example: fusion-cache coverage ./cache/gemma3 --student smollm2-135m --limit 100
+    """
+    from fusion_cache.models.load import load_tokenizer
+    from fusion_cache.train.vocab import coverage_report
+
+    try:
+        report = coverage_report(cache, load_tokenizer(student), limit=limit)
+    except FusionCacheError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"teacher {report['teacher']} ({report['teacher_vocab']} tokens) onto a student of "
+               f"{report['student_vocab']} tokens, {report['samples']} samples")  # fmt: skip
+    typer.echo("vocabulary: " + ", ".join(f"{k} {v:.1%}" for k, v in report["map"].items()))
+    typer.echo("teacher top-K mass: " + ", ".join(f"{k} {v:.1%}" for k, v in report["mass"].items()))
+    r = report["rows"]
+    n = max(r["student_rows"], 1)
+    typer.echo(
+        f"student answer rows: {r['student_rows']}; with a target at a shared boundary {r['boundary'] / n:.1%}, "
+        f"inside a teacher token {r['inside_teacher_token'] / n:.1%}, none {r['no_target'] / n:.1%}"
+    )
+
+
+@app.command()
 def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL")) -> None:
     """Check every shard's checksum, schema, row count and lengths, and the manifest's fingerprint chain."""
     from fusion_cache.cache.reader import CacheReader
