@@ -399,13 +399,14 @@ def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | 
     """The `DemoSettings` of `fusion-cache demo`'s options (repeated values are kept once, in order)."""
     from dataclasses import replace
 
+    from fusion_cache.recipes.demo import KD_NAMES
     from fusion_cache.recipes.demo import DemoSettings
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     if kd_loss:
-        bad = [k for k in kd_loss if k not in ("kl", "uld")]
+        bad = [k for k in kd_loss if k not in KD_NAMES]
         if bad:
-            raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: kl, uld")
+            raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: {', '.join(KD_NAMES)}")
         settings = replace(settings, kd_losses=tuple(dict.fromkeys(kd_loss)))
     if combine and not second_teacher:
         raise ConfigError(f"--combine {combine}: unified runs need a --second-teacher")
@@ -491,14 +492,14 @@ def demo(
     kd_loss: list[str] = typer.Option(
         None,
         "--kd-loss",
-        help="KD runs to compare with SFT (repeat): kl (default: top-K KL) and/or uld (InfiFusion's ULD; "
-        "each run adds ~4 minutes on 2 cores)",
+        help="KD runs from the first teacher to compare with SFT (repeat): kl (default: top-K KL), uld (InfiFusion's "
+        "ULD), mapped_kl, hybrid (each run adds ~4 minutes on 2 cores)",
     ),
     second_teacher: str | None = typer.Option(
         None,
         "--second-teacher",
-        help="a second teacher (e.g. gemma3-270m): captures the same rows and adds KD from it alone and unified "
-        "fusion of both teachers to the table (each run adds ~4-8 minutes on 2 cores)",
+        help="a second teacher (e.g. gemma3-270m): captures the same rows and adds KD from it alone (mapped KL) and "
+        "unified fusion of both teachers (kl + mapped_kl) to the table (each run adds ~4-8 minutes on 2 cores)",
     ),
     combine: list[str] = typer.Option(
         None, "--combine", help="with --second-teacher: unified runs to add (repeat): mean (default), sum, uncertainty"
