@@ -96,6 +96,16 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
+def digit_tokens(tokenizer: Any) -> np.ndarray:
+    """bool [V]: the tokens that spell a numeral piece (ASCII digits, an optional leading space): the numerals
+    probe of `fusion_cache.eval.evaluate.evaluate_rows` (``token_classes``)."""
+    out = np.zeros(len(tokenizer), dtype=bool)
+    for i, b in enumerate(token_bytes(tokenizer)):
+        digits = b.lstrip(b" ") if b else b""
+        out[i] = bool(digits) and digits.isdigit()
+    return out
+
+
 @dataclass(frozen=True)
 class VocabMap:
     """Teacher ids -> student ids.
