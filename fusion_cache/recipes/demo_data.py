@@ -1,7 +1,10 @@
 """The bundled demo prompts: 164 HumanEval problems and 160 generated arithmetic word problems.
 
 The file is written by ``scripts/make_demo_prompts.py``; each row is
-``{"id", "source": "humaneval"|"arithmetic", "split": "train"|"heldout", "messages": [...], "answer": str|None}``.
+``{"id", "source": "humaneval"|"arithmetic", "split": "train"|"heldout", "messages": [...], "answer": str|None,
+"gold": str}``. ``gold`` is a reference answer written by the generator, not sampled from a model (the canonical
+HumanEval solution without its docstring; the arithmetic template's worked steps ending in ``Answer: <answer>``);
+`gold_rows` gives the rows with it as the assistant's answer.
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ def load_demo_prompts(split: str | None = None) -> list[dict]:
     with demo_prompts_path().open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     return rows if split is None else [row for row in rows if row["split"] == split]
+
+
+def gold_rows(split: str | None = None) -> list[dict]:
+    """The demo prompts answered with their gold answers, as `build --data` rows, in file order.
+
+    Args:
+        split: ``"train"``, ``"heldout"``, or None for all rows.
+
+    Returns:
+        ``{"id", "source", "messages": [user, assistant]}`` per row (``id`` and ``source`` ride along: an input row
+        is read by its ``messages``, and the sample id hashes them only).
+
+    Raises:
+        ConfigError: ``split`` is not one of the above.
+    """
+    return [
+        {
+            "id": row["id"],
+            "source": row["source"],
+            "messages": [*row["messages"], {"role": "assistant", "content": row["gold"]}],
+        }
+        for row in load_demo_prompts(split)
+    ]
 
 
 # ---------------------------------------------------------------- the teacher's answers
