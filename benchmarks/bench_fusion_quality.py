@@ -390,6 +390,17 @@ def _commit() -> str | None:
         return None
 
 
+def _setting_label(seed: int, steps: int, lr: float, lam: float) -> str:
+    return f"seed {seed} steps {steps} lr {lr} lambda {lam}"
+
+
+def _say_line(line: dict) -> None:
+    held = line["heldout_answer_ce"]
+    label = _setting_label(line["seed"], line["steps"], line["lr"], line["lambda"])
+    tail = "" if held is None else f", held-out CE {held:.4f}"
+    print(f"[bench] {line['arm']} {label}: val CE {line['validation_answer_ce']:.4f}{tail}", flush=True)
+
+
 def execute(jobs: list[Job], args, out: Path) -> None:
     """Run ``jobs`` in rounds of ``args.jobs`` processes, each round under the lock; append each line at once."""
     import torch
@@ -403,7 +414,8 @@ def execute(jobs: list[Job], args, out: Path) -> None:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
             for i in range(0, len(jobs), args.jobs):
                 batch = jobs[i : i + args.jobs]
-                names = [f"{'+'.join(a.name for a in j.arms)} seed {j.seed} lambda {j.lambda_}" for j in batch]
+                names = [f"{'+'.join(a.name for a in j.arms)} {_setting_label(j.seed, j.steps, j.lr, j.lambda_)}"
+                         for j in batch]  # fmt: skip
                 with guard(", ".join(names)) if guard else nullcontext():
                     print(f"[bench] {i + 1}-{i + len(batch)}/{len(jobs)}: {'; '.join(names)}", flush=True)
                     futures = [pool.submit(run_job, j, str(args.work), args.scale) for j in batch]
@@ -411,12 +423,7 @@ def execute(jobs: list[Job], args, out: Path) -> None:
                         for line in fut.result():
                             with out.open("a") as fh:
                                 fh.write(json.dumps(line | extra) + "\n")
-                            val, held = line["validation_answer_ce"], line["heldout_answer_ce"]
-                            print(
-                                f"[bench] {line['arm']} seed {line['seed']} lambda {line['lambda']}: val CE "
-                                f"{val:.4f}" + ("" if held is None else f", held-out CE {held:.4f}"),
-                                flush=True,
-                            )
+                            _say_line(line)
 
 
 def main() -> None:

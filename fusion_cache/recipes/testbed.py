@@ -157,7 +157,7 @@ class Testbed:
         caches: {split: {domain: cache directory}} for the splits in `CACHE_SPLITS`.
         numbers: {model: {domain: {"answer_ce", "answer_tokens", "bits_per_byte", "samples"}}} on the held-out
             split, for "teacher-math", "teacher-code" and "student-start".
-        timings: seconds per unit of work (across resumed runs).
+        timings: seconds of each unit of work (across resumed runs; waits for the guard's lock left out).
     """
 
     work_dir: Path
@@ -558,27 +558,32 @@ def build_testbed(work_dir: str | Path, *, scale: str = "full", guard: Guard | N
     timings = _Timings(p["timings"])
     settings = s.step_settings()
 
+    @contextmanager
+    def unit(name: str) -> Iterator[None]:  # the guard, then the clock: the timings leave out waits for a lock
+        with guard(name), timings.unit(name):
+            yield
+
     if not _finished(w / "data", settings["data"]):
-        with guard("data"), timings.unit("data"):
+        with unit("data"):
             write_splits(w / "data", s.data, seed=s.seed)
             (w / "data" / _DONE).write_text(json.dumps({"settings": settings["data"]}, indent=2) + "\n")
         say(f"data: {', '.join(f'{k} {sum(1 for _ in _rows(v))}' for k, v in p['data'].items())}")
-    tokenizers = _build_tokenizers(p, s, settings["tokenizers"], guard, timings)
-    _build_student(p, s, tokenizers["digits"], settings["student-start"], guard, timings, say)
+    tokenizers = _build_tokenizers(p, s, settings["tokenizers"], unit)
+    _build_student(p, s, tokenizers["digits"], settings["student-start"], unit, say)
     for dom in DOMAINS:
-        _build_teacher(dom, p, s, tokenizers, settings[f"teacher-{dom}"], guard, timings, say)
-    _build_caches(p, s, guard, timings, say)
-    numbers = _build_numbers(p, guard, timings, say)
+        _build_teacher(dom, p, s, tokenizers, settings[f"teacher-{dom}"], unit, say)
+    _build_caches(p, s, unit, say)
+    numbers = _build_numbers(p, unit, say)
     return Testbed(w, scale, p["data"], p["tokenizers"], p["teachers"], p["student"], p["caches"], numbers,
                    dict(timings.data))  # fmt: skip
 
 
-def _build_tokenizers(p: dict, s: TestbedScale, settings: dict, guard: Guard, timings: _Timings) -> dict:
+def _build_tokenizers(p: dict, s: TestbedScale, settings: dict, unit: Guard) -> dict:
     from transformers import AutoTokenizer
 
     for kind, path in p["tokenizers"].items():
         if not _finished(path, settings):
-            with guard(f"tokenizer {kind}"), timings.unit(f"tokenizer-{kind}"):
+            with unit(f"tokenizer-{kind}"):
                 tok = train_tokenizer(kind, _tokenizer_texts(p["data"], s.tokenizer_rows), s.vocab[kind])
                 tmp = path.with_name(path.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -589,34 +594,33 @@ def _build_tokenizers(p: dict, s: TestbedScale, settings: dict, guard: Guard, ti
     return {k: AutoTokenizer.from_pretrained(v) for k, v in p["tokenizers"].items()}
 
 
-def _build_student(p, s: TestbedScale, tok, settings, guard, timings, say) -> None:
+def _build_student(p, s: TestbedScale, tok, settings, unit: Guard, say) -> None:
     out = p["student"]
     if _finished(out, settings):
         return
-    with timings.unit("student-start"):
+    with unit("student-start encode"):
         blocks = _generic_blocks(tok, s.student_steps * s.student_batch * s.student_block, s.student_block)
-        model = new_model(s.student, tok, s.seed + 3, s.max_length)
-        loop = LoopSettings(epochs=1, batch_size=s.student_batch, lr=s.student_lr, seed=s.seed,
-                            max_steps=s.student_steps)  # fmt: skip
-        record = {"settings": settings, "generic_text": _GENERIC, "blocks": len(blocks)}
-        train_lm(out, model, tok, blocks, loop, label="student-start", guard=guard, record=record, log=say)
+    model = new_model(s.student, tok, s.seed + 3, s.max_length)
+    loop = LoopSettings(epochs=1, batch_size=s.student_batch, lr=s.student_lr, seed=s.seed, max_steps=s.student_steps)
+    record = {"settings": settings, "generic_text": _GENERIC, "blocks": len(blocks)}
+    train_lm(out, model, tok, blocks, loop, label="student-start", guard=unit, record=record, log=say)
 
 
-def _build_teacher(dom: str, p, s: TestbedScale, tokenizers, settings, guard, timings, say) -> None:
+def _build_teacher(dom: str, p, s: TestbedScale, tokenizers, settings, unit: Guard, say) -> None:
     out = p["teachers"][dom]
     if _finished(out, settings):
         return
     arch = s.teachers[dom]
     tok = tokenizers[arch.tokenizer]
-    with timings.unit(f"teacher-{dom}"):
+    with unit(f"teacher-{dom} encode"):
         seqs = encode_rows(p["data"][f"pretrain-{dom}"], tok, s.max_length)
-        model = new_model(arch, tok, s.seed + (1 if dom == "math" else 2), s.max_length)
-        loop = LoopSettings(epochs=s.teacher_epochs, batch_size=s.teacher_batch, lr=s.teacher_lr, seed=s.seed)
-        train_lm(out, model, tok, seqs, loop, label=f"teacher-{dom}", guard=guard,
-                 record={"settings": settings, "domain": dom}, log=say)  # fmt: skip
+    model = new_model(arch, tok, s.seed + (1 if dom == "math" else 2), s.max_length)
+    loop = LoopSettings(epochs=s.teacher_epochs, batch_size=s.teacher_batch, lr=s.teacher_lr, seed=s.seed)
+    train_lm(out, model, tok, seqs, loop, label=f"teacher-{dom}", guard=unit,
+             record={"settings": settings, "domain": dom}, log=say)  # fmt: skip
 
 
-def _build_caches(p, s: TestbedScale, guard, timings, say) -> None:
+def _build_caches(p, s: TestbedScale, unit: Guard, say) -> None:
     from fusion_cache.capture.build import run_build
     from fusion_cache.capture.config import BuildConfig
 
@@ -628,12 +632,12 @@ def _build_caches(p, s: TestbedScale, guard, timings, say) -> None:
                 teacher=str(p["teachers"][dom]), data=str(p["data"][split]), out=str(out), top_k=s.cache_k,
                 engine="hf", codec="raw", dtype="float32", max_length=s.max_length, overwrite=True,
             )  # fmt: skip
-            with guard(f"cache {split}/{dom}"), timings.unit(f"cache-{split}-{dom}"), one_thread():
+            with unit(f"cache {split}/teacher-{dom}"), one_thread():
                 m = run_build(cfg, progress=False)
             say(f"cache {split}/teacher-{dom}: {m.stats.rows} rows, {m.stats.answer_tokens} answer tokens")
 
 
-def _build_numbers(p, guard, timings, say) -> dict:
+def _build_numbers(p, unit: Guard, say) -> dict:
     from fusion_cache.models.load import load_student
 
     if p["numbers"].exists():
@@ -641,7 +645,7 @@ def _build_numbers(p, guard, timings, say) -> dict:
     files = {dom: p["data"][f"heldout-{dom}"] for dom in DOMAINS}
     models = {f"teacher-{d}": p["teachers"][d] for d in DOMAINS} | {"student-start": p["student"]}
     numbers = {}
-    with guard("held-out numbers"), timings.unit("numbers"), one_thread():
+    with unit("held-out numbers"), one_thread():
         for name, path in models.items():
             model, tok, _ = load_student(str(path))
             numbers[name] = domain_scores(model, tok, files)
