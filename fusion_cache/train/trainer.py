@@ -46,6 +46,7 @@ from fusion_cache.train.checkpoint import save_checkpoint
 from fusion_cache.train.checkpoint import set_rng_state
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.distributed import DistContext
+from fusion_cache.train.join import unique_names
 from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import TeacherTraits
 from fusion_cache.train.losses import make_loss
@@ -53,6 +54,7 @@ from fusion_cache.train.losses import resolve_loss_names
 from fusion_cache.train.objective import forward_losses
 from fusion_cache.train.stream import DistillStream
 from fusion_cache.train.stream import Example
+from fusion_cache.train.stream import shares_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +286,42 @@ class _Parts:
     pad: int
 
 
-def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 0, world_size: int = 1):
-    """The `DistillStream` of ``cfg`` (this rank's part under data parallelism)."""
+@dataclass
+class TeacherPlan:
+    """What each teacher trains with: its loss and, for a teacher of another tokenizer whose loss keeps token
+    identity, the map of its vocabulary onto the student's (`train.vocab`)."""
+
+    losses: list[DistillLoss]
+    maps: list  # [S] VocabMap or None
+
+
+def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
+    """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not),
+    and the vocabulary maps the losses need; reads the caches' manifests only."""
+    from fusion_cache.train.vocab import teacher_tokenizer
+    from fusion_cache.train.vocab import vocab_map
+
+    readers = [CacheReader(c) for c in cfg.shards]
+    names = unique_names([r.manifest.teacher.name for r in readers])
+    same = [shares_tokenizer(r, tokenizer) for r in readers]
+    traits = [
+        TeacherTraits(name, same_s and r.codec.has_ids, r.codec)
+        for name, r, same_s in zip(names, readers, same, strict=True)
+    ]
+    options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
+    maps = []
+    for loss, t, r, same_s in zip(losses, traits, readers, same, strict=True):
+        loss.check(t)
+        needs_map = loss.target != "values" and not same_s
+        maps.append(vocab_map(teacher_tokenizer(r.manifest), tokenizer) if needs_map else None)
+    return TeacherPlan(losses, maps)
+
+
+def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, plan: TeacherPlan | None = None, *, rank: int = 0,
+                world_size: int = 1) -> DistillStream:  # fmt: skip
+    """The `DistillStream` of ``cfg`` (this rank's part under data parallelism), with the targets ``plan``'s losses
+    read (None: the default targets)."""
     return DistillStream(
         list(cfg.shards),
         tokenizer,
@@ -293,6 +329,8 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 
         max_length=cfg.max_length,
         align_mode=cfg.align,
         entropy_k=cfg.top_k if cfg.combine == "uncertainty" else None,
+        targets=None if plan is None else [loss.target for loss in plan.losses],
+        maps=None if plan is None else plan.maps,
         shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed,
         epochs=epochs,
@@ -302,26 +340,14 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 
     )
 
 
-def resolve_losses(cfg: TrainConfig, stream: DistillStream) -> list[DistillLoss]:
-    """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not)."""
-    traits = [
-        TeacherTraits(name, stream.has_ids(s), reader.codec)
-        for s, (name, reader) in enumerate(zip(stream.names, stream.readers, strict=True))
-    ]
-    options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
-    losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
-    for loss, t in zip(losses, traits, strict=True):
-        loss.check(t)
-    return losses
-
-
 def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     # the caches first: a loss a teacher's cache cannot serve is refused before the student loads
     tokenizer = load_tokenizer(cfg.student)
     rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
-    stream = make_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
-    losses = resolve_losses(cfg, stream)
+    plan = plan_teachers(cfg, tokenizer)
+    losses = plan.losses
+    stream = make_stream(cfg, tokenizer, epochs_needed, plan, rank=ctx.rank, world_size=ctx.world_size)
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     model.to(ctx.device)
     if cfg.grad_checkpointing:
