@@ -49,7 +49,7 @@ COMBINES = ("mean", "sum", "uncertainty")
 MERGES = ("ties", "rsaf")
 CODE_LOSS = "kl"  # the code teacher has the student's tokenizer: the top-K KL keeps token identity
 MATH_LOSSES = ("uld", "mapped_kl", "hybrid")  # the math teacher's tokenizer is not the student's
-TUNE_STEPS_LR = tuple((steps, lr) for steps in (150, 300, 600) for lr in (1e-3, 3e-3))
+TUNE_STEPS_LR = tuple((steps, lr) for steps in (150, 300, 600, 1200) for lr in (1e-3, 3e-3, 1e-2))
 TUNE_LAMBDAS = (0.25, 0.5, 0.75)
 BATCH_SIZE = 16
 
@@ -156,7 +156,8 @@ def _scores(model, tok, tb, split: str) -> dict:
     from fusion_cache.recipes.testbed import mixed_ce
 
     per = domain_scores(model, tok, {d: tb.data[f"{split}-{d}"] for d in DOMAINS})
-    return {"answer_ce": mixed_ce(per), "per_domain": {d: x["answer_ce"] for d, x in per.items()}}
+    return {"answer_ce": mixed_ce(per), "per_domain": {d: x["answer_ce"] for d, x in per.items()},
+            "digits": {d: x["answer_ce_digits"] for d, x in per.items()}}
 
 
 def run_job(job: Job, work: str, scale: str) -> list[dict]:
@@ -230,11 +231,14 @@ def _line(job: Job, arm: Arm, model, tok, tb, seconds: float) -> dict:
         "heldout_answer_ce_per_domain": None,
         "validation_answer_ce": val["answer_ce"],
         "validation_answer_ce_per_domain": val["per_domain"],
+        "validation_answer_ce_digits": val["digits"],
+        "heldout_answer_ce_digits": None,
         "train_seconds": round(seconds, 1),
     }
     if job.setting == SETTING:  # the grid never looks at the held-out rows
         held = _scores(model, tok, tb, "heldout")
         line["heldout_answer_ce"], line["heldout_answer_ce_per_domain"] = held["answer_ce"], held["per_domain"]
+        line["heldout_answer_ce_digits"] = held["digits"]
     return line
 
 

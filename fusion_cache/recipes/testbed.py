@@ -464,19 +464,24 @@ def domain_scores(model, tokenizer, files: dict[str, Path], *, batch_size: int =
     Returns:
         {domain: {"answer_ce" (nats per answer token), "answer_tokens", "samples", "bits_per_byte" (the answers'
         total CE over their UTF-8 bytes, in bits: comparable across tokenizers; the eos token's CE is counted,
-        its bytes are none)}}.
+        its bytes are none), "answer_ce_digits" and "tokens_digits" (the numerals probe: the CE over the answer
+        tokens that spell digits, `fusion_cache.train.vocab.digit_tokens`)}}.
     """
     from fusion_cache.eval.evaluate import evaluate_rows
+    from fusion_cache.train.vocab import digit_tokens
 
+    classes = {"digits": digit_tokens(tokenizer)}
     out = {}
     for dom, path in files.items():
-        r = evaluate_rows(model, tokenizer, str(path), batch_size=batch_size)
+        r = evaluate_rows(model, tokenizer, str(path), batch_size=batch_size, token_classes=classes)
         n_bytes = sum(len(row["response"].encode("utf-8")) for row in _rows(Path(path)))
         out[dom] = {
             "answer_ce": r["answer_ce"],
             "answer_tokens": r["answer_tokens"],
             "samples": r["samples"],
             "bits_per_byte": r["answer_ce"] * r["answer_tokens"] / max(n_bytes, 1) / math.log(2),
+            "answer_ce_digits": r["answer_ce_digits"],
+            "tokens_digits": r["tokens_digits"],
         }
     return out
 
