@@ -19,6 +19,12 @@ only: steps x lr for SFT (`TUNE_STEPS_LR`; the best is then every arm's steps an
 that distills (`TUNE_LAMBDAS`; for pairwise arms the lambda of both pivots, judged on the merged model). The main
 mode reads those lines and gives each arm the setting of lowest validation CE.
 
+The numerals probe (item 4c) reads the same runs: the math answers' numbers are split digit by digit for the
+student (and the code teacher) but merged by the math teacher's tokenizer, so KD from the math teacher alone with
+``uld``, ``mapped_kl`` or ``hybrid`` differs exactly where X-Token says rank-sorted ULD fails. Every comparison run of
+SFT and of those arms adds a line with ``setting`` "numerals" whose ``heldout_answer_ce`` is the held-out answer CE
+over the math answers' digit tokens (`fusion_cache.train.vocab.digit_tokens`), ``digit_tokens`` their count.
+
 Resumable: one JSON line per finished run in benchmarks/results/fusion_quality.jsonl (``setting`` "testbed" for the
 comparison, "testbed-tune" for the grid); a run already there is skipped. Every run uses one torch thread; ``--jobs
 2`` runs two at a time; ``--lock FILE`` holds an flock on FILE (a shared machine's CPU lock) for each round of
@@ -42,10 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fusion_quality.jsonl"
-SETTING, TUNE_SETTING = "testbed", "testbed-tune"
+SETTING, TUNE_SETTING, NUMERALS = "testbed", "testbed-tune", "numerals"
 DOMAINS = ("math", "code")
 SEEDS = (0, 1, 2)
-COMBINES = ("mean", "sum", "uncertainty")
 MERGES = ("ties", "rsaf")
 CODE_LOSS = "kl"  # the code teacher has the student's tokenizer: the top-K KL keeps token identity
 MATH_LOSSES = ("uld", "mapped_kl", "hybrid")  # the math teacher's tokenizer is not the student's
@@ -87,6 +92,8 @@ class Arm:
 
 def arms() -> list[Arm]:
     """Every arm, registered losses or not (`available` keeps the ones that can run)."""
+    from fusion_cache.train.weights import COMBINE_MODES
+
     out = [
         Arm("sft", ("code",), {"lambda": 0.0, "kd_loss": [CODE_LOSS]}),
         Arm(f"kd-code-{CODE_LOSS}", ("code",), {"kd_loss": [CODE_LOSS]}),
@@ -94,7 +101,7 @@ def arms() -> list[Arm]:
     out += [Arm(f"kd-math-{loss}", ("math",), {"kd_loss": [loss]}) for loss in MATH_LOSSES]
     for loss in MATH_LOSSES:
         pair = {"kd_loss": [CODE_LOSS, loss]}
-        out += [Arm(f"unified-{c}-{CODE_LOSS}+{loss}", ("code", "math"), pair | {"combine": c}) for c in COMBINES]
+        out += [Arm(f"unified-{c}-{CODE_LOSS}+{loss}", ("code", "math"), pair | {"combine": c}) for c in COMBINE_MODES]
         out += [Arm(f"pairwise-{m}-{CODE_LOSS}+{loss}", ("code", "math"), pair, merge=m) for m in MERGES]
     return out
 
@@ -156,8 +163,11 @@ def _scores(model, tok, tb, split: str) -> dict:
     from fusion_cache.recipes.testbed import mixed_ce
 
     per = domain_scores(model, tok, {d: tb.data[f"{split}-{d}"] for d in DOMAINS})
-    return {"answer_ce": mixed_ce(per), "per_domain": {d: x["answer_ce"] for d, x in per.items()},
-            "digits": {d: x["answer_ce_digits"] for d, x in per.items()}}
+    return {
+        "answer_ce": mixed_ce(per),
+        "per_domain": {d: x["answer_ce"] for d, x in per.items()},
+        "digits": {d: x["answer_ce_digits"] for d, x in per.items()},
+    }
 
 
 def run_job(job: Job, work: str, scale: str) -> list[dict]:
@@ -386,6 +396,29 @@ def table(lines: list[dict]) -> str:
 # running
 
 
+def numerals_line(line: dict) -> dict | None:
+    """The numerals probe's line of a comparison run (None for arms that are not SFT or the math teacher alone)."""
+    if line["setting"] != SETTING or not (line["arm"] == "sft" or line["arm"].startswith("kd-math-")):
+        return None
+    keep = ("arm", "seed", "loss", "lambda", "lr", "steps", "batch_size", "train_seconds")
+    return {"setting": NUMERALS, **{k: line[k] for k in keep}, "domain": "math",
+            "heldout_answer_ce": line["heldout_answer_ce_digits"]["math"],
+            "validation_answer_ce": line["validation_answer_ce_digits"]["math"]}  # fmt: skip
+
+
+def numerals_table(lines: list[dict]) -> str:
+    """The numerals probe as markdown: held-out digit-token CE on the math answers, per arm, paired against SFT."""
+    runs = [x for x in lines if x["setting"] == NUMERALS]
+    by_arm: dict[str, dict[int, float]] = {}
+    for x in runs:
+        by_arm.setdefault(x["arm"], {})[x["seed"]] = x["heldout_answer_ce"]
+    out = ["| arm | seeds | digit-token CE (math, held-out) | vs SFT |", "|---|---|---|---|"]
+    for arm, vals in by_arm.items():
+        vs = _paired(vals, by_arm["sft"]) if "sft" in by_arm and arm != "sft" else ""
+        out.append(f"| {arm} | {len(vals)} | {_mean_sd(list(vals.values()))} | {vs} |")
+    return "\n".join(out)
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -425,8 +458,11 @@ def execute(jobs: list[Job], args, out: Path) -> None:
                     futures = [pool.submit(run_job, j, str(args.work), args.scale) for j in batch]
                     for fut in futures:
                         for line in fut.result():
+                            probe = numerals_line(line)
                             with out.open("a") as fh:
                                 fh.write(json.dumps(line | extra) + "\n")
+                                if probe is not None:
+                                    fh.write(json.dumps(probe | extra) + "\n")
                             _say_line(line)
 
 
@@ -444,7 +480,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = load_lines(args.results)
     if args.table:
-        print(table(lines))
+        print(table(lines) + "\n\nNumerals probe:\n\n" + numerals_table(lines))
         return
     arm_list = available(arms())
     if args.arms:
