@@ -34,6 +34,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.merge.config import MergeConfig
 from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.weights import COMBINE_MODES
 
 app = typer.Typer(
     name="fusion-cache",
@@ -502,7 +503,7 @@ def demo(
         "unified fusion of both teachers (kl + mapped_kl) to the table (each run adds ~4-8 minutes on 2 cores)",
     ),
     combine: list[str] = typer.Option(
-        None, "--combine", help="with --second-teacher: unified runs to add (repeat): mean (default), sum, uncertainty"
+        None, "--combine", help="with --second-teacher: unified runs to add (repeat): " + ", ".join(COMBINE_MODES)
     ),
 ) -> None:
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""

@@ -57,7 +57,7 @@ def collate(
         examples: `stream.Example` list (B samples).
         pad_id: the student's padding token.
         n_teachers: S.
-        combine: how the teachers' terms combine into the loss (`train.weights`: mean, sum, uncertainty).
+        combine: how the teachers' terms combine into the loss (a name of `train.weights.COMBINES`).
         temperature: T of the uncertainty combine.
 
     Returns:
@@ -77,7 +77,8 @@ def collate(
     for e, m in zip(examples, starts, strict=True):
         rows = [t.student_rows if t is not None else None for t in e.teachers]
         ents = [t.entropy if t is not None else None for t in e.teachers]
-        weights = sample_row_weights(rows, ents, combine, b, temperature=temperature)
+        scores = [t.answer_nll if t is not None else None for t in e.teachers]
+        weights = sample_row_weights(rows, ents, combine, b, temperature=temperature, scores=scores)
         for s, t in enumerate(e.teachers):
             if t is None:
                 continue

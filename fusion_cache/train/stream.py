@@ -31,6 +31,7 @@ import torch
 
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.row import CacheRow
+from fusion_cache.cache.row import MissingField
 from fusion_cache.capture.render import render
 from fusion_cache.capture.render import tokenizer_hash
 from fusion_cache.errors import ConfigError
@@ -48,6 +49,7 @@ from fusion_cache.train.join import fetch_rows
 from fusion_cache.train.join import unique_names
 from fusion_cache.train.vocab import Carried
 from fusion_cache.train.vocab import carry
+from fusion_cache.train.weights import answer_nll_per_byte
 from fusion_cache.train.weights import topk_entropy
 
 log = logging.getLogger(__name__)
@@ -66,12 +68,15 @@ class TeacherTarget:
             ``exact`` or ``carried`` target: mapped ids), else None.
         entropy: float64 [P] entropy of the teacher's cached distribution at those rows (`weights.topk_entropy`),
             when the stream was asked for it (the ``uncertainty`` combine), else None.
+        answer_nll: the teacher's cross-entropy on the sample's whole gold answer in nats per byte
+            (`weights.answer_nll_per_byte`), when the stream was asked for it (the ``min_ce`` combine), else None.
     """
 
     student_rows: np.ndarray
     values: np.ndarray
     ids: np.ndarray | None = None
     entropy: np.ndarray | None = None
+    answer_nll: float | None = None
 
     @property
     def top1(self) -> np.ndarray | None:
@@ -108,6 +113,8 @@ class DistillStream(torch.utils.data.IterableDataset):
             student's tokenizer and template is always paired row for row (identical tokens).
         entropy_k: compute each teacher's entropy over its top-``entropy_k`` values (the ``uncertainty``
             combine needs it); None skips it.
+        answer_scores: give each target the teacher's cross-entropy on the gold answer (the ``min_ce`` combine
+            needs it; the cache must store target log-probs).
         targets: [S] per teacher, the target its loss reads when it has another tokenizer: ``values`` (default),
             ``exact`` or ``carried`` (`train.losses`); the last two need ``maps``.
         maps: [S] per teacher, its `train.vocab.VocabMap` onto the student's vocabulary, or None.
@@ -137,6 +144,7 @@ class DistillStream(torch.utils.data.IterableDataset):
         max_length: int,
         align_mode: str = "bytes",
         entropy_k: int | None = None,
+        answer_scores: bool = False,
         targets: list[str] | None = None,
         maps: list | None = None,
         shuffle_buffer: int = 1,
@@ -156,6 +164,7 @@ class DistillStream(torch.utils.data.IterableDataset):
         self.max_length = max_length
         self.align_mode = align_mode
         self.entropy_k = entropy_k
+        self.answer_scores = answer_scores
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.epochs = epochs
@@ -229,6 +238,8 @@ class DistillStream(torch.utils.data.IterableDataset):
             target = self._target(s, row, spans)
             if target is not None and self.entropy_k is not None:
                 target.entropy = topk_entropy(target.values, self.entropy_k)
+            if target is not None and self.answer_scores:
+                target.answer_nll = answer_score(row, self.names[s])
             targets.append(target)
         if all(t is None for t in targets):
             self.skipped["nothing_aligned"] += 1
@@ -299,6 +310,19 @@ class DistillStream(torch.utils.data.IterableDataset):
         worker.align_stats = {n: AlignStats() for n in self.names}
         worker.skipped = dict.fromkeys(self.skipped, 0)
         return worker.iterator()
+
+
+def answer_score(row: CacheRow, name: str) -> float:
+    """The teacher's cross-entropy on the row's gold answer in nats per byte: its cached log-probs of the answer's
+    tokens over the bytes they cover (at most the answer's: a chat template's end-of-turn text is not the answer)."""
+    if isinstance(row.target_logprobs, MissingField):
+        raise ConfigError(f"teacher {name}: combine 'min_ce' needs the answer tokens' log-probs, which its codec "
+                          "does not store")  # fmt: skip
+    end = np.asarray(row.token_byte_end, dtype=np.int64)
+    last = row.answer_start + row.n_answer - 1
+    covered = int(end[last] - end[row.answer_start - 1]) if row.n_answer else 0
+    answer = len(json.loads(row.conversation)[-1]["content"].encode())
+    return answer_nll_per_byte(row.target_logprobs, min(covered, answer) if covered > 0 else answer)
 
 
 def carry_row(vmap: Any, row: CacheRow, spans: TokenSpans) -> Carried:

@@ -310,6 +310,13 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
     ]
     options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
     losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
+    if cfg.combine == "min_ce":
+        for name, r in zip(names, readers, strict=True):
+            if not r.codec.has_targets:
+                raise ConfigError(
+                    f"combine 'min_ce': teacher {name}'s cache (codec {r.codec.name!r}) stores no log-probs of the "
+                    "answer tokens, which min_ce compares; use mean, sum or uncertainty"
+                )
     maps = []
     for loss, t, r, same_s in zip(losses, traits, readers, same, strict=True):
         loss.check(t)
@@ -329,6 +336,7 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, plan: TeacherPl
         max_length=cfg.max_length,
         align_mode=cfg.align,
         entropy_k=cfg.top_k if cfg.combine == "uncertainty" else None,
+        answer_scores=cfg.combine == "min_ce",
         targets=None if plan is None else [loss.target for loss in plan.losses],
         maps=None if plan is None else plan.maps,
         shuffle_buffer=cfg.shuffle_buffer,

@@ -1,4 +1,4 @@
-"""How unified fusion combines the teachers' ULD terms: per-row loss weights for `mean`, `sum` and `uncertainty`.
+"""How unified fusion combines the teachers' terms: per-row loss weights for `mean`, `sum`, `uncertainty` and `min_ce`.
 
     L = (1 - lambda) * CE + lambda * combine_s(L_pair,s)          (docs/fusion.md, "Loss and combine modes")
 
@@ -13,6 +13,13 @@ cache, or with no aligned row for a teacher, uses the teachers it has) and n_bs 
   ``w_s,t = softmax_s(-H_s,t / T)`` (the more certain teacher counts more; method.md section 5), and the row's
   combined distance is averaged over the sample's rows that have any teacher: ``w_s,t / (B * n_b)``. With equal
   entropies this is exactly ``mean`` when all teachers align to the same rows.
+- ``min_ce``: per sample, only the teacher that predicts the sample's gold answer best distills: the one of lowest
+  ``C_s,b``, the teacher's cross-entropy on the answer in nats per answer byte (its cached log-probs of the answer's
+  own tokens, ``target_logprobs``; bytes compare teachers of different tokenizers), weighted ``1 / (B * n_bs)``;
+  teachers tied at the minimum share it. This is FuseLLM's MinCE fusion (Wan et al., 2024) applied to the loss
+  terms instead of to the distributions. A teacher that does not know a domain has a high entropy *and* a high
+  ``C`` there, but a confidently wrong one only has the high ``C``: ``min_ce`` reads the gold answer, which the
+  cache already holds, where ``uncertainty`` can only read the teacher's own confidence.
 
 ``H_s,t`` is the entropy of the teacher's **cached** distribution at that row, in nats: its top-k probabilities
 ``exp(logprob)`` (k = the loss's K, at most the cache's K) plus one bucket for the mass outside them,
@@ -69,6 +76,16 @@ def uncertainty_weights(neg_entropy: np.ndarray, temperature: float) -> np.ndarr
     return e / e.sum(axis=0, keepdims=True)
 
 
+def answer_nll_per_byte(target_logprobs: np.ndarray, answer_bytes: int) -> float:
+    """A teacher's cross-entropy on one gold answer, in nats per answer byte (the ``min_ce`` score ``C``).
+
+    Args:
+        target_logprobs: [n_answer] the teacher's log-probs of the answer's own tokens (as cached).
+        answer_bytes: the bytes those tokens cover (at least 1 is used).
+    """
+    return float(-np.asarray(target_logprobs, dtype=np.float64).sum() / max(int(answer_bytes), 1))
+
+
 def sample_row_weights(
     rows: list[np.ndarray | None],
     entropies: list[np.ndarray | None],
@@ -76,15 +93,17 @@ def sample_row_weights(
     batch_size: int,
     *,
     temperature: float = 1.0,
+    scores: list[float | None] | None = None,
 ) -> list[np.ndarray | None]:
     """Loss weights of one sample's aligned rows, per teacher (see the module docstring).
 
     Args:
         rows: per teacher, the student answer rows it is aligned to (int [n_s], increasing), or None if absent.
         entropies: per teacher, ``H`` at those rows ([n_s]); needed for ``uncertainty`` only.
-        mode: ``mean``, ``sum`` or ``uncertainty``.
+        mode: a name of `COMBINES`.
         batch_size: B, the samples in the batch.
         temperature: T of the uncertainty softmax.
+        scores: per teacher, its answer cross-entropy ``C`` (`answer_nll_per_byte`); needed for ``min_ce`` only.
 
     Returns:
         per teacher, float32 [n_s] weights (None where absent).
@@ -93,7 +112,8 @@ def sample_row_weights(
     present = [s for s, r in enumerate(rows) if r is not None and len(r)]
     if not present:
         return [None] * len(rows)
-    return combine(rows, entropies, present, batch_size, temperature)
+    scores = [None] * len(rows) if scores is None else scores
+    return combine(rows, entropies, present, batch_size, temperature, scores)
 
 
 def _uniform(rows: list, present: list[int], batch_size: int, per_teacher: int) -> list[np.ndarray | None]:
@@ -104,17 +124,17 @@ def _uniform(rows: list, present: list[int], batch_size: int, per_teacher: int) 
     return out
 
 
-def _mean(rows, entropies, present, batch_size, temperature):
+def _mean(rows, entropies, present, batch_size, temperature, scores):
     """``mean``: per sample, the mean over its teachers of each one's mean over its rows."""
     return _uniform(rows, present, batch_size, len(present))
 
 
-def _sum(rows, entropies, present, batch_size, temperature):
+def _sum(rows, entropies, present, batch_size, temperature, scores):
     """``sum``: ``mean`` without dividing by the number of teachers."""
     return _uniform(rows, present, batch_size, 1)
 
 
-def _uncertainty(rows, entropies, present, batch_size, temperature):
+def _uncertainty(rows, entropies, present, batch_size, temperature, scores):
     """``uncertainty``: per student row, the teachers aligned to it weighted by ``softmax_s(-H_s,t / T)``."""
     out: list[np.ndarray | None] = [None] * len(rows)
     union = np.unique(np.concatenate([rows[s] for s in present]))
@@ -132,7 +152,24 @@ def _uncertainty(rows, entropies, present, batch_size, temperature):
     return out
 
 
+def _min_ce(rows, entropies, present, batch_size, temperature, scores):
+    """``min_ce``: per sample, the present teachers of lowest answer cross-entropy share ``1 / (B * n_bs)``."""
+    c = []
+    for s in present:
+        if scores[s] is None or not np.isfinite(scores[s]):
+            raise ValueError(f"teacher {s}: min_ce weighting needs its cross-entropy on the answer, got {scores[s]}")
+        c.append(scores[s])
+    best = [s for s, x in zip(present, c, strict=True) if x <= min(c) + 1e-12]
+    out = _uniform(rows, best, batch_size, len(best))
+    for s in present:
+        if out[s] is None:
+            out[s] = np.zeros(len(rows[s]), dtype=np.float32)  # aligned, logged, but not distilled from
+    return out
+
+
 # The combine modes (the module docstring defines them): name -> the weights of one sample's aligned rows, from
-# (rows, entropies, present teachers, B, T). `TrainConfig.combine` takes these names.
-COMBINES: dict[str, Callable[..., list[np.ndarray | None]]] = {"mean": _mean, "sum": _sum, "uncertainty": _uncertainty}
+# (rows, entropies, present teachers, B, T, answer scores). `TrainConfig.combine` takes these names.
+COMBINES: dict[str, Callable[..., list[np.ndarray | None]]] = {
+    "mean": _mean, "sum": _sum, "uncertainty": _uncertainty, "min_ce": _min_ce
+}  # fmt: skip
 COMBINE_MODES: tuple[str, ...] = tuple(COMBINES)

@@ -197,3 +197,23 @@ def test_a_stream_with_nothing_usable_says_so(built_cache, tok, caplog):
     assert "got no usable samples" in caplog.text and "no_answer_token" in caplog.text
     with pytest.raises(ConfigError, match="larger max_length"):
         list(_stream(built_cache, tok, max_length=2, epochs=2))
+
+
+def test_answer_scores_are_each_teachers_answer_cross_entropy_per_byte(multi_caches, tok):
+    import json
+
+    caches = [multi_caches["a"], multi_caches["b"]]
+    plain = list(_stream(caches, tok))
+    assert all(t is None or t.answer_nll is None for ex in plain for t in ex.teachers)  # only when asked
+    exs = list(_stream(caches, tok, answer_scores=True))
+    rows = {r.sample_id: r for r in CacheReader(multi_caches["a"]).iter_rows()}
+    assert exs and all(ex.teachers[0] is not None for ex in exs)
+    for ex in exs:
+        row = rows[ex.sample_id]
+        answer = len(json.loads(row.conversation)[-1]["content"].encode())
+        nll = -row.target_logprobs.astype(np.float64).sum()
+        c = ex.teachers[0].answer_nll
+        # nats over the bytes the answer's tokens cover: at most the answer's bytes, so never below nll / answer
+        assert c > 0 and c >= nll / answer - 1e-9 and c * answer == pytest.approx(nll, rel=0.5)
+        other = ex.teachers[1]
+        assert other is None or (other.answer_nll > 0 and other.answer_nll != c)  # another teacher, another score

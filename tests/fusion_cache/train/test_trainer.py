@@ -118,10 +118,23 @@ def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data
     assert metrics["top1_agreement"] is None and math.isfinite(metrics["uld"])
     with pytest.raises(ValueError, match="a cache whose codec stores ids"):
         _train(tiny_model_dir, cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
+    with pytest.raises(ValueError, match="combine 'min_ce': teacher .*codec 'values'"):
+        _train(tiny_model_dir, cache, tmp_path / "min_ce", max_steps=1, save=False, combine="min_ce")
 
 
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_min_ce_trains_two_teachers_and_weights_by_their_answer_scores(tmp_path, multi_caches, tiny_model_dir):
+    cfg = TrainConfig.create(
+        student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], out=str(tmp_path),
+        combine="min_ce", kd_loss=["kl", "mapped_kl"], batch_size=2, max_steps=3, top_k=6, lr=1e-3, save=False,
+    )  # fmt: skip
+    run_train(cfg, progress=False)
+    lines = _records(tmp_path)
+    assert [r["step"] for r in lines] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in lines)
 
 
 @pytest.mark.slow

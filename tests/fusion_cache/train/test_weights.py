@@ -1,4 +1,4 @@
-"""Combine modes of unified fusion: per-row weights for mean, sum and uncertainty, and the teachers' entropies."""
+"""Combine modes of unified fusion: per-row weights for mean, sum, uncertainty and min_ce, and their inputs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fusion_cache.errors import ConfigError
+from fusion_cache.train.weights import answer_nll_per_byte
 from fusion_cache.train.weights import sample_row_weights
 from fusion_cache.train.weights import topk_entropy
 from fusion_cache.train.weights import uncertainty_weights
@@ -58,3 +59,29 @@ def test_row_weights_per_mode():
     assert sample_row_weights([None, None], [None, None], "mean", 1) == [None, None]
     with pytest.raises(ConfigError, match="combine: unknown value 'max'"):
         sample_row_weights(rows, ent, "max", 1)
+
+
+def test_min_ce_gives_each_sample_to_the_teacher_that_predicts_its_answer_best():
+    rows = [np.array([0, 1, 2, 3]), np.array([0, 2]), None]
+    ent = [None, None, None]  # min_ce reads no entropy
+    # teacher 1 predicts the answer better (0.2 nats/byte against 0.9): all of this sample's 1/B goes to it
+    w = sample_row_weights(rows, ent, "min_ce", batch_size=2, scores=[0.9, 0.2, None])
+    np.testing.assert_array_equal(w[0], 0.0)  # aligned (its own term is still logged) but not distilled from
+    np.testing.assert_allclose(w[1], 1 / 4)  # 1 / (B * n_bs)
+    assert w[2] is None and w[1].sum() == pytest.approx(0.5)
+    # a tie shares the sample as mean does
+    tie = sample_row_weights(rows, ent, "min_ce", batch_size=2, scores=[0.5, 0.5, None])
+    mean = sample_row_weights(rows, ent, "mean", batch_size=2)
+    for a, b in zip(tie[:2], mean[:2], strict=True):
+        np.testing.assert_allclose(a, b)
+    # a teacher alone in the sample takes it whatever its score
+    alone = sample_row_weights([None, np.array([1, 2])], [None, None], "min_ce", 4, scores=[None, 7.0])
+    np.testing.assert_allclose(alone[1], 1 / 8)
+    with pytest.raises(ValueError, match="teacher 1: min_ce weighting needs its cross-entropy"):
+        sample_row_weights(rows, ent, "min_ce", 2, scores=[0.9, None, None])
+
+
+def test_answer_nll_per_byte_by_hand():
+    lp = np.log(np.array([0.5, 0.25, 1.0]))  # 3 answer tokens over 6 bytes
+    assert answer_nll_per_byte(lp, 6) == pytest.approx((math.log(2) + math.log(4)) / 6)
+    assert answer_nll_per_byte(lp, 0) == pytest.approx(math.log(8))  # no bytes: per token-sum, never a division by 0
