@@ -18,7 +18,9 @@ decodes only the rows it names again.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ from fusion_cache.train.join import unique_names
 from fusion_cache.train.vocab import Carried
 from fusion_cache.train.vocab import carry
 from fusion_cache.train.weights import topk_entropy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -282,7 +286,19 @@ class DistillStream(torch.utils.data.IterableDataset):
         return DistillIterator(self, state)
 
     def __iter__(self) -> Iterator[Example]:
-        return self.iterator()
+        """Every example of this rank; inside a `DataLoader` worker, only that worker's share of them (worker w of
+        W on rank r takes the samples of rank ``r * W + w`` of ``world_size * W``), so the workers together yield
+        each sample once."""
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers <= 1:
+            return self.iterator()
+        worker = copy.copy(self)  # the reader objects are shared read-only; counters are per worker
+        worker.rank = self.rank * info.num_workers + info.id
+        worker.world_size = self.world_size * info.num_workers
+        worker.join_counts = JoinCounts(list(self.names))
+        worker.align_stats = {n: AlignStats() for n in self.names}
+        worker.skipped = dict.fromkeys(self.skipped, 0)
+        return worker.iterator()
 
 
 def carry_row(vmap: Any, row: CacheRow, spans: TokenSpans) -> Carried:
@@ -415,11 +431,14 @@ class DistillIterator:
                 _, out = self._buf.pop(0)
                 self._yielded += 1
                 yield out
-            if self._yielded == 0 and (s.epochs is None or s.epochs > 1):  # every further epoch would be empty too
-                raise ConfigError(
+            if self._yielded == 0:  # nothing usable: say why, rather than end (or loop) silently
+                why = (
                     f"rank {s.rank} of {s.world_size} got no usable samples in epoch {self._epoch} "
-                    f"({', '.join(str(r.path) for r in s.readers)}); use fewer processes or a larger cache"
+                    f"({', '.join(str(r.path) for r in s.readers)}; skipped: {s.skipped})"
                 )
+                if s.epochs is None or s.epochs > 1:  # every further epoch would be empty too
+                    raise ConfigError(f"{why}; use fewer processes, a larger cache or a larger max_length")
+                log.warning("%s", why)
             self._epoch += 1
             self._yielded = 0
             self._rng = s.epoch_rng(self._epoch)

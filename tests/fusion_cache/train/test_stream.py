@@ -177,3 +177,23 @@ def test_carried_and_exact_targets_for_another_tokenizer(multi_caches, tok):
     assert extra > 0  # the tokenizers disagree somewhere: some student rows sit inside a teacher token
     with pytest.raises(ConfigError, match="needs a vocabulary map"):
         _stream([a, b], tok, targets=["values", "carried"])
+
+
+@pytest.mark.parametrize("caches", ["single", "joined"])
+def test_dataloader_workers_split_the_samples(built_cache, multi_caches, tok, caches):
+    """Under DataLoader(num_workers=2) each sample comes once (each worker takes its own stride)."""
+    import torch
+
+    caches = built_cache if caches == "single" else [multi_caches["a"], multi_caches["b"]]
+    every = sorted(e.sample_id for e in _stream(caches, tok))
+    loader = torch.utils.data.DataLoader(_stream(caches, tok), batch_size=None, num_workers=2,
+                                         collate_fn=lambda e: e.sample_id)  # fmt: skip
+    assert sorted(loader) == every
+
+
+def test_a_stream_with_nothing_usable_says_so(built_cache, tok, caplog):
+    with caplog.at_level("WARNING", logger="fusion_cache.train.stream"):
+        assert list(_stream(built_cache, tok, max_length=2)) == []
+    assert "got no usable samples" in caplog.text and "no_answer_token" in caplog.text
+    with pytest.raises(ConfigError, match="larger max_length"):
+        list(_stream(built_cache, tok, max_length=2, epochs=2))
