@@ -1,17 +1,15 @@
-"""Experiment trackers: every metrics record of a run also goes to TensorBoard or Weights & Biases (``--report-to``).
+"""Experiment trackers: every metrics record of a run also goes to TensorBoard (``--report-to``).
 
     fusion-cache train ... --report-to tensorboard   # event files in <out>/tensorboard/ (tensorboard --logdir <out>)
-    WANDB_MODE=offline fusion-cache train ... --report-to wandb   # <out>/wandb/; `wandb sync` uploads it later
 
-Both are optional extras (``pip install 'fusion-cache[tensorboard]'`` / ``'fusion-cache[wandb]'``), imported only
-when chosen; ``metrics.jsonl`` is written either way and stays the run's record. Only rank 0 reports. A resumed run
-reports from its checkpoint's step on: TensorBoard drops the events the killed run logged after it (``purge_step``).
+TensorBoard is an optional extra (``pip install 'fusion-cache[tensorboard]'``), imported only when chosen;
+``metrics.jsonl`` is written either way and stays the run's record. Only rank 0 reports. A resumed run reports from
+its checkpoint's step on: TensorBoard drops the events the killed run logged after it (``purge_step``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -75,32 +73,8 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-class WandbTracker:
-    """A W&B run in ``<out>/wandb/`` (project ``$WANDB_PROJECT``, default fusion-cache; ``WANDB_MODE=offline`` keeps it
-    local). Not tested here: there is no W&B account or network in CI."""
-
-    def __init__(self, out: Path, config: dict, resume_step: int = 0):
-        try:
-            import wandb
-        except ImportError as e:
-            raise MissingDependencyError("--report-to wandb needs wandb: pip install 'fusion-cache[wandb]'") from e
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "fusion-cache"),
-            name=Path(out).resolve().name,
-            dir=str(out),
-            config=config,
-            resume="allow" if resume_step else None,
-        )
-
-    def log(self, record: dict, step: int) -> None:
-        self.run.log(_scalars(record), step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
 # name -> tracker class (`TrainConfig.report_to` takes its choices from here)
-TRACKERS: dict[str, type] = {"none": NoTracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+TRACKERS: dict[str, type] = {"none": NoTracker, "tensorboard": TensorBoardTracker}
 TRACKER_NAMES: tuple[str, ...] = tuple(TRACKERS)
 
 

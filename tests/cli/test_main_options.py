@@ -145,5 +145,7 @@ def test_merge_flags_map_to_their_fields():
 
 
 def test_train_refuses_an_unknown_mode_naming_the_valid_ones(tmp_path):
-    r = runner.invoke(app, ["train", "--student", "s", "--shards", "c", "--out", str(tmp_path), "--mode", "x"], env={"COLUMNS": "200"})
+    r = runner.invoke(
+        app, ["train", "--student", "s", "--shards", "c", "--out", str(tmp_path), "--mode", "x"], env={"COLUMNS": "200"}
+    )
     assert r.exit_code == 2 and "'x' is not one of 'unified', 'single', 'pairwise'" in r.output
