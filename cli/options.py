@@ -365,7 +365,12 @@ def _option(
     if flag and flag.unit:
         help_ += f" (in {flag.unit})"
     scale = flag.scale if flag else 1
-    default = ... if field.is_required() else field.get_default(call_default_factory=True)
+    aliases = list(flag.aliases) if flag else []
+    # a required field with old spellings: click cannot require one of several options, so the config does (the
+    # field's error names it when neither spelling is given)
+    default = ... if field.is_required() and not aliases else field.get_default(call_default_factory=True)
+    if field.is_required() and aliases:
+        default = None
     if default is not ... and default is not None and scale != 1:
         default = default // scale
     extra: dict[str, Any] = {}
@@ -375,7 +380,6 @@ def _option(
     item = typing.get_args(base)[0] if is_list and typing.get_args(base) else str
     kind = item if is_list else base
     choices = _choices(kind)
-    aliases = list(flag.aliases) if flag else []
     if choices is not None and all(isinstance(c, str) for c in choices):
         # a choice the command line checks; typer takes a Literal, and a list of choices as an Enum of them
         kind = Literal[choices] if not is_list else enum.Enum(f"{name}_choices", {c: c for c in choices}, type=str)

@@ -149,3 +149,27 @@ def test_train_refuses_an_unknown_mode_naming_the_valid_ones(tmp_path):
         app, ["train", "--student", "s", "--shards", "c", "--out", str(tmp_path), "--mode", "x"], env={"COLUMNS": "200"}
     )
     assert r.exit_code == 2 and "'x' is not one of 'unified', 'single', 'pairwise'" in r.output
+
+
+def test_old_spellings_still_work_with_a_warning_naming_the_new_flag(tmp_path):
+    def train(*args):
+        base = ["train", "--student", "s", "--out", str(tmp_path / "o")]
+        return runner.invoke(app, [*base, *map(str, args)], env={"COLUMNS": "200"})
+
+    r = train("--shards", "c", "--top-k", 1)  # K=1 is refused: the old flags reached their fields
+    assert "warning: --shards is deprecated; use --cache" in r.output
+    assert "warning: --top-k is deprecated; use --loss-k" in r.output
+    assert r.exit_code == 2 and "loss_k: Input should be greater than or equal to 2 (got 1)" in r.output
+    r = train("--cache", "c", "--loss-k", 1)
+    assert r.exit_code == 2 and "deprecated" not in r.output and "(got 1)" in r.output
+
+
+def test_version_and_v_after_the_command():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("fusion-cache ")
+    assert "-v, --verbose" in _help("train") and "--config" in _help("inspect")
+
+
+def test_a_required_field_with_an_old_spelling_is_required_by_the_config(tmp_path):
+    r = runner.invoke(app, ["train", "--student", "s", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "cache: Field required" in r.output
