@@ -30,6 +30,9 @@ def test_build_inspect_verify_train(tmp_path, tiny_model_dir, data_file):
     assert r.exit_code == 0, r.output
     assert "4 kept of 5 read" in r.output and "skipped: empty_response 1" in r.output
     assert "bytes/answer token" in r.output and "answer tokens/s" in r.output
+    again = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--engine", "hf",
+                 "--top-k", 8)  # fmt: skip
+    assert again.exit_code == 0 and "nothing to do" in again.output and "answer tokens/s" not in again.output
     r = _run("inspect", cache)
     assert r.exit_code == 0
     for key in (

@@ -167,7 +167,7 @@ def test_old_spellings_still_work_with_a_warning_naming_the_new_flag(tmp_path):
 def test_version_and_v_after_the_command():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.startswith("fusion-cache ")
-    assert "-v, --verbose" in _help("train") and "--config" in _help("inspect")
+    assert "--verbose" in _help("train") and "--config" in _help("inspect")
 
 
 def test_a_required_field_with_an_old_spelling_is_required_by_the_config(tmp_path):

@@ -95,7 +95,9 @@ def test_mistakes_are_refused_before_anything_runs_with_their_place(tmp_path, ti
 @pytest.mark.parametrize("name", ["demo", "infifusion-paper"])
 def test_the_shipped_recipes_plan(name, tmp_path):
     recipe = load_recipe(name)
-    assert recipe.name
+    plan = plan_recipe(recipe, tmp_path)  # every stage's settings are valid
     if name == "infifusion-paper":
-        plan = plan_recipe(recipe, tmp_path)
         assert recipe.mode == "pairwise" and len(plan.teachers) == 3 and plan.merge is not None
+        assert plan.teachers[2].train.tensor_parallel_size == 2 and plan.runs[0].student == "phi-4"
+    else:
+        assert plan.student == str(tmp_path / "student-24l") and plan.merge is None and plan.teachers[0].heldout
