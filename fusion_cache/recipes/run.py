@@ -117,6 +117,10 @@ class Stages:
         except json.JSONDecodeError:
             return {}
 
+    def record(self, stage: str) -> dict:
+        """What ``stages/<stage>.json`` holds ({} when nothing)."""
+        return self._read(stage)
+
     def done(self, stage: str, fp: str) -> bool:
         rec = self._read(stage)
         return rec.get("fingerprint") == fp and rec.get("status") == "done"
@@ -212,6 +216,12 @@ def _stage_build(plan: RecipePlan, stages: Stages, say: Say, progress: bool) -> 
                 stage = f"build-{t.name}-{split}"
                 fp = _settings_fp(cfg, data=dataset_hash(cfg.data, cfg.row_format))
                 before = _manifest_id(cfg.out)
+                if stages.done(stage, fp) and before is not None and before[0] == stages.record(stage).get(
+                    "cache_fingerprint"
+                ):  # fmt: skip
+                    stages.skip(stage, fp, f" (cache {cfg.out}, fingerprint {before[0][:12]})")
+                    fingerprints[str(cfg.out)] = before[0]
+                    continue
                 # an interrupted build of the same settings continues; anything else in the way is replaced
                 cfg = cfg.model_copy(update={"resume": stages.started(stage, fp), "overwrite": True})
                 stages.mark(stage, fp, "started")

@@ -32,7 +32,7 @@ def _recipe(tiny_model_dir, other_teacher_dir, data_file, **over) -> dict:
         "mode": "pairwise",
         "train": {"max_steps": 2, "batch_size": 2, "loss_k": 4, "kd_loss": ["auto"], "dtype": "float32"},
         "merge": {"method": "ties"},
-        "eval": {"cache": True, "data": True, "batch_size": 2},
+        "eval": {"cache": True, "data": True, "batch_size": 2, "loss_k": 4},
     }  # fmt: skip
     return {**recipe, **over}
 
@@ -79,7 +79,7 @@ def test_mistakes_are_refused_before_anything_runs_with_their_place(tmp_path, ti
     def plan(**over):
         return plan_recipe(Recipe.create(**_recipe(tiny_model_dir, other_teacher_dir, data_file, **over)), tmp_path)
 
-    with pytest.raises(ConfigError, match=r"teachers\[1\]: .*top_k"):
+    with pytest.raises(ConfigError, match=r"(?s)teachers\[1\]: .*top_k"):
         plan(teachers=[{"teacher": "a"}, {"teacher": "b", "top_k": 1}])
     with pytest.raises(ConfigError, match=r"train: \['out'\] are set by the recipe itself"):
         plan(train={"out": "x"})
