@@ -225,7 +225,8 @@ def normalize_row(row: dict, *, source: str, line: int, row_index: int) -> Conve
     Raises:
         DataError: naming the field and the value.
     """
-    if "text" in row and not ("messages" in row or "prompt" in row):
+    # a dataset of mixed rows fills the fields a row lacks with None (datasets' columns): None is absent
+    if row.get("text") is not None and row.get("messages") is None and row.get("prompt") is None:
         text = row["text"]
         if not isinstance(text, str):
             raise DataError(source, line, f"field 'text' must be a string, got {_short(text)}")
