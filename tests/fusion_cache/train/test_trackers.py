@@ -1,4 +1,5 @@
-"""--report-to tensorboard writes the run's metrics as TensorBoard scalars (offline); an unknown tracker is refused."""
+"""--report-to tensorboard writes the run's metrics as TensorBoard scalars (offline); an unknown tracker is refused;
+summary.json records how the run came about."""
 
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ def test_tensorboard_gets_every_step(tmp_path, tiny_model_dir, built_cache):
     events.Reload()
     assert [e.step for e in events.Scalars("train/ce")] == [1, 2, 3]
     assert "train/lr" in events.Tags()["scalars"]
+
+
+def test_summary_records_versions_the_command_line_and_the_caches(tmp_path, tiny_model_dir, built_cache):
+    from fusion_cache.cache.manifest import load_manifest
+
+    cfg = TrainConfig.create(student=str(tiny_model_dir), cache=[str(built_cache)], out=str(tmp_path / "run"),
+                             batch_size=2, max_steps=1, top_k=4, save=False)  # fmt: skip
+    summary = run_train(cfg, progress=False).summary
+    m = load_manifest(built_cache)
+    assert summary["caches"] == [{"cache": str(built_cache), "fingerprint": m.fingerprint, "teacher": m.teacher.name,
+                                  "k": 8}]  # fmt: skip
+    assert {"fusion_cache", "python", "torch", "transformers"} <= set(summary["versions"])
+    assert isinstance(summary["command_line"], list)
 
 
 def test_an_unknown_tracker_is_refused(tmp_path):
