@@ -1,63 +1,106 @@
 """The `fusion-cache` command line: thin wrappers that validate settings and call the library.
 
+fusion-cache run demo                          (a whole recipe: capture, train, merge, evaluate; see docs/recipes.md)
+fusion-cache run my-recipe.yaml --set train.max_steps=100
 fusion-cache teachers
+fusion-cache build --config build.yaml [--flag value ...]   (every command reads its settings from YAML too)
 fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2 [--resume]
 fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (one of 4 parts; then `combine`)
-fusion-cache combine ./cache/smollm2
+fusion-cache combine --cache ./cache/smollm2
 fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
-fusion-cache inspect ./cache/smollm2
-fusion-cache verify ./cache/smollm2
-fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
-fusion-cache train --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./runs
-fusion-cache train --mode unified --student ./student --shards ./cache/a --shards ./cache/b --out ./runs/u
+fusion-cache inspect --cache ./cache/smollm2
+fusion-cache verify --cache ./cache/smollm2
+fusion-cache train --student ./student --cache ./cache/smollm2 --out ./runs/kd
+fusion-cache train --config ./runs/kd/config.yaml --out ./runs/kd2   (a run's config.yaml replays it)
+fusion-cache train --mode pairwise --student ./student --cache ./cache/a --cache ./cache/b --out ./runs
 fusion-cache merge --base ./student --models ./runs/a --models ./runs/b --method ties --out ./merged
-fusion-cache fuse --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./fused
+fusion-cache fuse --student ./student --cache ./cache/a --cache ./cache/b --out ./fused
 fusion-cache eval --model ./runs/kd --data heldout.jsonl [--cache ./cache/heldout] [--humaneval] [--limit N]
 fusion-cache report ./runs/kd [./runs/sft ...]
 fusion-cache demo
+
+Errors are one line with a hint (`fusion_cache.cli.errors`); ``-v`` (before or after the command) shows INFO logs,
+the libraries' own logs and tracebacks. Old spellings (``--shards``, ``train --top-k``, ``--merge-seed`` of merge,
+``--max-tokens`` of generate, a positional cache) still work for this release, with a warning.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
+from typing import Literal
 
 import typer
 
+from fusion_cache import __version__
 from fusion_cache.capture.config import BuildConfig
 from fusion_cache.capture.engines import ENGINE_NAMES
+from fusion_cache.cli.errors import ErrorBoundary
+from fusion_cache.cli.logs import configure_logging
+from fusion_cache.cli.logs import quiet_library_progress
 from fusion_cache.cli.options import Flag
+from fusion_cache.cli.options import common_options
 from fusion_cache.cli.options import config_options
 from fusion_cache.errors import ConfigError
-from fusion_cache.errors import FusionCacheError
+from fusion_cache.eval import PROMPT_STYLES
 from fusion_cache.merge.config import MergeConfig
+from fusion_cache.recipes.pairwise import PAIRWISE
+from fusion_cache.recipes.pairwise import TRAIN_MODES
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.weights import COMBINE_MODES
 
 app = typer.Typer(
     name="fusion-cache",
     help="Multi-teacher LLM distillation from compact, shareable Top-K logit caches (InfiFusion).",
+    cls=ErrorBoundary,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+def _warn(message: str) -> None:
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fusion-cache {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log at INFO level")) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="INFO logs, the libraries' logs, tracebacks"),
+    version: bool = typer.Option(
+        False, "--version", help="print the version and exit", is_eager=True, callback=_show_version
+    ),
+) -> None:
+    configure_logging(verbose=verbose)
+
+
+def _cache_argument(cache: str | None, old: str | None, command: str) -> str:
+    """``--cache``, or the positional cache of earlier releases (with a warning)."""
+    if cache is not None and old is not None and cache != old:
+        raise ConfigError(f"{command}: give the cache once, as --cache (got --cache {cache} and {old})")
+    if cache is None and old is None:
+        raise ConfigError(f"{command}: give the cache: --cache DIR_OR_URL")
+    if cache is None:
+        _warn(f"`fusion-cache {command} CACHE` is deprecated; use `fusion-cache {command} --cache CACHE`")
+    return cache or old
+
+
+CACHE_HELP = "cache directory or fsspec URL"
+
+
+def _old_cache():
+    """The positional cache of earlier releases: hidden, still accepted (with a warning)."""
+    return typer.Argument(None, hidden=True, help="the cache (deprecated: use --cache)")
 
 
 @app.command()
+@common_options
 def teachers() -> None:
     """List the teacher and pivot presets (any local model directory or HF id works too)."""
     from fusion_cache.models.presets import list_presets
@@ -71,34 +114,55 @@ def teachers() -> None:
 @config_options(BuildConfig, into="settings")
 def build(
     settings: dict,
-    ray: bool = typer.Option(False, "--ray", help="run all --num-shards parts as Ray tasks (pip install ray)"),
+    ray: bool = typer.Option(
+        False, "--ray", help="run all --num-shards parts as Ray tasks (pip install ray)", metavar=""
+    ),  # fmt: skip
     ray_address: str = typer.Option(None, help="Ray cluster to join (e.g. auto); default: start a local Ray"),
 ) -> None:
     """Run a teacher over a dataset once and write its top-K log-probs to a cache.
+
+    The resolved settings go to <out>/config.yaml, which `build --config` replays.
 
     Example: fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smollm2
     """
     from fusion_cache.capture.build import build_summary
     from fusion_cache.capture.build import run_build
 
-    try:
-        cfg = BuildConfig.create(**settings)
-        if ray:
-            from fusion_cache.capture.ray import run_build_ray
+    quiet_library_progress()
+    cfg = BuildConfig.create(**settings)
+    before = _manifest_or_none(cfg.out) if cfg.num_shards == 1 else None
+    if ray:
+        from fusion_cache.capture.ray import run_build_ray
 
-            m = run_build_ray(cfg, address=ray_address)
-        else:
-            m = run_build(cfg)
-    except FusionCacheError as e:
-        _fail(e)
+        m = run_build_ray(cfg, address=ray_address)
+    else:
+        m = run_build(cfg)
+    if before is not None and before == m.model_dump():
+        # the same build was there already: nothing ran, and the numbers below would be the old build's
+        typer.echo(
+            f"nothing to do: {cfg.out} already holds this build (fingerprint {m.fingerprint[:16]}, built "
+            f"{m.created_at} in {m.stats.wall_seconds:.1f} s); change a setting or --out to build again"
+        )
+        return
     typer.echo(build_summary(m, cfg.out))
     if cfg.num_shards > 1 and not ray:
         _echo_parts_status(cfg.out, cfg.num_shards)
 
 
+def _manifest_or_none(out: str) -> dict | None:
+    from fusion_cache.cache.manifest import load_manifest
+    from fusion_cache.errors import FusionCacheError
+
+    try:
+        return load_manifest(out).model_dump()
+    except FusionCacheError:
+        return None
+
+
 def _echo_parts_status(out: str, count: int) -> None:
     """After a part build: whether the last part has combined them all."""
     from fusion_cache.cache.manifest import load_manifest
+    from fusion_cache.errors import FusionCacheError
 
     try:
         top = load_manifest(out)
@@ -111,14 +175,16 @@ def _echo_parts_status(out: str, count: int) -> None:
 
 
 @app.command()
-def combine(out: str = typer.Argument(..., help="the --out of a distributed build (holds part-*-of-*/)")) -> None:
+@common_options
+def combine(
+    cache: str = typer.Option(None, "--cache", help="the --out of a distributed build (holds part-*-of-*/)"),
+    old: str = _old_cache(),
+) -> None:
     """Write the combined manifest of a distributed build's parts (the last part to finish does this too)."""
     from fusion_cache.cache.parts import combine_parts
 
-    try:
-        m = combine_parts(out)
-    except FusionCacheError as e:
-        _fail(e)
+    out = _cache_argument(cache, old, "combine")
+    m = combine_parts(out)
     typer.echo(
         f"combined {len(m.parts)} parts into {out}: {m.stats.rows} rows, {len(m.shards)} shard(s), "
         f"fingerprint {m.fingerprint[:16]}"
@@ -126,20 +192,20 @@ def combine(out: str = typer.Argument(..., help="the --out of a distributed buil
 
 
 @app.command()
+@common_options
 def generate(
     model: str = typer.Option(..., help="the model that answers: preset name, local model dir or HF id"),
-    data: Path = typer.Option(..., help="JSONL/Parquet with `prompt` (+`system`) or `messages` per row"),
+    data: str = typer.Option(..., help="rows with `prompt` (+`system`) or `messages`: JSONL/Parquet or a Hub id"),
     out: Path = typer.Option(..., help="JSONL to write: the rows with the answers, valid `build --data` input"),
-    engine: str = typer.Option(
-        "vllm", metavar="[" + "|".join(ENGINE_NAMES) + "]", help="teacher engine (fusion_cache/capture/engines)"
-    ),
-    max_tokens: int = typer.Option(256, help="new tokens per answer, at most"),
+    engine: Literal[ENGINE_NAMES] = typer.Option("vllm", help="teacher engine (fusion_cache/capture/engines)"),
+    max_new_tokens: int = typer.Option(256, help="new tokens per answer, at most"),
     temperature: float = typer.Option(0.8, help="sampling temperature; 0 for greedy"),
     n: int = typer.Option(1, help="answers per prompt (vllm: one request with n outputs; hf: sample j uses seed + j)"),
     seed: int = typer.Option(0, help="sampling seed"),
     limit: int = typer.Option(None, help="use only the first N rows"),
     dtype: str = typer.Option(None, help="model dtype (default: from the hardware)"),
-    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out", metavar=""),
+    max_tokens: int = typer.Option(None, "--max-tokens", hidden=True, help="deprecated: --max-new-tokens"),
 ) -> None:
     """Have a model write the answers first (teacher-generated answers are the standard distillation recipe).
 
@@ -147,37 +213,39 @@ def generate(
     """
     from fusion_cache.capture.generate import run_generate
 
-    try:
-        meta = run_generate(
-            model=model,
-            data=str(data),
-            out=str(out),
-            engine=engine,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            n=n,
-            seed=seed,
-            limit=limit,
-            dtype=dtype,
-            overwrite=overwrite,
-        )
-    except FusionCacheError as e:
-        _fail(e)
+    if max_tokens is not None:
+        _warn("--max-tokens is deprecated; use --max-new-tokens")
+        max_new_tokens = max_tokens
+    quiet_library_progress()
+    meta = run_generate(
+        model=model,
+        data=data,
+        out=str(out),
+        engine=engine,
+        max_tokens=max_new_tokens,
+        temperature=temperature,
+        n=n,
+        seed=seed,
+        limit=limit,
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=True,
+    )
     typer.echo(f"wrote {out}: {meta['rows_written']} answers to {meta['data']['rows']} prompts ({out}.meta.json)")
 
 
 @app.command()
+@common_options
 def inspect(
-    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
-    as_json: bool = typer.Option(False, "--json"),
+    cache: str = typer.Option(None, "--cache", help=CACHE_HELP),
+    old: str = _old_cache(),
+    as_json: bool = typer.Option(False, "--json", help="the manifest as JSON", metavar=""),
 ):
     """Show what a cache holds: teacher, K, rows, answer tokens, bytes per token, shards, fingerprint."""
     from fusion_cache.cache.manifest import load_manifest
 
-    try:
-        m = load_manifest(cache)
-    except FusionCacheError as e:
-        _fail(e)
+    cache = _cache_argument(cache, old, "inspect")
+    m = load_manifest(cache)
     if as_json:
         typer.echo(json.dumps(m.model_dump(), indent=2))
         return
@@ -227,24 +295,26 @@ def inspect(
 
 
 @app.command()
+@common_options
 def coverage(
-    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
+    cache: str = typer.Option(None, "--cache", help=CACHE_HELP),
+    old: str = _old_cache(),
     student: str = typer.Option(..., help="the student (its tokenizer): preset, local dir or HF id"),
     limit: int = typer.Option(None, help="look at the first N rows only"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="the report as JSON", metavar=""),
 ) -> None:
-    """How a cache serves a student of another tokenizer: where the teacher's top-K mass goes through the
-    vocabulary map (exact, prefix, special, unmapped, tail) and which student rows get a target.
+    """How a cache serves a student of another tokenizer.
 
-    Example: fusion-cache coverage ./cache/gemma3 --student smollm2-135m --limit 100
+    Where the teacher's top-K mass goes through the vocabulary map (exact, prefix, special, unmapped, tail) and
+    which student rows get a target.
+
+    Example: fusion-cache coverage --cache ./cache/gemma3 --student smollm2-135m --limit 100
     """
     from fusion_cache.models.load import load_tokenizer
     from fusion_cache.train.vocab import coverage_report
 
-    try:
-        report = coverage_report(cache, load_tokenizer(student), limit=limit)
-    except FusionCacheError as e:
-        _fail(e)
+    cache = _cache_argument(cache, old, "coverage")
+    report = coverage_report(cache, load_tokenizer(student), limit=limit)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -261,15 +331,14 @@ def coverage(
 
 
 @app.command()
-def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL")) -> None:
+@common_options
+def verify(cache: str = typer.Option(None, "--cache", help=CACHE_HELP), old: str = _old_cache()) -> None:
     """Check every shard's checksum, schema, row count and lengths, and the manifest's fingerprint chain."""
     from fusion_cache.cache.reader import CacheReader
 
-    try:
-        reader = CacheReader(cache)
-        problems = reader.verify()
-    except FusionCacheError as e:
-        _fail(e)
+    cache = _cache_argument(cache, old, "verify")
+    reader = CacheReader(cache)
+    problems = reader.verify(progress=True)
     if problems:
         for p in problems:
             typer.secho(f"BAD {p}", fg=typer.colors.RED, err=True)
@@ -278,53 +347,52 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
     typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}")
 
 
-# `train --mode`: one run against every cache (S >= 1 teachers), the same with exactly one cache, or the pairwise
-# recipe (one run per cache, then merge).
-PAIRWISE = "pairwise"
-TRAIN_MODES = ("unified", "single", PAIRWISE)
-# Merge flags that differ from the field names: a seed beside train's --seed, a shard size in MiB.
-MERGE_FLAGS = {"seed": Flag("--merge-seed"), "max_shard_bytes": Flag("--max-shard-mb", scale=1024**2, unit="MiB")}
+# Flags that differ from the field names. train: `--cache` for caches as everywhere, `--loss-k` for the K a loss
+# reads (not the K a cache holds, build's --top-k); their old spellings stay as hidden aliases for a release.
+TRAIN_FLAGS = {"shards": Flag(aliases=("--shards",)), "top_k": Flag(aliases=("--top-k",))}
+# merge: the shard size in MiB; fuse names the merge's seed --merge-seed beside train's --seed
+MERGE_FLAGS = {"seed": Flag(aliases=("--merge-seed",)), "max_shard_bytes": Flag("--max-shard-mb", scale=1024**2,
+                                                                                unit="MiB")}  # fmt: skip
+FUSE_MERGE_FLAGS = {**MERGE_FLAGS, "seed": Flag("--merge-seed")}
 
 
 @app.command()
-@config_options(TrainConfig, into="settings")
+@config_options(TrainConfig, into="settings", flags=TRAIN_FLAGS)
 def train(
     settings: dict,
-    mode: str = typer.Option(
+    mode: Literal[TRAIN_MODES] = typer.Option(
         "unified",
-        metavar="[" + "|".join(TRAIN_MODES) + "]",
         help="unified: one run against every cache, joined on sample_id (one cache: single-teacher KD); single: the "
         f"same, refusing more than one cache; {PAIRWISE}: one run per cache into <out>/<cache-name>/ (then merge)",
     ),
 ) -> None:
     """Train a student by streaming teacher caches with (1-lambda)*CE + lambda*KD (each teacher its own loss).
 
-    Example: fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd --lambda 0.5
+    The resolved settings go to <out>/config.yaml (`train --config <out>/config.yaml` replays the run).
+
+    Example: fusion-cache train --student ./student --cache ./cache/smollm2 --out ./runs/kd --lambda 0.5
 
     Data parallel: torchrun --nproc-per-node 2 -m fusion_cache train --student ... (the same flags).
     """
     from fusion_cache.train.trainer import run_train
 
-    if mode not in TRAIN_MODES:
-        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: {', '.join(TRAIN_MODES)}"))
+    quiet_library_progress()
+    caches = settings.get("cache", [])
     if mode == PAIRWISE:
         from fusion_cache.recipes.pairwise import train_pairwise
 
-        shards, out = settings.pop("shards"), settings.pop("out")
-        try:
-            runs = train_pairwise(shards, out, **settings)
-        except FusionCacheError as e:
-            _fail(e)
+        settings = dict(settings)
+        shards, out = settings.pop("cache", None), settings.pop("out", None)
+        if not shards or out is None:
+            raise ConfigError("train --mode pairwise: give the caches (--cache, one per teacher) and --out")
+        runs = train_pairwise(shards, out, **settings)
         typer.echo(f"trained {len(runs)} pivots: " + ", ".join(str(r / "model") for r in runs))
         return
-    if mode == "single" and len(settings["shards"]) > 1:
-        _fail(ValueError(f"--mode single takes one cache, got {len(settings['shards'])}; use unified (one run "
-                         "against all of them) or pairwise (one run per cache, then merge)"))  # fmt: skip
-    try:
-        cfg = TrainConfig.create(**settings)
-        result = run_train(cfg)
-    except FusionCacheError as e:
-        _fail(e)
+    if mode == "single" and len(caches) > 1:
+        raise ConfigError(f"--mode single takes one cache, got {len(caches)}; use unified (one run against all of "
+                          "them) or pairwise (one run per cache, then merge)")  # fmt: skip
+    cfg = TrainConfig.create(**settings)
+    result = run_train(cfg)
     f = result.summary["final"]
     if f is None or os.environ.get("RANK", "0") != "0":  # nothing left to train, or not torchrun's rank 0
         return
@@ -359,40 +427,56 @@ def merge(settings: dict) -> None:
     from fusion_cache.merge.run import merge_summary
     from fusion_cache.merge.run import run_merge
 
-    try:
-        summary = run_merge(MergeConfig.create(**settings))
-    except FusionCacheError as e:
-        _fail(e)
-    typer.echo(merge_summary(summary))
+    quiet_library_progress()
+    typer.echo(merge_summary(run_merge(MergeConfig.create(**settings))))
 
 
 @app.command()
 @config_options(
     MergeConfig,
     into="merge_settings",
-    skip={"base": "the pivot, --student", "models": "the pivots fuse trains, <out>/runs/*"},
-    flags=MERGE_FLAGS,
+    skip={
+        "base": "the pivot, --student",
+        "models": "the pivots fuse trains, <out>/runs/*",
+        "overwrite": "fuse's --overwrite replaces the runs and the merged model",
+    },
+    flags=FUSE_MERGE_FLAGS,
+    section="merge",
 )
-@config_options(TrainConfig, into="train_settings")
+@config_options(
+    TrainConfig,
+    into="train_settings",
+    skip={"shards": "the caches, fuse's --cache", "out": "fuse's --out (<out>/runs/<cache-name>)"},
+    flags={"top_k": TRAIN_FLAGS["top_k"]},
+    section="train",
+)
 def fuse(
     train_settings: dict,
     merge_settings: dict,
-    shards: list[str] = typer.Option(..., help="teacher cache directory or fsspec URL (repeat, one per teacher)"),
+    cache: list[str] = typer.Option(
+        None, "--cache", help="teacher cache directory or fsspec URL (repeat, one per teacher)"
+    ),  # fmt: skip
     out: Path = typer.Option(..., help="<out>/runs/<cache-name>/ per teacher, <out>/merged/ the result"),
-    mode: str = typer.Option(PAIRWISE, metavar=f"[{PAIRWISE}]", help="pairwise: train per teacher, then merge"),
+    mode: Literal[(PAIRWISE,)] = typer.Option(PAIRWISE, help="pairwise: train per teacher, then merge"),
+    shards: list[str] = typer.Option(None, "--shards", hidden=True, help="deprecated: --cache"),
 ) -> None:
     """Pairwise fusion in one go: train one pivot per teacher cache, then merge them.
 
-    Example: fusion-cache fuse --student ./student --shards ./cache/a --shards ./cache/b --out ./fused --method ties
+    In a --config file the settings of the runs go under `train:` and those of the merge under `merge:`.
+
+    Example: fusion-cache fuse --student ./student --cache ./cache/a --cache ./cache/b --out ./fused --method ties
     """
     from fusion_cache.recipes.pairwise import fuse_pairwise
 
-    if mode != PAIRWISE:
-        _fail(ValueError(f"--mode: unknown value {mode!r}; valid values: {PAIRWISE}"))
-    try:
-        runs, summary = fuse_pairwise(shards, out, train=train_settings, merge=merge_settings)
-    except FusionCacheError as e:
-        _fail(e)
+    if shards:
+        _warn("--shards is deprecated; use --cache")
+    caches = list(cache or []) + list(shards or [])
+    if not caches:
+        raise ConfigError("fuse: give the teacher caches, --cache once per teacher")
+    quiet_library_progress()
+    if "overwrite" in train_settings:
+        merge_settings = {**merge_settings, "overwrite": train_settings["overwrite"]}
+    runs, summary = fuse_pairwise(caches, out, train=train_settings, merge=merge_settings)
     typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {summary['method']} into {summary['out']}")
 
 
@@ -418,68 +502,72 @@ def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | 
 
 
 @app.command()
+@common_options
 def report(
     runs: list[Path] = typer.Argument(..., help="`fusion-cache train` run directories (several: overlaid)"),
     out: Path = typer.Option(None, help="PNG to write (default: <run>/report.png; several runs: in their parent)"),
 ) -> None:
-    """Plot CE, per-teacher ULD, loss and lr over steps (PNG) and summarize the runs (markdown table).
+    """Plot the runs' curves, held-out results marked (PNG), and summarize them (markdown table).
+
+    Panels: answer CE per token and per byte, the distillation terms, the total loss (runs of one objective), lr,
+    grad norm.
 
     Example: fusion-cache report ./runs/kd ./runs/sft --out ./runs/compare.png
     """
     from fusion_cache.eval.report import write_report
 
-    try:
-        png, md, table = write_report([str(r) for r in runs], None if out is None else str(out))
-    except FusionCacheError as e:
-        _fail(e)
-    except ImportError as e:  # matplotlib is an optional extra
-        _fail(e)
+    png, md, table = write_report([str(r) for r in runs], None if out is None else str(out))
     typer.echo(table)
     typer.echo(f"wrote {png} and {md}")
 
 
 @app.command(name="eval")
+@common_options
 def eval_(
     model: str = typer.Option(..., help="model: preset, local dir, HF id, or a `train` run dir (its model/)"),
     data: str = typer.Option(None, help="input rows (JSONL/Parquet, `build --data` format) or a cache: answer CE"),
     cache: str = typer.Option(None, help="teacher cache: answer CE, teacher top-1 agreement (same tokenizer), ULD"),
-    humaneval: bool = typer.Option(False, "--humaneval", help="HumanEval pass@1 (greedy, sandboxed execution)"),
+    humaneval: bool = typer.Option(
+        False, "--humaneval", help="HumanEval pass@1 (greedy, sandboxed execution)", metavar=""
+    ),  # fmt: skip
     limit: int = typer.Option(None, help="only the first N rows / HumanEval problems"),
     max_new_tokens: int = typer.Option(384, help="HumanEval: longest completion"),
     timeout: float = typer.Option(10.0, help="HumanEval: seconds (wall) each program may run"),
-    humaneval_prompt: str = typer.Option(
+    humaneval_prompt: Literal[PROMPT_STYLES] = typer.Option(
         "raw", help="HumanEval: raw (continue the prompt, the standard harness) or chat (instruct models)"
     ),
-    top_k: int = typer.Option(10, "--top-k", help="K of the reported ULD"),
+    loss_k: int = typer.Option(10, "--loss-k", help="K of the reported ULD"),
     batch_size: int = typer.Option(8, help="samples per forward pass"),
     max_length: int = typer.Option(1024, help="longest sequence in the model's tokens"),
     out: Path = typer.Option(None, help="write the results as JSON here (default for a run dir: <run>/eval.json)"),
+    top_k: int = typer.Option(None, "--top-k", hidden=True, help="deprecated: --loss-k"),
 ) -> None:
-    """Held-out answer CE, teacher top-1 agreement and HumanEval pass@1 of a model.
+    """Held-out answer CE (per token and per byte), teacher top-1 agreement and HumanEval pass@1 of a model.
 
     Example: fusion-cache eval --model ./runs/kd --data heldout.jsonl --cache ./cache/heldout --humaneval --limit 20
     """
     from fusion_cache.eval.evaluate import eval_table
     from fusion_cache.eval.evaluate import run_eval
 
-    try:
-        result = run_eval(
-            model,
-            data=data,
-            cache=cache,
-            humaneval=humaneval,
-            limit=limit,
-            max_new_tokens=max_new_tokens,
-            timeout=timeout,
-            prompt_style=humaneval_prompt,
-            batch_size=batch_size,
-            max_length=max_length,
-            k=top_k,
-            out=None if out is None else str(out),
-            progress=True,
-        )
-    except FusionCacheError as e:
-        _fail(e)
+    if top_k is not None:
+        _warn("eval --top-k is deprecated; use --loss-k")
+        loss_k = top_k
+    quiet_library_progress()
+    result = run_eval(
+        model,
+        data=data,
+        cache=cache,
+        humaneval=humaneval,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        timeout=timeout,
+        prompt_style=humaneval_prompt,
+        batch_size=batch_size,
+        max_length=max_length,
+        k=loss_k,
+        out=None if out is None else str(out),
+        progress=True,
+    )
     typer.echo(f"model {result['model']}")
     typer.echo(eval_table(result))
     if "written_to" in result:
@@ -487,9 +575,41 @@ def eval_(
 
 
 @app.command()
+@common_options
+def run(
+    recipe: str = typer.Argument(None, help="a recipe file (YAML), or the name of a shipped recipe (--list)"),
+    out: Path = typer.Option(None, help="where every stage writes (default: the recipe's out, else ./runs/<name>)"),
+    set_: list[str] = typer.Option(
+        None, "--set", help="override a setting, KEY=VALUE (repeat): train.max_steps=100, teachers.0.top_k=32"
+    ),
+    list_: bool = typer.Option(False, "--list", help="list the shipped recipes", metavar=""),
+) -> None:
+    """Run a whole recipe: capture every teacher, train (unified or pairwise, then merge), evaluate.
+
+    A rerun skips the stages already done with the same settings and continues an interrupted one (docs/recipes.md).
+
+    Example: fusion-cache run demo --out ./demo-recipe
+    """
+    from fusion_cache.recipes.run import load_recipe
+    from fusion_cache.recipes.run import recipe_summary
+    from fusion_cache.recipes.run import run_recipe
+    from fusion_cache.recipes.run import shipped_recipes
+
+    if list_:
+        for name, path in sorted(shipped_recipes().items()):
+            typer.echo(f"{name:<20} {recipe_summary(path)}")
+        return
+    if recipe is None:
+        raise ConfigError("run: give a recipe file or a shipped recipe's name (fusion-cache run --list)")
+    quiet_library_progress()
+    run_recipe(load_recipe(recipe, set_), out=out, say=lambda m: typer.echo(f"[run] {m}"))
+
+
+@app.command()
+@common_options
 def demo(
     out: Path = typer.Option(Path("demo-out"), help="working directory of the demo"),
-    quick: bool = typer.Option(False, help="a much smaller run (a smoke test, not a result)"),
+    quick: bool = typer.Option(False, help="a much smaller run (a smoke test, not a result)", metavar=""),
     kd_loss: list[str] = typer.Option(
         None,
         "--kd-loss",
@@ -509,10 +629,9 @@ def demo(
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""
     from fusion_cache.recipes.demo import run_demo
 
-    try:
-        run_demo(out, settings=demo_settings(quick, kd_loss, second_teacher, combine))
-    except FusionCacheError as e:
-        _fail(e)
+    settings = demo_settings(quick, kd_loss, second_teacher, combine)
+    quiet_library_progress()
+    run_demo(out, settings=settings)
 
 
 if __name__ == "__main__":

@@ -206,14 +206,20 @@ class CacheReader:
             yield from self.decode_batch(batch, self.manifest.shards[pos.shard].path)
 
     # ---------------------------------------------------------------- checks
-    def verify(self) -> list[str]:
+    def verify(self, *, progress: bool = False) -> list[str]:
         """Check every shard's checksum, size, schema, row count and per-row lengths.
+
+        Args:
+            progress: show a progress bar over the shards.
 
         Returns:
             A list of problems, each naming its shard; empty when the cache is intact.
         """
+        from tqdm.auto import tqdm
+
         problems = []
-        for i, info in enumerate(self.manifest.shards):
+        shards = tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress, dynamic_ncols=True)
+        for i, info in enumerate(shards):
             if not self.location.exists(info.path):
                 problems.append(f"{info.path}: missing")
                 continue

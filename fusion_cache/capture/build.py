@@ -11,7 +11,8 @@
 3. `_describe`: what the manifest records and the config fingerprint hashes (`BuildSpec`).
 4. `plan_output` (capture/output.py): refuse an output directory that holds another cache (`OutputPlan`).
 5. `open_work_dir` (cache/resume.py): start ``<out>.incomplete/``, or continue it with ``--resume``.
-6. `_capture`: capture in token-budget batches and write shards into ``<out>.incomplete/``; then the manifest.
+6. `_capture`: capture in token-budget batches and write shards into ``<out>.incomplete/``; then the manifest and
+   the resolved settings (``config.yaml``, which ``fusion-cache build --config`` replays).
 7. `publish` (capture/output.py): rename ``<out>.incomplete/`` to ``<out>`` (and upload, for an fsspec URL).
 
 Resume (``--resume``): ``<out>.incomplete/`` keeps the build's settings and a record of every complete shard
@@ -63,6 +64,7 @@ from fusion_cache.capture.teacher import TeacherSetup
 from fusion_cache.capture.teacher import resolve_teacher
 from fusion_cache.capture.teacher import start_engine
 from fusion_cache.capture.teacher import vocab_size
+from fusion_cache.config import write_config_yaml
 from fusion_cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,7 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
             shards = _capture(cfg, teacher, inputs, spec, plan.work, completed, engine=engine, progress=progress)
             manifest = _make_manifest(cfg, spec, inputs, shards, started)
             manifest.write(plan.work)
+        write_config_yaml(cfg, plan.work, "build")  # next to the shards: `build --config <out>/config.yaml` replays
         publish(plan)
     if inputs.part is not None:
         combine_parts(cfg.out, count=cfg.num_shards, require_all=False)
@@ -183,7 +186,7 @@ def _prepare_inputs(cfg: BuildConfig, teacher: TeacherSetup) -> PreparedInputs:
 def _read_inputs(cfg: BuildConfig) -> list[Conversation]:
     """Every input row (validated, so a bad row fails before any model runs), the first ``--limit`` only."""
     convs: list[Conversation] = []
-    for conv in read_conversations(cfg.data):
+    for conv in read_conversations(cfg.data, cfg.row_format):
         if cfg.limit is not None and len(convs) >= cfg.limit:
             break
         convs.append(conv)
@@ -239,7 +242,7 @@ def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -
         "engine": teacher.engine,
         "dtype": teacher.dtype,
     }
-    dataset_info = {"source": cfg.data, "hash": dataset_hash(cfg.data), "rows_read": inputs.rows_read}
+    dataset_info = {"source": cfg.data, "hash": dataset_hash(cfg.data, cfg.row_format), "rows_read": inputs.rows_read}
     vocab = vocab_size(model.path, teacher.tokenizer)
     codec = make_codec(cfg.codec, value_bits=cfg.value_bits, vocab_size=vocab).to_json()
     settings = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from typing import Literal
 
 from pydantic import Field
@@ -11,6 +12,9 @@ from fusion_cache.cache.codecs import CODEC_NAMES
 from fusion_cache.cache.codecs import codec_help
 from fusion_cache.cache.codecs import value_bits_help
 from fusion_cache.capture.engines import ENGINE_NAMES
+from fusion_cache.capture.engines import VLLM
+from fusion_cache.capture.inputs import ROW_FIELDS
+from fusion_cache.capture.inputs import RowFormat
 from fusion_cache.config import StrictConfig
 
 
@@ -18,7 +22,19 @@ class BuildConfig(StrictConfig):
     """Settings of `fusion-cache build`."""
 
     teacher: str = Field(description="preset name (see `fusion-cache teachers`), local model directory, or HF id")
-    data: str = Field(description="JSONL / Parquet with `messages` or `prompt`+`response`, or a datasets directory")
+    data: str = Field(
+        description="rows with `messages`, `prompt`+`response` or `text`: JSONL / Parquet, a datasets directory, a "
+        "directory of data files, or a Hub dataset id org/name"
+    )
+    data_split: str | None = Field(None, description="split of a Hub dataset or datasets directory (default: train)")
+    data_fields: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"the rows' own names of the fields {', '.join(ROW_FIELDS)} (role and content: of each message), "
+        'e.g. {"messages": "conversations", "role": "from", "content": "value"}',
+    )
+    data_roles: dict[str, str] = Field(
+        default_factory=dict, description='the rows\' own role names, e.g. {"human": "user", "gpt": "assistant"}'
+    )
     out: str = Field(description="cache directory to create: a path or an fsspec URL (s3://, gs://, hf://...)")
     top_k: int = Field(64, ge=2, le=1024, description="K: teacher log-probs kept per answer token")
     engine: Literal[ENGINE_NAMES] = Field("vllm", description="teacher engine (fusion_cache/capture/engines)")
@@ -35,6 +51,45 @@ class BuildConfig(StrictConfig):
     resume: bool = Field(False, description="continue an interrupted build in <out>.incomplete/")
     num_shards: int = Field(1, ge=1, description="split the input into this many parts built independently")
     shard_index: int = Field(0, ge=0, description="which part this build captures (0-based)")
+    # ---- the vLLM engine, for teachers bigger than one GPU (fusion_cache/capture/engines/vllm.py)
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM: GPUs one teacher is split over (above 1: vLLM's multiprocess executor)"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0, description="vLLM: share of each GPU's memory it may use (default: vLLM's, 0.9)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="vLLM: context length (default: the longest row + 1); longer rows are cut or skipped "
+        "as --overlong says"
+    )  # fmt: skip
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description='vLLM: more LLM(...) engine arguments, e.g. {"enforce_eager": true}'
+    )
+
+    @model_validator(mode="after")
+    def _vllm_options_need_vllm(self):
+        given = {
+            "tensor_parallel_size": self.tensor_parallel_size != 1,
+            "gpu_memory_utilization": self.gpu_memory_utilization is not None,
+            "max_model_len": self.max_model_len is not None,
+            "engine_args": bool(self.engine_args),
+        }
+        if self.engine != VLLM and any(given.values()):
+            raise ValueError(
+                f"engine={self.engine!r} takes no vLLM options, got {[k for k, v in given.items() if v]}; "
+                f"use engine={VLLM!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _known_row_format(self):
+        _ = self.row_format  # RowFormat refuses unknown fields and roles
+        return self
+
+    @property
+    def row_format(self) -> RowFormat:
+        """How the input rows are read (`fusion_cache.capture.inputs.RowFormat`)."""
+        return RowFormat(split=self.data_split, fields=dict(self.data_fields), roles=dict(self.data_roles))
 
     @model_validator(mode="after")
     def _shard_index_in_range(self):

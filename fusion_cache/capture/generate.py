@@ -62,12 +62,14 @@ def run_generate(
     dtype: str | None = None,
     overwrite: bool = False,
     engine_obj=None,
+    progress: bool = False,
 ) -> dict:
     """Generate ``n`` answers per prompt with ``model`` and write them to ``out`` (JSONL). Returns the meta dict.
 
     Args:
         model: preset name, local model directory or HF id.
         engine_obj: an already started engine for ``model`` (tests); by default ``engine`` is started and closed.
+        progress: show a progress bar over the prompts.
 
     Raises:
         ConfigError: bad settings or an existing ``out`` without ``overwrite``.
@@ -100,7 +102,8 @@ def run_generate(
         engine_obj = make_engine(engine, resolved.path, dtype=dtype or default_dtype(), **extra)
     try:
         # one request per prompt with n outputs (vLLM prefills each prompt once for its n samples)
-        samples = engine_obj.sample_n(ids, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        samples = engine_obj.sample_n(ids, n=n, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                      progress=progress)  # fmt: skip
     finally:
         if own:
             engine_obj.close()

@@ -4,6 +4,9 @@ The prompt (everything up to and including the assistant header) and the answer 
 concatenated, so no token ever straddles the prompt/answer boundary and the prompt tokens are exactly what the
 model sees before it generates. Byte offsets index the UTF-8 bytes of the rendered text; cross-tokenizer alignment
 pairs positions whose tokens end at the same byte.
+
+A text row (one assistant message and no prompt, `fusion_cache.capture.inputs`) is plain text for every model, chat
+template or not: BOS (where the tokenizer adds one), the text, EOS; everything after the first token is answer.
 """
 
 from __future__ import annotations
@@ -66,7 +69,14 @@ def _char_to_byte(text: str) -> np.ndarray:
     return out
 
 
+def is_text_row(messages: list[dict] | tuple[dict, ...]) -> bool:
+    """A plain-text row: a single assistant message, no prompt."""
+    return len(messages) == 1 and messages[0].get("role") == "assistant"
+
+
 def _split_prompt_answer(tokenizer: Any, messages: list[dict], chat_template: bool) -> tuple[str, str]:
+    if is_text_row(messages):
+        return _split_text(tokenizer, messages[0]["content"])
     if chat_template:
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -82,6 +92,18 @@ def _split_prompt_answer(tokenizer: Any, messages: list[dict], chat_template: bo
     if bos and _adds_bos(tokenizer):
         prompt = bos + prompt
     return prompt, messages[-1]["content"] + (eos or "")
+
+
+def _split_text(tokenizer: Any, text: str) -> tuple[str, str]:
+    """A text row's "prompt": BOS where the tokenizer adds one, else the text's first token (nothing predicts it)."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    if bos and _adds_bos(tokenizer):
+        return bos, text + (eos or "")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) < 2:
+        return text, eos or ""
+    cut = enc["offset_mapping"][1][0]  # where the second token starts
+    return text[:cut], text[cut:] + (eos or "")
 
 
 def _adds_bos(tokenizer: Any) -> bool:

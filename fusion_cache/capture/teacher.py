@@ -42,26 +42,48 @@ class TeacherSetup:
 def resolve_teacher(cfg: BuildConfig, engine: TeacherEngine | None) -> TeacherSetup:
     """Resolve ``--teacher`` and load its tokenizer; the engine's name and dtype are the given engine's, if any."""
     from fusion_cache.models.hardware import default_dtype
+    from fusion_cache.models.load import named_load_errors
 
     model = resolve_model(cfg.teacher)
-    tokenizer = _tokenizer(model.path, model.revision)
+    with named_load_errors("teacher", cfg.teacher):
+        tokenizer = _tokenizer(model.path, model.revision)
     engine_name = engine.name if engine is not None else cfg.engine
+    limit = engine_length_limit(model.path, engine_name, engine)
+    if cfg.max_model_len is not None and engine is None and engine_name == "vllm":
+        # vLLM keeps one position for the token it generates after the prompt
+        limit = cfg.max_model_len - 1 if limit is None else min(limit, cfg.max_model_len - 1)
     return TeacherSetup(
         model=model,
         tokenizer=tokenizer,
         chat_template=has_chat_template(tokenizer),
         engine=engine_name,
         dtype=engine.dtype if engine is not None else (cfg.dtype or default_dtype()),
-        length_limit=engine_length_limit(model.path, engine_name, engine),
+        length_limit=limit,
     )
 
 
 def start_engine(cfg: BuildConfig, teacher: TeacherSetup, max_len: int) -> TeacherEngine:
-    """Start the ``--engine`` for the teacher; vLLM sized for rows of up to ``max_len`` tokens and top-K."""
+    """Start the ``--engine`` for the teacher; vLLM sized for rows of up to ``max_len`` tokens (or ``--max-model-len``)
+    and top-K, with the build's vLLM options."""
     from fusion_cache.capture.engines import make_engine
 
-    extra = {"max_model_len": max_len + 1, "max_k": cfg.top_k} if cfg.engine == "vllm" else {}
-    return make_engine(cfg.engine, teacher.model.path, dtype=teacher.dtype, **extra)
+    return make_engine(cfg.engine, teacher.model.path, dtype=teacher.dtype, **engine_options(cfg, max_len))
+
+
+def engine_options(cfg: BuildConfig, max_len: int) -> dict[str, Any]:
+    """The engine's constructor arguments besides the model and dtype: for vLLM its context (``--max-model-len``,
+    else ``max_len + 1``), the largest K, and the build's vLLM options; nothing for the others."""
+    from fusion_cache.capture.engines import VLLM
+
+    if cfg.engine != VLLM:
+        return {}
+    return {
+        "max_model_len": cfg.max_model_len or max_len + 1,
+        "max_k": cfg.top_k,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "engine_args": dict(cfg.engine_args),
+    }
 
 
 @functools.lru_cache(maxsize=4)

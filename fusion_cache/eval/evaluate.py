@@ -7,6 +7,8 @@ evaluate_rows(model, tokenizer, "heldout.jsonl")  # answer CE of the rows of an 
 
 Every number comes from the training objective (`train.objective.forward_losses` at lambda 0) over the training
 stream (`train.stream.DistillStream`), so evaluation pairs a student with its teachers exactly as training does.
+Besides the CE per answer token (nats), ``answer_ce_per_byte`` divides the same sum by the UTF-8 bytes of the
+answers' text: per-token CE depends on the tokenizer, per-byte CE compares students of different tokenizers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fusion_cache.capture.inputs import read_conversations
 from fusion_cache.capture.render import has_chat_template
@@ -30,6 +33,7 @@ from fusion_cache.train.losses import ULD
 from fusion_cache.train.objective import forward_losses
 from fusion_cache.train.stream import DistillStream
 from fusion_cache.train.stream import Example
+from fusion_cache.train.trainer import answer_text_bytes
 
 
 @torch.no_grad()
@@ -43,19 +47,21 @@ def evaluate_model(
     k: int = 10,
     align_mode: str = "bytes",
     limit: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Token-weighted answer CE, top-1 agreement and ULD over the rows of one cache (one pass, cache order).
 
     Args:
         align_mode: how a student of another tokenizer is paired with the teacher (as in training).
         limit: only the first N usable rows (None: every row).
+        progress: show a progress bar over the samples.
 
     Returns:
         {"answer_ce", "answer_ppl", "top1_agreement" (None across tokenizers), "uld", "answer_tokens", "samples",
         "aligned"}.
     """
     r = evaluate_teachers(model, tokenizer, [cache_dir], batch_size=batch_size, max_length=max_length, k=k,
-                          align_mode=align_mode, limit=limit)  # fmt: skip
+                          align_mode=align_mode, limit=limit, progress=progress)  # fmt: skip
     return r | {"uld": next(iter(r["uld"].values())), "aligned": next(iter(r["aligned"].values()))}
 
 
@@ -69,6 +75,7 @@ def evaluate_rows(
     max_length: int = 1024,
     limit: int | None = None,
     token_classes: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Token-weighted answer CE over the rows of an input file (``build --data`` rows, no teacher).
 
@@ -94,8 +101,16 @@ def evaluate_rows(
                 continue
             yield Example(conv.sample_id, ids, r.answer_start, [])  # no teacher: only CE counts
 
-    out = _score(model, tokenizer, islice(examples(), limit), [], batch_size=batch_size, token_classes=token_classes)
+    rows = _bar(islice(examples(), limit), progress, "eval rows", total=limit)
+    out = _score(model, tokenizer, rows, [], batch_size=batch_size, token_classes=token_classes)
     return out | {"uld": None}
+
+
+def _bar(examples: Iterable[Example], progress: bool, desc: str, total: int | None = None) -> Iterable[Example]:
+    """``examples`` counted by a progress bar (samples) when ``progress``."""
+    if not progress:
+        return examples
+    return tqdm(examples, desc=desc, unit="sample", total=total, dynamic_ncols=True)
 
 
 def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names: list[str], *, batch_size: int,
@@ -103,8 +118,9 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     """The one evaluation loop: `forward_losses` (lambda 0, ULD to each teacher) over batches, token-weighted CE.
 
     Returns:
-        {"answer_ce", "answer_ppl", "top1_agreement" (None without a same-tokenizer teacher), "uld": {teacher: mean
-        over its samples of the per-sample mean ULD}, "answer_tokens", "samples"}.
+        {"answer_ce", "answer_ppl", "answer_ce_per_byte" (the CE sum over the answers' UTF-8 bytes), "top1_agreement"
+        (None without a same-tokenizer teacher), "uld": {teacher: mean over its samples of the per-sample mean ULD},
+        "answer_tokens", "answer_bytes", "samples"}.
     """
     was_training = model.training
     model.eval()
@@ -113,13 +129,13 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     losses = [ULD(k=k)] * n
     ce_sum = 0.0
     uld_sum, uld_n = [0.0] * n, [0] * n
-    tokens = hits = total = samples = 0
+    tokens = hits = total = samples = answer_bytes = 0
     classes = {name: torch.as_tensor(np.asarray(mask, dtype=bool)) for name, mask in (token_classes or {}).items()}
     class_sum, class_n = dict.fromkeys(classes, 0.0), dict.fromkeys(classes, 0)
     batch: list = []
 
     def flush():
-        nonlocal ce_sum, tokens, hits, total, samples
+        nonlocal ce_sum, tokens, hits, total, samples, answer_bytes
         collated = collate(batch, pad, n)
         out = forward_losses(model, collated, losses, lambda_=0.0, fused_linear=False)
         for name, mask in classes.items():
@@ -128,6 +144,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
             class_n[name] += int(sel.sum())
         ce_sum += float(out.ce) * out.answer_tokens
         tokens += out.answer_tokens
+        answer_bytes += sum(answer_text_bytes(tokenizer, ex) for ex in batch)
         hits += out.top1_hits
         total += out.top1_total
         samples += len(batch)
@@ -151,9 +168,11 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     return {
         "answer_ce": ce,
         "answer_ppl": math.exp(min(ce, 50.0)),
+        "answer_ce_per_byte": ce_sum / answer_bytes if answer_bytes else None,
         "top1_agreement": hits / total if total else None,
         "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
         "answer_tokens": tokens,
+        "answer_bytes": answer_bytes,
         "samples": samples,
         **{f"answer_ce_{c}": (class_sum[c] / class_n[c] if class_n[c] else None) for c in classes},
         **{f"tokens_{c}": class_n[c] for c in classes},
@@ -161,9 +180,11 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
 
 
 def resolve_eval_model(model: str) -> tuple[str, Path | None]:
-    """(model to load, run directory or None): a `fusion-cache train` run directory means its ``model/``."""
+    """(model to load, run directory or None): a `fusion-cache train` run directory means its ``model/`` (a full
+    model, or a LoRA adapter saved without merging)."""
     p = Path(model)
-    if (p / "model" / "config.json").exists() and not (p / "config.json").exists():
+    saved = any((p / "model" / f).exists() for f in ("config.json", "adapter_config.json"))
+    if saved and not (p / "config.json").exists():
         return str(p / "model"), p
     return model, None
 
@@ -194,7 +215,7 @@ def run_eval(
     ``<run>/eval.json`` unless ``out`` says otherwise, where `fusion-cache report` finds them). ``data`` is an input
     file (answer CE of its rows) or a cache (treated as ``cache``); ``cache`` a teacher cache (answer CE, teacher
     top-1 agreement when the tokenizers match, ULD). ``limit`` takes the first N rows and HumanEval problems.
-    ``progress`` shows a progress bar over the HumanEval problems.
+    ``progress`` shows progress bars over the samples and the HumanEval problems.
     """
     from fusion_cache.errors import ConfigError
     from fusion_cache.models.load import load_student
@@ -203,8 +224,10 @@ def run_eval(
         if cache is not None:
             raise ConfigError(f"data: {data} is a cache and --cache {cache} was given too; pass one cache")
         data, cache = None, data
-    if prompt_style not in ("raw", "chat"):
-        raise ConfigError(f"humaneval prompt: unknown value {prompt_style!r}; valid values: raw, chat")
+    from fusion_cache.eval import PROMPT_STYLES
+
+    if prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"humaneval prompt: unknown value {prompt_style!r}; valid values: {', '.join(PROMPT_STYLES)}")
     if data is None and cache is None and not humaneval:
         raise ConfigError("nothing to evaluate: give --data FILE, --cache DIR and/or --humaneval")
     if data is not None and not Path(data).exists():
@@ -217,11 +240,11 @@ def run_eval(
     result: dict = {"model": str(resolved), "limit": limit}
     if data is not None:
         result["data"] = {"path": str(data)} | evaluate_rows(
-            net, tok, data, batch_size=batch_size, max_length=max_length, limit=limit
+            net, tok, data, batch_size=batch_size, max_length=max_length, limit=limit, progress=progress
         )
     if cache is not None:
         result["cache"] = {"path": str(cache), "k": k} | evaluate_model(
-            net, tok, cache, batch_size=batch_size, max_length=max_length, k=k, limit=limit
+            net, tok, cache, batch_size=batch_size, max_length=max_length, k=k, limit=limit, progress=progress
         )
     if humaneval:
         from fusion_cache.eval.humaneval import evaluate_humaneval
@@ -253,6 +276,8 @@ def eval_table(result: dict) -> str:
             continue
         lines.append(f"| answer CE ({name} {r['path']}, {r['samples']} samples, {r['answer_tokens']} tokens) | "
                      f"{r['answer_ce']:.4f} |")  # fmt: skip
+        if r.get("answer_ce_per_byte") is not None:
+            lines.append(f"| answer CE per byte ({name}, {r['answer_bytes']} bytes) | {r['answer_ce_per_byte']:.4f} |")
         if r.get("top1_agreement") is not None:
             lines.append(f"| teacher top-1 agreement ({name}) | {r['top1_agreement']:.4f} |")
         if r.get("uld") is not None:
@@ -278,6 +303,7 @@ def evaluate_teachers(
     k: int = 10,
     sample_ids: Collection[str] | None = None,
     limit: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Held-out metrics against S >= 1 teachers' caches of the same rows (joined on sample_id), in one pass.
 
@@ -295,6 +321,7 @@ def evaluate_teachers(
         align_mode=align_mode, epochs=1,
     )  # fmt: skip
     examples = (ex for ex in stream if sample_ids is None or ex.sample_id in sample_ids)
-    out = _score(model, tokenizer, islice(examples, limit), stream.names, batch_size=batch_size, k=k)
+    rows = _bar(islice(examples, limit), progress, "eval cache", total=limit)
+    out = _score(model, tokenizer, rows, stream.names, batch_size=batch_size, k=k)
     counts = stream.counts()["align"]
     return out | {"aligned": {name: c.get("aligned") for name, c in counts.items()}}

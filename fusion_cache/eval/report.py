@@ -6,10 +6,15 @@
 A run directory is what `fusion-cache train` writes: ``metrics.jsonl`` (one record per optimizer step: loss, ce,
 kd (the combined distillation term), one ``<loss>_<teacher>`` per teacher (e.g. ``uld_gemma3-270m``), lr,
 grad_norm, answer_tokens, elapsed_s), ``train_config.json``, ``summary.json`` at the end, and ``eval.json`` once
-`fusion-cache eval` ran on it. The plot has four panels (answer CE, the distillation terms, the total loss, the
-learning rate), one colour per run; the table gives each run's steps, answer tokens, wall time, the first/last/min
-of every logged metric, and the held-out numbers of ``eval.json`` when present. matplotlib is optional (``pip install
-'fusion-cache[report]'``) and runs headless (Agg).
+`fusion-cache eval` ran on it. The plot has six panels (answer CE per token and per byte, the distillation terms,
+the total loss, the learning rate, the gradient norm) over integer optimizer steps, one colour per run, with each
+run's held-out answer CE (``eval.json``) marked at its last step. Per-token CE depends on the student's tokenizer, so
+the per-byte panel is the one to compare students of different tokenizers on. The total loss mixes CE and KD by
+lambda and each loss's own scale, so it is drawn only for the runs with the first run's objective (the others are
+named in the panel's title). The table gives each run's objective (``SFT`` for lambda 0, else the loss each teacher
+trained with), steps, answer tokens, wall time, the first/last/min of every logged metric, and the held-out numbers
+of ``eval.json`` when present. matplotlib is optional (``pip install 'fusion-cache[report]'``) and runs headless
+(Agg).
 """
 
 from __future__ import annotations
@@ -139,9 +144,8 @@ def run_overview(run: Run) -> dict:
     wall = run.summary.get("wall_seconds", last.get("elapsed_s"))
     tokens = last.get("answer_tokens")
     cfg = run.config
-    n = len(cfg.get("shards") or [None])
+    n = len(_caches(cfg) or [None])
     mode = "1 teacher" if n == 1 else f"{n} teachers" + (f" ({cfg['combine']})" if "combine" in cfg else "")
-    kd_loss = cfg.get("kd_loss")
     return {
         "steps": last["step"],
         "planned_steps": run.summary.get("steps"),
@@ -149,9 +153,42 @@ def run_overview(run: Run) -> dict:
         "wall_seconds": wall,
         "tokens_per_s": tokens / wall if tokens and wall else None,
         "mode": mode,
-        "lambda": cfg.get("lambda", cfg.get("lambda_")),
-        "kd_loss": ", ".join(kd_loss) if isinstance(kd_loss, list) else kd_loss,
+        "lambda": _lambda(cfg),
+        "kd_loss": loss_label(run),
     }
+
+
+def _caches(cfg: dict) -> list | None:
+    return cfg.get("cache", cfg.get("shards"))  # `cache` since the flags were unified; `shards` before
+
+
+def _lambda(cfg: dict) -> float | None:
+    return cfg.get("lambda", cfg.get("lambda_"))
+
+
+def loss_label(run: Run) -> str | None:
+    """What the run distilled with: ``none (SFT)`` at lambda 0 (no teacher term is trained), else each teacher's loss
+    as trained (``auto`` resolved, from summary.json), else the configured ``kd_loss``."""
+    if _lambda(run.config) == 0:
+        return "none (SFT)"
+    resolved = run.summary.get("kd_loss")
+    if isinstance(resolved, dict) and resolved:
+        return ", ".join(resolved.values())
+    kd_loss = run.config.get("kd_loss")
+    return ", ".join(kd_loss) if isinstance(kd_loss, list) else kd_loss
+
+
+# What decides the total loss's scale: two runs' totals are comparable only when all of these agree.
+_OBJECTIVE_FIELDS = ("lambda", "kd_loss", "loss_k", "top_k", "zscore", "softmax", "temperature", "tail", "combine")
+
+
+def objective(run: Run) -> tuple:
+    """The run's objective: lambda and, when lambda > 0, the losses and their settings."""
+    lam = _lambda(run.config)
+    if lam == 0:
+        return (0,)
+    cfg = run.config
+    return (lam, loss_label(run), *(repr(cfg.get(k)) for k in _OBJECTIVE_FIELDS[2:]))
 
 
 def metric_stats(run: Run) -> dict[str, dict]:
@@ -193,18 +230,22 @@ def report_table(runs: list[Run]) -> str:
     if held:
         lines += [
             "",
-            "Held-out (eval.json):",
+            "Held-out (eval.json); CE in nats per answer token and per answer byte (bytes: across tokenizers):",
             "",
-            "| run | answer CE (rows) | answer CE (cache) | teacher top-1 agreement | ULD | HumanEval pass@1 |",
-            "|---|---|---|---|---|---|",
+            "| run | answer CE (rows) | per byte (rows) | answer CE (cache) | per byte (cache) "
+            "| teacher top-1 agreement | ULD | HumanEval pass@1 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for run in held:
             e = run.evaluation
             data, cache, he = e.get("data") or {}, e.get("cache") or {}, e.get("humaneval") or {}
             pass1 = "n/a" if he.get("pass@1") is None else f"{he['pass@1']:.4f} ({he['passed']}/{he['problems']})"
+            uld = cache.get("uld")
+            uld = ", ".join(f"{k} {_fmt(v)}" for k, v in uld.items()) if isinstance(uld, dict) else _fmt(uld)
             lines.append(
-                f"| {run.name} | {_fmt(data.get('answer_ce'))} | {_fmt(cache.get('answer_ce'))} | "
-                f"{_fmt(cache.get('top1_agreement'))} | {_fmt(cache.get('uld'))} | {pass1} |"
+                f"| {run.name} | {_fmt(data.get('answer_ce'))} | {_fmt(data.get('answer_ce_per_byte'))} | "
+                f"{_fmt(cache.get('answer_ce'))} | {_fmt(cache.get('answer_ce_per_byte'))} | "
+                f"{_fmt(cache.get('top1_agreement'))} | {uld} | {pass1} |"
             )
     return "\n".join(lines)
 
@@ -221,31 +262,60 @@ def _pyplot():
     return plt
 
 
+def _held_out(run: Run, key: str) -> float | None:
+    """The run's held-out ``key`` (answer_ce, answer_ce_per_byte) from eval.json: the cache's, else the rows'."""
+    for part in ("cache", "data"):
+        v = (run.evaluation.get(part) or {}).get(key)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
 def plot_runs(runs: list[Run], png: str | Path, *, dpi: int = 110) -> Path:
-    """Write the four-panel PNG (CE; ULD per teacher and KL; total loss; lr) of ``runs`` to ``png``."""
+    """Write the six-panel PNG (CE per token and per byte; the distillation terms; total loss; lr; grad norm) of
+    ``runs`` to ``png`` (see the module docstring)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
-    (ax_ce, ax_kd), (ax_loss, ax_lr) = axes
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8), sharex=True)
+    (ax_ce, ax_byte, ax_kd), (ax_loss, ax_lr, ax_grad) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
+    same = [r for r in runs if objective(r) == objective(runs[0])]  # totals are comparable within one objective
     for i, run in enumerate(runs):
         c = colors[i % len(colors)]
         keys = run.metrics()
-        ax_ce.plot(*run.series("ce"), color=c, label=run.name)
-        ax_loss.plot(*run.series("loss"), color=c, label=run.name)
+        label = f"{run.name} ({loss_label(run) or 'n/a'})"
+        ax_ce.plot(*run.series("ce"), color=c, label=label)
+        ax_byte.plot(*run.series("ce_per_byte"), color=c, label=label)
         ax_lr.plot(*run.series("lr"), color=c, label=run.name)
-        # the distillation terms: the combined one, then each teacher's own (``<loss>_<teacher>``)
+        ax_grad.plot(*run.series("grad_norm"), color=c, label=run.name)
+        if run in same:
+            ax_loss.plot(*run.series("loss"), color=c, label=label)
+        # the distillation terms: the combined one, then each teacher's own (``<loss>_<teacher>``); none for SFT
         kd = [k for k in keys if k in ("kd", *LOSSES) or k.startswith(tuple(f"{n}_" for n in LOSSES))]
-        for j, key in enumerate(kd):
+        for j, key in enumerate(kd if objective(run) != (0,) else []):
             ax_kd.plot(*run.series(key), color=c, linestyle=styles[j % len(styles)], label=f"{run.name}: {key}")
-    for ax, title in (
-        (ax_ce, "answer CE"),
-        (ax_kd, "distillation terms (combined, per teacher)"),
-        (ax_loss, "total loss"),
-        (ax_lr, "learning rate"),
+        last = run.records[-1]["step"]
+        for ax, key in ((ax_ce, "answer_ce"), (ax_byte, "answer_ce_per_byte")):
+            v = _held_out(run, key)
+            if v is not None:
+                ax.plot([last], [v], marker="*", markersize=12, color=c, linestyle="none",
+                        label=f"{run.name}: held-out")  # fmt: skip
+    others = [r.name for r in runs if r not in same]
+    loss_title = "total loss" + (f" (other objectives not drawn: {', '.join(others)})" if others else "")
+    for ax, title, ylabel in (
+        (ax_ce, "answer CE per token (star: held-out)", "nats / answer token"),
+        (ax_byte, "answer CE per byte (star: held-out)", "nats / answer byte"),
+        (ax_kd, "distillation terms (combined, per teacher)", "loss"),
+        (ax_loss, loss_title, "(1 - lambda) CE + lambda KD"),
+        (ax_lr, "learning rate", "lr"),
+        (ax_grad, "gradient norm (before clipping)", "L2 norm"),
     ):
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
         if ax.lines:
             ax.legend(fontsize=7)
     for ax in axes[1]:

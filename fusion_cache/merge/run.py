@@ -5,7 +5,9 @@
 Per tensor name: read the base and every model's tensor, form the task vectors in fp32, apply the method
 (`fusion_cache.merge.methods`), add to the base and write the result in the base's dtype into a sharded
 safetensors model. Peak memory is a few copies of the largest tensor, never whole models. The base's config,
-generation config, tokenizer and chat template are copied, so transformers and vLLM load the result.
+generation config, tokenizer and chat template are copied, so transformers and vLLM load the result; the resolved
+settings go to ``<out>/config.yaml`` (``fusion-cache merge --config <out>/config.yaml`` replays the merge). A model
+saved as a LoRA adapter (`fusion_cache.models.lora`) is first merged onto the base in a scratch directory.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from fusion_cache.config import write_config_yaml
 from fusion_cache.errors import ConfigError
 from fusion_cache.merge import methods
 from fusion_cache.merge.config import MergeConfig
@@ -51,7 +55,7 @@ def _open_base(base: str) -> SafetensorsModel:
         from fusion_cache.models.presets import resolve_model
 
         if base in PRESETS:
-            return SafetensorsModel(resolve_model(base).path)
+            return SafetensorsModel(resolve_model(base, role="base").path)
     return SafetensorsModel(base)
 
 
@@ -297,9 +301,44 @@ def auto_threads(default: int) -> int:
     return max(1, min(default, idle))
 
 
+def _adapter_dir(model: str) -> Path | None:
+    """The adapter directory of a model given as an adapter (or a run directory whose model/ is one), else None."""
+    from fusion_cache.models.lora import is_adapter_dir
+
+    for candidate in (Path(model), Path(model) / "model"):
+        if is_adapter_dir(candidate):
+            return candidate
+    return None
+
+
 def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
+    adapters = {m: d for m in cfg.models if (d := _adapter_dir(m)) is not None}
+    if not adapters:
+        return _merge_models(cfg, list(cfg.models), progress, t0)
+    from fusion_cache.models.lora import merge_adapter_to_dir
+
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".adapters-", dir=Path(cfg.out).parent) as scratch:
+        paths = []
+        for i, m in enumerate(cfg.models):
+            if m in adapters:
+                log.info("merge: %s is a LoRA adapter; merging it onto %s first", m, cfg.base)
+                m = str(merge_adapter_to_dir(adapters[m], Path(scratch) / f"model-{i}", base=_base_path(cfg.base)))
+            paths.append(m)
+        # the summary names the models as given (the scratch copies are gone when it is read)
+        return _merge_models(cfg, paths, progress, t0, labels=[str(m) for m in cfg.models])
+
+
+def _base_path(base: str) -> str:
+    """The base as a path or HF id the transformers loader takes (a run directory: its model/)."""
+    p = Path(base)
+    return str(p / "model") if (p / "model" / "config.json").is_file() and not (p / "config.json").is_file() else base
+
+
+def _merge_models(cfg: MergeConfig, model_paths: list[str], progress: bool, t0: float,
+                  labels: list[str] | None = None) -> dict:  # fmt: skip
     base = _open_base(cfg.base)
-    models = [SafetensorsModel(m) for m in cfg.models]
+    models = [SafetensorsModel(m) for m in model_paths]
     tmp = None
     try:
         names = check_compatible(base, models)
@@ -349,7 +388,7 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
             "method": cfg.method,
             "options": opts,
             "base": str(base.dir),
-            "models": [str(m.dir) for m in models],
+            "models": labels or [str(m.dir) for m in models],
             "tensors": len(names),
             "rate_refs": rate_refs,
             "shards": len(writer.files),
@@ -359,6 +398,7 @@ def _run_merge(cfg: MergeConfig, progress: bool, t0: float) -> dict:
             "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / PROVENANCE).write_text(json.dumps(summary, indent=2) + "\n")
+        write_config_yaml(cfg, tmp, "merge")
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written model behind

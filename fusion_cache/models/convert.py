@@ -70,6 +70,7 @@ def convert_gguf_to_hf(
     dtype: torch.dtype = torch.bfloat16,
     *,
     chat_template: bool = True,
+    progress: bool = True,
 ) -> Path:
     """Convert a GGUF checkpoint into an HF model directory (config, safetensors weights, tokenizer).
 
@@ -83,6 +84,8 @@ def convert_gguf_to_hf(
             engines can still upcast at load time.
         chat_template: keep the GGUF's chat template, if it has one. False for base models: the saved tokenizer
             then has none, so every stage renders the samples as plain text.
+        progress: show a progress bar over the conversion's four steps (it runs once per machine, for up to
+            minutes, inside whichever command first needs the model).
 
     Returns:
         ``out_dir`` as a Path.
@@ -96,11 +99,18 @@ def convert_gguf_to_hf(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"output directory {out_dir} is not empty")
     _require_gguf_support()
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
+    bar = tqdm(total=4, desc=f"convert {gguf_path.name}", unit="step", disable=not progress, dynamic_ncols=True)
+    bar.set_postfix_str("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    bar.update(1)
+    bar.set_postfix_str("dequantizing the weights")
     quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    bar.update(1)
+    bar.set_postfix_str(f"rebuilding in {str(dtype).removeprefix('torch.')}")
 
     config = copy.deepcopy(quantized.config)
     # Without this the rebuilt model would again claim to be GGUF-quantized and refuse to save.
@@ -112,6 +122,8 @@ def convert_gguf_to_hf(
     if quantized.generation_config is not None:
         model.generation_config = copy.deepcopy(quantized.generation_config)
     del quantized
+    bar.update(1)
+    bar.set_postfix_str("saving")
 
     if not chat_template:
         tokenizer.chat_template = None
@@ -122,6 +134,8 @@ def convert_gguf_to_hf(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    bar.update(1)
+    bar.close()
     return out_dir
 
 

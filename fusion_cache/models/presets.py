@@ -209,7 +209,7 @@ def get_preset(name: str) -> TeacherPreset:
     return lookup(PRESETS, name, "teacher preset")
 
 
-def resolve_model(name_or_path: str) -> ResolvedModel:
+def resolve_model(name_or_path: str, *, role: str = "teacher") -> ResolvedModel:
     """Resolve a teacher argument: a preset name, a local model directory, or an HF hub id.
 
     Preset names win over directories of the same name; an ``org/name`` string is an HF id only if no such
@@ -219,6 +219,7 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
     Args:
         name_or_path: e.g. ``smollm2-135m``, ``/models/my-teacher``, ``Qwen/Qwen2.5-14B-Instruct`` or
             ``org/name@revision``.
+        role: what the model is to the caller ("teacher", "student", "base"), named in the errors.
 
     Returns:
         The resolved model.
@@ -231,17 +232,17 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         return _resolve_preset(PRESETS[name_or_path])
     expanded = os.path.expanduser(name_or_path)
     if os.path.isdir(expanded):
-        return _resolve_local_dir(Path(expanded))
+        return _resolve_local_dir(Path(expanded), role)
     if os.path.exists(expanded):
-        raise ConfigError(f"teacher {name_or_path!r} is a file; pass a model directory (with config.json)")
+        raise ConfigError(f"{role} {name_or_path!r} is a file; pass a model directory (with config.json)")
     if name_or_path.startswith(("/", ".", "~")):
-        raise ConfigError(f"teacher directory {name_or_path!r} does not exist")
+        raise ConfigError(f"{role} directory {name_or_path!r} does not exist")
     match = _HF_ID.match(name_or_path)
     if match:
         repo = match["repo"]
         return ResolvedModel(name=repo, path=repo, revision=match["rev"], preset=None, is_local=False)
     raise ConfigError(
-        f"unknown teacher {name_or_path!r}; known presets: {list(PRESETS)}; "
+        f"unknown {role} {name_or_path!r}; known presets: {list(PRESETS)}; "
         "or pass a local model directory or an HF id (org/name)"
     )
 
@@ -264,10 +265,10 @@ def _resolve_preset(preset: TeacherPreset) -> ResolvedModel:
     return ResolvedModel(name=preset.name, path=str(model_dir), revision=revision, preset=preset, is_local=True)
 
 
-def _resolve_local_dir(path: Path) -> ResolvedModel:
+def _resolve_local_dir(path: Path, role: str = "teacher") -> ResolvedModel:
     path = path.resolve()
     if not (path / "config.json").is_file():
-        raise ConfigError(f"teacher directory {str(path)!r} has no config.json, so it is not a model directory")
+        raise ConfigError(f"{role} directory {str(path)!r} has no config.json, so it is not a model directory")
     return ResolvedModel(name=path.name, path=str(path), revision=local_dir_revision(path), preset=None, is_local=True)
 
 

@@ -356,7 +356,8 @@ def run_demo(out: str | Path = "demo-out", *, quick: bool = False, settings: Dem
     for run in demo_runs(s):
         _say(f"training {run.name}: {s.steps} steps x {s.batch_size} samples")
         t = time.perf_counter()
-        res = run_train(train_config(run, student_dir, caches, out / "runs" / run.run_dir, s))
+        # the demo owns its directory: a rerun replaces its earlier runs
+        res = run_train(train_config(run, student_dir, caches, out / "runs" / run.run_dir, s, overwrite=True))
         timings[f"train {run.name}"] = time.perf_counter() - t
         results[run.name] = evaluate_student(res.model, res.tokenizer, caches, s)
     timings["total"] = time.perf_counter() - t_start

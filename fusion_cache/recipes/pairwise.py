@@ -16,6 +16,11 @@ from fusion_cache.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# How several teacher caches train a student: one run against every cache (`train.trainer`, S >= 1 teachers), the
+# same refusing more than one cache, or this module's recipe (one run per cache, then a merge).
+PAIRWISE = "pairwise"
+TRAIN_MODES = ("unified", "single", PAIRWISE)
+
 
 def run_names(shards: list[str]) -> list[str]:
     """One run directory name per cache: the cache directory's name, which must be unique."""

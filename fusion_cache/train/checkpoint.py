@@ -38,7 +38,9 @@ CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _ALIASES_KEY = "fusion_cache.aliases"
 # Settings that may change between a run and its resume without changing what the run computes.
-RESUMABLE_CHANGES = frozenset({"resume", "checkpoint_every", "keep_checkpoints", "log_every", "save", "out"})
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "checkpoint_every", "keep_checkpoints", "log_every", "save", "out", "overwrite", "report_to"}
+)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -12,6 +12,7 @@ from fusion_cache.config import StrictConfig
 from fusion_cache.train.align import ALIGN_MODES
 from fusion_cache.train.losses import LOSS_CHOICES
 from fusion_cache.train.losses import loss_help
+from fusion_cache.train.trackers import TRACKER_NAMES
 from fusion_cache.train.weights import COMBINE_MODES
 
 
@@ -19,7 +20,10 @@ class TrainConfig(StrictConfig):
     """Settings of `fusion-cache train`."""
 
     student: str = Field(description="student (pivot) model: preset, local directory or HF id")
-    shards: list[str] = Field(min_length=1, description="teacher cache: a directory or fsspec URL, one per teacher")
+    # `cache` on the command line and in config files, as every command names a cache; `shards` in Python
+    shards: list[str] = Field(
+        min_length=1, alias="cache", description="teacher cache: a directory or fsspec URL, one per teacher"
+    )
     combine: Literal[COMBINE_MODES] = Field(
         "mean", description="how the teachers' distillation terms combine (fusion_cache/train/weights.py)"
     )
@@ -30,14 +34,17 @@ class TrainConfig(StrictConfig):
     join_window: int = Field(1024, ge=1, description="reads a sample may wait for its partners in other caches")
     out: str = Field(description="run directory (metrics.jsonl, model/)")
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*KD")
-    top_k: int = Field(10, ge=2, description="K of the ULD loss (the paper uses 10); kl uses every cached entry")
+    # `loss_k` outside Python: the K a loss reads, not the K a cache holds (`build --top-k`)
+    top_k: int = Field(
+        10, ge=2, alias="loss_k", description="K of the ULD loss (the paper uses 10); kl uses every cached entry"
+    )
     zscore: bool = Field(True, description="ULD: standardize each row's top-K values first (InfiFusion)")
     softmax: bool = Field(True, description="ULD: compare softmax(values / temperature), else the values themselves")
     temperature: float = Field(1.0, gt=0.0, description="ULD: temperature of the softmax over the top-K values")
     kd_loss: list[Literal[LOSS_CHOICES]] = Field(
         ["uld"],
         min_length=1,
-        description="distillation loss, one for every teacher or one per cache in --shards order: " + loss_help(),
+        description="distillation loss, one for every teacher or one per cache in --cache order: " + loss_help(),
     )
     tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
     lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW, warmup + cosine)")
@@ -54,6 +61,19 @@ class TrainConfig(StrictConfig):
     grad_clip: float = Field(1.0, gt=0.0, description="largest gradient norm (clipped above it)")
     log_every: int = Field(10, ge=1, description="flush metrics.jsonl every N optimizer steps")
     save: bool = Field(True, description="save the trained model in <out>/model")
+    overwrite: bool = Field(False, description="replace the run in a non-empty out (else refused)")
+    report_to: Literal[TRACKER_NAMES] = Field(
+        "none", description="experiment tracker for the metrics (tensorboard: an optional extra)"
+    )
+    # ---- LoRA (pip install 'fusion-cache[lora]'; fusion_cache/models/lora.py)
+    lora_r: int | None = Field(None, ge=1, description="train LoRA adapters of this rank instead of every weight")
+    lora_alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator (the update is alpha / r * B A)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA inputs")
+    lora_targets: list[str] = Field(
+        ["all-linear"], min_length=1, description="modules that get adapters (names or all-linear: every linear "
+        "layer but the lm_head)"
+    )  # fmt: skip
+    merge_adapter: bool = Field(True, description="save <out>/model with the adapter merged in (else the adapter)")
     # ---- robustness and scale (fusion_cache/train/checkpoint.py, fusion_cache/train/distributed.py)
     checkpoint_every: int | None = Field(None, ge=1, description="write a checkpoint every N optimizer steps")
     keep_checkpoints: int | None = Field(3, ge=1, description="newest checkpoints kept (None: all)")
@@ -71,6 +91,12 @@ class TrainConfig(StrictConfig):
                 f"softmax=True, temperature=1 (got zscore={self.zscore}, softmax={self.softmax}, "
                 f"temperature={self.temperature})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_without_fsdp(self):
+        if self.lora_r is not None and self.fsdp:
+            raise ValueError(f"lora_r={self.lora_r} with fsdp=True is not supported: LoRA trains with DDP or alone")
         return self
 
     @field_validator("kd_loss", mode="before")

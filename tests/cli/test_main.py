@@ -30,7 +30,11 @@ def test_build_inspect_verify_train(tmp_path, tiny_model_dir, data_file):
     assert r.exit_code == 0, r.output
     assert "4 kept of 5 read" in r.output and "skipped: empty_response 1" in r.output
     assert "bytes/answer token" in r.output and "answer tokens/s" in r.output
-    r = _run("inspect", cache)
+    again = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--engine", "hf",
+                 "--top-k", 8)  # fmt: skip
+    assert again.exit_code == 0 and "nothing to do" in again.output and "answer tokens/s" not in again.output
+    r = _run("inspect", cache)  # the positional cache of earlier releases: still read, with a warning
+    assert "deprecated; use `fusion-cache inspect --cache CACHE`" in r.output
     assert r.exit_code == 0
     for key in (
         "teacher",
@@ -42,9 +46,9 @@ def test_build_inspect_verify_train(tmp_path, tiny_model_dir, data_file):
         "fingerprint",
     ):
         assert key in r.output
-    assert json.loads(_run("inspect", cache, "--json").output)["k"] == 8
-    r = _run("verify", cache)
-    assert r.exit_code == 0 and r.output.startswith("OK")
+    assert json.loads(_run("inspect", "--cache", cache, "--json").output)["k"] == 8
+    r = _run("verify", "--cache", cache)
+    assert r.exit_code == 0 and "OK " in r.output
     r = _run(
         "train",
         "--student",
@@ -65,7 +69,7 @@ def test_build_inspect_verify_train(tmp_path, tiny_model_dir, data_file):
     # damage a shard: verify names it and exits 1
     shard = next(cache.glob("shard-*.arrow"))
     shard.write_bytes(shard.read_bytes()[:-10])
-    r = _run("verify", cache)
+    r = _run("verify", "--cache", cache)
     assert r.exit_code == 1 and shard.name in r.output
 
 
@@ -99,7 +103,7 @@ def test_build_and_train_from_an_fsspec_url(tmp_path, tiny_model_dir, data_file)
     url = "memory://cli-tests/cache"
     r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", url, "--engine", "hf", "--top-k", 8)
     assert r.exit_code == 0, r.output
-    assert _run("verify", url).output.startswith("OK")
+    assert "OK " in _run("verify", "--cache", url).output
     args = ["--student", tiny_model_dir, "--shards", url, "--out", tmp_path / "run", "--max-steps", 1, "--top-k", 8]
     r = _run("train", *args)
     assert r.exit_code == 0, r.output
@@ -152,9 +156,10 @@ def test_demo_refuses_bad_second_teacher_options(tmp_path):
 
 
 def test_coverage_reports_where_the_teachers_mass_goes(multi_caches, tiny_model_dir):
-    r = _run("coverage", multi_caches["b"], "--student", tiny_model_dir)
+    r = _run("coverage", "--cache", multi_caches["b"], "--student", tiny_model_dir)
     assert r.exit_code == 0, r.output
     assert "teacher top-K mass: exact" in r.output and "inside a teacher token" in r.output
-    assert json.loads(_run("coverage", multi_caches["b"], "--student", tiny_model_dir, "--json").output)["samples"] == 5
-    r = _run("coverage", multi_caches["a"], "--student", tiny_model_dir)
+    as_json = _run("coverage", "--cache", multi_caches["b"], "--student", tiny_model_dir, "--json").output
+    assert json.loads(as_json)["samples"] == 5
+    r = _run("coverage", "--cache", multi_caches["a"], "--student", tiny_model_dir)
     assert r.exit_code == 2 and "every token maps to itself" in r.output

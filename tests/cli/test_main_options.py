@@ -83,20 +83,20 @@ def test_defaults_come_from_the_configs():
     command = typer.main.get_command(app).commands["train"]
     defaults = {p.opts[0]: p.default for p in command.params if p.opts}
     assert defaults["--lambda"] == TrainConfig.model_fields["lambda_"].default == 0.5
-    assert defaults["--top-k"] == 10 and defaults["--lr"] == 5e-5 and defaults["--zscore"] is True
+    assert defaults["--loss-k"] == 10 and defaults["--lr"] == 5e-5 and defaults["--zscore"] is True
     command = typer.main.get_command(app).commands["merge"]
     defaults = {p.opts[0]: p.default for p in command.params if p.opts}
     assert defaults["--max-shard-mb"] == 2048 and defaults["--method"] == "ta" and defaults["--alpha"] is None
 
 
 def test_help_lists_the_registries_names():
-    assert "[" + "|".join(ENGINES) + "]" in _help("build")
+    assert "<" + "|".join(ENGINES) + ">" in _help("build")
     train = _help("train")
-    assert "[" + "|".join(COMBINES) + "]" in train and "[" + "|".join(ALIGNERS) + "]" in train
-    assert "[unified|single|pairwise]" in train and "[" + "|".join(LOSS_CHOICES) + "]" in train
+    assert "<" + "|".join(COMBINES) + ">" in train and "<" + "|".join(ALIGNERS) + ">" in train
+    assert "<unified|single|pairwise>" in train and "<list[" + "|".join(LOSS_CHOICES) + "]>" in train
     for command in ("merge", "fuse"):
         text = _help(command)
-        assert "[" + "|".join(REGISTRY) + "]" in text
+        assert "<" + "|".join(REGISTRY) + ">" in text
         assert "(ta 0.3, ties 1.0, dare 0.3, rsaf 1.0)" in text  # --alpha: the methods that take it, their defaults
 
 
@@ -131,7 +131,7 @@ def test_merge_method_names_are_written_only_in_the_registry():
 def test_merge_flags_map_to_their_fields():
     def merge(*args):
         base = ["merge", "--base", "b", "--models", "m", "--out", "o"]
-        return runner.invoke(app, [*base, *map(str, args)])
+        return runner.invoke(app, [*base, *map(str, args)], env={"COLUMNS": "200"})
 
     r = merge("--merge-seed", 3)
     assert r.exit_code == 2 and "seed=3 does not apply to method 'ta' (it takes: alpha)" in r.output
@@ -140,10 +140,36 @@ def test_merge_flags_map_to_their_fields():
     r = merge("--method", "rsaf", "--min-density", 0.9, "--max-density", 0.5)
     assert r.exit_code == 2 and "min_density 0.9 > max_density 0.5" in r.output
     r = merge("--method", "nope")
-    assert r.exit_code == 2 and "method: Input should be 'ta', 'ties', 'dare', 'sce' or 'rsaf' (got 'nope')" in r.output
+    assert r.exit_code == 2 and "'nope' is not one of 'ta', 'ties', 'dare', 'sce', 'rsaf'" in r.output
     assert "Traceback" not in r.output
 
 
 def test_train_refuses_an_unknown_mode_naming_the_valid_ones(tmp_path):
-    r = runner.invoke(app, ["train", "--student", "s", "--shards", "c", "--out", str(tmp_path), "--mode", "x"])
-    assert r.exit_code == 2 and "--mode: unknown value 'x'; valid values: unified, single, pairwise" in r.output
+    r = runner.invoke(
+        app, ["train", "--student", "s", "--shards", "c", "--out", str(tmp_path), "--mode", "x"], env={"COLUMNS": "200"}
+    )
+    assert r.exit_code == 2 and "'x' is not one of 'unified', 'single', 'pairwise'" in r.output
+
+
+def test_old_spellings_still_work_with_a_warning_naming_the_new_flag(tmp_path):
+    def train(*args):
+        base = ["train", "--student", "s", "--out", str(tmp_path / "o")]
+        return runner.invoke(app, [*base, *map(str, args)], env={"COLUMNS": "200"})
+
+    r = train("--shards", "c", "--top-k", 1)  # K=1 is refused: the old flags reached their fields
+    assert "warning: --shards is deprecated; use --cache" in r.output
+    assert "warning: --top-k is deprecated; use --loss-k" in r.output
+    assert r.exit_code == 2 and "loss_k: Input should be greater than or equal to 2 (got 1)" in r.output
+    r = train("--cache", "c", "--loss-k", 1)
+    assert r.exit_code == 2 and "deprecated" not in r.output and "(got 1)" in r.output
+
+
+def test_version_and_v_after_the_command():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("fusion-cache ")
+    assert "--verbose" in _help("train") and "--config" in _help("inspect")
+
+
+def test_a_required_field_with_an_old_spelling_is_required_by_the_config(tmp_path):
+    r = runner.invoke(app, ["train", "--student", "s", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert r.exit_code == 2 and "cache: Field required" in r.output

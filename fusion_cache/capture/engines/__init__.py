@@ -14,14 +14,15 @@ from fusion_cache.capture.engines.base import TeacherEngine
 from fusion_cache.capture.engines.base import TopKCapture
 from fusion_cache.config import lookup
 
+VLLM = "vllm"  # the engine the vLLM options (tensor parallelism, memory, engine arguments) belong to
 # name -> "module:class" of the engine; the module is imported only when that engine is made.
 ENGINES: dict[str, str] = {
-    "vllm": "fusion_cache.capture.engines.vllm:VLLMEngine",
+    VLLM: "fusion_cache.capture.engines.vllm:VLLMEngine",
     "hf": "fusion_cache.capture.engines.hf:HFEngine",
 }
 ENGINE_NAMES: tuple[str, ...] = tuple(ENGINES)
 
-__all__ = ["ENGINES", "ENGINE_NAMES", "SequenceRequest", "TeacherEngine", "TopKCapture", "make_engine"]
+__all__ = ["ENGINES", "ENGINE_NAMES", "VLLM", "SequenceRequest", "TeacherEngine", "TopKCapture", "make_engine"]
 
 
 def make_engine(name: str, model_path: str, **kwargs: Any) -> TeacherEngine:

@@ -57,9 +57,11 @@ class TeacherEngine(Protocol):
         ...
 
     def sample_n(
-        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
-    ) -> list[list[list[int]]]:
-        """``n`` continuations of each prompt, ``[prompt][sample]``, stop tokens excluded; deterministic per seed."""
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int,
+        progress: bool = False,
+    ) -> list[list[list[int]]]:  # fmt: skip
+        """``n`` continuations of each prompt, ``[prompt][sample]``, stop tokens excluded; deterministic per seed
+        (``progress``: show a progress bar)."""
         ...
 
     def close(self) -> None:

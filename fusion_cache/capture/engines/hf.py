@@ -256,8 +256,9 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int
-    ) -> list[list[int]]:
+        self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int,
+        progress: bool = False,
+    ) -> list[list[int]]:  # fmt: skip
         """Continue each prompt; greedy when ``temperature == 0``, else plain sampling (no top-k/top-p).
 
         Args:
@@ -265,10 +266,13 @@ class HFEngine:
             max_tokens: new tokens per prompt, at most.
             temperature: 0 for greedy decoding, > 0 for sampling.
             seed: torch seed of the sampling; the global RNG state is left untouched.
+            progress: show a progress bar over the prompts.
 
         Returns:
             The new token ids of each prompt, without the stop (eos) token and what follows it, without padding.
         """
+        from tqdm.auto import tqdm
+
         check_sampling(prompts, max_tokens=max_tokens, temperature=temperature)
         stop_ids = self._stop_token_ids()
         # top_k=0 / top_p=1 switch off the filters transformers applies by default (top_k=50).
@@ -276,7 +280,8 @@ class HFEngine:
         decoding = sampling if temperature > 0 else {"do_sample": False}
         lengths = np.array([len(p) + max_tokens for p in prompts], dtype=np.int64)
         results: list[list[int]] = [[] for _ in prompts]
-        with torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress, dynamic_ncols=True)
+        with bar, torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
             torch.manual_seed(seed)
             for batch in _token_budget_batches(lengths, self.max_batch_tokens):
                 # Decoder-only generation appends on the right, so the prompts are padded on the left.
@@ -295,18 +300,24 @@ class HFEngine:
                 ends = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1), new.shape[1])
                 for i, row, end in zip(batch, new, ends, strict=True):
                     results[i] = row[:end].tolist()
+                bar.update(len(batch))
         return results
 
     def sample_n(
-        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
-    ) -> list[list[list[int]]]:
-        """``n`` continuations of each prompt: sample j is `generate` with seed ``seed + j``.
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int,
+        progress: bool = False,
+    ) -> list[list[list[int]]]:  # fmt: skip
+        """``n`` continuations of each prompt: sample j is `generate` with seed ``seed + j`` (``progress``: a bar per
+        sample).
 
         Returns:
             ``[prompt][sample]`` new token ids, without the stop (eos) token.
         """
         check_sampling(prompts, n=n, max_tokens=max_tokens, temperature=temperature)
-        runs = [self.generate(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed + j) for j in range(n)]
+        runs = [
+            self.generate(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed + j, progress=progress)
+            for j in range(n)
+        ]
         return [[runs[j][i] for j in range(n)] for i in range(len(prompts))]
 
     def _stop_token_ids(self) -> set[int]:

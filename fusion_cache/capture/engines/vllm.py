@@ -56,6 +56,13 @@ INSTALL_HINT = (
     'on a CUDA machine run `pip install "fusion-cache[build]"`. The transformers engine (`--engine hf`) needs no vLLM.'
 )
 
+# LLM(...) arguments `engine_args` may not set: the capture's correctness depends on them, or an option of its own
+# sets them (model, dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, seed); remote code is never run.
+RESERVED_ENGINE_ARGS = (
+    "model", "dtype", "max_model_len", "max_logprobs", "logprobs_mode", "tensor_parallel_size",
+    "gpu_memory_utilization", "seed", "trust_remote_code",
+)  # fmt: skip
+
 # Tokens per scheduler step on CPU: big enough to keep the cores busy, small enough that the per-chunk prompt-logprob
 # buffers (about 9 bytes x vocabulary per token) stay well under a GiB for vocabularies up to ~50k.
 CPU_BATCHED_TOKENS = 2048
@@ -94,6 +101,63 @@ def configure_vllm_env(model_path: str, *, on_cpu: bool, kv_cache_gib: int | Non
         bind = f"{cpus[0]}-{cpus[-1]}" if contiguous else ",".join(map(str, cpus))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
         os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+
+
+def llm_kwargs(
+    model_path: str,
+    *,
+    dtype: str,
+    on_cpu: bool,
+    max_model_len: int,
+    max_k: int,
+    max_num_batched_tokens: int | None = None,
+    seed: int = 0,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float | None = None,
+    engine_args: dict | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of vLLM's ``LLM(...)`` for a capture engine (see `VLLMEngine` for the arguments).
+
+    One process runs the model (``distributed_executor_backend="uni"``) unless the teacher is split over several
+    GPUs: then vLLM's multiprocess executor starts one worker per GPU. ``engine_args`` add to or override the others,
+    except `RESERVED_ENGINE_ARGS`.
+
+    Raises:
+        ConfigError: ``engine_args`` sets a reserved argument, or ``tensor_parallel_size`` > 1 on a CPU.
+    """
+    engine_args = dict(engine_args or {})
+    reserved = sorted(set(engine_args) & set(RESERVED_ENGINE_ARGS))
+    if reserved:
+        raise ConfigError(
+            f"engine_args: {reserved} may not be set here (options of their own, or what the capture relies on); "
+            f"reserved: {', '.join(RESERVED_ENGINE_ARGS)}"
+        )
+    if tensor_parallel_size > 1 and on_cpu:
+        raise ConfigError(f"tensor_parallel_size: {tensor_parallel_size} needs GPUs; vLLM runs on the CPU here")
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max_num_batched_tokens or (CPU_BATCHED_TOKENS if on_cpu else 8192),
+        enable_chunked_prefill=True,
+        # Prompt-logprob requests never read the prefix cache (SamplingParams.skip_reading_prefix_cache), so
+        # hashing every block for it is wasted work.
+        enable_prefix_caching=False,
+        max_logprobs=max_k,
+        # Log-probabilities of the model's own distribution, before any sampling-parameter processing.
+        logprobs_mode="raw_logprobs",
+        seed=seed,
+        trust_remote_code=False,
+        tensor_parallel_size=tensor_parallel_size,
+        # one GPU (or the CPU): the model runs in this process; several: one worker process per GPU
+        distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp",
+        # No CUDA graphs or torch.compile on CPU; on GPU keep vLLM's defaults.
+        enforce_eager=on_cpu,
+    )
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    kwargs.update(engine_args)
+    return kwargs
 
 
 def _flat_to_capture(flat: Any, input_ids: Sequence[int], answer_start: int, k: int) -> TopKCapture:
@@ -260,9 +324,15 @@ class VLLMEngine:
             the memory of long inputs: an 8k-token row of SmolLM2 (V=49152) peaks at +0.8 GiB RSS with 2048.
         seed: vLLM's global seed.
         kv_cache_gib: CPU KV-cache size in GiB (default 2; ``VLLM_CPU_KVCACHE_SPACE`` overrides it).
+        tensor_parallel_size: GPUs the teacher is split over (a 24B teacher in bf16 needs two 40 GB GPUs); above 1
+            vLLM's multiprocess executor runs one worker per GPU, and the answer-only logits hook (which patches
+            this process's model runner) is off: every prompt position is scored, with the same answer rows.
+        gpu_memory_utilization: share of each GPU's memory vLLM may use (None: vLLM's default, 0.9).
+        engine_args: more ``LLM(...)`` arguments (quantization, kv_cache_dtype, enforce_eager, ...), see `llm_kwargs`.
 
     Raises:
         MissingDependencyError: vLLM is not installed.
+        ConfigError: a reserved ``engine_args`` key, or tensor parallelism on a CPU.
     """
 
     name = "vllm"
@@ -277,6 +347,9 @@ class VLLMEngine:
         max_num_batched_tokens: int | None = None,
         seed: int = 0,
         kv_cache_gib: int | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        engine_args: dict | None = None,
     ):
         import torch
 
@@ -287,6 +360,18 @@ class VLLMEngine:
         self.model_path = str(model_path)
         self.max_model_len = max_model_len
         self.max_k = max_k
+        kwargs = llm_kwargs(
+            self.model_path,
+            dtype=self.dtype,
+            on_cpu=on_cpu,
+            max_model_len=max_model_len,
+            max_k=max_k,
+            max_num_batched_tokens=max_num_batched_tokens,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            engine_args=engine_args,
+        )  # refuses bad options before vLLM's slow import
         configure_vllm_env(self.model_path, on_cpu=on_cpu, kv_cache_gib=kv_cache_gib)
         try:
             from vllm import LLM
@@ -294,29 +379,13 @@ class VLLMEngine:
             raise MissingDependencyError(INSTALL_HINT) from exc
 
         # Note: vLLM's in-process CPU worker replaces torch.set_num_threads with a no-op for the whole process.
-        self.llm = LLM(
-            model=self.model_path,
-            dtype=self.dtype,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens or (CPU_BATCHED_TOKENS if on_cpu else 8192),
-            enable_chunked_prefill=True,
-            # Prompt-logprob requests never read the prefix cache (SamplingParams.skip_reading_prefix_cache), so
-            # hashing every block for it is wasted work.
-            enable_prefix_caching=False,
-            max_logprobs=max_k,
-            # Log-probabilities of the model's own distribution, before any sampling-parameter processing.
-            logprobs_mode="raw_logprobs",
-            seed=seed,
-            trust_remote_code=False,
-            distributed_executor_backend="uni",
-            # No CUDA graphs or torch.compile on CPU; on GPU keep vLLM's defaults.
-            enforce_eager=on_cpu,
-        )
+        self.llm = LLM(**kwargs)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         # False: decode vLLM's FlatLogprobs (the slow, public format) instead of its tensors; the tests compare both
         self.fast_logprobs = True
-        # False: vLLM scores every prompt position (its own runner method) instead of the answer positions only
-        self.answer_only_logits = True
+        # False: vLLM scores every prompt position (its own runner method) instead of the answer positions only;
+        # the hook patches this process's model runner, which worker processes (tensor parallelism) do not run
+        self.answer_only_logits = kwargs["distributed_executor_backend"] == "uni"
         # counters of the last capture's answer-only hook (None when it was off): rows scored, skipped, fallbacks
         self.last_answer_hook = None
         self._hook_warned = False
@@ -402,8 +471,9 @@ class VLLMEngine:
         ]
 
     def sample_n(
-        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int
-    ) -> list[list[list[int]]]:
+        self, prompts: Sequence[Sequence[int]], *, n: int, max_tokens: int, temperature: float, seed: int,
+        progress: bool = False,
+    ) -> list[list[list[int]]]:  # fmt: skip
         """``n`` continuations of each prompt from one vLLM request per prompt (``SamplingParams(n=n)``).
 
         The prompt is prefilled once and its n sequences share its KV cache. Deterministic for a given engine seed
@@ -415,6 +485,7 @@ class VLLMEngine:
             max_tokens: new tokens per continuation, at most.
             temperature: 0 for greedy decoding (the n continuations are then equal), > 0 for sampling.
             seed: per-request sampling seed (every prompt gets the same one).
+            progress: show vLLM's progress bar over the prompts.
 
         Returns:
             ``[prompt][sample]`` new token ids, without the stop (eos) token.
@@ -429,12 +500,15 @@ class VLLMEngine:
         if temperature == 0 and n > 1:  # vLLM refuses n > 1 for greedy decoding: its n samples are one sample
             return [
                 [list(s[0]) for _ in range(n)]
-                for s in self.sample_n(prompts, n=1, max_tokens=max_tokens, temperature=0.0, seed=seed)
+                for s in self.sample_n(
+                    prompts, n=1, max_tokens=max_tokens, temperature=0.0, seed=seed, progress=progress
+                )  # fmt: skip
             ]
         params = SamplingParams(
             n=n, max_tokens=max_tokens, temperature=temperature, seed=request_seed, detokenize=False
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        prompts_in = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(prompts_in, params, use_tqdm=progress)
         return [[_strip_stop_token(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def close(self) -> None:

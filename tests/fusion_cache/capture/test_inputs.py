@@ -47,7 +47,7 @@ def a_row():
         ('["a list"]', r"bad\.jsonl:2: a row must be a JSON object"),
         (
             '{"question": "q", "answer": "a"}',
-            r"bad\.jsonl:2: row has neither 'messages' nor 'prompt'\+'response'.*question",
+            r"bad\.jsonl:2: row has neither 'messages', 'prompt'\+'response' nor 'text'.*question.*--data-fields",
         ),
         ('{"prompt": 3, "response": "r"}', r"bad\.jsonl:2: field 'prompt' must be a string, got 3"),
         ('{"messages": []}', r"bad\.jsonl:2: field 'messages' must be a non-empty list"),

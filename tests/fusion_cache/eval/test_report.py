@@ -12,6 +12,7 @@ from PIL import Image
 from fusion_cache.errors import ConfigError
 from fusion_cache.eval.report import load_run
 from fusion_cache.eval.report import metric_stats
+from fusion_cache.eval.report import objective
 from fusion_cache.eval.report import write_report
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.trainer import run_train
@@ -55,7 +56,7 @@ def test_one_run_png_and_table_match_the_metrics(runs):
     assert img.shape[0] >= 600 and img.shape[1] >= 900  # 12 x 8 in at 110 dpi
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50 and img.std() > 10  # curves, text, not a blank canvas
     recs = _records(runs[0])
-    for metric in ("ce", "kd", "uld_tiny-qwen2", "loss", "lr", "grad_norm"):
+    for metric in ("ce", "ce_per_byte", "kd", "uld_tiny-qwen2", "loss", "lr", "grad_norm"):
         first, last, min_cell = _table_row(table, "kd", metric)
         values = [r[metric] for r in recs]
         assert float(first) == pytest.approx(values[0], rel=1e-3)
@@ -79,7 +80,10 @@ def test_several_runs_overlay_and_held_out_numbers(runs, tmp_path):
         (runs[1] / "eval.json").unlink()
     assert md == tmp_path / "cmp.md" and png.exists()
     assert _table_row(table, "kd", "ce")[0] == _table_row(table, "sft", "ce")[0]  # same start, same first batch
-    assert "| sft | n/a | 1.2500 | 0.5000 | 0.1000 | 0.2500 (1/4) |" in table
+    assert "| sft | n/a | n/a | 1.2500 | n/a | 0.5000 | 0.1000 | 0.2500 (1/4) |" in table
+    sft = next(line for line in table.splitlines() if line.startswith("| sft |"))
+    assert "none (SFT)" in sft and "uld" not in sft  # an SFT run is not labelled with a KD loss
+    assert objective(load_run(runs[0])) != objective(load_run(runs[1]))  # their totals are not overlaid
     one = _decoded(write_report([runs[0]], tmp_path / "one.png")[0])
     assert not np.array_equal(one, _decoded(png))  # the second run's curves are drawn too
 
