@@ -6,7 +6,8 @@ fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (o
 fusion-cache combine ./cache/smollm2
 fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
 fusion-cache inspect ./cache/smollm2
-fusion-cache verify ./cache/smollm2
+fusion-cache verify ./cache/smollm2 [--trusted-key team.pub]
+fusion-cache keygen --out ~/.keys/team && fusion-cache sign ./cache/smollm2 --key ~/.keys/team
 fusion-cache train --student ./student --shards ./cache/smollm2 --out ./runs/kd
 fusion-cache train --mode pairwise --student ./student --shards ./cache/a --shards ./cache/b --out ./runs
 fusion-cache train --mode unified --student ./student --shards ./cache/a --shards ./cache/b --out ./runs/u
@@ -226,13 +227,27 @@ def inspect(
 
 
 @app.command()
-def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL")) -> None:
-    """Check every shard's checksum, schema, row count and lengths, and the manifest's fingerprint chain."""
+def verify(
+    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
+    trusted_key: list[str] = typer.Option(
+        None, "--trusted-key", help="public key (OpenSSH .pub or PEM): also require its valid signature (repeat)"
+    ),
+) -> None:
+    """Check every shard's checksum, schema, row count, lengths and the content of every row, the manifest's
+    fingerprints, and with --trusted-key a signature of one of those keys over the fingerprint."""
     from fusion_cache.cache.reader import CacheReader
 
     try:
         reader = CacheReader(cache)
         problems = reader.verify()
+        signer = None
+        if trusted_key:
+            from fusion_cache.cache.signature import verify_signature
+
+            try:
+                signer = verify_signature(cache, trusted_key, fingerprint=reader.manifest.fingerprint)
+            except FusionCacheError as e:
+                problems.append(str(e))
     except FusionCacheError as e:
         _fail(e)
     if problems:
@@ -240,7 +255,47 @@ def verify(cache: str = typer.Argument(..., help="cache directory or fsspec URL"
             typer.secho(f"BAD {p}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
     m = reader.manifest
-    typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}")
+    signed = f", signed by key {signer}" if signer else ""
+    typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}{signed}")
+
+
+@app.command()
+def keygen(out: Path = typer.Option(..., help="private key file to write (mode 0600); the public key goes to OUT.pub")):
+    """Make an ed25519 key pair for signing caches (needs the `sign` extra: the cryptography package).
+
+    Example: fusion-cache keygen --out ~/.keys/team-a   (share team-a.pub; keep team-a)
+    """
+    from fusion_cache.cache.signature import generate_key
+
+    try:
+        private, public = generate_key(out)
+    except FusionCacheError as e:
+        _fail(e)
+    typer.echo(f"wrote {private} (private: keep it) and {public} (public: give it to whoever trusts your caches)")
+
+
+@app.command()
+def sign(
+    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
+    key: Path = typer.Option(..., help="private ed25519 key (PEM or OpenSSH; fusion-cache keygen)"),
+) -> None:
+    """Sign a cache's fingerprint (after verifying it), so that `verify --trusted-key` and `train
+    --require-signature` accept it; the signature goes to <cache>/signatures.json.
+
+    Example: fusion-cache sign ./cache/smollm2 --key ~/.keys/team-a
+    """
+    from fusion_cache.cache.reader import CacheReader
+    from fusion_cache.cache.signature import sign_cache
+
+    try:
+        problems = CacheReader(cache).verify()  # vouch only for an intact cache
+        if problems:
+            more = f" (and {len(problems) - 1} more: run fusion-cache verify)" if len(problems) > 1 else ""
+            _fail(ValueError(f"not signed: {problems[0]}{more}"))
+        entry = sign_cache(cache, key)
+    except FusionCacheError as e:
+        _fail(e)
+    typer.echo(f"signed {cache}: fingerprint {entry['fingerprint'][:16]} by key {entry['key_id']}")
 
 
 # `train --mode`: one run against every cache (S >= 1 teachers), the same with exactly one cache, or the pairwise

@@ -46,6 +46,10 @@ from fusion_cache.train.checkpoint import save_checkpoint
 from fusion_cache.train.checkpoint import set_rng_state
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.distributed import DistContext
+from fusion_cache.train.guards import check_examples
+from fusion_cache.train.guards import check_signatures
+from fusion_cache.train.guards import check_step
+from fusion_cache.train.guards import student_vocab
 from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import TeacherTraits
 from fusion_cache.train.losses import make_loss
@@ -282,6 +286,7 @@ class _Parts:
     sched: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     pad: int
+    vocab: int = 0  # the student's vocabulary size: every token id a batch feeds it must be below it (train.guards)
 
 
 def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 0, world_size: int = 1):
@@ -305,10 +310,12 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 
 def resolve_losses(cfg: TrainConfig, stream: DistillStream) -> list[DistillLoss]:
     """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not)."""
     traits = [
-        TeacherTraits(name, stream.has_ids(s), reader.codec)
+        TeacherTraits(name, stream.has_ids(s), reader.codec, reader.k)
         for s, (name, reader) in enumerate(zip(stream.names, stream.readers, strict=True))
     ]
     options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    # a K asked for above every cache's K is refused (no teacher can serve it); below, each teacher uses min(k, its K)
+    options["strict_k"] = "top_k" in cfg.model_fields_set and cfg.top_k > max(r.k for r in stream.readers)
     losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
     for loss, t in zip(losses, traits, strict=True):
         loss.check(t)
@@ -321,6 +328,8 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
     stream = make_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
+    if cfg.require_signature:  # the fingerprints the stream reads (and checks every shard against) are signed
+        check_signatures(stream.readers, list(cfg.trusted_key))
     losses = resolve_losses(cfg, stream)
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     model.to(ctx.device)
@@ -334,7 +343,8 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
-    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad)
+    vocab = student_vocab(model)
+    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad, vocab)
 
 
 class TeacherTerms:
@@ -409,8 +419,11 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
                desc=f"train λ={cfg.lambda_}", dynamic_ncols=True)  # fmt: skip
     try:
         for step in range(prog.step, p.total_steps):
-            acc, tokens = _train_step(cfg, ctx, p, examples, step, on_batch, terms)
+            trained: list[Example] = []
+            acc, tokens = _train_step(cfg, ctx, p, examples, step, on_batch, terms, trained)
+            check_step(step + 1, acc["loss"], None, trained, p.stream)  # before anything is applied
             grad_norm = _clip(p.wrapped, cfg.grad_clip)
+            check_step(step + 1, acc["loss"], grad_norm, trained, p.stream)
             p.opt.step()
             p.sched.step()
             p.opt.zero_grad(set_to_none=True)
@@ -461,8 +474,11 @@ def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: d
         p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
 
 
-def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms) -> tuple[dict, int]:
-    """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens)."""
+def _train_step(
+    cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms, trained: list
+) -> tuple[dict, int]:
+    """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, tokens).
+    The examples trained on are appended to ``trained`` (errors name their cache rows)."""
     acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     tokens = 0
     for micro in range(cfg.grad_accum):
@@ -471,6 +487,8 @@ def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: Teach
             raise RuntimeError("the cache stream ended early")  # plan_steps gives it enough epochs
         if on_batch is not None:
             on_batch(step + 1, batch)
+        check_examples(batch, p.vocab, step + 1, p.stream)
+        trained.extend(batch)
         n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
         tensors = _to_device(collate(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
         # gradients are all-reduced once per optimizer step, on the last micro-batch
