@@ -227,6 +227,40 @@ def inspect(
 
 
 @app.command()
+def coverage(
+    cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
+    student: str = typer.Option(..., help="the student (its tokenizer): preset, local dir or HF id"),
+    limit: int = typer.Option(None, help="look at the first N rows only"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """How a cache serves a student of another tokenizer: where the teacher's top-K mass goes through the
+    vocabulary map (exact, prefix, special, unmapped, tail) and which student rows get a target.
+
+    Example: fusion-cache coverage ./cache/gemma3 --student smollm2-135m --limit 100
+    """
+    from fusion_cache.models.load import load_tokenizer
+    from fusion_cache.train.vocab import coverage_report
+
+    try:
+        report = coverage_report(cache, load_tokenizer(student), limit=limit)
+    except FusionCacheError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"teacher {report['teacher']} ({report['teacher_vocab']} tokens) onto a student of "
+               f"{report['student_vocab']} tokens, {report['samples']} samples")  # fmt: skip
+    typer.echo("vocabulary: " + ", ".join(f"{k} {v:.1%}" for k, v in report["map"].items()))
+    typer.echo("teacher top-K mass: " + ", ".join(f"{k} {v:.1%}" for k, v in report["mass"].items()))
+    r = report["rows"]
+    n = max(r["student_rows"], 1)
+    typer.echo(
+        f"student answer rows: {r['student_rows']}; with a target at a shared boundary {r['boundary'] / n:.1%}, "
+        f"inside a teacher token {r['inside_teacher_token'] / n:.1%}, none {r['no_target'] / n:.1%}"
+    )
+
+
+@app.command()
 def verify(
     cache: str = typer.Argument(..., help="cache directory or fsspec URL"),
     trusted_key: list[str] = typer.Option(
@@ -420,13 +454,14 @@ def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | 
     """The `DemoSettings` of `fusion-cache demo`'s options (repeated values are kept once, in order)."""
     from dataclasses import replace
 
+    from fusion_cache.recipes.demo import KD_NAMES
     from fusion_cache.recipes.demo import DemoSettings
 
     settings = DemoSettings.quick() if quick else DemoSettings()
     if kd_loss:
-        bad = [k for k in kd_loss if k not in ("kl", "uld")]
+        bad = [k for k in kd_loss if k not in KD_NAMES]
         if bad:
-            raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: kl, uld")
+            raise ConfigError(f"--kd-loss: unknown value(s) {bad}; valid values: {', '.join(KD_NAMES)}")
         settings = replace(settings, kd_losses=tuple(dict.fromkeys(kd_loss)))
     if combine and not second_teacher:
         raise ConfigError(f"--combine {combine}: unified runs need a --second-teacher")
@@ -512,14 +547,14 @@ def demo(
     kd_loss: list[str] = typer.Option(
         None,
         "--kd-loss",
-        help="KD runs to compare with SFT (repeat): kl (default: top-K KL) and/or uld (InfiFusion's ULD; "
-        "each run adds ~4 minutes on 2 cores)",
+        help="KD runs from the first teacher to compare with SFT (repeat): kl (default: top-K KL), uld (InfiFusion's "
+        "ULD), mapped_kl, hybrid (each run adds ~4 minutes on 2 cores)",
     ),
     second_teacher: str | None = typer.Option(
         None,
         "--second-teacher",
-        help="a second teacher (e.g. gemma3-270m): captures the same rows and adds KD from it alone and unified "
-        "fusion of both teachers to the table (each run adds ~4-8 minutes on 2 cores)",
+        help="a second teacher (e.g. gemma3-270m): captures the same rows and adds KD from it alone (mapped KL) and "
+        "unified fusion of both teachers (kl + mapped_kl) to the table (each run adds ~4-8 minutes on 2 cores)",
     ),
     combine: list[str] = typer.Option(
         None, "--combine", help="with --second-teacher: unified runs to add (repeat): mean (default), sum, uncertainty"

@@ -5,6 +5,9 @@ Unknown keys are refused and every error names the field and the value; ``create
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import ValidationError
@@ -28,3 +31,15 @@ class StrictConfig(BaseModel):
                 for err in e.errors()
             ]
             raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+T = TypeVar("T")
+
+
+def lookup(registry: Mapping[str, T], name: str, field: str) -> T:
+    """``registry[name]``, or a ConfigError naming the field, the value and the valid names (every registry of the
+    project answers an unknown name this way)."""
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{field}: unknown value {name!r}; valid values: {', '.join(registry)}") from None

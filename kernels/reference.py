@@ -254,22 +254,66 @@ def topk_kl_rows_reference(
     logits = _at_least_fp32(student_logits)
     log_q_all = torch.log_softmax(logits, dim=-1)
     ids = teacher_ids[:, :k_eff].long()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= logits.shape[1]):
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= logits.shape[1]):
         raise ValueError(
-            f"teacher_ids must lie in the student's vocabulary [0, {logits.shape[1]}), got range "
+            f"teacher_ids must lie in the student's vocabulary [0, {logits.shape[1]}) or be -1 (padding), got range "
             f"[{int(ids.min())}, {int(ids.max())}]"
         )
-    log_q = log_q_all.gather(1, ids)  # [N, k]
-    log_p = teacher_logprobs[:, :k_eff].to(log_q.dtype)
+    present = ids >= 0  # -1: a padding slot (a carried target with fewer distinct student ids than K)
+    log_q = torch.where(present, log_q_all.gather(1, ids.clamp_min(0)), torch.zeros((), dtype=log_q_all.dtype))
+    log_p = torch.where(present, teacher_logprobs[:, :k_eff].to(log_q.dtype), -torch.inf)
+    p = log_p.exp()  # 0 at padding
     if not tail:
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
-    p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum(-1)
+        return torch.where(present, log_p.exp() * (log_p - log_q), 0.0).sum(-1)
+    kl = torch.where(present, p * (log_p - log_q), 0.0).sum(-1)
     tiny = torch.finfo(log_q.dtype).tiny
     p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-    q_tail = (1.0 - log_q.exp().sum(-1)).clamp_min(tiny)
+    q_tail = (1.0 - torch.where(present, log_q.exp(), 0.0).sum(-1)).clamp_min(tiny)
     return kl + torch.xlogy(p_tail, p_tail) - p_tail * torch.log(q_tail)
+
+
+def hybrid_rows_reference(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """Per-row GOLD-style hybrid across vocabularies: KL on the teacher tokens that exist in the student's
+    vocabulary plus sorted L1 on the rest.
+
+    For one row, with the teacher's cached top-K split into the tokens matched to a student id (``teacher_ids >=
+    0``, each id at most once) and the unmatched ones (-1):
+
+        d = sum_{i matched} p_i (log p_i - log q_{id_i})                      (identity kept where it exists)
+          + sum_j | sort_desc(p_unmatched)_j - sort_desc(q without the matched ids)_j |   (ULD on the rest)
+
+    with p the teacher's probabilities and q = softmax(student_logits); the sorted part compares as many entries
+    as the teacher has unmatched (padded with zeros), the student's largest probabilities outside the matched ids.
+
+    Args:
+        student_logits: [N, V]; teacher_ids: [N, K] student ids of exact matches, -1 where unmatched;
+        teacher_logprobs: [N, K] the teacher's log-probs (true log-probs of the full softmax).
+
+    Returns:
+        [N] distances (>= 0 up to the KL's sign on a partial support).
+    """
+    logits = _at_least_fp32(student_logits)
+    log_q_all = torch.log_softmax(logits, dim=-1)
+    ids = teacher_ids.long()
+    matched = ids >= 0
+    log_p = teacher_logprobs.to(log_q_all.dtype)
+    p = log_p.exp()
+    log_q = log_q_all.gather(1, ids.clamp_min(0))
+    kl = torch.where(matched, p * (log_p - log_q), 0.0).sum(-1)
+    k = ids.shape[1]
+    q = log_q_all.exp()
+    # the student's mass outside the matched ids: those ids are removed before its largest entries are taken
+    removed = torch.zeros_like(q, dtype=torch.bool).scatter(1, ids.clamp_min(0), matched)
+    q_rest = torch.where(removed, torch.zeros((), dtype=q.dtype), q)
+    q_top = q_rest.gather(1, topk_canonical(q_rest.detach(), min(k, q.shape[1])))
+    p_rest = torch.sort(torch.where(matched, 0.0, p), dim=-1, descending=True).values
+    n_rest = (~matched).sum(-1, keepdim=True)
+    slot = torch.arange(q_top.shape[1], device=q.device)[None, :] < n_rest
+    l1 = torch.where(slot, (p_rest[:, : q_top.shape[1]] - q_top).abs(), 0.0).sum(-1)
+    return kl + l1
 
 
 def topk_kl_loss_reference(

@@ -291,13 +291,15 @@ def write_synthetic_cache(out: Path, codec_name: str, *, rows: int = 6, k: int =
     cfp = config_fingerprint(settings)
     made = []
     for i in range(rows):
-        conv = json.dumps([{"content": f"q{i}", "role": "user"}, {"content": "a b c d e f"[: 2 * (i % 4) + 3],
-                                                                    "role": "assistant"}], separators=(",", ":"))  # fmt: skip
+        answer = {"content": "a b c d e f"[: 2 * (i % 4) + 3], "role": "assistant"}
+        conv = json.dumps([{"content": f"q{i}", "role": "user"}, answer], separators=(",", ":"))
         n = 4 + i % 5
         start = 2 + i % 2
         logits = rng.normal(0, 3, (n - start, SYNTH_VOCAB))
-        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(
-            1, keepdims=True
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+            - logits.max(1, keepdims=True)
         )
         order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
         ids = rng.integers(0, SYNTH_VOCAB, n).astype(np.int32)

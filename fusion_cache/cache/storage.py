@@ -57,7 +57,9 @@ class CacheLocation:
         except OSError:
             raise ShardFormatError(f"{name}: shard listed in the manifest is missing") from None
         if stat.S_ISLNK(st.st_mode):
-            raise ShardFormatError(f"{name}: is a symbolic link; shards must be regular files inside the cache directory")
+            raise ShardFormatError(
+                f"{name}: is a symbolic link; shards must be regular files inside the cache directory"
+            )
         if not stat.S_ISREG(st.st_mode):
             raise ShardFormatError(f"{name}: is not a regular file")
         # the file itself is no link (above): a link on the way (a part directory) changes the resolved path

@@ -192,7 +192,7 @@ class ContentRules:
         if vocab is None:
             id_bytes = getattr(codec, "id_bytes", None)
             if id_bytes is not None:
-                vocab, source = 1 << (8 * id_bytes), f"256^id_bytes of the codec (no vocab_size in the manifest)"
+                vocab, source = 1 << (8 * id_bytes), "256^id_bytes of the codec (no vocab_size in the manifest)"
             else:
                 vocab, source = 1 << 31, "the int32 range (no vocab_size in the manifest)"
         lo, hi = 0, manifest.dataset.rows_read
@@ -283,8 +283,8 @@ def check_common(
         _fail(where, r, "input_ids", f"{int(n_tokens[r])} tokens, more than max_length={rules.max_length}", sample_ids)
     if input_ids.size and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rules.vocab_size):
         t = int(np.flatnonzero((input_ids < 0) | (input_ids >= rules.vocab_size))[0])
-        _fail(where, _row_of(ids_offsets, t), "input_ids",
-              f"token id {int(input_ids[t])} outside [0, {rules.vocab_size}) ({rules.vocab_source})", sample_ids)  # fmt: skip
+        problem = f"token id {int(input_ids[t])} outside [0, {rules.vocab_size}) ({rules.vocab_source})"
+        _fail(where, _row_of(ids_offsets, t), "input_ids", problem, sample_ids)
     row_index = batch.column("row_index").to_numpy()
     bad = np.flatnonzero((row_index < rules.row_start) | (row_index >= rules.row_end))
     if bad.size:
@@ -397,13 +397,20 @@ def _topk_fail(top: TopK, spans, rules: ContentRules, where: Where, sample_ids, 
     row = top.values[t]
     problems = {
         NOT_FINITE: ("topk_logprobs", f"{at}: value {float(row[j])} is not finite"),
-        NOT_SORTED: ("topk_logprobs", f"{at}: values are not sorted descending ({float(row[j - 1])} then "
-                                      f"{float(row[j])} at column {j})"),  # fmt: skip
+        NOT_SORTED: (
+            "topk_logprobs",
+            f"{at}: values are not sorted descending ({float(row[j - 1])} then {float(row[j])} at column {j})",
+        ),  # fmt: skip
         ABOVE_ZERO: ("topk_logprobs", f"{at}: top-1 log-prob {float(row[0])} is above 0"),
-        LSE_ABOVE_ZERO: ("topk_logprobs", f"{at}: the top-K probabilities sum to "
-                                          f"{float(np.exp(row.astype(np.float64)).sum()):.6g}, more than 1"),  # fmt: skip
-        ID_RANGE: ("topk_ids", f"{at}: id {int(top.ids[t, j]) if top.ids is not None else '?'} outside "
-                               f"[0, {rules.vocab_size}) ({rules.vocab_source})"),  # fmt: skip
+        LSE_ABOVE_ZERO: (
+            "topk_logprobs",
+            f"{at}: the top-K probabilities sum to {float(np.exp(row.astype(np.float64)).sum()):.6g}, more than 1",
+        ),  # fmt: skip
+        ID_RANGE: (
+            "topk_ids",
+            f"{at}: id {int(top.ids[t, j]) if top.ids is not None else '?'} outside "
+            f"[0, {rules.vocab_size}) ({rules.vocab_source})",
+        ),  # fmt: skip
         ID_REPEATED: ("topk_ids", f"{at}: id {int(top.ids[t, j]) if top.ids is not None else '?'} appears twice"),
     }
     field, problem = problems[code]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fusion_cache import __version__
 from fusion_cache.cache.durable import write_atomic
+from fusion_cache.capture.engines.base import check_sampling
 from fusion_cache.capture.inputs import dataset_hash
 from fusion_cache.capture.inputs import iter_raw_rows
 from fusion_cache.capture.inputs import normalize_row
@@ -79,12 +80,7 @@ def run_generate(
     from fusion_cache.models.hardware import default_dtype
     from fusion_cache.models.presets import resolve_model
 
-    if n < 1:
-        raise ConfigError(f"--n: must be >= 1, got {n}")
-    if max_tokens < 1:
-        raise ConfigError(f"--max-tokens: must be >= 1, got {max_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"--temperature: must be >= 0, got {temperature}")
+    check_sampling([[0]], n=n, max_tokens=max_tokens, temperature=temperature, flag="--")
     target = Path(out)
     if target.exists() and not overwrite:
         raise ConfigError(f"--out {out}: exists; pass --overwrite to replace it")

@@ -68,11 +68,16 @@ def evaluate_rows(
     batch_size: int = 8,
     max_length: int = 1024,
     limit: int | None = None,
+    token_classes: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Token-weighted answer CE over the rows of an input file (``build --data`` rows, no teacher).
 
     Each row is rendered for ``tokenizer`` (its chat template, else plain text) as training would render it; rows
     with an empty answer, or with no answer token left after ``max_length`` truncation, are skipped.
+
+    Args:
+        token_classes: {name: bool [V]} classes of the student's tokens; each adds ``answer_ce_<name>`` (the CE over
+            the answer tokens of that class) and ``tokens_<name>`` (e.g. `train.vocab.digit_tokens`: the numerals).
 
     Returns:
         `evaluate_model`'s dict with "top1_agreement" and "uld" None (there is no teacher to compare with).
@@ -89,12 +94,12 @@ def evaluate_rows(
                 continue
             yield Example(conv.sample_id, ids, r.answer_start, [])  # no teacher: only CE counts
 
-    out = _score(model, tokenizer, islice(examples(), limit), [], batch_size=batch_size)
+    out = _score(model, tokenizer, islice(examples(), limit), [], batch_size=batch_size, token_classes=token_classes)
     return out | {"uld": None}
 
 
 def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names: list[str], *, batch_size: int,
-           k: int = 10) -> dict:  # fmt: skip
+           k: int = 10, token_classes: dict[str, np.ndarray] | None = None) -> dict:  # fmt: skip
     """The one evaluation loop: `forward_losses` (lambda 0, ULD to each teacher) over batches, token-weighted CE.
 
     Returns:
@@ -109,11 +114,18 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     ce_sum = 0.0
     uld_sum, uld_n = [0.0] * n, [0] * n
     tokens = hits = total = samples = 0
+    classes = {name: torch.as_tensor(np.asarray(mask, dtype=bool)) for name, mask in (token_classes or {}).items()}
+    class_sum, class_n = dict.fromkeys(classes, 0.0), dict.fromkeys(classes, 0)
     batch: list = []
 
     def flush():
         nonlocal ce_sum, tokens, hits, total, samples
-        out = forward_losses(model, collate(batch, pad, n), losses, lambda_=0.0, fused_linear=False)
+        collated = collate(batch, pad, n)
+        out = forward_losses(model, collated, losses, lambda_=0.0, fused_linear=False)
+        for name, mask in classes.items():
+            sel = mask[collated["answer_targets"].clamp_max(len(mask) - 1)] & (collated["answer_targets"] < len(mask))
+            class_sum[name] += float(out.ce_tokens[sel].sum())
+            class_n[name] += int(sel.sum())
         ce_sum += float(out.ce) * out.answer_tokens
         tokens += out.answer_tokens
         hits += out.top1_hits
@@ -143,6 +155,8 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
         "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
         "answer_tokens": tokens,
         "samples": samples,
+        **{f"answer_ce_{c}": (class_sum[c] / class_n[c] if class_n[c] else None) for c in classes},
+        **{f"tokens_{c}": class_n[c] for c in classes},
     }
 
 

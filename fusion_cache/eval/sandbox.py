@@ -91,8 +91,23 @@ class ProgramResult:
 # Linux constants (sched.h, mount.h, prctl.h, capability.h)
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 36, 38, 47, 4
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1,
+    2,
+    4,
+    8,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
+PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = (
+    24,
+    36,
+    38,
+    47,
+    4,
+)
 _RO_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")  # what an interpreter needs
 _RO_FILES = ("/etc/ld.so.cache",)
 _DEVICES = ("null", "zero", "urandom", "random")
@@ -120,8 +135,10 @@ def _mount(libc, source, target, fstype, flags, data=None) -> None:
 def _locked_flags(path: str) -> int:
     """The nosuid/nodev/noexec flags a bind of ``path`` must keep (a user namespace may not clear them)."""
     f = os.statvfs(path).f_flag
-    return (MS_NOSUID if f & os.ST_NOSUID else 0) | (MS_NODEV if f & os.ST_NODEV else 0) | (
-        MS_NOEXEC if f & os.ST_NOEXEC else 0
+    return (
+        (MS_NOSUID if f & os.ST_NOSUID else 0)
+        | (MS_NODEV if f & os.ST_NODEV else 0)
+        | (MS_NOEXEC if f & os.ST_NOEXEC else 0)
     )
 
 
@@ -187,7 +204,9 @@ def _drop_privileges(libc, spec: dict, userns: bool, to_nobody: bool) -> None:
         os.setgid(NOBODY)
         os.setuid(NOBODY)
     elif userns:
-        last = int(open("/proc/sys/kernel/cap_last_cap").read()) if os.path.exists("/proc/sys/kernel/cap_last_cap") else 40
+        last = (
+            int(open("/proc/sys/kernel/cap_last_cap").read()) if os.path.exists("/proc/sys/kernel/cap_last_cap") else 40
+        )
         for cap in range(last + 1):
             libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
         libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
@@ -519,7 +538,7 @@ def run_program(
 # ------------------------------------------------------------------------------------------------ run_check
 # Plain data across the pipe between the candidate and the tests: JSON, with lists as arrays and every other
 # container tagged; anything else is refused (the candidate's value cannot carry behaviour into the test process).
-_CODEC = r'''
+_CODEC = r"""
 import base64 as _b64
 
 def _enc(v, depth=0):
@@ -563,10 +582,12 @@ def _dec(v, depth=0):
         if tag == "c" and type(x) is list and len(x) == 2 and all(type(y) in (int, float) for y in x):
             return complex(x[0], x[1])
     raise ValueError("not a plain value")
-'''
+"""
 
 # The candidate's side, in the jail: define the candidate, then answer calls (one JSON line each way).
-_HOST = _CODEC + r'''
+_HOST = (
+    _CODEC
+    + r"""
 import json, os, sys
 _resp = os.fdopen(int(sys.argv[1]), "w")
 _entry = sys.argv[2]
@@ -582,10 +603,13 @@ for _line in sys.stdin:
         _out = {"error": type(_e).__name__, "message": str(_e)[:500]}
     _resp.write(json.dumps(_out) + "\n")
     _resp.flush()
-'''
+"""
+)
 
 # The tests' side, trusted: the prompt's helpers, a proxy for the candidate, the tests; its exit status is the verdict.
-_RUNNER = _CODEC + r'''
+_RUNNER = (
+    _CODEC
+    + r"""
 import builtins, json, os, sys
 _req = os.fdopen(int(sys.argv[1]), "w")
 _resp = os.fdopen(int(sys.argv[2]), "r")
@@ -613,7 +637,8 @@ exec(compile(_spec["prelude"], "prompt.py", "exec"), _ns)
 _ns[_spec["entry_point"]] = _candidate  # tests may name the function itself (HumanEval/33), as in one program
 exec(compile(_spec["test"], "test.py", "exec"), _ns)
 _ns[_spec.get("check", "check")](_candidate)
-'''
+"""
+)
 
 
 def run_check(
@@ -689,8 +714,13 @@ def run_check(
         report, _ = jail.status()
         seconds = time.perf_counter() - t0
         output = "\n".join(
-            x for x in (_tail(os.path.join(workdir, "stdout")), _tail(os.path.join(workdir, "stderr")),
-                        _tail(os.path.join(trusted, "out"))) if x  # fmt: skip
+            x
+            for x in (
+                _tail(os.path.join(workdir, "stdout")),
+                _tail(os.path.join(workdir, "stderr")),
+                _tail(os.path.join(trusted, "out")),
+            )
+            if x  # fmt: skip
         ).strip()[-_OUTPUT_TAIL:]
         if code is None:
             return ProgramResult(False, "timeout", None, seconds, output, report)

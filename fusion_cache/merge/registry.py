@@ -24,7 +24,7 @@ from dataclasses import replace
 from functools import cached_property
 from typing import Any
 
-from fusion_cache.errors import ConfigError
+from fusion_cache.config import lookup
 
 # What `run_merge` can hand a kernel beside tau, by keyword; a kernel takes the ones its signature names.
 CONTEXT = {
@@ -201,10 +201,7 @@ def get_method(name: str) -> MergeMethod:
     Raises:
         ConfigError: an unknown name; the message lists the valid ones.
     """
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"method: unknown value {name!r}; valid values: {', '.join(METHODS)}") from None
+    return lookup(REGISTRY, name, "method")
 
 
 def option_params() -> dict[str, Param]:

@@ -26,6 +26,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
+from fusion_cache.config import lookup
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import MissingDependencyError
 
@@ -205,10 +206,7 @@ def get_preset(name: str) -> TeacherPreset:
     Raises:
         ConfigError: No such preset; the message lists the known ones.
     """
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown teacher preset {name!r}; known presets: {list(PRESETS)}") from None
+    return lookup(PRESETS, name, "teacher preset")
 
 
 def resolve_model(name_or_path: str) -> ResolvedModel:

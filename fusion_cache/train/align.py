@@ -26,6 +26,7 @@ from dataclasses import field
 
 import numpy as np
 
+from fusion_cache.config import lookup
 from fusion_cache.errors import ConfigError
 
 
@@ -141,9 +142,7 @@ def align(mode: str, student: TokenSpans, teacher: TokenSpans) -> Alignment:
     Raises:
         ConfigError: an unknown mode; the message lists the valid ones.
     """
-    if mode not in ALIGNERS:
-        raise ConfigError(f"align: unknown value {mode!r}; valid values: {', '.join(ALIGN_MODES)}")
-    return ALIGNERS[mode](student, teacher)
+    return lookup(ALIGNERS, mode, "align")(student, teacher)
 
 
 @dataclass

@@ -184,63 +184,21 @@ class ULDLoss(nn.Module):
         self, k: int = 10, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, tail: bool = False
     ):
         super().__init__()
-        self.k, self.zscore, self.softmax, self.temperature, self.tail = k, zscore, softmax, temperature, tail
+        self.opts = dict(k=k, zscore=zscore, softmax=softmax, temperature=temperature, tail=tail)
 
     def forward(self, student_logits, teacher_values, row_mask=None, row_weights=None, reduction: str = "mean"):
-        return uld_loss(
-            student_logits,
-            teacher_values,
-            row_mask,
-            row_weights,
-            k=self.k,
-            zscore=self.zscore,
-            softmax=self.softmax,
-            temperature=self.temperature,
-            tail=self.tail,
-            reduction=reduction,
-        )
+        return uld_loss(student_logits, teacher_values, row_mask, row_weights, reduction=reduction, **self.opts)
 
 
-class FusedLinearULDLoss(nn.Module):
+class FusedLinearULDLoss(ULDLoss):
     """Module form of `fused_linear_uld`: takes the student's hidden states and its lm_head instead of logits.
 
     Shape:
         hidden: [N, H]; lm_head: nn.Linear(H, V); teacher_values: [N, Kt]; row_mask, row_weights, labels: [N].
     """
 
-    def __init__(
-        self, k: int = 10, *, zscore: bool = True, softmax: bool = True, temperature: float = 1.0, tail: bool = False
-    ):
-        super().__init__()
-        self.k, self.zscore, self.softmax, self.temperature, self.tail = k, zscore, softmax, temperature, tail
-
-    def forward(
-        self,
-        hidden,
-        lm_head: nn.Linear,
-        teacher_values,
-        row_mask=None,
-        row_weights=None,
-        labels=None,
-        *,
-        reduction: str = "mean",
-        ce_weight: float = 0.0,
-        uld_weight: float = 1.0,
-    ):
-        return fused_linear_uld(
-            hidden,
-            lm_head.weight,
-            teacher_values,
-            row_mask,
-            row_weights,
-            labels,
-            lm_head.bias,
-            k=self.k,
-            zscore=self.zscore,
-            softmax=self.softmax,
-            temperature=self.temperature,
-            tail=self.tail,
-            reduction=reduction,
-            ce_weight=ce_weight,
-            uld_weight=uld_weight,
-        )
+    def forward(self, hidden, lm_head: nn.Linear, teacher_values, row_mask=None, row_weights=None, labels=None, *,
+                reduction: str = "mean", ce_weight: float = 0.0, uld_weight: float = 1.0):  # fmt: skip
+        weights = dict(reduction=reduction, ce_weight=ce_weight, uld_weight=uld_weight)
+        return fused_linear_uld(hidden, lm_head.weight, teacher_values, row_mask, row_weights, labels, lm_head.bias,
+                                **weights, **self.opts)  # fmt: skip

@@ -5,11 +5,22 @@ in the student's vocabulary, true log-probs), its per-row distances (from the re
 `fusion_cache.kernels.reference`, through `fusion_cache.train.functional`) and its per-chunk gradient for the fused
 lm_head path. `LOSSES` is the only list of valid names.
 
-- ``uld``: InfiFusion's top-K z-scored sorted ULD (any tokenizer).
+- ``uld``: InfiFusion's top-K z-scored sorted ULD (any tokenizer; rank-sorted, token identity is not used).
 - ``kl``: forward KL over the teacher's cached top-K ids plus a tail bucket; needs the teacher's ids in the
   student's vocabulary: a teacher with the student's tokenizer and a codec that stores ids.
+- ``mapped_kl``: the same KL for a teacher of any tokenizer: its cached top-K mass carried onto the student's
+  vocabulary through the byte-level vocabulary map (`train.vocab`), at every student row inside a span the
+  teacher predicted (mid-token rows included), what does not map going to the tail bucket. For a teacher with the
+  student's tokenizer it is ``kl``.
+- ``hybrid``: GOLD's manner: KL on the teacher tokens that exist in the student's vocabulary (exact byte match)
+  plus sorted L1 (ULD) on the unmatched rest, at byte-aligned rows.
 
-``auto`` (`AUTO`, per teacher) picks ``kl`` where the teacher allows it, else ``uld``.
+``auto`` (`AUTO`, per teacher) picks ``kl`` for a teacher with the student's vocabulary, ``mapped_kl`` for another
+teacher whose cache holds ids and log-probs, else ``uld``.
+
+A loss says which target it reads (``target``): ``values`` (the teacher's sorted top-K values at aligned rows),
+``exact`` (those values with the student ids of exactly matching tokens) or ``carried`` (`train.vocab.carry`). The
+stream builds each teacher's target accordingly (`train.stream.DistillStream`).
 
 Importing this module does not import torch (the CLI builds its help from it); the computations import it when run.
 """
@@ -23,6 +34,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 from typing import ClassVar
 
+from fusion_cache.config import lookup
 from fusion_cache.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -41,7 +53,7 @@ class TeacherTraits:
     Attributes:
         name: the teacher's label (for messages).
         same_vocab: the teacher's ids are the student's (same tokenizer and template, codec with ids).
-        codec: the cache's codec (its ``has_logprobs`` and ``name`` are read).
+        codec: the cache's codec (its ``has_ids``, ``has_logprobs`` and ``name`` are read).
         k: K of the cache (None: unknown).
     """
 
@@ -61,6 +73,7 @@ class DistillLoss(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     needs_ids: ClassVar[bool] = False  # the teacher's top-K ids in the student's vocabulary
+    target: ClassVar[str] = "values"  # what the stream builds for a teacher of another tokenizer (module docstring)
 
     @abstractmethod
     def rows(self, logits: torch.Tensor, target: dict) -> torch.Tensor:
@@ -156,14 +169,60 @@ class TopKKL(DistillLoss):
         require_logprobs(teacher.codec, "train --kd-loss kl")
 
 
-LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL)}
+@dataclass(frozen=True)
+class MappedKL(TopKKL):
+    """`TopKKL` against the teacher's top-K carried onto the student's vocabulary (`train.vocab.carry`)."""
+
+    name: ClassVar[str] = "mapped_kl"
+    description: ClassVar[str] = "top-K KL through the byte-level vocabulary map (any tokenizer; ids cached)"
+    needs_ids: ClassVar[bool] = False
+    target: ClassVar[str] = "carried"
+
+    def check(self, teacher):
+        from fusion_cache.cache.codecs import require_logprobs
+
+        _require_ids(self, teacher)
+        require_logprobs(teacher.codec, f"train --kd-loss {self.name}")
+
+
+@dataclass(frozen=True)
+class Hybrid(DistillLoss):
+    """GOLD-style: KL on exactly matched tokens plus sorted L1 on the rest (`reference.hybrid_rows_reference`)."""
+
+    name: ClassVar[str] = "hybrid"
+    description: ClassVar[str] = "KL on exactly matched tokens + sorted L1 on the rest, as GOLD (any tokenizer)"
+    target: ClassVar[str] = "exact"
+
+    def rows(self, logits, target):
+        from fusion_cache.kernels.reference import hybrid_rows_reference
+
+        if "ids" not in target:
+            raise ValueError("kd_loss 'hybrid' needs the teacher's matched ids in the batch")
+        return hybrid_rows_reference(logits, target["ids"], target["values"])
+
+    def check(self, teacher):
+        from fusion_cache.cache.codecs import require_logprobs
+
+        _require_ids(self, teacher)
+        require_logprobs(teacher.codec, f"train --kd-loss {self.name}")
+
+
+def _require_ids(loss: DistillLoss, teacher: TeacherTraits) -> None:
+    if not teacher.codec.has_ids:
+        raise ConfigError(
+            f"kd_loss {loss.name!r} for teacher {teacher.name}: a {teacher.codec.name!r} cache stores no token ids "
+            "(the map carries each teacher token by its id); rebuild it with --codec full or raw, or use 'uld'"
+        )
+
+
+LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL, MappedKL, Hybrid)}
 LOSS_CHOICES: tuple[str, ...] = (*LOSSES, AUTO)  # what a config or the CLI may name
 
 
 def loss_help() -> str:
     """One line per loss name, for CLI help."""
     lines = [f"{name}: {cls.description}" for name, cls in LOSSES.items()]
-    return "; ".join([*lines, f"{AUTO}: kl where the teacher allows it, else uld"])
+    return "; ".join([*lines, f"{AUTO}: kl for the student's own tokenizer, mapped_kl for another, else uld"])
 
 
 def make_loss(name: str, **options) -> DistillLoss:
@@ -172,16 +231,15 @@ def make_loss(name: str, **options) -> DistillLoss:
     Raises:
         ConfigError: an unknown name (the message lists the valid ones).
     """
-    cls = LOSSES.get(name)
-    if cls is None:
-        raise ConfigError(f"kd_loss: unknown value {name!r}; valid values: {', '.join(LOSS_CHOICES)}")
+    cls = lookup(LOSSES, name, "kd_loss")
     fields = getattr(cls, "__dataclass_fields__", {})
     return cls(**{k: v for k, v in options.items() if k in fields})
 
 
 def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[str]:
     """One loss name per teacher: ``names`` is one name for all or one per teacher; ``auto`` becomes ``kl`` for a
-    teacher that allows it and ``uld`` otherwise."""
+    teacher with the student's vocabulary, ``mapped_kl`` for another whose cache holds ids and log-probs, else
+    ``uld``."""
     if len(names) not in (1, len(teachers)):
         raise ConfigError(
             f"kd_loss: give one loss for every teacher or one per cache ({len(teachers)}), got {len(names)}: {names}"
@@ -190,6 +248,9 @@ def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[
     out = []
     for name, t in zip(per, teachers, strict=True):
         if name == AUTO:
-            name = TopKKL.name if t.same_vocab and t.codec.has_logprobs else ULD.name
+            if t.codec.has_ids and t.codec.has_logprobs:
+                name = TopKKL.name if t.same_vocab else MappedKL.name
+            else:
+                name = ULD.name
         out.append(name)
     return out

@@ -33,6 +33,7 @@ class StepOutput:
         top1_hits, top1_total: student argmax == teacher top-1, over the rows of teachers with known ids.
         teacher_kd: [S] each teacher's own term (its loss, mean over its rows then over the batch's samples that
             have it), None where no sample of the batch has the teacher.
+        ce_tokens: [M] each answer token's CE (detached; the dense path only, None on the fused one).
     """
 
     loss: torch.Tensor
@@ -42,6 +43,7 @@ class StepOutput:
     top1_hits: int
     top1_total: int
     teacher_kd: list[float | None]
+    ce_tokens: torch.Tensor | None = None
 
 
 def answer_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -124,7 +126,8 @@ def loss_from_logits(logits: torch.Tensor, batch: dict, losses: list[DistillLoss
     """
     if len(losses) != len(batch["teachers"]):
         raise ValueError(f"{len(losses)} losses for a batch of {len(batch['teachers'])} teachers")
-    ce = F.cross_entropy(logits.float(), batch["answer_targets"])
+    ce_tokens = F.cross_entropy(logits.float(), batch["answer_targets"], reduction="none")  # [M]
+    ce = ce_tokens.mean()
     kd = logits.new_zeros((), dtype=torch.float32)
     per_teacher: list[float | None] = []
     hits = total = 0
@@ -143,7 +146,7 @@ def loss_from_logits(logits: torch.Tensor, batch: dict, losses: list[DistillLoss
             total += int(known.sum())
     loss_value = (1.0 - lambda_) * ce + lambda_ * kd if lambda_ > 0 else ce
     return StepOutput(loss_value, ce.detach(), kd.detach(), int(batch["answer_targets"].numel()), hits, total,
-                      per_teacher)  # fmt: skip
+                      per_teacher, ce_tokens.detach())  # fmt: skip
 
 
 def _fused(model, head, batch, losses: list[DistillLoss], *, lambda_: float, backend: str) -> StepOutput:

@@ -6,7 +6,11 @@
 The caches are joined on sample_id (`train.join`; one cache is the S = 1 case: no join at all), each sample is
 rendered once for the student (or its cached tokens are reused when a teacher has the student's tokenizer and
 template), and each teacher's answer rows are paired with the student's (`train.align`): a teacher with the
-student's tokenizer row for row, another by byte span (default) or by index (ULD's alignment). Examples pass
+student's tokenizer row for row, another by byte span (default) or by index (ULD's alignment). For a teacher of
+another tokenizer whose loss keeps token identity, its cached ids are also put in the student's vocabulary through
+a vocabulary map (`train.vocab`): exactly matching tokens only (``exact``, for the hybrid loss), or every candidate
+carried to the student token it starts with, at every student row inside a span the teacher predicted
+(``carried``, for the mapped KL). Examples pass
 through a bounded, seeded shuffle buffer. The stream is resumable at any example: `DistillIterator.state_dict` is
 small JSON (the join's positions, the shuffle RNG and the buffered samples as row positions), and restoring it
 decodes only the rows it names again.
@@ -14,7 +18,9 @@ decodes only the rows it names again.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,17 +34,23 @@ from fusion_cache.cache.row import CacheRow
 from fusion_cache.capture.render import render
 from fusion_cache.capture.render import tokenizer_hash
 from fusion_cache.errors import ConfigError
+from fusion_cache.train.align import Alignment
 from fusion_cache.train.align import AlignStats
 from fusion_cache.train.align import TokenSpans
 from fusion_cache.train.align import align
 from fusion_cache.train.align import align_index
+from fusion_cache.train.align import answer_boundaries
 from fusion_cache.train.join import CacheJoin
 from fusion_cache.train.join import JoinCounts
 from fusion_cache.train.join import RowRef
 from fusion_cache.train.join import Sample
 from fusion_cache.train.join import fetch_rows
 from fusion_cache.train.join import unique_names
+from fusion_cache.train.vocab import Carried
+from fusion_cache.train.vocab import carry
 from fusion_cache.train.weights import topk_entropy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,9 +59,11 @@ class TeacherTarget:
 
     Attributes:
         student_rows: int64 [P] student answer rows (increasing) that the teacher is aligned to.
-        values: float32 [P, Kt] the teacher's top-K log-probs at the paired rows (sorted descending).
-        ids: int32 [P, Kt] the teacher's top-K token ids in the student's vocabulary (a teacher with the student's
-            tokenizer and a codec that stores ids), else None.
+        values: float32 [P, Kt] the teacher's top-K log-probs at the paired rows (sorted descending; a carried
+            target's are the log-probs of ``ids``, -inf in empty slots).
+        ids: int32 [P, Kt] the teacher's top-K token ids in the student's vocabulary, -1 where a token has none
+            (a teacher with the student's tokenizer and a codec that stores ids: its own ids; another teacher with an
+            ``exact`` or ``carried`` target: mapped ids), else None.
         entropy: float64 [P] entropy of the teacher's cached distribution at those rows (`weights.topk_entropy`),
             when the stream was asked for it (the ``uncertainty`` combine), else None.
     """
@@ -97,6 +111,9 @@ class DistillStream(torch.utils.data.IterableDataset):
             student's tokenizer and template is always paired row for row (identical tokens).
         entropy_k: compute each teacher's entropy over its top-``entropy_k`` values (the ``uncertainty``
             combine needs it); None skips it.
+        targets: [S] per teacher, the target its loss reads when it has another tokenizer: ``values`` (default),
+            ``exact`` or ``carried`` (`train.losses`); the last two need ``maps``.
+        maps: [S] per teacher, its `train.vocab.VocabMap` onto the student's vocabulary, or None.
         shuffle_buffer: examples held for shuffling (1 = join order); seed: shuffle seed; epoch e of rank r uses
             ``seed + e + 1_000_003 * r``.
         join_window: see `train.join.CacheJoin`.
@@ -123,6 +140,8 @@ class DistillStream(torch.utils.data.IterableDataset):
         max_length: int,
         align_mode: str = "bytes",
         entropy_k: int | None = None,
+        targets: list[str] | None = None,
+        maps: list | None = None,
         shuffle_buffer: int = 1,
         seed: int = 0,
         epochs: int | None = 1,
@@ -146,11 +165,17 @@ class DistillStream(torch.utils.data.IterableDataset):
         self.join_window = join_window
         self.rank = rank
         self.world_size = world_size
-        student_hash = tokenizer_hash(tokenizer)
-        self.same_tokenizer = [
-            student_hash == r.manifest.teacher.tokenizer_hash and chat_template == r.manifest.teacher.chat_template
-            for r in self.readers
-        ]
+        self.same_tokenizer = [shares_tokenizer(r, tokenizer, chat_template) for r in self.readers]
+        n = len(self.readers)
+        self.targets = list(targets) if targets is not None else ["values"] * n
+        self.maps = list(maps) if maps is not None else [None] * n
+        if len(self.targets) != n or len(self.maps) != n:
+            raise ConfigError(f"targets and maps: one per cache ({n}), got {len(self.targets)} and {len(self.maps)}")
+        for s, (target, vmap) in enumerate(zip(self.targets, self.maps, strict=True)):
+            if target not in ("values", "exact", "carried"):
+                raise ConfigError(f"targets[{s}]: unknown value {target!r}; valid values: values, exact, carried")
+            if target != "values" and not self.same_tokenizer[s] and vmap is None:
+                raise ConfigError(f"teacher {self.names[s]}: a {target!r} target needs a vocabulary map")
         self.join_counts = JoinCounts(list(self.names))
         self.align_stats = {n: AlignStats() for n in self.names}
         self.skipped = {"no_answer_token": 0, "nothing_aligned": 0}
@@ -178,6 +203,7 @@ class DistillStream(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------ one sample
     def _student_view(self, rows: list[CacheRow | None]) -> tuple[np.ndarray, TokenSpans]:
+        """The student's tokens and their byte spans for one joined sample."""
         # a teacher with the student's tokenizer and template already holds the student's tokens
         for s, row in enumerate(rows):
             if row is not None and self.same_tokenizer[s]:
@@ -203,24 +229,45 @@ class DistillStream(torch.utils.data.IterableDataset):
             if row is None:
                 targets.append(None)
                 continue
-            if self.same_tokenizer[s]:
-                a = align_index(spans.n_rows, row.n_answer)
-            else:
-                teacher = TokenSpans(row.token_byte_start, row.token_byte_end, row.answer_start, row.n_answer)
-                a = align(self.align_mode, spans, teacher)
-            self.align_stats[self.names[s]].add(a)
-            if a.aligned == 0:
-                targets.append(None)
-                continue
-            values = np.asarray(row.topk_logprobs[a.teacher_rows], dtype=np.float32)  # fancy indexing: a copy
-            ids_s = np.asarray(row.topk_ids[a.teacher_rows], dtype=np.int32) if self.has_ids(s) else None
-            entropy = topk_entropy(values, self.entropy_k) if self.entropy_k is not None else None
-            targets.append(TeacherTarget(a.student_rows, values, ids_s, entropy))
+            target = self._target(s, row, spans)
+            if target is not None and self.entropy_k is not None:
+                target.entropy = topk_entropy(target.values, self.entropy_k)
+            targets.append(target)
         if all(t is None for t in targets):
             self.skipped["nothing_aligned"] += 1
             return None
         sample_id = next(r.sample_id for r in rows if r is not None)
         return Example(sample_id, ids, spans.answer_start, targets)
+
+    def _target(self, s: int, row: CacheRow, spans: TokenSpans) -> TeacherTarget | None:
+        """Teacher s's target for one sample (None: nothing aligned); counts the alignment."""
+        mode = "values" if self.same_tokenizer[s] else self.targets[s]
+        if mode == "carried":
+            return self._carried(s, row, spans)
+        if self.same_tokenizer[s]:
+            a = align_index(spans.n_rows, row.n_answer)
+        else:
+            teacher = TokenSpans(row.token_byte_start, row.token_byte_end, row.answer_start, row.n_answer)
+            a = align(self.align_mode, spans, teacher)
+        self.align_stats[self.names[s]].add(a)
+        if a.aligned == 0:
+            return None
+        values = np.asarray(row.topk_logprobs[a.teacher_rows], dtype=np.float32)  # fancy indexing: a copy
+        ids = None
+        if self.has_ids(s):
+            ids = np.asarray(row.topk_ids[a.teacher_rows], dtype=np.int32)
+        elif mode == "exact":
+            ids = self.maps[s].exact_ids(row.topk_ids[a.teacher_rows])
+        return TeacherTarget(a.student_rows, values, ids)
+
+    def _carried(self, s: int, row: CacheRow, spans: TokenSpans) -> TeacherTarget | None:
+        """Teacher s's top-K carried onto the student's vocabulary at every student row it predicts."""
+        c = carry_row(self.maps[s], row, spans)
+        a = Alignment(c.student_rows, c.student_rows, spans.n_rows, row.n_answer)  # counted: rows with a target
+        self.align_stats[self.names[s]].add(a)
+        if not len(c.student_rows):
+            return None
+        return TeacherTarget(c.student_rows, c.logprobs, c.ids)
 
     # ------------------------------------------------------------------ iteration
     def join(self, state: dict | None = None) -> CacheJoin:
@@ -242,7 +289,41 @@ class DistillStream(torch.utils.data.IterableDataset):
         return DistillIterator(self, state)
 
     def __iter__(self) -> Iterator[Example]:
-        return self.iterator()
+        """Every example of this rank; inside a `DataLoader` worker, only that worker's share of them (worker w of
+        W on rank r takes the samples of rank ``r * W + w`` of ``world_size * W``), so the workers together yield
+        each sample once."""
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers <= 1:
+            return self.iterator()
+        worker = copy.copy(self)  # the reader objects are shared read-only; counters are per worker
+        worker.rank = self.rank * info.num_workers + info.id
+        worker.world_size = self.world_size * info.num_workers
+        worker.join_counts = JoinCounts(list(self.names))
+        worker.align_stats = {n: AlignStats() for n in self.names}
+        worker.skipped = dict.fromkeys(self.skipped, 0)
+        return worker.iterator()
+
+
+def carry_row(vmap: Any, row: CacheRow, spans: TokenSpans) -> Carried:
+    """A cached row's top-K carried onto the student's vocabulary (`train.vocab.carry`) for the student answer rows
+    of ``spans``: the student's and the teacher's rows that end at real token boundaries, the answer's bytes."""
+    s_rows, s_ends = answer_boundaries(spans)
+    student_ends = np.full(spans.n_rows, -1, dtype=np.int64)
+    student_ends[s_rows] = s_ends
+    teacher = TokenSpans(row.token_byte_start, row.token_byte_end, row.answer_start, row.n_answer)
+    t_rows, t_ends = answer_boundaries(teacher)
+    answer = json.loads(row.conversation)[-1]["content"].encode()
+    return carry(vmap, student_ends, t_ends, row.topk_ids[t_rows], row.topk_logprobs[t_rows], answer)
+
+
+def shares_tokenizer(reader: CacheReader, tokenizer: Any, chat_template: bool | None = None) -> bool:
+    """Whether a student with ``tokenizer`` (rendering with its chat template, or as ``chat_template`` says) sees
+    exactly the teacher's tokens: the same tokenizer hash and the same rendering."""
+    from fusion_cache.capture.render import has_chat_template
+
+    chat = has_chat_template(tokenizer) if chat_template is None else chat_template
+    t = reader.manifest.teacher
+    return tokenizer_hash(tokenizer) == t.tokenizer_hash and chat == t.chat_template
 
 
 def check_rank_layout(state: dict, rank: int, world_size: int) -> None:
@@ -354,11 +435,14 @@ class DistillIterator:
                 _, out = self._buf.pop(0)
                 self._yielded += 1
                 yield out
-            if self._yielded == 0 and (s.epochs is None or s.epochs > 1):  # every further epoch would be empty too
-                raise ConfigError(
+            if self._yielded == 0:  # nothing usable: say why, rather than end (or loop) silently
+                why = (
                     f"rank {s.rank} of {s.world_size} got no usable samples in epoch {self._epoch} "
-                    f"({', '.join(str(r.path) for r in s.readers)}); use fewer processes or a larger cache"
+                    f"({', '.join(str(r.path) for r in s.readers)}; skipped: {s.skipped})"
                 )
+                if s.epochs is None or s.epochs > 1:  # every further epoch would be empty too
+                    raise ConfigError(f"{why}; use fewer processes, a larger cache or a larger max_length")
+                log.warning("%s", why)
             self._epoch += 1
             self._yielded = 0
             self._rng = s.epoch_rng(self._epoch)

@@ -50,6 +50,7 @@ from fusion_cache.train.guards import check_examples
 from fusion_cache.train.guards import check_signatures
 from fusion_cache.train.guards import check_step
 from fusion_cache.train.guards import student_vocab
+from fusion_cache.train.join import unique_names
 from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import TeacherTraits
 from fusion_cache.train.losses import make_loss
@@ -57,6 +58,7 @@ from fusion_cache.train.losses import resolve_loss_names
 from fusion_cache.train.objective import forward_losses
 from fusion_cache.train.stream import DistillStream
 from fusion_cache.train.stream import Example
+from fusion_cache.train.stream import shares_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +291,44 @@ class _Parts:
     vocab: int = 0  # the student's vocabulary size: every token id a batch feeds it must be below it (train.guards)
 
 
-def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 0, world_size: int = 1):
-    """The `DistillStream` of ``cfg`` (this rank's part under data parallelism)."""
+@dataclass
+class TeacherPlan:
+    """What each teacher trains with: its loss and, for a teacher of another tokenizer whose loss keeps token
+    identity, the map of its vocabulary onto the student's (`train.vocab`)."""
+
+    losses: list[DistillLoss]
+    maps: list  # [S] VocabMap or None
+
+
+def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
+    """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not),
+    and the vocabulary maps the losses need; reads the caches' manifests only."""
+    from fusion_cache.train.vocab import teacher_tokenizer
+    from fusion_cache.train.vocab import vocab_map
+
+    readers = [CacheReader(c) for c in cfg.shards]
+    names = unique_names([r.manifest.teacher.name for r in readers])
+    same = [shares_tokenizer(r, tokenizer) for r in readers]
+    traits = [
+        TeacherTraits(name, same_s and r.codec.has_ids, r.codec, r.k)
+        for name, r, same_s in zip(names, readers, same, strict=True)
+    ]
+    options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    # a K asked for above every cache's K is refused (no teacher can serve it); below, each teacher uses min(k, its K)
+    options["strict_k"] = "top_k" in cfg.model_fields_set and cfg.top_k > max(r.k for r in readers)
+    losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
+    maps = []
+    for loss, t, r, same_s in zip(losses, traits, readers, same, strict=True):
+        loss.check(t)
+        needs_map = loss.target != "values" and not same_s
+        maps.append(vocab_map(teacher_tokenizer(r.manifest), tokenizer) if needs_map else None)
+    return TeacherPlan(losses, maps)
+
+
+def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, plan: TeacherPlan | None = None, *, rank: int = 0,
+                world_size: int = 1) -> DistillStream:  # fmt: skip
+    """The `DistillStream` of ``cfg`` (this rank's part under data parallelism), with the targets ``plan``'s losses
+    read (None: the default targets)."""
     return DistillStream(
         list(cfg.shards),
         tokenizer,
@@ -298,6 +336,8 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 
         max_length=cfg.max_length,
         align_mode=cfg.align,
         entropy_k=cfg.top_k if cfg.combine == "uncertainty" else None,
+        targets=None if plan is None else [loss.target for loss in plan.losses],
+        maps=None if plan is None else plan.maps,
         shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed,
         epochs=epochs,
@@ -307,30 +347,18 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, *, rank: int = 
     )
 
 
-def resolve_losses(cfg: TrainConfig, stream: DistillStream) -> list[DistillLoss]:
-    """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not)."""
-    traits = [
-        TeacherTraits(name, stream.has_ids(s), reader.codec, reader.k)
-        for s, (name, reader) in enumerate(zip(stream.names, stream.readers, strict=True))
-    ]
-    options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
-    # a K asked for above every cache's K is refused (no teacher can serve it); below, each teacher uses min(k, its K)
-    options["strict_k"] = "top_k" in cfg.model_fields_set and cfg.top_k > max(r.k for r in stream.readers)
-    losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
-    for loss, t in zip(losses, traits, strict=True):
-        loss.check(t)
-    return losses
-
-
 def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     # the caches first: a loss a teacher's cache cannot serve is refused before the student loads
     tokenizer = load_tokenizer(cfg.student)
     rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
-    stream = make_stream(cfg, tokenizer, epochs_needed, rank=ctx.rank, world_size=ctx.world_size)
-    if cfg.require_signature:  # the fingerprints the stream reads (and checks every shard against) are signed
+    if cfg.require_signature:  # before anything a manifest names (a teacher's tokenizer) is loaded
+        check_signatures([CacheReader(d) for d in cfg.shards], list(cfg.trusted_key))
+    plan = plan_teachers(cfg, tokenizer)
+    losses = plan.losses
+    stream = make_stream(cfg, tokenizer, epochs_needed, plan, rank=ctx.rank, world_size=ctx.world_size)
+    if cfg.require_signature:  # and the fingerprints the stream reads (it checks every shard against them)
         check_signatures(stream.readers, list(cfg.trusted_key))
-    losses = resolve_losses(cfg, stream)
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     model.to(ctx.device)
     if cfg.grad_checkpointing:

@@ -32,14 +32,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fusion_cache.errors import ConfigError
+from fusion_cache.config import lookup
 
 
 def topk_entropy(logprobs: np.ndarray, k: int) -> np.ndarray:
     """Entropy in nats of each row's top-k probabilities plus the leftover tail bucket.
 
     Args:
-        logprobs: [N, Kt] cached top-K log-probs, sorted descending.
+        logprobs: [N, Kt] cached top-K log-probs, sorted descending (-inf: an empty slot, as in a carried target).
         k: how many of them to use (capped at Kt).
 
     Returns:
@@ -50,7 +50,8 @@ def topk_entropy(logprobs: np.ndarray, k: int) -> np.ndarray:
     tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)  # quantized values may sum a hair over 1
     with np.errstate(divide="ignore", invalid="ignore"):
         tail_term = np.where(tail > 0, tail * np.log(tail), 0.0)
-    return -(p * lp).sum(axis=1) - tail_term
+        plogp = np.where(p > 0, p * lp, 0.0)
+    return -plogp.sum(axis=1) - tail_term
 
 
 def uncertainty_weights(neg_entropy: np.ndarray, temperature: float) -> np.ndarray:
@@ -88,9 +89,7 @@ def sample_row_weights(
     Returns:
         per teacher, float32 [n_s] weights (None where absent).
     """
-    combine = COMBINES.get(mode)
-    if combine is None:
-        raise ConfigError(f"combine: unknown value {mode!r}; valid values: {', '.join(COMBINE_MODES)}")
+    combine = lookup(COMBINES, mode, "combine")
     present = [s for s, r in enumerate(rows) if r is not None and len(r)]
     if not present:
         return [None] * len(rows)

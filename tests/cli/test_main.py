@@ -149,3 +149,12 @@ def test_demo_refuses_bad_second_teacher_options(tmp_path):
     r = _run("demo", "--out", tmp_path / "d", "--second-teacher", "smollm2-135m")
     assert r.exit_code == 2 and "is the demo's teacher already" in r.output
     assert not (tmp_path / "d").exists()  # refused before anything ran
+
+
+def test_coverage_reports_where_the_teachers_mass_goes(multi_caches, tiny_model_dir):
+    r = _run("coverage", multi_caches["b"], "--student", tiny_model_dir)
+    assert r.exit_code == 0, r.output
+    assert "teacher top-K mass: exact" in r.output and "inside a teacher token" in r.output
+    assert json.loads(_run("coverage", multi_caches["b"], "--student", tiny_model_dir, "--json").output)["samples"] == 5
+    r = _run("coverage", multi_caches["a"], "--student", tiny_model_dir)
+    assert r.exit_code == 2 and "every token maps to itself" in r.output

@@ -24,6 +24,7 @@ from fusion_cache.cache.codecs.full import FullCodec
 from fusion_cache.cache.codecs.raw import RawCodec
 from fusion_cache.cache.codecs.shape import ShapeCodec
 from fusion_cache.cache.codecs.values import ValuesCodec
+from fusion_cache.config import lookup
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
 
@@ -51,9 +52,7 @@ LATEST_SCHEMA_VERSION = 3  # fusion_cache/cache/schema.py re-exports it as SCHEM
 
 def get_codec(name: str) -> type[Codec]:
     """The codec class registered under ``name``; raises ConfigError naming the valid names."""
-    if name not in CODECS:
-        raise ConfigError(f"--codec {name!r}: unknown codec; choose one of {list(CODEC_NAMES)}")
-    return CODECS[name]
+    return lookup(CODECS, name, "codec")
 
 
 def codec_help() -> str:

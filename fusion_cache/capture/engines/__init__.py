@@ -12,7 +12,7 @@ from typing import Any
 from fusion_cache.capture.engines.base import SequenceRequest
 from fusion_cache.capture.engines.base import TeacherEngine
 from fusion_cache.capture.engines.base import TopKCapture
-from fusion_cache.errors import ConfigError
+from fusion_cache.config import lookup
 
 # name -> "module:class" of the engine; the module is imported only when that engine is made.
 ENGINES: dict[str, str] = {
@@ -37,7 +37,5 @@ def make_engine(name: str, model_path: str, **kwargs: Any) -> TeacherEngine:
         ConfigError: unknown engine name.
         MissingDependencyError: "vllm" without vLLM installed.
     """
-    if name not in ENGINES:
-        raise ConfigError(f"engine: unknown value {name!r}; valid values: {', '.join(ENGINE_NAMES)}")
-    module, cls = ENGINES[name].split(":")
+    module, cls = lookup(ENGINES, name, "engine").split(":")
     return getattr(importlib.import_module(module), cls)(model_path, **kwargs)

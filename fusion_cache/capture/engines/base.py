@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fusion_cache.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TopKCapture:
@@ -63,3 +65,16 @@ class TeacherEngine(Protocol):
     def close(self) -> None:
         """Release the model (and vLLM's engine)."""
         ...
+
+
+def check_sampling(prompts: Sequence[Sequence[int]], *, n: int = 1, max_tokens: int, temperature: float,
+                   flag: str = "") -> None:  # fmt: skip
+    """Refuse sampling settings every engine refuses, naming the setting (``flag`` "--" names CLI flags)."""
+    if n < 1:
+        raise ConfigError(f"{flag}n: must be >= 1, got {n}")
+    if max_tokens < 1:
+        raise ConfigError(f"{flag}max{'-' if flag else '_'}tokens: must be >= 1, got {max_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"{flag}temperature: must be >= 0, got {temperature}")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("prompts: every prompt needs at least one token")

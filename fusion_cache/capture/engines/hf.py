@@ -14,6 +14,7 @@ import torch
 
 from fusion_cache.capture.engines.base import SequenceRequest
 from fusion_cache.capture.engines.base import TopKCapture
+from fusion_cache.capture.engines.base import check_sampling
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import DataError
 from fusion_cache.models.hardware import canonical_dtype
@@ -268,12 +269,7 @@ class HFEngine:
         Returns:
             The new token ids of each prompt, without the stop (eos) token and what follows it, without padding.
         """
-        if max_tokens < 1:
-            raise ConfigError(f"max_tokens: must be >= 1, got {max_tokens}")
-        if temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {temperature}")
-        if any(len(p) == 0 for p in prompts):
-            raise ConfigError("prompts: every prompt needs at least one token")
+        check_sampling(prompts, max_tokens=max_tokens, temperature=temperature)
         stop_ids = self._stop_token_ids()
         # top_k=0 / top_p=1 switch off the filters transformers applies by default (top_k=50).
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -309,8 +305,7 @@ class HFEngine:
         Returns:
             ``[prompt][sample]`` new token ids, without the stop (eos) token.
         """
-        if n < 1:
-            raise ConfigError(f"n: must be >= 1, got {n}")
+        check_sampling(prompts, n=n, max_tokens=max_tokens, temperature=temperature)
         runs = [self.generate(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed + j) for j in range(n)]
         return [[runs[j][i] for j in range(n)] for i in range(len(prompts))]
 

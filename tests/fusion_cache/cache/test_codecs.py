@@ -288,9 +288,16 @@ def _config_fp(m: dict) -> str:
     from fusion_cache.cache.manifest import config_settings
 
     return config_fingerprint(
-        config_settings(schema_version=m["schema_version"], teacher=m["teacher"], dataset_hash=m["dataset"]["hash"],
-                        rows_read=m["dataset"]["rows_read"], k=m["k"], codec=m["codec"], max_length=m["max_length"],
-                        overlong=m["overlong"])  # fmt: skip
+        config_settings(
+            schema_version=m["schema_version"],
+            teacher=m["teacher"],
+            dataset_hash=m["dataset"]["hash"],
+            rows_read=m["dataset"]["rows_read"],
+            k=m["k"],
+            codec=m["codec"],
+            max_length=m["max_length"],
+            overlong=m["overlong"],
+        )  # fmt: skip
     )
 
 

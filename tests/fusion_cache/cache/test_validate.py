@@ -42,9 +42,16 @@ from fusion_cache.errors import ShardFormatError
 
 def _config_fp(m: dict) -> str:
     return config_fingerprint(
-        config_settings(schema_version=m["schema_version"], teacher=m["teacher"], dataset_hash=m["dataset"]["hash"],
-                        rows_read=m["dataset"]["rows_read"], k=m["k"], codec=m["codec"], max_length=m["max_length"],
-                        overlong=m["overlong"])  # fmt: skip
+        config_settings(
+            schema_version=m["schema_version"],
+            teacher=m["teacher"],
+            dataset_hash=m["dataset"]["hash"],
+            rows_read=m["dataset"]["rows_read"],
+            k=m["k"],
+            codec=m["codec"],
+            max_length=m["max_length"],
+            overlong=m["overlong"],
+        )  # fmt: skip
     )
 
 
@@ -172,10 +179,16 @@ def test_nan_target_and_unsorted_and_overfull_rows(raw, tmp_path):
     for name, damage, match in (
         ("target", lambda b: set_value(b, "target_logprobs", 0, float("nan")), "target_logprobs: nan"),
         ("sorted", lambda b: set_value(b, "topk_logprobs", 3, -1e-3), "not sorted descending"),
-        ("sum", lambda b: set_value(set_value(b, "topk_logprobs", 0, -0.01), "topk_logprobs", 1, -0.02),
-         "sum to .* more than 1"),  # fmt: skip
-        ("repeat", lambda b: set_value(b, "topk_ids", 1, int(b.column("topk_ids").values[0].as_py())),
-         "topk_ids: answer position 0: id .* appears twice"),  # fmt: skip
+        (
+            "sum",
+            lambda b: set_value(set_value(b, "topk_logprobs", 0, -0.01), "topk_logprobs", 1, -0.02),
+            "sum to .* more than 1",
+        ),  # fmt: skip
+        (
+            "repeat",
+            lambda b: set_value(b, "topk_ids", 1, int(b.column("topk_ids").values[0].as_py())),
+            "topk_ids: answer position 0: id .* appears twice",
+        ),  # fmt: skip
         ("vocab", lambda b: set_value(b, "topk_ids", 2, 5000), r"topk_ids: .*id 5000 outside \[0, 4096\)"),
     ):
         copy = tmp_path / name
@@ -200,8 +213,10 @@ def test_byte_offsets_strings_sample_ids_row_order_and_lengths(raw, tmp_path):
 
     cases = {
         "offsets": (lambda b: set_value(b, "token_byte_start", 2, 10**6), "token_byte_start/token_byte_end"),
-        "past text": (lambda b: set_value(b, "token_byte_end", len(b.column("token_byte_end").values) - 1, 2**30),
-                      "past the rendered text"),  # fmt: skip
+        "past text": (
+            lambda b: set_value(b, "token_byte_end", len(b.column("token_byte_end").values) - 1, 2**30),
+            "past the rendered text",
+        ),  # fmt: skip
         "utf8": (bad_utf8, "conversation: not valid UTF-8"),
         "sample id": (other_sample, "sample_id: 'fff.*' is not the hash of the row's conversation"),
         "row order": (row_back, "row_index: .* rows must be in input order, each once"),

@@ -87,3 +87,31 @@ def test_evaluate_teachers_matches_evaluate_model_and_adds_the_other_teacher(tin
     ids = [r.sample_id for r in CacheReader(a).iter_rows()]
     sub = evaluate_teachers(model, tok, [a, b], k=6, sample_ids=set(ids[5:]))
     assert sub["samples"] == 3 and list(sub["uld"].values())[1] is None
+
+
+def test_token_classes_give_the_ce_of_their_tokens(tiny, data_file):
+    """The numerals probe: the answer CE over the digit tokens only, against the per-token CE by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from fusion_cache.capture.inputs import read_conversations
+    from fusion_cache.capture.render import render
+    from fusion_cache.train.vocab import digit_tokens
+
+    model, tok = tiny
+    digits = digit_tokens(tok)
+    assert digits[tok.convert_tokens_to_ids("7")] and not digits[tok.eos_token_id]
+    r = evaluate_rows(model, tok, str(data_file), batch_size=2, token_classes={"digits": digits, "all": digits | True})
+    assert r["answer_ce_all"] == pytest.approx(r["answer_ce"], rel=1e-5) and r["tokens_all"] == r["answer_tokens"]
+    total = n = 0
+    for conv in read_conversations(str(data_file)):
+        if not conv.response:
+            continue
+        rd = render(tok, conv.messages, chat_template=True)
+        ids = torch.as_tensor(rd.input_ids, dtype=torch.long)
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0, rd.answer_start - 1 : -1]
+        ce = F.cross_entropy(logits, ids[rd.answer_start :], reduction="none")
+        sel = torch.as_tensor(digits)[ids[rd.answer_start :]]
+        total, n = total + float(ce[sel].sum()), n + int(sel.sum())
+    assert n > 0 and r["tokens_digits"] == n and r["answer_ce_digits"] == pytest.approx(total / n, rel=1e-4)

@@ -91,7 +91,9 @@ def test_the_program_runs_unprivileged():
 def test_only_the_work_directory_is_writable_and_the_host_is_not_visible(tmp_path):
     probe = tmp_path / "written-by-the-sandbox"
     # the interpreter's own directories are bound in (e.g. a pyenv install under /root); nothing else is
-    hidden = [p for p in ("/root", "/home", "/work", "/var", "/opt", str(tmp_path)) if not sys.base_prefix.startswith(p)]
+    hidden = [
+        p for p in ("/root", "/home", "/work", "/var", "/opt", str(tmp_path)) if not sys.base_prefix.startswith(p)
+    ]
     code = (
         "import os\n"
         "open('mine.txt', 'w').write('ok')\n"  # its own directory: fine

@@ -52,15 +52,16 @@ def test_bundled_answers_cover_every_prompt():
 def test_second_teacher_adds_its_kd_row_and_one_unified_row_per_combine(tmp_path):
     s = DemoSettings(second_teacher="gemma3-270m", combines=("mean", "uncertainty"))
     runs = demo_runs(s)
-    assert [r.run_dir for r in runs] == ["sft", "kd-kl", "kd-uld-gemma3-270m", "unified-mean", "unified-uncertainty"]
+    dirs = ["sft", "kd-kl", "kd-mapped_kl-gemma3-270m", "unified-mean", "unified-uncertainty"]
+    assert [r.run_dir for r in runs] == dirs
     gemma = runs[2]
-    assert gemma.teachers == ("gemma3-270m",) and gemma.align == "bytes"
+    assert gemma.teachers == ("gemma3-270m",) and gemma.align == "bytes" and gemma.kd_loss == "mapped_kl"
     assert all(r.teachers == ("smollm2-135m", "gemma3-270m") for r in runs[3:])
     caches = cache_dirs(tmp_path, s)
     assert caches["smollm2-135m"]["train"] == tmp_path / "cache" / "train"  # unchanged single-teacher layout
     assert caches["gemma3-270m"]["heldout"] == tmp_path / "cache" / "gemma3-270m" / "heldout"
     cfg = train_config(runs[4], tmp_path / "student", caches, tmp_path / "run", s)
-    assert cfg.combine == "uncertainty" and cfg.align == "bytes"
+    assert cfg.combine == "uncertainty" and cfg.align == "bytes" and cfg.kd_loss == ["auto"]
     assert cfg.shards == [str(caches["smollm2-135m"]["train"]), str(caches["gemma3-270m"]["train"])]
     assert (cfg.max_steps, cfg.seed, cfg.lr, cfg.lambda_) == (s.steps, s.seed, s.lr, s.lambda_)
     sft = train_config(runs[0], tmp_path / "student", caches, tmp_path / "sft", s)
@@ -87,8 +88,8 @@ def test_two_teacher_demo_end_to_end_on_tiny_models(tmp_path, tiny_model_dir, ot
     summary = run_demo(tmp_path, settings=s)
     other = other_teacher_dir.name
     names = ["student (start)", "SFT (lambda=0)", "KD ULD (InfiFusion) (lambda=0.5)",
-             f"KD ULD {other} (bytes, lambda=0.5)", "unified mean (bytes, lambda=0.5)",
-             "unified uncertainty (bytes, lambda=0.5)"]  # fmt: skip
+             f"KD mapped KL {other} (lambda=0.5)", "unified mean (kl + mapped_kl, lambda=0.5)",
+             "unified uncertainty (kl + mapped_kl, lambda=0.5)"]  # fmt: skip
     assert list(summary["results"]) == names
     for name, r in summary["results"].items():
         assert r["samples"] == 4 and r["top1_agreement"] is not None, name
@@ -99,7 +100,8 @@ def test_two_teacher_demo_end_to_end_on_tiny_models(tmp_path, tiny_model_dir, ot
     assert second.manifest.stats.rows == first.manifest.stats.rows and second.manifest.teacher.engine == "hf"
     out = capsys.readouterr().out
     assert f"| ULD to {tiny_model_dir.name} | ULD to {other} |" in out
-    assert "unified uncertainty (bytes, lambda=0.5) vs SFT" in out
+    assert "unified uncertainty (kl + mapped_kl, lambda=0.5) vs SFT" in out
+    assert f"unified mean (kl + mapped_kl, lambda=0.5) vs KD mapped KL {other} (lambda=0.5)" in out
     # the unified runs read both caches, the single-teacher one only its own
     unified = json.loads((tmp_path / "runs" / "unified-mean" / "summary.json").read_text())
     assert len(unified["cache"]) == 2 and unified["fusion"]["join"]

@@ -12,14 +12,15 @@ def test_registry_names_and_auto():
     from fusion_cache.cache.codecs import make_codec
     from fusion_cache.errors import ConfigError
 
-    assert losses.LOSS_CHOICES == ("uld", "kl", "auto") and set(losses.LOSSES) == {"uld", "kl"}
+    assert losses.LOSS_CHOICES == ("uld", "kl", "mapped_kl", "hybrid", "auto")
+    assert set(losses.LOSSES) == {"uld", "kl", "mapped_kl", "hybrid"}
     raw = make_codec("raw")
     same, other = losses.TeacherTraits("a", True, raw), losses.TeacherTraits("b", False, raw)
-    assert losses.resolve_loss_names(["auto"], [same, other]) == ["kl", "uld"]
+    assert losses.resolve_loss_names(["auto"], [same, other]) == ["kl", "mapped_kl"]
     assert losses.resolve_loss_names(["uld"], [same, other]) == ["uld", "uld"]
     with pytest.raises(ConfigError, match="one per cache"):
         losses.resolve_loss_names(["kl", "uld", "kl"], [same, other])
-    with pytest.raises(ConfigError, match="kd_loss: unknown value 'mse'; valid values: uld, kl, auto"):
+    with pytest.raises(ConfigError, match="kd_loss: unknown value 'mse'; valid values: uld, kl, mapped_kl, hybrid"):
         losses.make_loss("mse")
     assert losses.make_loss("uld", k=7, tail=True, zscore=False) == losses.ULD(k=7, zscore=False, tail=True)
     assert losses.make_loss("kl", k=7) == losses.TopKKL()  # options it does not take are ignored
@@ -45,7 +46,7 @@ def test_shape_caches_refuse_losses_that_need_log_probs():
             loss.check(values)  # true log-probs: allowed here
 
 
-@pytest.mark.parametrize("name", ["uld", "kl"])
+@pytest.mark.parametrize("name", ["uld", "kl", "mapped_kl", "hybrid"])
 def test_each_loss_rows_are_nonnegative_and_differentiable(name):
     torch.manual_seed(0)
     logits = torch.randn(5, 50, dtype=torch.float64, requires_grad=True)
@@ -55,5 +56,63 @@ def test_each_loss_rows_are_nonnegative_and_differentiable(name):
     target = {"values": values, "ids": ids.gather(1, order)}
     loss = losses.make_loss(name, k=6)
     d = loss.rows(logits, target)
-    assert d.shape == (5,) and bool((d >= -1e-9).all())
+    assert d.shape == (5,) and (name == "hybrid" or bool((d >= -1e-9).all()))  # hybrid: KL on a partial support
     assert torch.autograd.gradcheck(lambda z: loss.rows(z, target), (logits,))
+
+
+def test_mapped_kl_with_padding_equals_the_kl_over_the_carried_support():
+    """kl rows with -1 padding: sum over the present ids of p (log p - log q) plus the tail bucket, by hand."""
+    from fusion_cache.kernels.reference import topk_kl_rows_reference
+
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5, 2.0]], dtype=torch.float64)
+    q = torch.softmax(logits, -1)[0]
+    ids = torch.tensor([[4, 0, -1, -1]])
+    p = torch.tensor([0.5, 0.3])
+    values = torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64).log()  # -inf at padding
+    got = topk_kl_rows_reference(logits, ids, values, tail=True)
+    p_tail, q_tail = 1 - p.sum(), 1 - q[[4, 0]].sum()
+    want = (p * (p.log() - q[[4, 0]].log())).sum() + p_tail * (p_tail.log() - q_tail.log())
+    torch.testing.assert_close(got, want[None].to(got.dtype))
+    assert torch.autograd.gradcheck(lambda z: topk_kl_rows_reference(z, ids, values), (logits.requires_grad_(),))
+    with pytest.raises(ValueError, match="or be -1"):
+        topk_kl_rows_reference(logits, torch.tensor([[4, -2, 0, 1]]), values)
+
+
+def test_hybrid_is_kl_on_matched_plus_sorted_l1_on_the_rest():
+    from fusion_cache.kernels.reference import hybrid_rows_reference
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, 0.2]], dtype=torch.float64)
+    q = torch.softmax(logits, -1)[0]
+    ids = torch.tensor([[1, -1, 3, -1]])  # the teacher's 1st and 3rd candidates exist in the student's vocabulary
+    p = torch.tensor([0.4, 0.3, 0.2, 0.05], dtype=torch.float64)
+    got = hybrid_rows_reference(logits, ids, p.log()[None])
+    kl = 0.4 * (0.4 / q[1]).log() + 0.2 * (0.2 / q[3]).log()
+    rest_q = torch.sort(q[[0, 2, 4, 5]], descending=True).values[:2]  # the student's largest outside ids 1, 3
+    want = kl + (torch.tensor([0.3, 0.05], dtype=torch.float64) - rest_q).abs().sum()
+    torch.testing.assert_close(got, want[None])
+    assert torch.autograd.gradcheck(lambda z: hybrid_rows_reference(z, ids, p.log()[None]), (logits.requires_grad_(),))
+    # every candidate matched: plain KL on them; none matched: sorted L1 only (ULD without the z-score)
+    all_ids = torch.tensor([[0, 1, 2, 3]])
+    torch.testing.assert_close(hybrid_rows_reference(logits, all_ids, p.log()[None]),
+                               (p * (p.log() - q[:4].log())).sum()[None])  # fmt: skip
+    none = hybrid_rows_reference(logits, torch.full((1, 4), -1), p.log()[None])
+    torch.testing.assert_close(none, (p - torch.sort(q, descending=True).values[:4]).abs().sum()[None])
+
+
+def test_auto_and_checks_for_the_cross_tokenizer_losses():
+    from fusion_cache.cache.codecs import make_codec
+    from fusion_cache.errors import ConfigError
+
+    raw, values = make_codec("raw"), make_codec("values")
+    other = losses.TeacherTraits("b", False, raw)
+    assert losses.resolve_loss_names(["auto"], [other, losses.TeacherTraits("v", False, values)]) == [
+        "mapped_kl",
+        "uld",
+    ]
+    losses.make_loss("mapped_kl").check(other)
+    losses.make_loss("hybrid").check(other)
+    for name in ("mapped_kl", "hybrid"):
+        with pytest.raises(ConfigError, match=f"kd_loss '{name}' for teacher v: a 'values' cache stores no token ids"):
+            losses.make_loss(name).check(losses.TeacherTraits("v", False, values))
+    assert [losses.LOSSES[n].target for n in ("uld", "kl", "mapped_kl", "hybrid")] == [
+        "values", "values", "carried", "exact"]  # fmt: skip

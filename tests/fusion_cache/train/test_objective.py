@@ -33,8 +33,17 @@ def _student(model_dir, noise=0.05):
     return model
 
 
-def _batch(caches, tok, n, max_length=256, combine="mean"):
-    stream = DistillStream([str(c) for c in caches], tok, chat_template=True, max_length=max_length, entropy_k=8)
+def _batch(caches, tok, n, max_length=256, combine="mean", targets=None):
+    maps = None
+    if targets is not None:  # a map for every teacher of another tokenizer whose target needs one
+        from fusion_cache.cache.reader import CacheReader
+        from fusion_cache.train.vocab import teacher_tokenizer
+        from fusion_cache.train.vocab import vocab_map
+
+        maps = [vocab_map(teacher_tokenizer(CacheReader(str(c)).manifest), tok) if t != "values" else None
+                for c, t in zip(caches, targets, strict=True)]  # fmt: skip
+    stream = DistillStream([str(c) for c in caches], tok, chat_template=True, max_length=max_length, entropy_k=8,
+                           targets=targets, maps=maps)  # fmt: skip
     return collate(list(itertools.islice(iter(stream), n)), tok.pad_token_id or 0, len(caches), combine)
 
 
@@ -76,16 +85,19 @@ def test_one_teacher_fused_matches_dense(built_cache, tiny_model_dir, lambda_, l
         functional.set_backend(None)
 
 
-@pytest.mark.parametrize("combine", ["mean", "uncertainty"])
-def test_two_teachers_with_their_own_losses_fused_matches_dense(multi_caches, tiny_model_dir, combine):
-    """Teacher a (the student's tokenizer) with the top-K KL, teacher b (another tokenizer) with ULD, one run."""
+@pytest.mark.parametrize(("combine", "other"), [("mean", "uld"), ("uncertainty", "uld"), ("mean", "mapped_kl"),
+                                               ("uncertainty", "hybrid")])  # fmt: skip
+def test_two_teachers_with_their_own_losses_fused_matches_dense(multi_caches, tiny_model_dir, combine, other):
+    """Teacher a (the student's tokenizer) with the top-K KL, teacher b (another tokenizer) with ULD, the mapped KL
+    or the hybrid, in one run."""
     model = _student(tiny_model_dir)
+    loss_b = make_loss(other, k=6)
     batch = _batch([multi_caches["a"], multi_caches["b"]], AutoTokenizer.from_pretrained(tiny_model_dir), 4,
-                   combine=combine)  # fmt: skip
+                   combine=combine, targets=["values", loss_b.target])  # fmt: skip
     assert all(t is not None for t in batch["teachers"])
     functional.set_backend("torch")
     try:
-        results = _both_paths(model, batch, [TopKKL(), ULD(k=6)], 0.5)
+        results = _both_paths(model, batch, [TopKKL(), loss_b], 0.5)
     finally:
         functional.set_backend(None)
     _assert_same(results)

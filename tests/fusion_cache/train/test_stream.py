@@ -146,3 +146,54 @@ def test_examples_do_not_keep_the_mapped_shard_alive(built_cache, tok):
     assert examples and all(e.teachers[0].values.flags.owndata for e in examples)
     assert all(e.teachers[0].ids.flags.owndata for e in examples)
     assert all(e.input_ids.flags.owndata for e in examples)
+
+
+def test_carried_and_exact_targets_for_another_tokenizer(multi_caches, tok):
+    """exact: the byte-aligned rows and values, with the ids that exist in the student's vocabulary; carried: the
+    teacher's mass on the student's vocabulary at those rows and at the student rows inside a teacher token."""
+    from fusion_cache.cache.reader import CacheReader
+    from fusion_cache.train.vocab import teacher_tokenizer
+    from fusion_cache.train.vocab import vocab_map
+
+    a, b = multi_caches["a"], multi_caches["b"]
+    vmap = vocab_map(teacher_tokenizer(CacheReader(b).manifest), tok)
+    plain = list(_stream([a, b], tok))
+    exact = list(_stream([a, b], tok, targets=["values", "exact"], maps=[None, vmap]))
+    carried = list(_stream([a, b], tok, targets=["values", "carried"], maps=[None, vmap]))
+    rows = {r.sample_id: r for r in CacheReader(b).iter_rows()}
+    extra = 0
+    for p, e, c in zip(plain[:5], exact[:5], carried[:5], strict=True):
+        tp, te, tc = p.teachers[1], e.teachers[1], c.teachers[1]
+        assert np.array_equal(tp.student_rows, te.student_rows) and np.array_equal(tp.values, te.values)
+        assert tp.ids is None and te.ids.shape == te.values.shape and (te.ids < len(tok)).all()
+        cached = rows[p.sample_id]
+        first = np.flatnonzero(cached.topk_logprobs[:, 0] == tp.values[0, 0])[0]  # the teacher row of row 0
+        assert np.array_equal(te.ids[0], vmap.exact_ids(cached.topk_ids[first]))
+        assert set(tp.student_rows) <= set(tc.student_rows)  # every shared boundary, plus rows inside tokens
+        extra += len(tc.student_rows) - len(tp.student_rows)
+        assert ((tc.ids >= -1) & (tc.ids < len(tok))).all() and (tc.ids[:, 0] >= 0).all()
+        mass = np.exp(tc.values).sum(axis=1)
+        assert (mass <= 1 + 1e-5).all() and (mass > 0).all()
+    assert extra > 0  # the tokenizers disagree somewhere: some student rows sit inside a teacher token
+    with pytest.raises(ConfigError, match="needs a vocabulary map"):
+        _stream([a, b], tok, targets=["values", "carried"])
+
+
+@pytest.mark.parametrize("caches", ["single", "joined"])
+def test_dataloader_workers_split_the_samples(built_cache, multi_caches, tok, caches):
+    """Under DataLoader(num_workers=2) each sample comes once (each worker takes its own stride)."""
+    import torch
+
+    caches = built_cache if caches == "single" else [multi_caches["a"], multi_caches["b"]]
+    every = sorted(e.sample_id for e in _stream(caches, tok))
+    loader = torch.utils.data.DataLoader(_stream(caches, tok), batch_size=None, num_workers=2,
+                                         collate_fn=lambda e: e.sample_id)  # fmt: skip
+    assert sorted(loader) == every
+
+
+def test_a_stream_with_nothing_usable_says_so(built_cache, tok, caplog):
+    with caplog.at_level("WARNING", logger="fusion_cache.train.stream"):
+        assert list(_stream(built_cache, tok, max_length=2)) == []
+    assert "got no usable samples" in caplog.text and "no_answer_token" in caplog.text
+    with pytest.raises(ConfigError, match="larger max_length"):
+        list(_stream(built_cache, tok, max_length=2, epochs=2))

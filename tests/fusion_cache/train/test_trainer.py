@@ -142,15 +142,22 @@ def test_a_run_with_two_teachers_logs_each_teacher(tmp_path, multi_caches, tiny_
 
 @pytest.mark.slow
 def test_each_teacher_trains_with_its_own_loss(tmp_path, multi_caches, tiny_model_dir):
-    """kl for the teacher with the student's tokenizer, uld for the other, in one run; auto picks the same."""
+    """kl for the teacher with the student's tokenizer and a cross-tokenizer loss for the other, in one run; auto
+    picks kl and mapped_kl."""
     base = dict(student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], batch_size=2,
                 max_steps=2, top_k=6, lr=1e-3, save=False, seed=3)  # fmt: skip
-    per = run_train(TrainConfig.create(**base, out=str(tmp_path / "per"), kd_loss=["kl", "uld"]), progress=False)
-    auto = run_train(TrainConfig.create(**base, out=str(tmp_path / "auto"), kd_loss="auto"), progress=False)
-    assert per.summary["kd_loss"] == auto.summary["kd_loss"] == {"tiny-qwen2": "kl", "tiny-llama": "uld"}
-    rec = _records(tmp_path / "per")
-    assert {"kl_tiny-qwen2", "uld_tiny-llama"} <= set(rec[0]) and rec[0]["kl_tiny-qwen2"] >= -1e-6
-    assert [r["loss"] for r in rec] == [r["loss"] for r in _records(tmp_path / "auto")]
+    runs = {}
+    for name, kd in (("uld", ["kl", "uld"]), ("mapped", ["kl", "mapped_kl"]), ("hybrid", ["kl", "hybrid"]),
+                     ("auto", "auto")):  # fmt: skip
+        runs[name] = run_train(TrainConfig.create(**base, out=str(tmp_path / name), kd_loss=kd), progress=False)
+    assert runs["auto"].summary["kd_loss"] == {"tiny-qwen2": "kl", "tiny-llama": "mapped_kl"}
+    for name, loss in (("uld", "uld"), ("mapped", "mapped_kl"), ("hybrid", "hybrid")):
+        rec = _records(tmp_path / name)
+        assert runs[name].summary["kd_loss"]["tiny-llama"] == loss
+        assert {"kl_tiny-qwen2", f"{loss}_tiny-llama"} <= set(rec[0]) and rec[0]["kl_tiny-qwen2"] >= -1e-6
+        assert all(math.isfinite(r["loss"]) for r in rec)
+    assert [r["loss"] for r in _records(tmp_path / "mapped")] == [r["loss"] for r in _records(tmp_path / "auto")]
+    assert [r["loss"] for r in _records(tmp_path / "mapped")] != [r["loss"] for r in _records(tmp_path / "uld")]
     with pytest.raises(ConfigError, match="kd_loss 'kl' for teacher tiny-llama"):
         run_train(TrainConfig.create(**base, out=str(tmp_path / "bad"), kd_loss="kl"), progress=False)
 
@@ -163,7 +170,7 @@ def test_config_rules_for_several_caches(tmp_path):
         TrainConfig.create(shards=["a", "b"], combine="max", **base)
     with pytest.raises(ConfigError, match="one per cache"):
         TrainConfig.create(shards=["a", "b", "c"], kd_loss=["kl", "uld"], **base)
-    with pytest.raises(ConfigError, match="kd_loss.0: Input should be 'uld', 'kl' or 'auto'"):
+    with pytest.raises(ConfigError, match="kd_loss.0: Input should be 'uld', 'kl', 'mapped_kl', 'hybrid' or 'auto'"):
         TrainConfig.create(shards=["a"], kd_loss="mse", **base)
     cfg = TrainConfig.create(shards=["a", "b"], kd_loss="kl", **base)
     assert (cfg.combine, cfg.align, cfg.kd_loss) == ("mean", "bytes", ["kl"])
