@@ -57,11 +57,15 @@ def student_vocab(model) -> int:
     return int(n)
 
 
-def check_examples(examples: list, vocab: int, step: int, stream) -> None:
-    """Refuse a micro-batch whose student tokens or teacher ids lie outside the student's vocabulary [0, vocab).
+def check_examples(examples: list, vocab: int, at: str, stream) -> None:
+    """Refuse a micro-batch whose student tokens or teacher ids lie outside the student's vocabulary [0, vocab)
+    (a teacher id may be -1: a token the vocabulary map found no student id for).
+
+    Args:
+        at: where the batch is used, for the message ("step 12", "evaluation").
 
     Raises:
-        ShardFormatError: naming the step, the sample and its cache rows.
+        ShardFormatError: naming ``at``, the sample and its cache rows.
     """
     for ex in examples:
         problem = None
@@ -71,11 +75,11 @@ def check_examples(examples: list, vocab: int, step: int, stream) -> None:
         for name, target in zip(stream.names, ex.teachers, strict=False):
             if problem is None and target is not None and target.ids is not None and target.ids.size:
                 lo, hi = int(target.ids.min()), int(target.ids.max())
-                if lo < 0 or hi >= vocab:
+                if lo < -1 or hi >= vocab:  # -1: a mapped teacher token with no student id (train.stream)
                     problem = f"top-K id {hi if hi >= vocab else lo} of teacher {name}"
         if problem is not None:
             raise ShardFormatError(
-                f"step {step}: {describe_rows([ex], stream)}: {problem} is outside the student's vocabulary "
+                f"{at}: {describe_rows([ex], stream)}: {problem} is outside the student's vocabulary "
                 f"[0, {vocab}) (the cache's tokenizer_hash says the teacher shares the student's tokenizer)"
             )
 

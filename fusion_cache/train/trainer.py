@@ -515,7 +515,7 @@ def _train_step(
             raise RuntimeError("the cache stream ended early")  # plan_steps gives it enough epochs
         if on_batch is not None:
             on_batch(step + 1, batch)
-        check_examples(batch, p.vocab, step + 1, p.stream)
+        check_examples(batch, p.vocab, f"step {step + 1}", p.stream)
         trained.extend(batch)
         n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
         tensors = _to_device(collate(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
