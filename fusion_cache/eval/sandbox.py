@@ -327,7 +327,9 @@ def _jail_main(spec: dict) -> int:
     namespace = spec["namespaces"] and libc.unshare(flags) == 0
     if namespace and userns:
         try:
-            for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            # the identity map: inside, the program is the same non-zero uid, so exec drops every capability the
+            # namespace gave (a map to uid 0 would make it root of the namespace, able to setuid(0) and more)
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as f:
                     f.write(text)
         except OSError:
