@@ -332,7 +332,8 @@ def test_a_buffer_declaring_a_terabyte_is_refused_at_once(synthetic_caches, tmp_
         meta_len = struct.unpack_from("<i", data, pos + 4)[0]
         fb = _FlatBuffer(bytes(data[pos + 8 : pos + 8 + meta_len]), "test")
         msg = fb.root()
-        body_len = fb._unpack("<q", fb.field(msg, 3))
+        at = fb.field(msg, 3)  # Message.bodyLength; absent (0) in the schema message
+        body_len = fb._unpack("<q", at) if at else 0
         if n == 1:
             buffers = fb.structs(fb.field(fb.deref(fb.field(msg, 2)), 2), 16)
             off, _ = max(buffers, key=lambda x: x[1])
@@ -341,7 +342,7 @@ def test_a_buffer_declaring_a_terabyte_is_refused_at_once(synthetic_caches, tmp_
         n += 1
     f.write_bytes(bytes(data))
     reseal(cache)
-    refused(cache, "would decode to 1099511627776 bytes")
+    refused(cache, r"would decode to 1099511\d{6} bytes")  # 1 TiB plus the batch's other buffers
 
 
 def test_bombs_stay_within_a_memory_bound(synthetic_caches, tmp_path):
