@@ -144,17 +144,13 @@ def _compile() -> dict:
         one = np.uint64(1)
         for t in range(n):
             v0 = values[t, 0]
-            if exact:
-                prev = v0
-                if not np.isfinite(prev):
-                    return t, 1, 0
-                for j in range(1, k):
-                    x = values[t, j]
-                    if not np.isfinite(x):
+            if exact:  # every value finite first, then sorted: the numpy reference's order of verdicts
+                for j in range(k):
+                    if not np.isfinite(values[t, j]):
                         return t, 1, j
-                    if x > prev:
+                for j in range(1, k):
+                    if values[t, j] > values[t, j - 1]:
                         return t, 2, j
-                    prev = x
             else:  # quantized: sorted and finite by construction; the ends are checked
                 if not np.isfinite(v0):
                     return t, 1, 0
