@@ -9,7 +9,8 @@ fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (o
 fusion-cache combine --cache ./cache/smollm2
 fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
 fusion-cache inspect --cache ./cache/smollm2
-fusion-cache verify --cache ./cache/smollm2
+fusion-cache verify --cache ./cache/smollm2 [--trusted-key team.pub]
+fusion-cache keygen --out ~/.keys/team && fusion-cache sign --cache ./cache/smollm2 --key ~/.keys/team
 fusion-cache train --student ./student --cache ./cache/smollm2 --out ./runs/kd
 fusion-cache train --config ./runs/kd/config.yaml --out ./runs/kd2   (a run's config.yaml replays it)
 fusion-cache train --mode pairwise --student ./student --cache ./cache/a --cache ./cache/b --out ./runs
@@ -43,6 +44,7 @@ from fusion_cache.cli.options import Flag
 from fusion_cache.cli.options import common_options
 from fusion_cache.cli.options import config_options
 from fusion_cache.errors import ConfigError
+from fusion_cache.errors import FusionCacheError
 from fusion_cache.eval import PROMPT_STYLES
 from fusion_cache.merge.config import MergeConfig
 from fusion_cache.recipes.pairwise import PAIRWISE
@@ -332,19 +334,73 @@ def coverage(
 
 @app.command()
 @common_options
-def verify(cache: str = typer.Option(None, "--cache", help=CACHE_HELP), old: str = _old_cache()) -> None:
-    """Check every shard's checksum, schema, row count and lengths, and the manifest's fingerprint chain."""
+def verify(
+    cache: str = typer.Option(None, "--cache", help=CACHE_HELP),
+    old: str = _old_cache(),
+    trusted_key: list[str] = typer.Option(
+        None, "--trusted-key", help="public key (OpenSSH .pub or PEM): also require its valid signature (repeat)"
+    ),
+) -> None:
+    """Check every shard's checksum, schema, row count, lengths and the content of every row, the manifest's
+    fingerprints, and with --trusted-key a signature of one of those keys over the fingerprint."""
     from fusion_cache.cache.reader import CacheReader
 
     cache = _cache_argument(cache, old, "verify")
     reader = CacheReader(cache)
     problems = reader.verify(progress=True)
+    signer = None
+    if trusted_key:
+        from fusion_cache.cache.signature import verify_signature
+
+        try:
+            signer = verify_signature(cache, trusted_key, fingerprint=reader.manifest.fingerprint)
+        except FusionCacheError as e:
+            problems.append(str(e))
     if problems:
         for p in problems:
             typer.secho(f"BAD {p}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)
     m = reader.manifest
-    typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}")
+    signed = f", signed by key {signer}" if signer else ""
+    typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}{signed}")
+
+
+@app.command()
+@common_options
+def keygen(out: Path = typer.Option(..., help="private key file to write (mode 0600); the public key goes to OUT.pub")):
+    """Make an ed25519 key pair for signing caches (needs the `sign` extra: the cryptography package).
+
+    Example: fusion-cache keygen --out ~/.keys/team-a   (share team-a.pub; keep team-a)
+    """
+    from fusion_cache.cache.signature import generate_key
+
+    private, public = generate_key(out)
+    typer.echo(f"wrote {private} (private: keep it) and {public} (public: give it to whoever trusts your caches)")
+
+
+@app.command()
+@common_options
+def sign(
+    cache: str = typer.Option(None, "--cache", help=CACHE_HELP),
+    old: str = _old_cache(),
+    key: Path = typer.Option(..., help="private ed25519 key (PEM or OpenSSH; fusion-cache keygen)"),
+) -> None:
+    """Sign a cache's fingerprint (after verifying it), so that `verify --trusted-key` and `train
+    --require-signature` accept it; the signature goes to <cache>/signatures.json.
+
+    Example: fusion-cache sign --cache ./cache/smollm2 --key ~/.keys/team-a
+    """
+    from fusion_cache.cache.reader import CacheReader
+    from fusion_cache.cache.signature import sign_cache
+
+    cache = _cache_argument(cache, old, "sign")
+    problems = CacheReader(cache).verify()  # vouch only for an intact cache
+    if problems:
+        more = f" (and {len(problems) - 1} more: run fusion-cache verify)" if len(problems) > 1 else ""
+        typer.secho(f"not signed: {problems[0]}{more}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    entry = sign_cache(cache, key)
+    typer.echo(f"signed {cache}: fingerprint {entry['fingerprint'][:16]} by key {entry['key_id']}")
 
 
 # Flags that differ from the field names. train: `--cache` for caches as everywhere, `--loss-k` for the K a loss

@@ -33,5 +33,13 @@ class FingerprintError(FusionCacheError, ValueError):
     """A fingerprint does not match what the data or the settings hash to."""
 
 
+class SignatureError(FusionCacheError, ValueError):
+    """A cache required to be signed carries no valid signature of a trusted key over its fingerprint."""
+
+
 class MissingDependencyError(FusionCacheError, ImportError):
     """An optional dependency (vLLM, Triton, a teacher package) is not installed; the message says how to get it."""
+
+
+class NonFiniteLossError(FusionCacheError, FloatingPointError):
+    """A training step's loss or gradient norm is NaN or infinite; the message names the step and its samples' rows."""

@@ -120,6 +120,50 @@ def cache_copy(built_cache, tmp_path) -> Path:
     return dst
 
 
+def reseal_cache(directory: Path, *, edit=None, sizes: bool = True, checksums: bool = True) -> dict:
+    """What anyone can do to an edited cache in a few lines: apply ``edit`` to the manifest's JSON, then recompute
+    its shard sizes, checksums and both fingerprints with the public formulas (docs/cache-format.md), so that only
+    the reader's own checks stand between the edit and a student. Returns the new manifest JSON."""
+    import hashlib
+
+    from fusion_cache.cache.fingerprint import chain_fingerprint
+    from fusion_cache.cache.fingerprint import config_fingerprint
+    from fusion_cache.cache.manifest import config_settings
+
+    path = Path(directory) / "manifest.json"
+    m = json.loads(path.read_text())
+    if edit is not None:
+        edit(m)
+    for s in m["shards"]:
+        f = Path(directory) / s["path"]
+        if sizes and f.is_file():
+            s["bytes"] = f.stat().st_size
+        if checksums and f.is_file():
+            s["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    if sizes:
+        m["stats"]["payload_bytes"] = sum(s["bytes"] for s in m["shards"])
+    settings = config_settings(
+        schema_version=m["schema_version"],
+        teacher=m["teacher"],
+        dataset_hash=m["dataset"]["hash"],
+        rows_read=m["dataset"]["rows_read"],
+        k=m["k"],
+        codec=m["codec"],
+        max_length=m["max_length"],
+        overlong=m["overlong"],
+    )
+    m["config_fingerprint"] = config_fingerprint(settings)
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    path.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return m
+
+
+@pytest.fixture(scope="session")
+def reseal():
+    """`reseal_cache`: edit a cache's manifest and recompute its checksums and fingerprints, as an attacker would."""
+    return reseal_cache
+
+
 # ---- the Triton kernels (kernels/uld.py): on CPU they run under Triton's interpreter.
 # Triton decides at import and decoration time whether its functions (its own tl.* helpers included) are
 # interpreted, so TRITON_INTERPRET=1 has to be in the environment when triton itself is imported. `triton_uld` sets
@@ -214,3 +258,83 @@ def multi_caches(tmp_path_factory, tiny_model_dir, other_teacher_dir) -> dict[st
         "b": _build(other_teacher_dir, data, root / "b", top_k=6, limit=5),
         "c": _build(other_teacher_dir, other, root / "c", top_k=6),
     }
+
+
+# ---- small synthetic caches of every codec, written without a model (the hostile-cache tests mutate them)
+SYNTH_VOCAB = 300
+
+
+def write_synthetic_cache(out: Path, codec_name: str, *, rows: int = 6, k: int = 8, seed: int = 0) -> Path:
+    """A valid cache of ``rows`` synthetic rows with the codec ``codec_name``: true top-K log-probs of random logits
+    over a vocabulary of ``SYNTH_VOCAB`` ids, real sample ids and byte offsets, a manifest whose every field agrees
+    (two shards when there are more than three rows)."""
+    import datetime as dt
+    import hashlib
+
+    import numpy as np
+
+    from fusion_cache.cache.codecs import make_codec
+    from fusion_cache.cache.fingerprint import chain_fingerprint
+    from fusion_cache.cache.fingerprint import config_fingerprint
+    from fusion_cache.cache.manifest import Manifest
+    from fusion_cache.cache.manifest import config_settings
+    from fusion_cache.cache.row import CacheRow
+    from fusion_cache.cache.schema import SCHEMA_VERSION
+    from fusion_cache.cache.writer import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    codec = make_codec(codec_name, vocab_size=SYNTH_VOCAB).to_json()
+    teacher = {"name": "synthetic", "model": "none", "revision": "r1", "tokenizer_hash": "0" * 64,
+               "chat_template": False, "engine": "hf", "dtype": "float32", "vocab_size": SYNTH_VOCAB}  # fmt: skip
+    settings = config_settings(schema_version=SCHEMA_VERSION, teacher=teacher, dataset_hash="d" * 64,
+                               rows_read=rows + 1, k=k, codec=codec, max_length=64, overlong="truncate")  # fmt: skip
+    cfp = config_fingerprint(settings)
+    made = []
+    for i in range(rows):
+        answer = {"content": "a b c d e f"[: 2 * (i % 4) + 3], "role": "assistant"}
+        conv = json.dumps([{"content": f"q{i}", "role": "user"}, answer], separators=(",", ":"))
+        n = 4 + i % 5
+        start = 2 + i % 2
+        logits = rng.normal(0, 3, (n - start, SYNTH_VOCAB))
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+            - logits.max(1, keepdims=True)
+        )
+        order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
+        ids = rng.integers(0, SYNTH_VOCAB, n).astype(np.int32)
+        ids[start:] = order[:, 0]  # the answer tokens are the teacher's top-1: the full codec derives their targets
+        made.append(CacheRow(
+            sample_id=hashlib.blake2b(conv.encode(), digest_size=16).hexdigest(), row_index=i + (i >= 3),
+            conversation=conv, input_ids=ids, answer_start=start,
+            token_byte_start=np.arange(n, dtype=np.int32) * 2, token_byte_end=np.arange(n, dtype=np.int32) * 2 + 2,
+            topk_ids=order.astype(np.int32), topk_logprobs=np.take_along_axis(logp, order, 1).astype(np.float32),
+            target_logprobs=logp[np.arange(n - start), ids[start:]].astype(np.float32),
+        ))  # fmt: skip
+    prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec, "config_fingerprint": cfp}
+    work = Path(out)
+    with ShardWriter(work, prov, shard_rows=3) as w:
+        w.write_rows(made)
+    for f in work.glob("part-*.json"):
+        f.unlink()
+    n_tok = sum(len(r.input_ids) for r in made)
+    n_ans = sum(r.n_answer for r in made)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, fusion_cache_version="test", created_at=dt.datetime(2026, 1, 1).isoformat(),
+        teacher=teacher, dataset={"source": "synthetic", "hash": "d" * 64, "rows_read": rows + 1}, k=k, codec=codec,
+        max_length=64, overlong="truncate",
+        stats={"rows": rows, "tokens": n_tok, "answer_tokens": n_ans, "skipped": {"empty_response": 1},
+               "truncated": 0, "payload_bytes": sum(s["bytes"] for s in w.shards), "wall_seconds": 0.0},
+        shards=w.shards, config_fingerprint=cfp, fingerprint=chain_fingerprint(cfp, w.shards),
+    )  # fmt: skip
+    manifest.write(work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def synthetic_caches(tmp_path_factory) -> dict[str, Path]:
+    """One valid synthetic cache per codec (`write_synthetic_cache`), shared read-only: copy one before damaging it."""
+    from fusion_cache.cache.codecs import CODECS
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return {name: write_synthetic_cache(root / name, name) for name in CODECS}

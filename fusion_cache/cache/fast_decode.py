@@ -134,7 +134,78 @@ def _compile() -> dict:
             out[t, k - 1] = gm * ns + vm
         return -1
 
-    return {"rank_planes": rank_planes, "value_groups": value_groups}
+    @jit
+    def topk_rows(values, ids, use_ids, vocab, words, exact, logprobs, tols, starts, widths):  # pragma: no cover
+        """The content checks of a decoded top-K block, one pass per answer position: (position, verdict, column)
+        of the first failure, or (-1, 0, 0); the same verdicts as `cache.validate.topk_rows_numpy`. ``words`` is a
+        zeroed bitset over the ids (uint64 [ceil(V / 64)]), left zeroed; ``tols`` = (fixed, per span, top-1)."""
+        fixed, per_span, exact_tol = tols[0], tols[1], tols[2]
+        n, k = values.shape
+        one = np.uint64(1)
+        for t in range(n):
+            v0 = values[t, 0]
+            if exact:  # every value finite first, then sorted: the numpy reference's order of verdicts
+                for j in range(k):
+                    if not np.isfinite(values[t, j]):
+                        return t, 1, j
+                for j in range(1, k):
+                    if values[t, j] > values[t, j - 1]:
+                        return t, 2, j
+            else:  # quantized: sorted and finite by construction; the ends are checked
+                if not np.isfinite(v0):
+                    return t, 1, 0
+                if not np.isfinite(values[t, k - 1]):
+                    return t, 1, k - 1
+            if logprobs:
+                if v0 > exact_tol:
+                    return t, 3, 0
+                v0d = np.float64(v0)
+                tol = fixed + per_span * (v0d - np.float64(values[t, k - 1]))
+                if not exact:
+                    tol += abs(v0d) * 2.0**-10
+                limit = np.exp(tol)
+                bound = 0.0
+                for g in range(starts.shape[0]):
+                    bound += widths[g] * np.exp(np.float64(values[t, starts[g]]))
+                if not bound <= limit:
+                    total = 0.0
+                    for j in range(k):
+                        total += np.exp(np.float64(values[t, j]))
+                    if total > limit:
+                        return t, 4, 0
+            if use_ids:
+                for j in range(k):
+                    x = ids[t, j]
+                    if x < 0 or x >= vocab:
+                        return t, 5, j
+                for j in range(k):
+                    x = np.uint64(ids[t, j])
+                    w = x >> np.uint64(6)
+                    b = one << (x & np.uint64(63))
+                    if words[w] & b:
+                        for i in range(j):
+                            words[np.uint64(ids[t, i]) >> np.uint64(6)] = 0
+                        return t, 6, j
+                    words[w] |= b
+                for j in range(k):
+                    words[np.uint64(ids[t, j]) >> np.uint64(6)] = 0
+        return -1, 0, 0
+
+    return {"rank_planes": rank_planes, "value_groups": value_groups, "topk_rows": topk_rows}
+
+
+_BITSETS: dict[int, np.ndarray] = {}
+
+
+def id_bitset(size: int) -> np.ndarray:
+    """A zeroed bitset over ids [0, size) for the compiled distinctness check (kept, and left zeroed, between
+    calls)."""
+    words = (size + 63) // 64
+    if words not in _BITSETS:
+        if len(_BITSETS) > 8:
+            _BITSETS.clear()
+        _BITSETS[words] = np.zeros(words, np.uint64)
+    return _BITSETS[words]
 
 
 def readonly(a: np.ndarray) -> np.ndarray:

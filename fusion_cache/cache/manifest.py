@@ -1,8 +1,20 @@
 """manifest.json: what a cache is, how it was made, and how to check it.
 
 The manifest is untrusted input when a cache comes from elsewhere, so loading validates every field (pydantic,
-unknown keys refused), every shard path (a plain file name inside the cache directory), the schema version and the
-fingerprint chain, and raises ShardFormatError / FingerprintError naming the problem.
+unknown keys refused), every shard path (a plain file name inside the cache directory, listed once), the schema
+version and both fingerprints, and raises ShardFormatError / FingerprintError naming the problem. Anyone can reseal
+an edited manifest (the formulas are public), so loading also recomputes what the manifest's fields imply:
+
+- ``config_fingerprint`` from the fields it covers (`config_settings`: the teacher block but ``model``, the dataset
+  hash and rows read, K, the codec, the length policy, the schema version): an edited ``teacher.tokenizer_hash`` or
+  ``teacher.vocab_size`` no longer matches it;
+- ``fingerprint`` from ``config_fingerprint`` and the shard list (path, rows, sha256);
+- ``stats`` from the shard list (rows, answer tokens, bytes) and from the input rows (kept + skipped = read).
+
+What is left is recomputed from the shards as they are read (cache/validate.py): each shard's size, sha256, rows and
+answer tokens, and the total tokens. The remaining fields (``created_at``, ``fusion_cache_version``,
+``dataset.source``, ``teacher.model``, ``stats.wall_seconds``) are informational: nothing reads them to decide
+anything.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from pydantic import field_validator
 
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
+from fusion_cache.cache.fingerprint import config_fingerprint
 from fusion_cache.cache.fingerprint import validate_fingerprint
 from fusion_cache.cache.schema import FORMAT_NAME
 from fusion_cache.cache.schema import READABLE_SCHEMA_VERSIONS
@@ -43,6 +56,9 @@ class TeacherInfo(_Strict):
     chat_template: bool  # rendered with the tokenizer's chat template (False: plain text)
     engine: str  # "vllm" or "hf"
     dtype: str  # dtype the teacher ran in
+    # largest token id the teacher can emit + 1 (its output size); None in caches written before it was recorded:
+    # readers then bound ids by the codec (`cache.validate.ContentRules`)
+    vocab_size: int | None = Field(None, ge=1)
 
 
 class DatasetInfo(_Strict):
@@ -142,12 +158,63 @@ class Manifest(_Strict):
         return path
 
     def to_json(self) -> str:
-        """The manifest's JSON text; ``part`` / ``parts`` appear only when set (a plain cache is unchanged)."""
+        """The manifest's JSON text; ``part`` / ``parts`` / ``teacher.vocab_size`` appear only when set (a cache
+        written before them reads and writes back unchanged)."""
         data = self.model_dump()
         for key in ("part", "parts"):
             if data[key] is None:
                 del data[key]
+        if data["teacher"]["vocab_size"] is None:
+            del data["teacher"]["vocab_size"]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def expected_input_rows(self) -> int:
+        """Input rows this cache accounts for (kept + skipped): its part's range, or every row read."""
+        if self.part is not None:
+            return self.part.row_end - self.part.row_start
+        return self.dataset.rows_read
+
+
+def config_settings(
+    *,
+    schema_version: int,
+    teacher: dict,
+    dataset_hash: str,
+    rows_read: int,
+    k: int,
+    codec: dict,
+    max_length: int,
+    overlong: str,
+) -> dict:
+    """What ``config_fingerprint`` hashes (docs/cache-format.md, "Fingerprints"): the build writes it, a reader
+    recomputes it from the manifest. The teacher block goes in without ``model`` (a machine-specific path) and
+    without a ``vocab_size`` of None (caches written before it was recorded hash as they did)."""
+    teacher = {key: v for key, v in teacher.items() if key != "model" and not (key == "vocab_size" and v is None)}
+    return {
+        "schema_version": schema_version,
+        # the resolved path is machine-specific (a home directory): the name and revision identify the weights
+        "teacher": teacher,
+        "dataset_hash": dataset_hash,
+        "rows_read": rows_read,
+        "k": k,
+        "codec": codec,
+        "max_length": max_length,
+        "overlong": overlong,
+    }
+
+
+def manifest_settings(manifest: Manifest) -> dict:
+    """`config_settings` of a loaded manifest."""
+    return config_settings(
+        schema_version=manifest.schema_version,
+        teacher=manifest.teacher.model_dump(),
+        dataset_hash=manifest.dataset.hash,
+        rows_read=manifest.dataset.rows_read,
+        k=manifest.k,
+        codec=manifest.codec,
+        max_length=manifest.max_length,
+        overlong=manifest.overlong,
+    )
 
 
 def load_manifest(directory) -> Manifest:
@@ -190,10 +257,67 @@ def load_manifest(directory) -> Manifest:
         raise ShardFormatError(f"{path}: codec {codec.name!r} needs K >= 2, got K={manifest.k}")
     validate_fingerprint(manifest.config_fingerprint, "config_fingerprint")
     validate_fingerprint(manifest.fingerprint, "fingerprint")
+    expected = config_fingerprint(manifest_settings(manifest))
+    if expected != manifest.config_fingerprint:
+        raise FingerprintError(
+            f"{path}: config_fingerprint {manifest.config_fingerprint} does not match the manifest's teacher, dataset, "
+            f"k, codec, max_length and overlong (expected {expected}); the manifest was edited or is corrupt"
+        )
     expected = chain_fingerprint(manifest.config_fingerprint, [s.model_dump() for s in manifest.shards])
     if expected != manifest.fingerprint:
         raise FingerprintError(
             f"{path}: fingerprint {manifest.fingerprint} does not match its shards (expected {expected}); "
             "the manifest was edited or is corrupt"
         )
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise ShardFormatError(f"{path}: {problem}")
     return manifest
+
+
+def manifest_problem(m: Manifest) -> str | None:
+    """The first field of ``m`` that contradicts the others (stats against the shard list, counts against the
+    length policy, a shard listed twice), or None. Everything here is recomputed, not trusted."""
+    seen = set()
+    for s in m.shards:
+        if s.path in seen:
+            return f"shards: {s.path!r} is listed twice"
+        seen.add(s.path)
+        if s.rows > s.answer_tokens or s.answer_tokens > s.rows * m.max_length:
+            return (
+                f"shards: {s.path} has {s.rows} rows and {s.answer_tokens} answer tokens; every row has 1 to "
+                f"max_length={m.max_length} of them"
+            )
+    st = m.stats
+    for name, value, recomputed in (
+        ("rows", st.rows, sum(s.rows for s in m.shards)),
+        ("answer_tokens", st.answer_tokens, sum(s.answer_tokens for s in m.shards)),
+        ("payload_bytes", st.payload_bytes, sum(s.bytes for s in m.shards)),
+    ):
+        if value != recomputed:
+            return f"stats.{name}={value}, but the shards listed hold {recomputed}"
+    if not st.answer_tokens <= st.tokens <= st.rows * m.max_length:
+        return (
+            f"stats.tokens={st.tokens} is impossible for {st.rows} rows of {st.answer_tokens} answer tokens "
+            f"and max_length={m.max_length}"
+        )
+    bad = {reason: n for reason, n in st.skipped.items() if n < 0}
+    if bad:
+        return f"stats.skipped: negative counts {bad}"
+    accounted = st.rows + sum(st.skipped.values())
+    if accounted != m.expected_input_rows():
+        return (
+            f"stats.rows={st.rows} plus stats.skipped={sum(st.skipped.values())} is {accounted} input rows, but the "
+            f"cache covers {m.expected_input_rows()} (dataset.rows_read={m.dataset.rows_read}, part={m.part})"
+        )
+    if st.truncated > st.rows:
+        return f"stats.truncated={st.truncated} exceeds stats.rows={st.rows}"
+    if m.part is not None and not m.part.row_start <= m.part.row_end <= m.dataset.rows_read:
+        return f"part: rows {m.part.row_start}..{m.part.row_end} are not within the {m.dataset.rows_read} read"
+    if m.parts is not None:
+        if sum(p.rows for p in m.parts) != st.rows or sum(p.shards for p in m.parts) != len(m.shards):
+            return "parts: their rows and shards do not add up to the manifest's"
+        ends = [0] + [p.row_end for p in m.parts]
+        if [p.row_start for p in m.parts] != ends[:-1] or ends[-1] != m.dataset.rows_read:
+            return f"parts: their row ranges do not tile the {m.dataset.rows_read} input rows"
+    return None

@@ -1,7 +1,10 @@
 """Reads a cache: validated manifest, memory-mapped shards, rows decoded to numpy with vectorized checks.
 
-Everything read is treated as untrusted: shard schemas, K, list lengths and checksums are checked against the
-manifest and the errors name the shard (and row) at fault. Nothing is ever unpickled: Arrow IPC only.
+Everything read is treated as untrusted: a shard must be a regular file inside the cache with the manifest's size and
+sha256; its schema, K, list lengths, the decoded sizes its record batches declare (before they are decompressed) and
+the content of every decoded row are checked (cache/validate.py), and as the shards stream past, each one's rows and
+answer tokens against the manifest. Errors name the shard, the record batch and the row at fault; no Arrow or numpy
+error escapes as anything but a ShardFormatError. Nothing is ever unpickled: Arrow IPC only.
 """
 
 from __future__ import annotations
@@ -26,7 +29,20 @@ from fusion_cache.cache.row import MissingField
 from fusion_cache.cache.schema import METADATA_KEY
 from fusion_cache.cache.schema import shard_columns
 from fusion_cache.cache.storage import CacheLocation
+from fusion_cache.cache.validate import ContentRules
+from fusion_cache.cache.validate import DecodeLimits
+from fusion_cache.cache.validate import ScanTally
+from fusion_cache.cache.validate import Where
+from fusion_cache.cache.validate import check_common
+from fusion_cache.cache.validate import check_message
+from fusion_cache.cache.validate import check_strings
+from fusion_cache.cache.validate import check_topk
+from fusion_cache.errors import FusionCacheError
 from fusion_cache.errors import ShardFormatError
+
+# what decoding untrusted bytes can raise besides our own errors: all become a one-line ShardFormatError
+DECODE_ERRORS = (pa.ArrowException, ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError,
+                 UnicodeDecodeError, OSError)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,17 +53,49 @@ class BatchPosition:
     batch: int
 
 
-def decode_record_batch(batch: pa.RecordBatch, codec: Codec, k: int, shard: str = "<batch>") -> list[CacheRow]:
-    """Decode one record batch of a ``codec`` shard to rows, checking every declared length against the data.
+def decode_record_batch(
+    batch: pa.RecordBatch,
+    codec: Codec,
+    k: int,
+    shard: str = "<batch>",
+    *,
+    rules: ContentRules | None = None,
+    batch_index: int | None = None,
+    row_numbers: list[int] | None = None,
+) -> list[CacheRow]:
+    """Decode one record batch of a ``codec`` shard to rows, checking every declared length against the data and,
+    with ``rules``, the content of every row (cache/validate.py).
 
     The common columns are checked here, the codec's by its decode, which decodes its columns for the whole batch
     at once (numpy); the rows are then slices of the batch-wide arrays.
+
+    Args:
+        rules: the cache's `ContentRules`; None decodes without the content checks (benchmarks, tests).
+        batch_index, row_numbers: where the batch is, for messages: its index in the shard, and its rows' numbers
+            when it is a subset of a record batch (`RecordBatch.take`).
+
+    Raises:
+        ShardFormatError: naming the shard, the record batch and the row, for anything wrong with the data (also
+            what Arrow or numpy would raise on it).
     """
+    where = Where(shard, batch_index, row_numbers)
+    try:
+        return _decode(batch, codec, k, where, rules)
+    except FusionCacheError:
+        raise
+    except DECODE_ERRORS as e:
+        raise ShardFormatError(f"{where}: cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def _decode(batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: ContentRules | None) -> list[CacheRow]:
+    shard = str(where)
     for col, typ in shard_columns(codec, k).items():
         idx = batch.schema.get_field_index(col)
         if idx < 0 or batch.schema.field(idx).type != typ:
             got = "missing" if idx < 0 else str(batch.schema.field(idx).type)
             raise ShardFormatError(f"{shard}: column {col!r} is {got}, expected {typ}")
+    if rules is not None:
+        check_strings(batch, where)
     ids_off, ids = list_parts(batch.column("input_ids"), shard, "input_ids")
     n_tokens = np.diff(ids_off)
     answer_start = batch.column("answer_start").to_numpy().astype(np.int64)
@@ -56,21 +104,27 @@ def decode_record_batch(batch: pa.RecordBatch, codec: Codec, k: int, shard: str 
     if bad.size:
         r = int(bad[0])
         raise ShardFormatError(
-            f"{shard}: row {r}: answer_start={int(answer_start[r])} invalid for {int(n_tokens[r])} tokens"
+            f"{where.row(r)}: answer_start={int(answer_start[r])} invalid for {int(n_tokens[r])} tokens"
         )
     parts = checked_lists(batch, {"token_byte_start": n_tokens, "token_byte_end": n_tokens}, k, shard)
+    byte_start, byte_end = parts["token_byte_start"], parts["token_byte_end"]
+    sample_ids = None
+    if rules is not None:
+        sample_ids = check_common(batch, ids_off, ids, byte_start, byte_end, rules, where)
     # answer-position offsets shared by every top-K array
     ans_off = np.zeros(batch.num_rows + 1, dtype=np.int64)
     np.cumsum(n_answer, out=ans_off[1:])
     spans = AnswerSpans(k, shard, n_answer, ans_off, ids, ids_off, answer_start)
     top = codec.decode(batch, spans)
-    sample_ids = batch.column("sample_id").to_pylist()
+    if rules is not None:
+        check_topk(top, spans, rules, where, sample_ids)
+    if sample_ids is None:
+        sample_ids = batch.column("sample_id").to_pylist()
     row_index = batch.column("row_index").to_numpy().tolist()
     convs = batch.column("conversation").to_pylist()
     topk_ids = MissingField("topk_ids", codec.name) if top.ids is None else top.ids
     targets = MissingField("target_logprobs", codec.name) if top.targets is None else top.targets
     values, tail, has_ids, has_targets = top.values, top.tail_mass, top.ids is not None, top.targets is not None
-    byte_start, byte_end = parts["token_byte_start"], parts["token_byte_end"]
     # Python ints for the per-row slicing (numpy scalars make every slice several times slower)
     tok_at, ans_at, starts = ids_off.tolist(), ans_off.tolist(), answer_start.tolist()
     rows = []
@@ -103,41 +157,61 @@ class CacheReader:
         check_checksums: hash every shard when it is opened and refuse one whose sha256 differs from the
             manifest's (one extra sequential read; a cache from elsewhere is untrusted, and a flipped bit inside a
             value code would otherwise decode to a plausible wrong tensor).
+        limits: bounds on what decoding a record batch may allocate (`DecodeLimits`).
+        check_content: run the content checks of cache/validate.py on every decoded row (on by default; off only
+            for measuring what they cost).
     """
 
-    def __init__(self, path: str | Path, *, check_checksums: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        check_checksums: bool = True,
+        limits: DecodeLimits | None = None,
+        check_content: bool = True,
+    ):
         self.check_checksums = check_checksums
+        self.limits = limits or DecodeLimits()
         self.location = CacheLocation(str(path))
         self.path = Path(path) if self.location.local else str(path)
         self.manifest: Manifest = load_manifest(self.location)
         self.k = self.manifest.k
         self.codec = parse_codec(self.manifest.codec, f"{self.path}/manifest.json", self.manifest.schema_version)
         self.columns = shard_columns(self.codec, self.k)
+        self.rules = ContentRules.from_manifest(self.manifest, self.codec) if check_content else None
 
     # ---------------------------------------------------------------- shards
     def shard_path(self, i: int) -> str:
         return self.location.join(self.manifest.shards[i].path)
 
-    def _open(self, i: int, *, checksum: bool | None = None) -> pa.ipc.RecordBatchStreamReader:
-        name = self.manifest.shards[i].path
-        if not self.location.exists(name):
-            raise ShardFormatError(f"{name}: shard listed in the manifest is missing")
+    def _open(self, i: int, *, checksum: bool | None = None):
+        """The shard's messages (`pyarrow.ipc.MessageReader`) and its schema, after checking that it is a regular
+        file inside the cache with the manifest's size (and sha256)."""
+        info = self.manifest.shards[i]
+        name = info.path
+        self.location.check_regular(name)
+        size = self.location.size(name)
+        if size != info.bytes:  # before hashing: a size is one stat, and a huge file is not read for nothing
+            raise ShardFormatError(f"{name}: {size} bytes on disk, the manifest says {info.bytes}")
         if self.check_checksums if checksum is None else checksum:
             digest = self.location.sha256(name)
-            if digest != self.manifest.shards[i].sha256:
+            if digest != info.sha256:
                 raise ShardFormatError(
-                    f"{name}: sha256 {digest[:16]}... differs from the manifest's {self.manifest.shards[i].sha256[:16]}"
+                    f"{name}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}"
                     "...; the shard is corrupt or was replaced"
                 )
         try:
-            # decompress on the calling thread when Arrow has one CPU thread: the pool's single thread only adds a
-            # hand-off per record batch (~10% of a full K=64 batch's read, benchmarks/results/codec.md)
-            options = pa.ipc.IpcReadOptions(use_threads=pa.cpu_count() > 1)
-            reader = pa.ipc.open_stream(self.location.open_arrow(name), options=options)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ShardFormatError(f"{name}: not a readable Arrow IPC stream: {e}") from e
-        self._check_schema(name, reader.schema)
-        return reader
+            messages = pa.ipc.MessageReader.open_stream(self.location.open_arrow(name))
+            first = messages.read_next_message()
+            if first.type != "schema":
+                raise ShardFormatError(f"{name}: does not start with an Arrow IPC schema message")
+            schema = pa.ipc.read_schema(first)
+        except FusionCacheError:
+            raise
+        except (StopIteration, *DECODE_ERRORS) as e:
+            raise ShardFormatError(f"{name}: not a readable Arrow IPC stream: {type(e).__name__}: {e}") from None
+        self._check_schema(name, schema)
+        return messages, schema
 
     def _check_schema(self, name: str, schema: pa.Schema) -> None:
         for col, typ in self.columns.items():
@@ -151,7 +225,7 @@ class CacheReader:
             raise ShardFormatError(f"{name}: schema metadata key {METADATA_KEY.decode()!r} is missing")
         try:
             prov = json.loads(meta)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ShardFormatError(f"{name}: schema metadata is not JSON: {e}") from e
         if not isinstance(prov, dict):
             raise ShardFormatError(f"{name}: schema metadata must be a JSON object")
@@ -170,44 +244,74 @@ class CacheReader:
             raise ShardFormatError(f"{name}: belongs to another build (config fingerprint differs from the manifest)")
 
     def _iter_shard(self, i: int, *, checksum: bool | None = None) -> Iterator[pa.RecordBatch]:
-        """The record batches of shard i only (verify must not open the next shard while checking this one)."""
-        reader = self._open(i, checksum=checksum)
+        """The record batches of shard i only (verify must not open the next shard while checking this one).
+
+        Each message's declared decoded size is checked against ``limits`` before it is decompressed
+        (`check_message`), and each batch is ``validate()``d after (buffer sizes against the declared lengths,
+        O(columns)): a damaged shard read without its checksum is refused here, not deep inside Arrow or numpy.
+        """
+        messages, schema = self._open(i, checksum=checksum)
         name = self.manifest.shards[i].path
         b = 0
         while True:
+            where = str(Where(name, b))
             try:
-                batch = reader.read_next_batch()
-                # buffer sizes against the declared lengths (O(columns)): a damaged shard read without its checksum
-                # is refused here, not deep inside Arrow or numpy
-                batch.validate()
+                message = messages.read_next_message()
             except StopIteration:
                 return
-            except (pa.ArrowInvalid, OSError) as e:
-                raise ShardFormatError(f"{name}: truncated or corrupt at record batch {b}: {e}") from e
+            except DECODE_ERRORS as e:
+                raise ShardFormatError(f"{where}: truncated or corrupt: {type(e).__name__}: {e}") from None
+            check_message(message, self.limits, where)
+            try:
+                batch = pa.ipc.read_record_batch(message, schema)
+                batch.validate()
+            except DECODE_ERRORS as e:
+                raise ShardFormatError(f"{where}: truncated or corrupt: {type(e).__name__}: {e}") from None
             yield batch
             b += 1
 
     def iter_batches(self, start: BatchPosition | None = None) -> Iterator[tuple[BatchPosition, pa.RecordBatch]]:
-        """Record batches in cache order, each with its position; ``start`` skips everything before it."""
+        """Record batches in cache order, each with its position; ``start`` skips everything before it.
+
+        As they stream past, each shard's rows and answer tokens are checked against its manifest entry (at the
+        shard's end), row indices against the previous ones, and after a whole pass the tokens against
+        ``stats.tokens`` (`ScanTally`): a reader that streams the cache checks what `verify` checks.
+        """
         first_shard = start.shard if start else 0
+        tally = ScanTally(self.manifest, first_shard, start.batch if start else 0)
         for i in range(first_shard, len(self.manifest.shards)):
+            name = self.manifest.shards[i].path
             for b, batch in enumerate(self._iter_shard(i)):
                 if start is None or i > start.shard or b >= start.batch:
+                    tally.add(i, batch, Where(name, b))
                     yield BatchPosition(i, b), batch
+            tally.end_shard(i)
+        tally.end()
 
     # ---------------------------------------------------------------- rows
-    def decode_batch(self, batch: pa.RecordBatch, shard: str = "<batch>") -> list[CacheRow]:
-        """Decode one record batch to rows, checking every declared length against the data (vectorized)."""
-        return decode_record_batch(batch, self.codec, self.k, shard)
+    def decode_batch(
+        self,
+        batch: pa.RecordBatch,
+        shard: str = "<batch>",
+        *,
+        batch_index: int | None = None,
+        row_numbers: list[int] | None = None,
+    ) -> list[CacheRow]:
+        """Decode one record batch to rows, checking every declared length against the data and the content of
+        every row (`decode_record_batch` with the cache's `ContentRules`)."""
+        return decode_record_batch(
+            batch, self.codec, self.k, shard, rules=self.rules, batch_index=batch_index, row_numbers=row_numbers
+        )
 
     def iter_rows(self, start: BatchPosition | None = None) -> Iterator[CacheRow]:
-        """Every row of the cache, decoded, in cache order."""
+        """Every row of the cache, decoded and checked, in cache order."""
         for pos, batch in self.iter_batches(start):
-            yield from self.decode_batch(batch, self.manifest.shards[pos.shard].path)
+            yield from self.decode_batch(batch, self.manifest.shards[pos.shard].path, batch_index=pos.batch)
 
     # ---------------------------------------------------------------- checks
     def verify(self, *, progress: bool = False) -> list[str]:
-        """Check every shard's checksum, size, schema, row count and per-row lengths.
+        """Check every shard (a regular file inside the cache, its size, sha256, schema, decoded sizes, row count,
+        answer tokens and the content of every row) and the cache's total tokens.
 
         Args:
             progress: show a progress bar over the shards.
@@ -218,31 +322,40 @@ class CacheReader:
         from tqdm.auto import tqdm
 
         problems = []
+        tally = ScanTally(self.manifest)
+        whole = True
         shards = tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress, dynamic_ncols=True)
         for i, info in enumerate(shards):
-            if not self.location.exists(info.path):
-                problems.append(f"{info.path}: missing")
+            try:
+                self.location.check_regular(info.path)
+            except ShardFormatError as e:
+                problems.append(str(e))
+                whole = False
                 continue
             size = self.location.size(info.path)
             if size != info.bytes:
                 problems.append(f"{info.path}: {size} bytes on disk, manifest says {info.bytes}")
+                whole = False
+                continue
             digest = self.location.sha256(info.path)
             if digest != info.sha256:
                 problems.append(
                     f"{info.path}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}..."
                 )
+                whole = False
                 continue
             try:
-                rows = tokens = 0
-                for batch in self._iter_shard(i, checksum=False):  # its sha256 was checked just above
-                    decoded = self.decode_batch(batch, info.path)
-                    rows += len(decoded)
-                    tokens += sum(r.n_answer for r in decoded)
-                    self._deep_check(decoded, info.path)
-                if rows != info.rows:
-                    problems.append(f"{info.path}: {rows} rows, manifest says {info.rows}")
-                if tokens != info.answer_tokens:
-                    problems.append(f"{info.path}: {tokens} answer tokens, manifest says {info.answer_tokens}")
+                for b, batch in enumerate(self._iter_shard(i, checksum=False)):  # its sha256 was checked above
+                    tally.add(i, batch, Where(info.path, b))
+                    self.decode_batch(batch, info.path, batch_index=b)
+                tally.end_shard(i)
+            except ShardFormatError as e:
+                problems.append(str(e))
+                whole = False
+                tally = ScanTally(self.manifest, i + 1)  # the next shard's counts start afresh
+        if whole:
+            try:
+                tally.end()
             except ShardFormatError as e:
                 problems.append(str(e))
         if self.manifest.parts is not None:  # a combined cache: each part's manifest must still agree
@@ -250,14 +363,3 @@ class CacheReader:
 
             problems.extend(part_problems(self.location, self.manifest))
         return problems
-
-    def _deep_check(self, rows: list[CacheRow], shard: str) -> None:
-        """What decoding does not check on every read: ids in range and distinct per position, sorted values."""
-        for r in rows:
-            v = r.topk_logprobs
-            if not np.isfinite(v).all() or (np.diff(v, axis=1) > 1e-6).any():
-                raise ShardFormatError(f"{shard}: sample {r.sample_id}: top-K values are not finite and sorted")
-            if self.codec.has_ids:
-                ids = np.sort(r.topk_ids, axis=1)
-                if (ids[:, 0] < 0).any() or (np.diff(ids, axis=1) == 0).any():
-                    raise ShardFormatError(f"{shard}: sample {r.sample_id}: top-K ids are negative or repeated")

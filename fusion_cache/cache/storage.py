@@ -7,9 +7,13 @@ keep the fast path (memory-mapped shards); everything else goes through fsspec f
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import fsspec
 import pyarrow as pa
+
+from fusion_cache.errors import ShardFormatError
 
 
 class CacheLocation:
@@ -35,6 +39,32 @@ class CacheLocation:
 
     def exists(self, name: str) -> bool:
         return self.fs.isfile(self.join(name))
+
+    def check_regular(self, name: str) -> None:
+        """Refuse ``name`` unless it is a regular file inside this directory: a local shard must not be a symbolic
+        link (to a file elsewhere, or to a device whose reads never end) nor lie under one.
+
+        Raises:
+            ShardFormatError: a missing file, a link, or anything but a regular file.
+        """
+        if not self.local:
+            if not self.fs.isfile(self.join(name)):
+                raise ShardFormatError(f"{name}: shard listed in the manifest is missing")
+            return
+        path = self.join(name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            raise ShardFormatError(f"{name}: shard listed in the manifest is missing") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ShardFormatError(
+                f"{name}: is a symbolic link; shards must be regular files inside the cache directory"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise ShardFormatError(f"{name}: is not a regular file")
+        # the file itself is no link (above): a link on the way (a part directory) changes the resolved path
+        if os.path.realpath(path) != os.path.join(os.path.realpath(self.root), name):
+            raise ShardFormatError(f"{name}: lies outside the cache directory (through a symbolic link)")
 
     def read_bytes(self, name: str) -> bytes:
         return self.fs.cat_file(self.join(name))

@@ -9,7 +9,8 @@
 2. `_prepare_inputs`: read and validate every input row (fail before any model runs), keep this part's range, render
    each row with the teacher's own template and apply the length policy (`PreparedInputs`).
 3. `_describe`: what the manifest records and the config fingerprint hashes (`BuildSpec`).
-4. `plan_output` (capture/output.py): refuse an output directory that holds another cache (`OutputPlan`).
+4. `plan_output` (capture/output.py): refuse an output directory that holds another cache (`OutputPlan`); then
+   `build_lock`: refuse a second build into the same place while this one runs (and check ``--out`` again).
 5. `open_work_dir` (cache/resume.py): start ``<out>.incomplete/``, or continue it with ``--resume``.
 6. `_capture`: capture in token-budget batches and write shards into ``<out>.incomplete/``; then the manifest and
    the resolved settings (``config.yaml``, which ``fusion-cache build --config`` replays).
@@ -42,6 +43,7 @@ from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.fingerprint import config_fingerprint
 from fusion_cache.cache.manifest import Manifest
+from fusion_cache.cache.manifest import config_settings
 from fusion_cache.cache.parts import combine_parts
 from fusion_cache.cache.parts import part_rows
 from fusion_cache.cache.resume import open_work_dir
@@ -55,6 +57,7 @@ from fusion_cache.capture.engines.base import TopKCapture
 from fusion_cache.capture.inputs import Conversation
 from fusion_cache.capture.inputs import dataset_hash
 from fusion_cache.capture.inputs import read_conversations
+from fusion_cache.capture.output import build_lock
 from fusion_cache.capture.output import plan_output
 from fusion_cache.capture.output import publish
 from fusion_cache.capture.render import Rendered
@@ -137,22 +140,27 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
     inputs = _prepare_inputs(cfg, teacher)
     spec = _describe(cfg, teacher, inputs)
     plan = plan_output(cfg, spec.config_fingerprint, inputs.part)
-    if plan.existing is not None:
-        fp = spec.config_fingerprint[:12]
-        log.info("%s already holds this build (config fingerprint %s); nothing to do", plan.url, fp)
-        manifest = plan.existing
-    else:
-        # a part may be empty (all its rows skipped): the others still combine
-        if not inputs.rows and inputs.part is None:
-            raise ConfigError(f"--data {cfg.data}: no usable rows ({inputs.rows_read} read, skipped: {inputs.skipped})")
-        state = _resume_state(cfg, spec, inputs.part)
-        completed, manifest = open_work_dir(plan.work, state, resume=cfg.resume, overwrite=cfg.overwrite)
-        if manifest is None:  # (else the interrupted build had written its manifest: publish it as is)
-            shards = _capture(cfg, teacher, inputs, spec, plan.work, completed, engine=engine, progress=progress)
-            manifest = _make_manifest(cfg, spec, inputs, shards, started)
-            manifest.write(plan.work)
-        write_config_yaml(cfg, plan.work, "build")  # next to the shards: `build --config <out>/config.yaml` replays
-        publish(plan)
+    with build_lock(plan.work):
+        # again under the lock: a build that held it may have published into --out meanwhile
+        plan = plan_output(cfg, spec.config_fingerprint, inputs.part)
+        if plan.existing is not None:
+            fp = spec.config_fingerprint[:12]
+            log.info("%s already holds this build (config fingerprint %s); nothing to do", plan.url, fp)
+            manifest = plan.existing
+        else:
+            # a part may be empty (all its rows skipped): the others still combine
+            if not inputs.rows and inputs.part is None:
+                raise ConfigError(
+                    f"--data {cfg.data}: no usable rows ({inputs.rows_read} read, skipped: {inputs.skipped})"
+                )
+            state = _resume_state(cfg, spec, inputs.part)
+            completed, manifest = open_work_dir(plan.work, state, resume=cfg.resume, overwrite=cfg.overwrite)
+            if manifest is None:  # (else the interrupted build had written its manifest: publish it as is)
+                shards = _capture(cfg, teacher, inputs, spec, plan.work, completed, engine=engine, progress=progress)
+                manifest = _make_manifest(cfg, spec, inputs, shards, started)
+                manifest.write(plan.work)
+            write_config_yaml(cfg, plan.work, "build")  # next to the shards: `build --config <out>/config.yaml` replays
+            publish(plan)
     if inputs.part is not None:
         combine_parts(cfg.out, count=cfg.num_shards, require_all=False)
     return manifest
@@ -233,6 +241,7 @@ def _prepare(
 def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -> BuildSpec:
     """The manifest's teacher, dataset and codec, and the settings the config fingerprint hashes."""
     model = teacher.model
+    vocab = vocab_size(model.path, teacher.tokenizer)
     teacher_info = {
         "name": cfg.teacher,
         "model": model.path,
@@ -241,21 +250,20 @@ def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -
         "chat_template": teacher.chat_template,
         "engine": teacher.engine,
         "dtype": teacher.dtype,
+        "vocab_size": vocab,  # readers bound every token id by it (cache/validate.py)
     }
     dataset_info = {"source": cfg.data, "hash": dataset_hash(cfg.data, cfg.row_format), "rows_read": inputs.rows_read}
-    vocab = vocab_size(model.path, teacher.tokenizer)
     codec = make_codec(cfg.codec, value_bits=cfg.value_bits, vocab_size=vocab).to_json()
-    settings = {
-        "schema_version": SCHEMA_VERSION,
-        # the resolved path is machine-specific (a home directory): the name and revision identify the weights
-        "teacher": {k: v for k, v in teacher_info.items() if k != "model"},
-        "dataset_hash": dataset_info["hash"],
-        "rows_read": inputs.rows_read,
-        "k": cfg.top_k,
-        "codec": codec,
-        "max_length": cfg.max_length,
-        "overlong": cfg.overlong,
-    }
+    settings = config_settings(
+        schema_version=SCHEMA_VERSION,
+        teacher=teacher_info,
+        dataset_hash=dataset_info["hash"],
+        rows_read=inputs.rows_read,
+        k=cfg.top_k,
+        codec=codec,
+        max_length=cfg.max_length,
+        overlong=cfg.overlong,
+    )
     return BuildSpec(teacher_info, dataset_info, codec, settings, config_fingerprint(settings))
 
 

@@ -5,12 +5,25 @@ A build writes into ``<out>.incomplete/`` and publishes it as ``<out>`` in one r
 ``--resume`` finds it, and uploads the finished cache (shards first, manifest last). ``--out`` is refused when it
 holds anything but this same build (then nothing is redone) unless ``--overwrite``; a part of a distributed build
 goes into ``<out>/part-I-of-N/``, next to the other parts and their combined manifest (cache/parts.py).
+
+Two builds into the same place at once are refused: a build holds an exclusive lock (`build_lock`: ``flock`` on
+``<out>.incomplete.lock``, beside the work directory because the work directory itself is deleted by
+``--overwrite`` and renamed when published) from before it checks ``--out`` until it has published; the lock file
+names its holder (pid, host, start time) for the one-line refusal. The kernel releases the lock when the holder
+dies, so a killed build never leaves a stale lock. For an fsspec URL the lock is on the local staging directory,
+so it excludes builds on this machine only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import fcntl
 import hashlib
+import os
 import shutil
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +175,46 @@ def _staging_dir(url: str) -> Path:
     from fusion_cache.models.convert import fusion_cache_home
 
     return fusion_cache_home() / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def lock_path(work: Path) -> Path:
+    """``<out>.incomplete.lock``: the lock file of the build that writes ``work`` (``<out>.incomplete``)."""
+    return work.with_name(work.name + ".lock")
+
+
+@contextlib.contextmanager
+def build_lock(work: Path) -> Iterator[Path]:
+    """Hold the exclusive lock of the build writing ``work`` for the block (see the module docstring).
+
+    Raises:
+        ConfigError: another process holds it; the message names the holder.
+    """
+    path = lock_path(work)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"--out {work.name.removesuffix('.incomplete')}: another build into the same place is running "
+                f"({holder}; lock {path}); wait for it to finish or stop it"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # (else the file was unlinked by a finishing holder between our open and our lock: retry)
+            break
+        os.close(fd)
+    try:
+        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still held: a waiter that opened it sees another inode and retries
+        os.close(fd)

@@ -29,6 +29,8 @@ from fusion_cache.capture.inputs import read_conversations
 from fusion_cache.capture.render import has_chat_template
 from fusion_cache.capture.render import render
 from fusion_cache.train.batch import collate
+from fusion_cache.train.guards import check_examples
+from fusion_cache.train.guards import student_vocab
 from fusion_cache.train.losses import ULD
 from fusion_cache.train.objective import forward_losses
 from fusion_cache.train.stream import DistillStream
@@ -320,8 +322,15 @@ def evaluate_teachers(
         list(cache_dirs), tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length,
         align_mode=align_mode, epochs=1,
     )  # fmt: skip
-    examples = (ex for ex in stream if sample_ids is None or ex.sample_id in sample_ids)
-    rows = _bar(islice(examples, limit), progress, "eval cache", total=limit)
+    vocab = student_vocab(model)
+
+    def examples():
+        for ex in stream:
+            if sample_ids is None or ex.sample_id in sample_ids:
+                check_examples([ex], vocab, "evaluation", stream)  # a cache's ids must index the student's embedding
+                yield ex
+
+    rows = _bar(islice(examples(), limit), progress, "eval cache", total=limit)
     out = _score(model, tokenizer, rows, stream.names, batch_size=batch_size, k=k)
     counts = stream.counts()["align"]
     return out | {"aligned": {name: c.get("aligned") for name, c in counts.items()}}

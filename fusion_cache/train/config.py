@@ -82,6 +82,13 @@ class TrainConfig(StrictConfig):
     autocast: Literal["none", "bf16"] = Field("none", description="bf16 autocast of the forward pass")
     grad_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
     fsdp: bool = Field(False, description="shard the student with FSDP2 (torchrun, WORLD_SIZE > 1) instead of DDP")
+    # ---- caches from elsewhere (fusion_cache/cache/signature.py)
+    require_signature: bool = Field(
+        False, description="train only on caches signed (fusion-cache sign) by one of the --trusted-key keys"
+    )
+    trusted_key: list[str] = Field(
+        [], description="public key (OpenSSH .pub or PEM) whose signature a cache needs with --require-signature"
+    )
 
     @model_validator(mode="after")
     def _tail_compares_probabilities(self):
@@ -97,6 +104,16 @@ class TrainConfig(StrictConfig):
     def _lora_without_fsdp(self):
         if self.lora_r is not None and self.fsdp:
             raise ValueError(f"lora_r={self.lora_r} with fsdp=True is not supported: LoRA trains with DDP or alone")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_with_signatures(self):
+        if self.require_signature and not self.trusted_key:
+            raise ValueError("require_signature=True needs at least one trusted_key (a public key file)")
+        if self.trusted_key and not self.require_signature:
+            raise ValueError(
+                f"trusted_key={self.trusted_key} is checked only with require_signature=True (--require-signature)"
+            )
         return self
 
     @field_validator("kd_loss", mode="before")

@@ -137,7 +137,7 @@ class _Cursor:
             ids = batch.column("sample_id").to_pylist()
             index = batch.column("row_index").to_numpy()
             keep = [i for i in range(batch.num_rows) if self.wanted is None or self.wanted(self.ordinal + i)]
-            rows = decode_rows(self.reader, batch, keep, name) if keep else []
+            rows = decode_rows(self.reader, batch, keep, name, pos.batch) if keep else []
             decoded: list[CacheRow | None] = [None] * batch.num_rows
             for i, row in zip(keep, rows, strict=True):
                 decoded[i] = row
@@ -159,11 +159,15 @@ class _Cursor:
         return entry
 
 
-def decode_rows(reader: CacheReader, batch: pa.RecordBatch, rows: list[int], shard: str) -> list[CacheRow]:
-    """Decode only ``rows`` of a record batch (all of it when that is every row: no copy)."""
+def decode_rows(
+    reader: CacheReader, batch: pa.RecordBatch, rows: list[int], shard: str, batch_index: int | None = None
+) -> list[CacheRow]:
+    """Decode only ``rows`` of a record batch (all of it when that is every row: no copy); errors name the shard,
+    the record batch ``batch_index`` and the row."""
     if len(rows) == batch.num_rows:
-        return reader.decode_batch(batch, shard)
-    return reader.decode_batch(batch.take(pa.array(rows, type=pa.int64())), shard)
+        return reader.decode_batch(batch, shard, batch_index=batch_index)
+    taken = batch.take(pa.array(rows, type=pa.int64()))
+    return reader.decode_batch(taken, shard, batch_index=batch_index, row_numbers=rows)
 
 
 def fetch_rows(reader: CacheReader, refs: list[RowRef]) -> dict[RowRef, CacheRow]:
@@ -182,7 +186,7 @@ def fetch_rows(reader: CacheReader, refs: list[RowRef]) -> dict[RowRef, CacheRow
             if rows[-1] >= batch.num_rows:
                 break
             name = reader.manifest.shards[pos.shard].path
-            for i, row in zip(rows, decode_rows(reader, batch, rows, name), strict=True):
+            for i, row in zip(rows, decode_rows(reader, batch, rows, name, pos.batch), strict=True):
                 found[RowRef(*key, i)] = row
         if key >= last:
             break

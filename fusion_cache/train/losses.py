@@ -54,11 +54,13 @@ class TeacherTraits:
         name: the teacher's label (for messages).
         same_vocab: the teacher's ids are the student's (same tokenizer and template, codec with ids).
         codec: the cache's codec (its ``has_ids``, ``has_logprobs`` and ``name`` are read).
+        k: K of the cache (None: unknown).
     """
 
     name: str
     same_vocab: bool
     codec: Any
+    k: int | None = None
 
 
 class DistillLoss(ABC):
@@ -107,6 +109,7 @@ class ULD(DistillLoss):
     softmax: bool = True
     temperature: float = 1.0
     tail: bool = False
+    strict_k: bool = False  # k was asked for above every cache's K: refuse it (else min(k, K) values are compared)
 
     def _opts(self) -> dict:
         return dict(zscore=self.zscore, softmax=self.softmax, temperature=self.temperature, tail=self.tail)
@@ -128,6 +131,20 @@ class ULD(DistillLoss):
             require_logprobs(teacher.codec, "train --tail")
         if not self.zscore:
             require_logprobs(teacher.codec, "train --no-zscore")
+        if teacher.k is None:
+            return
+        if self.strict_k and self.k > teacher.k:
+            raise ConfigError(
+                f"top_k={self.k} for teacher {teacher.name}: its cache holds K={teacher.k} values per position, so a "
+                f"K={self.k} ULD cannot be computed; use --top-k {teacher.k} or less"
+            )
+        k_eff = min(self.k, teacher.k)
+        if self.zscore and k_eff < 3:
+            raise ConfigError(
+                f"top_k={k_eff} for teacher {teacher.name} (the cache's K={teacher.k}): a z-scored ULD over {k_eff} "
+                "values is identically zero (every row standardizes to the same values), so it would teach nothing; "
+                "use --top-k 3 or more, or --no-zscore"
+            )
 
 
 @dataclass(frozen=True)

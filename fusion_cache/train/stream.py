@@ -93,12 +93,15 @@ class Example:
         input_ids: int64 [n] student tokens.
         answer_start: index of the first answer token.
         teachers: [S] per teacher, its aligned rows or None.
+        refs: [S] where each teacher's row of the sample is in its cache (None: absent), when it came from a
+            stream (errors name the rows of a failing batch).
     """
 
     sample_id: str
     input_ids: np.ndarray
     answer_start: int
     teachers: list[TeacherTarget | None]
+    refs: list[RowRef | None] | None = None
 
 
 class DistillStream(torch.utils.data.IterableDataset):
@@ -425,6 +428,7 @@ class DistillIterator:
             ex = s.example([rows[i][r] if r is not None else None for i, r in enumerate(refs)])
             if ex is None:
                 raise ConfigError(f"stream state: a buffered sample at {refs} has nothing to train on")
+            ex.refs = refs
             self._buf.append((refs, ex))
         counts = state["counts"]
         s.join_counts.load(counts["join"])
@@ -472,4 +476,7 @@ class DistillIterator:
         s = self.stream
         if sample.ordinal % s.world_size != s.rank:
             return None
-        return s.example(sample.rows)
+        ex = s.example(sample.rows)
+        if ex is not None:
+            ex.refs = sample.refs
+        return ex

@@ -55,6 +55,10 @@ from fusion_cache.train.checkpoint import save_checkpoint
 from fusion_cache.train.checkpoint import set_rng_state
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.distributed import DistContext
+from fusion_cache.train.guards import check_examples
+from fusion_cache.train.guards import check_signatures
+from fusion_cache.train.guards import check_step
+from fusion_cache.train.guards import student_vocab
 from fusion_cache.train.join import unique_names
 from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import TeacherTraits
@@ -307,6 +311,7 @@ class _Parts:
     total_steps: int
     pad: int
     adapter: object = None  # the peft model of a LoRA run (``model`` is its base, adapters in place), else None
+    vocab: int = 0  # the student's vocabulary size: every token id a batch feeds it must be below it (train.guards)
 
 
 @dataclass
@@ -328,10 +333,12 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
     names = unique_names([r.manifest.teacher.name for r in readers])
     same = [shares_tokenizer(r, tokenizer) for r in readers]
     traits = [
-        TeacherTraits(name, same_s and r.codec.has_ids, r.codec)
+        TeacherTraits(name, same_s and r.codec.has_ids, r.codec, r.k)
         for name, r, same_s in zip(names, readers, same, strict=True)
     ]
     options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    # a K asked for above every cache's K is refused (no teacher can serve it); below, each teacher uses min(k, its K)
+    options["strict_k"] = "top_k" in cfg.model_fields_set and cfg.top_k > max(r.k for r in readers)
     losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
     if cfg.combine == "min_ce":
         for name, r in zip(names, readers, strict=True):
@@ -376,9 +383,13 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     tokenizer = load_tokenizer(cfg.student)
     rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
     total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
+    if cfg.require_signature:  # before anything a manifest names (a teacher's tokenizer) is loaded
+        check_signatures([CacheReader(d) for d in cfg.shards], list(cfg.trusted_key))
     plan = plan_teachers(cfg, tokenizer)
     losses = plan.losses
     stream = make_stream(cfg, tokenizer, epochs_needed, plan, rank=ctx.rank, world_size=ctx.world_size)
+    if cfg.require_signature:  # and the fingerprints the stream reads (it checks every shard against them)
+        check_signatures(stream.readers, list(cfg.trusted_key))
     model, tokenizer, student_path = load_student(cfg.student, cfg.dtype)
     adapter = None
     if cfg.lora_r is not None:
@@ -402,7 +413,8 @@ def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, warmup))
-    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad, adapter)
+    vocab = student_vocab(model)
+    return _Parts(model, wrapped, tokenizer, student_path, stream, losses, opt, sched, total_steps, pad, adapter, vocab)
 
 
 class TeacherTerms:
@@ -533,8 +545,11 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
     try:
         for step in range(prog.step, p.total_steps):
             step_t0 = time.perf_counter()
-            acc, tokens, nbytes = _train_step(cfg, ctx, p, examples, step, on_batch, terms)
+            trained: list[Example] = []
+            acc, tokens, nbytes = _train_step(cfg, ctx, p, examples, step, on_batch, terms, trained)
+            check_step(step + 1, acc["loss"], None, trained, p.stream)  # before anything is applied
             grad_norm = _clip(p.wrapped, cfg.grad_clip)
+            check_step(step + 1, acc["loss"], grad_norm, trained, p.stream)
             p.opt.step()
             p.sched.step()
             p.opt.zero_grad(set_to_none=True)
@@ -607,9 +622,11 @@ def answer_text_bytes(tokenizer, ex: Example) -> int:
     return len(text.encode("utf-8"))
 
 
-def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms) -> tuple[dict, int, int]:
+def _train_step(
+    cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms, trained: list
+) -> tuple[dict, int, int]:
     """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, answer
-    tokens, answer bytes)."""
+    tokens, answer bytes). The examples trained on are appended to ``trained`` (errors name their cache rows)."""
     acc = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     tokens = nbytes = 0
     for micro in range(cfg.grad_accum):
@@ -618,6 +635,8 @@ def _train_step(cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: Teach
             raise RuntimeError("the cache stream ended early")  # plan_steps gives it enough epochs
         if on_batch is not None:
             on_batch(step + 1, batch)
+        check_examples(batch, p.vocab, f"step {step + 1}", p.stream)
+        trained.extend(batch)
         n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
         tensors = _to_device(collate(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
         # gradients are all-reduced once per optimizer step, on the last micro-batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -163,3 +164,33 @@ def test_coverage_reports_where_the_teachers_mass_goes(multi_caches, tiny_model_
     assert json.loads(as_json)["samples"] == 5
     r = _run("coverage", "--cache", multi_caches["a"], "--student", tiny_model_dir)
     assert r.exit_code == 2 and "every token maps to itself" in r.output
+
+
+def test_keygen_sign_and_verify_with_a_trusted_key(tmp_path, synthetic_caches, reseal):
+    pytest.importorskip("cryptography")
+    cache = tmp_path / "cache"
+    shutil.copytree(synthetic_caches["full"], cache)
+    assert _run("keygen", "--out", tmp_path / "team").exit_code == 0
+    pub = tmp_path / "team.pub"
+    r = _run("verify", cache, "--trusted-key", pub)
+    assert r.exit_code == 1 and "no valid signature of a trusted key" in r.output
+    r = _run("sign", cache, "--key", tmp_path / "team")
+    assert r.exit_code == 0 and r.output.startswith("signed ")
+    r = _run("verify", cache, "--trusted-key", pub)
+    assert r.exit_code == 0 and "signed by key" in r.output
+
+    def drop_last_shard(m):  # a smaller cache whose every count, checksum and fingerprint agrees again
+        import pyarrow as pa
+
+        last = m["shards"].pop()
+        ids = pa.ipc.open_stream(pa.memory_map(str(cache / last["path"]))).read_all().column("input_ids")
+        st = m["stats"]
+        st["rows"] -= last["rows"]
+        st["answer_tokens"] -= last["answer_tokens"]
+        st["tokens"] -= sum(len(x) for x in ids.to_pylist())
+        st["skipped"]["empty_response"] += last["rows"]
+
+    reseal(cache, edit=drop_last_shard)
+    assert _run("verify", cache).exit_code == 0  # consistent: only the signature tells
+    r = _run("verify", cache, "--trusted-key", pub)
+    assert r.exit_code == 1 and "changed after it was signed" in r.output

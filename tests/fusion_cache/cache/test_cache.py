@@ -184,7 +184,7 @@ def test_missing_shard_is_named(cache_copy):
         list(CacheReader(cache_copy).iter_rows())
 
 
-def test_shard_with_other_k_is_refused(cache_copy, tmp_path):
+def test_shard_with_other_k_is_refused(cache_copy, tmp_path, reseal):
     reader = CacheReader(cache_copy)
     rows = list(reader.iter_rows())
     prov = {"schema_version": 1, "k": 4, "config_fingerprint": reader.manifest.config_fingerprint}
@@ -194,7 +194,10 @@ def test_shard_with_other_k_is_refused(cache_copy, tmp_path):
         w.write_rows(rows[:2])
     target = cache_copy / reader.manifest.shards[0].path
     target.write_bytes((tmp_path / "w" / w.shards[0]["path"]).read_bytes())
-    with pytest.raises(ShardFormatError, match="sha256"):  # a replaced shard fails its checksum first
+    with pytest.raises(ShardFormatError, match="bytes on disk"):  # a replaced shard fails its size first
+        list(CacheReader(cache_copy).iter_rows())
+    reseal(cache_copy, checksums=False)
+    with pytest.raises(ShardFormatError, match="sha256"):  # then its checksum
         list(CacheReader(cache_copy).iter_rows())
     with pytest.raises(ShardFormatError, match="K=4 in the shard but K=8"):  # and its K even without it
         list(CacheReader(cache_copy, check_checksums=False).iter_rows())

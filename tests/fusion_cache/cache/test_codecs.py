@@ -282,6 +282,25 @@ def _edit(cache, fn):
     path.write_text(json.dumps(raw))
 
 
+def _config_fp(m: dict) -> str:
+    """The config fingerprint a reader recomputes from the manifest ``m`` (a rewrite must reseal it)."""
+    from fusion_cache.cache.fingerprint import config_fingerprint
+    from fusion_cache.cache.manifest import config_settings
+
+    return config_fingerprint(
+        config_settings(
+            schema_version=m["schema_version"],
+            teacher=m["teacher"],
+            dataset_hash=m["dataset"]["hash"],
+            rows_read=m["dataset"]["rows_read"],
+            k=m["k"],
+            codec=m["codec"],
+            max_length=m["max_length"],
+            overlong=m["overlong"],
+        )  # fmt: skip
+    )
+
+
 def test_compact_corruptions_are_named(codec_cache, tmp_path):
     shards = sorted(p.name for p in codec_cache.glob("shard-*.arrow"))
     for damage in ("flip", "truncate"):
@@ -296,7 +315,8 @@ def test_compact_corruptions_are_named(codec_cache, tmp_path):
         path.write_bytes(bytes(data))
         problems = CacheReader(copy).verify()
         assert problems and all(shards[1] in p for p in problems)
-        with pytest.raises(ShardFormatError, match=f"{shards[1]}: sha256"):  # reading checks it too
+        # reading checks it too: its size first (a truncation), then its sha256
+        with pytest.raises(ShardFormatError, match=f"{shards[1]}: (sha256|\\d+ bytes on disk)"):
             list(CacheReader(copy).iter_rows())
         with pytest.raises(ShardFormatError, match=shards[1]):  # and without the checksum, the decoder refuses it
             list(CacheReader(copy, check_checksums=False).iter_rows()) if damage == "truncate" else _flip_codes(copy)
@@ -323,6 +343,7 @@ def test_manifest_codec_disagreeing_with_shards_is_refused(codec_cache, tmp_path
 
     def other_bits(m):
         m["codec"]["value_bits"] = m["codec"]["value_bits"] - 1
+        m["config_fingerprint"] = _config_fp(m)  # resealed: only the shards' own metadata disagrees now
         m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
 
     _edit(copy, other_bits)
@@ -402,6 +423,8 @@ def _rewrite_as_v1(cache, tmp_path):
 
     reader = CacheReader(cache)
     m = json.loads((cache / "manifest.json").read_text())
+    m["schema_version"] = 1
+    m["config_fingerprint"] = _config_fp(m)  # version 1 is one of the fields it covers
     prov = {"schema_version": 1, "k": m["k"], "codec": {"name": "raw"}, "config_fingerprint": m["config_fingerprint"]}
     for i, info in enumerate(m["shards"]):
         rows = [r for b in reader._iter_shard(i) for r in reader.decode_batch(b, info["path"])]
@@ -410,6 +433,7 @@ def _rewrite_as_v1(cache, tmp_path):
         (cache / info["path"]).write_bytes((tmp_path / f"w{i}" / w.shards[0]["path"]).read_bytes())
         info.update(sha256=file_sha256(cache / info["path"]), bytes=(cache / info["path"]).stat().st_size)
     m["schema_version"] = 1
+    m["stats"]["payload_bytes"] = sum(info["bytes"] for info in m["shards"])
     m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
     (cache / "manifest.json").write_text(json.dumps(m))
 
@@ -502,6 +526,8 @@ def _rewrite_as_v2_full(cache, tmp_path, codec=None, version=2):
     reader = CacheReader(cache)
     m = json.loads((cache / "manifest.json").read_text())
     codec = codec or {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 3}
+    m.update(schema_version=version, codec=codec)
+    m["config_fingerprint"] = _config_fp(m)  # the codec and version are fields it covers
     prov = {"schema_version": version, "k": m["k"], "codec": codec, "config_fingerprint": m["config_fingerprint"]}
     for i, info in enumerate(m["shards"]):
         rows = [r for b in reader._iter_shard(i) for r in reader.decode_batch(b, info["path"])]
@@ -510,6 +536,7 @@ def _rewrite_as_v2_full(cache, tmp_path, codec=None, version=2):
         (cache / info["path"]).write_bytes((tmp_path / f"w{i}" / w.shards[0]["path"]).read_bytes())
         info.update(sha256=file_sha256(cache / info["path"]), bytes=(cache / info["path"]).stat().st_size)
     m.update(schema_version=version, codec=codec)
+    m["stats"]["payload_bytes"] = sum(info["bytes"] for info in m["shards"])
     m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
     (cache / "manifest.json").write_text(json.dumps(m))
 

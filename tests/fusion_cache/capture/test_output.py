@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.capture.config import BuildConfig
+from fusion_cache.capture.output import build_lock
+from fusion_cache.capture.output import lock_path
 from fusion_cache.capture.output import plan_output
 from fusion_cache.errors import ConfigError
 
@@ -55,3 +58,40 @@ def test_an_fsspec_url_is_staged_in_a_directory_fixed_by_the_url(tmp_path, monke
     b = plan_output(_cfg("memory://fc-test-output/b"), "f" * 64, None)
     assert a.out == again.out != b.out and a.out.is_relative_to(tmp_path / "home" / "staging")
     assert not a.location.local and a.existing is None
+
+
+def test_a_second_build_into_the_same_place_is_refused_naming_the_holder(tmp_path):
+    work = tmp_path / "c.incomplete"
+    with build_lock(work) as path:
+        assert f"pid {os.getpid()} on " in path.read_text()
+        # a second open file description: flock excludes it as it would another process
+        with pytest.raises(ConfigError, match=rf"--out c: another build into the same place is running \(pid "
+                           rf"{os.getpid()} on .* since .*; lock {path}\)"):  # fmt: skip
+            with build_lock(work):
+                pass
+    assert not lock_path(work).exists()  # released and removed
+    with build_lock(work):  # and taken again
+        pass
+
+
+def test_a_build_holds_the_lock_while_it_runs(tmp_path):
+    """Another process's build: the lock is the kernel's, so a holder killed with -9 leaves none behind."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "c.incomplete"
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom fusion_cache.capture.output import build_lock\n"
+        f"with build_lock(Path({str(work)!r})):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"another build into the same place is running \(pid {proc.pid} "):
+            with build_lock(work):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with build_lock(work):  # the dead holder's lock is gone with it
+        pass

@@ -121,7 +121,7 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tmp_path, built_
     # the same intra-op thread count as this process, so the float reductions (and results) are the same here
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = tmp_path / "killed"
-    extra = ["--max-steps", steps, "--checkpoint-every", every, "--device", "cpu", "--top-k", two.get("top_k", 10)]
+    extra = ["--max-steps", steps, "--checkpoint-every", every, "--device", "cpu", "--top-k", two.get("top_k", 8)]
     if two:
         extra += ["--kd-loss", "kl", "--kd-loss", "uld", "--combine", "uncertainty"]
     proc = subprocess.Popen(_cli_train(tiny_model_dir, cache, killed, *extra), env=env, cwd=REPO,
@@ -139,7 +139,7 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_and_weights(tmp_path, built_
     done = max(s for s, _ in list_checkpoints(killed))
     assert done < steps and not (killed / "model").exists()
 
-    kw = dict(max_steps=steps, checkpoint_every=every, keep_checkpoints=3, shuffle_buffer=256, top_k=10) | two
+    kw = dict(max_steps=steps, checkpoint_every=every, keep_checkpoints=3, shuffle_buffer=256, top_k=8) | two
     run_train(_cfg(tiny_model_dir, cache, killed, resume=True, **kw), progress=False)
     ref = tmp_path / "ref"
     run_train(_cfg(tiny_model_dir, cache, ref, **kw), progress=False)

@@ -1,0 +1,572 @@
+"""Caches from strangers (issue 21): every hostile case is refused with a one-line FusionCacheError by every reader.
+
+Each named test damages a real or synthetic cache the way someone who knows the format would, then reseals it:
+shard sizes, sha256, per-shard counts, stats and both fingerprints recomputed with the public formulas, and the
+shards' own metadata rewritten, so only the reader's content checks (fusion_cache/cache/validate.py) can refuse
+it. The property-based suite at the end does the same with random mutations of a small cache of every codec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from fusion_cache.cache import fast_decode
+from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.fingerprint import chain_fingerprint
+from fusion_cache.cache.fingerprint import config_fingerprint
+from fusion_cache.cache.manifest import config_settings
+from fusion_cache.cache.manifest import load_manifest
+from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.schema import METADATA_KEY
+from fusion_cache.cache.validate import TOPK_OK
+from fusion_cache.cache.validate import DecodeLimits
+from fusion_cache.cache.validate import _FlatBuffer
+from fusion_cache.cache.validate import topk_rows_numpy
+from fusion_cache.errors import FingerprintError
+from fusion_cache.errors import FusionCacheError
+from fusion_cache.errors import ShardFormatError
+
+# ------------------------------------------------------------------------------------------------ a hostile editor
+
+
+def _config_fp(m: dict) -> str:
+    return config_fingerprint(
+        config_settings(
+            schema_version=m["schema_version"],
+            teacher=m["teacher"],
+            dataset_hash=m["dataset"]["hash"],
+            rows_read=m["dataset"]["rows_read"],
+            k=m["k"],
+            codec=m["codec"],
+            max_length=m["max_length"],
+            overlong=m["overlong"],
+        )  # fmt: skip
+    )
+
+
+def _batches(path: Path) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """The shard's schema and record batches, read into memory (not mapped: the file is rewritten next)."""
+    reader = pa.ipc.open_stream(pa.BufferReader(path.read_bytes()))
+    return reader.schema, list(reader)
+
+
+def rewrite(cache: Path, *, batch=None, manifest=None, counts: bool = True) -> dict:
+    """Rewrite a cache as an attacker would: ``manifest(m)`` edits its JSON, ``batch(b, shard, i)`` returns each
+    record batch changed (or None to drop it), then every shard is written again with the manifest's config
+    fingerprint in its metadata, and sizes, checksums, per-shard counts and stats (``counts``; rows the shards lost
+    become skipped ones, rows they gained more rows read) and both fingerprints are recomputed. Returns the JSON."""
+    path = cache / "manifest.json"
+    m = json.loads(path.read_text())
+    if manifest is not None:
+        manifest(m)
+    codec = parse_codec(m["codec"], "test", m["schema_version"])
+    shards = []
+    rows = tokens = answer = 0
+    for s, info in enumerate(m["shards"]):
+        f = cache / info["path"]
+        if not f.is_file() or f.is_symlink():
+            continue
+        schema, batches = _batches(f)
+        out = [x for x in (batch(b, s, i) if batch is not None else b for i, b in enumerate(batches)) if x is not None]
+        n_rows = sum(b.num_rows for b in out)
+        n_tok = sum(len(b.column("input_ids").values) for b in out)
+        n_ans = n_tok - sum(int(np.sum(b.column("answer_start").to_numpy())) for b in out)
+        if counts:
+            info.update(rows=n_rows, answer_tokens=n_ans)
+        rows, tokens, answer = rows + n_rows, tokens + n_tok, answer + n_ans
+        shards.append((f, schema, out))
+    if counts:
+        lost = m["stats"]["rows"] - rows
+        if lost > 0:
+            key = next(iter(m["stats"]["skipped"]), "empty_response")
+            m["stats"]["skipped"][key] = m["stats"]["skipped"].get(key, 0) + lost
+        else:
+            m["dataset"]["rows_read"] -= lost
+        m["stats"].update(rows=rows, tokens=tokens, answer_tokens=answer)
+    m["config_fingerprint"] = _config_fp(m)
+    for f, schema, out in shards:
+        prov = json.loads(schema.metadata[METADATA_KEY])
+        prov["config_fingerprint"] = m["config_fingerprint"]
+        schema = schema.with_metadata({**schema.metadata, METADATA_KEY: json.dumps(prov).encode()})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
+            for b in out:
+                w.write_batch(pa.RecordBatch.from_arrays(b.columns, schema=schema))
+        f.write_bytes(sink.getvalue().to_pybytes())
+    for info in m["shards"]:
+        f = cache / info["path"]
+        if f.is_file():
+            info.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    m["stats"]["payload_bytes"] = sum(i["bytes"] for i in m["shards"])
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    path.write_text(json.dumps(m, indent=2, sort_keys=True))
+    return m
+
+
+def column(b: pa.RecordBatch, name: str, new: pa.Array) -> pa.RecordBatch:
+    cols = [new if n == name else b.column(n) for n in b.schema.names]
+    return pa.RecordBatch.from_arrays(cols, schema=b.schema)
+
+
+def set_value(b: pa.RecordBatch, name: str, index: int, value) -> pa.RecordBatch:
+    """The list column ``name`` with its flat value ``index`` (of the batch) set to ``value``."""
+    col = b.column(name)
+    flat = np.asarray(col.values.to_numpy(zero_copy_only=False)).copy()
+    flat[index] = value
+    return column(b, name, pa.ListArray.from_arrays(col.offsets, pa.array(flat, col.type.value_type)))
+
+
+def refused(cache: Path, match: str, **kw) -> str:
+    """Both `verify` and a full read refuse ``cache`` with a one-line FusionCacheError matching ``match``."""
+    try:
+        problems = CacheReader(cache, **kw).verify()
+    except FusionCacheError as e:
+        problems = [str(e)]
+    assert problems, "verify accepted the cache"
+    assert any(__import__("re").search(match, p) for p in problems), problems
+    with pytest.raises(FusionCacheError, match=match) as info:
+        list(CacheReader(cache, **kw).iter_rows())
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.fixture
+def raw(cache_copy) -> Path:
+    """A private copy of the session's real cache (raw codec, K=8, tiny Qwen2 teacher)."""
+    return cache_copy
+
+
+# ------------------------------------------------------------------------------------------------ named cases
+
+
+def test_an_intact_resealed_cache_still_reads(raw):
+    rewrite(raw)
+    assert CacheReader(raw).verify() == []
+
+
+@pytest.mark.parametrize("token", [10_000_000, -7])
+def test_token_ids_outside_the_vocabulary(raw, token):
+    rewrite(raw, batch=lambda b, s, i: set_value(b, "input_ids", 3, token) if (s, i) == (0, 0) else b)
+    msg = refused(raw, r"input_ids: token id .* outside \[0, 4096\)")
+    assert "record batch 0, row 0 (sample " in msg
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (float("nan"), "topk_logprobs: answer position 0: value nan is not finite"),
+        (float("-inf"), "is not finite"),
+        (0.5, "top-1 log-prob 0.5 is above 0"),
+    ],
+)
+def test_teacher_log_probs_that_are_not_log_probs(raw, value, match):
+    rewrite(raw, batch=lambda b, s, i: set_value(b, "topk_logprobs", 0, value) if (s, i) == (0, 0) else b)
+    refused(raw, match)
+
+
+def test_nan_target_and_unsorted_and_overfull_rows(raw, tmp_path):
+    for name, damage, match in (
+        ("target", lambda b: set_value(b, "target_logprobs", 0, float("nan")), "target_logprobs: nan"),
+        ("sorted", lambda b: set_value(b, "topk_logprobs", 3, -1e-3), "not sorted descending"),
+        (
+            "sum",
+            lambda b: set_value(set_value(b, "topk_logprobs", 0, -0.01), "topk_logprobs", 1, -0.02),
+            "sum to .* more than 1",
+        ),  # fmt: skip
+        (
+            "repeat",
+            lambda b: set_value(b, "topk_ids", 1, int(b.column("topk_ids").values[0].as_py())),
+            "topk_ids: answer position 0: id .* appears twice",
+        ),  # fmt: skip
+        ("vocab", lambda b: set_value(b, "topk_ids", 2, 5000), r"topk_ids: .*id 5000 outside \[0, 4096\)"),
+    ):
+        copy = tmp_path / name
+        shutil.copytree(raw, copy)
+        rewrite(copy, batch=lambda b, s, i, d=damage: d(b) if (s, i) == (0, 0) else b)
+        refused(copy, match)
+
+
+def test_byte_offsets_strings_sample_ids_row_order_and_lengths(raw, tmp_path):
+    def bad_utf8(b):
+        arr = pa.array([b"\xff\xfe" + c.encode() for c in b.column("conversation").to_pylist()], pa.binary())
+        return column(b, "conversation", arr.view(pa.string()))
+
+    def other_sample(b):
+        ids = b.column("sample_id").to_pylist()
+        return column(b, "sample_id", pa.array(["f" * 32] + ids[1:], pa.string()))
+
+    def row_back(b):
+        idx = b.column("row_index").to_numpy().copy()
+        idx[-1] = idx[0]
+        return column(b, "row_index", pa.array(idx, pa.int64()))
+
+    cases = {
+        "offsets": (lambda b: set_value(b, "token_byte_start", 2, 10**6), "token_byte_start/token_byte_end"),
+        "past text": (
+            lambda b: set_value(b, "token_byte_end", len(b.column("token_byte_end").values) - 1, 2**30),
+            "past the rendered text",
+        ),  # fmt: skip
+        "utf8": (bad_utf8, "conversation: not valid UTF-8"),
+        "sample id": (other_sample, "sample_id: 'fff.*' is not the hash of the row's conversation"),
+        "row order": (row_back, "row_index: .* rows must be in input order, each once"),
+    }
+    for name, (damage, match) in cases.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(raw, copy)
+        rewrite(copy, batch=lambda b, s, i, d=damage: d(b) if (s, i) == (0, 0) else b)
+        refused(copy, match)
+    copy = tmp_path / "max-length"
+    shutil.copytree(raw, copy)
+    rewrite(copy, manifest=lambda m: m.update(max_length=8))
+    refused(copy, "more than max_length=8|every row has 1 to max_length=8")
+
+
+def test_manifest_fields_outside_the_chain_are_recomputed(raw, tmp_path):
+    """stats.rows of 10^15 (a learning rate of ~1e-14) or 0, an edited tokenizer hash, a shard listed twice, and
+    per-shard counts that disagree with the shards: each refused when the cache is opened or as it streams."""
+
+    def edit(name, fn, match, error=ShardFormatError, reseal=True):
+        copy = tmp_path / name
+        shutil.copytree(raw, copy)
+        path = copy / "manifest.json"
+        m = json.loads(path.read_text())
+        fn(m)
+        if reseal:
+            m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+        path.write_text(json.dumps(m))
+        with pytest.raises(error, match=match):
+            CacheReader(copy)
+
+    edit("rows-huge", lambda m: m["stats"].update(rows=10**15), r"stats.rows=1000000000000000, but the shards")
+    edit("rows-zero", lambda m: m["stats"].update(rows=0), r"stats.rows=0, but the shards listed hold 4")
+    edit("tokenizer", lambda m: m["teacher"].update(tokenizer_hash="e" * 64), "config_fingerprint .* does not match",
+         FingerprintError)  # fmt: skip
+    edit("vocab", lambda m: m["teacher"].update(vocab_size=10**9), "config_fingerprint .* does not match",
+         FingerprintError)  # fmt: skip
+    edit("twice", lambda m: m["shards"].append(dict(m["shards"][0])) or m["stats"].update(
+        rows=m["stats"]["rows"] + m["shards"][0]["rows"]), "listed twice|shards listed hold")  # fmt: skip
+    # counts that agree with each other but not with the shards: found while streaming
+    copy = tmp_path / "counts"
+    shutil.copytree(raw, copy)
+
+    def shift(m):
+        m["shards"][0]["answer_tokens"] += 1
+        m["shards"][1]["answer_tokens"] -= 1
+
+    rewrite(copy, manifest=shift, counts=False)
+    refused(copy, r"answer tokens, the manifest says")
+
+
+def test_a_shard_listed_twice_with_everything_resealed(raw, tmp_path):
+    copy = tmp_path / "twice"
+    shutil.copytree(raw, copy)
+    rewrite(copy, manifest=lambda m: m["shards"].append(dict(m["shards"][0])))
+    with pytest.raises(ShardFormatError, match="listed twice"):
+        CacheReader(copy)
+    # the same rows under another name: row_index goes back
+    m = json.loads((raw / "manifest.json").read_text())
+    first = m["shards"][0]["path"]
+    shutil.copy(raw / first, raw / "shard-00009-of-00009.arrow")
+    m["shards"].append(dict(m["shards"][0], path="shard-00009-of-00009.arrow"))
+    (raw / "manifest.json").write_text(json.dumps(m))
+    rewrite(raw)
+    refused(raw, "row_index: .* rows must be in input order, each once")
+
+
+def test_a_shard_that_is_a_symlink_out_of_the_cache_is_refused(raw, tmp_path):
+    name = json.loads((raw / "manifest.json").read_text())["shards"][0]["path"]
+    outside = tmp_path / "elsewhere.arrow"
+    shutil.move(raw / name, outside)
+    os.symlink(outside, raw / name)
+    refused(raw, "is a symbolic link")
+
+
+def _bomb(cache: Path, size: int) -> None:
+    """Replace the first record batch's conversations by ``size`` bytes of one letter (zstd: a few hundred bytes)."""
+
+    def fill(b, s, i):
+        if (s, i) != (0, 0):
+            return b
+        convs = ["a" * size] + b.column("conversation").to_pylist()[1:]
+        ids = [hashlib.blake2b(c.encode(), digest_size=16).hexdigest() for c in convs]  # consistent, but huge
+        return column(column(b, "conversation", pa.array(convs, pa.string())), "sample_id", pa.array(ids, pa.string()))
+
+    rewrite(cache, batch=fill)
+
+
+def test_decompression_bombs_are_refused_from_their_headers(synthetic_caches, tmp_path):
+    cache = tmp_path / "bomb"
+    shutil.copytree(synthetic_caches["full"], cache)
+    _bomb(cache, 200 << 20)  # 200 MiB of text from a few hundred bytes
+    assert (cache / json.loads((cache / "manifest.json").read_text())["shards"][0]["path"]).stat().st_size < 1 << 20
+    msg = refused(cache, "would decode to 2097.*decompression bomb")
+    assert "record batch 0" in msg
+    # a small batch within the allowance is fine
+    ok = tmp_path / "ok"
+    shutil.copytree(synthetic_caches["full"], ok)
+    _bomb(ok, 1 << 20)
+    assert CacheReader(ok).verify() == []
+    assert CacheReader(ok, limits=DecodeLimits(allowance=1 << 16)).verify()  # and refused under a tighter limit
+
+
+def test_a_buffer_declaring_a_terabyte_is_refused_at_once(synthetic_caches, tmp_path, reseal):
+    cache = tmp_path / "tib"
+    shutil.copytree(synthetic_caches["full"], cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    f = cache / m["shards"][0]["path"]
+    data = bytearray(f.read_bytes())
+    pos, n = 0, 0
+    while n < 2:  # the schema message, then the first record batch
+        assert struct.unpack_from("<I", data, pos)[0] == 0xFFFFFFFF
+        meta_len = struct.unpack_from("<i", data, pos + 4)[0]
+        fb = _FlatBuffer(bytes(data[pos + 8 : pos + 8 + meta_len]), "test")
+        msg = fb.root()
+        at = fb.field(msg, 3)  # Message.bodyLength; absent (0) in the schema message
+        body_len = fb._unpack("<q", at) if at else 0
+        if n == 1:
+            buffers = fb.structs(fb.field(fb.deref(fb.field(msg, 2)), 2), 16)
+            off, _ = max(buffers, key=lambda x: x[1])
+            data[pos + 8 + meta_len + off : pos + 8 + meta_len + off + 8] = struct.pack("<q", 1 << 40)
+        pos += 8 + meta_len + body_len
+        n += 1
+    f.write_bytes(bytes(data))
+    reseal(cache)
+    refused(cache, r"would decode to 1099511\d{6} bytes")  # 1 TiB plus the batch's other buffers
+
+
+def test_bombs_stay_within_a_memory_bound(synthetic_caches, tmp_path):
+    """`fusion-cache verify` of a 200 MiB bomb in a process limited to 2 GiB of address space: refused in one line,
+    well below the limit (it never decompresses the batch)."""
+    cache = tmp_path / "bomb"
+    shutil.copytree(synthetic_caches["full"], cache)
+    _bomb(cache, 200 << 20)
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))\n"
+        "from fusion_cache.cli.main import app\n"
+        f"sys.argv = ['fusion-cache', 'verify', {str(cache)!r}]\n"
+        "try:\n    app()\nexcept SystemExit as e:\n"
+        "    hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0].split()[1]\n"
+        "    print('maxrss_kb', hwm, file=sys.stderr)\n    raise\n"
+    )
+    # VmHWM: the peak of the child's own memory map, which exec starts afresh (ru_maxrss carries the peak of the
+    # pytest process across fork + exec)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("BAD")]
+    assert len(lines) == 1 and "decompression bomb" in lines[0] and "Traceback" not in r.stderr
+    maxrss = int(r.stderr.rsplit("maxrss_kb", 1)[1].split()[0])
+    assert maxrss < 600 << 10, maxrss  # KiB: the 200 MiB were never allocated
+
+
+# ------------------------------------------------------------------------------------------------ compiled = numpy
+
+
+@pytest.mark.skipif(fast_decode.kernels() is None, reason="no numba")
+def test_compiled_and_numpy_top_k_checks_agree():
+    from hypothesis import given
+    from hypothesis import settings
+    from hypothesis import strategies as st
+
+    from fusion_cache.cache.validate import lse_blocks
+
+    kern = fast_decode.kernels()["topk_rows"]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(1, 9), st.integers(1, 6), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+    def check(k, n, exact, logprobs, seed):
+        rng = np.random.default_rng(seed)
+        values = -np.sort(rng.exponential(3, (n, k)), axis=1).astype(np.float32)
+        values -= np.log(np.exp(values.astype(np.float64)).sum(1, keepdims=True)).astype(np.float32) * rng.integers(
+            0, 2
+        )
+        ids = np.stack([rng.permutation(40)[:k] for _ in range(n)]).astype(np.int32)
+        for _ in range(rng.integers(0, 3)):  # damage
+            t, j = rng.integers(0, n), rng.integers(0, k)
+            kind = rng.integers(0, 5)
+            if kind == 0:
+                values[t, j] = rng.choice([np.nan, np.inf, -np.inf, 0.7])
+            elif kind == 1 and exact:
+                values[t, j] = values[t, 0] + 1
+            elif kind == 2:
+                ids[t, j] = rng.choice([-1, 40, 10**6])
+            elif kind == 3 and k > 1:
+                ids[t, j] = ids[t, (j + 1) % k]
+            elif kind == 4:
+                values[t] = -1e-4
+        if not exact:  # quantized codecs decode finite, sorted values between finite ends
+            values[:, 1:-1] = np.where(np.isfinite(values[:, 1:-1]), values[:, 1:-1], -50.0)
+            values[:, 1:-1] = np.minimum(np.sort(values[:, 1:-1], axis=1)[:, ::-1], values[:, :1])
+        want = topk_rows_numpy(values, ids, 40, exact, logprobs, 1e-3, 0.05 if not exact else 0.0)
+        starts, widths = lse_blocks(k)
+        tols = np.array([1e-3, 0.05 if not exact else 0.0, 1e-4])
+        words = fast_decode.id_bitset(40)
+        got = kern(values, ids, True, 40, words, exact, logprobs, tols, starts, widths)
+        assert tuple(int(x) for x in got) == tuple(int(x) for x in want), (values, ids)
+        assert not words.any()  # left zeroed for the next call
+        assert (want[1] == TOPK_OK) == (want[0] == -1)
+
+    check()
+
+
+# ------------------------------------------------------------------------------------------------ property-based
+
+FUZZ_ENV = "FUSION_CACHE_HOSTILE_FUZZ"
+
+
+def test_random_mutations_are_accepted_sanely_or_refused_in_one_line(tmp_path):
+    """The property-based suite, run in a subprocess whose data segment is limited to 3 GiB (so memory beyond a
+    bound is a failure, not a swapped machine) with a wall-clock limit (a hang is a failure)."""
+    env = {**os.environ, FUZZ_ENV: str(tmp_path)}
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))"
+    cmd = [sys.executable, "-c", f"{limit}; import pytest, sys; sys.exit(pytest.main(sys.argv[1:]))", __file__,
+           "-q", "-p", "no:cacheprovider", "-k", "fuzz_inner", "--import-mode=importlib"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[3])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
+
+
+@pytest.mark.skipif(FUZZ_ENV not in os.environ, reason="run by test_random_mutations_... in a limited subprocess")
+@pytest.mark.parametrize("codec", ["raw", "full", "values", "shape"])
+def test_fuzz_inner(codec, synthetic_caches):
+    from hypothesis import HealthCheck
+    from hypothesis import given
+    from hypothesis import settings
+    from hypothesis import strategies as st
+
+    base = synthetic_caches[codec]
+    work = Path(os.environ[FUZZ_ENV]) / codec
+    shard_names = sorted(p.name for p in base.glob("shard-*.arrow"))
+
+    @settings(max_examples=60, deadline=10_000, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.sampled_from(["bytes", "truncate", "column", "manifest"]), st.integers(0, 2**32 - 1))
+    def fuzz(kind, seed):
+        rng = np.random.default_rng(seed)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(base, work)
+        shard = work / shard_names[rng.integers(0, len(shard_names))]
+        if kind == "bytes":
+            data = bytearray(shard.read_bytes())
+            for _ in range(rng.integers(1, 4)):
+                data[rng.integers(0, len(data))] = rng.integers(0, 256)
+            shard.write_bytes(bytes(data))
+            _reseal_files(work)
+        elif kind == "truncate":
+            data = shard.read_bytes()
+            shard.write_bytes(data[: rng.integers(0, len(data))] + bytes(rng.integers(0, 256, rng.integers(0, 64))))
+            _reseal_files(work)
+        elif kind == "column":
+            rewrite(work, batch=lambda b, s, i: _mutate_column(b, rng), counts=bool(rng.integers(0, 2)))
+        else:
+            rewrite(work, manifest=lambda m: _mutate_manifest(m, rng))
+        _check_invariant(work)
+
+    fuzz()
+
+
+def _reseal_files(cache: Path) -> None:
+    m = json.loads((cache / "manifest.json").read_text())
+    for info in m["shards"]:
+        f = cache / info["path"]
+        info.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    m["stats"]["payload_bytes"] = sum(i["bytes"] for i in m["shards"])
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+_EXTREMES = [0, -1, 1, 2**31 - 1, -(2**31), 2**15, 255, 10**6]
+_FLOATS = [float("nan"), float("inf"), float("-inf"), 0.0, 1.0, -1e30, 1e30, 65504.0]
+
+
+def _mutate_column(b: pa.RecordBatch, rng) -> pa.RecordBatch:
+    """One random value of one random column replaced by an extreme (list lengths kept, so Arrow accepts it)."""
+    name = b.schema.names[rng.integers(0, len(b.schema.names))]
+    col = b.column(name)
+    typ = col.type
+    if pa.types.is_list(typ):
+        values = col.values.to_numpy(zero_copy_only=False).copy()
+        if not len(values):
+            return b
+        i = rng.integers(0, len(values))
+        if pa.types.is_floating(typ.value_type):
+            values[i] = rng.choice(_FLOATS)
+        else:
+            info = np.iinfo(values.dtype)
+            values[i] = np.clip(rng.choice(_EXTREMES), info.min, info.max)
+        return column(b, name, pa.ListArray.from_arrays(col.offsets, pa.array(values, typ.value_type)))
+    if pa.types.is_string(typ):
+        vals = col.to_pylist()
+        i = rng.integers(0, len(vals))
+        vals[i] = rng.choice(["", "x" * 40, vals[i][::-1], "\u00e9" * 16])
+        return column(b, name, pa.array(vals, pa.string()))
+    values = col.to_numpy(zero_copy_only=False).copy()
+    info = np.iinfo(values.dtype)
+    values[rng.integers(0, len(values))] = np.clip(rng.choice(_EXTREMES), info.min, info.max)
+    return column(b, name, pa.array(values, typ))
+
+
+def _mutate_manifest(m: dict, rng) -> None:
+    """One manifest field set to an implausible value (stats, counts, K, lengths, the teacher, the shard list)."""
+    choice = rng.integers(0, 9)
+    big = int(rng.choice([0, 1, 10**15, 2**31]))
+    if choice == 0:
+        m["stats"]["rows"] = big
+    elif choice == 1:
+        m["stats"]["tokens"] = big
+    elif choice == 2:
+        m["shards"][0]["rows"] = big
+    elif choice == 3:
+        m["k"] = int(rng.integers(1, 12))
+    elif choice == 4:
+        m["max_length"] = int(rng.integers(2, 9))
+    elif choice == 5:
+        m["teacher"]["vocab_size"] = int(rng.integers(1, 400))
+    elif choice == 6:
+        m["shards"].append(dict(m["shards"][-1]))
+    elif choice == 7:
+        m["dataset"]["rows_read"] = int(rng.integers(0, 10))
+    else:
+        m["stats"]["skipped"] = {"empty_response": -1}
+
+
+def _check_invariant(cache: Path) -> None:
+    """Either every reader refuses the cache with a one-line FusionCacheError, or it is valid: verify finds
+    nothing, a full read succeeds, and every decoded value is what the format promises."""
+    try:
+        reader = CacheReader(cache)
+    except FusionCacheError as e:
+        assert "\n" not in str(e)
+        return
+    problems = reader.verify()
+    assert all("\n" not in p for p in problems)
+    try:
+        rows = list(CacheReader(cache).iter_rows())
+    except FusionCacheError as e:
+        assert problems, f"verify accepted what a read refuses: {e}"
+        assert "\n" not in str(e)
+        return
+    assert not problems, f"a read accepted what verify refuses: {problems}"
+    m = load_manifest(cache)
+    vocab = m.teacher.vocab_size
+    for r in rows:
+        assert 0 <= r.input_ids.min() and r.input_ids.max() < vocab and len(r.input_ids) <= m.max_length
+        assert np.isfinite(r.topk_logprobs).all() and (np.diff(r.topk_logprobs, axis=1) <= 1e-6).all()
+        if reader.codec.has_logprobs:
+            assert (r.topk_logprobs[:, 0] <= 1e-4).all()
+        if reader.codec.has_ids:
+            assert r.topk_ids.min() >= 0 and r.topk_ids.max() < vocab
+            assert all(len(set(row)) == len(row) for row in r.topk_ids.tolist())
+        if reader.codec.has_targets:
+            assert np.isfinite(r.target_logprobs).all()
+    assert sum(len(r.input_ids) for r in rows) == m.stats.tokens and len(rows) == m.stats.rows
