@@ -172,11 +172,11 @@ def test_keygen_sign_and_verify_with_a_trusted_key(tmp_path, synthetic_caches, r
     shutil.copytree(synthetic_caches["full"], cache)
     assert _run("keygen", "--out", tmp_path / "team").exit_code == 0
     pub = tmp_path / "team.pub"
-    r = _run("verify", cache, "--trusted-key", pub)
+    r = _run("verify", "--cache", cache, "--trusted-key", pub)
     assert r.exit_code == 1 and "no valid signature of a trusted key" in r.output
-    r = _run("sign", cache, "--key", tmp_path / "team")
+    r = _run("sign", "--cache", cache, "--key", tmp_path / "team")
     assert r.exit_code == 0 and r.output.startswith("signed ")
-    r = _run("verify", cache, "--trusted-key", pub)
+    r = _run("verify", "--cache", cache, "--trusted-key", pub)
     assert r.exit_code == 0 and "signed by key" in r.output
 
     def drop_last_shard(m):  # a smaller cache whose every count, checksum and fingerprint agrees again
@@ -191,6 +191,6 @@ def test_keygen_sign_and_verify_with_a_trusted_key(tmp_path, synthetic_caches, r
         st["skipped"]["empty_response"] += last["rows"]
 
     reseal(cache, edit=drop_last_shard)
-    assert _run("verify", cache).exit_code == 0  # consistent: only the signature tells
-    r = _run("verify", cache, "--trusted-key", pub)
+    assert _run("verify", "--cache", cache).exit_code == 0  # consistent: only the signature tells
+    r = _run("verify", "--cache", cache, "--trusted-key", pub)
     assert r.exit_code == 1 and "changed after it was signed" in r.output
