@@ -51,7 +51,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "fusion_quality.jsonl"
 SETTING, TUNE_SETTING, NUMERALS = "testbed", "testbed-tune", "numerals"
 DOMAINS = ("math", "code")
 SEEDS = (0, 1, 2)
-MERGES = ("ties", "rsaf")
+MERGES = ("ties", "rsaf", "ta", "average")
+# a merge arm's name -> (merge method, its options); "average" is the plain mean of the pivots (TA at alpha 1/2), the
+# control for methods built for task vectors off a strong shared base
+MERGE_METHODS = {"average": ("ta", {"alpha": 0.5})}
 CODE_LOSS = "kl"  # the code teacher has the student's tokenizer: the top-K KL keeps token identity
 MATH_LOSSES = ("uld", "mapped_kl", "hybrid")  # the math teacher's tokenizer is not the student's
 TUNE_STEPS_LR = tuple((steps, lr) for steps in (150, 300, 600, 1200) for lr in (1e-3, 3e-3, 1e-2))
@@ -214,8 +217,9 @@ def _run_pairwise(job: Job, tb, out: Path) -> list[dict]:
     lines = []
     for a in job.arms:
         t = time.perf_counter()
+        method, options = MERGE_METHODS.get(a.merge, (a.merge, {}))
         cfg = MergeConfig.create(base=str(tb.student), models=[str(r) for r in runs], out=str(out / a.merge),
-                                 method=a.merge, threads=1)  # fmt: skip
+                                 method=method, threads=1, **options)  # fmt: skip
         merged = run_merge(cfg, progress=False)
         model, tok, _ = load_student(merged["out"])
         line = _line(job, a, model, tok, tb, seconds)
