@@ -45,9 +45,7 @@ def test_train_pairwise_then_merge(tiny_model_dir, built_cache, tmp_path):
     assert r.exit_code == 0, r.output
     for name in ("teacher-a", "teacher-b"):
         assert (runs / name / "model" / "model.safetensors").is_file()
-        assert json.loads((runs / name / "train_config.json").read_text())["cache"] == [
-            str(tmp_path / "caches" / name)
-        ]
+        assert json.loads((runs / name / "train_config.json").read_text())["cache"] == [str(tmp_path / "caches" / name)]
     out = tmp_path / "merged"
     r = _run(
         "merge", "--base", tiny_model_dir, "--models", runs / "teacher-a", "--models", runs / "teacher-b",
