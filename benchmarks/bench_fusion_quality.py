@@ -331,21 +331,21 @@ def main_jobs(arm_list: list[Arm], lines: list[dict], seeds: tuple[int, ...]) ->
 # the table
 
 
-def _mean_sd(xs: list[float]) -> str:
+def mean_sd(xs: list[float]) -> str:
     if not xs:
         return "n/a"
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
 
 
-def _paired(a: dict[int, float], b: dict[int, float]) -> str:
-    """Mean ± sd over the shared seeds of a - b; ``*`` when the mean is beyond twice the sd (and n >= 3)."""
+def paired(a: dict[int, float], b: dict[int, float]) -> str:
+    """Mean ± sd over the shared seeds of a - b (and n); ``*`` when n >= 3 and the mean is beyond twice the sd."""
     d = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
     if not d:
         return "n/a"
     sd = statistics.stdev(d) if len(d) > 1 else 0.0
     mark = "*" if len(d) >= 3 and abs(statistics.mean(d)) > 2 * sd else ""
-    return f"{statistics.mean(d):+.4f} ± {sd:.4f}{mark}"
+    return f"{statistics.mean(d):+.4f} ± {sd:.4f} (n={len(d)}){mark}"
 
 
 def table(lines: list[dict]) -> str:
@@ -371,11 +371,11 @@ def table(lines: list[dict]) -> str:
         cells = []
         for c in cols:
             vals = per[arm][c]
-            vs_sft = _paired(vals, per["sft"][c]) if "sft" in per and arm != "sft" else ""
-            vs_best = _paired(vals, per[best[c]][c]) if best and arm != best[c] else ""
-            cells += [_mean_sd(list(vals.values())), vs_sft, vs_best]
+            vs_sft = paired(vals, per["sft"][c]) if "sft" in per and arm != "sft" else ""
+            vs_best = paired(vals, per[best[c]][c]) if best and arm != best[c] else ""
+            cells += [mean_sd(list(vals.values())), vs_sft, vs_best]
         lam = sorted({json.dumps(x["lambda"]) for x in xs})
-        val = _mean_sd([x["validation_answer_ce"] for x in xs])
+        val = mean_sd([x["validation_answer_ce"] for x in xs])
         secs = statistics.mean(x["train_seconds"] for x in xs)
         out.append(f"| {arm} | {len(xs)} | {', '.join(lam)} | " + " | ".join(cells) + f" | {val} | {secs:.0f} |")
     if best:
@@ -418,8 +418,8 @@ def numerals_table(lines: list[dict]) -> str:
         by_arm.setdefault(x["arm"], {})[x["seed"]] = x["heldout_answer_ce"]
     out = ["| arm | seeds | digit-token CE (math, held-out) | vs SFT |", "|---|---|---|---|"]
     for arm, vals in by_arm.items():
-        vs = _paired(vals, by_arm["sft"]) if "sft" in by_arm and arm != "sft" else ""
-        out.append(f"| {arm} | {len(vals)} | {_mean_sd(list(vals.values()))} | {vs} |")
+        vs = paired(vals, by_arm["sft"]) if "sft" in by_arm and arm != "sft" else ""
+        out.append(f"| {arm} | {len(vals)} | {mean_sd(list(vals.values()))} | {vs} |")
     return "\n".join(out)
 
 

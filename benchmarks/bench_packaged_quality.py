@@ -45,6 +45,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_fusion_quality import mean_sd  # the table helpers of both fusion benchmarks, written once
+from bench_fusion_quality import paired
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fusion_quality.jsonl"
 SETTING = "packaged"
@@ -388,23 +391,6 @@ def plan(lines: list[dict], grid, lambdas, seeds, arm_names) -> list[Job]:
 # the table
 
 
-def _mean_sd(xs: list[float]) -> str:
-    if not xs:
-        return "n/a"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.4f} ± {sd:.4f}"
-
-
-def _paired(a: dict[int, float], b: dict[int, float]) -> str:
-    """Mean ± sd over the shared seeds of a - b; ``*`` when n >= 3 and the mean is beyond twice the sd."""
-    d = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
-    if not d:
-        return "n/a"
-    sd = statistics.stdev(d) if len(d) > 1 else 0.0
-    mark = "*" if len(d) >= 3 and abs(statistics.mean(d)) > 2 * sd else ""
-    return f"{statistics.mean(d):+.4f} ± {sd:.4f} (n={len(d)}){mark}"
-
-
 def table(lines: list[dict], grid=GRID, lambdas=LAMBDAS) -> str:
     """Markdown: per arm at its chosen setting the held-out answer CE (mean ± sd over seeds), the paired difference
     (same seed) against SFT and against the best single-teacher arm, overall and per domain; then the grid."""
@@ -440,11 +426,11 @@ def table(lines: list[dict], grid=GRID, lambdas=LAMBDAS) -> str:
         cells = []
         for c in cols:
             vals = per[arm.name][c]
-            vs_sft = _paired(vals, per["sft"][c]) if "sft" in per and not arm.sft else ""
-            vs_best = _paired(vals, per[best[c]][c]) if best and arm.name != best[c] else ""
-            cells += [_mean_sd(list(vals.values())), vs_sft, vs_best]
+            vs_sft = paired(vals, per["sft"][c]) if "sft" in per and not arm.sft else ""
+            vs_best = paired(vals, per[best[c]][c]) if best and arm.name != best[c] else ""
+            cells += [mean_sd(list(vals.values())), vs_sft, vs_best]
         steps, lr, lam = chosen[arm.name]
-        val = _mean_sd([x["validation_answer_ce"] for x in xs])
+        val = mean_sd([x["validation_answer_ce"] for x in xs])
         secs = statistics.mean(x["train_seconds"] for x in xs)
         out.append(
             f"| {arm.name} | {len(xs)} | {steps}, {lr:g}, {lam:g} | " + " | ".join(cells) + f" | {val} | {secs:.0f} |"
