@@ -128,7 +128,7 @@ def reseal_cache(directory: Path, *, edit=None, sizes: bool = True, checksums: b
 
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.fingerprint import config_fingerprint
-    from fusion_cache.cache.manifest import config_settings
+    from fusion_cache.cache.manifest import json_settings
 
     path = Path(directory) / "manifest.json"
     m = json.loads(path.read_text())
@@ -142,17 +142,7 @@ def reseal_cache(directory: Path, *, edit=None, sizes: bool = True, checksums: b
             s["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
     if sizes:
         m["stats"]["payload_bytes"] = sum(s["bytes"] for s in m["shards"])
-    settings = config_settings(
-        schema_version=m["schema_version"],
-        teacher=m["teacher"],
-        dataset_hash=m["dataset"]["hash"],
-        rows_read=m["dataset"]["rows_read"],
-        k=m["k"],
-        codec=m["codec"],
-        max_length=m["max_length"],
-        overlong=m["overlong"],
-    )
-    m["config_fingerprint"] = config_fingerprint(settings)
+    m["config_fingerprint"] = config_fingerprint(json_settings(m))
     m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
     path.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
     return m

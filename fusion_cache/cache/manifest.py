@@ -205,15 +205,20 @@ def config_settings(
 
 def manifest_settings(manifest: Manifest) -> dict:
     """`config_settings` of a loaded manifest."""
+    return json_settings(manifest.model_dump())
+
+
+def json_settings(m: dict) -> dict:
+    """`config_settings` of a manifest's JSON as written (``manifest.json`` read with `json.load`, or edited)."""
     return config_settings(
-        schema_version=manifest.schema_version,
-        teacher=manifest.teacher.model_dump(),
-        dataset_hash=manifest.dataset.hash,
-        rows_read=manifest.dataset.rows_read,
-        k=manifest.k,
-        codec=manifest.codec,
-        max_length=manifest.max_length,
-        overlong=manifest.overlong,
+        schema_version=m["schema_version"],
+        teacher=m["teacher"],
+        dataset_hash=m["dataset"]["hash"],
+        rows_read=m["dataset"]["rows_read"],
+        k=m["k"],
+        codec=m["codec"],
+        max_length=m["max_length"],
+        overlong=m["overlong"],
     )
 
 

@@ -45,7 +45,7 @@ _FORMAT = 1  # bump when the rule changes: older cached maps are rebuilt
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = list(bs)
@@ -79,7 +79,7 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     special = set(tokenizer.all_special_ids)
     special |= {i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
-    table = _byte_decoder()
+    table = byte_decoder()
     out: list[bytes | None] = []
     for i, piece in enumerate(pieces):
         if style == "sentencepiece" and piece and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):

@@ -159,7 +159,8 @@ def _min_ce(rows, entropies, present, batch_size, temperature, scores):
         if scores[s] is None or not np.isfinite(scores[s]):
             raise ValueError(f"teacher {s}: min_ce weighting needs its cross-entropy on the answer, got {scores[s]}")
         c.append(scores[s])
-    best = [s for s, x in zip(present, c, strict=True) if x <= min(c) + 1e-12]
+    lowest = min(c)
+    best = [s for s, x in zip(present, c, strict=True) if x <= lowest + 1e-12]
     out = _uniform(rows, best, batch_size, len(best))
     for s in present:
         if out[s] is None:

@@ -285,20 +285,9 @@ def _edit(cache, fn):
 def _config_fp(m: dict) -> str:
     """The config fingerprint a reader recomputes from the manifest ``m`` (a rewrite must reseal it)."""
     from fusion_cache.cache.fingerprint import config_fingerprint
-    from fusion_cache.cache.manifest import config_settings
+    from fusion_cache.cache.manifest import json_settings
 
-    return config_fingerprint(
-        config_settings(
-            schema_version=m["schema_version"],
-            teacher=m["teacher"],
-            dataset_hash=m["dataset"]["hash"],
-            rows_read=m["dataset"]["rows_read"],
-            k=m["k"],
-            codec=m["codec"],
-            max_length=m["max_length"],
-            overlong=m["overlong"],
-        )  # fmt: skip
-    )
+    return config_fingerprint(json_settings(m))
 
 
 def test_compact_corruptions_are_named(codec_cache, tmp_path):

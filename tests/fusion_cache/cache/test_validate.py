@@ -25,7 +25,7 @@ from fusion_cache.cache import fast_decode
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.fingerprint import config_fingerprint
-from fusion_cache.cache.manifest import config_settings
+from fusion_cache.cache.manifest import json_settings
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.cache.schema import METADATA_KEY
@@ -41,18 +41,7 @@ from fusion_cache.errors import ShardFormatError
 
 
 def _config_fp(m: dict) -> str:
-    return config_fingerprint(
-        config_settings(
-            schema_version=m["schema_version"],
-            teacher=m["teacher"],
-            dataset_hash=m["dataset"]["hash"],
-            rows_read=m["dataset"]["rows_read"],
-            k=m["k"],
-            codec=m["codec"],
-            max_length=m["max_length"],
-            overlong=m["overlong"],
-        )  # fmt: skip
-    )
+    return config_fingerprint(json_settings(m))
 
 
 def _batches(path: Path) -> tuple[pa.Schema, list[pa.RecordBatch]]:

@@ -18,6 +18,7 @@ from fusion_cache.train.align import align
 from fusion_cache.train.align import align_bytes
 from fusion_cache.train.align import align_index
 from fusion_cache.train.align import answer_boundaries
+from fusion_cache.train.vocab import byte_decoder
 
 ANSWERS = [
     "    return x * 2\n Ünïcødé 🙂🙂 ok   spaces 12345.678 日本語\n\n\tdef f(a, b):\n        return a**b  # 🚀",
@@ -27,20 +28,7 @@ ANSWERS = [
 PROMPT = [{"role": "system", "content": "Be brief.  "}, {"role": "user", "content": "Ünï  test\n\n 🙂 please"}]
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: unicode stand-in -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-_BYTES = _byte_decoder()
+_BYTES = byte_decoder()  # GPT-2's byte-level alphabet: one stand-in character per byte
 
 
 def _token_bytes(tokenizer, ids) -> np.ndarray:
