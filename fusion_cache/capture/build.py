@@ -253,7 +253,7 @@ def _prepare(
 def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -> BuildSpec:
     """The manifest's teacher, dataset and codec, and the settings the config fingerprint hashes."""
     model = teacher.model
-    vocab = vocab_size(model.path, teacher.tokenizer)
+    vocab = vocab_size(model.path, teacher.tokenizer, model.load_revision)
     teacher_info = {
         # no local paths in a manifest: a directory is recorded by its name (its content hash is the revision)
         "name": public_model_label(cfg.teacher, model),
