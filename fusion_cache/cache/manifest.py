@@ -321,7 +321,7 @@ def load_manifest(directory) -> Manifest:
     if expected != manifest.config_fingerprint:
         raise FingerprintError(
             f"{path}: config_fingerprint {manifest.config_fingerprint} does not match the manifest's teacher, dataset, "
-            f"k, codec, max_length and overlong (expected {expected}); the manifest was edited or is corrupt"
+            f"k, codec, max_length, overlong and meta (expected {expected}); the manifest was edited or is corrupt"
         )
     expected = chain_fingerprint(manifest.config_fingerprint, [s.model_dump() for s in manifest.shards])
     if expected != manifest.fingerprint:
