@@ -6,15 +6,16 @@ version and both fingerprints, and raises ShardFormatError / FingerprintError na
 an edited manifest (the formulas are public), so loading also recomputes what the manifest's fields imply:
 
 - ``config_fingerprint`` from the fields it covers (`config_settings`: the teacher block but ``model``, the dataset
-  hash and rows read, K, the codec, the length policy, the schema version): an edited ``teacher.tokenizer_hash`` or
+  hash and rows read, K, the codec, the length policy, the schema version, ``meta``): an edited ``teacher.tokenizer_hash`` or
   ``teacher.vocab_size`` no longer matches it;
 - ``fingerprint`` from ``config_fingerprint`` and the shard list (path, rows, sha256);
 - ``stats`` from the shard list (rows, answer tokens, bytes) and from the input rows (kept + skipped = read).
 
 What is left is recomputed from the shards as they are read (cache/validate.py): each shard's size, sha256, rows and
 answer tokens, and the total tokens. The remaining fields (``created_at``, ``fusion_cache_version``,
-``dataset.source``, ``teacher.model``, ``stats.wall_seconds``) are informational: nothing reads them to decide
-anything.
+``dataset.source``, ``teacher.model``, ``stats.wall_seconds``, and the card's ``license``, ``answers`` and
+``content``) are informational: nothing reads them to decide anything. ``meta``, a team's own fields, is covered by
+``config_fingerprint`` (when present: a cache without it hashes as before it existed).
 """
 
 from __future__ import annotations
