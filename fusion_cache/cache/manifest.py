@@ -6,8 +6,8 @@ version and both fingerprints, and raises ShardFormatError / FingerprintError na
 an edited manifest (the formulas are public), so loading also recomputes what the manifest's fields imply:
 
 - ``config_fingerprint`` from the fields it covers (`config_settings`: the teacher block but ``model``, the dataset
-  hash and rows read, K, the codec, the length policy, the schema version, ``meta``): an edited ``teacher.tokenizer_hash`` or
-  ``teacher.vocab_size`` no longer matches it;
+  hash and rows read, K, the codec, the length policy, the schema version, ``meta``): an edited
+  ``teacher.tokenizer_hash`` or ``teacher.vocab_size`` no longer matches it;
 - ``fingerprint`` from ``config_fingerprint`` and the shard list (path, rows, sha256);
 - ``stats`` from the shard list (rows, answer tokens, bytes) and from the input rows (kept + skipped = read).
 

@@ -74,6 +74,7 @@ from fusion_cache.capture.teacher import start_engine
 from fusion_cache.capture.teacher import vocab_size
 from fusion_cache.config import write_config_yaml
 from fusion_cache.errors import ConfigError
+from fusion_cache.models.load import store_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -254,12 +255,15 @@ def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -
     """The manifest's teacher, dataset and codec, and the settings the config fingerprint hashes."""
     model = teacher.model
     vocab = vocab_size(model.path, teacher.tokenizer, model.load_revision)
+    tok_hash = tokenizer_hash(teacher.tokenizer)
+    if model.is_local:  # training finds it by its hash (the manifest names no local path)
+        store_tokenizer(teacher.tokenizer, tok_hash)
     teacher_info = {
         # no local paths in a manifest: a directory is recorded by its name (its content hash is the revision)
         "name": public_model_label(cfg.teacher, model),
         "model": public_model_label(model.path, model),
         "revision": model.revision,
-        "tokenizer_hash": tokenizer_hash(teacher.tokenizer),
+        "tokenizer_hash": tok_hash,
         "chat_template": teacher.chat_template,
         "engine": teacher.engine,
         "dtype": teacher.dtype,

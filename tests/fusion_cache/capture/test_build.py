@@ -183,6 +183,11 @@ def test_manifest_and_card_hold_no_local_paths(tmp_path, tiny_model_dir, data_fi
         for path in ("/tmp", str(tmp_path), str(tiny_model_dir.parent), os.path.expanduser("~")):
             assert path not in text, (name, path)
     assert m.meta == {"team": "nlp"} and "team" in (tmp_path / "c" / "README.md").read_text()
+    # training finds the local teacher's tokenizer by the hash the manifest records (train/vocab.py)
+    from fusion_cache.capture.render import tokenizer_hash
+    from fusion_cache.models.load import load_stored_tokenizer
+
+    assert tokenizer_hash(load_stored_tokenizer(m.teacher.tokenizer_hash)) == m.teacher.tokenizer_hash
 
 
 def test_license_comes_from_the_preset_or_the_flag(tmp_path, tiny_model_dir, data_file, hf_engine):
