@@ -174,7 +174,7 @@ def render_card(m: Manifest) -> str:
         "",
         f"# {m.teacher.name}: top-{m.k} teacher log-probs",
         "",
-        "A [fusion-cache](https://github.com/) cache: for every answer token of every row, the teacher's K most "
+        "A fusion-cache cache: for every answer token of every row, the teacher's K most "
         "likely next tokens and their log-probabilities, stored once so that students distil without running "
         "the teacher again.",
         "",
