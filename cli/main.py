@@ -243,7 +243,7 @@ def inspect(
     old: str = _old_cache(),
     as_json: bool = typer.Option(False, "--json", help="the manifest as JSON", metavar=""),
 ):
-    """Show what a cache holds: teacher, K, rows, answer tokens, bytes per token, shards, fingerprint."""
+    """Show what a cache holds: teacher, license, K, rows, answer tokens, bytes per token, shards, meta, fingerprint."""
     from fusion_cache.cache.manifest import load_manifest
 
     cache = _cache_argument(cache, old, "inspect")
@@ -255,6 +255,7 @@ def inspect(
     lines = [
         ("cache", str(cache)),
         ("teacher", f"{t.name} (revision {t.revision}, {t.engine}, {t.dtype})"),
+        ("license", m.license or "not recorded"),
         ("tokenizer hash", t.tokenizer_hash[:16]),
         ("chat template", "yes" if t.chat_template else "no (plain text)"),
         ("dataset", f"{m.dataset.source} (sha256 {m.dataset.hash[:16]}, {m.dataset.rows_read} rows read)"),
@@ -290,6 +291,7 @@ def inspect(
             if m.parts
             else []
         ),
+        *([("meta", json.dumps(m.meta, sort_keys=True, ensure_ascii=False))] if m.meta else []),
         ("fingerprint", m.fingerprint),
     ]
     for key, value in lines:

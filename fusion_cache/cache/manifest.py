@@ -6,15 +6,16 @@ version and both fingerprints, and raises ShardFormatError / FingerprintError na
 an edited manifest (the formulas are public), so loading also recomputes what the manifest's fields imply:
 
 - ``config_fingerprint`` from the fields it covers (`config_settings`: the teacher block but ``model``, the dataset
-  hash and rows read, K, the codec, the length policy, the schema version): an edited ``teacher.tokenizer_hash`` or
-  ``teacher.vocab_size`` no longer matches it;
+  hash and rows read, K, the codec, the length policy, the schema version, ``meta``): an edited
+  ``teacher.tokenizer_hash`` or ``teacher.vocab_size`` no longer matches it;
 - ``fingerprint`` from ``config_fingerprint`` and the shard list (path, rows, sha256);
 - ``stats`` from the shard list (rows, answer tokens, bytes) and from the input rows (kept + skipped = read).
 
 What is left is recomputed from the shards as they are read (cache/validate.py): each shard's size, sha256, rows and
 answer tokens, and the total tokens. The remaining fields (``created_at``, ``fusion_cache_version``,
-``dataset.source``, ``teacher.model``, ``stats.wall_seconds``) are informational: nothing reads them to decide
-anything.
+``dataset.source``, ``teacher.model``, ``stats.wall_seconds``, and the card's ``license``, ``answers`` and
+``content``) are informational: nothing reads them to decide anything. ``meta``, a team's own fields, is covered by
+``config_fingerprint`` (when present: a cache without it hashes as before it existed).
 """
 
 from __future__ import annotations
@@ -127,6 +128,32 @@ class CombinedPart(_Strict):
         return v
 
 
+# A team's own fields: small enough to read in a card and to hash with the config (canonical JSON bytes).
+META_MAX_BYTES = 16384
+
+
+class Answers(_Strict):
+    """How the answers of the input rows were made: a dataset's own, or sampled by `fusion-cache generate`."""
+
+    source: str  # "dataset" or "generate"
+    model: str | None = None  # generate: the model that answered (name, no local path)
+    revision: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None  # answers per prompt
+    seed: int | None = None
+    max_new_tokens: int | None = None
+
+
+class ContentStats(_Strict):
+    """What the teacher's top-K looks like, over every answer token written (percentiles p10/p50/p90)."""
+
+    top1_prob: list[float]  # probability of the teacher's first choice
+    topk_mass: list[float]  # probability mass the K kept tokens hold
+    entropy: list[float]  # entropy (nats) of the top-K, renormalized
+    exact: bool = True  # False in a combined cache: each the answer-token-weighted mean of its parts' percentiles
+
+
 class Manifest(_Strict):
     format: str = FORMAT_NAME
     schema_version: int
@@ -144,6 +171,18 @@ class Manifest(_Strict):
     fingerprint: str
     part: PartInfo | None = None  # set in the cache of one part of a distributed build
     parts: list[CombinedPart] | None = None  # set in a combined cache: every part, in order
+    # the card's fields (cache/card.py); absent in caches written before them. Only ``meta`` is fingerprinted.
+    license: str | None = None  # the teacher's license or terms of use (its preset's, or `build --license`)
+    answers: Answers | None = None
+    content: ContentStats | None = None
+    meta: dict | None = None  # a team's own fields (`build --meta key=value`), covered by config_fingerprint
+
+    @field_validator("meta")
+    @classmethod
+    def _bounded_meta(cls, v: dict | None) -> dict | None:
+        if v is not None:
+            check_meta(v)
+        return v
 
     @property
     def bytes_per_answer_token(self) -> float:
@@ -161,7 +200,7 @@ class Manifest(_Strict):
         """The manifest's JSON text; ``part`` / ``parts`` / ``teacher.vocab_size`` appear only when set (a cache
         written before them reads and writes back unchanged)."""
         data = self.model_dump()
-        for key in ("part", "parts"):
+        for key in ("part", "parts", "license", "answers", "content", "meta"):
             if data[key] is None:
                 del data[key]
         if data["teacher"]["vocab_size"] is None:
@@ -185,12 +224,16 @@ def config_settings(
     codec: dict,
     max_length: int,
     overlong: str,
+    meta: dict | None = None,
 ) -> dict:
     """What ``config_fingerprint`` hashes (docs/cache-format.md, "Fingerprints"): the build writes it, a reader
     recomputes it from the manifest. The teacher block goes in without ``model`` (a machine-specific path) and
-    without a ``vocab_size`` of None (caches written before it was recorded hash as they did)."""
+    without a ``vocab_size`` of None (caches written before it was recorded hash as they did); ``meta`` goes in only
+    when set, so a cache without it keeps its fingerprint."""
     teacher = {key: v for key, v in teacher.items() if key != "model" and not (key == "vocab_size" and v is None)}
+    extra = {} if meta is None else {"meta": meta}
     return {
+        **extra,
         "schema_version": schema_version,
         # the resolved path is machine-specific (a home directory): the name and revision identify the weights
         "teacher": teacher,
@@ -219,7 +262,20 @@ def json_settings(m: dict) -> dict:
         codec=m["codec"],
         max_length=m["max_length"],
         overlong=m["overlong"],
+        meta=m.get("meta"),
     )
+
+
+def check_meta(meta: object) -> dict:
+    """``meta`` if it is a JSON object of at most `META_MAX_BYTES` canonical bytes, else ValueError naming it."""
+    from fusion_cache.cache.fingerprint import canonical_json
+
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise ValueError(f"meta must be a JSON object with string keys, got {meta!r:.80}")
+    size = len(canonical_json(meta).encode())
+    if size > META_MAX_BYTES:
+        raise ValueError(f"meta is {size} bytes of JSON; at most {META_MAX_BYTES} fit a manifest")
+    return meta
 
 
 def load_manifest(directory) -> Manifest:
@@ -266,7 +322,7 @@ def load_manifest(directory) -> Manifest:
     if expected != manifest.config_fingerprint:
         raise FingerprintError(
             f"{path}: config_fingerprint {manifest.config_fingerprint} does not match the manifest's teacher, dataset, "
-            f"k, codec, max_length and overlong (expected {expected}); the manifest was edited or is corrupt"
+            f"k, codec, max_length, overlong and meta (expected {expected}); the manifest was edited or is corrupt"
         )
     expected = chain_fingerprint(manifest.config_fingerprint, [s.model_dump() for s in manifest.shards])
     if expected != manifest.fingerprint:

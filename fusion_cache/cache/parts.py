@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import logging
 
+from fusion_cache.cache.card import CARD_NAME
+from fusion_cache.cache.card import combined_content
+from fusion_cache.cache.card import render_card
+from fusion_cache.cache.card import write_card
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.manifest import MANIFEST_NAME
 from fusion_cache.cache.manifest import PART_DIR_RE
@@ -136,11 +140,18 @@ def combine_parts(out: str, *, count: int | None = None, require_all: bool = Tru
         config_fingerprint=first.config_fingerprint,
         fingerprint=chain_fingerprint(first.config_fingerprint, shard_dicts),
         parts=records,
+        license=first.license,
+        answers=first.answers,
+        content=combined_content(parts),
+        meta=first.meta,  # in the config fingerprint, so the same in every part
     )
     _refuse_other_cache(loc, combined)
+    # the card first: it is rendered from the combined manifest, which makes the directory a cache when it lands
     if loc.local:
+        write_card(combined, loc.root)
         combined.write(loc.root)
     else:
+        loc.fs.pipe_file(loc.join(CARD_NAME), render_card(combined).encode())
         loc.fs.pipe_file(loc.join(MANIFEST_NAME), combined.to_json().encode())
     log.info("%s: combined %d parts, %d rows, fingerprint %s", out, n, stats.rows, combined.fingerprint[:16])
     return combined

@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 
 from fusion_cache import __version__
 from fusion_cache.cache.background import BackgroundWriter
+from fusion_cache.cache.card import ContentAccumulator
+from fusion_cache.cache.card import write_card
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
 from fusion_cache.cache.fingerprint import config_fingerprint
@@ -58,7 +60,10 @@ from fusion_cache.capture.inputs import Conversation
 from fusion_cache.capture.inputs import dataset_hash
 from fusion_cache.capture.inputs import read_conversations
 from fusion_cache.capture.output import build_lock
+from fusion_cache.capture.output import generated_answers
 from fusion_cache.capture.output import plan_output
+from fusion_cache.capture.output import public_dataset_source
+from fusion_cache.capture.output import public_model_label
 from fusion_cache.capture.output import publish
 from fusion_cache.capture.render import Rendered
 from fusion_cache.capture.render import render
@@ -69,6 +74,7 @@ from fusion_cache.capture.teacher import start_engine
 from fusion_cache.capture.teacher import vocab_size
 from fusion_cache.config import write_config_yaml
 from fusion_cache.errors import ConfigError
+from fusion_cache.models.load import store_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,7 @@ class BuildSpec:
         settings: what the config fingerprint hashes: the same for every part of a distributed build and for a
             single build, so the parts combine into its cache.
         config_fingerprint: the fingerprint of ``settings``.
+        card: the manifest's card fields: ``license``, ``answers`` and ``meta`` (cache/card.py).
     """
 
     teacher: dict
@@ -119,6 +126,7 @@ class BuildSpec:
     codec: dict
     settings: dict
     config_fingerprint: str
+    card: dict
 
 
 def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress: bool = True) -> Manifest:
@@ -156,9 +164,14 @@ def run_build(cfg: BuildConfig, *, engine: TeacherEngine | None = None, progress
             state = _resume_state(cfg, spec, inputs.part)
             completed, manifest = open_work_dir(plan.work, state, resume=cfg.resume, overwrite=cfg.overwrite)
             if manifest is None:  # (else the interrupted build had written its manifest: publish it as is)
-                shards = _capture(cfg, teacher, inputs, spec, plan.work, completed, engine=engine, progress=progress)
-                manifest = _make_manifest(cfg, spec, inputs, shards, started)
+                shards, content = _capture(
+                    cfg, teacher, inputs, spec, plan.work, completed, engine=engine, progress=progress
+                )
+                manifest = _make_manifest(cfg, spec, inputs, shards, started, content)
+                write_card(manifest, plan.work)  # before the manifest: a card alone never looks like a cache
                 manifest.write(plan.work)
+            else:
+                write_card(manifest, plan.work)
             write_config_yaml(cfg, plan.work, "build")  # next to the shards: `build --config <out>/config.yaml` replays
             publish(plan)
     if inputs.part is not None:
@@ -241,18 +254,24 @@ def _prepare(
 def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -> BuildSpec:
     """The manifest's teacher, dataset and codec, and the settings the config fingerprint hashes."""
     model = teacher.model
-    vocab = vocab_size(model.path, teacher.tokenizer)
+    vocab = vocab_size(model.path, teacher.tokenizer, model.load_revision)
+    tok_hash = tokenizer_hash(teacher.tokenizer)
+    if model.is_local:  # training finds it by its hash (the manifest names no local path)
+        store_tokenizer(teacher.tokenizer, tok_hash)
     teacher_info = {
-        "name": cfg.teacher,
-        "model": model.path,
+        # no local paths in a manifest: a directory is recorded by its name (its content hash is the revision)
+        "name": public_model_label(cfg.teacher, model),
+        "model": public_model_label(model.path, model),
         "revision": model.revision,
-        "tokenizer_hash": tokenizer_hash(teacher.tokenizer),
+        "tokenizer_hash": tok_hash,
         "chat_template": teacher.chat_template,
         "engine": teacher.engine,
         "dtype": teacher.dtype,
         "vocab_size": vocab,  # readers bound every token id by it (cache/validate.py)
     }
-    dataset_info = {"source": cfg.data, "hash": dataset_hash(cfg.data, cfg.row_format), "rows_read": inputs.rows_read}
+    data_hash = dataset_hash(cfg.data, cfg.row_format)
+    dataset_info = {"source": public_dataset_source(cfg.data), "hash": data_hash, "rows_read": inputs.rows_read}
+    meta = cfg.meta_block
     codec = make_codec(cfg.codec, value_bits=cfg.value_bits, vocab_size=vocab).to_json()
     settings = config_settings(
         schema_version=SCHEMA_VERSION,
@@ -263,8 +282,14 @@ def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -
         codec=codec,
         max_length=cfg.max_length,
         overlong=cfg.overlong,
+        meta=meta,
     )
-    return BuildSpec(teacher_info, dataset_info, codec, settings, config_fingerprint(settings))
+    card = {
+        "license": cfg.license or (model.preset.license if model.preset is not None else None),
+        "answers": generated_answers(cfg.data),
+        "meta": meta,
+    }
+    return BuildSpec(teacher_info, dataset_info, codec, settings, config_fingerprint(settings), card)
 
 
 def _resume_state(cfg: BuildConfig, spec: BuildSpec, part: dict | None) -> dict:
@@ -275,9 +300,15 @@ def _resume_state(cfg: BuildConfig, spec: BuildSpec, part: dict | None) -> dict:
 
 
 def _make_manifest(
-    cfg: BuildConfig, spec: BuildSpec, inputs: PreparedInputs, shards: list[dict], started: float
+    cfg: BuildConfig,
+    spec: BuildSpec,
+    inputs: PreparedInputs,
+    shards: list[dict],
+    started: float,
+    content: dict | None = None,
 ) -> Manifest:
-    """The finished cache's manifest; ``started`` is this run's `time.perf_counter` at its start."""
+    """The finished cache's manifest; ``started`` is this run's `time.perf_counter` at its start, ``content`` the
+    card's content statistics (None after a resume: the rows written before it were not seen)."""
     rows = inputs.rows
     return Manifest(
         schema_version=SCHEMA_VERSION,
@@ -302,6 +333,8 @@ def _make_manifest(
         config_fingerprint=spec.config_fingerprint,
         fingerprint=chain_fingerprint(spec.config_fingerprint, shards),
         part=inputs.part,
+        content=content,
+        **spec.card,
     )
 
 
@@ -319,8 +352,12 @@ def _capture(
     *,
     engine: TeacherEngine | None,
     progress: bool,
-) -> list[dict]:
-    """Capture every row not held by ``completed`` parts and write the shards into ``work``. Returns the shards.
+) -> tuple[list[dict], dict | None]:
+    """Capture every row not held by ``completed`` parts and write the shards into ``work``.
+
+    Returns:
+        (the shards, the content statistics of the rows written: None after a resume, whose earlier rows this
+        run did not see).
 
     Engine batches are cut from all of the rows as in an uninterrupted build; a batch that straddles the resume
     point is captured whole and only its new rows are written, so every row sees the same batch as before.
@@ -331,11 +368,15 @@ def _capture(
     if own_engine:
         engine = start_engine(cfg, teacher, max(len(it.rendered.input_ids) for it in rows))
     bar = _progress_bar(cfg, rows, done_rows, progress)
+    content = ContentAccumulator(cfg.top_k)
     try:
         with ShardWriter(work, _shard_provenance(spec), shard_rows=cfg.shard_rows, completed=completed) as writer:
 
             def write(batch: list[tuple[PreparedRow, TopKCapture]]) -> None:
-                writer.write_rows([_to_row(it, cap) for it, cap in batch])
+                out = [_to_row(it, cap) for it, cap in batch]
+                for row in out:
+                    content.add(row.topk_logprobs)
+                writer.write_rows(out)
 
             # encoding and writing run on a worker thread while the engine captures the next batch
             with BackgroundWriter(write, max_pending=2) as background:
@@ -355,7 +396,8 @@ def _capture(
         bar.close()
         if own_engine:
             engine.close()
-    return writer.shards
+    stats = content.stats() if done_rows == 0 else None
+    return writer.shards, (stats.model_dump() if stats is not None else None)
 
 
 def _shard_provenance(spec: BuildSpec) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 from typing import Literal
 
@@ -11,6 +13,7 @@ from pydantic import model_validator
 from fusion_cache.cache.codecs import CODEC_NAMES
 from fusion_cache.cache.codecs import codec_help
 from fusion_cache.cache.codecs import value_bits_help
+from fusion_cache.cache.manifest import check_meta
 from fusion_cache.capture.engines import ENGINE_NAMES
 from fusion_cache.capture.engines import VLLM
 from fusion_cache.capture.inputs import ROW_FIELDS
@@ -51,6 +54,14 @@ class BuildConfig(StrictConfig):
     resume: bool = Field(False, description="continue an interrupted build in <out>.incomplete/")
     num_shards: int = Field(1, ge=1, description="split the input into this many parts built independently")
     shard_index: int = Field(0, ge=0, description="which part this build captures (0-based)")
+    # ---- the dataset card (cache/card.py) and the manifest's meta block
+    license: str | None = Field(
+        None, description="the teacher's license or terms (SPDX id or name + URL); default: its preset's"
+    )
+    meta: list[str] = Field(
+        default_factory=list, description="a team's own manifest field, key=value (fingerprinted), e.g. team=nlp"
+    )
+    meta_file: str | None = Field(None, description="a JSON object of a team's own manifest fields (fingerprinted)")
     # ---- the vLLM engine, for teachers bigger than one GPU (fusion_cache/capture/engines/vllm.py)
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM: GPUs one teacher is split over (above 1: vLLM's multiprocess executor)"
@@ -85,6 +96,31 @@ class BuildConfig(StrictConfig):
     def _known_row_format(self):
         _ = self.row_format  # RowFormat refuses unknown fields and roles
         return self
+
+    @model_validator(mode="after")
+    def _meta_parses(self):
+        _ = self.meta_block  # key=value pairs, a readable JSON object, within the size bound
+        return self
+
+    @property
+    def meta_block(self) -> dict | None:
+        """The manifest's ``meta``: ``meta_file``'s object, then each ``key=value`` of ``meta``; None when neither."""
+        if not self.meta and self.meta_file is None:
+            return None
+        block: dict = {}
+        if self.meta_file is not None:
+            try:
+                block = json.loads(Path(self.meta_file).read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"meta_file: cannot read a JSON object from {self.meta_file!r}: {e}") from None
+            if not isinstance(block, dict):
+                raise ValueError(f"meta_file: {self.meta_file!r} must hold a JSON object, got {type(block).__name__}")
+        for item in self.meta:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"meta: expected key=value, got {item!r}")
+            block[key.strip()] = value
+        return check_meta(block)
 
     @property
     def row_format(self) -> RowFormat:

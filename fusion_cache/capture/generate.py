@@ -14,6 +14,7 @@ so the file is valid `build` input. The settings go to ``<out>.meta.json``. Both
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def run_generate(
             text = tokenizer.decode(samples[r][j], skip_special_tokens=True).strip()
             record = {"messages": [*msgs, {"role": "assistant", "content": text}], "source_row": row_index, "sample": j}
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    body = "".join(lines).encode("utf-8")
     meta = {
+        # build reads this beside its --data (capture/output.py `generated_answers`); the hash ties it to the rows
+        "out_sha256": hashlib.sha256(body).hexdigest(),
         "model": {"name": model, "revision": resolved.revision, "engine": engine_obj.name, "dtype": engine_obj.dtype},
         "data": {"source": data, "hash": dataset_hash(data), "rows": len(prompts)},
         "sampling": {"max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": seed},
@@ -124,5 +128,5 @@ def run_generate(
     target.parent.mkdir(parents=True, exist_ok=True)
     meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     write_atomic(target.with_name(target.name + ".meta.json"), meta_text.encode("utf-8"))
-    write_atomic(target, "".join(lines).encode("utf-8"))
+    write_atomic(target, body)
     return meta

@@ -20,6 +20,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion_cache.cache.fingerprint import file_sha256
 from fusion_cache.cache.manifest import MANIFEST_NAME
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
@@ -218,3 +220,56 @@ def build_lock(work: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()  # while still held: a waiter that opened it sees another inode and retries
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what the manifest and the card may say about this machine: names and hashes, never local paths
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(value))
+
+
+def public_model_label(value: str, model) -> str:
+    """``value`` (a ``--teacher`` argument or a resolved model path) as a manifest records it: a local directory
+    by its name (its revision, `ResolvedModel.revision`, holds its content hash), anything else as given."""
+    if model.preset is not None and value == model.path:
+        return model.preset.hf_id  # a packaged preset's converted directory: its weights' origin
+    if _is_local_path(value):
+        return Path(os.path.expanduser(value)).resolve().name
+    return value
+
+
+def public_dataset_source(data: str) -> str:
+    """``--data`` as a manifest records it: a local file or directory by its base name (``dataset.hash`` is the
+    sha256 of its rows), a Hub dataset id or URL as given."""
+    if "://" not in data and _is_local_path(data):
+        return Path(os.path.expanduser(data)).resolve().name
+    return data
+
+
+def generated_answers(data: str) -> dict:
+    """The manifest's ``answers``: the settings of `fusion-cache generate` when ``data`` is its output (its
+    ``<data>.meta.json`` is there and, when it records one, names this file's sha256), else the dataset's own."""
+    meta_path = Path(os.path.expanduser(data) + ".meta.json") if "://" not in data else None
+    if meta_path is None or not meta_path.is_file():
+        return {"source": "dataset"}
+    try:
+        meta = json.loads(meta_path.read_text())
+        sampling, model = meta["sampling"], meta["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"source": "dataset"}  # not a generate meta file
+    recorded = meta.get("out_sha256")
+    if recorded is not None and recorded != file_sha256(os.path.expanduser(data)):
+        return {"source": "dataset"}  # the rows were edited after generate: its settings no longer describe them
+    name = str(model.get("name"))
+    return {
+        "source": "generate",
+        "model": Path(name).name if _is_local_path(name) else name,
+        "revision": model.get("revision"),
+        "temperature": sampling.get("temperature"),
+        "top_p": sampling.get("top_p"),
+        "n": sampling.get("n"),
+        "seed": sampling.get("seed"),
+        "max_new_tokens": sampling.get("max_tokens"),
+    }

@@ -46,9 +46,9 @@ def resolve_teacher(cfg: BuildConfig, engine: TeacherEngine | None) -> TeacherSe
 
     model = resolve_model(cfg.teacher)
     with named_load_errors("teacher", cfg.teacher):
-        tokenizer = _tokenizer(model.path, model.revision)
+        tokenizer = _tokenizer(model.path, model.load_revision)
     engine_name = engine.name if engine is not None else cfg.engine
-    limit = engine_length_limit(model.path, engine_name, engine)
+    limit = engine_length_limit(model.path, engine_name, engine, model.load_revision)
     if cfg.max_model_len is not None and engine is None and engine_name == "vllm":
         # vLLM keeps one position for the token it generates after the prompt
         limit = cfg.max_model_len - 1 if limit is None else min(limit, cfg.max_model_len - 1)
@@ -67,7 +67,13 @@ def start_engine(cfg: BuildConfig, teacher: TeacherSetup, max_len: int) -> Teach
     and top-K, with the build's vLLM options."""
     from fusion_cache.capture.engines import make_engine
 
-    return make_engine(cfg.engine, teacher.model.path, dtype=teacher.dtype, **engine_options(cfg, max_len))
+    return make_engine(
+        cfg.engine,
+        teacher.model.path,
+        dtype=teacher.dtype,
+        revision=teacher.model.load_revision,  # the revision the tokenizer was loaded at and the manifest records
+        **engine_options(cfg, max_len),
+    )
 
 
 def engine_options(cfg: BuildConfig, max_len: int) -> dict[str, Any]:
@@ -87,18 +93,21 @@ def engine_options(cfg: BuildConfig, max_len: int) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str, revision: str):
-    """The teacher's tokenizer, loaded once per process and revision.
+def _tokenizer(path: str, revision: str | None):
+    """The teacher's tokenizer at ``revision`` (a hub commit; None for a local directory), loaded once per process
+    and revision.
 
     Loading takes ~0.9 s for SmolLM2 (most of a small build's fixed cost), paid again by every `run_build` in one
     process (the demo, the tests, a benchmark) without this. Builds only read it (render, hash).
     """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False, revision=revision)
 
 
-def engine_length_limit(model_path: str, engine_name: str, engine: TeacherEngine | None) -> int | None:
+def engine_length_limit(
+    model_path: str, engine_name: str, engine: TeacherEngine | None, revision: str | None = None
+) -> int | None:
     """Longest sequence the engine can score for this teacher (None: no known limit).
 
     The teacher's ``max_position_embeddings`` (its text config's, for multimodal configs); vLLM needs one position
@@ -110,7 +119,7 @@ def engine_length_limit(model_path: str, engine_name: str, engine: TeacherEngine
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False, revision=revision)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         positions = getattr(text, "max_position_embeddings", None)
         if isinstance(positions, int) and positions > 1:
@@ -123,13 +132,13 @@ def engine_length_limit(model_path: str, engine_name: str, engine: TeacherEngine
     return limit
 
 
-def vocab_size(model_path: str, tokenizer) -> int:
+def vocab_size(model_path: str, tokenizer, revision: str | None = None) -> int:
     """Largest id the teacher can emit + 1: the model's output size (often padded past the tokenizer's)."""
     n = len(tokenizer)
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+        cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=False, revision=revision)
         n = max(n, int(getattr(cfg, "vocab_size", 0) or 0))
     except (OSError, ValueError):
         pass  # a GGUF-only dir or an unusual config: the tokenizer's size is the bound

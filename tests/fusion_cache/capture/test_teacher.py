@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 from fusion_cache.capture.config import BuildConfig
 from fusion_cache.capture.teacher import engine_length_limit
 from fusion_cache.capture.teacher import resolve_teacher
@@ -27,3 +33,47 @@ def test_a_given_engine_decides_the_engine_name_and_dtype(tiny_model_dir, hf_eng
     assert (alone.engine, alone.dtype, alone.length_limit) == ("vllm", "bfloat16", 2047)
     assert alone.tokenizer is given.tokenizer  # loaded once per process
     assert alone.model.revision.startswith("local-")
+
+
+# Run in a fresh interpreter: transformers and huggingface_hub read HF_HUB_CACHE and HF_HUB_OFFLINE at import.
+_LOAD_AT_REVISION = """
+import json, sys
+from fusion_cache.capture.config import BuildConfig
+from fusion_cache.capture.engines import make_engine
+from fusion_cache.capture.teacher import resolve_teacher
+cfg = BuildConfig.create(teacher=sys.argv[1], data="d", out="o", engine="hf")
+t = resolve_teacher(cfg, None)
+engine = make_engine("hf", t.model.path, dtype="float32", revision=t.model.load_revision)
+print(json.dumps([t.model.revision, t.length_limit, engine.model.config.max_position_embeddings]))
+"""
+
+
+def test_the_recorded_revision_is_the_one_loaded(tmp_path, tiny_model_dir):
+    """A stand-in for the Hub: a hub cache layout (refs/<branch> -> snapshots/<sha>) of two commits of one repo
+    that differ in their positions, read offline by the real loaders. Not tested against the live Hub: resolving
+    a branch that is not in the local cache (the revision is then recorded and passed on as given)."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shas = {"main": "1" * 40, "v1": "2" * 40}
+    for ref, positions in (("main", 2048), ("v1", 512)):
+        snap = repo / "snapshots" / shas[ref]
+        shutil.copytree(tiny_model_dir, snap)
+        config = json.loads((snap / "config.json").read_text())
+        (snap / "config.json").write_text(json.dumps({**config, "max_position_embeddings": positions}))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(shas[ref])
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+
+    def load(teacher: str) -> list:
+        r = subprocess.run([sys.executable, "-c", _LOAD_AT_REVISION, teacher], env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    # the commit a branch names is recorded, and the tokenizer, the config and the engine load that commit
+    assert load("org/tiny@v1") == [shas["v1"], 512, 512]
+    assert load("org/tiny") == [shas["main"], 2048, 2048]
+    assert load(f"org/tiny@{shas['v1']}") == [shas["v1"], 512, 512]
+    # a snapshot directory given as a local path records its commit
+    from fusion_cache.models.presets import resolve_model
+
+    assert resolve_model(str(repo / "snapshots" / shas["v1"])).revision == shas["v1"]

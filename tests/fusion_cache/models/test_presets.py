@@ -250,3 +250,24 @@ def test_second_resolve_reuses_the_conversion(converted, monkeypatch):
     assert time.monotonic() - start < 5  # a hash of a cached file at most; the conversion took tens of seconds
     assert again == converted["resolved"]
     assert marker.stat().st_mtime_ns == mtime
+
+
+def test_a_git_checkout_or_hub_snapshot_records_its_commit(tmp_path):
+    from fusion_cache.models.presets import source_commit
+
+    sha, other = "a" * 40, "b" * 40
+    model = tmp_path / "my-teacher"
+    (model / ".git" / "refs" / "heads").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (model / ".git" / "refs" / "heads" / "main").write_text(sha + "\n")
+    assert resolve_model(str(model)).revision == sha
+    (model / ".git" / "refs" / "heads" / "main").unlink()
+    (model / ".git" / "packed-refs").write_text(f"# pack-refs\n{other} refs/heads/main\n")
+    assert source_commit(model) == other
+    (model / ".git" / "packed-refs").unlink()
+    assert resolve_model(str(model)).revision.startswith("local-")  # no commit: the content hash
+    snap = tmp_path / "models--org--x" / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    assert resolve_model(str(snap)).revision == sha

@@ -36,6 +36,16 @@ def test_engine_args_pass_through_but_not_the_reserved_ones():
             _kwargs(engine_args={name: 1})
 
 
+def test_the_teachers_revision_reaches_the_weights_and_the_tokenizer():
+    # not run against the live Hub: vLLM resolves the revision itself (capture/test_teacher.py checks the HF path)
+    sha = "1" * 40
+    kw = _kwargs(revision=sha)
+    assert kw["revision"] == kw["tokenizer_revision"] == sha
+    assert "revision" not in _kwargs()  # a local directory: nothing to pin
+    with pytest.raises(ConfigError, match=r"engine_args: \['revision'\] may not be set here"):
+        _kwargs(engine_args={"revision": "main"})
+
+
 def test_tensor_parallelism_needs_gpus():
     with pytest.raises(ConfigError, match="tensor_parallel_size: 2 needs GPUs"):
         llm_kwargs("m", dtype="float32", on_cpu=True, max_model_len=64, max_k=8, tensor_parallel_size=2)
