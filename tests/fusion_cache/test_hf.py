@@ -46,3 +46,21 @@ def test_torch_format_gives_tensors(synthetic_caches):
     row = ds[0]
     n_answer = len(row["input_ids"]) - int(row["answer_start"])
     assert tuple(row["topk_logprobs"].shape) == (n_answer, 8) and row["topk_ids"].dtype.is_floating_point is False
+
+
+def test_the_documented_snippet_runs_on_every_codec(synthetic_caches, tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cache-format.md").read_text()
+    section = doc.split("### 4.1 With Hugging Face `datasets`", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    for codec, path in synthetic_caches.items():
+        work = tmp_path / codec
+        shutil.copytree(path, work / "cache")  # the snippet reads ./cache
+        monkeypatch.chdir(work)
+        scope: dict = {}
+        exec(compile(snippet, "docs/cache-format.md", "exec"), scope)
+        assert len(scope["ds"]) == len(list(CacheReader(path).iter_rows())), codec
+        n_answer = len(scope["row"]["input_ids"]) - scope["row"]["answer_start"]
+        assert tuple(scope["ds"][0]["topk_logprobs"].shape) == (n_answer, 8), codec  # a torch tensor now
