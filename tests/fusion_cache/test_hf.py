@@ -64,3 +64,19 @@ def test_the_documented_snippet_runs_on_every_codec(synthetic_caches, tmp_path, 
         assert len(scope["ds"]) == len(list(CacheReader(path).iter_rows())), codec
         n_answer = len(scope["row"]["input_ids"]) - scope["row"]["answer_start"]
         assert tuple(scope["ds"][0]["topk_logprobs"].shape) == (n_answer, 8), codec  # a torch tensor now
+
+
+def test_plain_load_dataset_does_not_decode_which_is_why_load_cache_exists(synthetic_caches, tmp_path):
+    """The gaps the docs (section 4.1) name: if `datasets` ever keeps them closed, the docs must change."""
+    from datasets import load_dataset
+
+    def plain(codec):
+        files = sorted(str(p) for p in synthetic_caches[codec].glob("shard-*.arrow"))
+        return load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / codec))
+
+    full = plain("full")
+    assert b"fusion_cache_id_order" not in (full.data.schema.metadata or {})  # full's id order is lost
+    raw = plain("raw")
+    row = raw[0]
+    n_answer = len(row["input_ids"]) - row["answer_start"]
+    assert len(row["topk_ids"]) == n_answer * 8 and isinstance(row["conversation"], str)  # flat, and a JSON string
