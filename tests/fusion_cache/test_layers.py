@@ -19,6 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "kernels": {"errors"},
     "cache": {"errors", "config"},
+    "hf": {"errors", "config", "cache"},
     "models": {"errors", "config", "cache"},
     "capture": {"errors", "config", "cache", "models"},
     "train": {"errors", "config", "cache", "models", "capture", "kernels"},
