@@ -110,6 +110,7 @@ class ULD(DistillLoss):
     temperature: float = 1.0
     tail: bool = False
     strict_k: bool = False  # k was asked for above every cache's K: refuse it (else min(k, K) values are compared)
+    kd_temperature: float = 1.0  # refused unless 1 (`check`): ULD's own knob is `temperature`
 
     def _opts(self) -> dict:
         return dict(zscore=self.zscore, softmax=self.softmax, temperature=self.temperature, tail=self.tail)
@@ -127,6 +128,7 @@ class ULD(DistillLoss):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_kd_temperature(self, teacher, "ULD's softmax temperature is the `temperature` field (--temperature)")
         if self.tail:  # first: the tail bucket implies no z-score, and names the real reason
             require_logprobs(teacher.codec, "train --tail")
         if not self.zscore:
@@ -154,13 +156,17 @@ class TopKKL(DistillLoss):
     name: ClassVar[str] = "kl"
     description: ClassVar[str] = "top-K KL with a tail bucket (a teacher with the student's tokenizer; ids cached)"
     needs_ids: ClassVar[bool] = True
+    # KD temperature: the cached (T=1) teacher and the student both taken at T; the rows are scaled by T^2 so the
+    # gradient's magnitude does not shrink as 1/T^2 and lambda keeps its meaning across temperatures (Hinton et al.)
+    kd_temperature: float = 1.0
 
     def rows(self, logits, target):
         from fusion_cache.kernels.reference import topk_kl_rows_reference
 
         if "ids" not in target:
             raise ValueError("kd_loss 'kl' needs the teacher's ids in the batch (a same-tokenizer teacher)")
-        return topk_kl_rows_reference(logits, target["ids"], target["values"], tail=True)
+        t = self.kd_temperature
+        return topk_kl_rows_reference(logits, target["ids"], target["values"], tail=True, temperature=t) * t**2
 
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
@@ -192,6 +198,7 @@ class Hybrid(DistillLoss):
     name: ClassVar[str] = "hybrid"
     description: ClassVar[str] = "KL on exactly matched tokens + sorted L1 on the rest, as GOLD (any tokenizer)"
     target: ClassVar[str] = "exact"
+    kd_temperature: float = 1.0  # refused unless 1 (`check`)
 
     def rows(self, logits, target):
         from fusion_cache.kernels.reference import hybrid_rows_reference
@@ -203,8 +210,17 @@ class Hybrid(DistillLoss):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_kd_temperature(self, teacher, "its sorted-L1 part has no tempered form yet")
         _require_ids(self, teacher)
         require_logprobs(teacher.codec, f"train --kd-loss {self.name}")
+
+
+def _refuse_kd_temperature(loss: DistillLoss, teacher: TeacherTraits, reason: str) -> None:
+    if loss.kd_temperature != 1.0:
+        raise ConfigError(
+            f"kd_temperature={loss.kd_temperature} with kd_loss {loss.name!r} for teacher {teacher.name}: {reason}; "
+            "use kd_loss kl or mapped_kl, or kd_temperature 1"
+        )
 
 
 def _require_ids(loss: DistillLoss, teacher: TeacherTraits) -> None:
