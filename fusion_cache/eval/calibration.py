@@ -23,13 +23,20 @@ def calibration_error(confidence: torch.Tensor, correct: torch.Tensor, n_bins: i
     Returns:
         sum_b |B_b| / N * |acc(B_b) - conf(B_b)| (0.0 for N = 0).
     """
+    return ece_from_bins(ece_bin_sums(confidence, correct, n_bins), confidence.numel())
+
+
+def ece_bin_sums(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> torch.Tensor:
+    """[n_bins] float64 sum of (confidence - correct) per bin: add them over batches, then `ece_from_bins`."""
     conf = confidence.detach().double().flatten()
     hit = correct.detach().double().flatten()
-    if conf.numel() == 0:
-        return 0.0
     bins = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1  # [N] in [0, n_bins)
-    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf - hit)  # sum of (conf - acc) per bin
-    return float(gap.abs().sum() / conf.numel())
+    return torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf - hit)
+
+
+def ece_from_bins(bin_sums: torch.Tensor, n: int) -> float:
+    """ECE from the summed per-bin gaps of `ece_bin_sums` over ``n`` positions (0.0 for n = 0)."""
+    return float(bin_sums.abs().sum() / n) if n else 0.0
 
 
 def top1_calibration_inputs(logits: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
