@@ -8,6 +8,8 @@ lm_head path. `LOSSES` is the only list of valid names.
 - ``uld``: InfiFusion's top-K z-scored sorted ULD (any tokenizer; rank-sorted, token identity is not used).
 - ``kl``: forward KL over the teacher's cached top-K ids plus a tail bucket; needs the teacher's ids in the
   student's vocabulary: a teacher with the student's tokenizer and a codec that stores ids.
+- ``kl_notail``: ``kl`` without the tail bucket (the teacher's top-K renormalised; the biased sparse KD that
+  DistillKit and most toolkits use, kept as a baseline).
 - ``mapped_kl``: the same KL for a teacher of any tokenizer: its cached top-K mass carried onto the student's
   vocabulary through the byte-level vocabulary map (`train.vocab`), at every student row inside a span the
   teacher predicted (mid-token rows included), what does not map going to the tail bucket. For a teacher with the
@@ -156,6 +158,7 @@ class TopKKL(DistillLoss):
     name: ClassVar[str] = "kl"
     description: ClassVar[str] = "top-K KL with a tail bucket (a teacher with the student's tokenizer; ids cached)"
     needs_ids: ClassVar[bool] = True
+    tail: ClassVar[bool] = True  # the "everything else" bucket (`TopKKLNoTail`: without it)
     # KD temperature: the cached (T=1) teacher and the student both taken at T; the rows are scaled by T^2 so the
     # gradient's magnitude does not shrink as 1/T^2 and lambda keeps its meaning across temperatures (Hinton et al.)
     kd_temperature: float = 1.0
@@ -166,13 +169,22 @@ class TopKKL(DistillLoss):
         if "ids" not in target:
             raise ValueError("kd_loss 'kl' needs the teacher's ids in the batch (a same-tokenizer teacher)")
         t = self.kd_temperature
-        return topk_kl_rows_reference(logits, target["ids"], target["values"], tail=True, temperature=t) * t**2
+        return topk_kl_rows_reference(logits, target["ids"], target["values"], tail=self.tail, temperature=t) * t**2
 
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
         super().check(teacher)
         require_logprobs(teacher.codec, "train --kd-loss kl")
+
+
+@dataclass(frozen=True)
+class TopKKLNoTail(TopKKL):
+    """`TopKKL` without the tail bucket: the teacher's top-K renormalised (DistillKit's plain sparse KD; biased)."""
+
+    name: ClassVar[str] = "kl_notail"
+    description: ClassVar[str] = "top-K KL over the renormalised top-K, no tail bucket (a same-tokenizer teacher)"
+    tail: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,7 @@ def _require_ids(loss: DistillLoss, teacher: TeacherTraits) -> None:
         )
 
 
-LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL, MappedKL, Hybrid)}
+LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL, TopKKLNoTail, MappedKL, Hybrid)}
 LOSS_CHOICES: tuple[str, ...] = (*LOSSES, AUTO)  # what a config or the CLI may name
 
 
