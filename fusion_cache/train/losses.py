@@ -29,6 +29,7 @@ Importing this module does not import torch (the CLI builds its help from it); t
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -260,7 +261,7 @@ def make_loss(name: str, **options) -> DistillLoss:
         ConfigError: an unknown name (the message lists the valid ones).
     """
     cls = lookup(LOSSES, name, "kd_loss")
-    fields = getattr(cls, "__dataclass_fields__", {})
+    fields = {f.name for f in dataclasses.fields(cls)}  # not ClassVars (`TopKKL.tail` is fixed per name)
     return cls(**{k: v for k, v in options.items() if k in fields})
 
 
