@@ -225,6 +225,7 @@ def topk_kl_rows_reference(
     *,
     k: int | None = None,
     tail: bool = True,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-row forward KL(teacher || student) over the teacher's top-K tokens, for students that share the
     teacher's vocabulary (the identity-aware counterpart of ULD; DistillKit's and Megatron's sparse KD loss).
@@ -245,10 +246,18 @@ def topk_kl_rows_reference(
         teacher_ids: [N, Kt] int64 token ids of the teacher's top-K, in the student's vocabulary.
         teacher_logprobs: [N, Kt] the teacher's log-probs of those tokens (true log-probs: full-vocabulary softmax).
         k: use the teacher's first k entries (None: all Kt).
+        temperature: KD temperature T. The cached log-probs are at T=1 (vLLM), so the teacher side is rescaled:
+            p_T proportional to p^(1/T) over the cached ids plus, with ``tail``, the tail bucket taken as one
+            outcome (p_tail^(1/T): the cache keeps only the tail's total, not its split); the student's logits are
+            divided by T. The T^2 gradient factor is not applied here (the caller's choice, `train.losses.TopKKL`).
 
     Returns:
         [N] per-row divergences.
     """
+    if temperature != 1.0:
+        student_logits, teacher_logprobs = _tempered(
+            student_logits, teacher_ids, teacher_logprobs, k, tail, temperature
+        )
     kt = teacher_ids.shape[1]
     k_eff = kt if k is None else min(k, kt)
     logits = _at_least_fp32(student_logits)
@@ -271,6 +280,21 @@ def topk_kl_rows_reference(
     p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
     q_tail = (1.0 - torch.where(present, log_q.exp(), 0.0).sum(-1)).clamp_min(tiny)
     return kl + torch.xlogy(p_tail, p_tail) - p_tail * torch.log(q_tail)
+
+
+def _tempered(student_logits, teacher_ids, teacher_logprobs, k, tail, temperature):
+    """(student_logits / T, the teacher's log-probs at T) for `topk_kl_rows_reference` (see its docstring)."""
+    k_eff = teacher_ids.shape[1] if k is None else min(k, teacher_ids.shape[1])
+    log_p = _at_least_fp32(teacher_logprobs[:, :k_eff])
+    log_p = torch.where(teacher_ids[:, :k_eff] >= 0, log_p, -torch.inf) / temperature  # padding stays at p = 0
+    if tail:  # the tail bucket is one more outcome of the tempered distribution
+        p_tail = 1.0 - (log_p * temperature).exp().sum(-1, keepdim=True)
+        # rounding residue of 1 - sum (about K ulps) is no tail: raised to 1/T > 1 it would become real mass
+        p_tail = torch.where(p_tail > k_eff * torch.finfo(log_p.dtype).eps, p_tail, 0.0)
+        log_p = torch.cat([log_p, torch.log(p_tail) / temperature], dim=-1)
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    log_p = log_p[:, :k_eff]  # the tail is recomputed from the renormalized top-K as 1 - sum
+    return _at_least_fp32(student_logits) / temperature, log_p
 
 
 def hybrid_rows_reference(

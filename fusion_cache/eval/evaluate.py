@@ -5,7 +5,7 @@ evaluate_model(model, tokenizer, "cache/heldout")  # {"answer_ce": ..., "top1_ag
 evaluate_teachers(model, tokenizer, ["cache/a", "cache/b"])  # the same, "uld" per teacher
 evaluate_rows(model, tokenizer, "heldout.jsonl")  # answer CE of the rows of an input file (no teacher)
 
-Every number comes from the training objective (`train.objective.forward_losses` at lambda 0) over the training
+Every number comes from the training objective (`train.objective.loss_from_logits` at lambda 0) over the training
 stream (`train.stream.DistillStream`), so evaluation pairs a student with its teachers exactly as training does.
 Besides the CE per answer token (nats), ``answer_ce_per_byte`` divides the same sum by the UTF-8 bytes of the
 answers' text: per-token CE depends on the tokenizer, per-byte CE compares students of different tokenizers.
@@ -28,11 +28,16 @@ from tqdm.auto import tqdm
 from fusion_cache.capture.inputs import read_conversations
 from fusion_cache.capture.render import has_chat_template
 from fusion_cache.capture.render import render
+from fusion_cache.eval.calibration import ECE_BINS
+from fusion_cache.eval.calibration import ece_bin_sums
+from fusion_cache.eval.calibration import ece_from_bins
+from fusion_cache.eval.calibration import top1_calibration_inputs
 from fusion_cache.train.batch import collate
 from fusion_cache.train.guards import check_examples
 from fusion_cache.train.guards import student_vocab
 from fusion_cache.train.losses import ULD
-from fusion_cache.train.objective import forward_losses
+from fusion_cache.train.objective import answer_logits
+from fusion_cache.train.objective import loss_from_logits
 from fusion_cache.train.stream import DistillStream
 from fusion_cache.train.stream import Example
 from fusion_cache.train.trainer import answer_text_bytes
@@ -117,11 +122,12 @@ def _bar(examples: Iterable[Example], progress: bool, desc: str, total: int | No
 
 def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names: list[str], *, batch_size: int,
            k: int = 10, token_classes: dict[str, np.ndarray] | None = None) -> dict:  # fmt: skip
-    """The one evaluation loop: `forward_losses` (lambda 0, ULD to each teacher) over batches, token-weighted CE.
+    """The one evaluation loop: `loss_from_logits` (lambda 0, ULD to each teacher) over batches, token-weighted CE.
 
     Returns:
-        {"answer_ce", "answer_ppl", "answer_ce_per_byte" (the CE sum over the answers' UTF-8 bytes), "top1_agreement"
-        (None without a same-tokenizer teacher), "uld": {teacher: mean over its samples of the per-sample mean ULD},
+        {"answer_ce", "answer_ppl", "answer_ece" (`eval.calibration`), "answer_ce_per_byte" (the CE sum over the
+        answers' UTF-8 bytes), "top1_agreement" (None without a same-tokenizer teacher), "uld": {teacher: mean over
+        its samples of the per-sample mean ULD},
         "answer_tokens", "answer_bytes", "samples"}.
     """
     was_training = model.training
@@ -135,11 +141,14 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     classes = {name: torch.as_tensor(np.asarray(mask, dtype=bool)) for name, mask in (token_classes or {}).items()}
     class_sum, class_n = dict.fromkeys(classes, 0.0), dict.fromkeys(classes, 0)
     batch: list = []
+    ece_sums = torch.zeros(ECE_BINS, dtype=torch.float64)
 
     def flush():
         nonlocal ce_sum, tokens, hits, total, samples, answer_bytes
         collated = collate(batch, pad, n)
-        out = forward_losses(model, collated, losses, lambda_=0.0, fused_linear=False)
+        logits = answer_logits(model, collated)  # [M, V]
+        out = loss_from_logits(logits, collated, losses, lambda_=0.0)
+        ece_sums.add_(ece_bin_sums(*top1_calibration_inputs(logits, collated["answer_targets"])))
         for name, mask in classes.items():
             sel = mask[collated["answer_targets"].clamp_max(len(mask) - 1)] & (collated["answer_targets"] < len(mask))
             class_sum[name] += float(out.ce_tokens[sel].sum())
@@ -170,6 +179,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     return {
         "answer_ce": ce,
         "answer_ppl": math.exp(min(ce, 50.0)),
+        "answer_ece": ece_from_bins(ece_sums, tokens),  # `eval.calibration`: 15 equal-width top-1 bins
         "answer_ce_per_byte": ce_sum / answer_bytes if answer_bytes else None,
         "top1_agreement": hits / total if total else None,
         "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
@@ -278,6 +288,8 @@ def eval_table(result: dict) -> str:
             continue
         lines.append(f"| answer CE ({name} {r['path']}, {r['samples']} samples, {r['answer_tokens']} tokens) | "
                      f"{r['answer_ce']:.4f} |")  # fmt: skip
+        if r.get("answer_ece") is not None:
+            lines.append(f"| answer ECE ({name}, top-1, {ECE_BINS} equal-width bins) | {r['answer_ece']:.4f} |")
         if r.get("answer_ce_per_byte") is not None:
             lines.append(f"| answer CE per byte ({name}, {r['answer_bytes']} bytes) | {r['answer_ce_per_byte']:.4f} |")
         if r.get("top1_agreement") is not None:

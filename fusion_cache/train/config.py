@@ -46,6 +46,10 @@ class TrainConfig(StrictConfig):
         min_length=1,
         description="distillation loss, one for every teacher or one per cache in --cache order: " + loss_help(),
     )
+    kd_temperature: float = Field(
+        1.0, gt=0.0, description="KD temperature T of kl/mapped_kl: teacher p^(1/T) renormalised over its cached top-K "
+        "+ tail, student logits / T, loss x T^2 (uld: use temperature)"
+    )  # fmt: skip
     tail: bool = Field(False, description="ULD over true probabilities + the teacher's tail-mass bucket (zscore off)")
     lr: float = Field(5e-5, gt=0.0, description="peak learning rate (AdamW, warmup + cosine)")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")

@@ -8,6 +8,8 @@ lm_head path. `LOSSES` is the only list of valid names.
 - ``uld``: InfiFusion's top-K z-scored sorted ULD (any tokenizer; rank-sorted, token identity is not used).
 - ``kl``: forward KL over the teacher's cached top-K ids plus a tail bucket; needs the teacher's ids in the
   student's vocabulary: a teacher with the student's tokenizer and a codec that stores ids.
+- ``kl_notail``: ``kl`` without the tail bucket (the teacher's top-K renormalised; the biased sparse KD that
+  DistillKit and most toolkits use, kept as a baseline).
 - ``mapped_kl``: the same KL for a teacher of any tokenizer: its cached top-K mass carried onto the student's
   vocabulary through the byte-level vocabulary map (`train.vocab`), at every student row inside a span the
   teacher predicted (mid-token rows included), what does not map going to the tail bucket. For a teacher with the
@@ -27,6 +29,7 @@ Importing this module does not import torch (the CLI builds its help from it); t
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -110,6 +113,7 @@ class ULD(DistillLoss):
     temperature: float = 1.0
     tail: bool = False
     strict_k: bool = False  # k was asked for above every cache's K: refuse it (else min(k, K) values are compared)
+    kd_temperature: float = 1.0  # refused unless 1 (`check`): ULD's own knob is `temperature`
 
     def _opts(self) -> dict:
         return dict(zscore=self.zscore, softmax=self.softmax, temperature=self.temperature, tail=self.tail)
@@ -127,6 +131,7 @@ class ULD(DistillLoss):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_kd_temperature(self, teacher, "ULD's softmax temperature is the `temperature` field (--temperature)")
         if self.tail:  # first: the tail bucket implies no z-score, and names the real reason
             require_logprobs(teacher.codec, "train --tail")
         if not self.zscore:
@@ -154,19 +159,33 @@ class TopKKL(DistillLoss):
     name: ClassVar[str] = "kl"
     description: ClassVar[str] = "top-K KL with a tail bucket (a teacher with the student's tokenizer; ids cached)"
     needs_ids: ClassVar[bool] = True
+    tail: ClassVar[bool] = True  # the "everything else" bucket (`TopKKLNoTail`: without it)
+    # KD temperature: the cached (T=1) teacher and the student both taken at T; the rows are scaled by T^2 so the
+    # gradient's magnitude does not shrink as 1/T^2 and lambda keeps its meaning across temperatures (Hinton et al.)
+    kd_temperature: float = 1.0
 
     def rows(self, logits, target):
         from fusion_cache.kernels.reference import topk_kl_rows_reference
 
         if "ids" not in target:
             raise ValueError("kd_loss 'kl' needs the teacher's ids in the batch (a same-tokenizer teacher)")
-        return topk_kl_rows_reference(logits, target["ids"], target["values"], tail=True)
+        t = self.kd_temperature
+        return topk_kl_rows_reference(logits, target["ids"], target["values"], tail=self.tail, temperature=t) * t**2
 
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
         super().check(teacher)
         require_logprobs(teacher.codec, "train --kd-loss kl")
+
+
+@dataclass(frozen=True)
+class TopKKLNoTail(TopKKL):
+    """`TopKKL` without the tail bucket: the teacher's top-K renormalised (DistillKit's plain sparse KD; biased)."""
+
+    name: ClassVar[str] = "kl_notail"
+    description: ClassVar[str] = "top-K KL over the renormalised top-K, no tail bucket (a same-tokenizer teacher)"
+    tail: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +211,7 @@ class Hybrid(DistillLoss):
     name: ClassVar[str] = "hybrid"
     description: ClassVar[str] = "KL on exactly matched tokens + sorted L1 on the rest, as GOLD (any tokenizer)"
     target: ClassVar[str] = "exact"
+    kd_temperature: float = 1.0  # refused unless 1 (`check`)
 
     def rows(self, logits, target):
         from fusion_cache.kernels.reference import hybrid_rows_reference
@@ -203,8 +223,17 @@ class Hybrid(DistillLoss):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_kd_temperature(self, teacher, "its sorted-L1 part has no tempered form yet")
         _require_ids(self, teacher)
         require_logprobs(teacher.codec, f"train --kd-loss {self.name}")
+
+
+def _refuse_kd_temperature(loss: DistillLoss, teacher: TeacherTraits, reason: str) -> None:
+    if loss.kd_temperature != 1.0:
+        raise ConfigError(
+            f"kd_temperature={loss.kd_temperature} with kd_loss {loss.name!r} for teacher {teacher.name}: {reason}; "
+            "use kd_loss kl or mapped_kl, or kd_temperature 1"
+        )
 
 
 def _require_ids(loss: DistillLoss, teacher: TeacherTraits) -> None:
@@ -215,7 +244,7 @@ def _require_ids(loss: DistillLoss, teacher: TeacherTraits) -> None:
         )
 
 
-LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL, MappedKL, Hybrid)}
+LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL, TopKKLNoTail, MappedKL, Hybrid)}
 LOSS_CHOICES: tuple[str, ...] = (*LOSSES, AUTO)  # what a config or the CLI may name
 
 
@@ -232,7 +261,7 @@ def make_loss(name: str, **options) -> DistillLoss:
         ConfigError: an unknown name (the message lists the valid ones).
     """
     cls = lookup(LOSSES, name, "kd_loss")
-    fields = getattr(cls, "__dataclass_fields__", {})
+    fields = {f.name for f in dataclasses.fields(cls)}  # not ClassVars (`TopKKL.tail` is fixed per name)
     return cls(**{k: v for k, v in options.items() if k in fields})
 
 

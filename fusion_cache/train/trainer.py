@@ -337,6 +337,7 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
         for name, r, same_s in zip(names, readers, same, strict=True)
     ]
     options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
+    options["kd_temperature"] = cfg.kd_temperature
     # a K asked for above every cache's K is refused (no teacher can serve it); below, each teacher uses min(k, its K)
     options["strict_k"] = "top_k" in cfg.model_fields_set and cfg.top_k > max(r.k for r in readers)
     losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]

@@ -36,6 +36,8 @@ def test_rows_of_a_file_give_the_same_ce_as_the_cache_of_those_rows(tiny, data_f
     cached = evaluate_model(model, tok, str(built_cache), batch_size=3, k=8)
     assert rows["answer_tokens"] == cached["answer_tokens"]
     assert rows["answer_ce"] == pytest.approx(cached["answer_ce"], rel=1e-5)
+    # ECE sums per-bin gaps over batches: the batch size does not change it
+    assert 0.0 <= rows["answer_ece"] <= 1.0 and rows["answer_ece"] == pytest.approx(cached["answer_ece"], abs=1e-6)
     assert 0.0 <= cached["top1_agreement"] <= 1.0 and cached["uld"] > 0
     first = evaluate_rows(model, tok, str(data_file), limit=1)
     assert first["samples"] == 1 and first["answer_tokens"] < rows["answer_tokens"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusion_cache.errors import ConfigError
 from fusion_cache.train import losses
 
 
@@ -12,15 +13,16 @@ def test_registry_names_and_auto():
     from fusion_cache.cache.codecs import make_codec
     from fusion_cache.errors import ConfigError
 
-    assert losses.LOSS_CHOICES == ("uld", "kl", "mapped_kl", "hybrid", "auto")
-    assert set(losses.LOSSES) == {"uld", "kl", "mapped_kl", "hybrid"}
+    assert losses.LOSS_CHOICES == ("uld", "kl", "kl_notail", "mapped_kl", "hybrid", "auto")
+    assert set(losses.LOSSES) == {"uld", "kl", "kl_notail", "mapped_kl", "hybrid"}
     raw = make_codec("raw")
     same, other = losses.TeacherTraits("a", True, raw), losses.TeacherTraits("b", False, raw)
     assert losses.resolve_loss_names(["auto"], [same, other]) == ["kl", "mapped_kl"]
     assert losses.resolve_loss_names(["uld"], [same, other]) == ["uld", "uld"]
     with pytest.raises(ConfigError, match="one per cache"):
         losses.resolve_loss_names(["kl", "uld", "kl"], [same, other])
-    with pytest.raises(ConfigError, match="kd_loss: unknown value 'mse'; valid values: uld, kl, mapped_kl, hybrid"):
+    valid = "uld, kl, kl_notail, mapped_kl, hybrid"
+    with pytest.raises(ConfigError, match=f"kd_loss: unknown value 'mse'; valid values: {valid}"):
         losses.make_loss("mse")
     assert losses.make_loss("uld", k=7, tail=True, zscore=False) == losses.ULD(k=7, zscore=False, tail=True)
     assert losses.make_loss("kl", k=7) == losses.TopKKL()  # options it does not take are ignored
@@ -46,7 +48,7 @@ def test_shape_caches_refuse_losses_that_need_log_probs():
             loss.check(values)  # true log-probs: allowed here
 
 
-@pytest.mark.parametrize("name", ["uld", "kl", "mapped_kl", "hybrid"])
+@pytest.mark.parametrize("name", ["uld", "kl", "kl_notail", "mapped_kl", "hybrid"])
 def test_each_loss_rows_are_nonnegative_and_differentiable(name):
     torch.manual_seed(0)
     logits = torch.randn(5, 50, dtype=torch.float64, requires_grad=True)
@@ -116,3 +118,71 @@ def test_auto_and_checks_for_the_cross_tokenizer_losses():
             losses.make_loss(name).check(losses.TeacherTraits("v", False, values))
     assert [losses.LOSSES[n].target for n in ("uld", "kl", "mapped_kl", "hybrid")] == [
         "values", "values", "carried", "exact"]  # fmt: skip
+
+
+# ---- KD temperature
+
+
+def _dense_kl_at(teacher_logits, student_logits, t):
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per row, on full logits [N, V]."""
+    log_p = torch.log_softmax(teacher_logits / t, -1)
+    return t**2 * (log_p.exp() * (log_p - torch.log_softmax(student_logits / t, -1))).sum(-1)
+
+
+@pytest.mark.parametrize("t", [0.5, 2.0])
+def test_kl_at_temperature_with_the_whole_vocabulary_cached_is_the_dense_kl(t):
+    torch.manual_seed(0)
+    zt, zs = torch.randn(5, 11) * 3, torch.randn(5, 11, requires_grad=True)
+    log_p1 = torch.log_softmax(zt, -1)  # what the cache holds: log-probs at T=1, every token
+    lp, ids = log_p1.sort(-1, descending=True)
+    got = losses.make_loss("kl", kd_temperature=t).rows(zs, {"ids": ids, "values": lp})
+    want = _dense_kl_at(zt, zs, t)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), zs)
+    (g_want,) = torch.autograd.grad(_dense_kl_at(zt, zs, t).sum(), zs)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.5, 2.0])
+def test_kl_at_temperature_on_a_top_k_cut_is_the_tempered_partition_kl(t):
+    torch.manual_seed(1)
+    k = 4
+    zt, zs = torch.randn(6, 13) * 2, torch.randn(6, 13, requires_grad=True)
+    lp, ids = torch.log_softmax(zt, -1).topk(k, -1)
+    got = losses.make_loss("kl", kd_temperature=t).rows(zs, {"ids": ids, "values": lp})
+    # by hand: the K cached probabilities and the tail total, each raised to 1/T and renormalised
+    p1 = lp.exp()
+    parts = torch.cat([p1, 1 - p1.sum(-1, keepdim=True)], -1) ** (1 / t)
+    p = parts / parts.sum(-1, keepdim=True)
+    q_k = torch.softmax(zs / t, -1).gather(1, ids)
+    q = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
+    want = t**2 * (p * (p.log() - q.log())).sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), zs)
+    (g_want,) = torch.autograd.grad(want.sum(), zs)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_kd_temperature_is_refused_by_losses_without_a_tempered_form():
+    from fusion_cache.cache.codecs import make_codec
+
+    teacher = losses.TeacherTraits("t0", True, make_codec("raw"), 8)
+    for name in ("uld", "hybrid"):
+        with pytest.raises(ConfigError, match="kd_temperature=2.0"):
+            losses.make_loss(name, kd_temperature=2.0).check(teacher)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5, 2.0])
+def test_kl_notail_at_temperature_is_the_kl_of_the_renormalised_tempered_top_k(t):
+    torch.manual_seed(2)
+    k = 4
+    zt, zs = torch.randn(6, 13) * 2, torch.randn(6, 13, requires_grad=True)
+    lp, ids = torch.log_softmax(zt, -1).topk(k, -1)
+    got = losses.make_loss("kl_notail", kd_temperature=t).rows(zs, {"ids": ids, "values": lp})
+    # by hand: p^(1/T) over the K cached ids, renormalised; the student's log-probs at T on those ids
+    p = torch.softmax(lp / t, -1)
+    want = t**2 * (p * (p.log() - torch.log_softmax(zs / t, -1).gather(1, ids))).sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), zs)
+    (g_want,) = torch.autograd.grad(want.sum(), zs)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)

@@ -72,7 +72,15 @@ def _assert_same(results, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6):
 
 @pytest.mark.parametrize(
     ("lambda_", "loss"),
-    [(0.5, ULD(k=8)), (1.0, ULD(k=8)), (0.0, ULD(k=8)), (0.5, ULD(k=8, zscore=False, tail=True)), (0.5, TopKKL())],
+    [
+        (0.5, ULD(k=8)),
+        (1.0, ULD(k=8)),
+        (0.0, ULD(k=8)),
+        (0.5, ULD(k=8, zscore=False, tail=True)),
+        (0.5, TopKKL()),
+        (0.5, TopKKL(kd_temperature=2.0)),
+        (0.5, TopKKL(kd_temperature=0.5)),
+    ],
     ids=str,
 )
 def test_one_teacher_fused_matches_dense(built_cache, tiny_model_dir, lambda_, loss):
@@ -114,7 +122,8 @@ def test_two_teachers_fused_triton_matches_dense(multi_caches, tiny_model_dir, t
     batch["teachers"] = [None if t is None else {k: v.to(device) for k, v in t.items()} for t in batch["teachers"]]
     functional.set_backend("triton")
     try:
-        _assert_same(_both_paths(model, batch, [TopKKL(), ULD(k=6)], 0.5), rtol=1e-4, atol=1e-5, grad_atol=1e-5)
+        _assert_same(_both_paths(model, batch, [TopKKL(kd_temperature=2.0), ULD(k=6)], 0.5), rtol=1e-4, atol=1e-5,
+                     grad_atol=1e-5)  # fmt: skip
     finally:
         functional.set_backend(None)
 

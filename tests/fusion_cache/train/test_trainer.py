@@ -66,6 +66,16 @@ def test_top_k_kl_distillation_trains_and_logs_both_terms(tmp_path, built_cache,
         TrainConfig.create(student="s", shards=["c"], out="o", kd_loss="mse")
 
 
+def test_kd_temperature_reaches_the_kl_and_uld_refuses_it(tmp_path, built_cache, tiny_model_dir):
+    _train(tiny_model_dir, built_cache, tmp_path / "t1", max_steps=2, save=False, kd_loss="kl", top_k=8)
+    _train(tiny_model_dir, built_cache, tmp_path / "t2", max_steps=2, save=False, kd_loss="kl", top_k=8,
+           kd_temperature=2.0)  # fmt: skip
+    t1, t2 = (_records(tmp_path / n) for n in ("t1", "t2"))
+    assert t1[0]["ce"] == pytest.approx(t2[0]["ce"]) and t1[0]["kd"] != pytest.approx(t2[0]["kd"])
+    with pytest.raises(ConfigError, match="kd_temperature=2.0 with kd_loss 'uld'"):
+        _train(tiny_model_dir, built_cache, tmp_path / "u", max_steps=2, save=False, top_k=8, kd_temperature=2.0)
+
+
 def test_schedule_warms_up_then_decays():
     f = lr_lambda(total_steps=10, warmup_steps=2)
     assert f(0) == 0.5 and f(1) == 1.0 and f(9) < 0.05 and all(f(i) >= f(i + 1) for i in range(1, 9))
@@ -183,7 +193,8 @@ def test_config_rules_for_several_caches(tmp_path):
         TrainConfig.create(shards=["a", "b"], combine="max", **base)
     with pytest.raises(ConfigError, match="one per cache"):
         TrainConfig.create(shards=["a", "b", "c"], kd_loss=["kl", "uld"], **base)
-    with pytest.raises(ConfigError, match="kd_loss.0: Input should be 'uld', 'kl', 'mapped_kl', 'hybrid' or 'auto'"):
+    names = "'uld', 'kl', 'kl_notail', 'mapped_kl', 'hybrid' or 'auto'"
+    with pytest.raises(ConfigError, match=f"kd_loss.0: Input should be {names}"):
         TrainConfig.create(shards=["a"], kd_loss="mse", **base)
     cfg = TrainConfig.create(shards=["a", "b"], kd_loss="kl", **base)
     assert (cfg.combine, cfg.align, cfg.kd_loss) == ("mean", "bytes", ["kl"])
