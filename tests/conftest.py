@@ -263,6 +263,7 @@ def write_synthetic_cache(out: Path, codec_name: str, *, rows: int = 6, k: int =
 
     import numpy as np
 
+    from fusion_cache.cache.codecs import get_codec
     from fusion_cache.cache.codecs import make_codec
     from fusion_cache.cache.fingerprint import chain_fingerprint
     from fusion_cache.cache.fingerprint import config_fingerprint
@@ -271,9 +272,11 @@ def write_synthetic_cache(out: Path, codec_name: str, *, rows: int = 6, k: int =
     from fusion_cache.cache.row import CacheRow
     from fusion_cache.cache.schema import SCHEMA_VERSION
     from fusion_cache.cache.writer import ShardWriter
+    from fusion_cache.capture.sampling import compact
 
     rng = np.random.default_rng(seed)
-    codec = make_codec(codec_name, vocab_size=SYNTH_VOCAB).to_json()
+    sampled = get_codec(codec_name).has_counts  # a sampled capture: k draws per position, not a top-K
+    codec = make_codec(codec_name, vocab_size=SYNTH_VOCAB, **({"samples": k} if sampled else {})).to_json()
     teacher = {"name": "synthetic", "model": "none", "revision": "r1", "tokenizer_hash": "0" * 64,
                "chat_template": False, "engine": "hf", "dtype": "float32", "vocab_size": SYNTH_VOCAB}  # fmt: skip
     settings = config_settings(schema_version=SCHEMA_VERSION, teacher=teacher, dataset_hash="d" * 64,
@@ -294,12 +297,17 @@ def write_synthetic_cache(out: Path, codec_name: str, *, rows: int = 6, k: int =
         order = np.argsort(-logp, axis=1, kind="stable")[:, :k]
         ids = rng.integers(0, SYNTH_VOCAB, n).astype(np.int32)
         ids[start:] = order[:, 0]  # the answer tokens are the teacher's top-1: the full codec derives their targets
+        counts = None
+        if sampled:
+            draws = np.stack([rng.choice(SYNTH_VOCAB, k, p=np.exp(lp) / np.exp(lp).sum()) for lp in logp])
+            order, _, counts = compact(draws, np.take_along_axis(logp, draws, 1), k)
+            logp = np.concatenate([logp, np.full((len(logp), 1), -np.inf)], axis=1)  # id -1 (padding): -inf
         made.append(CacheRow(
             sample_id=hashlib.blake2b(conv.encode(), digest_size=16).hexdigest(), row_index=i + (i >= 3),
             conversation=conv, input_ids=ids, answer_start=start,
             token_byte_start=np.arange(n, dtype=np.int32) * 2, token_byte_end=np.arange(n, dtype=np.int32) * 2 + 2,
             topk_ids=order.astype(np.int32), topk_logprobs=np.take_along_axis(logp, order, 1).astype(np.float32),
-            target_logprobs=logp[np.arange(n - start), ids[start:]].astype(np.float32),
+            target_logprobs=logp[np.arange(n - start), ids[start:]].astype(np.float32), sample_counts=counts,
         ))  # fmt: skip
     prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec, "config_fingerprint": cfp}
     work = Path(out)

@@ -125,6 +125,7 @@ def _decode(batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: Co
     topk_ids = MissingField("topk_ids", codec.name) if top.ids is None else top.ids
     targets = MissingField("target_logprobs", codec.name) if top.targets is None else top.targets
     values, tail, has_ids, has_targets = top.values, top.tail_mass, top.ids is not None, top.targets is not None
+    counts = top.counts
     # Python ints for the per-row slicing (numpy scalars make every slice several times slower)
     tok_at, ans_at, starts = ids_off.tolist(), ans_off.tolist(), answer_start.tolist()
     rows = []
@@ -144,6 +145,7 @@ def _decode(batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: Co
                 topk_logprobs=values[a0:a1],
                 target_logprobs=targets[a0:a1] if has_targets else targets,
                 tail_mass=tail[a0:a1] if tail is not None else None,
+                sample_counts=counts[a0:a1] if counts is not None else None,
             )
         )
     return rows

@@ -28,6 +28,9 @@ class CacheRow:
             cache each row's standardized shape (v - v_0) / (v_0 - v_{K-1}) in [-1, 0], not log-probs).
         target_logprobs: float32 [n_answer]. Read from a ``values`` cache: a `MissingField`.
         tail_mass: float32 [n_answer], 1 - sum(exp(topk_logprobs)) of the original values; None when unknown.
+        sample_counts: uint8 [n_answer, N] of a sampled capture (``sampled`` codec), else None: then ``topk_ids``
+            and ``topk_logprobs`` hold each position's distinct draws (most likely first) and their teacher
+            log-probs, padded with -1 and -inf where the count is 0; a position's counts sum to N.
     """
 
     sample_id: str
@@ -41,6 +44,7 @@ class CacheRow:
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray
     tail_mass: np.ndarray | None = None
+    sample_counts: np.ndarray | None = None
 
     @property
     def n_answer(self) -> int:

@@ -360,6 +360,9 @@ def check_topk(top: TopK, spans, rules: ContentRules, where: Where, sample_ids: 
     n = values.shape[0]
     if not n:
         return
+    if top.counts is not None:
+        check_sampled(top, spans, rules, where, sample_ids)
+        return
     codec = rules.codec
     fixed, per_span = rules.value_tolerance()
     kern = fast_decode.kernels()
@@ -389,6 +392,43 @@ def check_topk(top: TopK, spans, rules: ContentRules, where: Where, sample_ids: 
             _fail(where, _row_of(spans.offsets, t), "tail_mass",
                   f"{float(tail[t])} at answer position {t - int(spans.offsets[_row_of(spans.offsets, t)])} is not "
                   "in [0, 1]", sample_ids)  # fmt: skip
+
+
+def check_sampled(top: TopK, spans, rules: ContentRules, where: Where, sample_ids: list[str] | None = None) -> None:
+    """A sampled block (``sampled`` codec; its decode already refused counts that do not add up to N per position):
+    per position, the distinct draws fill the first slots (count in [1, N], id in [0, vocab) and not repeated,
+    log-prob finite, at most 0, non-increasing, their probabilities summing to at most 1), padding after them (count
+    0, id -1); targets finite log-probs."""
+    values, ids, counts = top.values, top.ids, top.counts.astype(np.int64)
+    n_draws = counts.sum(axis=1)
+    present = counts > 0
+    fixed, _ = rules.value_tolerance()
+    with np.errstate(invalid="ignore", over="ignore"):
+        mass = np.where(present, np.exp(values.astype(np.float64)), 0.0).sum(axis=1)
+    checks = [
+        ("sample_counts", n_draws != rules.k, lambda t: f"the counts sum to {int(n_draws[t])}, not N={rules.k}"),
+        ("sample_counts", (present[:, 1:] & ~present[:, :-1]).any(axis=1), lambda t: "a draw follows an empty slot"),
+        ("sample_counts", (counts > rules.k).any(axis=1), lambda t: f"a count is above N={rules.k}"),
+        ("topk_ids", (present & ((ids < 0) | (ids >= rules.vocab_size))).any(axis=1),
+         lambda t: f"an id is outside [0, {rules.vocab_size}) ({rules.vocab_source})"),
+        ("topk_ids", (~present & (ids != -1)).any(axis=1), lambda t: "an empty slot holds an id"),
+        ("topk_logprobs", (present & ~(np.isfinite(values) & (values <= EXACT_TOL))).any(axis=1),
+         lambda t: "a log-prob is not finite or is above 0"),
+        ("topk_logprobs", (present[:, 1:] & (values[:, 1:] > values[:, :-1])).any(axis=1),
+         lambda t: "the log-probs are not sorted descending"),
+        ("topk_logprobs", ~(mass <= np.exp(fixed) + 1e-3),
+         lambda t: f"the distinct draws' probabilities sum to {float(mass[t]):.6g}, more than 1"),
+    ]  # fmt: skip
+    srt = np.sort(np.where(present, ids, -1 - np.arange(ids.shape[1])[None, :]), axis=1)
+    checks.append(("topk_ids", (srt[:, 1:] == srt[:, :-1]).any(axis=1), lambda t: "an id appears twice"))
+    if top.targets is not None:
+        bad_t = ~(np.isfinite(top.targets) & (top.targets <= EXACT_TOL))
+        checks.append(("target_logprobs", bad_t, lambda t: f"{float(top.targets[t])} is not a finite log-prob <= 0"))
+    found = [(int(np.flatnonzero(bad)[0]), field, msg) for field, bad, msg in checks if bad.any()]
+    if found:
+        t, field, msg = min(found, key=lambda f: f[0])
+        r = _row_of(spans.offsets, t)
+        _fail(where, r, field, f"answer position {t - int(spans.offsets[r])}: {msg(t)}", sample_ids)
 
 
 def _topk_fail(top: TopK, spans, rules: ContentRules, where: Where, sample_ids, t: int, code: int, j: int) -> None:

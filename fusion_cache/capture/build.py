@@ -68,6 +68,8 @@ from fusion_cache.capture.output import publish
 from fusion_cache.capture.render import Rendered
 from fusion_cache.capture.render import render
 from fusion_cache.capture.render import tokenizer_hash
+from fusion_cache.capture.sampling import RS
+from fusion_cache.capture.sampling import sample_key
 from fusion_cache.capture.teacher import TeacherSetup
 from fusion_cache.capture.teacher import resolve_teacher
 from fusion_cache.capture.teacher import start_engine
@@ -272,7 +274,8 @@ def _describe(cfg: BuildConfig, teacher: TeacherSetup, inputs: PreparedInputs) -
     data_hash = dataset_hash(cfg.data, cfg.row_format)
     dataset_info = {"source": public_dataset_source(cfg.data), "hash": data_hash, "rows_read": inputs.rows_read}
     meta = cfg.meta_block
-    codec = make_codec(cfg.codec, value_bits=cfg.value_bits, vocab_size=vocab).to_json()
+    sampled = {"samples": cfg.samples, "seed": cfg.seed} if cfg.sampling == RS else {}
+    codec = make_codec(cfg.codec, value_bits=cfg.value_bits, vocab_size=vocab, **sampled).to_json()
     settings = config_settings(
         schema_version=SCHEMA_VERSION,
         teacher=teacher_info,
@@ -380,9 +383,10 @@ def _capture(
 
             # encoding and writing run on a worker thread while the engine captures the next batch
             with BackgroundWriter(write, max_pending=2) as background:
+                samples = cfg.samples if cfg.sampling == RS else None
                 for group, fresh, end in _batches_to_capture(rows, cfg.batch_tokens, done_rows):
-                    reqs = [SequenceRequest(it.rendered.input_ids.tolist(), it.rendered.answer_start) for it in group]
-                    caps = engine.capture(reqs, cfg.top_k)
+                    reqs = [_request(it, cfg) for it in group]
+                    caps = engine.capture(reqs, cfg.top_k, samples) if samples else engine.capture(reqs, cfg.top_k)
                     background.submit(list(zip(group[fresh:], caps[fresh:], strict=True)))
                     bar.set_postfix(rows=f"{end}/{len(rows)}", refresh=False)
                     bar.update(sum(it.rendered.n_answer for it in group[fresh:]))
@@ -456,6 +460,13 @@ def _batches(items: list[PreparedRow], budget: int) -> list[list[PreparedRow]]:
     return groups
 
 
+def _request(it: PreparedRow, cfg: BuildConfig) -> SequenceRequest:
+    """The engine request of one row; a sampled build's draws are seeded by the build seed and the sample id only
+    (never by the batch or worker), so every build of the row draws the same tokens."""
+    key = sample_key(cfg.seed, it.conv.sample_id) if cfg.sampling == RS else None
+    return SequenceRequest(it.rendered.input_ids.tolist(), it.rendered.answer_start, key)
+
+
 def _to_row(it: PreparedRow, cap: TopKCapture) -> CacheRow:
     r = it.rendered
     assert cap.ids.shape == (r.n_answer, cap.ids.shape[1]), f"capture shape {cap.ids.shape} vs {r.n_answer} answers"
@@ -470,6 +481,7 @@ def _to_row(it: PreparedRow, cap: TopKCapture) -> CacheRow:
         topk_ids=np.ascontiguousarray(cap.ids, dtype=np.int32),
         topk_logprobs=np.ascontiguousarray(cap.logprobs, dtype=np.float32),
         target_logprobs=np.ascontiguousarray(cap.target_logprobs, dtype=np.float32),
+        sample_counts=None if cap.counts is None else np.ascontiguousarray(cap.counts, dtype=np.uint8),
     )
 
 

@@ -18,6 +18,11 @@ from fusion_cache.capture.engines import ENGINE_NAMES
 from fusion_cache.capture.engines import VLLM
 from fusion_cache.capture.inputs import ROW_FIELDS
 from fusion_cache.capture.inputs import RowFormat
+from fusion_cache.capture.sampling import DEFAULT_SAMPLES
+from fusion_cache.capture.sampling import RS
+from fusion_cache.capture.sampling import SAMPLES_RANGE
+from fusion_cache.capture.sampling import SAMPLINGS
+from fusion_cache.capture.sampling import TOPK
 from fusion_cache.config import StrictConfig
 
 
@@ -44,6 +49,19 @@ class BuildConfig(StrictConfig):
     # the names come from the codec registry (fusion_cache/cache/codecs/__init__.py)
     codec: Literal[CODEC_NAMES] = Field("raw", description=f"how the top-K block is stored: {codec_help()}")
     value_bits: int | None = Field(None, ge=2, le=16, description=f"bits per value code of the {value_bits_help()}")
+    # ---- sampled capture (capture/sampling.py): RS-KD's N draws per position instead of a top-K
+    sampling: Literal[SAMPLINGS] = Field(
+        TOPK, description=f"{TOPK}: the teacher's top-K; {RS}: N tokens drawn from its full softmax per answer "
+        f"position (RS-KD; stored with --codec sampled, the default then; train with --kd-loss rs_kl)"
+    )  # fmt: skip
+    samples: int | None = Field(
+        None, description=f"N, draws per answer position with --sampling {RS} (default {DEFAULT_SAMPLES}; "
+        f"{SAMPLES_RANGE[0]}..{SAMPLES_RANGE[1]})"
+    )  # fmt: skip
+    seed: int = Field(
+        0, ge=0, le=(1 << 63) - 1, description=f"the draws' seed with --sampling {RS} (with each sample id and "
+        "position: the same build draws the same tokens on any engine or worker)"
+    )  # fmt: skip
     max_length: int = Field(2048, ge=2, description="longest rendered sequence, in teacher tokens")
     overlong: Literal["truncate", "skip"] = Field("truncate", description="what to do with longer sequences")
     dtype: str | None = Field(None, description="teacher dtype; default chosen from the hardware")
@@ -76,6 +94,41 @@ class BuildConfig(StrictConfig):
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description='vLLM: more LLM(...) engine arguments, e.g. {"enforce_eager": true}'
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampled_defaults(cls, data: Any) -> Any:
+        """With sampling rs: N defaults to 12, the codec to ``sampled`` and K to N (a sampled block is N wide)."""
+        if isinstance(data, dict) and data.get("sampling") == RS:
+            data = dict(data)
+            if data.get("samples") is None:
+                data["samples"] = DEFAULT_SAMPLES
+            data.setdefault("codec", "sampled")
+            lo, hi = SAMPLES_RANGE
+            if isinstance(data["samples"], int) and lo <= data["samples"] <= hi and data.get("top_k") is None:
+                data["top_k"] = data["samples"]
+        return data
+
+    @model_validator(mode="after")
+    def _sampling_options(self):
+        if self.sampling == TOPK:
+            if self.samples is not None:
+                raise ValueError(f"samples={self.samples} needs sampling='{RS}' (a top-K build keeps --top-k tokens)")
+            if self.seed != 0:
+                raise ValueError(f"seed={self.seed} needs sampling='{RS}' (a top-K build draws nothing)")
+            if self.codec == "sampled":
+                raise ValueError(f"codec='sampled' stores a sampled capture; add --sampling {RS}")
+            return self
+        lo, hi = SAMPLES_RANGE
+        if not lo <= self.samples <= hi:
+            raise ValueError(f"samples: must be in [{lo}, {hi}] (a count is one byte), got {self.samples}")
+        if self.codec != "sampled":
+            raise ValueError(f"codec={self.codec!r} with sampling='{RS}': a sampled capture is stored with codec "
+                             "'sampled'")  # fmt: skip
+        if self.top_k != self.samples:
+            raise ValueError(f"top_k={self.top_k} with sampling='{RS}': a sampled cache keeps samples={self.samples} "
+                             "draws per position, not a top-K; leave top_k out")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _vllm_options_need_vllm(self):

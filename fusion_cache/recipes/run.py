@@ -192,8 +192,9 @@ class LazyEngine:
                                        **engine_options(self.cfg, self.max_model_len - 1))  # fmt: skip
         return self._engine
 
-    def capture(self, requests, k):
-        return self._started().capture(requests, k)
+    def capture(self, requests, k, samples=None):
+        engine = self._started()
+        return engine.capture(requests, k) if samples is None else engine.capture(requests, k, samples)
 
     def close(self) -> None:
         if self._engine is not None:

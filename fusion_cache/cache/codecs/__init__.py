@@ -8,6 +8,8 @@ build time and recorded in the manifest and every shard's schema metadata:
 - ``values`` (values.py): the sorted values only (ULD needs nothing else), quantized; zstd.
 - ``shape`` (shape.py): the sorted values' standardized shape only (the z-scored ULD loss only).
 - ``raw`` (raw.py): fp32 log-probs + int32 ids + fp32 target log-probs, uncompressed; the exact reference.
+- ``sampled`` (sampled.py): a sampled (RS-KD) capture: N draws per position as distinct ids, counts and fp16
+  log-probs; zstd. What ``build --sampling rs`` writes, and the only codec it writes.
 
 Shared: value quantization (quantize.py), ids and their per-shard order (ids.py), full layout 2's id buckets
 (buckets.py). Adding a codec: one module with one `Codec` subclass, and one entry in ``CODECS`` below.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from fusion_cache.cache.codecs.base import Codec
 from fusion_cache.cache.codecs.full import FullCodec
 from fusion_cache.cache.codecs.raw import RawCodec
+from fusion_cache.cache.codecs.sampled import SampledCodec
 from fusion_cache.cache.codecs.shape import ShapeCodec
 from fusion_cache.cache.codecs.values import ValuesCodec
 from fusion_cache.config import lookup
@@ -35,6 +38,7 @@ __all__ = [
     "Codec",
     "FullCodec",
     "RawCodec",
+    "SampledCodec",
     "ShapeCodec",
     "ValuesCodec",
     "codec_help",
@@ -45,8 +49,8 @@ __all__ = [
     "value_bits_help",
 ]
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (FullCodec, ValuesCodec, ShapeCodec, RawCodec)}
-CODEC_NAMES = tuple(CODECS)  # ("full", "values", "shape", "raw")
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (FullCodec, ValuesCodec, ShapeCodec, RawCodec, SampledCodec)}
+CODEC_NAMES = tuple(CODECS)  # ("full", "values", "shape", "raw", "sampled")
 LATEST_SCHEMA_VERSION = 3  # fusion_cache/cache/schema.py re-exports it as SCHEMA_VERSION
 
 
@@ -68,10 +72,25 @@ def value_bits_help() -> str:
 
 
 def make_codec(
-    name: str, *, value_bits: int | None = None, vocab_size: int | None = None, zstd_level: int | None = None
+    name: str,
+    *,
+    value_bits: int | None = None,
+    vocab_size: int | None = None,
+    zstd_level: int | None = None,
+    samples: int | None = None,
+    seed: int | None = None,
 ) -> Codec:
-    """The codec a build writes, from its options (``--codec``, ``--value-bits``); raises ConfigError on bad values."""
-    codec = get_codec(name).from_options(value_bits=value_bits, zstd_level=zstd_level, vocab_size=vocab_size)
+    """The codec a build writes, from its options (``--codec``, ``--value-bits``; ``--samples`` and ``--seed`` of a
+    sampled capture, which only the codecs with ``has_counts`` store); raises ConfigError on bad values."""
+    cls = get_codec(name)
+    if cls.has_counts:
+        codec = cls.from_options(
+            value_bits=value_bits, zstd_level=zstd_level, vocab_size=vocab_size, samples=samples, seed=seed
+        )
+    elif samples is not None:
+        raise ConfigError(f"codec {name!r} stores a top-K, not {samples} sampled tokens; use --codec sampled")
+    else:
+        codec = cls.from_options(value_bits=value_bits, zstd_level=zstd_level, vocab_size=vocab_size)
     try:  # the ranges a reader accepts
         return parse_codec(codec.to_json())
     except ShardFormatError as e:

@@ -66,12 +66,15 @@ class TopK:
         ids: int32 [total, K], or None when the codec stores no ids.
         targets: float32 [total] target log-probs, or None when the codec stores none.
         tail_mass: float32 [total], or None when the codec stores none.
+        counts: uint8 [total, K] of a sampled cache (``sampled`` codec: ``values`` and ``ids`` are each position's
+            distinct draws, padded with -inf and -1 where the count is 0), else None.
     """
 
     values: np.ndarray
     ids: np.ndarray | None = None
     targets: np.ndarray | None = None
     tail_mass: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------------------------------------ the codec
@@ -90,6 +93,7 @@ class Codec(ABC):
     has_targets: ClassVar[bool] = False  # target log-probs are stored
     has_tail_mass: ClassVar[bool] = False  # 1 - sum of the top-K probabilities is stored
     has_logprobs: ClassVar[bool] = True  # the decoded values are log-probs (False: a row's standardized shape)
+    has_counts: ClassVar[bool] = False  # a sampled capture: the block is N draws' distinct ids with counts, not a top-K
     default_value_bits: ClassVar[int | None] = None  # None: takes no --value-bits
     default_zstd_level: ClassVar[int | None] = None  # None: uncompressed
 

@@ -25,19 +25,25 @@ class TopKCapture:
         ids: int32 [n_answer, K], token ids sorted by descending log-probability.
         logprobs: float32 [n_answer, K], the matching log-probabilities (descending).
         target_logprobs: float32 [n_answer], log-probability of the actual next token ``input_ids[answer_start + t]``.
+        counts: uint8 [n_answer, N] of a sampled capture (`capture.sampling`), else None: then ``ids`` and
+            ``logprobs`` are [n_answer, N], each position's distinct draws most likely first with their counts
+            (summing to N), padded with id -1, log-prob -inf and count 0.
     """
 
     ids: np.ndarray
     logprobs: np.ndarray
     target_logprobs: np.ndarray
+    counts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class SequenceRequest:
-    """One sequence to capture: the full rendered token ids and the index of the first answer token (>= 1)."""
+    """One sequence to capture: the full rendered token ids and the index of the first answer token (>= 1); for a
+    sampled capture, ``sample_key`` (`capture.sampling.sample_key`) seeds its draws."""
 
     input_ids: Sequence[int]
     answer_start: int
+    sample_key: int | None = None
 
 
 class TeacherEngine(Protocol):
@@ -46,8 +52,9 @@ class TeacherEngine(Protocol):
     name: str  # "vllm" or "hf"
     dtype: str  # "float32" or "bfloat16", as actually run
 
-    def capture(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
-        """Top-K log-probabilities at the answer positions of every request, in request order."""
+    def capture(self, requests: Sequence[SequenceRequest], k: int, samples: int | None = None) -> list[TopKCapture]:
+        """Top-K log-probabilities at the answer positions of every request, in request order; with ``samples`` N,
+        N draws per position instead (`capture.sampling`; every request carries its ``sample_key``)."""
         ...
 
     def generate(
@@ -67,6 +74,13 @@ class TeacherEngine(Protocol):
     def close(self) -> None:
         """Release the model (and vLLM's engine)."""
         ...
+
+
+def check_sample_keys(requests: Sequence[SequenceRequest], samples: int | None) -> None:
+    """A sampled capture needs every request's seed key (an internal invariant: the build sets them)."""
+    if samples is not None:
+        missing = [i for i, r in enumerate(requests) if r.sample_key is None]
+        assert not missing, f"samples={samples}: requests {missing[:5]} carry no sample_key"
 
 
 def check_sampling(prompts: Sequence[Sequence[int]], *, n: int = 1, max_tokens: int, temperature: float,

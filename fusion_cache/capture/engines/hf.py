@@ -14,7 +14,11 @@ import torch
 
 from fusion_cache.capture.engines.base import SequenceRequest
 from fusion_cache.capture.engines.base import TopKCapture
+from fusion_cache.capture.engines.base import check_sample_keys
 from fusion_cache.capture.engines.base import check_sampling
+from fusion_cache.capture.sampling import compact
+from fusion_cache.capture.sampling import draw
+from fusion_cache.capture.sampling import uniforms
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import DataError
 from fusion_cache.models.hardware import canonical_dtype
@@ -154,17 +158,21 @@ class HFEngine:
 
     # ------------------------------------------------------------------ capture
 
-    def capture(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
+    def capture(self, requests: Sequence[SequenceRequest], k: int, samples: int | None = None) -> list[TopKCapture]:
         """Top-K log-probabilities at the answer positions of every request, in request order.
 
         Args:
             requests: sequences with ``1 <= answer_start <= len(input_ids)``.
-            k: entries per position, ``1 <= k <= vocab size``.
+            k: entries per position, ``1 <= k <= vocab size`` (ignored with ``samples``).
+            samples: N: draw N tokens per position from the full softmax instead (`capture.sampling`, seeded by each
+                request's ``sample_key``).
 
         Returns:
             One `TopKCapture` per request: ids int32 [n, k], logprobs float32 [n, k], target_logprobs float32 [n],
-            with ``n = len(input_ids) - answer_start``.
+            with ``n = len(input_ids) - answer_start``; with ``samples``, ids, logprobs and counts [n, N].
         """
+        check_sample_keys(requests, samples)
+        k = samples if samples is not None else k
         if not 1 <= k <= self.vocab_size:
             raise ConfigError(f"k: must be in [1, {self.vocab_size}] (the vocabulary size), got {k}")
         lengths = np.array([len(r.input_ids) for r in requests], dtype=np.int64)
@@ -175,13 +183,14 @@ class HFEngine:
                 )
         results: list[TopKCapture | None] = [None] * len(requests)
         for batch in _token_budget_batches(lengths, self.max_batch_tokens):
-            for i, cap in zip(batch, self._capture_batch([requests[i] for i in batch], k), strict=True):
+            caps = self._capture_batch([requests[i] for i in batch], k, sampled=samples is not None)
+            for i, cap in zip(batch, caps, strict=True):
                 results[i] = cap
         return results  # type: ignore[return-value]  # every slot was filled above
 
     @torch.inference_mode()
-    def _capture_batch(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
-        """Capture one padded batch; see `capture`."""
+    def _capture_batch(self, requests: Sequence[SequenceRequest], k: int, sampled: bool = False) -> list[TopKCapture]:
+        """Capture one padded batch; see `capture` (``sampled``: ``k`` draws per position)."""
         lengths = torch.tensor([len(r.input_ids) for r in requests], dtype=torch.int64)
         starts = torch.tensor([r.answer_start for r in requests], dtype=torch.int64)
         input_ids, attention_mask = self._right_pad([r.input_ids for r in requests])
@@ -198,14 +207,22 @@ class HFEngine:
         ids = torch.empty((total, k), dtype=torch.int32)
         values = torch.empty((total, k), dtype=torch.float32)
         target_lp = torch.empty((total,), dtype=torch.float32)
+        if sampled:  # each position's uniforms: from its sample's key and its answer position only
+            parts = [uniforms(r.sample_key, np.arange(int(n)), k) for r, n in zip(requests, n_answer, strict=True)]
+            u = np.concatenate(parts) if parts else np.zeros((0, k))
         if total:
             hidden = self._final_hidden(input_ids.to(self.device), attention_mask.to(self.device))  # [B, L, H]
             picked = hidden[row.to(self.device), pos.to(self.device)]  # [total, H]
             del hidden
             chunk = max(1, _HEAD_CHUNK_ELEMENTS // self.vocab_size)
             for lo in range(0, total, chunk):
-                logprobs = self._logprobs(picked[lo : lo + chunk])  # [c, V] fp32
-                top_values, top_ids = ordered_topk(logprobs, k)
+                if sampled:
+                    logits = self._logits(picked[lo : lo + chunk])  # [c, V] fp32
+                    top_ids, top_values = draw(logits, torch.from_numpy(u[lo : lo + chunk]))
+                    logprobs = torch.log_softmax(logits, dim=-1)
+                else:
+                    logprobs = self._logprobs(picked[lo : lo + chunk])  # [c, V] fp32
+                    top_values, top_ids = ordered_topk(logprobs, k)
                 values[lo : lo + chunk] = top_values.cpu()
                 ids[lo : lo + chunk] = top_ids.to(torch.int32).cpu()
                 chunk_targets = targets[lo : lo + chunk].to(self.device)
@@ -213,6 +230,12 @@ class HFEngine:
 
         bounds = torch.cumsum(n_answer, 0).tolist()
         ids_np, values_np, target_np = ids.numpy(), values.numpy(), target_lp.numpy()
+        if sampled:
+            ids_np, values_np, counts_np = compact(ids_np, values_np, k)
+            return [
+                TopKCapture(ids_np[lo:hi], values_np[lo:hi], target_np[lo:hi], counts_np[lo:hi])
+                for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)
+            ]
         return [
             TopKCapture(ids=ids_np[lo:hi], logprobs=values_np[lo:hi], target_logprobs=target_np[lo:hi])
             for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)

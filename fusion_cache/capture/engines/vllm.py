@@ -39,8 +39,10 @@ import numpy as np
 
 from fusion_cache.capture.engines.base import SequenceRequest
 from fusion_cache.capture.engines.base import TopKCapture
+from fusion_cache.capture.engines.base import check_sample_keys
 from fusion_cache.capture.engines.base import check_sampling
 from fusion_cache.capture.engines.vllm_answer_logits import ANSWER_START_KEY
+from fusion_cache.capture.engines.vllm_answer_logits import SAMPLES_KEY
 from fusion_cache.capture.engines.vllm_answer_logits import answer_only_prompt_logprobs
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import DataError
@@ -395,18 +397,33 @@ class VLLMEngine:
         self.last_answer_hook = None
         self._hook_warned = False
 
-    def capture(self, requests: Sequence[SequenceRequest], k: int) -> list[TopKCapture]:
+    def capture(self, requests: Sequence[SequenceRequest], k: int, samples: int | None = None) -> list[TopKCapture]:
         """Top-K log-probabilities at the answer positions of every request, in request order.
 
         Args:
             requests: sequences with ``1 <= answer_start <= len(input_ids) < max_model_len`` (vLLM keeps one
                 position for the token it has to generate).
-            k: entries per position, ``1 <= k <= min(max_k, vocab size)``.
+            k: entries per position, ``1 <= k <= min(max_k, vocab size)`` (ignored with ``samples``).
+            samples: N: draw N tokens per position from the full softmax instead (`capture.sampling`), inside the
+                answer-only hook (`vllm_answer_logits`), which sees the full logits rows; refused without it.
 
         Returns:
             One `TopKCapture` per request: ids int32 [n, k], logprobs float32 [n, k], target_logprobs float32 [n],
-            with ``n = len(input_ids) - answer_start``.
+            with ``n = len(input_ids) - answer_start``; with ``samples``, ids, logprobs and counts [n, N].
         """
+        check_sample_keys(requests, samples)
+        if samples is not None:
+            if not self.answer_only_logits:
+                raise ConfigError(
+                    "sampling='rs' with tensor_parallel_size > 1: the draws are taken in this process's model runner "
+                    "(the answer-only logits hook), which vLLM's multiprocess executor does not run; use one GPU or "
+                    "--engine hf"
+                )
+            return self._capture_sampled(requests, samples)
+        return self._run(requests, k)
+
+    def _run(self, requests: Sequence[SequenceRequest], k: int, extra=None) -> list[TopKCapture]:
+        """`capture`'s vLLM call: prompt_logprobs=k; ``extra(i)`` adds to request i's ``extra_args``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -426,6 +443,7 @@ class VLLMEngine:
         todo = [i for i, r in enumerate(requests) if r.answer_start < len(r.input_ids)]
         results = [_empty_capture(k) for _ in requests]
         if not todo:
+            self.last_answer_hook = None
             return results
         # detokenize=False: with detokenization on, vLLM decodes every top-K token and is 5-20x slower. The answer
         # start rides along in extra_args to the model runner, where the answer-only hook reads it.
@@ -435,7 +453,9 @@ class VLLMEngine:
                 prompt_logprobs=k,
                 detokenize=False,
                 flat_logprobs=True,
-                extra_args={ANSWER_START_KEY: int(requests[i].answer_start)} if self.answer_only_logits else None,
+                extra_args={ANSWER_START_KEY: int(requests[i].answer_start), **(extra(i) if extra else {})}
+                if self.answer_only_logits
+                else None,
             )
             for i in todo
         ]
@@ -455,6 +475,30 @@ class VLLMEngine:
             r = requests[i]
             results[i] = decode(out.prompt_logprobs, r.input_ids, r.answer_start, k)
         return results
+
+    def _capture_sampled(self, requests: Sequence[SequenceRequest], n: int) -> list[TopKCapture]:
+        """`capture` with ``samples=n``: prompt_logprobs=1 for the target log-probs, the draws from the hook (each
+        request tagged with its index, so two requests of the same sample key stay apart)."""
+        from fusion_cache.capture.sampling import compact
+
+        caps = self._run(requests, 1, lambda i: {SAMPLES_KEY: [n, int(requests[i].sample_key), i]})
+        hook = self.last_answer_hook
+        out = []
+        for i, (r, cap) in enumerate(zip(requests, caps, strict=True)):
+            if len(r.input_ids) == r.answer_start:
+                empty = np.empty((0, n), np.int32)
+                out.append(TopKCapture(empty, empty.astype(np.float32), cap.target_logprobs, empty.astype(np.uint8)))
+                continue
+            held = None if hook is None else hook.samples.get(i)
+            if held is None or (held[0][r.answer_start - 1 :] < 0).any():
+                why = "it is off" if hook is None else (hook.reason or "vLLM ran its own prompt-logprob method")
+                raise ConfigError(
+                    f"sampling='rs' needs vLLM's answer-only logits hook, which drew nothing for a request ({why}); "
+                    "use --engine hf"
+                )
+            ids, logprobs, counts = compact(held[0][r.answer_start - 1 :], held[1][r.answer_start - 1 :], n)
+            out.append(TopKCapture(ids, logprobs, cap.target_logprobs, counts))
+        return out
 
     def generate(
         self, prompts: Sequence[Sequence[int]], *, max_tokens: int, temperature: float, seed: int

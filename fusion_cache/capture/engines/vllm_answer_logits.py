@@ -16,6 +16,11 @@ which for requests that carry ``SamplingParams.extra_args[ANSWER_START_KEY]`` (t
 - fills the other rows with placeholders: token id 0, logprob NaN, rank 0 (also rank 0 at answer rows: "not
   computed"; vLLM's ranks are >= 1).
 
+A request that also carries ``extra_args[SAMPLES_KEY]`` (a sampled capture, `fusion_cache.capture.sampling`) gets N
+draws per answer row from those same full logits rows (`capture.sampling.draw`); they leave through
+`AnswerOnlyHook.samples` (this process's memory), not through vLLM's outputs, whose per-token dicts would merge
+repeated draws. A sampled capture therefore needs this hook (the engine refuses one without it).
+
 Everything else is exactly vLLM's bookkeeping (the same tensors, the same chunk arithmetic, the same clean-up), so
 the output processor sees the usual ``LogprobsTensors`` of shape [L-1, K+1]. A step with any prompt-logprob request
 that lacks the key, or a logprobs mode other than (raw|processed)_logprobs, runs vLLM's own method unchanged.
@@ -34,12 +39,16 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 # SamplingParams.extra_args key holding the request's first answer position (int >= 1)
 ANSWER_START_KEY = "fusion_cache_answer_start"
+# SamplingParams.extra_args key of a sampled capture: [N draws per answer position, the sample's key, a tag unique
+# in the capture call] (`fusion_cache.capture.sampling`); the draws are left in `AnswerOnlyHook.samples[tag]`
+SAMPLES_KEY = "fusion_cache_samples"
 
 _METHOD = "_get_prompt_logprobs_dict"
 _SIGNATURE = ("self", "hidden_states", "num_scheduled_tokens")
@@ -77,6 +86,8 @@ class AnswerOnlyHook:
         scored_rows: prompt rows whose logits the swapped method computed (answer rows).
         skipped_rows: prompt rows it left as placeholders (non-answer rows vLLM would have scored).
         fallback_steps: steps it handed to vLLM's own method (a request without the key, another logprobs mode).
+        samples: tag -> (ids int64 [L-1, N], logprobs float32 [L-1, N]) of each sampled request's rows (row j
+            predicts token j+1; only the answer rows are filled, the others hold id -1).
     """
 
     installed: bool = False
@@ -84,6 +95,7 @@ class AnswerOnlyHook:
     scored_rows: int = 0
     skipped_rows: int = 0
     fallback_steps: int = 0
+    samples: dict = field(default_factory=dict)
 
 
 def _incompatibility(method: Any) -> str | None:
@@ -143,6 +155,33 @@ def _answer_start(runner: Any, req_id: str) -> int | None:
     extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
     start = extra.get(ANSWER_START_KEY)
     return start if isinstance(start, int) and start >= 1 else None
+
+
+def _sampling(runner: Any, req_id: str) -> tuple[int, int, int] | None:
+    """The request's `SAMPLES_KEY` as (N, key, tag), or None when it is not a sampled capture."""
+    state = runner.requests.get(req_id)
+    extra = getattr(getattr(state, "sampling_params", None), "extra_args", None) or {}
+    value = extra.get(SAMPLES_KEY)
+    return None if value is None else (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _sample_rows(hook: AnswerOnlyHook, sampling: tuple, logits: Any, rows: range, first: int, total: int):
+    """Draw N tokens at prompt rows ``rows`` (``first``: the sample's first answer row; ``total``: L-1) into
+    ``hook.samples``."""
+    import numpy as np
+    import torch
+
+    from fusion_cache.capture.sampling import draw
+    from fusion_cache.capture.sampling import uniforms
+
+    n, key, tag = sampling
+    if tag not in hook.samples:
+        hook.samples[tag] = (np.full((total, n), -1, np.int64), np.full((total, n), -np.inf, np.float32))
+    u = torch.from_numpy(uniforms(key, np.arange(rows.start - first, rows.stop - first), n))
+    ids, logprobs = draw(logits, u)
+    held_ids, held_lp = hook.samples[tag]
+    held_ids[rows.start : rows.stop] = ids.cpu().numpy()
+    held_lp[rows.start : rows.stop] = logprobs.cpu().numpy()
 
 
 def answer_topk(logits: Any, k: int, targets: Any) -> tuple[Any, Any]:
@@ -246,6 +285,9 @@ def _answer_only_prompt_logprobs_dict(runner, hidden_states, num_scheduled_token
         logits = runner.model.compute_logits(hidden_states[offset + lo - start_idx : offset + hi - start_idx])
         targets = torch.as_tensor(request.prompt_token_ids[lo + 1 : hi + 1], dtype=torch.int64, device=logits.device)
         ids, values = answer_topk(logits, k, targets)
+        sampling = _sampling(runner, req_id)
+        if sampling is not None:
+            _sample_rows(hook, sampling, logits, range(lo, hi), starts[req_id] - 1, num_prompt_tokens - 1)
         tensors.logprob_token_ids[lo:hi].copy_(ids, non_blocking=True)
         tensors.logprobs[lo:hi].copy_(values, non_blocking=True)
 

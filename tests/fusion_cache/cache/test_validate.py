@@ -294,6 +294,38 @@ def _bomb(cache: Path, size: int) -> None:
     rewrite(cache, batch=fill)
 
 
+@pytest.fixture
+def sampled(synthetic_caches, tmp_path) -> Path:
+    """A private copy of the synthetic sampled cache (N=8 draws per position, vocabulary 300)."""
+    cache = tmp_path / "sampled"
+    shutil.copytree(synthetic_caches["sampled"], cache)
+    return cache
+
+
+def test_an_intact_sampled_cache_reads(sampled):
+    rewrite(sampled)
+    assert CacheReader(sampled).verify() == []
+    for row in CacheReader(sampled).iter_rows():
+        assert (row.sample_counts.astype(int).sum(1) == 8).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "value", "match"),
+    [
+        ("sample_counts", 0, 0, r"sample_counts': the counts of answer position 0 do not add up to N=8"),
+        ("sample_counts", 0, 9, r"do not add up to N=8 \(each must be in \[1, 8\]\)"),
+        ("sample_ids_b1", 0, 200, r"topk_ids: answer position 0: an id is outside \[0, 300\)"),
+        ("sample_logprobs", 0, 0.5, "topk_logprobs: answer position 0: a log-prob is not finite or is above 0"),
+        ("sample_logprobs", 0, float("nan"), "a log-prob is not finite"),
+        ("target_logprobs", 0, float("inf"), "target_logprobs: answer position 0: inf is not a finite log-prob"),
+    ],
+)
+def test_sampled_columns_are_checked(sampled, name, index, value, match):
+    """Counts bounded and summing to N, ids below the vocabulary, finite log-probs at most 0 (issue 18)."""
+    rewrite(sampled, batch=lambda b, s, i: set_value(b, name, index, value) if (s, i) == (0, 0) else b)
+    refused(sampled, match)
+
+
 def test_decompression_bombs_are_refused_from_their_headers(synthetic_caches, tmp_path):
     cache = tmp_path / "bomb"
     shutil.copytree(synthetic_caches["full"], cache)
@@ -427,7 +459,7 @@ def test_random_mutations_are_accepted_sanely_or_refused_in_one_line(tmp_path):
 
 
 @pytest.mark.skipif(FUZZ_ENV not in os.environ, reason="run by test_random_mutations_... in a limited subprocess")
-@pytest.mark.parametrize("codec", ["raw", "full", "values", "shape"])
+@pytest.mark.parametrize("codec", ["raw", "full", "values", "shape", "sampled"])
 def test_fuzz_inner(codec, synthetic_caches):
     from hypothesis import HealthCheck
     from hypothesis import given
@@ -550,6 +582,13 @@ def _check_invariant(cache: Path) -> None:
     vocab = m.teacher.vocab_size
     for r in rows:
         assert 0 <= r.input_ids.min() and r.input_ids.max() < vocab and len(r.input_ids) <= m.max_length
+        if reader.codec.has_counts:  # a sampled block: the drawn slots first, padding (-1, -inf, count 0) after
+            present = r.sample_counts > 0
+            assert (r.sample_counts.astype(int).sum(1) == m.k).all() and present[:, 0].all()
+            assert np.isfinite(r.topk_logprobs[present]).all() and (r.topk_logprobs[present] <= 1e-4).all()
+            ids = r.topk_ids[present]
+            assert ids.min() >= 0 and ids.max() < vocab and (r.topk_ids[~present] == -1).all()
+            continue
         assert np.isfinite(r.topk_logprobs).all() and (np.diff(r.topk_logprobs, axis=1) <= 1e-6).all()
         if reader.codec.has_logprobs:
             assert (r.topk_logprobs[:, 0] <= 1e-4).all()

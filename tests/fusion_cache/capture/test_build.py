@@ -17,7 +17,7 @@ from fusion_cache.errors import DataError
 
 def _cfg(tiny_model_dir, data, out, **kw):
     settings = {"teacher": str(tiny_model_dir), "data": str(data), "out": str(out), "engine": "hf", "top_k": 8}
-    return BuildConfig.create(**{**settings, **kw})
+    return BuildConfig.create(**{k: v for k, v in {**settings, **kw}.items() if v is not None})
 
 
 def test_manifest_records_provenance(built_cache, tiny_model_dir):
@@ -209,3 +209,47 @@ def test_meta_flags_and_file_are_checked(tmp_path, tiny_model_dir, data_file):
     f.write_text("[1]")
     with pytest.raises(ConfigError, match="meta_file: .* must hold a JSON object"):
         _cfg(tiny_model_dir, data_file, tmp_path / "c", meta_file=str(f))
+
+
+def test_sampled_build_is_byte_identical_and_records_its_draws(tmp_path, tiny_model_dir, data_file, hf_engine):
+    """--sampling rs: the same build twice writes the same bytes (the draws depend on the seed, the sample id and
+    the position only); the codec entry records N and the seed, so another seed is another fingerprint."""
+    from fusion_cache.capture.build import build_summary
+
+    runs = {}
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        cfg = _cfg(tiny_model_dir, data_file, tmp_path / name, top_k=None, sampling="rs", samples=6, seed=seed,
+                   shard_rows=2)  # fmt: skip
+        runs[name] = run_build(cfg, engine=hf_engine, progress=False)
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert a.codec == {"name": "sampled", "samples": 6, "seed": 4, "id_bytes": 2, "zstd_level": 16} and a.k == 6
+    assert a.fingerprint == b.fingerprint and a.fingerprint != c.fingerprint
+    for s in a.shards:
+        assert (tmp_path / "a" / s.path).read_bytes() == (tmp_path / "b" / s.path).read_bytes()
+    assert "bytes/answer token (sampled codec, K=6)" in build_summary(a, str(tmp_path / "a"))
+    reader = CacheReader(tmp_path / "a")
+    assert reader.verify() == []
+    rows = list(reader.iter_rows())
+    assert all((r.sample_counts.astype(int).sum(1) == 6).all() for r in rows)
+    other = list(CacheReader(tmp_path / "c").iter_rows())
+    assert any(not (x.topk_ids == y.topk_ids).all() for x, y in zip(rows, other, strict=True))
+
+
+def test_sampling_settings_are_checked_in_one_line():
+    base = {"teacher": "t", "data": "d", "out": "o"}
+    cfg = BuildConfig.create(**base, sampling="rs")
+    assert (cfg.samples, cfg.codec, cfg.top_k, cfg.seed) == (12, "sampled", 12, 0)
+    assert BuildConfig.create(**cfg.model_dump()) == cfg  # config.yaml replays
+    assert BuildConfig.create(**base).codec == "raw"  # top-K builds are untouched
+    for kw, match in (
+        ({"sampling": "rs", "samples": 1}, r"samples: must be in \[2, 255\] \(a count is one byte\), got 1"),
+        ({"sampling": "rs", "samples": 1000}, r"samples: must be in \[2, 255\]"),
+        ({"samples": 12}, "samples=12 needs sampling='rs'"),
+        ({"seed": 3}, "seed=3 needs sampling='rs'"),
+        ({"codec": "sampled"}, "add --sampling rs"),
+        ({"sampling": "rs", "codec": "full"}, "codec='full' with sampling='rs'"),
+        ({"sampling": "rs", "top_k": 64}, "top_k=64 with sampling='rs'"),
+    ):
+        with pytest.raises(ConfigError, match=match) as info:
+            BuildConfig.create(**base, **kw)
+        assert str(info.value).count("\n") == 1  # "invalid settings:" and the one problem

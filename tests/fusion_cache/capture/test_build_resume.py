@@ -277,3 +277,28 @@ def test_sigkilled_build_process_resumes_to_the_same_cache(tmp_path, tiny_model_
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class _SampledDiesAfter(_DiesAfter):
+    def capture(self, requests, k, samples=None):
+        self.n -= 1
+        if self.n < 0:
+            raise KeyboardInterrupt("killed")
+        return self.engine.capture(requests, k, samples)
+
+
+def test_a_resumed_sampled_build_draws_what_an_uninterrupted_one_draws(tmp_path, tiny_model_dir, many_rows, hf_engine):
+    sampled = {"top_k": None, "sampling": "rs", "samples": 5, "seed": 11}
+    top_k_only = ("top_k", "codec")  # a sampled build's K and codec follow from --sampling rs
+    settings = {k: v for k, v in _cfg(tiny_model_dir, many_rows, tmp_path).model_dump().items() if k not in top_k_only}
+    ref, out = tmp_path / "ref", tmp_path / "cache"
+    run_build(BuildConfig.create(**{**settings, **sampled, "out": str(ref)}), engine=hf_engine, progress=False)
+    cfg = BuildConfig.create(**{**settings, **sampled, "out": str(out)})
+    with pytest.raises(KeyboardInterrupt):
+        run_build(cfg, engine=_SampledDiesAfter(hf_engine, 4), progress=False)
+    assert len(list(out.with_name("cache.incomplete").glob("part-*.json"))) >= 2
+    resumed = BuildConfig.create(**{**cfg.model_dump(), "resume": True})
+    run_build(resumed, engine=hf_engine, progress=False)
+    assert_same_cache(ref, out)
+    for x, y in zip(CacheReader(ref).iter_rows(), CacheReader(out).iter_rows(), strict=True):
+        assert np.array_equal(x.sample_counts, y.sample_counts)

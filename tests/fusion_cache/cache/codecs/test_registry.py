@@ -44,13 +44,14 @@ def test_every_registered_codec_declares_itself_and_survives_its_manifest_entry(
     assert issubclass(cls, Codec) and cls.name == name and CODECS[name] is cls
     assert cls.description and "\n" not in cls.description and f"{name} ({cls.description})" in codec_help()
     assert cls.since_version in READABLE_SCHEMA_VERSIONS
-    codec = make_codec(name, vocab_size=300)
+    sampled = {"samples": 12} if cls.has_counts else {}  # a sampled capture's codec needs its N
+    codec = make_codec(name, vocab_size=300, **sampled)
     assert dataclasses.is_dataclass(codec) and hash(codec) == hash(parse_codec(codec.to_json()))
     assert parse_codec(codec.to_json()) == codec and codec.to_json()["name"] == name
     assert set(codec.to_json()) == cls.param_names(max(READABLE_SCHEMA_VERSIONS))
     if cls.default_value_bits is None:  # takes no value bits
         with pytest.raises(ConfigError, match="--value-bits"):
-            make_codec(name, value_bits=8, vocab_size=300)
+            make_codec(name, value_bits=8, vocab_size=300, **sampled)
     else:
         assert make_codec(name, vocab_size=300).to_json()["value_bits"] == cls.default_value_bits
         assert make_codec(name, value_bits=5, vocab_size=300).to_json()["value_bits"] == 5

@@ -287,3 +287,60 @@ def test_hf_sample_n_is_seeded(small_batch_hf: HFEngine) -> None:
     a = small_batch_hf.sample_n(prompts, n=2, max_tokens=4, temperature=1.0, seed=3)
     assert a == small_batch_hf.sample_n(prompts, n=2, max_tokens=4, temperature=1.0, seed=3)
     assert [s[1] for s in a] == small_batch_hf.generate(prompts, max_tokens=4, temperature=1.0, seed=4)
+
+
+# ------------------------------------------------------------------------------------------------ sampled capture
+N_DRAWS = 12
+
+
+def _keyed(requests: list[SequenceRequest]) -> list[SequenceRequest]:
+    from fusion_cache.capture.sampling import sample_key
+
+    return [SequenceRequest(r.input_ids, r.answer_start, sample_key(3, f"{i:032x}")) for i, r in enumerate(requests)]
+
+
+def test_hf_sampled_capture_is_seeded_and_independent_of_batching(tiny_model_dir, small_batch_hf, requests_) -> None:
+    """Each position's N draws from the full softmax: distinct ids with counts summing to N and their true
+    log-probs, the same whatever the batches (the uniforms depend on the sample key and position only)."""
+    reqs = _keyed(requests_)
+    caps = small_batch_hf.capture(reqs, K, N_DRAWS)
+    one_batch = HFEngine(str(tiny_model_dir), dtype="float32", max_batch_tokens=1 << 20).capture(reqs, K, N_DRAWS)
+    model = small_batch_hf.model
+    for r, cap, other in zip(reqs, caps, one_batch, strict=True):
+        n = len(r.input_ids) - r.answer_start
+        assert cap.ids.shape == cap.counts.shape == (n, N_DRAWS) and cap.counts.dtype == np.uint8
+        np.testing.assert_array_equal(cap.ids, other.ids)
+        np.testing.assert_array_equal(cap.counts, other.counts)
+        if n == 0:
+            continue
+        assert (cap.counts.astype(int).sum(1) == N_DRAWS).all()
+        ref = _full_logprobs(model, list(r.input_ids))[r.answer_start - 1 : -1].numpy()
+        present = cap.counts > 0
+        rows = np.nonzero(present)[0]
+        np.testing.assert_allclose(cap.logprobs[present], ref[rows, cap.ids[present]], atol=2e-5)
+        np.testing.assert_allclose(cap.target_logprobs, ref[np.arange(n), r.input_ids[r.answer_start :]], atol=2e-5)
+    reseeded = small_batch_hf.capture([SequenceRequest(r.input_ids, r.answer_start, r.sample_key + 1) for r in reqs],
+                                      K, N_DRAWS)  # fmt: skip
+    assert any(not np.array_equal(a.ids, b.ids) for a, b in zip(caps, reseeded, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_sampled_capture_draws_what_hf_draws(vllm_engine, small_batch_hf, requests_) -> None:
+    """vLLM (draws inside its answer-only logits hook) and the HF reference, same keys: the same ids wherever the
+    logits agree, i.e. at all but the rare draws whose uniform falls within fp32 noise of a CDF boundary."""
+    reqs = [r for r in _keyed(requests_) if len(r.input_ids) < 1000]
+    hf = small_batch_hf.capture(reqs, K, N_DRAWS)
+    vl = vllm_engine.capture(reqs, K, N_DRAWS)
+    same = total = 0
+    for a, b in zip(hf, vl, strict=True):
+        assert a.ids.shape == b.ids.shape and b.counts.dtype == np.uint8
+        np.testing.assert_allclose(a.target_logprobs, b.target_logprobs, atol=1e-4)
+        for ia, ca, ib, cb in zip(a.ids, a.counts, b.ids, b.counts, strict=True):
+            da = dict(zip(ia.tolist(), ca.tolist(), strict=True))
+            db = dict(zip(ib.tolist(), cb.tolist(), strict=True))
+            same += sum(min(c, db.get(i, 0)) for i, c in da.items() if i >= 0)
+            total += N_DRAWS
+        both = (a.counts > 0) & (b.counts > 0) & (a.ids == b.ids)
+        np.testing.assert_allclose(a.logprobs[both], b.logprobs[both], atol=1e-4)
+    assert total > 500 and same / total >= 0.995, (same, total)
