@@ -359,3 +359,118 @@ def topk_kl_loss_reference(
     rows = _valid_rows(idx, n)
     d_valid = topk_kl_rows_reference(rows(student_logits), rows(teacher_ids), rows(teacher_logprobs), k=k, tail=tail)
     return reduce_rows(_scatter_rows(d_valid, idx, n), row_mask, row_weights, reduction)
+
+
+def sampled_kl_rows_reference(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-row importance-weighted forward KL(teacher_T || student_T) from N tokens drawn from the teacher (RS-KD,
+    Anshumann et al., ACL 2025), for students that share the teacher's vocabulary.
+
+    A row holds the U <= N distinct draws x_i of the proposal q = p (the teacher at T=1), with counts c_i summing to
+    N and the teacher's log-probs log p_i. The target p_T is proportional to p^(1/T); its self-normalised importance
+    weights over the drawn support and the estimate of its normaliser Z_T = sum_v p_v^(1/T) = E_p[p^(1/T - 1)] are
+
+        w_i = c_i p_i^(1/T - 1) / sum_j c_j p_j^(1/T - 1),      Z^ = (1/N) sum_j c_j p_j^(1/T - 1)
+        d   = sum_i w_i (log p_i / T - log Z^ - log s_T(x_i)),   s_T = softmax(student_logits / T)
+
+    At T = 1 the weights are c_i / N and Z^ = 1 exactly: d is an unbiased estimate of KL(p || s) and its gradient,
+    (s - c / N) with respect to the logits, an unbiased estimate of the full-vocabulary KL gradient (s - p): the
+    expectation of the empirical distribution c / N is p. At T != 1 the self-normalisation makes both consistent
+    with an O(1/N) bias (the ratio of two unbiased estimates). The T^2 gradient factor is the caller's
+    (`train.losses.SampledKL`).
+
+    Args:
+        student_logits: [N, V] (fp32/bf16; computed in fp32, fp64 stays fp64).
+        teacher_ids: [N, U] int64 drawn ids in the student's vocabulary; -1 in padding slots (count 0).
+        teacher_logprobs: [N, U] the teacher's T=1 log-probs of those ids (any value in padding slots).
+        counts: [N, U] draws of each id (0 in padding slots); every row has at least one draw.
+        temperature: KD temperature T.
+
+    Returns:
+        [N] per-row estimates (not necessarily >= 0: an estimate of a KL, not a KL).
+    """
+    logits = _at_least_fp32(student_logits)
+    ids = teacher_ids.long()
+    c = counts.to(logits.dtype)
+    present = c > 0
+    if ids.numel() and (bool((present & (ids < 0)).any()) or int(ids.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"teacher_ids of drawn tokens must lie in the student's vocabulary [0, {logits.shape[1]}), got range "
+            f"[{int(ids[present].min())}, {int(ids[present].max())}] (a draw with no student id: use the carried form)"
+        )
+    t = temperature
+    log_s = torch.log_softmax(logits / t, dim=-1).gather(1, ids.clamp_min(0))  # [N, U]
+    log_p = torch.where(present, teacher_logprobs.to(logits.dtype), 0.0)
+    log_w = torch.where(present, torch.log(c) + (1.0 / t - 1.0) * log_p, -torch.inf)
+    lse = torch.logsumexp(log_w, dim=-1, keepdim=True)
+    w = (log_w - lse).exp()  # 0 at padding
+    log_z = lse - torch.log(c.sum(-1, keepdim=True))
+    return torch.where(present, w * (log_p / t - log_z - log_s), 0.0).sum(-1)
+
+
+def sampled_weights_reference(teacher_logprobs: torch.Tensor, counts: torch.Tensor, temperature: float = 1.0):
+    """log of the self-normalised importance weights w_i of `sampled_kl_rows_reference` ([N, U]; -inf in padding
+    slots): the mass each drawn teacher token carries onto a student of another tokenizer (`train.vocab.carry`)."""
+    c = counts.double()
+    present = c > 0
+    log_p = torch.where(present, teacher_logprobs.double(), 0.0)
+    log_w = torch.where(present, torch.log(c) + (1.0 / temperature - 1.0) * log_p, -torch.inf)
+    return log_w - torch.logsumexp(log_w, dim=-1, keepdim=True)
+
+
+def carried_sampled_kl_rows_reference(
+    student_logits: torch.Tensor,
+    student_ids: torch.Tensor,
+    log_mass: torch.Tensor,
+    outside: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-row `sampled_kl_rows_reference` for a student of another tokenizer: the draws' importance weights
+    carried onto student ids (`train.vocab.carry` of `sampled_weights_reference`), the weight of draws that map to
+    no student token in a remainder bucket.
+
+        d = sum_j m_j (log m_j - log s_T(j)) + m_rem (log m_rem - log s_T(R)),   m_rem = 1 - sum_j m_j
+
+    where R is the student tokens that no teacher token maps to (``outside``), less the row's own ids: the student
+    side of "a token the map cannot name". With R fixed by the map (not by the row's draws, as a top-K tail bucket
+    would be), the gradient is linear in the carried weights, so at T=1 its expectation over the draws is the
+    gradient against the teacher's full distribution carried the same way (rows on a shared token boundary). A
+    row whose R is empty (every student token is some teacher token's image) drops the remainder term: no student
+    token stands for those draws.
+
+    Args:
+        student_logits: [N, V]. student_ids: [N, K] int64 carried student ids, -1 in empty slots.
+        log_mass: [N, K] log carried weights (-inf in empty slots), summing to at most 1 per row.
+        outside: bool [V'] (V' <= V; ids V'..V-1 count as outside), True for student tokens outside the map's image.
+        temperature: KD temperature T: the weights are already tempered, so only the student's logits are divided.
+
+    Returns:
+        [N] per-row values (the T^2 factor is the caller's).
+    """
+    logits = _at_least_fp32(student_logits) / temperature
+    n, v = logits.shape
+    if outside.numel() < v:
+        outside = torch.cat([outside.bool(), outside.new_ones(v - outside.numel(), dtype=torch.bool)])
+    log_s_all = torch.log_softmax(logits, dim=-1)
+    ids = student_ids.long()
+    present = (ids >= 0) & (log_mass > -torch.inf)  # a slot of zero weight is an empty one
+    log_s = log_s_all.gather(1, ids.clamp_min(0))
+    log_m = torch.where(present, log_mass.to(logits.dtype), -torch.inf)
+    m = log_m.exp()
+    kl = torch.where(present, m * (log_m - log_s), 0.0).sum(-1)
+    taken = torch.zeros(n, v, dtype=torch.int32, device=logits.device).scatter_add(
+        1, ids.clamp_min(0), present.to(torch.int32)
+    )
+    rem_mask = outside[None, :].to(logits.device) & (taken == 0)
+    log_rem = torch.logsumexp(torch.where(rem_mask, log_s_all, -torch.inf), dim=-1)
+    m_rem = (1.0 - m.sum(-1)).clamp_min(0.0)
+    use = (m_rem > 0) & torch.isfinite(log_rem)
+    rem = torch.where(use, torch.xlogy(m_rem, m_rem) - m_rem * torch.where(use, log_rem, 0.0), 0.0)
+    return kl + rem

@@ -64,14 +64,15 @@ def collate(
         input_ids [B, L], attention_mask [B, L], answer_index [M], answer_targets [M] as `pad_answers`, and
         ``teachers``: per teacher, None (no sample of the batch has it) or a dict with
         rows [N_s] int64 (indices into the M answer rows, strictly increasing), values [N_s, Kt] float32,
-        ids [N_s, Kt] int64 (only when every sample that has the teacher carries its ids),
+        ids [N_s, Kt] int64 (only when every sample that has the teacher carries its ids), counts [N_s, Kt] float32
+        (a sampled cache's draws, `stream.TeacherTarget.counts`),
         loss_weights [N_s] (the combine mode's: the loss adds sum_r w_r d_r), log_weights [N_s] (the teacher's own
         term, logged: mean over its rows, then over the batch's samples that have it) and top1 [N_s] (-1 where
         unknown).
     """
     b = len(examples)
     batch, starts = pad_answers(examples, pad_id)
-    keys = ("rows", "values", "ids", "w", "log", "top1")
+    keys = ("rows", "values", "ids", "counts", "w", "log", "top1")
     per: list[dict[str, list]] = [{key: [] for key in keys} for _ in range(n_teachers)]
     have = [sum(e.teachers[s] is not None for e in examples) for s in range(n_teachers)]
     for e, m in zip(examples, starts, strict=True):
@@ -87,6 +88,7 @@ def collate(
             p["rows"].append(m + t.student_rows)
             p["values"].append(t.values)
             p["ids"].append(t.ids)
+            p["counts"].append(t.counts)
             p["w"].append(weights[s])
             p["log"].append(np.full(n, 1.0 / (have[s] * n), dtype=np.float32))
             p["top1"].append(t.top1 if t.top1 is not None else np.full(n, -1, dtype=np.int32))
@@ -105,5 +107,7 @@ def collate(
         }
         if all(ids is not None for ids in p["ids"]):
             t["ids"] = torch.from_numpy(np.concatenate(p["ids"]).astype(np.int64))
+        if all(c is not None for c in p["counts"]):  # a sampled cache's draws (train.losses.SampledKL)
+            t["counts"] = torch.from_numpy(np.concatenate(p["counts"])).float()
         teachers.append(t)
     return {**batch, "teachers": teachers}

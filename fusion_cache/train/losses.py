@@ -16,9 +16,12 @@ lm_head path. `LOSSES` is the only list of valid names.
   student's tokenizer it is ``kl``.
 - ``hybrid``: GOLD's manner: KL on the teacher tokens that exist in the student's vocabulary (exact byte match)
   plus sorted L1 (ULD) on the unmatched rest, at byte-aligned rows.
+- ``rs_kl``: the importance-weighted forward KL of a sampled cache (``build --sampling rs``, RS-KD): unbiased in
+  expectation at T=1 where every top-K loss is biased; any tokenizer (draws carried through the vocabulary map as
+  ``mapped_kl`` carries a top-K, unmappable draws in the tail bucket). The only loss a sampled cache takes.
 
-``auto`` (`AUTO`, per teacher) picks ``kl`` for a teacher with the student's vocabulary, ``mapped_kl`` for another
-teacher whose cache holds ids and log-probs, else ``uld``.
+``auto`` (`AUTO`, per teacher) picks ``rs_kl`` for a sampled cache, ``kl`` for a teacher with the student's
+vocabulary, ``mapped_kl`` for another teacher whose cache holds ids and log-probs, else ``uld``.
 
 A loss says which target it reads (``target``): ``values`` (the teacher's sorted top-K values at aligned rows),
 ``exact`` (those values with the student ids of exactly matching tokens) or ``carried`` (`train.vocab.carry`). The
@@ -93,6 +96,7 @@ class DistillLoss(ABC):
 
     def check(self, teacher: TeacherTraits) -> None:
         """Refuse a teacher this loss cannot use (ConfigError naming the teacher and the reason)."""
+        _refuse_sampled(self, teacher)
         if self.needs_ids and not teacher.same_vocab:
             raise ConfigError(
                 f"kd_loss {self.name!r} for teacher {teacher.name}: it needs the teacher's token ids in the "
@@ -131,6 +135,7 @@ class ULD(DistillLoss):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_sampled(self, teacher)
         _refuse_kd_temperature(self, teacher, "ULD's softmax temperature is the `temperature` field (--temperature)")
         if self.tail:  # first: the tail bucket implies no z-score, and names the real reason
             require_logprobs(teacher.codec, "train --tail")
@@ -200,6 +205,7 @@ class MappedKL(TopKKL):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_sampled(self, teacher)
         _require_ids(self, teacher)
         require_logprobs(teacher.codec, f"train --kd-loss {self.name}")
 
@@ -223,9 +229,57 @@ class Hybrid(DistillLoss):
     def check(self, teacher):
         from fusion_cache.cache.codecs import require_logprobs
 
+        _refuse_sampled(self, teacher)
         _refuse_kd_temperature(self, teacher, "its sorted-L1 part has no tempered form yet")
         _require_ids(self, teacher)
         require_logprobs(teacher.codec, f"train --kd-loss {self.name}")
+
+
+@dataclass(frozen=True)
+class SampledKL(DistillLoss):
+    """Importance-weighted forward KL from a sampled cache (RS-KD; `kernels.reference.sampled_kl_rows_reference`).
+
+    A teacher with the student's tokenizer: its draws, counts and T=1 log-probs themselves (the target's ``counts``).
+    Another tokenizer: each row's self-normalised weights at ``kd_temperature`` (`sampled_weights_reference`),
+    carried onto the student's vocabulary by `train.vocab.carry` as ``mapped_kl`` carries a top-K (the stream does it),
+    so the target holds student ids and log weights whose shortfall from 1 (the draws that map to no student token)
+    is the tail bucket; the rows are then `topk_kl_rows_reference` on the student's logits / T: the same gradient
+    estimate, unbiased at T=1 at rows on a shared token boundary (a mid-token row renormalises, as ``mapped_kl``).
+    The rows are scaled by T^2, as ``kl``'s.
+    """
+
+    name: ClassVar[str] = "rs_kl"
+    description: ClassVar[str] = "importance-weighted KL of a sampled cache (--sampling rs, RS-KD; any tokenizer)"
+    target: ClassVar[str] = "carried"
+    kd_temperature: float = 1.0
+
+    def rows(self, logits, target):
+        from fusion_cache.kernels.reference import sampled_kl_rows_reference
+        from fusion_cache.kernels.reference import topk_kl_rows_reference
+
+        if "ids" not in target:
+            raise ValueError("kd_loss 'rs_kl' needs the drawn ids in the batch")
+        t = self.kd_temperature
+        if "counts" in target:  # the teacher's own draws (same tokenizer)
+            d = sampled_kl_rows_reference(logits, target["ids"], target["values"], target["counts"], temperature=t)
+        else:  # carried weights: already tempered and normalised, so only the student side is divided by T
+            d = topk_kl_rows_reference(logits.float() / t, target["ids"], target["values"], tail=True)
+        return d * t**2
+
+    def check(self, teacher):
+        if not teacher.codec.has_counts:
+            raise ConfigError(
+                f"kd_loss {self.name!r} for teacher {teacher.name}: its cache (codec {teacher.codec.name!r}) holds a "
+                "top-K, not sampled tokens; rebuild it with --sampling rs, or use kl / mapped_kl on a top-K cache"
+            )
+
+
+def _refuse_sampled(loss: DistillLoss, teacher: TeacherTraits) -> None:
+    if getattr(teacher.codec, "has_counts", False):
+        raise ConfigError(
+            f"kd_loss {loss.name!r} for teacher {teacher.name}: its cache holds tokens sampled from the teacher "
+            f"(codec {teacher.codec.name!r}), not a top-K; use kd_loss {SampledKL.name!r} (or 'auto')"
+        )
 
 
 def _refuse_kd_temperature(loss: DistillLoss, teacher: TeacherTraits, reason: str) -> None:
@@ -244,14 +298,17 @@ def _require_ids(loss: DistillLoss, teacher: TeacherTraits) -> None:
         )
 
 
-LOSSES: dict[str, type[DistillLoss]] = {cls.name: cls for cls in (ULD, TopKKL, TopKKLNoTail, MappedKL, Hybrid)}
+LOSSES: dict[str, type[DistillLoss]] = {
+    cls.name: cls for cls in (ULD, TopKKL, TopKKLNoTail, MappedKL, Hybrid, SampledKL)
+}
 LOSS_CHOICES: tuple[str, ...] = (*LOSSES, AUTO)  # what a config or the CLI may name
 
 
 def loss_help() -> str:
     """One line per loss name, for CLI help."""
     lines = [f"{name}: {cls.description}" for name, cls in LOSSES.items()]
-    return "; ".join([*lines, f"{AUTO}: kl for the student's own tokenizer, mapped_kl for another, else uld"])
+    auto = f"{AUTO}: rs_kl for a sampled cache, kl for the student's own tokenizer, mapped_kl for another, else uld"
+    return "; ".join([*lines, auto])
 
 
 def make_loss(name: str, **options) -> DistillLoss:
@@ -266,9 +323,9 @@ def make_loss(name: str, **options) -> DistillLoss:
 
 
 def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[str]:
-    """One loss name per teacher: ``names`` is one name for all or one per teacher; ``auto`` becomes ``kl`` for a
-    teacher with the student's vocabulary, ``mapped_kl`` for another whose cache holds ids and log-probs, else
-    ``uld``."""
+    """One loss name per teacher: ``names`` is one name for all or one per teacher; ``auto`` becomes ``rs_kl`` for a
+    sampled cache, ``kl`` for a teacher with the student's vocabulary, ``mapped_kl`` for another whose cache holds
+    ids and log-probs, else ``uld``."""
     if len(names) not in (1, len(teachers)):
         raise ConfigError(
             f"kd_loss: give one loss for every teacher or one per cache ({len(teachers)}), got {len(names)}: {names}"
@@ -277,7 +334,9 @@ def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[
     out = []
     for name, t in zip(per, teachers, strict=True):
         if name == AUTO:
-            if t.codec.has_ids and t.codec.has_logprobs:
+            if getattr(t.codec, "has_counts", False):
+                name = SampledKL.name
+            elif t.codec.has_ids and t.codec.has_logprobs:
                 name = TopKKL.name if t.same_vocab else MappedKL.name
             else:
                 name = ULD.name

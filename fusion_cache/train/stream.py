@@ -70,6 +70,10 @@ class TeacherTarget:
             when the stream was asked for it (the ``uncertainty`` combine), else None.
         answer_nll: the teacher's cross-entropy on the sample's whole gold answer in nats per byte
             (`weights.answer_nll_per_byte`), when the stream was asked for it (the ``min_ce`` combine), else None.
+        counts: float32 [P, Kt] of a sampled cache's teacher with the student's tokenizer: how many of the N draws
+            gave each id (0 in padding slots; ``values`` are then the draws' T=1 log-probs, ``ids`` the drawn ids,
+            -1 in padding); else None. (A sampled teacher of another tokenizer gets a carried target: ``values`` are
+            the log importance weights at ``kd_temperature`` carried onto student ids, `train.losses.SampledKL`.)
     """
 
     student_rows: np.ndarray
@@ -77,6 +81,7 @@ class TeacherTarget:
     ids: np.ndarray | None = None
     entropy: np.ndarray | None = None
     answer_nll: float | None = None
+    counts: np.ndarray | None = None
 
     @property
     def top1(self) -> np.ndarray | None:
@@ -124,6 +129,8 @@ class DistillStream(torch.utils.data.IterableDataset):
         shuffle_buffer: examples held for shuffling (1 = join order); seed: shuffle seed; epoch e of rank r uses
             ``seed + e + 1_000_003 * r``.
         join_window: see `train.join.CacheJoin`.
+        kd_temperature: T of a sampled cache's importance weights when they are carried onto another tokenizer's
+            vocabulary (``carried`` target; `train.losses.SampledKL`).
         rank, world_size: data parallelism: this rank keeps the joined samples whose position in join order is
             ``rank`` modulo ``world_size`` (disjoint across ranks, together every sample, counts within one).
 
@@ -154,6 +161,7 @@ class DistillStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         epochs: int | None = 1,
         join_window: int = 1024,
+        kd_temperature: float = 1.0,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -172,6 +180,7 @@ class DistillStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.epochs = epochs
         self.join_window = join_window
+        self.kd_temperature = kd_temperature
         self.rank = rank
         self.world_size = world_size
         self.same_tokenizer = [shares_tokenizer(r, tokenizer, chat_template) for r in self.readers]
@@ -264,16 +273,18 @@ class DistillStream(torch.utils.data.IterableDataset):
         if a.aligned == 0:
             return None
         values = np.asarray(row.topk_logprobs[a.teacher_rows], dtype=np.float32)  # fancy indexing: a copy
-        ids = None
+        ids = counts = None
         if self.has_ids(s):
             ids = np.asarray(row.topk_ids[a.teacher_rows], dtype=np.int32)
         elif mode == "exact":
             ids = self.maps[s].exact_ids(row.topk_ids[a.teacher_rows])
-        return TeacherTarget(a.student_rows, values, ids)
+        if row.sample_counts is not None:
+            counts = np.asarray(row.sample_counts[a.teacher_rows], dtype=np.float32)
+        return TeacherTarget(a.student_rows, values, ids, counts=counts)
 
     def _carried(self, s: int, row: CacheRow, spans: TokenSpans) -> TeacherTarget | None:
         """Teacher s's top-K carried onto the student's vocabulary at every student row it predicts."""
-        c = carry_row(self.maps[s], row, spans)
+        c = carry_row(self.maps[s], row, spans, kd_temperature=self.kd_temperature)
         a = Alignment(c.student_rows, c.student_rows, spans.n_rows, row.n_answer)  # counted: rows with a target
         self.align_stats[self.names[s]].add(a)
         if not len(c.student_rows):
@@ -328,16 +339,28 @@ def answer_score(row: CacheRow, name: str) -> float:
     return answer_nll_per_byte(row.target_logprobs, min(covered, answer) if covered > 0 else answer)
 
 
-def carry_row(vmap: Any, row: CacheRow, spans: TokenSpans) -> Carried:
+def carry_row(vmap: Any, row: CacheRow, spans: TokenSpans, *, kd_temperature: float = 1.0) -> Carried:
     """A cached row's top-K carried onto the student's vocabulary (`train.vocab.carry`) for the student answer rows
-    of ``spans``: the student's and the teacher's rows that end at real token boundaries, the answer's bytes."""
+    of ``spans``: the student's and the teacher's rows that end at real token boundaries, the answer's bytes.
+
+    A sampled row carries its draws' self-normalised importance weights at ``kd_temperature``
+    (`kernels.reference.sampled_weights_reference`) instead of log-probs: carrying is linear in the mass, so the
+    carried weights estimate the carried tempered teacher, and draws that map to no student token fall into the
+    tail bucket, as unmapped top-K mass does."""
     s_rows, s_ends = answer_boundaries(spans)
     student_ends = np.full(spans.n_rows, -1, dtype=np.int64)
     student_ends[s_rows] = s_ends
     teacher = TokenSpans(row.token_byte_start, row.token_byte_end, row.answer_start, row.n_answer)
     t_rows, t_ends = answer_boundaries(teacher)
     answer = json.loads(row.conversation)[-1]["content"].encode()
-    return carry(vmap, student_ends, t_ends, row.topk_ids[t_rows], row.topk_logprobs[t_rows], answer)
+    values = row.topk_logprobs[t_rows]
+    if row.sample_counts is not None:
+        from fusion_cache.kernels.reference import sampled_weights_reference
+
+        counts = torch.from_numpy(np.asarray(row.sample_counts[t_rows], dtype=np.float64))
+        values = sampled_weights_reference(torch.from_numpy(np.asarray(values, np.float64)), counts, kd_temperature)
+        values = values.numpy().astype(np.float32)
+    return carry(vmap, student_ends, t_ends, row.topk_ids[t_rows], values, answer)
 
 
 def shares_tokenizer(reader: CacheReader, tokenizer: Any, chat_template: bool | None = None) -> bool:

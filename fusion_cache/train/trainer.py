@@ -374,6 +374,7 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, plan: TeacherPl
         seed=cfg.seed,
         epochs=epochs,
         join_window=cfg.join_window,
+        kd_temperature=cfg.kd_temperature,
         rank=rank,
         world_size=world_size,
     )
