@@ -43,11 +43,14 @@ def test_check_exits_2_on_an_impossible_combination(multi_caches, other_teacher_
 
 
 def test_train_and_eval_print_the_check_first(tmp_path, built_cache, other_teacher_dir):
-    r = _run("train", "--student", other_teacher_dir, "--cache", built_cache, "--out", tmp_path / "run",
-             "--max-steps", 1, "--batch-size", 2)  # fmt: skip
+    # --mode single: a student of another tokenizer is paired by byte span there too (never silently by index)
+    r = _run("train", "--mode", "single", "--student", other_teacher_dir, "--cache", built_cache, "--out",
+             tmp_path / "run", "--max-steps", 1, "--batch-size", 2)  # fmt: skip
     assert r.exit_code == 0, r.output
     first = next(line for line in r.output.splitlines() if line.startswith("check: "))
     assert "tiny-qwen2: another tokenizer, bytes alignment, loss uld" in first
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["check"] == first and summary["fusion"]["align"]["tiny-qwen2"]["dropped_student"] > 0
     assert r.output.index("check: ") < r.output.index("trained 1 steps")
     r = _run("eval", "--model", tmp_path / "run", "--cache", built_cache, "--limit", 2)
     assert r.exit_code == 0, r.output
