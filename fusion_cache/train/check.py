@@ -144,7 +144,7 @@ class CheckReport:
             ("cache", [t.cache for t in self.teachers]),
             ("K / codec / rows", [f"{t.k} / {t.codec} / {t.rows_in_cache}" for t in self.teachers]),
             ("tokenizer", [t.tokenizer for t in self.teachers]),
-            ("chat template", [t.template for t in self.teachers]),
+            ("chat template", [_TEMPLATE_CELLS[t.template] for t in self.teachers]),
             ("alignment", [t.alignment for t in self.teachers]),
             ("losses allowed", [", ".join(n for n, why in t.losses.items() if why is None) for t in self.teachers]),
             ("losses refused", [", ".join(n for n, why in t.losses.items() if why) or "-" for t in self.teachers]),
@@ -153,13 +153,7 @@ class CheckReport:
             rows.append(("loss", [t.loss or "-" for t in self.teachers]))
         rows += [
             ("rows aligned", [_aligned(t.rows) for t in self.teachers]),
-            (
-                "rows dropped",
-                [
-                    f"{t.rows.get('dropped_student', 0)} student / {t.rows.get('dropped_teacher', 0)} teacher"
-                    for t in self.teachers
-                ],
-            ),  # fmt: skip
+            ("rows dropped", [_dropped(t.rows) for t in self.teachers]),
             ("map coverage", [_coverage(t) for t in self.teachers]),
         ]
         width = max(len(k) for k, _ in rows)
@@ -177,7 +171,7 @@ class CheckReport:
             f"{s['truncated_answer_rows']} cut by max_length={self.max_length}",
             *(f"refused: {p}" for p in self.problems),
         ]
-        return "\n".join([*head, *(line.rstrip() for line in body), *foot])
+        return "\n".join([*(line.rstrip() for line in head + body), *foot])
 
 
 def _kinship(t: TeacherCheck) -> str:
@@ -193,6 +187,14 @@ _TEMPLATE_WORDS = {
     "chat": "the student renders with its chat template, the cache in plain text",
     "plain": "the student renders plain text, the cache with a chat template",
 }
+
+
+_TEMPLATE_CELLS = {"same": "same", "another": "another", "unknown": "not compared",
+                   "chat": "student chat, cache plain", "plain": "student plain, cache chat"}  # fmt: skip
+
+
+def _dropped(rows: dict) -> str:
+    return f"{rows.get('dropped_student', 0)} student / {rows.get('dropped_teacher', 0)} teacher"
 
 
 def _aligned(rows: dict) -> str:
