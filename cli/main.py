@@ -9,6 +9,7 @@ fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (o
 fusion-cache combine --cache ./cache/smollm2
 fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
 fusion-cache inspect --cache ./cache/smollm2
+fusion-cache check --student smollm2-135m ./cache/smollm2 ./cache/gemma3 [--kd-loss auto] [--json]
 fusion-cache verify --cache ./cache/smollm2 [--trusted-key team.pub]
 fusion-cache keygen --out ~/.keys/team && fusion-cache sign --cache ./cache/smollm2 --key ~/.keys/team
 fusion-cache train --student ./student --cache ./cache/smollm2 --out ./runs/kd
@@ -49,7 +50,9 @@ from fusion_cache.eval import PROMPT_STYLES
 from fusion_cache.merge.config import MergeConfig
 from fusion_cache.recipes.pairwise import PAIRWISE
 from fusion_cache.recipes.pairwise import TRAIN_MODES
+from fusion_cache.train.align import ALIGN_MODES
 from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.losses import LOSS_CHOICES
 from fusion_cache.train.weights import COMBINE_MODES
 
 app = typer.Typer(
@@ -336,6 +339,49 @@ def coverage(
 
 @app.command()
 @common_options
+def check(
+    caches: list[str] = typer.Argument(None, help="teacher caches (directories or fsspec URLs), in training order"),
+    cache: list[str] = typer.Option(None, "--cache", help=CACHE_HELP + " (repeat; the same as the arguments)"),
+    student: str = typer.Option(..., help="the student: preset, local dir, HF id or saved adapter, as train takes it"),
+    kd_loss: list[str] = typer.Option(
+        None,
+        "--kd-loss",
+        help=f"the loss train would use ({', '.join(LOSS_CHOICES)}), one for every teacher or one "
+        "per cache (repeat); default: report which losses each cache allows",
+    ),  # fmt: skip
+    align: Literal[ALIGN_MODES] = typer.Option(
+        TrainConfig.model_fields["align"].default, help=TrainConfig.model_fields["align"].description
+    ),
+    max_length: int = typer.Option(
+        TrainConfig.model_fields["max_length"].default, help=TrainConfig.model_fields["max_length"].description
+    ),
+    limit: int = typer.Option(1000, help="align the first N samples of the join (0: all of them)"),
+    as_json: bool = typer.Option(False, "--json", help="the report as JSON", metavar=""),
+) -> None:
+    """Check a student against teacher caches before training: tokenizer and template, alignment, losses, rows.
+
+    Loads the tokenizers and the student's config only, never weights. Exits with status 2 when the combination
+    cannot train (the reason on the last line; with --json, in "problems").
+
+    Example: fusion-cache check --student smollm2-135m ./cache/smollm2 ./cache/gemma3 --kd-loss auto
+    """
+    from fusion_cache.models.load import load_tokenizer
+    from fusion_cache.train.check import check_caches
+    from fusion_cache.train.check import check_json
+    from fusion_cache.train.check import student_vocab_size
+
+    given = list(caches or []) + list(cache or [])
+    if not given:
+        raise ConfigError("check: give the caches: fusion-cache check --student S CACHE [CACHE ...]")
+    report = check_caches(given, load_tokenizer(student), student=student, student_vocab=student_vocab_size(student),
+                          kd_loss=kd_loss or None, align=align, max_length=max_length, limit=limit or None)  # fmt: skip
+    typer.echo(check_json(report) if as_json else report.table())
+    if report.problems:
+        raise typer.Exit(code=2)
+
+
+@app.command()
+@common_options
 def verify(
     cache: str = typer.Option(None, "--cache", help=CACHE_HELP),
     old: str = _old_cache(),
@@ -450,7 +496,7 @@ def train(
         raise ConfigError(f"--mode single takes one cache, got {len(caches)}; use unified (one run against all of "
                           "them) or pairwise (one run per cache, then merge)")  # fmt: skip
     cfg = TrainConfig.create(**settings)
-    result = run_train(cfg)
+    result = run_train(cfg, on_check=lambda report: typer.echo(report.line()))
     f = result.summary["final"]
     if f is None or os.environ.get("RANK", "0") != "0":  # nothing left to train, or not torchrun's rank 0
         return
@@ -625,6 +671,7 @@ def eval_(
         k=loss_k,
         out=None if out is None else str(out),
         progress=True,
+        on_check=lambda report: typer.echo(report.line(top1=True)),
     )
     typer.echo(f"model {result['model']}")
     typer.echo(eval_table(result))

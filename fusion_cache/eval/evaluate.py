@@ -220,6 +220,7 @@ def run_eval(
     k: int = 10,
     out: str | None = None,
     progress: bool = False,
+    on_check=None,
 ) -> dict:
     """`fusion-cache eval`: what was asked for, as one JSON-ready dict (also written to ``out`` when given).
 
@@ -227,7 +228,9 @@ def run_eval(
     ``<run>/eval.json`` unless ``out`` says otherwise, where `fusion-cache report` finds them). ``data`` is an input
     file (answer CE of its rows) or a cache (treated as ``cache``); ``cache`` a teacher cache (answer CE, teacher
     top-1 agreement when the tokenizers match, ULD). ``limit`` takes the first N rows and HumanEval problems.
-    ``progress`` shows progress bars over the samples and the HumanEval problems.
+    ``progress`` shows progress bars over the samples and the HumanEval problems. With a cache, the model is first
+    checked against it (`train.check`, tokenizer and config only) and refused before it loads when it cannot be
+    evaluated; ``on_check`` gets that report.
     """
     from fusion_cache.errors import ConfigError
     from fusion_cache.models.load import load_student
@@ -248,6 +251,9 @@ def run_eval(
         raise ConfigError(f"cache: {cache} holds no manifest.json (not a fusion-cache cache)")
     path, run_dir = resolve_eval_model(model)
     t0 = time.perf_counter()
+    check = _check(path, cache, max_length) if cache is not None else None
+    if check is not None and on_check is not None:
+        on_check(check)
     net, tok, resolved = load_student(path)
     result: dict = {"model": str(resolved), "limit": limit}
     if data is not None:
@@ -258,6 +264,7 @@ def run_eval(
         result["cache"] = {"path": str(cache), "k": k} | evaluate_model(
             net, tok, cache, batch_size=batch_size, max_length=max_length, k=k, limit=limit, progress=progress
         )
+        result["cache"]["top1_note"] = check.top1_note()
     if humaneval:
         from fusion_cache.eval.humaneval import evaluate_humaneval
 
@@ -279,6 +286,19 @@ def run_eval(
     return result
 
 
+def _check(model: str, cache: str, max_length: int):
+    """`train.check` of a model against the cache it is evaluated on, from its tokenizer and config (ConfigError for
+    what cannot be evaluated, e.g. ids beyond its vocabulary)."""
+    from fusion_cache.models.load import load_tokenizer
+    from fusion_cache.train.check import check_caches
+    from fusion_cache.train.check import student_vocab_size
+
+    report = check_caches([cache], load_tokenizer(model), student=model, student_vocab=student_vocab_size(model),
+                          max_length=max_length, coverage=False)  # fmt: skip
+    report.refuse()
+    return report
+
+
 def eval_table(result: dict) -> str:
     """A markdown table of `run_eval`'s numbers."""
     lines = ["| metric | value |", "|---|---|"]
@@ -294,6 +314,8 @@ def eval_table(result: dict) -> str:
             lines.append(f"| answer CE per byte ({name}, {r['answer_bytes']} bytes) | {r['answer_ce_per_byte']:.4f} |")
         if r.get("top1_agreement") is not None:
             lines.append(f"| teacher top-1 agreement ({name}) | {r['top1_agreement']:.4f} |")
+        elif r.get("top1_note"):
+            lines.append(f"| teacher top-1 agreement ({name}) | n/a: {r['top1_note']} |")
         if r.get("uld") is not None:
             lines.append(f"| ULD to teacher ({name}, K={r['k']}) | {r['uld']:.4f} |")
     h = result.get("humaneval")

@@ -117,3 +117,24 @@ def test_token_classes_give_the_ce_of_their_tokens(tiny, data_file):
         sel = torch.as_tensor(digits)[ids[rd.answer_start :]]
         total, n = total + float(ce[sel].sum()), n + int(sel.sum())
     assert n > 0 and r["tokens_digits"] == n and r["answer_ce_digits"] == pytest.approx(total / n, rel=1e-4)
+
+
+def test_run_eval_checks_the_model_against_the_cache_before_loading_it(tmp_path, built_cache, other_teacher_dir,
+                                                                       tiny_model_dir):  # fmt: skip
+    import shutil
+
+    small = tmp_path / "small"  # the cache's tokenizer, a smaller embedding, and weights that cannot load (a sentinel)
+    shutil.copytree(tiny_model_dir, small)
+    (small / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ConfigError, match=r"vocab_size=1000\): the student's input tokens reach id"):
+        run_eval(str(small), cache=str(built_cache))
+    seen = []
+    result = run_eval(str(other_teacher_dir), cache=str(built_cache), on_check=seen.append)
+    note = "top-1 agreement not computed for tiny-qwen2 (another tokenizer"
+    assert len(seen) == 1 and note in seen[0].line(top1=True) and note not in seen[0].line()
+    assert result["cache"]["top1_agreement"] is None and result["cache"]["top1_note"].startswith(note)
+    assert f"| teacher top-1 agreement (cache) | n/a: {note}" in eval_table(result)
+    same = run_eval(str(tiny_model_dir), cache=str(built_cache), limit=2)
+    assert same["cache"]["top1_note"] is None and same["cache"]["top1_agreement"] is not None
