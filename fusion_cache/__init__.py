@@ -31,11 +31,13 @@ _EXPORTS: dict[str, str] = {
     "CacheRow": "fusion_cache.cache.row",
     "Manifest": "fusion_cache.cache.manifest",
     "load_manifest": "fusion_cache.cache.manifest",
+    "load_cache": "fusion_cache.hf",
     # stage two: stream, collate, losses, train
     "DistillStream": "fusion_cache.train.stream",
     "Example": "fusion_cache.train.stream",
     "TeacherTarget": "fusion_cache.train.stream",
     "collate": "fusion_cache.train.batch",
+    "PaddedCollator": "fusion_cache.train.batch",
     "LOSSES": "fusion_cache.train.losses",
     "DistillLoss": "fusion_cache.train.losses",
     "make_loss": "fusion_cache.train.losses",
