@@ -54,10 +54,12 @@ training_args = TrainingArguments(
     logging_steps=1,
     save_strategy="no",
     report_to=[],
+    use_cpu=not torch.cuda.is_available(),  # on CPU, only this makes torchrun's processes one gloo group
     remove_unused_columns=False,  # keep the teacher's tensors: they are no arguments of the model's forward
 )
 trainer = DistillTrainer(
     model=student, args=training_args, train_dataset=stream, collator=fc.PaddedCollator.for_stream(stream, pad_id)
 )
 trainer.train()
-print(f"final loss {trainer.state.log_history[-1]['train_loss']:.4f}")
+loss, processes = trainer.state.log_history[-1]["train_loss"], trainer.accelerator.num_processes
+print(f"final loss {loss:.4f} on {processes} process(es)")

@@ -63,6 +63,7 @@ config = SFTConfig(
     logging_steps=1,
     save_strategy="no",
     report_to=[],
+    use_cpu=not torch.cuda.is_available(),  # on CPU, only this makes torchrun's processes one gloo group
     bf16=torch.cuda.is_available(),  # SFTConfig's default asks for bf16, which a CPU run refuses
     remove_unused_columns=False,  # the collator reads the cache's columns
     dataset_kwargs={"skip_prepare_dataset": True},  # the rows are tokenized already (the teacher's tokens)

@@ -34,9 +34,11 @@ def student_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return out
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, processes: int = 1) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(EXAMPLES / script), *map(str, args)]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    launch = launch if processes > 1 else []
+    cmd = [sys.executable, *launch, str(EXAMPLES / script), *map(str, args)]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
@@ -55,9 +57,13 @@ def test_plain_pytorch(student_dir, built_cache):
     assert all(math.isfinite(float(s[1])) and float(s[3]) > 0 for s in steps)
 
 
-def test_hf_trainer(student_dir, built_cache, tmp_path):
-    out = _run("hf_trainer.py", "--student", student_dir, "--cache", built_cache, "--out", tmp_path, "--steps", "3")
-    assert math.isfinite(float(re.search(r"final loss (\S+)", out).group(1)))
+@pytest.mark.parametrize("processes", [1, 2])
+def test_hf_trainer(student_dir, built_cache, tmp_path, processes):
+    """Two processes: Trainer's accelerate dispatches each padded batch and splits it along dim 0."""
+    args = ("--student", student_dir, "--cache", built_cache, "--out", tmp_path, "--steps", "3")
+    out = _run("hf_trainer.py", *args, processes=processes)
+    losses = re.findall(r"final loss (\S+) on (\d+) process", out)
+    assert len(losses) == processes and all(math.isfinite(float(x)) and int(n) == processes for x, n in losses)
 
 
 def test_trl_sft(student_dir, built_cache, tmp_path):
