@@ -6,8 +6,9 @@ cached teacher's top-K KL to the SFT cross-entropy on the answer tokens.
 
 SFTTrainer trains on a `datasets` dataset: `fusion_cache.load_cache` decodes the cache into one (input_ids,
 answer_start, topk_ids / topk_logprobs [n_answer, K], messages). Its rows are the teacher's tokens, so this path is
-for a student with the teacher's tokenizer; for any other student stream the cache with `DistillStream` as in
-hf_trainer.py. Each process collates its own rows (a map-style dataset), so `collate`'s flat layout is kept.
+for a student with the teacher's tokenizer and a codec that stores ids (full, raw); for any other student, stream
+the cache with `DistillStream` as in hf_trainer.py. Each process collates its own rows (a map-style dataset), so
+`collate`'s flat layout is kept.
 """
 
 import argparse

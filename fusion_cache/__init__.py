@@ -10,6 +10,7 @@ Triton.
     fc.run_build(fc.BuildConfig.create(teacher="smollm2-135m", data="rows.jsonl", out="cache/smollm2"))
     stream = fc.DistillStream(["cache/smollm2"], tokenizer, chat_template=True, max_length=1024)
     batch = fc.collate(examples, pad_id, n_teachers=1)
+    collator = fc.PaddedCollator.for_stream(stream, pad_id)  # batches that accelerate may split along dim 0
     out = fc.loss_from_logits(logits, batch, [fc.make_loss("kl")], lambda_=0.5)
 """
 
