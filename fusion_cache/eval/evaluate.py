@@ -354,7 +354,7 @@ def evaluate_teachers(
     """
     stream = DistillStream(
         list(cache_dirs), tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length,
-        align_mode=align_mode, epochs=1,
+        align_mode=align_mode, epochs=1, rank=0, world_size=1,
     )  # fmt: skip
     vocab = student_vocab(model)
 
