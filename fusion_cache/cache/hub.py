@@ -85,6 +85,20 @@ def parse_repo(repo: str) -> tuple[str, str | None]:
     return name, revision or None
 
 
+def parse_hf_url(url: str) -> tuple[str, str | None, str]:
+    """``hf://datasets/org/name[@rev][/folder]`` as (repo id, revision or None, folder in the repo).
+
+    Raises:
+        ConfigError: not an hf:// URL of a dataset repo.
+    """
+    rest = url.removeprefix("hf://")
+    if not url.startswith("hf://datasets/") or len(rest.split("/")) < 3:
+        raise ConfigError(f"{url}: a cache on the Hub is a dataset repo: hf://datasets/org/name[@revision][/folder]")
+    _, org, name, *folder = rest.split("/")
+    name, _, revision = name.partition("@")
+    return f"{org}/{name}", revision or None, "/".join(folder)
+
+
 def with_retries(call: Callable[[], T], what: str, backoff: Backoff = Backoff(), sleep=time.sleep) -> T:
     """``call()``, retried with exponential backoff while it fails transiently (`is_transient`); any error left is
     one `fusion_cache.errors` line naming ``what`` (`remote_error`).

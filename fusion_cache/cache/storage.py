@@ -272,11 +272,23 @@ class CacheLocation:
 
 def upload_directory(local_dir: str, url: str) -> None:
     """Copy a finished local cache directory to ``url`` (remote filesystems have no atomic rename): shards first,
-    manifest.json last, so a reader never sees a manifest whose shards are not all there."""
-    import os
+    manifest.json last, so a reader never sees a manifest whose shards are not all there.
 
+    An ``hf://`` URL gets one Hub commit holding the whole cache, uploaded with retries (`fusion_cache.cache.hub`),
+    not one commit per file.
+    """
     loc = CacheLocation(url)
-    loc.fs.makedirs(loc.root, exist_ok=True)
-    names = sorted(os.listdir(local_dir))
-    for name in [n for n in names if n != "manifest.json"] + ["manifest.json"]:
-        loc.fs.put_file(os.path.join(local_dir, name), loc.join(name))
+    protocols = loc.fs.protocol if isinstance(loc.fs.protocol, tuple) else (loc.fs.protocol,)
+    if "hf" in protocols:
+        from fusion_cache.cache.hub import parse_hf_url  # lazy: hub.py builds on this module
+        from fusion_cache.cache.hub import push_cache
+
+        repo, revision, path_in_repo = parse_hf_url(url)
+        push_cache(local_dir, repo, revision=revision, path_in_repo=path_in_repo)
+        loc.fs.invalidate_cache()  # the process's hf:// filesystem listed the repo before this commit
+        return
+    with remote_errors(url):
+        loc.fs.makedirs(loc.root, exist_ok=True)
+        names = sorted(os.listdir(local_dir))
+        for name in [n for n in names if n != "manifest.json"] + ["manifest.json"]:
+            loc.fs.put_file(os.path.join(local_dir, name), loc.join(name))

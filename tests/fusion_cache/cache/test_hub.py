@@ -158,3 +158,28 @@ def test_remote_errors_are_one_line_that_says_what_to_do(hub, built_cache, tmp_p
         CacheReader("hf://datasets/team/tiny")
     for e in (RemoteError,):
         assert "\n" not in str(e)
+
+
+def test_a_build_to_an_hf_url_is_one_commit(hub, tiny_model_dir, data_file, hf_engine):
+    from fusion_cache.capture.build import run_build
+    from fusion_cache.capture.config import BuildConfig
+
+    url = "hf://datasets/team/built/caches/a"
+    cfg = BuildConfig.create(teacher=str(tiny_model_dir), data=str(data_file), out=url, top_k=8, engine="hf",
+                             shard_rows=2)  # fmt: skip
+    m = run_build(cfg, engine=hf_engine, progress=False)
+    assert hub.count("POST", "/commit/") == 1
+    assert "caches/a/manifest.json" in hub.head("datasets/team/built")
+    reader = CacheReader(url)
+    assert reader.manifest.fingerprint == m.fingerprint and reader.verify() == []
+    assert run_build(cfg, engine=hf_engine, progress=False).fingerprint == m.fingerprint  # the same build: a no-op
+    assert hub.count("POST", "/commit/") == 1
+
+
+def test_parse_hf_url():
+    from fusion_cache.cache.hub import parse_hf_url
+
+    assert parse_hf_url("hf://datasets/team/tiny") == ("team/tiny", None, "")
+    assert parse_hf_url("hf://datasets/team/tiny@v1/caches/a") == ("team/tiny", "v1", "caches/a")
+    with pytest.raises(ConfigError, match="dataset repo"):
+        parse_hf_url("hf://team/tiny")
