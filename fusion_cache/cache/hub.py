@@ -139,8 +139,7 @@ def cache_files(directory: Path) -> list[str]:
     others = []
     for path in sorted(directory.rglob("*")):
         name = path.relative_to(directory).as_posix()
-        hidden = any(p.startswith(".") for p in Path(name).parts)
-        if not path.is_file() or hidden or name.endswith(SKIPPED_SUFFIXES):
+        if not path.is_file() or any(p.startswith(".") or p.endswith(SKIPPED_SUFFIXES) for p in Path(name).parts):
             continue
         if name not in shards and name not in (MANIFEST_NAME, CARD_NAME):
             others.append(name)
@@ -267,7 +266,8 @@ def pull_cache(
     out = Path(out)
     hub = _hub()
     api = hub.HfApi(token=token)
-    info = with_retries(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision), where, backoff)
+    info = with_retries(lambda: api.repo_info(repo_id, repo_type=REPO_TYPE, revision=revision, files_metadata=True),
+                        where, backoff)  # fmt: skip
     remote = {s.rfilename: s for s in info.siblings or []}
     if MANIFEST_NAME not in remote:
         raise ShardFormatError(f"{where}: holds no {MANIFEST_NAME}; it is not a fusion-cache cache")

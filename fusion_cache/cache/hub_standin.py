@@ -243,7 +243,8 @@ def _handler(hub: StandinHub):
             if action in ("", "revision"):
                 sha = self._commit_of(repo, rest[0] if rest else "main")
                 if sha is not None:
-                    self._send(200, self._info(key, repo, sha))
+                    blobs = query.get("blobs", ["false"])[0].lower() == "true"
+                    self._send(200, self._info(key, repo, sha, blobs))
                 return
             sha = self._commit_of(repo, rest[0] if rest else "main")
             if sha is None:
@@ -263,12 +264,14 @@ def _handler(hub: StandinHub):
             self._error(404, None, f"stand-in: no API {action}")
 
         # ------------------------------------------------------------ repo API
-        def _info(self, key: str, repo: Repo, sha: str) -> dict:
+        def _info(self, key: str, repo: Repo, sha: str, blobs: bool) -> dict:
             siblings = []
             for path, f in sorted(repo.commits[sha].items()):
-                s = {"rfilename": path, "size": f.size, "blobId": f.oid}
-                if f.lfs_oid:
-                    s["lfs"] = {"size": f.size, "sha256": f.lfs_oid, "pointerSize": 134}
+                s = {"rfilename": path}
+                if blobs:  # as the Hub: sizes and ids only when asked for (?blobs=true, files_metadata=True)
+                    s.update(size=f.size, blobId=f.oid)
+                    if f.lfs_oid:
+                        s["lfs"] = {"size": f.size, "sha256": f.lfs_oid, "pointerSize": 134}
                 siblings.append(s)
             return {"id": key.split("/", 1)[1], "sha": sha, "private": repo.private, "siblings": siblings,
                     "lastModified": "2026-01-01T00:00:00.000Z", "tags": []}  # fmt: skip
