@@ -39,6 +39,8 @@ BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "a
 NETWORK_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "ReadTimeout", "TimeoutException", "NetworkError",
                             "RemoteProtocolError", "ClientConnectorError", "ServerDisconnectedError",
                             "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"})  # fmt: skip
+# a host name that does not resolve (no network, or a typo in HF_ENDPOINT): retrying only delays the error
+PERMANENT_NETWORK_ERRORS = ("Name or service not known", "nodename nor servname provided")
 OFFLINE_HINT = (
     "check the network (and HF_ENDPOINT), or work from a local copy: `fusion-cache pull REPO DIR` while online"
 )
@@ -67,14 +69,20 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def is_transient(e: BaseException) -> bool:
-    """Whether ``e`` may pass on a retry: the network, a timeout, HTTP 408/429 or a 5xx answer."""
-    status = _status(e)
-    if status is not None:
-        return status in (408, 429) or status >= 500
+def _is_network(e: BaseException) -> bool:
+    """Whether ``e`` says the network or the server could not be reached (no HTTP answer)."""
     if "OfflineModeIsEnabled" in _names(e):
         return False
     return bool(NETWORK_ERRORS & _names(e)) or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror))
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether ``e`` may pass on a retry: the network (not a host name that does not resolve), a timeout, HTTP
+    408/429 or a 5xx answer."""
+    status = _status(e)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    return _is_network(e) and not any(w in str(e) for w in PERMANENT_NETWORK_ERRORS)
 
 
 def remote_error(e: BaseException, where: str) -> FusionCacheError | None:
@@ -97,6 +105,8 @@ def remote_error(e: BaseException, where: str) -> FusionCacheError | None:
     if "OfflineModeIsEnabled" in names or "LocalEntryNotFoundError" in names:
         return RemoteError(f"{where}: HF_HUB_OFFLINE is set and no local copy holds it: unset HF_HUB_OFFLINE, or "
                            "`fusion-cache pull` it while online and use that directory")  # fmt: skip
+    if "HFValidationError" in names:
+        return ConfigError(f"{where}: not a valid Hub repository id ({_first_line(e)}); write org/name")
     if "RevisionNotFoundError" in names:
         return RemoteError(f"{where}: revision not found: check --revision or @REV (a branch, tag or commit of it)")
     if "GatedRepoError" in names:
@@ -106,11 +116,13 @@ def remote_error(e: BaseException, where: str) -> FusionCacheError | None:
     if "EntryNotFoundError" in names:
         return RemoteError(f"{where}: file not found in the repository: {_first_line(e)}")
     if status in (401, 403) or isinstance(e, PermissionError) or "NoCredentialsError" in names:
-        return RemoteError(f"{where}: no permission ({_first_line(e)}): {TOKEN_HINT.replace('read', 'access')}; for "
-                           "s3:// or gs://, the backend's credentials")  # fmt: skip
+        scheme = where.split("://", 1)[0] if "://" in where else "hf"
+        todo = (TOKEN_HINT.replace("read", "access") if scheme == "hf" else
+                f"check the credentials of the {scheme}:// backend ({BACKENDS.get(scheme, 'fsspec')})")  # fmt: skip
+        return RemoteError(f"{where}: no permission ({_first_line(e)}): {todo}")
     if status is not None and status >= 500:
         return RemoteError(f"{where}: the server answered {status}: try again later")
-    if is_transient(e):
+    if _is_network(e):
         return RemoteError(f"{where}: cannot be reached ({type(e).__name__}: {_first_line(e)}): {OFFLINE_HINT}")
     return None
 
@@ -169,8 +181,19 @@ class CacheLocation:
         return contextlib.nullcontext() if self.local else remote_errors(self.url)
 
     def exists(self, name: str) -> bool:
-        with self._remote():
+        """Whether ``name`` is a file here. Remote: a missing repository, revision or bucket, no permission or no
+        network raise their one-line error (fsspec's ``isfile`` would answer False to all of them)."""
+        if self.local:
             return self.fs.isfile(self.join(name))
+        with remote_errors(self.url):
+            try:
+                return self.fs.info(self.join(name))["type"] == "file"
+            except FileNotFoundError as e:
+                cause = e.__cause__  # hf:// wraps "repository/revision not found" in FileNotFoundError
+                if cause is not None and _names(cause) & {"RepositoryNotFoundError", "RevisionNotFoundError",
+                                                          "HFValidationError"}:  # fmt: skip
+                    raise cause from None
+                return False
 
     def check_regular(self, name: str) -> None:
         """Refuse ``name`` unless it is a regular file inside this directory: a local shard must not be a symbolic

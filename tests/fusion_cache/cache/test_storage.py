@@ -4,6 +4,7 @@ shards read through the local shard cache once; remote errors are one line."""
 from __future__ import annotations
 
 import importlib.util
+import socket
 
 import fsspec
 import numpy as np
@@ -118,5 +119,7 @@ def test_unknown_schemes_and_missing_backends_are_one_line():
 def test_which_errors_are_transient():
     assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
     assert not is_transient(ValueError("bad")) and not is_transient(FileNotFoundError("x"))
+    unresolved = socket.gaierror(-2, "Name or service not known")  # no network, or a typo: retrying only waits
+    assert not is_transient(unresolved) and "cannot be reached" in str(remote_error(unresolved, "hf://datasets/a/b"))
     assert remote_error(ValueError("bad"), "memory://x") is None
     assert "no permission" in str(remote_error(PermissionError("denied"), "s3://b/c"))
