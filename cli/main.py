@@ -390,7 +390,7 @@ def push(
     """
     from fusion_cache.cache.hub import push_cache
 
-    r = push_cache(cache, repo, revision=revision, private=private, token=token, message=message)
+    r = push_cache(cache, repo, revision=revision, private=private, token=token, message=message, progress=True)
     what = f"commit {r.commit[:12]}" if r.committed else f"unchanged at commit {r.commit[:12]}, no new commit"
     typer.echo(f"pushed {cache} to {r.url} ({r.revision}, {what}, {r.files} files); "
                f"pull it with: fusion-cache pull {r.repo}@{r.revision} DIR")  # fmt: skip

@@ -170,6 +170,7 @@ def push_cache(
     message: str | None = None,
     path_in_repo: str = "",
     backoff: Backoff = Backoff(),
+    progress: bool = False,
 ) -> PushResult:
     """Publish the local cache ``cache`` to the Hub dataset repo ``repo`` in one commit (see the module docstring).
 
@@ -184,6 +185,7 @@ def push_cache(
         message: the commit message; default names the teacher, rows and fingerprint.
         path_in_repo: a folder of the repo to put the cache in (default: its root).
         backoff: retries of transient failures.
+        progress: show a progress bar while the cache is verified (huggingface_hub shows the uploads').
 
     Raises:
         ShardFormatError: the cache does not verify.
@@ -197,7 +199,7 @@ def push_cache(
     if not directory.is_dir():
         raise ConfigError(f"push: {cache} is not a local cache directory (pull a remote cache first)")
     files = cache_files(directory)
-    problems = CacheReader(directory).verify()
+    problems = CacheReader(directory).verify(progress=progress)
     if problems:
         raise ShardFormatError(f"{cache}: not pushed, it does not verify: {problems[0]}")
     manifest = load_manifest(directory)

@@ -208,3 +208,13 @@ def test_parse_hf_url():
     assert parse_hf_url("hf://datasets/team/tiny@v1/caches/a") == ("team/tiny", "v1", "caches/a")
     with pytest.raises(ConfigError, match="dataset repo"):
         parse_hf_url("hf://team/tiny")
+
+
+def test_a_cache_that_does_not_verify_is_never_pushed(hub, cache_copy):
+    shard = sorted(cache_copy.glob("shard-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardFormatError, match=f"not pushed, it does not verify: {shard.name}: sha256"):
+        push_cache(cache_copy, "team/tiny", backoff=FAST)
+    assert hub.repos == {} and hub.requests == []
