@@ -60,6 +60,7 @@ class StandinHub:
     Attributes:
         fail: ``{(method, path prefix): n}``: answer the next n matching requests with 503 (a flaky network).
         requests: ``(method, path)`` of every request served, in order.
+        bytes_sent: the bytes of every response body served.
     """
 
     def __init__(self, tokens: set[str] | None = None):
@@ -68,6 +69,7 @@ class StandinHub:
         self.lfs: dict[str, bytes] = {}
         self.fail: dict[tuple[str, str], int] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for tests to count
+        self.bytes_sent = 0  # response bodies served, for measuring downloads
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -115,6 +117,7 @@ def _handler(hub: StandinHub):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+                hub.bytes_sent += len(body)
 
         def _error(self, status: int, code: str | None, message: str) -> None:
             headers = {"X-Error-Message": message}
