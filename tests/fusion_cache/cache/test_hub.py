@@ -5,6 +5,7 @@ Nothing here reaches the live Hub."""
 from __future__ import annotations
 
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -218,3 +219,16 @@ def test_a_cache_that_does_not_verify_is_never_pushed(hub, cache_copy):
     with pytest.raises(ShardFormatError, match=f"not pushed, it does not verify: {shard.name}: sha256"):
         push_cache(cache_copy, "team/tiny", backoff=FAST)
     assert hub.repos == {} and hub.requests == []
+
+
+def test_without_huggingface_hub_push_pull_and_hf_urls_say_how_to_install_it(monkeypatch, tmp_path, built_cache):
+    from fusion_cache.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what `import huggingface_hub` meets when absent
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "hf", raising=False)  # fsspec imports it afresh
+    with pytest.raises(MissingDependencyError, match=r"need huggingface_hub: pip install huggingface_hub$"):
+        pull_cache("team/tiny", tmp_path / "x", backoff=FAST)
+    with pytest.raises(MissingDependencyError, match=r"need huggingface_hub: pip install huggingface_hub$"):
+        push_cache(built_cache, "team/tiny", backoff=FAST)
+    with pytest.raises(MissingDependencyError, match=r"^hf://datasets/a/b: hf:// needs the huggingface_hub package"):
+        CacheReader("hf://datasets/a/b")
