@@ -8,8 +8,10 @@ fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smo
 fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (one of 4 parts; then `combine`)
 fusion-cache combine --cache ./cache/smollm2
 fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
-fusion-cache inspect --cache ./cache/smollm2
+fusion-cache inspect --cache ./cache/smollm2      (or hf://datasets/org/name, s3://bucket/cache: every --cache)
 fusion-cache check --student smollm2-135m ./cache/smollm2 ./cache/gemma3 [--kd-loss auto] [--json]
+fusion-cache push ./cache/smollm2 team/smollm2-topk [--revision v1] [--private]   (one Hub commit; docs/sharing.md)
+fusion-cache pull team/smollm2-topk ./caches/smollm2 [--revision v1]   (downloads and verifies; refuses a bad cache)
 fusion-cache verify --cache ./cache/smollm2 [--trusted-key team.pub]
 fusion-cache keygen --out ~/.keys/team && fusion-cache sign --cache ./cache/smollm2 --key ~/.keys/team
 fusion-cache train --student ./student --cache ./cache/smollm2 --out ./runs/kd
@@ -411,6 +413,56 @@ def verify(
     m = reader.manifest
     signed = f", signed by key {signer}" if signer else ""
     typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}{signed}")
+
+
+TOKEN_HELP = "Hugging Face token (default: $HF_TOKEN, else the stored `hf auth login`)"
+
+
+@app.command()
+@common_options
+def push(
+    cache: str = typer.Argument(..., help="the local cache directory to publish"),
+    repo: str = typer.Argument(..., help="Hub dataset repo, org/name (created if missing; org/name@BRANCH)"),
+    revision: str = typer.Option(None, "--revision", help="branch to commit to (created from main); default main"),
+    private: bool = typer.Option(False, "--private", help="create the repo private", metavar=""),
+    message: str = typer.Option(None, "--message", help="commit message (default: teacher, K, rows, fingerprint)"),
+    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", show_envvar=False, help=TOKEN_HELP),
+) -> None:
+    """Publish a cache as a Hub dataset repo in ONE commit (shards, card, manifest last), after verifying it.
+
+    A rerun after an interruption uploads only what the Hub does not hold yet; an unchanged cache makes no commit.
+
+    Example: fusion-cache push ./cache/smollm2 team/smollm2-topk --private
+    """
+    from fusion_cache.cache.hub import push_cache
+
+    r = push_cache(cache, repo, revision=revision, private=private, token=token, message=message, progress=True)
+    what = f"commit {r.commit[:12]}" if r.committed else f"unchanged at commit {r.commit[:12]}, no new commit"
+    typer.echo(f"pushed {cache} to {r.url} ({r.revision}, {what}, {r.files} files); "
+               f"pull it with: fusion-cache pull {r.repo}@{r.revision} DIR")  # fmt: skip
+
+
+@app.command()
+@common_options
+def pull(
+    repo: str = typer.Argument(..., help="Hub dataset repo, org/name or org/name@REVISION"),
+    out: Path = typer.Argument(..., help="local directory to create (the local copy)"),
+    revision: str = typer.Option(None, "--revision", help="branch, tag or commit; default main"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a DIR that holds something else", metavar=""),
+    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", show_envvar=False, help=TOKEN_HELP),
+) -> None:
+    """Download a cache from the Hub and verify its fingerprints and every shard; a cache that does not verify is
+    deleted and refused.
+
+    Example: fusion-cache pull team/smollm2-topk ./caches/smollm2 && fusion-cache train --cache ./caches/smollm2 ...
+    """
+    from fusion_cache.cache.hub import pull_cache
+
+    r = pull_cache(repo, out, revision=revision, token=token, overwrite=overwrite)
+    m = r.manifest
+    done = "verified" if r.downloaded else "already there"
+    typer.echo(f"pulled {repo} (commit {r.commit[:12]}) into {r.directory}: {len(m.shards)} shard(s), {m.stats.rows} "
+               f"rows, fingerprint {m.fingerprint[:16]}, {done}")  # fmt: skip
 
 
 @app.command()

@@ -189,19 +189,25 @@ class CacheReader:
         file inside the cache with the manifest's size (and sha256)."""
         info = self.manifest.shards[i]
         name = info.path
-        self.location.check_regular(name)
-        size = self.location.size(name)
-        if size != info.bytes:  # before hashing: a size is one stat, and a huge file is not read for nothing
-            raise ShardFormatError(f"{name}: {size} bytes on disk, the manifest says {info.bytes}")
-        if self.check_checksums if checksum is None else checksum:
-            digest = self.location.sha256(name)
-            if digest != info.sha256:
-                raise ShardFormatError(
-                    f"{name}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}"
-                    "...; the shard is corrupt or was replaced"
-                )
+        if not self.location.local:
+            # a remote shard is fetched and hashed once into the local shard cache (cache/storage.py), whatever
+            # check_checksums says (its sha256 names the copy), and memory-mapped from there every later epoch and run
+            source = self.location.cached_copy(name, info.sha256, info.bytes)
+        else:
+            self.location.check_regular(name)
+            size = self.location.size(name)
+            if size != info.bytes:  # before hashing: a size is one stat, and a huge file is not read for nothing
+                raise ShardFormatError(f"{name}: {size} bytes on disk, the manifest says {info.bytes}")
+            if self.check_checksums if checksum is None else checksum:
+                digest = self.location.sha256(name)
+                if digest != info.sha256:
+                    raise ShardFormatError(
+                        f"{name}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}"
+                        "...; the shard is corrupt or was replaced"
+                    )
+            source = self.location.join(name)
         try:
-            messages = pa.ipc.MessageReader.open_stream(self.location.open_arrow(name))
+            messages = pa.ipc.MessageReader.open_stream(pa.memory_map(source, "r"))
             first = messages.read_next_message()
             if first.type != "schema":
                 raise ShardFormatError(f"{name}: does not start with an Arrow IPC schema message")
@@ -309,6 +315,24 @@ class CacheReader:
             yield from self.decode_batch(batch, self.manifest.shards[pos.shard].path, batch_index=pos.batch)
 
     # ---------------------------------------------------------------- checks
+    def _local_shard_ok(self, info, problems: list[str]) -> bool:
+        """Whether a local shard is a regular file inside the cache with the manifest's size and sha256 (else the
+        problem is appended to ``problems``)."""
+        try:
+            self.location.check_regular(info.path)
+        except ShardFormatError as e:
+            problems.append(str(e))
+            return False
+        size = self.location.size(info.path)
+        if size != info.bytes:
+            problems.append(f"{info.path}: {size} bytes on disk, manifest says {info.bytes}")
+            return False
+        digest = self.location.sha256(info.path)
+        if digest != info.sha256:
+            problems.append(f"{info.path}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}...")
+            return False
+        return True
+
     def verify(self, *, progress: bool = False) -> list[str]:
         """Check every shard (a regular file inside the cache, its size, sha256, schema, decoded sizes, row count,
         answer tokens and the content of every row) and the cache's total tokens.
@@ -326,22 +350,14 @@ class CacheReader:
         whole = True
         shards = tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress, dynamic_ncols=True)
         for i, info in enumerate(shards):
-            try:
-                self.location.check_regular(info.path)
-            except ShardFormatError as e:
-                problems.append(str(e))
-                whole = False
-                continue
-            size = self.location.size(info.path)
-            if size != info.bytes:
-                problems.append(f"{info.path}: {size} bytes on disk, manifest says {info.bytes}")
-                whole = False
-                continue
-            digest = self.location.sha256(info.path)
-            if digest != info.sha256:
-                problems.append(
-                    f"{info.path}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}..."
-                )
+            if not self.location.local:  # what the URL holds now: downloaded and hashed again into the shard cache
+                try:
+                    self.location.cached_copy(info.path, info.sha256, info.bytes, refresh=True)
+                except ShardFormatError as e:
+                    problems.append(str(e))
+                    whole = False
+                    continue
+            elif not self._local_shard_ok(info, problems):
                 whole = False
                 continue
             try:
