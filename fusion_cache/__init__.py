@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "Manifest": "fusion_cache.cache.manifest",
     "load_manifest": "fusion_cache.cache.manifest",
     "load_cache": "fusion_cache.hf",
+    "push_cache": "fusion_cache.cache.hub",
+    "pull_cache": "fusion_cache.cache.hub",
     # stage two: stream, collate, losses, train
     "DistillStream": "fusion_cache.train.stream",
     "Example": "fusion_cache.train.stream",
