@@ -371,7 +371,8 @@ def _sample(readers, caches, tokenizer, teachers, targets, maps, align, max_leng
     """Run the first ``limit`` samples of the join through the training stream; fill each teacher's rows and
     coverage. Returns (the sample counts, {what: largest id a batch would feed the student})."""
     stream = DistillStream(list(caches), tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length,
-                           align_mode=align, targets=targets, maps=maps, epochs=1)  # fmt: skip
+                           align_mode=align, targets=targets, maps=maps, epochs=1,
+                           rank=0, world_size=1)  # fmt: skip  # every rank checks the same rows: no data split
     whole = copy.copy(stream)
     whole.max_length = 1 << 30  # the student's untruncated view: how many answer rows max_length cuts
     n = len(readers)
