@@ -496,7 +496,7 @@ class _MetricsLog:
 
 # What a run writes into ``out``: the files ``overwrite`` removes before a new run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "train_config.json", "config.yaml", "eval.json", "report.png",
-             "report.md", "model", "checkpoints", "tensorboard")  # fmt: skip
+             "report.md", "model", "checkpoints", "tensorboard", "wandb")  # fmt: skip
 # Written by evaluating the run's model: out of date as soon as the model changes.
 STALE_AFTER_TRAINING = ("eval.json",)
 
