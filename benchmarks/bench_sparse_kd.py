@@ -24,10 +24,10 @@ answer CE, then lambda among `LAMBDAS` by full KD's; every KD arm uses that lamb
 target). Every run records validation and held-out numbers; the choice reads validation only.
 
 Metrics per run: held-out answer CE and ECE (`eval.calibration`: 15 equal-width top-1 bins) and the student's mass
-outside the teacher's top-64 (`eval.evaluate.evaluate_model` against the K=64 held-out cache), the same on
-validation (CE, ECE). Per arm once: the cosine between the gradient of its distillation term (the CE arm: of its CE)
-and full KD's, over all the student's parameters at the start weights, summed over `GRAD_BATCHES` fixed train
-batches; and the cache's bytes per answer token.
+outside the teacher's top-64 (`eval.evaluate.evaluate_model` against the K=64 held-out cache); validation CE and ECE
+for the runs the choice reads. Per arm once: the cosine between the gradient of its distillation term (the CE arm:
+of its CE) and full KD's, over all the student's parameters at the start weights, summed over `GRAD_BATCHES` fixed
+train batches; and the cache's bytes per answer token.
 
 Resumable: one JSON line per finished run (``"kind": "run"``) or gradient measurement (``"kind": "grad"``) in
 ``benchmarks/results/sparse_kd.jsonl`` with the machine, date and version; a rerun skips what is there. One torch
@@ -69,6 +69,7 @@ BATCH_SIZE = 4
 GRAD_BATCHES = 2
 CODEC = "full"
 HELDOUT_K = 64  # the held-out cache the tail mass is measured against
+GRID_ARMS = ("ce", "full_kd")  # the arms whose seed-0 validation numbers choose lr and lambda (`choose`)
 RS_LOSS = "auto"  # the loss for a sampled cache: the registry's choice for its codec (rskd's importance-weighted KL)
 
 
@@ -275,7 +276,8 @@ def load_teacher():
 
 
 def train_run(job: Job, paths: Paths) -> dict:
-    """Train the start student as ``job`` says, then score validation and held-out."""
+    """Train the start student as ``job`` says, then score held-out and, for the runs the choice reads (`GRID_ARMS`
+    at seed 0), validation (elsewhere None: the validation pass is a third of a run and nothing reads it)."""
     import torch
 
     from fusion_cache.eval.evaluate import evaluate_model
@@ -308,7 +310,8 @@ def train_run(job: Job, paths: Paths) -> dict:
     train_s = time.perf_counter() - t0
     del teacher
     t = time.perf_counter()
-    val = evaluate_rows(student, tok, str(paths.data("validation")), max_length=MAX_LENGTH)
+    validate = job.seed == 0 and job.arm in GRID_ARMS
+    val = evaluate_rows(student, tok, str(paths.data("validation")), max_length=MAX_LENGTH) if validate else {}
     held = evaluate_model(student, tok, str(cache_dir(paths, "topk64", "heldout")), max_length=MAX_LENGTH)
     return {
         "kind": "run",
@@ -325,9 +328,9 @@ def train_run(job: Job, paths: Paths) -> dict:
         "heldout_answer_ece": held["answer_ece"],
         "heldout_tail_mass": held["tail_mass"],  # outside the teacher's top-64
         "heldout_top1_agreement": held["top1_agreement"],
-        "validation_answer_ce": val["answer_ce"],
-        "validation_answer_ece": val["answer_ece"],
-        "answer_tokens": {"validation": val["answer_tokens"], "heldout": held["answer_tokens"]},
+        "validation_answer_ce": val.get("answer_ce"),
+        "validation_answer_ece": val.get("answer_ece"),
+        "answer_tokens": {"validation": val.get("answer_tokens"), "heldout": held["answer_tokens"]},
         "rows_sha256": seen.hexdigest()[:16],
         "final_step": last,
         "train_seconds": round(train_s, 1),
@@ -378,7 +381,7 @@ def grad_lines(paths: Paths, arms: list[Arm]) -> list[dict]:
 def choose(lines: list[dict]) -> dict[str, float] | None:
     """{"lr", "lambda"} chosen on validation at seed 0 (None until its candidates have run): lr by the CE arm's
     validation answer CE, then lambda by full KD's at that lr. Held-out numbers are never read here."""
-    val = {line_key(x): x["validation_answer_ce"] for x in lines if x["kind"] == "run"}
+    val = {line_key(x): x["validation_answer_ce"] for x in lines if x["kind"] == "run" and x["arm"] in GRID_ARMS}
 
     def key(arm, lr, lam):
         return ("run", arm, 0, lr, lam, KD_TEMPERATURE, STEPS)
@@ -481,7 +484,7 @@ def table(lines: list[dict], caches: dict[str, dict] | None = None) -> str:
         "| arm | lr | lambda | val CE | val ECE |",
         "|---|---|---|---|---|",
     ]
-    grid = [x for x in lines if x["kind"] == "run" and x["seed"] == 0 and x["arm"] in ("ce", "full_kd")]
+    grid = [x for x in lines if x["kind"] == "run" and x["seed"] == 0 and x["arm"] in GRID_ARMS]
     for x in sorted(grid, key=lambda x: (x["arm"], x["lr"], x["lambda"])):
         out.append(f"| {x['arm']} | {x['lr']:g} | {x['lambda']:g} | {x['validation_answer_ce']:.4f} | "
                    f"{x['validation_answer_ece']:.4f} |")  # fmt: skip
@@ -551,7 +554,7 @@ def main() -> None:
         _append(args.results, line)
         runs += 1
         print(f"[bench] {job.arm} seed {job.seed} lr {job.lr:g} lambda {job.lambda_:g}: val CE "
-              f"{line['validation_answer_ce']:.4f}, held-out CE {line['heldout_answer_ce']:.4f} ECE "
+              f"{line['validation_answer_ce']}, held-out CE {line['heldout_answer_ce']:.4f} ECE "
               f"{line['heldout_answer_ece']:.4f}, train {line['train_seconds']:.0f} s, "
               f"eval {line['eval_seconds']:.0f} s",
               flush=True)  # fmt: skip
