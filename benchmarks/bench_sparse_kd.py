@@ -425,16 +425,17 @@ def mean_sd(xs: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(xs):.{digits}f} ± {sd:.{digits}f}"
 
 
-def versus(a: dict[int, float], ref: dict[int, float], digits: int = 4) -> str:
+def versus(a: dict[int, float], ref: dict[int, float], digits: int = 4, words: tuple[str, str] = ("worse", "better")):
     """Paired by seed: mean ± sd of a - ref, and "tie" when |mean| is not above the seed spread (the largest of the
-    paired differences' sd and each arm's own sd over seeds); else "worse" or "better" (lower is better)."""
+    paired differences' sd and each arm's own sd over seeds); else ``words`` (above, below: "worse", "better" for
+    CE and ECE; "higher", "lower" for a quantity with no better side)."""
     seeds = sorted(a.keys() & ref.keys())
     if len(seeds) < 2:
         return "n/a"
     d = [a[s] - ref[s] for s in seeds]
     m = statistics.mean(d)
     spread = max(statistics.stdev(xs) for xs in (d, [a[s] for s in seeds], [ref[s] for s in seeds]))
-    verdict = "tie" if abs(m) <= spread else ("worse" if m > 0 else "better")
+    verdict = "tie" if abs(m) <= spread else (words[0] if m > 0 else words[1])
     return f"{m:+.{digits}f} ± {statistics.stdev(d):.{digits}f} {verdict}"
 
 
@@ -464,10 +465,9 @@ def table(lines: list[dict], caches: dict[str, dict] | None = None) -> str:
         b = caches.get(arm.cache_key, {}).get("bytes_per_answer_token") if arm.target == "cache" else None
         cells = [f"{b:.1f}" if b is not None else "-", str(n)]
         for col in cols:
-            cells += [
-                mean_sd(list(vals[col].values())),
-                versus(vals[col], per["full_kd"][col]) if arm.name != "full_kd" else "",
-            ]
+            words = ("higher", "lower") if col == "heldout_tail_mass" else ("worse", "better")
+            vs = versus(vals[col], per["full_kd"][col], words=words) if arm.name != "full_kd" else ""
+            cells += [mean_sd(list(vals[col].values())), vs]
         g = grads.get(arm.name)
         cells.append(f"{g['grad_cosine_to_full_kd']:.3f}" if g else "n/a")
         out.append(f"| {arm.name} | " + " | ".join(cells) + " |")

@@ -83,6 +83,7 @@ def test_table_pairs_each_arm_with_full_kd_and_calls_small_gaps_ties():
     main = text.split("\n\n")[0].splitlines()  # the comparison; the validation grid follows
     rows = {r.split(" | ")[0].strip("| "): r for r in main}
     assert "0.9100 ± 0.0100" in rows["full_kd"]  # mean ± sd over the three seeds
+    assert "-0.0900 ± 0.0000 lower" in rows["topk12_notail"]  # the tail mass has no better side
     assert "+0.0500 ± 0.0000 worse" in rows["topk12_notail"] and "+0.1010 ± 0.0010 worse" in rows["topk12_notail"]
     assert "+0.0003 ± 0.0006 tie" in rows["topk12_tail"] and "+0.0000 ± 0.0000 tie" in rows["topk12_tail"]
     assert "| 31.2 | 3 |" in rows["topk12_tail"]
