@@ -31,6 +31,7 @@ from fusion_cache.capture.render import render
 from fusion_cache.eval.calibration import ECE_BINS
 from fusion_cache.eval.calibration import ece_bin_sums
 from fusion_cache.eval.calibration import ece_from_bins
+from fusion_cache.eval.calibration import tail_mass_outside
 from fusion_cache.eval.calibration import top1_calibration_inputs
 from fusion_cache.train.batch import collate
 from fusion_cache.train.guards import check_examples
@@ -64,12 +65,14 @@ def evaluate_model(
         progress: show a progress bar over the samples.
 
     Returns:
-        {"answer_ce", "answer_ppl", "top1_agreement" (None across tokenizers), "uld", "answer_tokens", "samples",
-        "aligned"}.
+        {"answer_ce", "answer_ppl", "answer_ece", "top1_agreement" (None across tokenizers), "uld", "tail_mass"
+        (the student's mean probability outside the teacher's cached top-K; None across tokenizers), "answer_tokens",
+        "samples", "aligned"}.
     """
     r = evaluate_teachers(model, tokenizer, [cache_dir], batch_size=batch_size, max_length=max_length, k=k,
                           align_mode=align_mode, limit=limit, progress=progress)  # fmt: skip
-    return r | {"uld": next(iter(r["uld"].values())), "aligned": next(iter(r["aligned"].values()))}
+    one = {key: next(iter(r[key].values())) for key in ("uld", "tail_mass", "aligned")}
+    return r | one
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def evaluate_rows(
 
     rows = _bar(islice(examples(), limit), progress, "eval rows", total=limit)
     out = _score(model, tokenizer, rows, [], batch_size=batch_size, token_classes=token_classes)
-    return out | {"uld": None}
+    return out | {"uld": None, "tail_mass": None}
 
 
 def _bar(examples: Iterable[Example], progress: bool, desc: str, total: int | None = None) -> Iterable[Example]:
@@ -127,8 +130,9 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     Returns:
         {"answer_ce", "answer_ppl", "answer_ece" (`eval.calibration`), "answer_ce_per_byte" (the CE sum over the
         answers' UTF-8 bytes), "top1_agreement" (None without a same-tokenizer teacher), "uld": {teacher: mean over
-        its samples of the per-sample mean ULD},
-        "answer_tokens", "answer_bytes", "samples"}.
+        its samples of the per-sample mean ULD}, "tail_mass": {teacher: the student's probability outside the
+        teacher's cached top-K ids, mean over the teacher's rows; None where the batch holds no ids of the teacher in
+        the student's vocabulary}, "answer_tokens", "answer_bytes", "samples"}.
     """
     was_training = model.training
     model.eval()
@@ -137,6 +141,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     losses = [ULD(k=k)] * n
     ce_sum = 0.0
     uld_sum, uld_n = [0.0] * n, [0] * n
+    tail_sum, tail_n = [0.0] * n, [0] * n  # the student's mass outside each teacher's top-K, summed over rows
     tokens = hits = total = samples = answer_bytes = 0
     classes = {name: torch.as_tensor(np.asarray(mask, dtype=bool)) for name, mask in (token_classes or {}).items()}
     class_sum, class_n = dict.fromkeys(classes, 0.0), dict.fromkeys(classes, 0)
@@ -159,6 +164,10 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
         hits += out.top1_hits
         total += out.top1_total
         samples += len(batch)
+        for s, t in enumerate(collated["teachers"]):
+            if t is not None and "ids" in t:  # ids in the student's vocabulary: a same-tokenizer teacher
+                tail_sum[s] += float(tail_mass_outside(logits[t["rows"]], t["ids"]).sum())
+                tail_n[s] += int(t["rows"].numel())
         for s, v in enumerate(out.teacher_kd):
             if v is not None:  # v is the mean over the batch's samples that have teacher s
                 have = sum(e.teachers[s] is not None for e in batch)
@@ -183,6 +192,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
         "answer_ce_per_byte": ce_sum / answer_bytes if answer_bytes else None,
         "top1_agreement": hits / total if total else None,
         "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
+        "tail_mass": {name: (tail_sum[s] / tail_n[s] if tail_n[s] else None) for s, name in enumerate(names)},
         "answer_tokens": tokens,
         "answer_bytes": answer_bytes,
         "samples": samples,
@@ -318,6 +328,8 @@ def eval_table(result: dict) -> str:
             lines.append(f"| teacher top-1 agreement ({name}) | n/a: {r['top1_note']} |")
         if r.get("uld") is not None:
             lines.append(f"| ULD to teacher ({name}, K={r['k']}) | {r['uld']:.4f} |")
+        if r.get("tail_mass") is not None:
+            lines.append(f"| student mass outside the teacher's cached top-K ({name}) | {r['tail_mass']:.4f} |")
     h = result.get("humaneval")
     if h is not None:
         score = "n/a" if h["pass@1"] is None else f"{h['pass@1']:.4f} ({h['passed']} passed)"
@@ -348,8 +360,9 @@ def evaluate_teachers(
     evaluate only these samples (e.g. train rows a run never saw, as a validation split); ``limit``: the first N.
 
     Returns:
-        {"answer_ce", "answer_ppl", "top1_agreement" (from same-tokenizer teachers; None if there is none),
-        "uld": {teacher: mean over its samples of the per-sample mean ULD}, "answer_tokens", "samples",
+        {"answer_ce", "answer_ppl", "answer_ece", "top1_agreement" (from same-tokenizer teachers; None if there is
+        none), "uld": {teacher: mean over its samples of the per-sample mean ULD}, "tail_mass": {teacher: the
+        student's mean probability outside its cached top-K, None across tokenizers}, "answer_tokens", "samples",
         "aligned": {teacher: aligned answer rows}}.
     """
     stream = DistillStream(
