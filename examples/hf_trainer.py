@@ -63,3 +63,5 @@ trainer = DistillTrainer(
 trainer.train()
 loss, processes = trainer.state.log_history[-1]["train_loss"], trainer.accelerator.num_processes
 print(f"final loss {loss:.4f} on {processes} process(es)")
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # a gloo group left open at exit can abort the process

@@ -132,6 +132,8 @@ for padded in loader:
 out = accelerator.gather_for_metrics([[accelerator.process_index, accelerator.num_processes, same, seen]])
 if accelerator.is_main_process:
     print("RESULT " + json.dumps(out))
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # gloo threads left running at exit can abort a process ("terminate called")
 """
 
 
