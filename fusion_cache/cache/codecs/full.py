@@ -306,7 +306,7 @@ class FullCodec(QuantizedCodec):
                 r = int(np.flatnonzero(index == j)[0])
                 raise ShardFormatError(
                     f"{shard}: row {r}: column {ORDER_COLUMN!r} names id order {key[:32]!r}, which the manifest does "
-                    "not hold for this shard (its entry's id_order was edited, or the row belongs to another cache)"
+                    "not hold (for this shard): its id_order was edited, or the row belongs to another cache"
                 )
         orders = [spans.id_orders[key] for key in keys]
         return orders, (None if len(keys) <= 1 else index)

@@ -606,6 +606,33 @@ def test_v3_full_layout2_caches_are_still_read(cache_copy, built_cache, tmp_path
         np.testing.assert_allclose(b.target_logprobs, a.target_logprobs, atol=0.05)
 
 
+def test_v3_full_layout3_caches_are_still_read(cache_copy, built_cache, tmp_path, monkeypatch):
+    """The previous version's default: the id order in each shard's schema metadata, none in the manifest."""
+    from datasets import load_dataset
+
+    from fusion_cache.hf import decode_dataset
+    from fusion_cache.hf import load_cache
+
+    layout3 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 16, "layout": 3}
+    _rewrite_as_v2_full(cache_copy, tmp_path, layout3, version=3)
+    m = json.loads((cache_copy / "manifest.json").read_text())
+    assert m["schema_version"] == 3 and all("id_order" not in s for s in m["shards"])
+    _check_doc_reader(cache_copy, monkeypatch)  # the reader in the docs reads layout 3 too
+    reader = CacheReader(cache_copy)
+    assert reader.codec.layout == 3 and reader.verify() == [] and "topk_id_order" not in reader.columns
+    for a, b in zip(CacheReader(built_cache).iter_rows(), reader.iter_rows(), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+    assert len(load_cache(cache_copy)) == len(list(reader.iter_rows()))
+    files = sorted(str(p) for p in cache_copy.glob("shard-*.arrow"))
+    plain = load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(ShardFormatError, match="schema_version 3 'full' cache keeps its id orders in the shards' sch"):
+        decode_dataset(plain, cache_copy)  # datasets dropped them: load_cache reads it
+    _edit(cache_copy, lambda m: m["shards"][0].update(id_order={"runs": [], "count": 0, "zstd_b64": ""}))
+    with pytest.raises(ShardFormatError, match="has 'id_order', which codec .* does not have"):
+        load_manifest(cache_copy)
+
+
 def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refused():
     codec = make_codec("shape")
     for k in (2, 5):
@@ -645,3 +672,12 @@ def test_corrupt_full_layout3_columns_are_named():
     cols.pop("topk_ids_b0_g3")
     with pytest.raises(ShardFormatError, match="shard-p: column 'topk_ids_b0_g3' is missing"):
         decode_record_batch(pa.RecordBatch.from_pydict(cols), codec, 8, "shard-p")
+
+
+def test_a_layout4_manifest_entry_without_its_id_order_is_refused(synthetic_caches, tmp_path):
+    cache = tmp_path / "full"
+    shutil.copytree(synthetic_caches["full"], cache)
+    assert CacheReader(cache).codec.layout == 4 and CacheReader(cache).verify() == []
+    _edit(cache, lambda m: m["shards"][1].pop("id_order"))
+    with pytest.raises(ShardFormatError, match="shards: shard-00001-of-00002.arrow lacks 'id_order', which codec"):
+        load_manifest(cache)
