@@ -75,7 +75,7 @@ def main() -> None:
     full = make_codec("full", vocab_size=max(vocab, 257))
     codecs = {
         "layout 2 (zstd 3)": FullCodec(value_bits=6, id_bytes=full.id_bytes, zstd_level=3, layout=2),
-        f"layout 3 (zstd {full.zstd_level})": full,
+        f"layout {full.layout} (zstd {full.zstd_level})": full,
     }
     blobs = {name: _blob(rows, k, codec) for name, codec in codecs.items()}
     n = sum(r.n_answer for r in rows)

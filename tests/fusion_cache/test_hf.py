@@ -53,22 +53,33 @@ def test_torch_format_gives_tensors(synthetic_caches):
     assert tuple(row["topk_logprobs"].shape) == (n_answer, 8) and row["topk_ids"].dtype.is_floating_point is False
 
 
-def test_the_documented_snippet_runs_on_every_codec(synthetic_caches, tmp_path, monkeypatch):
+def test_the_documented_snippets_run_on_every_codec(synthetic_caches, tmp_path, monkeypatch):
+    """Every snippet of docs/cache-format.md section 4.1 (load_cache, then load_dataset + decode_dataset), in a
+    directory holding the cache as ./cache, for every codec."""
     import shutil
-    from pathlib import Path
+
+    import datasets
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "cache-format.md").read_text()
-    section = doc.split("### 4.1 With Hugging Face `datasets`", 1)[1]
-    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    section = doc.split("### 4.1 With Hugging Face `datasets`", 1)[1].split("\n## ", 1)[0]
+    snippets = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    assert len(snippets) == 2 and "decode_dataset(" in snippets[1]
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # not the user's cache
     for codec, path in synthetic_caches.items():
         work = tmp_path / codec
-        shutil.copytree(path, work / "cache")  # the snippet reads ./cache
+        shutil.copytree(path, work / "cache")  # the snippets read ./cache
         monkeypatch.chdir(work)
+        n_rows = len(list(CacheReader(path).iter_rows()))
         scope: dict = {}
-        exec(compile(snippet, "docs/cache-format.md", "exec"), scope)
-        assert len(scope["ds"]) == len(list(CacheReader(path).iter_rows())), codec
+        exec(compile(snippets[0], "docs/cache-format.md", "exec"), scope)
+        assert len(scope["ds"]) == n_rows, codec
         n_answer = len(scope["row"]["input_ids"]) - scope["row"]["answer_start"]
         assert tuple(scope["ds"][0]["topk_logprobs"].shape) == (n_answer, 8), codec  # a torch tensor now
+        exec(compile(snippets[1], "docs/cache-format.md", "exec"), scope)
+        by_index = {r["row_index"]: r for r in load_cache(path)}
+        assert sorted(scope["ds"]["row_index"]) == sorted(by_index), codec
+        for row in scope["ds"]:
+            assert row["topk_ids"] == by_index[row["row_index"]]["topk_ids"], codec
 
 
 def _shard_rows(cache, tmp_path, name="plain"):
