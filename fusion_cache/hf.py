@@ -170,8 +170,8 @@ def _manifest(cache: str | Path | Manifest) -> Manifest:
 class _RowDecoder:
     """The `Dataset.map` function of `decode_dataset`: an Arrow table of shard rows -> the decoded view's columns."""
 
-    def __init__(self, manifest: Manifest, names: list[str]):
-        self.names = names  # the decoded view's columns (`_features`)
+    def __init__(self, manifest: Manifest, out_schema: pa.Schema):
+        self.out_schema = out_schema  # the decoded view's (`_features`): an arrow-formatted map returns a table
         self.codec = parse_codec(manifest.codec, MANIFEST_NAME, manifest.schema_version)
         self.k = manifest.k
         self.schema = pa.schema([pa.field(n, t, nullable=False) for n, t in shard_columns(self.codec, self.k).items()])
@@ -179,7 +179,7 @@ class _RowDecoder:
         self.rules = dataclasses.replace(ContentRules.from_manifest(manifest, self.codec), in_order=False)
         self.id_orders = manifest_id_orders(manifest, self.codec)
 
-    def __call__(self, table: pa.Table, indices: list[int]) -> dict[str, list]:
+    def __call__(self, table: pa.Table, indices: list[int]) -> pa.Table:
         # errors name the rows as a slice of the dataset and a row of it: "dataset[256:512], row 3"
         where = f"dataset[{indices[0]}:{indices[-1] + 1}]" if indices else "dataset"
         try:  # the types `datasets` (or a parquet round trip) gives back -> the shards' own
@@ -190,17 +190,18 @@ class _RowDecoder:
         for batch in table.to_batches():  # one batch: the table was combined
             rows += decode_record_batch(batch, self.codec, self.k, where, rules=self.rules, id_orders=self.id_orders)
         dicts = [row_to_dict(r) for r in rows]
-        return {name: [d[name] for d in dicts] for name in self.names}
+        return pa.Table.from_pydict({n: [d[n] for d in dicts] for n in self.out_schema.names}, schema=self.out_schema)
 
 
 def decode_dataset(ds, cache: str | Path | Manifest, *, batch_size: int = 256, num_proc: int | None = None):
-    """Decode a `datasets.Dataset` of a cache's shard rows into `load_cache`'s decoded view.
+    """Decode a `datasets.Dataset` (or `IterableDataset`) of a cache's shard rows into `load_cache`'s decoded view.
 
-    The rows are what ``datasets.load_dataset("arrow", data_files=shards)`` returns, or ``load_dataset`` of a pushed
-    cache repo (or of the cache directory: its card lists the shards), also after the Hub's parquet conversion, a
-    shuffle, a filter or a select: each row decodes on its own. Schema version 4 caches (every codec) and the
-    ``raw``, ``values`` and ``shape`` caches of earlier versions decode; a ``full`` cache of version 3 or earlier
-    keeps its id orders in the shards' schema metadata, which `datasets` drops: read it with `load_cache`.
+    The rows are what ``datasets.load_dataset("arrow", data_files=shards)`` returns (``streaming=True`` too), or
+    ``load_dataset`` of a pushed cache repo (or of the cache directory: its card lists the shards), also after the
+    Hub's parquet conversion, a shuffle, a filter or a select: each row decodes on its own. Schema version 4
+    caches (every codec) and the ``raw``, ``values`` and ``shape`` caches of earlier versions decode; a ``full``
+    cache of version 3 or earlier keeps its id orders in the shards' schema metadata, which `datasets` drops: read
+    it with `load_cache`.
 
     Every row's content is checked as `CacheReader` checks it (lengths, ids below the vocabulary, sorted values,
     sample ids); the shard files' sha256 is not (`datasets` read them): `load_cache` or ``fusion-cache verify``
@@ -211,10 +212,10 @@ def decode_dataset(ds, cache: str | Path | Manifest, *, batch_size: int = 256, n
         cache: the cache's manifest: a `Manifest`, the path or URL of its ``manifest.json``, or the cache directory
             (a local path or an fsspec URL such as ``hf://datasets/org/name``).
         batch_size: rows decoded per `Dataset.map` batch.
-        num_proc: `Dataset.map` processes.
+        num_proc: `Dataset.map` processes (not for an `IterableDataset`, which decodes lazily as it is iterated).
 
     Returns:
-        A `datasets.Dataset` with `load_cache`'s columns, one row per row of ``ds``, in its order.
+        A dataset of the same kind as ``ds`` with `load_cache`'s columns, one row per row of ``ds``, in its order.
 
     Raises:
         ShardFormatError: ``ds`` lacks the shards' columns, a row fails a check, or names an id order the manifest
@@ -223,8 +224,9 @@ def decode_dataset(ds, cache: str | Path | Manifest, *, batch_size: int = 256, n
     datasets = _datasets()
     manifest = _manifest(cache)
     features = _features(datasets)
-    decoder = _RowDecoder(manifest, list(features))
-    missing = [c for c in decoder.schema.names if c not in ds.column_names]
+    decoder = _RowDecoder(manifest, features.arrow_schema)
+    columns = ds.column_names or []  # an IterableDataset may not know its columns before it is read
+    missing = [c for c in decoder.schema.names if ds.column_names is not None and c not in columns]
     if missing:
         raise ShardFormatError(
             f"dataset: lacks the {decoder.codec.name!r} shard columns {missing[:4]}{' ...' if len(missing) > 4 else ''}"
@@ -235,18 +237,25 @@ def decode_dataset(ds, cache: str | Path | Manifest, *, batch_size: int = 256, n
             f"dataset: a schema_version {manifest.schema_version} 'full' cache keeps its id orders in the shards' "
             "schema metadata, which datasets drops; read it with fusion_cache.hf.load_cache(dir), or rebuild it"
         )
-    out = ds.with_format("arrow").map(
-        decoder,
-        batched=True,
-        batch_size=batch_size,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        features=features,
-        num_proc=num_proc,
+    kwargs = {"batched": True, "batch_size": batch_size, "with_indices": True, "features": features}
+    if isinstance(ds, datasets.IterableDataset):
+        # an IterableDataset removes `remove_columns` after taking the function's output: name only the input
+        # columns that the output does not replace (the output's sample_id, input_ids, ... replace the input's)
+        dropped = [c for c in columns if c not in features]
+        out = ds.with_format("arrow").map(decoder, remove_columns=dropped or None, **kwargs)
+        if not columns:  # columns unknown before reading: keep the decoded view's only
+            out = out.select_columns(list(features))
+    else:
         # the rows and the manifest decide the result: no need to hash the decoder (orders, rules) by pickling it
-        new_fingerprint=hash_json(["fusion_cache.hf.decode_dataset", ds._fingerprint, manifest.fingerprint])[:32],
-        desc="decode fusion-cache rows",
-    )
+        fingerprint = hash_json(["fusion_cache.hf.decode_dataset", ds._fingerprint, manifest.fingerprint])[:32]
+        out = ds.with_format("arrow").map(
+            decoder,
+            remove_columns=columns,
+            num_proc=num_proc,
+            new_fingerprint=fingerprint,
+            desc="decode fusion-cache rows",
+            **kwargs,
+        )
     out = out.with_format(None)
     out.info.description = DECODED_VIEW_NOTE
     return out

@@ -128,6 +128,23 @@ def test_shuffled_filtered_rows_of_several_shards_decode_each_on_its_own(synthet
         assert row["topk_ids"] == by_index[row["row_index"]]["topk_ids"]
 
 
+def test_a_streamed_dataset_decodes_lazily_to_the_same_rows(synthetic_caches):
+    from datasets import IterableDataset
+    from datasets import load_dataset
+
+    path = synthetic_caches["full"]
+    files = sorted(str(p) for p in path.glob("shard-*.arrow"))
+    streamed = load_dataset("arrow", data_files=files, split="train", streaming=True)
+    got = decode_dataset(streamed, path, batch_size=4)
+    assert isinstance(got, IterableDataset)
+    want = list(load_cache(path))
+    rows = list(got)
+    assert [r["row_index"] for r in rows] == [r["row_index"] for r in want]
+    for a, b in zip(rows, want, strict=True):
+        assert set(a) == set(b) and a["topk_ids"] == b["topk_ids"] and a["messages"] == b["messages"]
+        np.testing.assert_array_equal(np.array(a["topk_logprobs"], np.float32), np.array(b["topk_logprobs"]))
+
+
 def test_a_cache_repo_and_its_parquet_conversion_decode_like_the_directory(synthetic_caches, tmp_path):
     """``load_dataset`` of a cache directory as pushed (its card lists the shards: what ``load_dataset("org/name")``
     reads from the Hub), and of its rows converted to parquet (what the Hub's parquet conversion serves)."""
