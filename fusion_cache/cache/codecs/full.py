@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fusion_cache.cache.codecs.base import DECODE_CHUNK
 from fusion_cache.cache.codecs.base import AnswerSpans
@@ -299,11 +300,13 @@ class FullCodec(QuantizedCodec):
             raise ShardFormatError(f"{shard}: column {ORDER_COLUMN!r} has nulls")
         if len(col) == 0:
             return [np.zeros(0, np.int64)], None  # no ids to decode
-        enc = col.dictionary_encode()
-        keys, index = enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
+        keys, index = pc.unique(col).to_pylist(), None  # one key: the rows of one shard (~4 us a record batch)
+        if len(keys) > 1:  # rows of several shards (a dataset's): each row's index into the keys
+            enc = col.dictionary_encode()
+            keys, index = enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
         for j, key in enumerate(keys):
             if key not in spans.id_orders:
-                r = int(np.flatnonzero(index == j)[0])
+                r = 0 if index is None else int(np.flatnonzero(index == j)[0])
                 raise ShardFormatError(
                     f"{shard}: row {r}: column {ORDER_COLUMN!r} names id order {key[:32]!r}, which the manifest does "
                     "not hold (for this shard): its id_order was edited, or the row belongs to another cache"
