@@ -175,6 +175,8 @@ class ContentRules:
         row_start, row_end: ``row_index`` must lie in [row_start, row_end).
         codec: the cache's codec (which fields exist, and how exact the values are).
         k: K of the cache.
+        in_order: rows must come in input order, each once (a cache's shards; not a dataset's rows, which a user
+            may have shuffled: `fusion_cache.hf.decode_dataset`).
     """
 
     vocab_size: int
@@ -184,6 +186,7 @@ class ContentRules:
     row_end: int
     codec: Codec
     k: int
+    in_order: bool = True
 
     @classmethod
     def from_manifest(cls, manifest, codec: Codec) -> ContentRules:
@@ -290,8 +293,8 @@ def check_common(
         r = int(bad[0])
         _fail(where, r, "row_index", f"{int(row_index[r])} outside the input rows [{rules.row_start}, "
               f"{rules.row_end})", sample_ids)  # fmt: skip
-    bad = np.flatnonzero(np.diff(row_index) <= 0)
-    if bad.size:
+    bad = np.flatnonzero(np.diff(row_index) <= 0) if rules.in_order else []
+    if len(bad):
         r = int(bad[0]) + 1
         _fail(where, r, "row_index", f"{int(row_index[r])} after {int(row_index[r - 1])}: rows must be in input "
               "order, each once", sample_ids)  # fmt: skip
