@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow as pa  # noqa: E402
 
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
+from fusion_cache.cache.codecs.ids import id_order_key  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
 from fusion_cache.cache.schema import SCHEMA_VERSION  # noqa: E402
@@ -52,12 +53,13 @@ def main() -> None:
             for i in range(0, len(rows), 64):
                 w.write_batch(rows_to_batch(rows[i : i + 64], schema, codec, k, order))
         blob = sink.getvalue()
+        orders = {id_order_key(order): order} if codec.shard_entry_fields() else {}  # full layout 4: the manifest's
         rules = ContentRules(vocab, "bench", reader.manifest.max_length, 0, 1 << 62, codec, k)
 
-        def decode(r, blob=blob, codec=codec):
+        def decode(r, blob=blob, codec=codec, orders=orders):
             t = time.process_time()
             for b in pa.ipc.open_stream(pa.BufferReader(blob), options=pa.ipc.IpcReadOptions(use_threads=False)):
-                decode_record_batch(b, codec, k, "bench", rules=r)
+                decode_record_batch(b, codec, k, "bench", rules=r, id_orders=orders)
             return time.process_time() - t
 
         decode(rules)  # compile the kernels, warm the caches

@@ -32,6 +32,7 @@ from fusion_cache.cache.codecs import Codec  # noqa: E402
 from fusion_cache.cache.codecs import FullCodec  # noqa: E402
 from fusion_cache.cache.codecs import full as full_module  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
+from fusion_cache.cache.codecs.ids import id_order_key  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
 from fusion_cache.cache.reader import decode_record_batch  # noqa: E402
 from fusion_cache.cache.schema import SCHEMA_VERSION  # noqa: E402
@@ -43,8 +44,9 @@ from fusion_cache.cache.writer import shard_schema_with_order  # noqa: E402
 STAGES = ("decode_rank_planes", "decode_bucket_ids", "_gather_groups", "decode_value_groups", "_grouped_targets")
 
 
-def _blob(rows, k: int, codec: Codec) -> bytes:
-    """The rows as one record batch of the full shard layout, Arrow IPC bytes with the codec's compression."""
+def _blob(rows, k: int, codec: Codec) -> tuple[bytes, dict]:
+    """The rows as one record batch of the full shard layout, Arrow IPC bytes with the codec's compression, and the
+    id orders its rows name (full layout 4: what the shard's manifest entry holds)."""
     prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     used, first = 0, []
     for r in rows:  # the id order of a build's first engine call (8,192 tokens), as bench_codec.py
@@ -56,7 +58,7 @@ def _blob(rows, k: int, codec: Codec) -> bytes:
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
         w.write_batch(rows_to_batch(rows, schema, codec, k, order))
-    return sink.getvalue()
+    return sink.getvalue(), ({id_order_key(order): order} if codec.shard_entry_fields() else {})
 
 
 def main() -> None:
@@ -73,7 +75,7 @@ def main() -> None:
     full = make_codec("full", vocab_size=max(vocab, 257))
     codecs = {
         "layout 2 (zstd 3)": FullCodec(value_bits=6, id_bytes=full.id_bytes, zstd_level=3, layout=2),
-        f"layout 3 (zstd {full.zstd_level})": full,
+        f"layout {full.layout} (zstd {full.zstd_level})": full,
     }
     blobs = {name: _blob(rows, k, codec) for name, codec in codecs.items()}
     n = sum(r.n_answer for r in rows)
@@ -101,11 +103,11 @@ def main() -> None:
             for name, codec in codecs.items():
                 spent.clear()
                 t = time.process_time()
-                batches = list(pa.ipc.open_stream(pa.BufferReader(blobs[name]), options=options))
+                batches = list(pa.ipc.open_stream(pa.BufferReader(blobs[name][0]), options=options))
                 t_ipc = time.process_time() - t
                 t = time.process_time()
                 for b in batches:
-                    decode_record_batch(b, codec, k, "profile")
+                    decode_record_batch(b, codec, k, "profile", id_orders=blobs[name][1])
                 t_dec = time.process_time() - t
                 ids = sum(spent.get(s, 0.0) for s in STAGES[:3])
                 stage = {

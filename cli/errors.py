@@ -1,8 +1,11 @@
 """The command line's error boundary: every error is one line (plus a hint), the traceback only with ``-v``.
 
-fusion-cache's own errors (`fusion_cache.errors`) already name the setting and the value. Errors from outside
-(the Hugging Face hub, a missing fsspec backend, torch, a bug) would otherwise arrive as tracebacks of 50-120 lines;
-here they become ``error: <first line>`` and a hint of what to check, and exit with status 2 (1 for a bug).
+fusion-cache's own errors (`fusion_cache.errors`) already name the setting and the value; remote errors (offline, a
+missing fsspec backend, a repository or revision not found, no permission) become `RemoteError` or
+`MissingDependencyError` at the storage layer (fusion_cache/cache/storage.py), so they arrive here as one line too.
+Errors from elsewhere (the Hugging Face hub loading a model, torch, a bug) would otherwise arrive as tracebacks of
+50-120 lines; here they become ``error: <first line>`` and a hint of what to check, and exit with status 2 (1 for a
+bug).
 """
 
 from __future__ import annotations
@@ -23,9 +26,19 @@ _HINTS = (
         "private or gated models need `hf auth login`",
     ),
     (
-        ("couldn't connect", "Connection", "offline", "OfflineMode", "LocalEntryNotFound", "Max retries"),
-        "the Hugging Face hub is unreachable: use a local directory, or set HF_HUB_OFFLINE=1 to read the local "
-        "cache only",
+        (
+            "couldn't connect",
+            "Connection",
+            "ConnectError",
+            "ConnectTimeout",
+            "Name or service not known",
+            "offline",
+            "OfflineMode",
+            "LocalEntryNotFound",
+            "Max retries",
+        ),
+        "the Hugging Face hub is unreachable: use a local directory (`fusion-cache pull` a cache while online), or "
+        "set HF_HUB_OFFLINE=1 to read the local cache only",
     ),
     (
         ("Protocol not known", "Install s3fs", "Install gcsfs", "Install adlfs", "fsspec"),

@@ -8,7 +8,10 @@ fusion-cache build --teacher smollm2-135m --data prompts.jsonl --out ./cache/smo
 fusion-cache build ... --out ./cache/smollm2 --num-shards 4 --shard-index 0   (one of 4 parts; then `combine`)
 fusion-cache combine --cache ./cache/smollm2
 fusion-cache generate --model smollm2-135m --data prompts.jsonl --out responses.jsonl [--n 2] [--temperature 0.8]
-fusion-cache inspect --cache ./cache/smollm2
+fusion-cache inspect --cache ./cache/smollm2      (or hf://datasets/org/name, s3://bucket/cache: every --cache)
+fusion-cache check --student smollm2-135m ./cache/smollm2 ./cache/gemma3 [--kd-loss auto] [--json]
+fusion-cache push ./cache/smollm2 team/smollm2-topk [--revision v1] [--private]   (one Hub commit; docs/sharing.md)
+fusion-cache pull team/smollm2-topk ./caches/smollm2 [--revision v1]   (downloads and verifies; refuses a bad cache)
 fusion-cache verify --cache ./cache/smollm2 [--trusted-key team.pub]
 fusion-cache keygen --out ~/.keys/team && fusion-cache sign --cache ./cache/smollm2 --key ~/.keys/team
 fusion-cache train --student ./student --cache ./cache/smollm2 --out ./runs/kd
@@ -49,7 +52,9 @@ from fusion_cache.eval import PROMPT_STYLES
 from fusion_cache.merge.config import MergeConfig
 from fusion_cache.recipes.pairwise import PAIRWISE
 from fusion_cache.recipes.pairwise import TRAIN_MODES
+from fusion_cache.train.align import ALIGN_MODES
 from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.losses import LOSS_CHOICES
 from fusion_cache.train.weights import COMBINE_MODES
 
 app = typer.Typer(
@@ -336,6 +341,49 @@ def coverage(
 
 @app.command()
 @common_options
+def check(
+    caches: list[str] = typer.Argument(None, help="teacher caches (directories or fsspec URLs), in training order"),
+    cache: list[str] = typer.Option(None, "--cache", help=CACHE_HELP + " (repeat; the same as the arguments)"),
+    student: str = typer.Option(..., help="the student: preset, local dir, HF id or saved adapter, as train takes it"),
+    kd_loss: list[str] = typer.Option(
+        None,
+        "--kd-loss",
+        help=f"the loss train would use ({', '.join(LOSS_CHOICES)}), one for every teacher or one "
+        "per cache (repeat); default: report which losses each cache allows",
+    ),  # fmt: skip
+    align: Literal[ALIGN_MODES] = typer.Option(
+        TrainConfig.model_fields["align"].default, help=TrainConfig.model_fields["align"].description
+    ),
+    max_length: int = typer.Option(
+        TrainConfig.model_fields["max_length"].default, help=TrainConfig.model_fields["max_length"].description
+    ),
+    limit: int = typer.Option(1000, help="align the first N samples of the join (0: all of them)"),
+    as_json: bool = typer.Option(False, "--json", help="the report as JSON", metavar=""),
+) -> None:
+    """Check a student against teacher caches before training: tokenizer and template, alignment, losses, rows.
+
+    Loads the tokenizers and the student's config only, never weights. Exits with status 2 when the combination
+    cannot train (the reason on the last line; with --json, in "problems").
+
+    Example: fusion-cache check --student smollm2-135m ./cache/smollm2 ./cache/gemma3 --kd-loss auto
+    """
+    from fusion_cache.models.load import load_tokenizer
+    from fusion_cache.train.check import check_caches
+    from fusion_cache.train.check import check_json
+    from fusion_cache.train.check import student_vocab_size
+
+    given = list(caches or []) + list(cache or [])
+    if not given:
+        raise ConfigError("check: give the caches: fusion-cache check --student S CACHE [CACHE ...]")
+    report = check_caches(given, load_tokenizer(student), student=student, student_vocab=student_vocab_size(student),
+                          kd_loss=kd_loss or None, align=align, max_length=max_length, limit=limit or None)  # fmt: skip
+    typer.echo(check_json(report) if as_json else report.table())
+    if report.problems:
+        raise typer.Exit(code=2)
+
+
+@app.command()
+@common_options
 def verify(
     cache: str = typer.Option(None, "--cache", help=CACHE_HELP),
     old: str = _old_cache(),
@@ -365,6 +413,56 @@ def verify(
     m = reader.manifest
     signed = f", signed by key {signer}" if signer else ""
     typer.echo(f"OK {cache}: {len(m.shards)} shard(s), {m.stats.rows} rows, fingerprint {m.fingerprint[:16]}{signed}")
+
+
+TOKEN_HELP = "Hugging Face token (default: $HF_TOKEN, else the stored `hf auth login`)"
+
+
+@app.command()
+@common_options
+def push(
+    cache: str = typer.Argument(..., help="the local cache directory to publish"),
+    repo: str = typer.Argument(..., help="Hub dataset repo, org/name (created if missing; org/name@BRANCH)"),
+    revision: str = typer.Option(None, "--revision", help="branch to commit to (created from main); default main"),
+    private: bool = typer.Option(False, "--private", help="create the repo private", metavar=""),
+    message: str = typer.Option(None, "--message", help="commit message (default: teacher, K, rows, fingerprint)"),
+    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", show_envvar=False, help=TOKEN_HELP),
+) -> None:
+    """Publish a cache as a Hub dataset repo in ONE commit (shards, card, manifest last), after verifying it.
+
+    A rerun after an interruption uploads only what the Hub does not hold yet; an unchanged cache makes no commit.
+
+    Example: fusion-cache push ./cache/smollm2 team/smollm2-topk --private
+    """
+    from fusion_cache.cache.hub import push_cache
+
+    r = push_cache(cache, repo, revision=revision, private=private, token=token, message=message, progress=True)
+    what = f"commit {r.commit[:12]}" if r.committed else f"unchanged at commit {r.commit[:12]}, no new commit"
+    typer.echo(f"pushed {cache} to {r.url} ({r.revision}, {what}, {r.files} files); "
+               f"pull it with: fusion-cache pull {r.repo}@{r.revision} DIR")  # fmt: skip
+
+
+@app.command()
+@common_options
+def pull(
+    repo: str = typer.Argument(..., help="Hub dataset repo, org/name or org/name@REVISION"),
+    out: Path = typer.Argument(..., help="local directory to create (the local copy)"),
+    revision: str = typer.Option(None, "--revision", help="branch, tag or commit; default main"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a DIR that holds something else", metavar=""),
+    token: str = typer.Option(None, "--token", envvar="HF_TOKEN", show_envvar=False, help=TOKEN_HELP),
+) -> None:
+    """Download a cache from the Hub and verify its fingerprints and every shard; a cache that does not verify is
+    deleted and refused.
+
+    Example: fusion-cache pull team/smollm2-topk ./caches/smollm2 && fusion-cache train --cache ./caches/smollm2 ...
+    """
+    from fusion_cache.cache.hub import pull_cache
+
+    r = pull_cache(repo, out, revision=revision, token=token, overwrite=overwrite)
+    m = r.manifest
+    done = "verified" if r.downloaded else "already there"
+    typer.echo(f"pulled {repo} (commit {r.commit[:12]}) into {r.directory}: {len(m.shards)} shard(s), {m.stats.rows} "
+               f"rows, fingerprint {m.fingerprint[:16]}, {done}")  # fmt: skip
 
 
 @app.command()
@@ -450,7 +548,7 @@ def train(
         raise ConfigError(f"--mode single takes one cache, got {len(caches)}; use unified (one run against all of "
                           "them) or pairwise (one run per cache, then merge)")  # fmt: skip
     cfg = TrainConfig.create(**settings)
-    result = run_train(cfg)
+    result = run_train(cfg, on_check=lambda report: typer.echo(report.line()))
     f = result.summary["final"]
     if f is None or os.environ.get("RANK", "0") != "0":  # nothing left to train, or not torchrun's rank 0
         return
@@ -625,6 +723,7 @@ def eval_(
         k=loss_k,
         out=None if out is None else str(out),
         progress=True,
+        on_check=lambda report: typer.echo(report.line(top1=True)),
     )
     typer.echo(f"model {result['model']}")
     typer.echo(eval_table(result))

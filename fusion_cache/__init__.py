@@ -10,6 +10,7 @@ Triton.
     fc.run_build(fc.BuildConfig.create(teacher="smollm2-135m", data="rows.jsonl", out="cache/smollm2"))
     stream = fc.DistillStream(["cache/smollm2"], tokenizer, chat_template=True, max_length=1024)
     batch = fc.collate(examples, pad_id, n_teachers=1)
+    collator = fc.PaddedCollator.for_stream(stream, pad_id)  # batches that accelerate may split along dim 0
     out = fc.loss_from_logits(logits, batch, [fc.make_loss("kl")], lambda_=0.5)
 """
 
@@ -31,11 +32,15 @@ _EXPORTS: dict[str, str] = {
     "CacheRow": "fusion_cache.cache.row",
     "Manifest": "fusion_cache.cache.manifest",
     "load_manifest": "fusion_cache.cache.manifest",
+    "load_cache": "fusion_cache.hf",
+    "push_cache": "fusion_cache.cache.hub",
+    "pull_cache": "fusion_cache.cache.hub",
     # stage two: stream, collate, losses, train
     "DistillStream": "fusion_cache.train.stream",
     "Example": "fusion_cache.train.stream",
     "TeacherTarget": "fusion_cache.train.stream",
     "collate": "fusion_cache.train.batch",
+    "PaddedCollator": "fusion_cache.train.batch",
     "LOSSES": "fusion_cache.train.losses",
     "DistillLoss": "fusion_cache.train.losses",
     "make_loss": "fusion_cache.train.losses",

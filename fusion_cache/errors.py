@@ -41,5 +41,10 @@ class MissingDependencyError(FusionCacheError, ImportError):
     """An optional dependency (vLLM, Triton, a teacher package) is not installed; the message says how to get it."""
 
 
+class RemoteError(FusionCacheError, ValueError):
+    """A remote cache or Hub repository cannot be reached or used: offline, not found, no permission, an unknown
+    revision, a server error. The message names the URL or repository and says what to do."""
+
+
 class NonFiniteLossError(FusionCacheError, FloatingPointError):
     """A training step's loss or gradient norm is NaN or infinite; the message names the step and its samples' rows."""

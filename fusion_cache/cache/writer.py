@@ -43,7 +43,7 @@ def encode_topk(rows: list[CacheRow], codec: Codec, k: int, id_order: np.ndarray
     """The codec's top-K columns for ``rows``, after checking that every row's top-K block is [n_answer, K].
 
     ``id_order`` is the shard's id order (the full codec's; from `shard_schema_with_order`), stored in the shard's
-    metadata.
+    schema metadata (full layouts 1-3) or its manifest entry (layout 4, `Codec.shard_entry`).
     """
     for r in rows:
         if r.topk_logprobs.ndim != 2 or r.topk_logprobs.shape[1] != k:
@@ -77,8 +77,8 @@ def rows_to_batch(
 
 
 def shard_schema_with_order(schema: pa.Schema, codec: Codec, first_rows: list[CacheRow]):
-    """(schema, id order): the codec's per-shard metadata from ``first_rows`` (the full codec's id order) added to
-    the schema metadata, and the id order its encode takes (None for the codecs without one)."""
+    """(schema, id order): the codec's per-shard metadata from ``first_rows`` (full layouts 1-3: the id order) added
+    to the schema metadata, and the id order its encode takes (None for the codecs without one)."""
     meta, order = codec.shard_metadata(first_rows)
     if not meta:
         return schema, order
@@ -92,6 +92,7 @@ class ShardWriter:
         with ShardWriter(work_dir, provenance, shard_rows=1000) as w:
             w.write_rows(rows)
         shards = w.shards  # [{"path", "rows", "answer_tokens", "bytes", "sha256"}], files renamed into place
+        # (plus the codec's `shard_entry` fields: full layout 4's "id_order"), ready for the manifest
 
     Args:
         work_dir: the ``<out>.incomplete`` directory.
@@ -120,6 +121,10 @@ class ShardWriter:
         self.shard_rows = shard_rows
         self.shard_bytes = shard_bytes
         self._parts: list[dict] = [dict(p) for p in completed or []]  # complete parts, before their final names
+        for p in self._parts:
+            lacking = [f for f in self.codec.shard_entry_fields() if f not in p]
+            if lacking:
+                raise ValueError(f"part record {p.get('file')!r} lacks {lacking}, which codec {self.codec.name} needs")
         self._sink = None
         self._writer = None
         self._cur: dict | None = None
@@ -144,6 +149,7 @@ class ShardWriter:
         path = self.work_dir / f"{part_name(len(self._parts))}.arrow.tmp"
         # the codec's per-shard state (full: the id order) comes from its first record batch, stored in its schema
         self._schema, self._id_order = shard_schema_with_order(self.schema, self.codec, first_rows)
+        self._entry = self.codec.shard_entry(self._id_order)  # full layout 4: the id order, for the manifest
         schema = self._schema
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, schema, options=self.codec.ipc_options())
@@ -167,6 +173,7 @@ class ShardWriter:
             "answer_tokens": self._cur["answer_tokens"],
             "bytes": final.stat().st_size,
             "sha256": file_sha256(final),
+            **self._entry,
         }
         # the record is written after the rename: a part without a record is never trusted
         write_part_record(self.work_dir, record)
@@ -214,6 +221,7 @@ class ShardWriter:
                     "answer_tokens": part["answer_tokens"],
                     "bytes": part["bytes"],
                     "sha256": part["sha256"],
+                    **{name: part[name] for name in self.codec.shard_entry_fields()},
                 }
             )
         fsync_dir(self.work_dir)

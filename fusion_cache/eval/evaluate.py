@@ -31,6 +31,7 @@ from fusion_cache.capture.render import render
 from fusion_cache.eval.calibration import ECE_BINS
 from fusion_cache.eval.calibration import ece_bin_sums
 from fusion_cache.eval.calibration import ece_from_bins
+from fusion_cache.eval.calibration import tail_mass_outside
 from fusion_cache.eval.calibration import top1_calibration_inputs
 from fusion_cache.train.batch import collate
 from fusion_cache.train.guards import check_examples
@@ -64,12 +65,14 @@ def evaluate_model(
         progress: show a progress bar over the samples.
 
     Returns:
-        {"answer_ce", "answer_ppl", "top1_agreement" (None across tokenizers), "uld", "answer_tokens", "samples",
-        "aligned"}.
+        {"answer_ce", "answer_ppl", "answer_ece", "top1_agreement" (None across tokenizers), "uld", "tail_mass"
+        (the student's mean probability outside the teacher's cached top-K; None across tokenizers), "answer_tokens",
+        "samples", "aligned"}.
     """
     r = evaluate_teachers(model, tokenizer, [cache_dir], batch_size=batch_size, max_length=max_length, k=k,
                           align_mode=align_mode, limit=limit, progress=progress)  # fmt: skip
-    return r | {"uld": next(iter(r["uld"].values())), "aligned": next(iter(r["aligned"].values()))}
+    one = {key: next(iter(r[key].values())) for key in ("uld", "tail_mass", "aligned")}
+    return r | one
 
 
 @torch.no_grad()
@@ -110,7 +113,7 @@ def evaluate_rows(
 
     rows = _bar(islice(examples(), limit), progress, "eval rows", total=limit)
     out = _score(model, tokenizer, rows, [], batch_size=batch_size, token_classes=token_classes)
-    return out | {"uld": None}
+    return out | {"uld": None, "tail_mass": None}
 
 
 def _bar(examples: Iterable[Example], progress: bool, desc: str, total: int | None = None) -> Iterable[Example]:
@@ -127,8 +130,9 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     Returns:
         {"answer_ce", "answer_ppl", "answer_ece" (`eval.calibration`), "answer_ce_per_byte" (the CE sum over the
         answers' UTF-8 bytes), "top1_agreement" (None without a same-tokenizer teacher), "uld": {teacher: mean over
-        its samples of the per-sample mean ULD},
-        "answer_tokens", "answer_bytes", "samples"}.
+        its samples of the per-sample mean ULD}, "tail_mass": {teacher: the student's probability outside the
+        teacher's cached top-K ids, mean over the teacher's rows; None where the batch holds no ids of the teacher in
+        the student's vocabulary}, "answer_tokens", "answer_bytes", "samples"}.
     """
     was_training = model.training
     model.eval()
@@ -137,6 +141,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
     losses = [ULD(k=k)] * n
     ce_sum = 0.0
     uld_sum, uld_n = [0.0] * n, [0] * n
+    tail_sum, tail_n = [0.0] * n, [0] * n  # the student's mass outside each teacher's top-K, summed over rows
     tokens = hits = total = samples = answer_bytes = 0
     classes = {name: torch.as_tensor(np.asarray(mask, dtype=bool)) for name, mask in (token_classes or {}).items()}
     class_sum, class_n = dict.fromkeys(classes, 0.0), dict.fromkeys(classes, 0)
@@ -159,6 +164,10 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
         hits += out.top1_hits
         total += out.top1_total
         samples += len(batch)
+        for s, t in enumerate(collated["teachers"]):
+            if t is not None and "ids" in t:  # ids in the student's vocabulary: a same-tokenizer teacher
+                tail_sum[s] += float(tail_mass_outside(logits[t["rows"]], t["ids"]).sum())
+                tail_n[s] += int(t["rows"].numel())
         for s, v in enumerate(out.teacher_kd):
             if v is not None:  # v is the mean over the batch's samples that have teacher s
                 have = sum(e.teachers[s] is not None for e in batch)
@@ -183,6 +192,7 @@ def _score(model: torch.nn.Module, tokenizer, examples: Iterable[Example], names
         "answer_ce_per_byte": ce_sum / answer_bytes if answer_bytes else None,
         "top1_agreement": hits / total if total else None,
         "uld": {name: (uld_sum[s] / uld_n[s] if uld_n[s] else None) for s, name in enumerate(names)},
+        "tail_mass": {name: (tail_sum[s] / tail_n[s] if tail_n[s] else None) for s, name in enumerate(names)},
         "answer_tokens": tokens,
         "answer_bytes": answer_bytes,
         "samples": samples,
@@ -220,6 +230,7 @@ def run_eval(
     k: int = 10,
     out: str | None = None,
     progress: bool = False,
+    on_check=None,
 ) -> dict:
     """`fusion-cache eval`: what was asked for, as one JSON-ready dict (also written to ``out`` when given).
 
@@ -227,7 +238,9 @@ def run_eval(
     ``<run>/eval.json`` unless ``out`` says otherwise, where `fusion-cache report` finds them). ``data`` is an input
     file (answer CE of its rows) or a cache (treated as ``cache``); ``cache`` a teacher cache (answer CE, teacher
     top-1 agreement when the tokenizers match, ULD). ``limit`` takes the first N rows and HumanEval problems.
-    ``progress`` shows progress bars over the samples and the HumanEval problems.
+    ``progress`` shows progress bars over the samples and the HumanEval problems. With a cache, the model is first
+    checked against it (`train.check`, tokenizer and config only) and refused before it loads when it cannot be
+    evaluated; ``on_check`` gets that report.
     """
     from fusion_cache.errors import ConfigError
     from fusion_cache.models.load import load_student
@@ -248,6 +261,9 @@ def run_eval(
         raise ConfigError(f"cache: {cache} holds no manifest.json (not a fusion-cache cache)")
     path, run_dir = resolve_eval_model(model)
     t0 = time.perf_counter()
+    check = _check(path, cache, max_length) if cache is not None else None
+    if check is not None and on_check is not None:
+        on_check(check)
     net, tok, resolved = load_student(path)
     result: dict = {"model": str(resolved), "limit": limit}
     if data is not None:
@@ -258,6 +274,7 @@ def run_eval(
         result["cache"] = {"path": str(cache), "k": k} | evaluate_model(
             net, tok, cache, batch_size=batch_size, max_length=max_length, k=k, limit=limit, progress=progress
         )
+        result["cache"]["top1_note"] = check.top1_note()
     if humaneval:
         from fusion_cache.eval.humaneval import evaluate_humaneval
 
@@ -279,6 +296,19 @@ def run_eval(
     return result
 
 
+def _check(model: str, cache: str, max_length: int):
+    """`train.check` of a model against the cache it is evaluated on, from its tokenizer and config (ConfigError for
+    what cannot be evaluated, e.g. ids beyond its vocabulary)."""
+    from fusion_cache.models.load import load_tokenizer
+    from fusion_cache.train.check import check_caches
+    from fusion_cache.train.check import student_vocab_size
+
+    report = check_caches([cache], load_tokenizer(model), student=model, student_vocab=student_vocab_size(model),
+                          max_length=max_length, coverage=False)  # fmt: skip
+    report.refuse()
+    return report
+
+
 def eval_table(result: dict) -> str:
     """A markdown table of `run_eval`'s numbers."""
     lines = ["| metric | value |", "|---|---|"]
@@ -294,8 +324,12 @@ def eval_table(result: dict) -> str:
             lines.append(f"| answer CE per byte ({name}, {r['answer_bytes']} bytes) | {r['answer_ce_per_byte']:.4f} |")
         if r.get("top1_agreement") is not None:
             lines.append(f"| teacher top-1 agreement ({name}) | {r['top1_agreement']:.4f} |")
+        elif r.get("top1_note"):
+            lines.append(f"| teacher top-1 agreement ({name}) | n/a: {r['top1_note']} |")
         if r.get("uld") is not None:
             lines.append(f"| ULD to teacher ({name}, K={r['k']}) | {r['uld']:.4f} |")
+        if r.get("tail_mass") is not None:
+            lines.append(f"| student mass outside the teacher's cached top-K ({name}) | {r['tail_mass']:.4f} |")
     h = result.get("humaneval")
     if h is not None:
         score = "n/a" if h["pass@1"] is None else f"{h['pass@1']:.4f} ({h['passed']} passed)"
@@ -326,13 +360,14 @@ def evaluate_teachers(
     evaluate only these samples (e.g. train rows a run never saw, as a validation split); ``limit``: the first N.
 
     Returns:
-        {"answer_ce", "answer_ppl", "top1_agreement" (from same-tokenizer teachers; None if there is none),
-        "uld": {teacher: mean over its samples of the per-sample mean ULD}, "answer_tokens", "samples",
+        {"answer_ce", "answer_ppl", "answer_ece", "top1_agreement" (from same-tokenizer teachers; None if there is
+        none), "uld": {teacher: mean over its samples of the per-sample mean ULD}, "tail_mass": {teacher: the
+        student's mean probability outside its cached top-K, None across tokenizers}, "answer_tokens", "samples",
         "aligned": {teacher: aligned answer rows}}.
     """
     stream = DistillStream(
         list(cache_dirs), tokenizer, chat_template=has_chat_template(tokenizer), max_length=max_length,
-        align_mode=align_mode, epochs=1,
+        align_mode=align_mode, epochs=1, rank=0, world_size=1,
     )  # fmt: skip
     vocab = student_vocab(model)
 

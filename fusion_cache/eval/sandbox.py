@@ -22,6 +22,10 @@ the kernel; `isolation` says what held here (docs/eval.md, "The sandbox", states
   interpreter is reachable for it. The filesystem is the host's (writable wherever the uid may write, e.g. /tmp)
   and the network is open. A program started as a non-root user can signal its supervisors (same uid).
 
+Where this process may make a cgroup v2 child (root, or a delegated subtree), every jail also runs in its own
+cgroup, made and removed by the parent: ``cgroup.kill`` ends every process of the jail whatever session, process
+group or parent it moved to, also when the supervisors were killed first (``descendants`` ends in "+ cgroup").
+
 Always: resource limits set before exec (address space ``RLIMIT_AS``, CPU seconds, file size: stdout and stderr are
 files, so a program that prints without end gets EFBIG; no core files), a temporary working directory deleted
 afterwards, an environment of PATH/LANG/HOME/TMPDIR only, a wall-clock timeout.
@@ -280,6 +284,8 @@ def _init_main(libc, spec: dict, namespace: bool, userns: bool, status_fd: int) 
     to_nobody = root and (report["filesystem"] or _reachable_by_nobody(spec["argv"][0]))
     report["unprivileged"] = report["unprivileged"] or to_nobody
     report["descendants"] = "pid namespace" if namespace else "subreaper"
+    if spec.get("in_cgroup"):
+        report["descendants"] += " + cgroup"
     os.write(status_fd, (json.dumps({"isolation": report}) + "\n").encode())
     pid = os.fork()
     if pid == 0:  # the program
@@ -321,6 +327,7 @@ def _jail_main(spec: dict) -> int:
     (pid 1 of the new PID namespace) and wait for it."""
     libc = _libc()
     status_fd = spec["status_fd"]
+    spec["in_cgroup"] = _join_cgroup(spec.get("cgroup"))  # before any fork: every descendant is in it
     uid, gid = os.geteuid(), os.getegid()
     userns = uid != 0
     flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | (CLONE_NEWUSER if userns else 0)
@@ -350,6 +357,79 @@ def _jail_main(spec: dict) -> int:
     return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
 
 
+# ------------------------------------------------------------------------------------------------ the cgroup
+# A cgroup v2 child per jail, made and removed by the parent (trusted, and outliving every process of the jail):
+# ``cgroup.kill`` (Linux 5.14+) kills every process in it at once, wherever it moved to (a new session, a new
+# process group, orphaned), and a process cannot leave a cgroup without write access to another one's
+# ``cgroup.procs`` (root's files; the program runs as nobody, or without capabilities in a user namespace, and in
+# the namespace jail /sys is not even visible).
+
+
+def _cgroup2_base() -> str | None:
+    """The directory of this process's cgroup v2 (``0::/path`` in /proc/self/cgroup under a cgroup2 mount, the
+    unified hierarchy at /sys/fs/cgroup or /sys/fs/cgroup/unified), or None without one."""
+    try:
+        own = next(line[3:].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
+        mounts = [line.split() for line in open("/proc/self/mounts")]
+    except (OSError, StopIteration):
+        return None
+    for fields in mounts:
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            base = os.path.join(fields[1], own.lstrip("/"))
+            if os.path.exists(os.path.join(base, "cgroup.procs")):
+                return base
+    return None
+
+
+def _make_cgroup() -> str | None:
+    """A new cgroup v2 child with ``cgroup.kill``, or None where this process may not make one (no cgroup2 mount,
+    no write access to it, a kernel before 5.14): the jail then relies on the PID namespace or the subreaper."""
+    base = _cgroup2_base()
+    if base is None:
+        return None
+    path = os.path.join(base, f"fusion-cache-jail-{secrets.token_hex(6)}")
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    if not os.path.exists(os.path.join(path, "cgroup.kill")):
+        _remove_cgroup(path)
+        return None
+    return path
+
+
+def _join_cgroup(path: str | None) -> bool:
+    """Move this process (and so everything it forks) into the jail's cgroup; False where that is refused."""
+    if not path:
+        return False
+    try:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write("0")  # "0": the writing process
+        return True
+    except OSError:
+        return False
+
+
+def _kill_cgroup(path: str) -> None:
+    """Kill every process in the cgroup and wait (up to 2 s) until it is empty."""
+    with contextlib.suppress(OSError):
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    for _ in range(200):
+        try:
+            if "populated 0" in open(os.path.join(path, "cgroup.events")).read():
+                return
+        except OSError:
+            return
+        time.sleep(0.01)
+
+
+def _remove_cgroup(path: str) -> None:
+    _kill_cgroup(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
 # ------------------------------------------------------------------------------------------------ the parent side
 def _python_dirs(python: str) -> list[str]:
     """Directories the interpreter needs besides the system ones: its own and its prefix (e.g. a pyenv install)."""
@@ -367,6 +447,7 @@ class _Jail:
     workdir: str
     root: str
     t0: float
+    cgroup: str | None = None
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -375,6 +456,8 @@ class _Jail:
             return None
 
     def kill(self) -> None:
+        if self.cgroup:  # every process of the jail, a ``setsid`` descendant included
+            _kill_cgroup(self.cgroup)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
@@ -398,6 +481,8 @@ class _Jail:
         return report, final
 
     def cleanup(self) -> None:
+        if self.cgroup:
+            _remove_cgroup(self.cgroup)
         shutil.rmtree(self.workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir(self.root)
@@ -421,7 +506,9 @@ def _start_jail(
     if os.geteuid() == 0:
         os.chown(workdir, NOBODY, NOBODY)  # the program's uid must be able to write it
     status_r, status_w = os.pipe()
+    cgroup = _make_cgroup()
     spec = {
+        "cgroup": cgroup,
         "workdir": workdir,
         "root": root,
         "argv": [python, "-I", "-S", "-B", *argv_tail],
@@ -448,11 +535,15 @@ def _start_jail(
             close_fds=True,
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
+    except BaseException:
+        if cgroup:
+            _remove_cgroup(cgroup)
+        raise
     finally:
         out.close()
         err.close()
         os.close(status_w)
-    return _Jail(proc, status_r, workdir, root, time.perf_counter())
+    return _Jail(proc, status_r, workdir, root, time.perf_counter(), cgroup)
 
 
 def _tail(path: str) -> str:
@@ -484,7 +575,7 @@ def isolation() -> dict:
     """What the jail achieves on this machine (probed once with a trivial program): ``namespaces`` (PID, mount,
     network, IPC, UTS), ``filesystem`` (the read-only view with only the work directory writable), ``network``
     (none), ``unprivileged`` (uid nobody, or no capabilities in a user namespace), ``descendants`` ("pid
-    namespace" or "subreaper")."""
+    namespace" or "subreaper", plus " + cgroup" where a cgroup v2 child holds the jail)."""
     r = run_program("pass\n", timeout=20.0)
     return r.isolation or {"namespaces": False, "filesystem": False, "network": False, "unprivileged": False}
 
@@ -501,6 +592,7 @@ def run_program(
     memory_mb: int = 1024,
     max_output_mb: int = 16,
     python: str | None = None,
+    namespaces: bool = True,
 ) -> ProgramResult:
     """Execute ``source`` in the jail with limits (module docstring); passed: exit status 0 and the sentinel printed
     after the program's last line (an accidental early exit fails; see `run_check` for a verdict that cannot be
@@ -513,6 +605,7 @@ def run_program(
         memory_mb: address-space limit of the interpreter.
         max_output_mb: largest file (stdout and stderr are files) the program may write.
         python: the interpreter (default: this one, ``sys.executable``).
+        namespaces: False runs the fallback jail even where namespaces are allowed (to test it).
     """
     sentinel = f"__fusion_cache_done_{secrets.token_hex(8)}__"
     workdir = tempfile.mkdtemp(prefix="fusion-cache-sandbox-")
@@ -520,7 +613,7 @@ def run_program(
         f.write(f"{source}\n\nprint({sentinel!r}, flush=True)\n")
     os.chmod(workdir, 0o755)
     jail = _start_jail([os.path.join(workdir, "program.py")], workdir, timeout=timeout, memory_mb=memory_mb,
-                       max_output_mb=max_output_mb, python=python)  # fmt: skip
+                       max_output_mb=max_output_mb, python=python, namespaces=namespaces)  # fmt: skip
     try:
         code = jail.wait(timeout + 2.0)  # the supervisor enforces ``timeout``; this is the backstop
         jail.kill()  # the jail's processes, whatever is left of them

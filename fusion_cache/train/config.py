@@ -67,7 +67,7 @@ class TrainConfig(StrictConfig):
     save: bool = Field(True, description="save the trained model in <out>/model")
     overwrite: bool = Field(False, description="replace the run in a non-empty out (else refused)")
     report_to: Literal[TRACKER_NAMES] = Field(
-        "none", description="experiment tracker for the metrics (tensorboard: an optional extra)"
+        "none", description="experiment tracker for the metrics (tensorboard, wandb: optional extras)"
     )
     # ---- LoRA (pip install 'fusion-cache[lora]'; fusion_cache/models/lora.py)
     lora_r: int | None = Field(None, ge=1, description="train LoRA adapters of this rank instead of every weight")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ from fusion_cache.train.weights import answer_nll_per_byte
 from fusion_cache.train.weights import topk_entropy
 
 log = logging.getLogger(__name__)
+
+# why the stream leaves a joined sample out (the keys of `DistillStream.skipped`)
+DROP_REASONS = ("no_answer_token", "nothing_aligned")
 
 
 @dataclass
@@ -133,6 +137,13 @@ class DistillStream(torch.utils.data.IterableDataset):
             vocabulary (``carried`` target; `train.losses.SampledKL`).
         rank, world_size: data parallelism: this rank keeps the joined samples whose position in join order is
             ``rank`` modulo ``world_size`` (disjoint across ranks, together every sample, counts within one).
+            None (both): `data_parallel_rank`, i.e. ``torch.distributed``'s rank and world size when a process group
+            is initialised, else the RANK and WORLD_SIZE that torchrun and ``accelerate launch`` set, else 0 of 1.
+            Pass ``rank=0, world_size=1`` when something else splits the stream: ``accelerator.prepare`` of its
+            DataLoader (accelerate dispatches or shards the batches itself; `train.batch.PaddedCollator`).
+
+    Inside a `DataLoader` with ``num_workers`` W, worker w of rank r keeps the samples of part ``r * W + w`` of
+    ``world_size * W``: no sample twice, none lost, whatever the numbers of workers and ranks.
 
     ``iter(stream)`` starts at the beginning; ``stream.iterator(state)`` continues exactly where an earlier
     `DistillIterator.state_dict` was taken, yielding the same examples in the same order.
@@ -142,7 +153,10 @@ class DistillStream(torch.utils.data.IterableDataset):
         same_tokenizer: [S] whether teacher s has the student's tokenizer and template.
         join_counts: how many samples had every teacher and which were missing (cumulative over passes).
         align_stats: per teacher, the aligned and dropped answer rows so far.
-        skipped: samples left out: no answer token after truncation, or no row aligned to any teacher.
+        skipped: samples dropped so far, by reason (`DROP_REASONS`): ``no_answer_token`` (no answer token left
+            within ``max_length``), ``nothing_aligned`` (no answer row aligned to any teacher). Each pass ends with
+            one log line of its counts, and a warning that says why when it yielded nothing.
+        where: this stream's part of the data, for logs (rank, and DataLoader worker inside one).
     """
 
     def __init__(
@@ -162,11 +176,10 @@ class DistillStream(torch.utils.data.IterableDataset):
         epochs: int | None = 1,
         join_window: int = 1024,
         kd_temperature: float = 1.0,
-        rank: int = 0,
-        world_size: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        rank, world_size = data_parallel_rank(rank, world_size)
         caches = [caches] if isinstance(caches, str) else list(caches)
         self.readers = [CacheReader(c) for c in caches]
         self.names = unique_names([r.manifest.teacher.name for r in self.readers])
@@ -196,7 +209,8 @@ class DistillStream(torch.utils.data.IterableDataset):
                 raise ConfigError(f"teacher {self.names[s]}: a {target!r} target needs a vocabulary map")
         self.join_counts = JoinCounts(list(self.names))
         self.align_stats = {n: AlignStats() for n in self.names}
-        self.skipped = {"no_answer_token": 0, "nothing_aligned": 0}
+        self.skipped = dict.fromkeys(DROP_REASONS, 0)
+        self.where = f"rank {rank} of {world_size}"
 
     @property
     def n_teachers(self) -> int:
@@ -322,8 +336,29 @@ class DistillStream(torch.utils.data.IterableDataset):
         worker.world_size = self.world_size * info.num_workers
         worker.join_counts = JoinCounts(list(self.names))
         worker.align_stats = {n: AlignStats() for n in self.names}
-        worker.skipped = dict.fromkeys(self.skipped, 0)
+        worker.skipped = dict.fromkeys(DROP_REASONS, 0)
+        worker.where = f"{self.where}, DataLoader worker {info.id} of {info.num_workers}"
         return worker.iterator()
+
+
+def data_parallel_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """This process's (rank, world size): the arguments when given; else ``torch.distributed``'s when a process
+    group is initialised; else the RANK and WORLD_SIZE environment variables (torchrun, ``accelerate launch``);
+    else (0, 1).
+
+    Raises:
+        ConfigError: only one of the two given, or a rank outside [0, world_size).
+    """
+    if (rank is None) != (world_size is None):
+        raise ConfigError(f"rank, world_size: give both or neither, got rank={rank}, world_size={world_size}")
+    if rank is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+    return rank, world_size
 
 
 def answer_score(row: CacheRow, name: str) -> float:
@@ -484,12 +519,16 @@ class DistillIterator:
                 yield out
             if self._yielded == 0:  # nothing usable: say why, rather than end (or loop) silently
                 why = (
-                    f"rank {s.rank} of {s.world_size} got no usable samples in epoch {self._epoch} "
-                    f"({', '.join(str(r.path) for r in s.readers)}; skipped: {s.skipped})"
+                    f"{s.where} got no usable samples in epoch {self._epoch} "
+                    f"({', '.join(str(r.path) for r in s.readers)}; dropped so far: {s.skipped}, "
+                    f"max_length={s.max_length})"
                 )
                 if s.epochs is None or s.epochs > 1:  # every further epoch would be empty too
                     raise ConfigError(f"{why}; use fewer processes, a larger cache or a larger max_length")
                 log.warning("%s", why)
+            else:
+                log.info("%s: epoch %d yielded %d samples; dropped so far: %s", s.where, self._epoch,
+                         self._yielded, s.skipped)  # fmt: skip
             self._epoch += 1
             self._yielded = 0
             self._rng = s.epoch_rng(self._epoch)

@@ -1,18 +1,22 @@
-"""Experiment trackers: every metrics record of a run also goes to TensorBoard (``--report-to``).
+"""Experiment trackers: every metrics record of a run also goes to TensorBoard or W&B (``--report-to``).
 
     fusion-cache train ... --report-to tensorboard   # event files in <out>/tensorboard/ (tensorboard --logdir <out>)
+    WANDB_MODE=offline fusion-cache train ... --report-to wandb   # <out>/wandb/offline-run-*; `wandb sync` uploads it
 
-TensorBoard is an optional extra (``pip install 'fusion-cache[tensorboard]'``), imported only when chosen;
-``metrics.jsonl`` is written either way and stays the run's record. Only rank 0 reports. A resumed run reports from
-its checkpoint's step on: TensorBoard drops the events the killed run logged after it (``purge_step``).
+Both are optional extras (``pip install 'fusion-cache[tensorboard]'``, ``'fusion-cache[wandb]'``), imported only
+when chosen; ``metrics.jsonl`` is written either way and stays the run's record. Only rank 0 reports. A resumed run
+reports from its checkpoint's step on: TensorBoard drops the events the killed run logged after it (``purge_step``);
+W&B continues the same run (its id is kept in ``<out>/wandb/run_id``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Protocol
 
+from fusion_cache.errors import ConfigError
 from fusion_cache.errors import MissingDependencyError
 
 
@@ -73,8 +77,45 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+class WandbTracker:
+    """Metrics ``train/<metric>`` and the resolved config as a W&B run under ``<out>/wandb/`` (needs ``wandb``).
+
+    The project is ``$WANDB_PROJECT`` (default ``fusion-cache``), the run's name the run directory's. W&B's own
+    settings come from its environment (``WANDB_MODE=offline``, ``WANDB_ENTITY``, ``WANDB_API_KEY``, ...).
+    """
+
+    def __init__(self, out: Path, config: dict, resume_step: int = 0):
+        try:
+            import wandb
+        except ImportError as e:
+            raise MissingDependencyError("--report-to wandb needs wandb: pip install 'fusion-cache[wandb]'") from e
+        out = Path(out)
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
+        id_file = out / "wandb" / "run_id"
+        run_id = id_file.read_text().strip() if resume_step and id_file.is_file() else None
+        # console="off": W&B's console capture would wrap stderr and record every redraw of the progress bar
+        settings = wandb.Settings(console="off", quiet=True)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fusion-cache"), dir=str(out),
+                                  name=out.name, config=config, id=run_id, resume="allow" if run_id else None,
+                                  settings=settings, reinit="create_new")  # fmt: skip
+        except wandb.Error as e:  # no API key and no offline mode, the server unreachable, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"report_to: wandb could not start a run ({first}); run `wandb login`, or set WANDB_MODE=offline "
+                "to keep the run local"
+            ) from e
+        id_file.write_text(self.run.id + "\n")
+
+    def log(self, record: dict, step: int) -> None:
+        self.run.log({f"train/{k}": v for k, v in _scalars(record).items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 # name -> tracker class (`TrainConfig.report_to` takes its choices from here)
-TRACKERS: dict[str, type] = {"none": NoTracker, "tensorboard": TensorBoardTracker}
+TRACKERS: dict[str, type] = {"none": NoTracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker}
 TRACKER_NAMES: tuple[str, ...] = tuple(TRACKERS)
 
 

@@ -47,6 +47,9 @@ from fusion_cache.models.load import load_student
 from fusion_cache.models.load import load_tokenizer
 from fusion_cache.train import distributed
 from fusion_cache.train.batch import collate
+from fusion_cache.train.check import CheckReport
+from fusion_cache.train.check import check_caches
+from fusion_cache.train.check import student_vocab_size
 from fusion_cache.train.checkpoint import check_same_settings
 from fusion_cache.train.checkpoint import latest_checkpoint
 from fusion_cache.train.checkpoint import load_checkpoint
@@ -273,9 +276,11 @@ def _save(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, examples, pr
 
 # ------------------------------------------------------------------------------------------- the run
 OnBatch = Callable[[int, list[Example]], None]
+OnCheck = Callable[[CheckReport], None]
 
 
-def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | None = None) -> TrainResult:
+def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | None = None,
+              on_check: OnCheck | None = None) -> TrainResult:  # fmt: skip
     """Train as ``cfg`` says and return the summary and the trained model.
 
     Under torchrun (WORLD_SIZE > 1) this joins the process group, and every rank must call it with the same
@@ -285,10 +290,11 @@ def run_train(cfg: TrainConfig, *, progress: bool = True, on_batch: OnBatch | No
         cfg: the run's settings.
         progress: show a progress bar (rank 0 only).
         on_batch: called with (step, examples) for every micro-batch this rank trains on (auditing, tests).
+        on_check: called (rank 0) with the pre-load check (`train.check`) once it passed, before the student loads.
     """
     ctx = distributed.setup(cfg.device)
     try:
-        result = _run(cfg, ctx, progress=progress, on_batch=on_batch)
+        result = _run(cfg, ctx, progress=progress, on_batch=on_batch, on_check=on_check)
     except BaseException:
         distributed.teardown(ctx, ok=False)
         raise
@@ -380,14 +386,31 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, plan: TeacherPl
     )
 
 
-def _build(cfg: TrainConfig, ctx: DistContext) -> _Parts:
-    # the caches first: a loss a teacher's cache cannot serve is refused before the student loads
+def preflight(cfg: TrainConfig) -> tuple[object, TeacherPlan, CheckReport]:
+    """Everything a run checks before any work (its ``out`` untouched, the student's weights not loaded): the
+    signatures, each teacher's loss against its cache (`plan_teachers`), and `train.check` on a sample of rows
+    through this run's stream, the ids against the student's config.
+
+    Returns:
+        (the student's tokenizer, the teachers' plan, the check's report).
+
+    Raises:
+        ConfigError: an impossible combination, naming the field and the value.
+    """
     tokenizer = load_tokenizer(cfg.student)
-    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
-    total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
     if cfg.require_signature:  # before anything a manifest names (a teacher's tokenizer) is loaded
         check_signatures([CacheReader(d) for d in cfg.shards], list(cfg.trusted_key))
     plan = plan_teachers(cfg, tokenizer)
+    vocab = student_vocab_size(cfg.student)
+    check = check_caches(list(cfg.shards), tokenizer, student=cfg.student, student_vocab=vocab, losses=plan.losses,
+                         maps=plan.maps, align=cfg.align, max_length=cfg.max_length, coverage=False)  # fmt: skip
+    check.refuse()
+    return tokenizer, plan, check
+
+
+def _build(cfg: TrainConfig, ctx: DistContext, tokenizer, plan: TeacherPlan) -> _Parts:
+    rows = max(CacheReader(d).manifest.stats.rows for d in cfg.shards)  # steps count passes over the largest cache
+    total_steps, epochs_needed = plan_steps(cfg, rows, ctx.world_size)
     losses = plan.losses
     stream = make_stream(cfg, tokenizer, epochs_needed, plan, rank=ctx.rank, world_size=ctx.world_size)
     if cfg.require_signature:  # and the fingerprints the stream reads (it checks every shard against them)
@@ -474,7 +497,7 @@ class _MetricsLog:
 
 # What a run writes into ``out``: the files ``overwrite`` removes before a new run.
 RUN_FILES = ("metrics.jsonl", "summary.json", "train_config.json", "config.yaml", "eval.json", "report.png",
-             "report.md", "model", "checkpoints", "tensorboard")  # fmt: skip
+             "report.md", "model", "checkpoints", "tensorboard", "wandb")  # fmt: skip
 # Written by evaluating the run's model: out of date as soon as the model changes.
 STALE_AFTER_TRAINING = ("eval.json",)
 
@@ -523,16 +546,21 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None) -> TrainResult:
+def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatch | None,
+         on_check: OnCheck | None) -> TrainResult:  # fmt: skip
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    tokenizer, plan, check = preflight(cfg)  # refuses an impossible run before anything is written or loaded
+    log.info("%s", check.line())
+    if on_check is not None and ctx.is_main:
+        on_check(check)
     if ctx.is_main:
         prepare_out(cfg, out)
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier(ctx)  # the other ranks look for checkpoints once rank 0 has cleared an overwritten run
     if cfg.autocast == "bf16" and ctx.device.type == "cpu":
         log.warning("bf16 autocast on the CPU: slower than fp32 unless the CPU has AVX-512 bf16 or AMX")
-    p = _build(cfg, ctx)
+    p = _build(cfg, ctx, tokenizer, plan)
     examples, prog = _resume(cfg, ctx, out, p)
     if ctx.is_main:
         (out / "train_config.json").write_text(json.dumps(_config_dump(cfg), indent=2) + "\n")
@@ -590,6 +618,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
         "kd_loss": {name: loss.name for name, loss in zip(p.stream.names, p.losses, strict=True)},
         "world_size": ctx.world_size,
         "fusion": p.stream.counts(),
+        "check": check.line(),
         **run_record(cfg),
     }
     log.info("join and alignment counts: %s", json.dumps(p.stream.counts()))

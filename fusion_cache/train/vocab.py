@@ -373,7 +373,7 @@ def coverage_report(cache: str, student_tokenizer: Any, *, limit: int | None = N
     reader = CacheReader(cache)
     # the student's view of each row, as training renders it (max_length: no truncation here)
     view = DistillStream([cache], student_tokenizer, chat_template=has_chat_template(student_tokenizer),
-                         max_length=1 << 30)  # fmt: skip
+                         max_length=1 << 30, rank=0, world_size=1)  # fmt: skip
     if view.same_tokenizer[0]:
         raise ConfigError(f"{cache}: the student has the teacher's tokenizer; every token maps to itself")
     vmap = vocab_map(teacher_tokenizer(reader.manifest), student_tokenizer)

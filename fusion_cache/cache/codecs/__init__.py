@@ -4,7 +4,7 @@ One module per codec, each one `Codec` class owning its Arrow columns, encode an
 build time and recorded in the manifest and every shard's schema metadata:
 
 - ``full`` (full.py): ids as per-shard ranks in grouped byte planes, quantized values, tail mass, the target
-  log-probs outside the top-K; zstd. Layouts 1 and 2 of earlier versions are still read.
+  log-probs outside the top-K; zstd. Layouts 1 to 3 of earlier versions are still read.
 - ``values`` (values.py): the sorted values only (ULD needs nothing else), quantized; zstd.
 - ``shape`` (shape.py): the sorted values' standardized shape only (the z-scored ULD loss only).
 - ``raw`` (raw.py): fp32 log-probs + int32 ids + fp32 target log-probs, uncompressed; the exact reference.
@@ -51,7 +51,7 @@ __all__ = [
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (FullCodec, ValuesCodec, ShapeCodec, RawCodec, SampledCodec)}
 CODEC_NAMES = tuple(CODECS)  # ("full", "values", "shape", "raw", "sampled")
-LATEST_SCHEMA_VERSION = 3  # fusion_cache/cache/schema.py re-exports it as SCHEMA_VERSION
+LATEST_SCHEMA_VERSION = 4  # fusion_cache/cache/schema.py re-exports it as SCHEMA_VERSION
 
 
 def get_codec(name: str) -> type[Codec]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from abc import ABC
 from abc import abstractmethod
 from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field
 from dataclasses import fields
 from typing import ClassVar
 
@@ -41,6 +43,7 @@ class AnswerSpans:
         input_ids: int32 [sum of n_tokens], every row's tokens, concatenated.
         ids_offsets: int64 [R + 1], each row's first token in ``input_ids``.
         answer_start: int64 [R], each row's first answer token.
+        id_orders: the id orders the rows may name, by key (``full`` layout 4: the manifest's, `id_order_key`).
     """
 
     k: int
@@ -50,6 +53,7 @@ class AnswerSpans:
     input_ids: np.ndarray
     ids_offsets: np.ndarray
     answer_start: np.ndarray
+    id_orders: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -135,6 +139,15 @@ class Codec(ABC):
         """(schema metadata the codec adds to a shard, the id order its encode takes) from the shard's first rows;
         only the ``full`` codec has any (its per-shard id order)."""
         return {}, None
+
+    def shard_entry(self, order: np.ndarray | None) -> dict:
+        """Fields the codec adds to a shard's manifest entry, from the state `shard_metadata` returned; none here
+        (``full`` layout 4: its ``id_order``). Their names are `shard_entry_fields`."""
+        return {}
+
+    def shard_entry_fields(self) -> tuple[str, ...]:
+        """The names of the fields `shard_entry` adds: every shard's manifest entry has exactly these."""
+        return ()
 
     # ---------------------------------------------------------------- encode / decode
     @abstractmethod

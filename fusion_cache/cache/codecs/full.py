@@ -1,6 +1,10 @@
 """The ``full`` codec: ids, quantized values, tail mass and target log-probs, zstd (docs/cache-format.md section 1.2).
 
-Layout 3 (schema version 3, what a build writes): ids as per-shard ranks (codecs/ids.py) split into byte planes
+Layout 4 (schema version 4, what a build writes) is layout 3 with the shard's id order moved out of the schema
+metadata, which ``datasets.load_dataset`` and the Hub's parquet conversion drop, into the shard's manifest entry;
+each row names it in its ``topk_id_order`` column (codecs/ids.py says why and how; ~0.01 B/token).
+
+Layout 3 (schema version 3): ids as per-shard ranks (codecs/ids.py) split into byte planes
 (byte i of every rank), each plane one Arrow column per group of rank columns, so zstd gives each group its own
 Huffman table; values quantized relative to the row maximum with a log companding (codecs/quantize.py), their code
 deltas grouped the same way; the tail mass (1 - sum of the top-K probabilities) as fp16; target log-probs only where
@@ -8,9 +12,9 @@ the answer token is not among the top-K ids (elsewhere they are the decoded valu
 optimal parsing codes the high rank plane and the value codes near their order-0 entropy, where level 3's greedy
 matches lose 6.8 B/token on them at K=64).
 
-Still read: layout 2 (schema version 3, the same but each rank as a bucket byte plus bit-packed offsets,
-codecs/buckets.py: 1.2 B/token smaller at the same level, ids ~2.5x slower to decode) and layout 1 (schema version
-2, no ``layout`` key: ungrouped byte planes, square-root companding, every target log-prob as fp16).
+Still read: layout 3 (above), layout 2 (schema version 3, the same but each rank as a bucket byte plus bit-packed
+offsets, codecs/buckets.py: 1.2 B/token smaller at the same level, ids ~2.5x slower to decode) and layout 1 (schema
+version 2, no ``layout`` key: ungrouped byte planes, square-root companding, every target log-prob as fp16).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from fusion_cache.cache.codecs.base import DECODE_CHUNK
 from fusion_cache.cache.codecs.base import AnswerSpans
@@ -36,6 +41,8 @@ from fusion_cache.cache.codecs.buckets import decode_bucket_ids
 from fusion_cache.cache.codecs.buckets import encode_bucket_ids
 from fusion_cache.cache.codecs.ids import ID_ORDER_KEY
 from fusion_cache.cache.codecs.ids import decode_rank_planes
+from fusion_cache.cache.codecs.ids import id_order_doc
+from fusion_cache.cache.codecs.ids import id_order_key
 from fusion_cache.cache.codecs.ids import id_order_metadata
 from fusion_cache.cache.codecs.ids import id_plane_columns
 from fusion_cache.cache.codecs.ids import ids_to_ranks
@@ -56,8 +63,15 @@ from fusion_cache.cache.row import CacheRow
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
 
-FULL_LAYOUT = 3  # the layout a build writes; layout 2 and layout 1 (no "layout" key, schema version 2) are still read
-FULL_LAYOUTS = (2, 3)  # the layouts schema version 3 has
+FULL_LAYOUT = 4  # the layout a build writes; layouts 3, 2 and 1 (no "layout" key, schema version 2) are still read
+# the layouts each schema version has (version 2: layout 1 only, no "layout" key); later versions have the last's
+FULL_LAYOUTS = {3: (2, 3), 4: (4,)}
+ORDER_COLUMN = "topk_id_order"  # layout 4: the `id_order_key` of the shard's id order, in every row
+
+
+def full_layouts(schema_version: int) -> tuple[int, ...]:
+    """The ``layout`` values of the full codec in ``schema_version`` (>= 3)."""
+    return FULL_LAYOUTS[min(schema_version, max(FULL_LAYOUTS))]
 
 
 def id_bytes_for_vocab(vocab_size: int) -> int:
@@ -73,7 +87,8 @@ class FullCodec(QuantizedCodec):
         value_bits: bits per value code (2..16).
         id_bytes: bytes per token id (1..4; 1..3 for layouts 2 and 3).
         zstd_level: zstd level of the Arrow IPC buffer compression.
-        layout: 3 or 2 (schema version 3), or None for layout 1 (schema version 2, no "layout" key).
+        layout: 4 (schema version 4), 3 or 2 (schema version 3), or None for layout 1 (schema version 2, no
+            "layout" key).
     """
 
     id_bytes: int
@@ -93,13 +108,18 @@ class FullCodec(QuantizedCodec):
 
     @property
     def companding(self) -> str:
-        """ "sqrt" for layout 1, "log" for layouts 2 and 3."""
+        """ "sqrt" for layout 1, "log" for layouts 2 to 4."""
         return "sqrt" if self.layout is None else "log"
 
     @property
     def grouped(self) -> bool:
-        """Layouts 2 and 3: column groups, log companding, targets only outside the top-K."""
+        """Layouts 2 to 4: column groups, log companding, targets only outside the top-K."""
         return self.layout is not None
+
+    @property
+    def order_in_manifest(self) -> bool:
+        """Layout 4: the id order is in the shard's manifest entry, named by each row's ``topk_id_order``."""
+        return self.layout is not None and self.layout >= 4
 
     # ---------------------------------------------------------------- parameters
     @classmethod
@@ -110,7 +130,8 @@ class FullCodec(QuantizedCodec):
     @classmethod
     def from_params(cls, read: Callable[[str, int, int], int], schema_version: int) -> FullCodec:
         bits, level = read("value_bits", *VALUE_BITS), read("zstd_level", *ZSTD_LEVELS)
-        layout = read("layout", FULL_LAYOUTS[0], FULL_LAYOUTS[-1]) if schema_version >= 3 else None
+        layouts = full_layouts(schema_version) if schema_version >= 3 else None
+        layout = read("layout", layouts[0], layouts[-1]) if layouts else None
         id_bytes = read("id_bytes", 1, 4 if layout is None else 3)
         return cls(value_bits=bits, id_bytes=id_bytes, zstd_level=level, layout=layout)
 
@@ -126,7 +147,7 @@ class FullCodec(QuantizedCodec):
 
     # ---------------------------------------------------------------- storage
     def columns(self, k: int | None = None) -> dict[str, pa.DataType]:
-        """The columns in schema order; those of layouts 2 and 3 depend on ``k`` (their column groups)."""
+        """The columns in schema order; those of layouts 2 to 4 depend on ``k`` (their column groups)."""
         f16, u8 = pa.list_(pa.float16()), pa.list_(pa.uint8())
         codes = pa.list_(self.code_type)
         if not self.grouped:
@@ -140,16 +161,25 @@ class FullCodec(QuantizedCodec):
             cols = {f"topk_id_buckets_g{g}": u8 for g in range(len(id_groups(k)))}
             cols["topk_id_offsets"] = u8
         else:
-            cols = {name: u8 for name in id_plane_columns(self.id_bytes, k)}
+            cols = {ORDER_COLUMN: pa.string()} if self.order_in_manifest else {}
+            cols.update({name: u8 for name in id_plane_columns(self.id_bytes, k)})
         cols.update({"topk_max": f16, "topk_span": f16})
         cols.update({f"topk_codes_g{g}": codes for g in range(len(code_groups(k)))})
         cols.update({"tail_mass": f16, "target_logprobs_missing": f16})
         return cols
 
     def shard_metadata(self, first_rows: list[CacheRow]) -> tuple[dict[bytes, bytes], np.ndarray]:
-        """The shard's id order, from the ids of its first rows (its first record batch)."""
+        """The shard's id order, from the ids of its first rows (its first record batch); in the schema metadata
+        up to layout 3, in the manifest entry (`shard_entry`) from layout 4."""
         order = make_id_order(np.concatenate([r.topk_ids.reshape(-1) for r in first_rows]))
-        return {ID_ORDER_KEY: id_order_metadata(order)}, order
+        return ({} if self.order_in_manifest else {ID_ORDER_KEY: id_order_metadata(order)}), order
+
+    def shard_entry(self, order: np.ndarray | None) -> dict:
+        """Layout 4: ``{"id_order": ...}``, the shard's id order for its manifest entry."""
+        return {"id_order": id_order_doc(order)} if self.order_in_manifest else {}
+
+    def shard_entry_fields(self) -> tuple[str, ...]:
+        return ("id_order",) if self.order_in_manifest else ()
 
     # ---------------------------------------------------------------- encode
     def encode(self, rows: list[CacheRow], k: int, id_order: np.ndarray | None = None) -> dict[str, pa.Array]:
@@ -181,6 +211,8 @@ class FullCodec(QuantizedCodec):
         total = ids.shape[0]
         ranks = ids_to_ranks(ids, id_order)
         out = {}
+        if self.order_in_manifest:  # the same key in every row: zstd stores it once per record batch
+            out[ORDER_COLUMN] = pa.array([id_order_key(id_order)] * len(rows), pa.string())
         if self.layout == 2:
             buckets, offset_bytes, nbytes = encode_bucket_ids(ranks.reshape(-1), n * k, self.id_bytes)
             buckets = buckets.reshape(total, k)
@@ -245,17 +277,62 @@ class FullCodec(QuantizedCodec):
         return expected
 
     def _decode_ids(self, batch: pa.RecordBatch, parts: dict, spans: AnswerSpans) -> np.ndarray:
-        """int32 [total, K] token ids: the ranks of the layout's columns through the shard's id order."""
+        """int32 [total, K] token ids: the ranks of the layout's columns through each row's id order."""
+        orders, row_order = self._row_orders(batch, spans)
+        if row_order is None:  # one order (every shard read as a shard): the fast path
+            return self._decode_ranks(batch, parts, spans, orders[0])
+        # rows of several shards (a dataset's rows): decode the ranks once, then map each row's through its order
+        ranks = self._decode_ranks(batch, parts, spans, None)
+        of_position = np.repeat(row_order, spans.n_answer)
+        ids = np.empty_like(ranks)
+        for j, order in enumerate(orders):
+            at = of_position == j
+            ids[at] = self._decode_ranks_from(ranks[at], order)
+        return ids
+
+    def _row_orders(self, batch: pa.RecordBatch, spans: AnswerSpans) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """(the distinct id orders of the batch's rows, each row's index into them; None when there is one)."""
+        shard = spans.shard
+        if not self.order_in_manifest:
+            return [parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), self.id_bytes, shard)], None
+        col = batch.column(ORDER_COLUMN)
+        if col.null_count:
+            raise ShardFormatError(f"{shard}: column {ORDER_COLUMN!r} has nulls")
+        if len(col) == 0:
+            return [np.zeros(0, np.int64)], None  # no ids to decode
+        keys, index = pc.unique(col).to_pylist(), None  # one key: the rows of one shard (~4 us a record batch)
+        if len(keys) > 1:  # rows of several shards (a dataset's): each row's index into the keys
+            enc = col.dictionary_encode()
+            keys, index = enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
+        for j, key in enumerate(keys):
+            if key not in spans.id_orders:
+                r = 0 if index is None else int(np.flatnonzero(index == j)[0])
+                raise ShardFormatError(
+                    f"{shard}: row {r}: column {ORDER_COLUMN!r} names id order {key[:32]!r}, which the manifest does "
+                    "not hold (for this shard): its id_order was edited, or the row belongs to another cache"
+                )
+        orders = [spans.id_orders[key] for key in keys]
+        return orders, (None if len(keys) <= 1 else index)
+
+    def _decode_ranks_from(self, ranks: np.ndarray, order: np.ndarray) -> np.ndarray:
+        """Token ids of decoded ranks through one id order."""
+        if self.id_bytes <= 2:
+            return np.take(rank_table(order, 1 << (8 * self.id_bytes)), ranks)
+        return ranks_to_ids(ranks, order)
+
+    def _decode_ranks(
+        self, batch: pa.RecordBatch, parts: dict, spans: AnswerSpans, order: np.ndarray | None
+    ) -> np.ndarray:
+        """int32 [total, K]: the ranks of the layout's columns, mapped through ``order`` unless it is None."""
         k, total, shard, id_bytes = spans.k, spans.total, spans.shard, self.id_bytes
-        order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), id_bytes, shard)
         # 1- and 2-byte ids: one gather through the whole rank -> id table, inside the rank decoders
-        table = rank_table(order, 1 << (8 * id_bytes)) if id_bytes <= 2 else None
+        table = rank_table(order, 1 << (8 * id_bytes)) if id_bytes <= 2 and order is not None else None
         if self.layout == 2:
             buckets = _gather_groups(parts, "topk_id_buckets_g", id_groups(k), total, k).reshape(-1)
             off_off, off_bytes = list_parts(batch.column("topk_id_offsets"), shard, "topk_id_offsets")
             counts = spans.n_answer * k
             ranks = decode_bucket_ids(buckets, off_bytes, np.diff(off_off), counts, id_bytes, shard, table)
-        elif self.layout == 3:
+        elif self.layout is not None:  # layouts 3 and 4
             n_groups = len(id_groups(k))
             names = id_plane_columns(id_bytes, k)
             planes = [[parts[names[i * n_groups + g]] for g in range(n_groups)] for i in range(id_bytes)]
@@ -263,7 +340,9 @@ class FullCodec(QuantizedCodec):
         else:
             ranks = unpack_ids([parts[f"topk_ids_b{i}"] for i in range(id_bytes)])
             ranks = ranks if table is None else np.take(table, ranks)
-        return (ranks if table is not None else ranks_to_ids(ranks, order)).reshape(total, k)
+        if table is None and order is not None:
+            ranks = ranks_to_ids(ranks, order)
+        return ranks.reshape(total, k)
 
 
 def _gather_groups(parts: dict, prefix: str, groups: list, total: int, width: int) -> np.ndarray:

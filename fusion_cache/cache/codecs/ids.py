@@ -2,8 +2,14 @@
 
 The `full` codec stores each id's rank in a per-shard order instead of the id itself (`make_id_order`): frequent ids
 get small ranks, so the high byte plane is mostly zero and the low one skewed, which zstd's Huffman stage exploits
-(108.6 -> 96.1 B/token at K=64 on SmolLM2 output, the order costing 0.45 B/token). Layout 3 stores the ranks as
-byte planes (`pack_ids`), each cut into the column groups `id_groups`; layout 2's bucket coding is in buckets.py.
+(108.6 -> 96.1 B/token at K=64 on SmolLM2 output, the order costing 0.45 B/token). Layouts 3 and 4 store the ranks
+as byte planes (`pack_ids`), each cut into the column groups `id_groups`; layout 2's bucket coding is in buckets.py.
+
+Where the order lives: layouts 1-3 keep it in the shard's schema metadata (``ID_ORDER_KEY``), which
+``datasets.load_dataset`` and the Hub's parquet conversion drop. Layout 4 (schema version 4) keeps it in the shard's
+manifest entry (``"id_order"``: `id_order_doc`) and names it in every row's ``topk_id_order`` column by its content
+hash (`id_order_key`): a row decodes wherever it goes (shuffled, filtered, converted) as long as the manifest travels
+with it, and the shard's sha256 (which covers the key) pins the manifest's order, so the fingerprint covers it.
 
 The numpy decoder is the reference: where numba is installed, layout 3's rank planes go through a compiled loop
 with the same results bit for bit (fusion_cache/cache/fast_decode.py; ``FUSION_CACHE_DECODER=numpy`` turns it off).
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 
 import numpy as np
@@ -65,11 +72,12 @@ def make_id_order(ids: np.ndarray) -> np.ndarray:
     return u[np.lexsort((u, -cls))]
 
 
-def id_order_metadata(order: np.ndarray) -> bytes:
-    """Serialize an order as the JSON stored under ``ID_ORDER_KEY`` (docs/cache-format.md section 1.2).
+def id_order_doc(order: np.ndarray) -> dict:
+    """Serialize an order as JSON-ready ``{"runs": [...], "count": U, "zstd_b64": "..."}`` (docs/cache-format.md
+    section 1.2): the manifest entry of a layout 4 shard, and (as bytes) the schema metadata of layouts 1-3.
 
     The order is cut into runs of ascending ids; each run is stored as deltas from 0 (first) and from the previous
-    id, as uint32 little-endian, zstd-compressed and base64-encoded: {"runs": [...], "count": U, "zstd_b64": "..."}.
+    id, as uint32 little-endian, zstd-compressed and base64-encoded.
     """
     order = np.asarray(order, dtype=np.int64)
     breaks = np.flatnonzero(np.diff(order) <= 0) + 1
@@ -79,21 +87,33 @@ def id_order_metadata(order: np.ndarray) -> bytes:
     deltas[starts] = order[starts]
     raw = deltas.astype("<u4").tobytes()
     packed = pa.Codec("zstd", compression_level=19).compress(raw, asbytes=True)
-    doc = {"runs": runs, "count": int(order.size), "zstd_b64": base64.b64encode(packed).decode()}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return {"runs": runs, "count": int(order.size), "zstd_b64": base64.b64encode(packed).decode()}
+
+
+def id_order_metadata(order: np.ndarray) -> bytes:
+    """The order as the schema metadata value under ``ID_ORDER_KEY`` (layouts 1-3): `id_order_doc` as JSON bytes."""
+    return json.dumps(id_order_doc(order), separators=(",", ":")).encode()
+
+
+def id_order_key(order: np.ndarray) -> str:
+    """The content hash that a layout 4 row's ``topk_id_order`` column holds: blake2b-128 hex of the order's ids as
+    uint32 little-endian (of the ids, not of their serialization, so any valid encoding of the order matches)."""
+    return hashlib.blake2b(np.asarray(order).astype("<u4").tobytes(), digest_size=16).hexdigest()
 
 
 _ORDER_CACHE: dict[bytes, np.ndarray] = {}
 
 
-def parse_id_order(meta: bytes | None, id_bytes: int, shard: str) -> np.ndarray:
-    """The order stored in a shard's metadata (validated: distinct ids in range). Cached per distinct value."""
+def parse_id_order(meta: bytes | dict | None, id_bytes: int, shard: str) -> np.ndarray:
+    """The order from a shard's schema metadata value (bytes, layouts 1-3) or manifest entry (dict, layout 4),
+    validated: distinct ids in range. Cached per distinct value."""
     if meta is None:
         raise ShardFormatError(f"{shard}: schema metadata key {ID_ORDER_KEY.decode()!r} (the id order) is missing")
-    if meta in _ORDER_CACHE:
-        return _ORDER_CACHE[meta]
+    cache_key = meta if isinstance(meta, bytes) else json.dumps(meta, sort_keys=True).encode()
+    if cache_key in _ORDER_CACHE:
+        return _ORDER_CACHE[cache_key]
     try:
-        doc = json.loads(meta)
+        doc = json.loads(meta) if isinstance(meta, bytes) else meta
         runs, count = doc["runs"], doc["count"]
         if type(count) is not int or not 0 <= count <= 1 << (8 * id_bytes):
             raise ValueError(f"count {count!r} out of range")
@@ -102,7 +122,7 @@ def parse_id_order(meta: bytes | None, id_bytes: int, shard: str) -> np.ndarray:
         raw = pa.Codec("zstd").decompress(base64.b64decode(doc["zstd_b64"], validate=True), count * 4, asbytes=True)
         deltas = np.frombuffer(raw, dtype="<u4").astype(np.int64)
     except (ValueError, KeyError, TypeError, binascii.Error, pa.ArrowException) as e:
-        raise ShardFormatError(f"{shard}: id order metadata is corrupt: {e}") from None
+        raise ShardFormatError(f"{shard}: id order is corrupt: {e}") from None
     order = np.cumsum(deltas)
     if count:
         starts = np.concatenate([[0], np.cumsum(runs)[:-1]])
@@ -112,7 +132,7 @@ def parse_id_order(meta: bytes | None, id_bytes: int, shard: str) -> np.ndarray:
         raise ShardFormatError(f"{shard}: id order holds ids out of range or repeated")
     if len(_ORDER_CACHE) > 64:
         _ORDER_CACHE.clear()
-    _ORDER_CACHE[meta] = order
+    _ORDER_CACHE[cache_key] = order
     return order
 
 

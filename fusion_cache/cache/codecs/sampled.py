@@ -69,7 +69,7 @@ class SampledCodec(Codec):
 
     name = "sampled"
     description = "N tokens drawn from the teacher's softmax (--sampling rs): ids + counts + log-probs, zstd"
-    since_version = 3
+    since_version = 4
     has_ids = True
     has_targets = True
     default_zstd_level = 16  # as full: optimal parsing packs the rank planes and counts near their entropy

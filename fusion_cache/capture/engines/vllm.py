@@ -78,13 +78,38 @@ def _cpu_ids() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def configure_vllm_env(model_path: str, *, on_cpu: bool, kv_cache_gib: int | None) -> None:
+def cpu_binding(cpus: Sequence[int], ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` tensor-parallel workers on ``cpus``: the CPUs split into that many
+    contiguous groups, one per rank, ``|``-separated (``"0-3|4-7"``); ranges where a group is contiguous.
+
+    Raises:
+        ConfigError: fewer CPUs than ranks.
+    """
+    if ranks > len(cpus):
+        raise ConfigError(
+            f"tensor_parallel_size: {ranks} needs a CPU per rank on the CPU backend; this process may use "
+            f"{len(cpus)} ({','.join(map(str, cpus))})"
+        )
+    per, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        group = list(cpus[start : start + per + (r < extra)])
+        start += len(group)
+        contiguous = len(group) > 1 and group == list(range(group[0], group[-1] + 1))
+        groups.append(f"{group[0]}-{group[-1]}" if contiguous else ",".join(map(str, group)))
+    return "|".join(groups)
+
+
+def configure_vllm_env(
+    model_path: str, *, on_cpu: bool, kv_cache_gib: int | None, tensor_parallel_size: int = 1
+) -> None:
     """Set the environment vLLM reads at start-up; ``setdefault`` throughout, so a user's own value wins.
 
     Args:
         model_path: the model; a local directory switches the Hugging Face hub offline.
         on_cpu: whether vLLM will run on the CPU backend.
-        kv_cache_gib: KV cache size in GiB on CPU (default 2).
+        kv_cache_gib: KV cache size in GiB on CPU (default 2), per tensor-parallel rank.
+        tensor_parallel_size: workers the model is split over; on CPU each gets its own share of the CPUs.
     """
     # One process instead of three (API, engine core, worker): start-up drops from ~35 s to ~10 s on CPU and no
     # `if __name__ == "__main__"` guard is needed.
@@ -99,10 +124,8 @@ def configure_vllm_env(model_path: str, *, on_cpu: bool, kv_cache_gib: int | Non
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib if kv_cache_gib is not None else 2))
         # vLLM's "auto" binding keeps one core back and runs the model on the rest (1 of 2 cores here).
         cpus = _cpu_ids()
-        contiguous = cpus == list(range(cpus[0], cpus[-1] + 1))
-        bind = f"{cpus[0]}-{cpus[-1]}" if contiguous else ",".join(map(str, cpus))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
-        os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(cpus, tensor_parallel_size))
+        os.environ.setdefault("OMP_NUM_THREADS", str(len(cpus) // tensor_parallel_size))
 
 
 def llm_kwargs(
@@ -122,11 +145,11 @@ def llm_kwargs(
     """The keyword arguments of vLLM's ``LLM(...)`` for a capture engine (see `VLLMEngine` for the arguments).
 
     One process runs the model (``distributed_executor_backend="uni"``) unless the teacher is split over several
-    GPUs: then vLLM's multiprocess executor starts one worker per GPU. ``engine_args`` add to or override the others,
-    except `RESERVED_ENGINE_ARGS`.
+    GPUs (or CPU groups): then vLLM's multiprocess executor starts one worker per GPU (per group of cores, see
+    `cpu_binding`). ``engine_args`` add to or override the others, except `RESERVED_ENGINE_ARGS`.
 
     Raises:
-        ConfigError: ``engine_args`` sets a reserved argument, or ``tensor_parallel_size`` > 1 on a CPU.
+        ConfigError: ``engine_args`` sets a reserved argument.
     """
     engine_args = dict(engine_args or {})
     reserved = sorted(set(engine_args) & set(RESERVED_ENGINE_ARGS))
@@ -135,8 +158,6 @@ def llm_kwargs(
             f"engine_args: {reserved} may not be set here (options of their own, or what the capture relies on); "
             f"reserved: {', '.join(RESERVED_ENGINE_ARGS)}"
         )
-    if tensor_parallel_size > 1 and on_cpu:
-        raise ConfigError(f"tensor_parallel_size: {tensor_parallel_size} needs GPUs; vLLM runs on the CPU here")
     kwargs: dict[str, Any] = dict(
         model=model_path,
         dtype=dtype,
@@ -329,15 +350,16 @@ class VLLMEngine:
             the memory of long inputs: an 8k-token row of SmolLM2 (V=49152) peaks at +0.8 GiB RSS with 2048.
         seed: vLLM's global seed.
         kv_cache_gib: CPU KV-cache size in GiB (default 2; ``VLLM_CPU_KVCACHE_SPACE`` overrides it).
-        tensor_parallel_size: GPUs the teacher is split over (a 24B teacher in bf16 needs two 40 GB GPUs); above 1
-            vLLM's multiprocess executor runs one worker per GPU, and the answer-only logits hook (which patches
-            this process's model runner) is off: every prompt position is scored, with the same answer rows.
+        tensor_parallel_size: GPUs the teacher is split over (a 24B teacher in bf16 needs two 40 GB GPUs; on a CPU,
+            groups of cores, `cpu_binding`); above 1 vLLM's multiprocess executor runs one worker per GPU, and the
+            answer-only logits hook (which patches this process's model runner) is off: every prompt position is
+            scored, with the same answer rows.
         gpu_memory_utilization: share of each GPU's memory vLLM may use (None: vLLM's default, 0.9).
         engine_args: more ``LLM(...)`` arguments (quantization, kv_cache_dtype, enforce_eager, ...), see `llm_kwargs`.
 
     Raises:
         MissingDependencyError: vLLM is not installed.
-        ConfigError: a reserved ``engine_args`` key, or tensor parallelism on a CPU.
+        ConfigError: a reserved ``engine_args`` key, or on a CPU more tensor-parallel ranks than CPUs.
     """
 
     name = "vllm"
@@ -379,7 +401,8 @@ class VLLMEngine:
             engine_args=engine_args,
             revision=revision,
         )  # refuses bad options before vLLM's slow import
-        configure_vllm_env(self.model_path, on_cpu=on_cpu, kv_cache_gib=kv_cache_gib)
+        configure_vllm_env(self.model_path, on_cpu=on_cpu, kv_cache_gib=kv_cache_gib,
+                           tensor_parallel_size=tensor_parallel_size)  # fmt: skip
         try:
             from vllm import LLM
         except ImportError as exc:

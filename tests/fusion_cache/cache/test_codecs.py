@@ -21,6 +21,8 @@ from fusion_cache.cache.codecs import get_codec
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.codecs.ids import ID_ORDER_KEY
+from fusion_cache.cache.codecs.ids import id_order_key
+from fusion_cache.cache.codecs.ids import parse_id_order
 from fusion_cache.cache.fast_decode import use_decoder
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
@@ -66,14 +68,14 @@ def _rows(seed: int, k: int, lengths: list[int], vocab: int, scale: float) -> li
 
 
 def _codec(name, bits, vocab):
-    """(codec, schema version) for a test name: "full1" is full layout 1 in a version-2 shard, "full2" full layout 2
-    (both still read); "full" is the layout a build writes (3)."""
+    """(codec, schema version) for a test name: "full1" is full layout 1 in a version-2 shard, "full2" and "full3"
+    full layouts 2 and 3 of version 3 (all still read); "full" is the layout a build writes (4)."""
     if name == "full1":
         full = make_codec("full", value_bits=bits, vocab_size=vocab)
         return FullCodec(value_bits=bits, id_bytes=full.id_bytes, zstd_level=3), 2
-    if name == "full2":
+    if name in ("full2", "full3"):
         full = make_codec("full", value_bits=bits, vocab_size=vocab)
-        return FullCodec(value_bits=bits, id_bytes=full.id_bytes, zstd_level=3, layout=2), SCHEMA_VERSION
+        return FullCodec(value_bits=bits, id_bytes=full.id_bytes, zstd_level=3, layout=int(name[-1])), 3
     return make_codec(name, value_bits=None if name == "raw" else bits, vocab_size=vocab), SCHEMA_VERSION
 
 
@@ -86,7 +88,16 @@ def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
         w.write_batch(rows_to_batch(rows, schema, codec, k, order))
     batches = list(pa.ipc.open_stream(pa.BufferReader(sink.getvalue())))
-    return [r for b in batches for r in decode_record_batch(b, codec, k, "mem")]
+    orders = _orders(codec.shard_entry(order), codec)  # layout 4: the order its manifest entry would hold
+    return [r for b in batches for r in decode_record_batch(b, codec, k, "mem", id_orders=orders)]
+
+
+def _orders(entry: dict, codec) -> dict:
+    """The id orders a shard's manifest entry (or writer record) ``entry`` gives its rows, by key."""
+    if "id_order" not in entry:
+        return {}
+    order = parse_id_order(entry["id_order"], codec.id_bytes, "test")
+    return {id_order_key(order): order}
 
 
 @settings(max_examples=40, deadline=None)
@@ -96,7 +107,7 @@ def _round_trip(rows, codec, k, version=SCHEMA_VERSION):
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=4),
     vocab=st.sampled_from([64, 300, 70000]),
     scale=st.sampled_from([0.0, 0.5, 4.0, 30.0]),
-    name=st.sampled_from(["raw", "full", "full2", "full1", "values", "shape"]),
+    name=st.sampled_from(["raw", "full", "full3", "full2", "full1", "values", "shape"]),
     bits=st.integers(2, 16),
 )
 def test_every_codec_round_trips(decoder, seed, k, lengths, vocab, scale, name, bits):
@@ -168,7 +179,8 @@ def test_every_registered_codec_round_trips_through_writer_and_reader(name, deco
             stream = pa.ipc.open_stream(pa.memory_map(str(tmp_path / shard["path"])))
             stored = parse_codec(json.loads(stream.schema.metadata[METADATA_KEY])["codec"])
             assert stored == codec and type(stored) is get_codec(name)
-            dec += [r for b in stream for r in decode_record_batch(b, stored, k, shard["path"])]
+            orders = _orders(shard, stored)
+            dec += [r for b in stream for r in decode_record_batch(b, stored, k, shard["path"], id_orders=orders)]
     assert [r.sample_id for r in dec] == [r.sample_id for r in rows]
     bits = getattr(codec, "value_bits", None)  # None: exact values
     for a, b in zip(rows, dec, strict=True):
@@ -240,7 +252,7 @@ def codec_cache(request, tmp_path_factory, tiny_model_dir, data_file, hf_engine)
 def test_compact_build_matches_raw(codec_cache, built_cache):
     reader = CacheReader(codec_cache)
     m = reader.manifest
-    assert m.schema_version == 3 and m.codec["name"] == codec_cache.name
+    assert m.schema_version == SCHEMA_VERSION and m.codec["name"] == codec_cache.name
     assert reader.verify() == []
     raw = list(CacheReader(built_cache).iter_rows())
     got = list(reader.iter_rows())
@@ -386,7 +398,8 @@ def _check_doc_reader(codec_cache, monkeypatch):
     scope = {"seen": [], "got": [], "got_lps": [], "got_tgt": []}
     exec(snippet, scope)  # noqa: S102 - our own documentation
     reader = CacheReader(codec_cache)
-    first_rows = [next(iter(reader.decode_batch(b, "x"))) for _, b in reader.iter_batches()]
+    paths = [s.path for s in reader.manifest.shards]
+    first_rows = [next(iter(reader.decode_batch(b, paths[pos.shard]))) for pos, b in reader.iter_batches()]
     assert len(scope["got_lps"]) == len(first_rows) > 0
     for want, lps in zip(first_rows, scope["got_lps"], strict=True):
         np.testing.assert_allclose(lps, want.topk_logprobs, rtol=1e-6, atol=1e-5)
@@ -439,9 +452,10 @@ def test_v1_caches_are_still_read_and_v1_with_a_compact_codec_is_refused(cache_c
 
 
 def test_missing_or_corrupt_id_order_is_refused():
+    """Layouts 1-3: the order in the schema metadata."""
     rows = _rows(1, 8, [4, 3], 300, 4.0)
-    codec = make_codec("full", vocab_size=300)
-    prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    codec = FullCodec(value_bits=6, id_bytes=2, zstd_level=3, layout=3)
+    prov = {"schema_version": 3, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
     schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows)
     batch = rows_to_batch(rows, schema, codec, 8, order)
     meta = dict(schema.metadata)
@@ -456,6 +470,42 @@ def test_missing_or_corrupt_id_order_is_refused():
     for why, md in bad_metas.items():
         with pytest.raises(ShardFormatError, match=f"shard-o: .*{why}"):
             decode_record_batch(batch.replace_schema_metadata(md), codec, 8, "shard-o")
+
+
+def _layout4_batch(seed, lengths):
+    rows = _rows(seed, 8, lengths, 300, 4.0)
+    codec = make_codec("full", vocab_size=300)
+    prov = {"schema_version": SCHEMA_VERSION, "k": 8, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
+    schema, order = shard_schema_with_order(shard_schema(prov, codec), codec, rows[:1])
+    return rows, rows_to_batch(rows, schema, codec, 8, order), codec, order
+
+
+def test_layout4_rows_name_their_id_order_and_decode_only_through_it():
+    rows, batch, codec, order = _layout4_batch(1, [4, 3])
+    assert codec.layout == 4 and ID_ORDER_KEY not in (batch.schema.metadata or {})  # nothing in the schema metadata
+    assert batch.column("topk_id_order").to_pylist() == [id_order_key(order)] * 2
+    orders = _orders(codec.shard_entry(order), codec)
+    for a, b in zip(rows, decode_record_batch(batch, codec, 8, "shard-4", id_orders=orders), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    other = np.arange(300)[::-1].copy()
+    for orders in ({}, {id_order_key(other): other}):  # no order, or another shard's (an edited manifest's)
+        with pytest.raises(ShardFormatError, match="shard-4: row 0: column 'topk_id_order' names id order '[0-9a-f]"):
+            decode_record_batch(batch, codec, 8, "shard-4", id_orders=orders)
+
+
+def test_layout4_rows_of_several_shards_decode_each_through_its_own_order(decoder):
+    """A dataset's rows (shuffled, from several shards) in one batch: each row's ids through the order it names."""
+    rows_a, batch_a, codec, order_a = _layout4_batch(1, [4, 3])
+    rows_b, batch_b, _, order_b = _layout4_batch(2, [5, 2])
+    assert id_order_key(order_a) != id_order_key(order_b)
+    mixed = pa.Table.from_batches([batch_a, batch_b]).take([2, 0, 3, 1]).combine_chunks().to_batches()[0]
+    orders = {**_orders(codec.shard_entry(order_a), codec), **_orders(codec.shard_entry(order_b), codec)}
+    with use_decoder(decoder):
+        got = decode_record_batch(mixed, codec, 8, "mixed", id_orders=orders)
+    for a, b in zip([rows_b[0], rows_a[0], rows_b[1], rows_a[1]], got, strict=True):
+        assert a.sample_id == b.sample_id
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
 
 
 def test_training_on_a_shape_cache_refuses_modes_that_need_log_probs(codec_cache, tiny_model_dir, tmp_path):
@@ -557,6 +607,33 @@ def test_v3_full_layout2_caches_are_still_read(cache_copy, built_cache, tmp_path
         np.testing.assert_allclose(b.target_logprobs, a.target_logprobs, atol=0.05)
 
 
+def test_v3_full_layout3_caches_are_still_read(cache_copy, built_cache, tmp_path, monkeypatch):
+    """The previous version's default: the id order in each shard's schema metadata, none in the manifest."""
+    from datasets import load_dataset
+
+    from fusion_cache.hf import decode_dataset
+    from fusion_cache.hf import load_cache
+
+    layout3 = {"name": "full", "value_bits": 6, "id_bytes": 2, "zstd_level": 16, "layout": 3}
+    _rewrite_as_v2_full(cache_copy, tmp_path, layout3, version=3)
+    m = json.loads((cache_copy / "manifest.json").read_text())
+    assert m["schema_version"] == 3 and all("id_order" not in s for s in m["shards"])
+    _check_doc_reader(cache_copy, monkeypatch)  # the reader in the docs reads layout 3 too
+    reader = CacheReader(cache_copy)
+    assert reader.codec.layout == 3 and reader.verify() == [] and "topk_id_order" not in reader.columns
+    for a, b in zip(CacheReader(built_cache).iter_rows(), reader.iter_rows(), strict=True):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(b.topk_logprobs, a.topk_logprobs, atol=0.05)
+    assert len(load_cache(cache_copy)) == len(list(reader.iter_rows()))
+    files = sorted(str(p) for p in cache_copy.glob("shard-*.arrow"))
+    plain = load_dataset("arrow", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    with pytest.raises(ShardFormatError, match="schema_version 3 'full' cache keeps its id orders in the shards' sch"):
+        decode_dataset(plain, cache_copy)  # datasets dropped them: load_cache reads it
+    _edit(cache_copy, lambda m: m["shards"][0].update(id_order={"runs": [], "count": 0, "zstd_b64": ""}))
+    with pytest.raises(ShardFormatError, match="has 'id_order', which codec .* does not have"):
+        load_manifest(cache_copy)
+
+
 def test_shape_rows_of_equal_values_decode_to_zeros_and_bad_flat_lists_are_refused():
     codec = make_codec("shape")
     for k in (2, 5):
@@ -596,3 +673,12 @@ def test_corrupt_full_layout3_columns_are_named():
     cols.pop("topk_ids_b0_g3")
     with pytest.raises(ShardFormatError, match="shard-p: column 'topk_ids_b0_g3' is missing"):
         decode_record_batch(pa.RecordBatch.from_pydict(cols), codec, 8, "shard-p")
+
+
+def test_a_layout4_manifest_entry_without_its_id_order_is_refused(synthetic_caches, tmp_path):
+    cache = tmp_path / "full"
+    shutil.copytree(synthetic_caches["full"], cache)
+    assert CacheReader(cache).codec.layout == 4 and CacheReader(cache).verify() == []
+    _edit(cache, lambda m: m["shards"][1].pop("id_order"))
+    with pytest.raises(ShardFormatError, match="shards: shard-00001-of-00002.arrow lacks 'id_order', which codec"):
+        load_manifest(cache)

@@ -100,3 +100,29 @@ def test_clear_resume_records_leaves_only_the_cache(tmp_path):
     write_build_state(tmp_path, STATE)
     clear_resume_records(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.arrow"]
+
+
+def test_a_resumed_full_layout4_build_keeps_each_parts_id_order(tmp_path, synthetic_caches):
+    """The id order of a full layout 4 part lives in its record until the manifest takes it: a resumed writer's
+    shards equal an uninterrupted one's, id orders included."""
+    from fusion_cache.cache.reader import CacheReader
+    from fusion_cache.cache.writer import ShardWriter
+
+    reader = CacheReader(synthetic_caches["full"])
+    rows = list(reader.iter_rows())
+    m = reader.manifest
+    prov = {"schema_version": m.schema_version, "k": m.k, "codec": m.codec, "config_fingerprint": "0" * 64}
+    with ShardWriter(tmp_path / "whole", prov, shard_rows=2) as w:
+        w.write_rows(rows)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt), ShardWriter(work, prov, shard_rows=2) as killed:
+        killed.write_rows(rows[:5])  # parts 0 and 1 complete, part 2 open
+        raise KeyboardInterrupt
+    completed = load_completed_parts(work)
+    assert [p["rows"] for p in completed] == [2, 2] and all("id_order" in p for p in completed)
+    with ShardWriter(work, prov, shard_rows=2, completed=completed) as resumed:
+        resumed.write_rows(rows[4:])
+    assert len(w.shards) == 3 and resumed.shards == w.shards and all("id_order" in s for s in resumed.shards)
+    without = [{k: v for k, v in p.items() if k != "id_order"} for p in completed]
+    with pytest.raises(ValueError, match="part record 'part-00000.arrow' lacks \\['id_order'\\], which codec full"):
+        ShardWriter(tmp_path / "other", prov, completed=without)

@@ -1,16 +1,30 @@
-"""Caches at fsspec URLs: build into memory://, read, verify and inspect it there, and name a damaged shard."""
+"""Caches at fsspec URLs: build into memory://, read, verify and inspect it there, and name a damaged shard; remote
+shards read through the local shard cache once; remote errors are one line."""
 
 from __future__ import annotations
 
+import importlib.util
+import socket
+
 import fsspec
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.storage import CacheLocation
+from fusion_cache.cache.storage import is_transient
+from fusion_cache.cache.storage import remote_error
 from fusion_cache.cli.main import app
+from fusion_cache.errors import ConfigError
+from fusion_cache.errors import MissingDependencyError
+from fusion_cache.errors import ShardFormatError
 
 
-def test_build_read_and_verify_at_a_memory_url(built_cache, tiny_model_dir, data_file, hf_engine):
+def test_build_read_and_verify_at_a_memory_url(
+    built_cache, tiny_model_dir, data_file, hf_engine, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FUSION_CACHE_HOME", str(tmp_path / "home"))
     from fusion_cache.capture.build import run_build
     from fusion_cache.capture.config import BuildConfig
 
@@ -49,3 +63,63 @@ def test_build_read_and_verify_at_a_memory_url(built_cache, tiny_model_dir, data
     res = runner.invoke(app, ["verify", url])
     assert res.exit_code == 1 and "shard-00000-of-00002.arrow" in res.output
     fs.rm("/caches", recursive=True)
+
+
+def _memory_copy(directory, url: str) -> fsspec.AbstractFileSystem:
+    fs = fsspec.filesystem("memory")
+    for f in sorted(directory.iterdir()):
+        fs.pipe_file(url.removeprefix("memory://") + "/" + f.name, f.read_bytes())
+    return fs
+
+
+def test_remote_shards_are_fetched_and_hashed_once_then_read_locally(built_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSION_CACHE_HOME", str(tmp_path / "home"))
+    url = "memory://caches/once"
+    fs = _memory_copy(built_cache, url)
+    opened = []
+    real_open = fs.open
+    monkeypatch.setattr(fs, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    manifest = CacheReader(url).manifest
+    for _ in range(3):  # three epochs
+        assert len(list(CacheReader(url).iter_rows())) == manifest.stats.rows
+    assert sorted(opened) == sorted(f"/caches/once/{s.path}" for s in manifest.shards)  # each shard read once
+    assert sorted(p.name for p in (tmp_path / "home" / "shards").iterdir()) == sorted(s.sha256 for s in manifest.shards)
+    # the remote shard is replaced by other bytes: reads keep the verified copy, verify reads the URL and names it
+    shard = f"/caches/once/{manifest.shards[0].path}"
+    fs.pipe_file(shard, fs.cat_file(shard)[:-1] + b"x")
+    assert len(list(CacheReader(url).iter_rows())) == manifest.stats.rows
+    problems = CacheReader(url).verify()
+    assert len(problems) == 1 and problems[0].startswith(f"{manifest.shards[0].path}: sha256")
+    assert not list((tmp_path / "home" / "shards").glob("*.tmp"))
+    fs.rm("/caches/once", recursive=True)
+
+
+def test_a_damaged_remote_shard_is_never_stored(built_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSION_CACHE_HOME", str(tmp_path / "home"))
+    url = "memory://caches/damaged"
+    fs = _memory_copy(built_cache, url)
+    name = CacheReader(url).manifest.shards[0].path
+    data = bytearray(fs.cat_file(f"/caches/damaged/{name}"))
+    data[50] ^= 1
+    fs.pipe_file(f"/caches/damaged/{name}", bytes(data))
+    with pytest.raises(ShardFormatError, match=f"{name}: sha256 .* corrupt or was replaced"):
+        list(CacheReader(url).iter_rows())
+    assert not (tmp_path / "home" / "shards").exists() or not any((tmp_path / "home" / "shards").iterdir())
+    fs.rm("/caches/damaged", recursive=True)
+
+
+def test_unknown_schemes_and_missing_backends_are_one_line():
+    with pytest.raises(ConfigError, match=r"^zzz://x/c: unknown URL scheme zzz://"):
+        CacheLocation("zzz://x/c")
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(MissingDependencyError, match=r"^s3://b/c: s3:// needs the s3fs package: pip install s3fs$"):
+            CacheLocation("s3://b/c")
+
+
+def test_which_errors_are_transient():
+    assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
+    assert not is_transient(ValueError("bad")) and not is_transient(FileNotFoundError("x"))
+    unresolved = socket.gaierror(-2, "Name or service not known")  # no network, or a typo: retrying only waits
+    assert not is_transient(unresolved) and "cannot be reached" in str(remote_error(unresolved, "hf://datasets/a/b"))
+    assert remote_error(ValueError("bad"), "memory://x") is None
+    assert "no permission" in str(remote_error(PermissionError("denied"), "s3://b/c"))

@@ -9,6 +9,7 @@ import pytest
 
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
+from fusion_cache.cache.schema import SCHEMA_VERSION
 from fusion_cache.capture.build import run_build
 from fusion_cache.capture.config import BuildConfig
 from fusion_cache.errors import ConfigError
@@ -24,7 +25,7 @@ def test_manifest_records_provenance(built_cache, tiny_model_dir):
     m = load_manifest(built_cache)
     assert m.teacher.engine == "hf" and m.teacher.dtype == "float32"
     assert m.teacher.revision.startswith("local-") and len(m.teacher.tokenizer_hash) == 64
-    assert m.k == 8 and m.codec == {"name": "raw"} and m.schema_version == 3
+    assert m.k == 8 and m.codec == {"name": "raw"} and m.schema_version == SCHEMA_VERSION
     assert m.dataset.rows_read == 5 and len(m.dataset.hash) == 64
     assert m.stats.skipped == {"empty_response": 1, "overlong": 0, "no_answer_after_truncation": 0}
     assert m.stats.payload_bytes == sum(s.bytes for s in m.shards)

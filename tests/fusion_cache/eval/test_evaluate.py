@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from fusion_cache.cache.reader import CacheReader
 from fusion_cache.errors import ConfigError
@@ -41,6 +42,25 @@ def test_rows_of_a_file_give_the_same_ce_as_the_cache_of_those_rows(tiny, data_f
     assert 0.0 <= cached["top1_agreement"] <= 1.0 and cached["uld"] > 0
     first = evaluate_rows(model, tok, str(data_file), limit=1)
     assert first["samples"] == 1 and first["answer_tokens"] < rows["answer_tokens"]
+    assert rows["tail_mass"] is None  # no teacher, no top-K to be outside of
+
+
+@torch.no_grad()
+def test_tail_mass_is_the_students_probability_outside_the_cached_top_k(tiny, built_cache):
+    """By hand, row by row: one unpadded forward per cached sample, 1 - sum of softmax at the cached ids."""
+    model, tok = tiny
+    got = evaluate_model(model, tok, str(built_cache), batch_size=3, k=8)
+    outside = []
+    for row in CacheReader(str(built_cache)).iter_rows():
+        a, n = row.answer_start, len(row.topk_ids)
+        logits = model(input_ids=torch.as_tensor(row.input_ids[None].astype("int64"))).logits[0, a - 1 : a - 1 + n]
+        probs = torch.softmax(logits.float(), -1)
+        outside += (1 - probs.gather(1, torch.as_tensor(row.topk_ids.astype("int64"))).sum(-1)).tolist()
+    assert len(outside) == got["answer_tokens"]
+    assert got["tail_mass"] == pytest.approx(sum(outside) / len(outside), rel=1e-4)
+    assert 0.0 < got["tail_mass"] < 1.0
+    table = eval_table({"cache": {"path": "c", "k": 8} | got, "wall_seconds": 0.0})
+    assert f"| student mass outside the teacher's cached top-K (cache) | {got['tail_mass']:.4f} |" in table
 
 
 def test_run_eval_of_a_run_directory_writes_eval_json(tmp_path, tiny_model_dir, data_file, built_cache):
@@ -117,3 +137,24 @@ def test_token_classes_give_the_ce_of_their_tokens(tiny, data_file):
         sel = torch.as_tensor(digits)[ids[rd.answer_start :]]
         total, n = total + float(ce[sel].sum()), n + int(sel.sum())
     assert n > 0 and r["tokens_digits"] == n and r["answer_ce_digits"] == pytest.approx(total / n, rel=1e-4)
+
+
+def test_run_eval_checks_the_model_against_the_cache_before_loading_it(tmp_path, built_cache, other_teacher_dir,
+                                                                       tiny_model_dir):  # fmt: skip
+    import shutil
+
+    small = tmp_path / "small"  # the cache's tokenizer, a smaller embedding, and weights that cannot load (a sentinel)
+    shutil.copytree(tiny_model_dir, small)
+    (small / "model.safetensors").write_bytes(b"not a safetensors file")
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ConfigError, match=r"vocab_size=1000\): the student's input tokens reach id"):
+        run_eval(str(small), cache=str(built_cache))
+    seen = []
+    result = run_eval(str(other_teacher_dir), cache=str(built_cache), on_check=seen.append)
+    note = "top-1 agreement not computed for tiny-qwen2 (another tokenizer"
+    assert len(seen) == 1 and note in seen[0].line(top1=True) and note not in seen[0].line()
+    assert result["cache"]["top1_agreement"] is None and result["cache"]["top1_note"].startswith(note)
+    assert f"| teacher top-1 agreement (cache) | n/a: {note}" in eval_table(result)
+    same = run_eval(str(tiny_model_dir), cache=str(built_cache), limit=2)
+    assert same["cache"]["top1_note"] is None and same["cache"]["top1_agreement"] is not None

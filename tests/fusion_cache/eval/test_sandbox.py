@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
 import time
 
 import pytest
 
+from fusion_cache.eval.sandbox import _make_cgroup
+from fusion_cache.eval.sandbox import _remove_cgroup
 from fusion_cache.eval.sandbox import isolation
 from fusion_cache.eval.sandbox import network_isolated
 from fusion_cache.eval.sandbox import run_check
@@ -60,8 +63,9 @@ def _alive(token: str) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("namespaces", [True, False], ids=["jail", "fallback"])
 @pytest.mark.parametrize("detach", [False, True], ids=["child", "setsid grandchild"])
-def test_every_descendant_dies_with_the_program(detach):
+def test_every_descendant_dies_with_the_program(detach, namespaces):
     token = f"fusion-cache-test-{secrets.token_hex(6)}"
     late = f"import time; time.sleep(30)  # {token}"
     code = (
@@ -69,15 +73,45 @@ def test_every_descendant_dies_with_the_program(detach):
         f"subprocess.Popen([sys.executable, '-c', {late!r}], start_new_session={detach})\n"  # a new session escapes
         "import time; time.sleep(0.5)\n"  # a process-group kill; not a PID namespace or a subreaper
     )
-    r = run_program(code)
+    r = run_program(code, namespaces=namespaces)
     assert r.passed, r.output
-    assert r.isolation["descendants"] in ("pid namespace", "subreaper")
+    cgroup = " + cgroup" if _make_cgroup_here() else ""
+    jail = "pid namespace" if namespaces and isolation()["namespaces"] else "subreaper"
+    assert r.isolation["descendants"] == jail + cgroup
     time.sleep(0.2)
     assert not _alive(token)
-    r = run_program(code + "while True:\n    pass\n", timeout=2.0)  # and on a timeout
+    r = run_program(code + "while True:\n    pass\n", timeout=2.0, namespaces=namespaces)  # and on a timeout
     assert r.status == "timeout"
     time.sleep(0.2)
     assert not _alive(token)
+
+
+def _make_cgroup_here() -> bool:
+    path = _make_cgroup()
+    if path:
+        _remove_cgroup(path)
+    return path is not None
+
+
+@pytest.mark.skipif(not _make_cgroup_here(), reason="no cgroup v2 child can be made here (docs/eval.md)")
+def test_a_cgroup_kill_reaches_a_setsid_grandchild_of_an_exited_parent():
+    # no subreaper, no PID namespace: the grandchild is an orphan in its own session; only the cgroup holds it
+    token = f"fusion-cache-test-{secrets.token_hex(6)}"
+    path = _make_cgroup()
+    late = f"import time; time.sleep(30)  # {token}"
+    parent = (
+        f"import subprocess, sys; open({path + '/cgroup.procs'!r}, 'w').write('0'); "
+        f"subprocess.Popen([sys.executable, '-c', {late!r}], start_new_session=True)"
+    )
+    try:
+        subprocess.run([sys.executable, "-c", parent], check=True, timeout=20)
+        time.sleep(0.2)
+        assert _alive(token)  # the parent exited; the grandchild lives on
+        _remove_cgroup(path)
+        time.sleep(0.1)
+        assert not _alive(token) and not os.path.exists(path)
+    finally:
+        _remove_cgroup(path)
 
 
 def test_the_program_runs_unprivileged():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from fusion_cache.errors import ConfigError
+from fusion_cache.train.batch import PaddedCollator
 from fusion_cache.train.batch import collate
 from fusion_cache.train.stream import DistillStream
 
@@ -44,3 +47,117 @@ def test_two_teachers_weights(multi_caches, tiny_model_dir, combine):
 def test_a_teacher_no_sample_has_is_none(multi_caches, tiny_model_dir):
     exs = _examples([multi_caches["a"], multi_caches["b"]], tiny_model_dir)[5:8]  # rows 5-7: teacher a only
     assert collate(exs, 0, 2)["teachers"][1] is None
+
+
+# ---- the padded layout: every tensor has dim 0 = B, so accelerate's split along dim 0 keeps samples whole
+def _same(a, b) -> bool:
+    """Recursive equality of two collated batches (dicts, lists, None, tensors of the same dtype)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _stream(caches, tok_dir, **kw):
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    kw = {"max_length": 4096, "rank": 0, "world_size": 1, **kw}
+    return DistillStream([str(c) for c in caches], tok, chat_template=True, **kw)
+
+
+@pytest.mark.parametrize(
+    ("which", "combine", "kw"),
+    [
+        ("single", "mean", {}),
+        ("joined", "uncertainty", {"entropy_k": 8}),
+        ("joined", "min_ce", {"answer_scores": True}),
+    ],
+)
+def test_padded_batches_split_along_dim_0_unpad_to_collate(built_cache, multi_caches, tiny_model_dir, which,
+                                                          combine, kw):  # fmt: skip
+    """accelerate's own concatenate and slice (what its dispatcher does with 2 processes) on padded batches: each
+    process's share unpads to exactly `collate` of its examples, with its own combine weights."""
+    from accelerate.utils import concatenate
+    from accelerate.utils import slice_tensors
+
+    caches = [built_cache] if which == "single" else [multi_caches["a"], multi_caches["b"]]
+    stream = _stream(caches, tiny_model_dir, **kw)
+    collator = PaddedCollator.for_stream(stream, pad_id=0)
+    exs = list(stream)[:8]
+    halves = [exs[: len(exs) // 2], exs[len(exs) // 2 :]]  # the two batches process 0 fetches, 4 samples each
+    padded = concatenate([collator(h) for h in halves], dim=0)
+    assert all(v.shape[0] == len(exs) for v in padded.values())
+    n = len(exs) // 2
+    for proc in range(2):
+        share = slice_tensors(padded, slice(proc * n, (proc + 1) * n))
+        assert _same(collator.unpad(share, combine), collate(halves[proc], 0, len(caches), combine))
+        assert [e.sample_id for e in collator.examples(share)] == [e.sample_id for e in halves[proc]]
+
+
+def test_padded_layout_of_another_tokenizer_and_refusals(multi_caches, tiny_model_dir):
+    caches = [multi_caches["a"], multi_caches["b"]]
+    collator = PaddedCollator.for_stream(_stream(caches, tiny_model_dir, targets=["values", "values"]), 0)
+    assert collator.widths == (8, 6) and collator.ids == (True, False)
+    exs = list(_stream(caches, tiny_model_dir))[3:7]
+    assert "teacher1_ids" not in collator(exs) and collator(exs)["teacher1_values"].shape == (4, 4096, 6)
+    with pytest.raises(ConfigError, match="rank 1 of 2 reads only its part"):
+        PaddedCollator.for_stream(_stream(caches, tiny_model_dir, rank=1, world_size=2), 0)
+    short = PaddedCollator(0, 8, collator.widths, collator.ids)
+    with pytest.raises(ConfigError, match="length: 8, but sample"):
+        short(exs)
+
+
+ACCELERATE_WORKER = """
+import json, sys
+import torch
+from accelerate import Accelerator
+from transformers import AutoTokenizer
+from fusion_cache.train.batch import PaddedCollator, collate
+from fusion_cache.train.stream import DistillStream
+
+accelerator = Accelerator(cpu=True)
+tok = AutoTokenizer.from_pretrained(sys.argv[2])
+stream = DistillStream(sys.argv[1], tok, chat_template=True, max_length=512, rank=0, world_size=1)
+collator = PaddedCollator.for_stream(stream, tok.pad_token_id)
+loader = accelerator.prepare(torch.utils.data.DataLoader(stream, batch_size=2, collate_fn=collator))
+seen, same = [], True
+for padded in loader:
+    examples = collator.examples(padded)
+    batch, ref = collator.unpad(padded), collate(examples, tok.pad_token_id, 1)
+    same &= bool(torch.equal(batch["answer_index"], ref["answer_index"]))
+    same &= bool(torch.equal(batch["teachers"][0]["values"], ref["teachers"][0]["values"]))
+    seen.append([e.sample_id for e in examples])
+out = accelerator.gather_for_metrics([[accelerator.process_index, accelerator.num_processes, same, seen]])
+if accelerator.is_main_process:
+    print("RESULT " + json.dumps(out))
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # gloo threads left running at exit can abort a process ("terminate called")
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_prepare_on_two_cpu_processes_dispatches_whole_samples(built_cache, tiny_model_dir, tmp_path):
+    """The real accelerate: `prepare` of a DataLoader of padded batches under torchrun with 2 gloo processes; each
+    process gets whole samples, the two together every sample once, and unpads them to the flat layout."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fusion_cache.cache.reader import CacheReader
+
+    script = tmp_path / "worker.py"
+    script.write_text(ACCELERATE_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(built_cache), str(tiny_model_dir)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert [p[:3] for p in parts] == [[0, 2, True], [1, 2, True]]
+    seen = [sid for p in parts for batch in p[3] for sid in batch]
+    every = {r.sample_id for r in CacheReader(built_cache).iter_rows()}
+    # process 0 fetches 2 batches of 2 per step and each process gets 2 whole samples; the 4 rows fill one step
+    assert sorted(seen) == sorted(every) and [len(b) for p in parts for b in p[3]] == [2, 2]

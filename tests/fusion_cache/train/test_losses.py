@@ -186,3 +186,59 @@ def test_kl_notail_at_temperature_is_the_kl_of_the_renormalised_tempered_top_k(t
     (g_got,) = torch.autograd.grad(got.sum(), zs)
     (g_want,) = torch.autograd.grad(want.sum(), zs)
     torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def _carried(p_teacher: torch.Tensor, to_student: list[int]):
+    """(ids, log-probs) [N, Kt] of the teacher's distribution [N, Vt] carried through ``to_student`` (teacher id ->
+    student id, -1: unmapped) by `train.vocab.carry` at token boundaries: the mapped mass summed per student id."""
+    import numpy as np
+
+    from fusion_cache.train.vocab import VocabMap
+    from fusion_cache.train.vocab import carry
+
+    n, vt = p_teacher.shape
+    vmap = VocabMap(np.array(to_student, np.int32), np.zeros(vt, np.uint8), [b"t"] * vt, [b"s"])
+    ends = np.arange(n)  # one teacher row per student row, each at a boundary
+    ids = np.tile(np.arange(vt), (n, 1))
+    c = carry(vmap, ends, ends, ids, np.log(p_teacher.double().numpy()), b"x" * n)
+    assert c.student_rows.tolist() == list(range(n))
+    return torch.as_tensor(c.ids.astype(np.int64)), torch.as_tensor(c.logprobs)
+
+
+@pytest.mark.parametrize("t", [0.5, 2.0])
+def test_mapped_kl_at_temperature_with_every_teacher_token_mapped_is_the_dense_kl_of_the_carried_distribution(t):
+    """Every teacher token maps (many to one): the carried distribution is dense, p_c[j] = sum_{i -> j} p[i]; at T the
+    loss is T^2 KL(p_c^(1/T) / Z || softmax(z_s / T)), the same formula as `kl` on full logits."""
+    torch.manual_seed(3)
+    vs, to_student = 5, [0, 1, 2, 3, 4, 0, 1, 2, 4]  # 9 teacher tokens onto 5 student tokens
+    zt, zs = torch.randn(4, len(to_student)) * 2, torch.randn(4, vs, requires_grad=True)
+    ids, lp = _carried(torch.softmax(zt, -1), to_student)
+    got = losses.make_loss("mapped_kl", kd_temperature=t).rows(zs, {"ids": ids, "values": lp})
+    p_c = torch.zeros(4, vs).index_add_(1, torch.tensor(to_student), torch.softmax(zt, -1))
+    want = _dense_kl_at(p_c.log(), zs, t)  # log p_c as "logits": softmax(log p_c / T) = p_c^(1/T) / Z
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), zs)
+    (g_want,) = torch.autograd.grad(_dense_kl_at(p_c.log(), zs, t).sum(), zs)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0.5, 2.0])
+def test_mapped_kl_at_temperature_with_unmapped_tokens_is_the_tempered_kl_over_carried_ids_and_tail(t):
+    """Unmapped teacher tokens go to the tail: at T the carried ids and the tail total are each raised to 1/T and
+    renormalised, against the student's softmax at T on the same partition."""
+    torch.manual_seed(4)
+    vs, to_student = 6, [0, 1, 2, 0, -1, -1, 3]  # tokens 4 and 5 map nowhere; student ids 4, 5 receive nothing
+    zt, zs = torch.randn(3, len(to_student)) * 2, torch.randn(3, vs, requires_grad=True)
+    ids, lp = _carried(torch.softmax(zt, -1), to_student)
+    got = losses.make_loss("mapped_kl", kd_temperature=t).rows(zs, {"ids": ids, "values": lp})
+    p_c = torch.zeros(3, vs).index_add_(1, torch.tensor([j if j >= 0 else 4 for j in to_student]),
+                                        torch.softmax(zt, -1))[:, :5]  # fmt: skip  # column 4: the tail
+    parts = p_c ** (1 / t)
+    p = parts / parts.sum(-1, keepdim=True)
+    q_all = torch.softmax(zs / t, -1)
+    q = torch.cat([q_all[:, :4], 1 - q_all[:, :4].sum(-1, keepdim=True)], -1)
+    want = t**2 * (p * (p.log() - q.log())).sum(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), zs)
+    (g_want,) = torch.autograd.grad(want.sum(), zs)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ joins with missing samples, the bounded shuffle, rank splits, and exact resume a
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -179,24 +180,97 @@ def test_carried_and_exact_targets_for_another_tokenizer(multi_caches, tok):
         _stream([a, b], tok, targets=["values", "carried"])
 
 
+@pytest.mark.parametrize(("ranks", "workers"), [(1, 2), (2, 1), (2, 2)])
 @pytest.mark.parametrize("caches", ["single", "joined"])
-def test_dataloader_workers_split_the_samples(built_cache, multi_caches, tok, caches):
-    """Under DataLoader(num_workers=2) each sample comes once (each worker takes its own stride)."""
+def test_dataloader_workers_and_ranks_split_the_samples(built_cache, multi_caches, tok, caches, ranks, workers):
+    """Under DataLoader(num_workers=W) on each of R ranks every sample comes exactly once (worker w of rank r takes
+    the stride r * W + w of R * W)."""
     import torch
 
     caches = built_cache if caches == "single" else [multi_caches["a"], multi_caches["b"]]
     every = sorted(e.sample_id for e in _stream(caches, tok))
-    loader = torch.utils.data.DataLoader(_stream(caches, tok), batch_size=None, num_workers=2,
-                                         collate_fn=lambda e: e.sample_id)  # fmt: skip
-    assert sorted(loader) == every
+    seen = []
+    for rank in range(ranks):
+        stream = _stream(caches, tok, rank=rank, world_size=ranks)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                             collate_fn=lambda e: e.sample_id)  # fmt: skip
+        seen += list(loader)
+    assert sorted(seen) == every and len(set(seen)) == len(seen)
+
+
+def test_rank_and_world_size_come_from_the_environment_unless_given(built_cache, tok, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stream = _stream(built_cache, tok)
+    assert (stream.rank, stream.world_size) == (1, 2)
+    assert (_stream(built_cache, tok, rank=0, world_size=1).world_size) == 1
+    with pytest.raises(ConfigError, match="rank, world_size: give both or neither, got rank=1, world_size=None"):
+        _stream(built_cache, tok, rank=1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match=r"rank: must be in \[0, world_size=2\), got 2"):
+        _stream(built_cache, tok)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert (_stream(built_cache, tok).rank, _stream(built_cache, tok).world_size) == (0, 1)
+
+
+GLOO_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from transformers import AutoTokenizer
+from fusion_cache.train.stream import DistillStream
+
+dist.init_process_group("gloo")
+stream = DistillStream(sys.argv[1], AutoTokenizer.from_pretrained(sys.argv[2]), chat_template=True, max_length=4096)
+loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda e: e.sample_id)
+ids = list(loader)
+out = [None] * dist.get_world_size()
+dist.all_gather_object(out, [stream.rank, stream.world_size, ids])
+if dist.get_rank() == 0:
+    print("RESULT " + json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_real_gloo_ranks_with_two_workers_each_split_the_samples(built_cache, tiny_model_dir, tok, tmp_path):
+    """torchrun, 2 processes, gloo: the stream takes its rank from torch.distributed (no arguments)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(GLOO_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           str(built_cache), str(tiny_model_dir)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on a 2-core machine
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert [p[:2] for p in parts] == [[0, 2], [1, 2]]
+    seen = parts[0][2] + parts[1][2]
+    assert sorted(seen) == sorted(e.sample_id for e in _stream(built_cache, tok, rank=0, world_size=1))
+    assert len(set(seen)) == len(seen) and all(p[2] for p in parts)
 
 
 def test_a_stream_with_nothing_usable_says_so(built_cache, tok, caplog):
     with caplog.at_level("WARNING", logger="fusion_cache.train.stream"):
         assert list(_stream(built_cache, tok, max_length=2)) == []
     assert "got no usable samples" in caplog.text and "no_answer_token" in caplog.text
+    assert "rank 0 of 1 got" in caplog.text and "max_length=2" in caplog.text
     with pytest.raises(ConfigError, match="larger max_length"):
         list(_stream(built_cache, tok, max_length=2, epochs=2))
+
+
+def test_each_pass_logs_its_dropped_samples_by_reason(built_cache, tok, caplog):
+    every = len(list(_stream(built_cache, tok)))
+    stream = _stream(built_cache, tok, max_length=20, epochs=2)  # answers start at 12-25
+    with caplog.at_level("INFO", logger="fusion_cache.train.stream"):
+        kept = len(list(stream))
+    dropped = stream.skipped["no_answer_token"]
+    assert 0 < dropped and kept + dropped == 2 * every and stream.skipped["nothing_aligned"] == 0
+    lines = [r.getMessage() for r in caplog.records if "yielded" in r.getMessage()]
+    assert len(lines) == 2 and lines[-1].startswith("rank 0 of 1: epoch 1 yielded")
+    assert f"'no_answer_token': {dropped}" in lines[-1]
 
 
 def test_answer_scores_are_each_teachers_answer_cross_entropy_per_byte(multi_caches, tok):

@@ -74,7 +74,7 @@ def test_codec_parameters_are_validated():
         "value_bits": 6,
         "id_bytes": 3,
         "zstd_level": 16,
-        "layout": 3,
+        "layout": 4,
     }
     with pytest.raises(ConfigError, match="at most 2\\^24 ids"):
         make_codec("full", vocab_size=1 << 25)
@@ -82,8 +82,12 @@ def test_codec_parameters_are_validated():
     full1 = {k: v for k, v in full2.items() if k != "layout"}
     shape = {"name": "shape", "value_bits": 8, "zstd_level": 3}
     full3 = {**full2, "layout": 3}
-    assert parse_codec(full1, schema_version=2).layout is None and parse_codec(full2).layout == 2
-    assert parse_codec(full3).layout == 3 and parse_codec(full3).companding == "log"
+    full4 = {**full2, "layout": 4}
+    assert parse_codec(full1, schema_version=2).layout is None and parse_codec(full2, schema_version=3).layout == 2
+    assert parse_codec(full3, schema_version=3).layout == 3 and parse_codec(full3, schema_version=3).companding == "log"
+    assert parse_codec(full4).layout == 4 and parse_codec(full4).order_in_manifest
+    assert parse_codec(full4).shard_entry_fields() == ("id_order",)
+    assert not parse_codec(full3, schema_version=3).order_in_manifest
     assert parse_codec(shape).name == "shape" and not parse_codec(shape).has_logprobs
     for bad, version, why in (
         ({"name": "full", "value_bits": 7}, 3, "missing"),
@@ -100,7 +104,9 @@ def test_codec_parameters_are_validated():
         (shape, 2, "schema_version 2 has no codec 'shape'"),
         (shape, 1, "schema_version 1 has no codec 'shape'"),
         ({"name": "zip9"}, 3, "unknown"),
-        (shape, 4, "schema_version 4 is unknown"),
+        (full3, 4, "layout=3"),  # version 4 has layout 4 only: the id order in the manifest
+        (full4, 3, "layout=4"),
+        (shape, 5, "schema_version 5 is unknown"),
     ):
         with pytest.raises(ShardFormatError, match=why):
             parse_codec(bad, schema_version=version)

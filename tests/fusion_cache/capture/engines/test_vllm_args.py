@@ -1,6 +1,6 @@
 """The vLLM engine's arguments for big teachers (no vLLM started): tensor parallelism switches to the multiprocess
 executor, memory share and context length reach LLM(...), extra engine arguments pass through except the reserved
-ones, and the options are refused for other engines and on a CPU."""
+ones, the options are refused for other engines, and on a CPU each tensor-parallel rank gets its own cores."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from fusion_cache.capture.config import BuildConfig
 from fusion_cache.capture.engines.vllm import RESERVED_ENGINE_ARGS
+from fusion_cache.capture.engines.vllm import cpu_binding
 from fusion_cache.capture.engines.vllm import llm_kwargs
 from fusion_cache.capture.teacher import engine_options
 from fusion_cache.errors import ConfigError
@@ -46,9 +47,13 @@ def test_the_teachers_revision_reaches_the_weights_and_the_tokenizer():
         _kwargs(engine_args={"revision": "main"})
 
 
-def test_tensor_parallelism_needs_gpus():
-    with pytest.raises(ConfigError, match="tensor_parallel_size: 2 needs GPUs"):
-        llm_kwargs("m", dtype="float32", on_cpu=True, max_model_len=64, max_k=8, tensor_parallel_size=2)
+def test_on_a_cpu_each_tensor_parallel_rank_gets_its_own_cores():
+    kw = llm_kwargs("m", dtype="float32", on_cpu=True, max_model_len=64, max_k=8, tensor_parallel_size=2)
+    assert kw["distributed_executor_backend"] == "mp" and kw["enforce_eager"] is True
+    assert cpu_binding([0, 1], 1) == "0-1" and cpu_binding([0, 1], 2) == "0|1"
+    assert cpu_binding(list(range(7)), 2) == "0-3|4-6" and cpu_binding([0, 2, 3, 5], 2) == "0,2|3,5"
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size: 3 needs a CPU per rank .* may use 2 \(0,1\)"):
+        cpu_binding([0, 1], 3)
 
 
 def test_the_build_passes_its_vllm_options_to_the_engine():
