@@ -243,17 +243,33 @@ class SampledKL(DistillLoss):
     Another tokenizer: each row's self-normalised weights at ``kd_temperature`` (`sampled_weights_reference`),
     carried onto the student's vocabulary by `train.vocab.carry` as ``mapped_kl`` carries a top-K (the stream does it),
     so the target holds student ids and log weights whose shortfall from 1 (the draws that map to no student token)
-    is the tail bucket; the rows are then `topk_kl_rows_reference` on the student's logits / T: the same gradient
-    estimate, unbiased at T=1 at rows on a shared token boundary (a mid-token row renormalises, as ``mapped_kl``).
-    The rows are scaled by T^2, as ``kl``'s.
+    goes to a remainder bucket: the student tokens outside the map's image (``outside``, set from the map by
+    `with_map`; `carried_sampled_kl_rows_reference`). That set is fixed by the map, not by the row's draws (a top-K
+    tail bucket's is), so the gradient is linear in the carried weights and, at T=1 and at rows on a shared token
+    boundary, an unbiased estimate of the gradient against the teacher's full distribution carried the same way
+    (a mid-token row renormalises its agreeing draws, as ``mapped_kl`` does). The rows are scaled by T^2, as ``kl``'s.
+    Without ``outside`` (a loss made without a map), the carried rows fall back to ``mapped_kl``'s row-wise tail.
+
+    Attributes:
+        kd_temperature: T.
+        outside: bool [V_s] (torch), True for the student tokens no teacher token maps to; None for a same-tokenizer
+            teacher.
     """
 
     name: ClassVar[str] = "rs_kl"
     description: ClassVar[str] = "importance-weighted KL of a sampled cache (--sampling rs, RS-KD; any tokenizer)"
     target: ClassVar[str] = "carried"
     kd_temperature: float = 1.0
+    outside: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def with_map(self, vmap: Any) -> SampledKL:
+        """This loss for a teacher of another tokenizer whose draws `vmap` (`train.vocab.VocabMap`) carries."""
+        import torch
+
+        return dataclasses.replace(self, outside=torch.from_numpy(vmap.outside()))
 
     def rows(self, logits, target):
+        from fusion_cache.kernels.reference import carried_sampled_kl_rows_reference
         from fusion_cache.kernels.reference import sampled_kl_rows_reference
         from fusion_cache.kernels.reference import topk_kl_rows_reference
 
@@ -262,7 +278,9 @@ class SampledKL(DistillLoss):
         t = self.kd_temperature
         if "counts" in target:  # the teacher's own draws (same tokenizer)
             d = sampled_kl_rows_reference(logits, target["ids"], target["values"], target["counts"], temperature=t)
-        else:  # carried weights: already tempered and normalised, so only the student side is divided by T
+        elif self.outside is not None:  # carried weights: already tempered, so only the student side is divided
+            d = carried_sampled_kl_rows_reference(logits, target["ids"], target["values"], self.outside, temperature=t)
+        else:
             d = topk_kl_rows_reference(logits.float() / t, target["ids"], target["values"], tail=True)
         return d * t**2
 

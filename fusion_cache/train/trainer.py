@@ -359,6 +359,9 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
         loss.check(t)
         needs_map = loss.target != "values" and not same_s
         maps.append(vocab_map(teacher_tokenizer(r.manifest), tokenizer) if needs_map else None)
+    # a sampled teacher of another tokenizer: its remainder bucket is the student tokens outside the map's image
+    losses = [loss.with_map(m) if m is not None and hasattr(loss, "with_map") else loss
+              for loss, m in zip(losses, maps, strict=True)]  # fmt: skip
     return TeacherPlan(losses, maps)
 
 

@@ -147,6 +147,14 @@ class VocabMap:
                 student[t_id], kind[t_id] = s_id, SPECIAL
         return cls(student, kind, t_bytes, s_bytes)
 
+    def outside(self) -> np.ndarray:
+        """bool [V_s] True for each student token that no teacher token maps to (the map's image complemented): where
+        a carried distribution's unmappable mass goes (`kernels.reference.carried_sampled_kl_rows_reference`)."""
+        out = np.ones(len(self.student_bytes), dtype=bool)
+        image = self.student[self.student >= 0]
+        out[image[image < len(out)]] = False
+        return out
+
     def exact_ids(self, teacher_ids: np.ndarray) -> np.ndarray:
         """int32 [..] the student id of each teacher id that maps EXACT (or SPECIAL, by role), -1 for the others."""
         ids = np.asarray(teacher_ids, dtype=np.int64)

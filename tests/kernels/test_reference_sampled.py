@@ -2,7 +2,8 @@
 
 The expectation tests draw N=12 tokens per row from a fixed teacher many times (the capture's own sampler,
 `capture.sampling`), average the estimator's gradient over the draws, and compare it with the full-vocabulary KL
-gradient within 5 standard errors of that mean, entry by entry.
+gradient within 5 standard errors of that mean, entry by entry, plus the mass that no draw can be expected to
+see (`_unseen`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def _mean_and_se(per_draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return per_draw.mean(0), per_draw.std(0) / per_draw.shape[0] ** 0.5
 
 
+def _unseen(m: int, n: int = N) -> float:
+    """How far a mean over m sets of n draws may sit from its expectation where the sample standard error says 0:
+    a token of probability q is never drawn in m n draws with probability (1 - q)^(m n), so tokens below about
+    5 / (m n) can be missed by every set (then every set agrees, and the sample se is 0, though the mean misses their
+    mass); each unit of missed mass moves a gradient entry by at most 2."""
+    return 2 * 5 / (m * n)
+
+
 def _grad_per_draw(fn, student: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [m, R], gradients [m, R, V]) of ``fn(logits [m * R, V])`` summed per row, one set of draws each."""
     z = student.repeat(m, 1).requires_grad_(True)
@@ -93,7 +102,7 @@ def test_t1_estimate_and_gradient_are_unbiased():
     dense = _dense_kl(s, teacher, 1.0)
     (dense_grad,) = torch.autograd.grad(dense.sum(), s)
     mean, se = _mean_and_se(grads)
-    assert ((mean - dense_grad).abs() <= 5 * se + 1e-9).all(), float(((mean - dense_grad).abs() / (se + 1e-12)).max())
+    assert ((mean - dense_grad).abs() <= 5 * se + _unseen(m)).all(), float(((mean - dense_grad).abs() / (se + 1e-12)).max())
     vmean, vse = _mean_and_se(values)
     assert ((vmean - dense.detach()).abs() <= 5 * vse).all()
 
@@ -118,7 +127,6 @@ def test_tempered_gradient_matches_the_dense_formula_in_expectation():
     assert gaps[0] < 0.2 * scale and gaps[1] < 0.02 * scale and gaps[1] < gaps[0] / 4, (gaps, scale)
 
 
-@pytest.mark.xfail(reason="a few entries sit just past 5 standard errors; not yet investigated", strict=False)
 def test_carried_weights_give_the_mapped_gradient_in_expectation():
     """Another tokenizer: each draw's weight carried to its student id (several teacher ids onto one, some onto
     none: the remainder bucket, on the student tokens outside the map's image); its mean gradient is the gradient of
@@ -154,4 +162,5 @@ def test_carried_weights_give_the_mapped_gradient_in_expectation():
                                dense.detach())  # fmt: skip
     d.sum().backward()
     mean, se = _mean_and_se(z.grad.view(m, R, student_v))
-    assert ((mean - dense_grad).abs() <= 5 * se + 1e-9).all()
+    # row 1's teacher puts almost all its mass on one token: no set of draws sees the rest, so se is 0 there
+    assert ((mean - dense_grad).abs() <= 5 * se + _unseen(m)).all()

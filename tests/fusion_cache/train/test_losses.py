@@ -13,15 +13,15 @@ def test_registry_names_and_auto():
     from fusion_cache.cache.codecs import make_codec
     from fusion_cache.errors import ConfigError
 
-    assert losses.LOSS_CHOICES == ("uld", "kl", "kl_notail", "mapped_kl", "hybrid", "auto")
-    assert set(losses.LOSSES) == {"uld", "kl", "kl_notail", "mapped_kl", "hybrid"}
+    assert losses.LOSS_CHOICES == ("uld", "kl", "kl_notail", "mapped_kl", "hybrid", "rs_kl", "auto")
+    assert set(losses.LOSSES) == {"uld", "kl", "kl_notail", "mapped_kl", "hybrid", "rs_kl"}
     raw = make_codec("raw")
     same, other = losses.TeacherTraits("a", True, raw), losses.TeacherTraits("b", False, raw)
     assert losses.resolve_loss_names(["auto"], [same, other]) == ["kl", "mapped_kl"]
     assert losses.resolve_loss_names(["uld"], [same, other]) == ["uld", "uld"]
     with pytest.raises(ConfigError, match="one per cache"):
         losses.resolve_loss_names(["kl", "uld", "kl"], [same, other])
-    valid = "uld, kl, kl_notail, mapped_kl, hybrid"
+    valid = "uld, kl, kl_notail, mapped_kl, hybrid, rs_kl"
     with pytest.raises(ConfigError, match=f"kd_loss: unknown value 'mse'; valid values: {valid}"):
         losses.make_loss("mse")
     assert losses.make_loss("uld", k=7, tail=True, zscore=False) == losses.ULD(k=7, zscore=False, tail=True)
@@ -242,3 +242,69 @@ def test_mapped_kl_at_temperature_with_unmapped_tokens_is_the_tempered_kl_over_c
     (g_got,) = torch.autograd.grad(got.sum(), zs)
     (g_want,) = torch.autograd.grad(want.sum(), zs)
     torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+# ---- rs_kl: the importance-weighted KL of a sampled cache (RS-KD)
+def test_rs_kl_is_the_only_loss_of_a_sampled_cache_and_needs_one():
+    from fusion_cache.cache.codecs import make_codec
+
+    sampled, topk = make_codec("sampled", vocab_size=50, samples=6), make_codec("full", vocab_size=50)
+    same, other = losses.TeacherTraits("s", True, sampled), losses.TeacherTraits("o", False, sampled)
+    assert losses.resolve_loss_names(["auto"], [same, other]) == ["rs_kl", "rs_kl"]
+    losses.SampledKL().check(same)
+    losses.SampledKL().check(other)
+    for name in ("uld", "kl", "kl_notail", "mapped_kl", "hybrid"):
+        with pytest.raises(ConfigError, match=f"kd_loss '{name}' for teacher s: its cache holds tokens sampled"):
+            losses.make_loss(name).check(same)
+    with pytest.raises(ConfigError, match="kd_loss 'rs_kl' for teacher t: .* holds a top-K, not sampled tokens"):
+        losses.SampledKL().check(losses.TeacherTraits("t", True, topk))
+
+
+def test_rs_kl_same_tokenizer_rows_by_hand():
+    """Draws 0, 0, 2 (N=3) of a 4-token vocabulary: at T=1 the estimate is sum_i (c_i / N)(log p_i - log s_i)."""
+    logits = torch.tensor([[1.0, 0.0, -1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    log_p = torch.tensor([[-0.3, -1.9, -9.0]], dtype=torch.float64)  # slot 2 is padding: any value
+    target = {"ids": torch.tensor([[0, 2, -1]]), "values": log_p, "counts": torch.tensor([[2.0, 1.0, 0.0]])}
+    log_s = torch.log_softmax(logits.detach(), -1)[0]
+    want = 2 / 3 * (-0.3 - log_s[0]) + 1 / 3 * (-1.9 - log_s[2])
+    d = losses.SampledKL().rows(logits, target)
+    torch.testing.assert_close(d, want.reshape(1))
+    d.sum().backward()  # the gradient is s - c / N, the empirical distribution's
+    torch.testing.assert_close(logits.grad[0], log_s.exp() - torch.tensor([2 / 3, 0, 1 / 3, 0], dtype=torch.float64))
+    t = 2.0  # tempered: the self-normalised weights c p^(1/T - 1), times T^2
+    w = torch.tensor([2.0, 1.0], dtype=torch.float64) * torch.exp(torch.tensor([-0.3, -1.9], dtype=torch.float64)
+                                                                  * (1 / t - 1))  # fmt: skip
+    log_z = torch.log(w.sum() / 3)
+    w = w / w.sum()
+    log_st = torch.log_softmax(logits.detach() / t, -1)[0]
+    want_t = t**2 * (w[0] * (-0.3 / t - log_z - log_st[0]) + w[1] * (-1.9 / t - log_z - log_st[2]))
+    torch.testing.assert_close(losses.SampledKL(kd_temperature=t).rows(logits, target), want_t.reshape(1))
+
+
+class _Map:
+    """The one thing `SampledKL.with_map` reads of a `train.vocab.VocabMap`: the student tokens outside its image."""
+
+    def __init__(self, outside):
+        self._outside = outside
+
+    def outside(self):
+        import numpy as np
+
+        return np.asarray(self._outside, dtype=bool)
+
+
+def test_rs_kl_carried_rows_by_hand_and_gradcheck():
+    """Carried weights 0.5 and 0.3 on student ids 1 and 3; the missing 0.2 (draws with no student token) goes to the
+    student's mass on the tokens outside the map's image (id 4), not to 'every id but 1 and 3'."""
+    loss = losses.SampledKL().with_map(_Map([False, False, False, False, True]))
+    logits = torch.tensor([[0.2, 1.0, -0.5, 0.3, -1.0]], dtype=torch.float64, requires_grad=True)
+    target = {"ids": torch.tensor([[1, 3, -1]]), "values": torch.tensor([[0.5, 0.3, 1.0]]).log()}
+    target["values"][0, 2] = -torch.inf
+    s = torch.softmax(logits.detach(), -1)[0]
+    want = 0.5 * torch.log(0.5 / s[1]) + 0.3 * torch.log(0.3 / s[3]) + 0.2 * torch.log(0.2 / s[4])
+    torch.testing.assert_close(loss.rows(logits, target), want.reshape(1).double())
+    assert torch.autograd.gradcheck(lambda z: loss.rows(z, target), (logits,))
+    without = losses.SampledKL()  # no map: mapped_kl's row-wise tail (every id but 1 and 3)
+    rest = s[0] + s[2] + s[4]
+    want_tail = 0.5 * torch.log(0.5 / s[1]) + 0.3 * torch.log(0.3 / s[3]) + 0.2 * torch.log(0.2 / rest)
+    torch.testing.assert_close(without.rows(logits, target).double(), want_tail.reshape(1), rtol=1e-5, atol=1e-6)
