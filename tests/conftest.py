@@ -250,6 +250,21 @@ def multi_caches(tmp_path_factory, tiny_model_dir, other_teacher_dir) -> dict[st
     }
 
 
+@pytest.fixture(scope="session")
+def sampled_caches(tmp_path_factory, tiny_model_dir, other_teacher_dir) -> dict[str, Path]:
+    """Two real sampled (RS-KD) caches over MULTI_ROWS, N=6 draws per answer position (HF engine, fp32).
+
+    ``a``: the tiny Qwen2 (the students' tokenizer). ``b``: the tiny Llama (another tokenizer).
+    """
+    root = tmp_path_factory.mktemp("sampled")
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MULTI_ROWS))
+    return {
+        "a": _build(tiny_model_dir, data, root / "a", sampling="rs", samples=6, seed=5),
+        "b": _build(other_teacher_dir, data, root / "b", sampling="rs", samples=6, seed=5),
+    }
+
+
 # ---- small synthetic caches of every codec, written without a model (the hostile-cache tests mutate them)
 SYNTH_VOCAB = 300
 

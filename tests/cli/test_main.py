@@ -126,6 +126,24 @@ def test_build_and_train_from_an_fsspec_url(tmp_path, tiny_model_dir, data_file)
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_build_sampled_inspect_and_train_rs_kl(tmp_path, tiny_model_dir, data_file):
+    """The RS-KD route end to end: a sampled build, its bytes per answer token in inspect, train --kd-loss rs_kl."""
+    cache = tmp_path / "rs"
+    r = _run("build", "--teacher", tiny_model_dir, "--data", data_file, "--out", cache, "--engine", "hf",
+             "--sampling", "rs", "--samples", 8, "--seed", 3)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = _run("inspect", "--cache", cache)
+    assert r.exit_code == 0 and "sampled" in r.output, r.output
+    r = _run("train", "--student", tiny_model_dir, "--cache", cache, "--out", tmp_path / "run", "--kd-loss", "rs_kl",
+             "--kd-temperature", 2, "--max-steps", 2, "--batch-size", 2, "--no-save")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rec and all("rs_kl" in key for key in rec[0] if key.startswith("rs_kl"))
+    r = _run("train", "--student", tiny_model_dir, "--cache", cache, "--out", tmp_path / "bad", "--kd-loss", "kl")
+    assert r.exit_code == 2 and "its cache holds tokens sampled from the teacher" in r.output, r.output
+
+
 def test_train_with_two_teachers_reports_join_and_alignment(tmp_path, tiny_model_dir, multi_caches):
     r = _run(
         "train", "--student", tiny_model_dir, "--shards", multi_caches["a"], "--shards", multi_caches["b"],

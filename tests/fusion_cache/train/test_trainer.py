@@ -185,6 +185,27 @@ def test_each_teacher_trains_with_its_own_loss(tmp_path, multi_caches, tiny_mode
         run_train(TrainConfig.create(**base, out=str(tmp_path / "bad"), kd_loss="kl"), progress=False)
 
 
+@pytest.mark.slow
+def test_rs_kl_trains_from_sampled_caches_of_either_tokenizer(tmp_path, sampled_caches, tiny_model_dir):
+    """A sampled cache of the student's tokenizer (its draws as they are) and one of another tokenizer (the draws'
+    weights carried through the vocabulary map): auto picks rs_kl for both, the run learns, other losses are refused."""
+    base = dict(student=str(tiny_model_dir), shards=[str(sampled_caches["a"]), str(sampled_caches["b"])],
+                batch_size=2, max_steps=3, lr=1e-3, save=False, seed=3)  # fmt: skip
+    res = run_train(TrainConfig.create(**base, out=str(tmp_path / "auto"), kd_loss="auto"), progress=False)
+    assert res.summary["kd_loss"] == {"tiny-qwen2": "rs_kl", "tiny-llama": "rs_kl"}
+    rec = _records(tmp_path / "auto")
+    assert {"rs_kl_tiny-qwen2", "rs_kl_tiny-llama"} <= set(rec[0])
+    assert all(math.isfinite(r["loss"]) for r in rec)
+    assert any(r["rs_kl_tiny-llama"] is not None and r["rs_kl_tiny-llama"] != 0 for r in rec)
+    hot = run_train(TrainConfig.create(**base, out=str(tmp_path / "t2"), kd_loss="rs_kl", kd_temperature=2.0),
+                    progress=False)  # fmt: skip
+    assert hot.summary["kd_loss"] == res.summary["kd_loss"]
+    assert [r["loss"] for r in _records(tmp_path / "t2")] != [r["loss"] for r in rec]
+    for bad in ("kl", "uld", "mapped_kl"):
+        with pytest.raises(ConfigError, match=f"kd_loss '{bad}' for teacher tiny-qwen2: its cache holds tokens"):
+            run_train(TrainConfig.create(**base, out=str(tmp_path / bad), kd_loss=bad), progress=False)
+
+
 def test_config_rules_for_several_caches(tmp_path):
     base = dict(student="s", out=str(tmp_path))
     with pytest.raises(ConfigError, match="given twice"):
@@ -193,7 +214,7 @@ def test_config_rules_for_several_caches(tmp_path):
         TrainConfig.create(shards=["a", "b"], combine="max", **base)
     with pytest.raises(ConfigError, match="one per cache"):
         TrainConfig.create(shards=["a", "b", "c"], kd_loss=["kl", "uld"], **base)
-    names = "'uld', 'kl', 'kl_notail', 'mapped_kl', 'hybrid' or 'auto'"
+    names = "'uld', 'kl', 'kl_notail', 'mapped_kl', 'hybrid', 'rs_kl' or 'auto'"
     with pytest.raises(ConfigError, match=f"kd_loss.0: Input should be {names}"):
         TrainConfig.create(shards=["a"], kd_loss="mse", **base)
     cfg = TrainConfig.create(shards=["a", "b"], kd_loss="kl", **base)
