@@ -1,16 +1,16 @@
 """A fusion-cache cache as a Hugging Face `datasets.Dataset`: the decoded view that any training stack can use.
 
 Two ways in, the same decoded view out (`row_to_dict`'s columns: ``messages``, ``input_ids``, ``answer_start``,
-``topk_ids`` / ``topk_logprobs`` [n_answer, K], ...):
+``topk_ids`` / ``topk_logprobs`` [n_answer, K], ``sample_counts`` of a sampled cache, ...):
 
 - `load_cache(path_or_url)`: reads the cache directory with the project's own reader (`CacheReader`: sha256 of every
   shard, the manifest's counts, content checks) and decodes every row.
 - `decode_dataset(ds, cache)`: decodes a dataset of the shards' own rows, as ``datasets.load_dataset("arrow",
   data_files=shards)`` or ``load_dataset`` of a pushed cache repo (its card lists the shards) return them, also
   after the Hub's parquet conversion, a shuffle, a filter or a select. Everything decoding needs is in the rows'
-  columns or in the manifest (schema version 4: the ``full`` codec's id orders are in the manifest, each row names
-  its own by hash), so only ``manifest.json`` must travel with the rows. The rows' content is checked as the reader
-  checks it; their shard files' sha256 is not (`datasets` read them, not fusion-cache).
+  columns or in the manifest (schema version 4: the ``full`` and ``sampled`` codecs' id orders are in the manifest,
+  each row names its own by hash), so only ``manifest.json`` must travel with the rows. The rows' content is
+  checked as the reader checks it; their shard files' sha256 is not (`datasets` read them, not fusion-cache).
 
 The result is a decoded *view*, not a cache: ``push_to_hub`` on it publishes decoded rows (larger, and without the
 manifest, fingerprint or codec), which fusion-cache cannot read back as a cache. Publish the cache directory itself.
@@ -89,6 +89,7 @@ def _features(datasets):
             "topk_logprobs": f.Sequence(f.Sequence(f.Value("float32"))),
             "target_logprobs": f.Sequence(f.Value("float32")),
             "tail_mass": f.Sequence(f.Value("float32")),
+            "sample_counts": f.Sequence(f.Sequence(f.Value("uint8"))),
         }
     )
 
@@ -124,6 +125,7 @@ def row_to_dict(row: CacheRow) -> dict:
         "topk_logprobs": lps.tolist(),
         "target_logprobs": target.tolist(),
         "tail_mass": np.asarray(tail, np.float32).tolist(),
+        "sample_counts": None if row.sample_counts is None else np.asarray(row.sample_counts, np.uint8).tolist(),
     }
 
 
@@ -134,7 +136,8 @@ def load_cache(path: str | Path, split: str = "train"):
     ``topk_ids`` / ``topk_logprobs`` [n_answer, K], ``target_logprobs`` / ``tail_mass`` [n_answer]; per codec:
     ``full`` and ``raw`` fill every column (``raw`` has no tail mass: NaN); ``values`` has no ids (-1) and no target
     log-probs (-inf); ``shape`` likewise, and its ``topk_logprobs`` are the standardized shapes in [-1, 0], not
-    log-probs. ``set_format("torch")`` works on the result.
+    log-probs; ``sampled`` holds each position's distinct draws and their ``sample_counts`` [n_answer, N] (None for
+    the other codecs), no tail mass (NaN). ``set_format("torch")`` works on the result.
 
     Args:
         path: the cache directory (manifest.json and shards): a local path or any fsspec URL, e.g.

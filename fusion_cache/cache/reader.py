@@ -159,9 +159,9 @@ def _decode(
 
 
 def manifest_id_orders(manifest: Manifest, codec: Codec, shards=None) -> dict[str, np.ndarray]:
-    """The id orders of ``shards`` (default: all) of a ``full`` layout 4 cache, by the key its rows name them by
-    (`id_order_key`, computed here from the order itself: an edited order gets a key no row names); empty for every
-    other codec.
+    """The id orders of ``shards`` (default: all) of a ``full`` layout 4 or ``sampled`` cache, by the key its rows
+    name them by (`id_order_key`, computed here from the order itself: an edited order gets a key no row names);
+    empty for every other codec.
 
     Raises:
         ShardFormatError: an id order is corrupt, naming the shard.

@@ -43,6 +43,11 @@ def test_load_cache_equals_the_reader_for_every_codec(synthetic_caches, codec):
             assert np.isneginf(target).all() and target.shape == (want.n_answer,)
         else:
             np.testing.assert_array_equal(target, want.target_logprobs)
+        if want.sample_counts is None:
+            assert got["sample_counts"] is None
+        else:  # a sampled cache: each position's counts add up to N, as the reader's
+            np.testing.assert_array_equal(np.array(got["sample_counts"], np.uint8), want.sample_counts)
+            assert (np.array(got["sample_counts"]).sum(1) == k).all()
 
 
 def test_torch_format_gives_tensors(synthetic_caches):
@@ -116,7 +121,7 @@ def test_decode_dataset_of_plain_load_dataset_equals_load_cache_for_every_codec(
     _assert_same_view(decode_dataset(plain, CacheReader(path).manifest), got)
 
 
-@pytest.mark.parametrize("codec", ["full", "raw"])
+@pytest.mark.parametrize("codec", ["full", "raw", "sampled"])
 def test_shuffled_filtered_rows_of_several_shards_decode_each_on_its_own(synthetic_caches, tmp_path, codec):
     path = synthetic_caches[codec]
     plain = _shard_rows(path, tmp_path).shuffle(seed=3).filter(lambda r: r["row_index"] != 1)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from fusion_cache.cache.codecs.base import DECODE_CHUNK
 from fusion_cache.cache.codecs.base import AnswerSpans
@@ -51,6 +50,7 @@ from fusion_cache.cache.codecs.ids import pack_ids
 from fusion_cache.cache.codecs.ids import parse_id_order
 from fusion_cache.cache.codecs.ids import rank_table
 from fusion_cache.cache.codecs.ids import ranks_to_ids
+from fusion_cache.cache.codecs.ids import row_id_orders
 from fusion_cache.cache.codecs.ids import unpack_ids
 from fusion_cache.cache.codecs.quantize import VALUE_BITS
 from fusion_cache.cache.codecs.quantize import ZSTD_LEVELS
@@ -292,27 +292,9 @@ class FullCodec(QuantizedCodec):
 
     def _row_orders(self, batch: pa.RecordBatch, spans: AnswerSpans) -> tuple[list[np.ndarray], np.ndarray | None]:
         """(the distinct id orders of the batch's rows, each row's index into them; None when there is one)."""
-        shard = spans.shard
         if not self.order_in_manifest:
-            return [parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), self.id_bytes, shard)], None
-        col = batch.column(ORDER_COLUMN)
-        if col.null_count:
-            raise ShardFormatError(f"{shard}: column {ORDER_COLUMN!r} has nulls")
-        if len(col) == 0:
-            return [np.zeros(0, np.int64)], None  # no ids to decode
-        keys, index = pc.unique(col).to_pylist(), None  # one key: the rows of one shard (~4 us a record batch)
-        if len(keys) > 1:  # rows of several shards (a dataset's): each row's index into the keys
-            enc = col.dictionary_encode()
-            keys, index = enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
-        for j, key in enumerate(keys):
-            if key not in spans.id_orders:
-                r = 0 if index is None else int(np.flatnonzero(index == j)[0])
-                raise ShardFormatError(
-                    f"{shard}: row {r}: column {ORDER_COLUMN!r} names id order {key[:32]!r}, which the manifest does "
-                    "not hold (for this shard): its id_order was edited, or the row belongs to another cache"
-                )
-        orders = [spans.id_orders[key] for key in keys]
-        return orders, (None if len(keys) <= 1 else index)
+            return [parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), self.id_bytes, spans.shard)], None
+        return row_id_orders(batch, ORDER_COLUMN, spans)
 
     def _decode_ranks_from(self, ranks: np.ndarray, order: np.ndarray) -> np.ndarray:
         """Token ids of decoded ranks through one id order."""

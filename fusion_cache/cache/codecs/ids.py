@@ -227,3 +227,37 @@ def decode_rank_planes(
         else:  # a uint16 index array: numpy widens it in its own buffer, as fast as an explicit int64 copy
             np.take(table, scratch[: t1 - t0], out=out[t0:t1], mode="clip")
     return out
+
+
+def row_id_orders(batch: pa.RecordBatch, column: str, spans) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """The id orders that a record batch's rows name in their key ``column`` (``full`` layout 4's ``topk_id_order``,
+    ``sampled``'s ``sample_id_order``), looked up in ``spans.id_orders`` (the manifest's, by `id_order_key`).
+
+    Returns:
+        (the distinct orders, int64 [rows] each row's index into them, or None when there is one: the rows of one
+        shard, the reader's fast path).
+
+    Raises:
+        ShardFormatError: a null key, or a key that names no order of the manifest (an edited order, or a row of
+            another cache), naming the shard and the row.
+    """
+    import pyarrow.compute as pc
+
+    shard = spans.shard
+    col = batch.column(column)
+    if col.null_count:
+        raise ShardFormatError(f"{shard}: column {column!r} has nulls")
+    if len(col) == 0:
+        return [np.zeros(0, np.int64)], None  # no ids to decode
+    keys, index = pc.unique(col).to_pylist(), None  # one key: the rows of one shard (~4 us a record batch)
+    if len(keys) > 1:  # rows of several shards (a dataset's): each row's index into the keys
+        enc = col.dictionary_encode()
+        keys, index = enc.dictionary.to_pylist(), enc.indices.to_numpy().astype(np.int64)
+    for j, key in enumerate(keys):
+        if key not in spans.id_orders:
+            r = 0 if index is None else int(np.flatnonzero(index == j)[0])
+            raise ShardFormatError(
+                f"{shard}: row {r}: column {column!r} names id order {key[:32]!r}, which the manifest does not hold "
+                "(for this shard): its id_order was edited, or the row belongs to another cache"
+            )
+    return [spans.id_orders[key] for key in keys], index

@@ -4,6 +4,9 @@
 Per answer position the build drew N tokens from the teacher's full softmax. Stored per row, over its positions in
 order, for each position's U <= N distinct draws (most likely first):
 
+- ``sample_id_order``: the key of the shard's id order (one string per row), which the shard's manifest entry holds
+  (``shards[].id_order``), as in ``full`` layout 4: everything decoding needs is in the rows and the manifest, so the
+  rows decode through `datasets` too (schema metadata does not survive it);
 - ``sample_ids_b{i}``: byte i of each draw's rank in the shard's id order (codecs/ids.py, as the ``full`` codec:
   frequent ids get small ranks, so the high plane is mostly zero);
 - ``sample_counts``: uint8, how many of the N draws gave that id (>= 1);
@@ -34,19 +37,20 @@ from fusion_cache.cache.codecs.base import checked_lists
 from fusion_cache.cache.codecs.base import list_column
 from fusion_cache.cache.codecs.base import list_parts
 from fusion_cache.cache.codecs.base import split_column
-from fusion_cache.cache.codecs.ids import ID_ORDER_KEY
-from fusion_cache.cache.codecs.ids import id_order_metadata
+from fusion_cache.cache.codecs.ids import id_order_doc
+from fusion_cache.cache.codecs.ids import id_order_key
 from fusion_cache.cache.codecs.ids import ids_to_ranks
 from fusion_cache.cache.codecs.ids import make_id_order
 from fusion_cache.cache.codecs.ids import pack_ids
-from fusion_cache.cache.codecs.ids import parse_id_order
 from fusion_cache.cache.codecs.ids import ranks_to_ids
+from fusion_cache.cache.codecs.ids import row_id_orders
 from fusion_cache.cache.codecs.ids import unpack_ids
 from fusion_cache.cache.codecs.quantize import ZSTD_LEVELS
 from fusion_cache.cache.row import CacheRow
 from fusion_cache.errors import ConfigError
 from fusion_cache.errors import ShardFormatError
 
+ORDER_COLUMN = "sample_id_order"  # each row: the `id_order_key` of its shard's id order (in the manifest entry)
 SAMPLES = (2, 255)  # N a manifest may hold: a count is one byte
 SEED_MAX = (1 << 63) - 1
 
@@ -107,7 +111,8 @@ class SampledCodec(Codec):
 
     # ---------------------------------------------------------------- storage
     def columns(self, k: int | None = None) -> dict[str, pa.DataType]:
-        cols: dict[str, pa.DataType] = {f"sample_ids_b{i}": pa.list_(pa.uint8()) for i in range(self.id_bytes)}
+        cols: dict[str, pa.DataType] = {ORDER_COLUMN: pa.string()}
+        cols.update({f"sample_ids_b{i}": pa.list_(pa.uint8()) for i in range(self.id_bytes)})
         cols["sample_counts"] = pa.list_(pa.uint8())
         cols["sample_logprobs"] = pa.list_(pa.float16())
         cols["target_logprobs"] = pa.list_(pa.float16())
@@ -117,10 +122,15 @@ class SampledCodec(Codec):
         return pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=self.zstd_level))
 
     def shard_metadata(self, first_rows: list[CacheRow]) -> tuple[dict[bytes, bytes], np.ndarray]:
-        """The shard's id order, from the draws of its first rows."""
+        """The shard's id order, from the draws of its first rows (for its manifest entry, `shard_entry`)."""
         ids = np.concatenate([r.topk_ids[r.sample_counts > 0] for r in first_rows]) if first_rows else np.zeros(0)
-        order = make_id_order(ids)
-        return {ID_ORDER_KEY: id_order_metadata(order)}, order
+        return {}, make_id_order(ids)
+
+    def shard_entry(self, order: np.ndarray | None) -> dict:
+        return {"id_order": id_order_doc(order)}
+
+    def shard_entry_fields(self) -> tuple[str, ...]:
+        return ("id_order",)
 
     # ---------------------------------------------------------------- encode / decode
     def encode(self, rows: list[CacheRow], k: int, id_order: np.ndarray | None = None) -> dict[str, pa.Array]:
@@ -143,10 +153,9 @@ class SampledCodec(Codec):
             counts.append(c[mask])
         per_row = np.asarray(present, dtype=np.int64)
         flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        out = {
-            f"sample_ids_b{i}": split_column(p, per_row, cols[f"sample_ids_b{i}"])
-            for i, p in enumerate(pack_ids(ids_to_ranks(flat_ids, id_order), self.id_bytes))
-        }
+        out = {ORDER_COLUMN: pa.array([id_order_key(id_order)] * len(rows), pa.string())}  # zstd: once a batch
+        for i, p in enumerate(pack_ids(ids_to_ranks(flat_ids, id_order), self.id_bytes)):
+            out[f"sample_ids_b{i}"] = split_column(p, per_row, cols[f"sample_ids_b{i}"])
         out["sample_counts"] = split_column(_cat(counts, np.uint8), per_row, cols["sample_counts"])
         out["sample_logprobs"] = split_column(_cat(lps, np.float16), per_row, cols["sample_logprobs"])
         out["target_logprobs"] = list_column([r.target_logprobs for r in rows], np.float16, cols["target_logprobs"])
@@ -160,8 +169,16 @@ class SampledCodec(Codec):
         parts = checked_lists(batch, {name: per_row for name in names}, n, shard)
         targets = checked_lists(batch, {"target_logprobs": spans.n_answer}, n, shard)["target_logprobs"]
         ends = _position_ends(counts.astype(np.int64), off, spans, n)
-        order = parse_id_order((batch.schema.metadata or {}).get(ID_ORDER_KEY), self.id_bytes, shard)
-        flat_ids = ranks_to_ids(unpack_ids([parts[f"sample_ids_b{i}"] for i in range(self.id_bytes)]), order)
+        ranks = unpack_ids([parts[f"sample_ids_b{i}"] for i in range(self.id_bytes)])
+        orders, row_order = row_id_orders(batch, ORDER_COLUMN, spans)
+        if row_order is None:  # the rows of one shard
+            flat_ids = ranks_to_ids(ranks, orders[0])
+        else:  # rows of several shards (a dataset's): each entry through its row's order
+            of_entry = np.repeat(row_order, per_row)
+            flat_ids = np.empty(ranks.shape, np.int64)
+            for j, order in enumerate(orders):
+                at = of_entry == j
+                flat_ids[at] = ranks_to_ids(ranks[at], order)
         # entry e belongs to position searchsorted(ends, e) and sits at slot e - (that position's first entry)
         entry = np.arange(counts.size)
         pos = np.searchsorted(ends, entry, side="left")

@@ -10,6 +10,8 @@ import pytest
 
 from fusion_cache.cache.codecs import make_codec
 from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.codecs.ids import id_order_key
+from fusion_cache.cache.codecs.ids import parse_id_order
 from fusion_cache.cache.reader import decode_record_batch
 from fusion_cache.cache.row import CacheRow
 from fusion_cache.cache.schema import METADATA_KEY
@@ -59,13 +61,38 @@ def _write(tmp_path, rows, codec, n, shard_rows=2):
     return w.shards
 
 
+def _orders(shards, codec) -> dict:
+    """The id orders the shards' manifest entries give their rows, by key (as `reader.manifest_id_orders`)."""
+    orders = [parse_id_order(s["id_order"], codec.id_bytes, s["path"]) for s in shards]
+    return {id_order_key(o): o for o in orders}
+
+
 def _read(tmp_path, shards, n):
     out = []
     for shard in shards:
         stream = pa.ipc.open_stream(pa.memory_map(str(tmp_path / shard["path"])))
         stored = parse_codec(json.loads(stream.schema.metadata[METADATA_KEY])["codec"])
-        out += [r for b in stream for r in decode_record_batch(b, stored, n, shard["path"])]
+        orders = _orders([shard], stored)
+        out += [r for b in stream for r in decode_record_batch(b, stored, n, shard["path"], id_orders=orders)]
     return out
+
+
+def test_rows_of_several_shards_decode_through_their_own_orders_and_a_missing_order_is_refused(tmp_path):
+    """A dataset's batch (`datasets` concatenates shards, shuffles) mixes rows of shards with different id orders:
+    each row names its own by key, which the manifest holds (nothing lives in schema metadata)."""
+    n = 8
+    rows = _sampled_rows(5, n, [4, 6, 3, 5], 2000, 2.0)
+    codec = make_codec("sampled", vocab_size=2000, samples=n)
+    shards = _write(tmp_path, rows, codec, n, shard_rows=2)
+    assert len(shards) == 2 and shards[0]["id_order"] != shards[1]["id_order"]
+    batches = [next(iter(pa.ipc.open_stream(pa.memory_map(str(tmp_path / s["path"]))))) for s in shards]
+    assert not any(b"id_order" in key for b in batches for key in (b.schema.metadata or {}))
+    mixed = pa.Table.from_batches(batches).combine_chunks().take([3, 0, 2, 1]).to_batches()[0]
+    got = decode_record_batch(mixed, codec, n, "mixed", id_orders=_orders(shards, codec))
+    for want, have in zip([rows[i] for i in (3, 0, 2, 1)], got, strict=True):
+        np.testing.assert_array_equal(want.topk_ids[want.sample_counts > 0], have.topk_ids[have.sample_counts > 0])
+    with pytest.raises(ShardFormatError, match="column 'sample_id_order' names id order .* which the manifest"):
+        decode_record_batch(mixed, codec, n, "mixed", id_orders=_orders(shards[:1], codec))
 
 
 @pytest.mark.parametrize(("vocab", "scale"), [(300, 0.5), (300, 6.0), (70000, 3.0)])
