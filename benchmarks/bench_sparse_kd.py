@@ -157,13 +157,15 @@ def build_caches(paths: Paths, engine_name: str, lock: Path | None, rs: bool) ->
     wanted = [("topk64", "train", {"top_k": 64}), ("topk64", "heldout", {"top_k": HELDOUT_K}),
               ("topk12", "train", {"top_k": 12})]  # fmt: skip
     if rs:
-        wanted.append(("rs12", "train", {"sampling": "rs", "samples": 12}))
+        wanted.append(("rs12", "train", {"sampling": "rs", "samples": 12, "codec": "sampled"}))
     cfgs = [
         BuildConfig.create(teacher=TEACHER, data=str(paths.data(split)), out=str(cache_dir(paths, key, split)),
-                           engine=engine_name, codec=CODEC, max_length=MAX_LENGTH, dtype=dtype, overwrite=True, **extra)
+                           engine=engine_name, max_length=MAX_LENGTH, dtype=dtype, overwrite=True,
+                           **({"codec": CODEC} | extra))
         for key, split, extra in wanted
     ]  # fmt: skip
-    if not all((Path(c.out) / "manifest.json").exists() for c in cfgs):
+    cfgs = [c for c in cfgs if not (Path(c.out) / "manifest.json").exists()]  # a cache once built is kept
+    if cfgs:
         with cpu_lock(lock, "capture"):
             extra = {"max_model_len": 2048, "max_k": 64} if engine_name == "vllm" else {}
             engine = make_engine(engine_name, resolve_model(TEACHER).path, dtype=dtype, **extra)
@@ -180,7 +182,8 @@ def build_caches(paths: Paths, engine_name: str, lock: Path | None, rs: bool) ->
             m = CacheReader(str(cache_dir(paths, key, split))).manifest
             out[key] = {"bytes_per_answer_token": round(m.bytes_per_answer_token, 2),
                         "payload_bytes": m.stats.payload_bytes, "answer_tokens": m.stats.answer_tokens,
-                        "wall_seconds": m.stats.wall_seconds, "engine": engine_name, "codec": CODEC}  # fmt: skip
+                        "wall_seconds": m.stats.wall_seconds, "engine": engine_name,
+                        "codec": m.codec["name"]}  # fmt: skip
     return out
 
 
