@@ -38,7 +38,9 @@ def test_same_and_another_tokenizer_student(multi_caches, tiny_model_dir):
     same, other = report.teachers
     assert (same.tokenizer, same.template, same.alignment) == ("same", "same", "index")
     assert (other.tokenizer, other.template, other.alignment) == ("another", "another", "bytes")
-    assert all(why is None for why in same.losses.values())  # a raw cache of the student's own tokenizer: every loss
+    # a top-K cache of the student's own tokenizer: every top-K loss; rs_kl wants a sampled cache
+    assert all(why is None for name, why in same.losses.items() if name != "rs_kl")
+    assert "holds a top-K, not sampled tokens" in same.losses["rs_kl"]
     assert other.losses["kl"] and "needs the teacher's token ids" in other.losses["kl"]
     assert other.losses["uld"] is None and other.losses["mapped_kl"] is None and other.losses["hybrid"] is None
     # the rows are the training stream's own counts over the same samples
