@@ -8,16 +8,17 @@ Setting (shared with `benchmarks/bench_packaged_quality.py`, whose helpers make 
 their gold answers, split into train, validation (40 train rows no run trains on) and held-out; the teacher
 smollm2-135m; the student its 24-layer prune, the same start for every run. The teacher's caches are captured with
 ``--engine vllm`` (default; ``hf`` also works), codec ``full`` (what a user stores; its B/answer token are the
-manifest's), top-K at K=12 and K=64, and, where the checkout has it, the RS-KD sampled capture at N=12.
+manifest's), top-K at K=12 and K=64, and the RS-KD sampled capture (codec ``sampled``) at N=12 and N=48.
 
 Arms (`ARMS`): ``ce`` (lambda 0); ``full_kd``, the teacher run online in this process on the same batches, its full
 logits in `full_kd_rows` (the quantity every sparse cache approximates); ``topk{12,64}_notail`` (``kl_notail``: the
 top-K renormalised, the biased sparse KD most toolkits use); ``topk{12,64}_tail`` (``kl``: the top-K plus a tail
-bucket); ``rs12`` (`RS_LOSS` on a sampled cache; skipped with one line when the checkout has no ``sampling`` option
-on `BuildConfig`). Every arm trains in the same loop (`train_run`): the same batches in the same order (the stream of
-the arm's train cache, shuffled by the seed; every cache holds the same rows), AdamW with the trainer's schedule
-(`train.trainer.lr_lambda`), loss (1 - lambda) CE + lambda sum_r w_r d_r with the trainer's row weights, and the same
-KD temperature. The trainer itself (`run_train`) reads teachers from caches only, hence this loop.
+bucket); ``rs12`` and ``rs48`` (`RS_LOSS` on a sampled cache of N draws per position; N=48 tells sampling noise from
+bias: a gap to full KD that is noise shrinks as N grows). Every arm trains in the same loop (`train_run`): the same
+batches in the same order (the stream of the arm's train cache, shuffled by the seed; every cache holds the same
+rows), AdamW with the trainer's schedule (`train.trainer.lr_lambda`), loss (1 - lambda) CE + lambda sum_r w_r d_r with
+the trainer's row weights, and the same KD temperature. The trainer itself (`run_train`) reads teachers from caches
+only, hence this loop.
 
 Settings are chosen on the validation split only, at seed 0: the learning rate among `LRS` by the CE arm's validation
 answer CE, then lambda among `LAMBDAS` by full KD's; every KD arm uses that lambda (the arms differ only in the
@@ -97,7 +98,9 @@ ARMS = (
     Arm("topk64_notail", "cache", 64, "kl_notail"),
     Arm("topk64_tail", "cache", 64, "kl"),
     Arm("rs12", "cache", 12, RS_LOSS, "rs"),
+    Arm("rs48", "cache", 48, RS_LOSS, "rs"),  # the N sweep: does a gap to full KD shrink with more draws?
 )
+RS_ARMS = tuple(a.name for a in ARMS if a.sampling == "rs")
 ARM_NAMES = tuple(a.name for a in ARMS)
 
 
@@ -106,7 +109,7 @@ def rs_available() -> str | None:
     from fusion_cache.capture.config import BuildConfig
 
     if "sampling" not in BuildConfig.model_fields:
-        return "rs12 skipped: this checkout has no sampled capture (BuildConfig has no 'sampling' field; branch rskd)"
+        return "rs arms skipped: this checkout has no sampled capture (BuildConfig has no 'sampling' field)"
     return None
 
 
@@ -142,9 +145,9 @@ def cache_dir(paths: Paths, key: str, split: str) -> Path:
     return paths.work / "cache" / key / split
 
 
-def build_caches(paths: Paths, engine_name: str, lock: Path | None, rs: bool) -> dict[str, dict]:
+def build_caches(paths: Paths, engine_name: str, lock: Path | None, rs: tuple[str, ...] = ()) -> dict[str, dict]:
     """Capture the teacher's caches (kept when built): top-64 of train and held-out, top-12 of train, and the
-    sampled N=12 train cache when ``rs``. Returns {cache key: {"bytes_per_answer_token", "payload_bytes",
+    sampled train cache of each rs arm in ``rs``. Returns {cache key: {"bytes_per_answer_token", "payload_bytes",
     "answer_tokens", "wall_seconds"}} of the train caches."""
     from fusion_cache.cache.reader import CacheReader
     from fusion_cache.capture.build import run_build
@@ -156,8 +159,9 @@ def build_caches(paths: Paths, engine_name: str, lock: Path | None, rs: bool) ->
     dtype = default_dtype()
     wanted = [("topk64", "train", {"top_k": 64}), ("topk64", "heldout", {"top_k": HELDOUT_K}),
               ("topk12", "train", {"top_k": 12})]  # fmt: skip
-    if rs:
-        wanted.append(("rs12", "train", {"sampling": "rs", "samples": 12, "codec": "sampled"}))
+    for name in rs:  # the sampled caches of the rs arms asked for
+        n = arm_of(name).k
+        wanted.append((arm_of(name).cache_key, "train", {"sampling": "rs", "samples": n, "codec": "sampled"}))
     cfgs = [
         BuildConfig.create(teacher=TEACHER, data=str(paths.data(split)), out=str(cache_dir(paths, key, split)),
                            engine=engine_name, max_length=MAX_LENGTH, dtype=dtype, overwrite=True,
@@ -531,11 +535,11 @@ def main() -> None:
     torch.set_num_threads(1)
     paths = Paths(args.work)
     arms = list(args.arms)
-    if "rs12" in arms and (why := rs_available()) is not None:
+    if set(RS_ARMS) & set(arms) and (why := rs_available()) is not None:
         print(f"[bench] {why}", flush=True)
-        arms.remove("rs12")
+        arms = [a for a in arms if a not in RS_ARMS]
     write_data(paths)
-    caches = build_caches(paths, args.engine, args.lock, rs="rs12" in arms)
+    caches = build_caches(paths, args.engine, args.lock, rs=tuple(a for a in arms if a in RS_ARMS))
     make_layer_subset_student(resolve_model(TEACHER).path, paths.student, STUDENT_LAYERS)
     common = {"machine": machine(), "torch_threads": 1, "engine": args.engine, "codec": CODEC, "max_length": MAX_LENGTH,
               "student_layers": STUDENT_LAYERS, "teacher": TEACHER, "caches": caches}  # fmt: skip
@@ -553,6 +557,7 @@ def main() -> None:
         job = jobs[0]
         with cpu_lock(args.lock, f"{job.arm} seed {job.seed} lr {job.lr:g} lambda {job.lambda_:g}"):
             line = train_run(job, paths) | common
+        line["codec"] = caches.get(arm_of(job.arm).cache_key, {}).get("codec", CODEC)  # the arm's own cache's
         line["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _append(args.results, line)
         runs += 1

@@ -97,4 +97,4 @@ def test_rs_arm_is_skipped_with_a_reason_without_the_sampled_capture():
 
     why = bench.rs_available()
     assert (why is None) == ("sampling" in BuildConfig.model_fields)
-    assert why is None or why.startswith("rs12 skipped:")
+    assert why is None or why.startswith("rs arms skipped:")
