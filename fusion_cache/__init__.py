@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "Manifest": "fusion_cache.cache.manifest",
     "load_manifest": "fusion_cache.cache.manifest",
     "load_cache": "fusion_cache.hf",
+    "decode_dataset": "fusion_cache.hf",
     "push_cache": "fusion_cache.cache.hub",
     "pull_cache": "fusion_cache.cache.hub",
     # stage two: stream, collate, losses, train
@@ -50,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "forward_losses": "fusion_cache.train.objective",
     "StepOutput": "fusion_cache.train.objective",
     "TrainConfig": "fusion_cache.train.config",
+    "check_caches": "fusion_cache.train.check",
     "run_train": "fusion_cache.train.trainer",
     # merge pivots
     "MergeConfig": "fusion_cache.merge.config",

@@ -8,6 +8,7 @@ the model is only good for checking plumbing and numerics, never for quality.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+
+from fusion_cache.cache.codecs import parse_codec
+from fusion_cache.cache.fingerprint import chain_fingerprint
+from fusion_cache.cache.fingerprint import config_fingerprint
+from fusion_cache.cache.manifest import json_settings
+from fusion_cache.cache.schema import METADATA_KEY
 from fusion_cache.errors import ConfigError
 
 # Written last, after every other file: its presence means the directory is complete (see `make_tiny_model`).
@@ -202,3 +211,152 @@ def capture_with(engine, flag: str, value: bool, requests: list, k: int) -> list
         return engine.capture(requests, k)
     finally:
         setattr(engine, flag, old)
+
+
+# ------------------------------------------------------------------------------------------------ a hostile editor
+# Caches are shared, so a cache is input from someone else, and the manifest's checksums and fingerprints are public
+# formulas: anyone can change a shard and reseal the manifest. These helpers do what such an editor would, for the
+# hostile-cache tests of every reader and every command (tests/fusion_cache/cache/test_validate.py,
+# tests/cli/test_hostile.py).
+
+
+def _config_fp(m: dict) -> str:
+    return config_fingerprint(json_settings(m))
+
+
+def _batches(path: Path) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """The shard's schema and record batches, read into memory (not mapped: the file is rewritten next)."""
+    reader = pa.ipc.open_stream(pa.BufferReader(path.read_bytes()))
+    return reader.schema, list(reader)
+
+
+def rewrite(cache: Path, *, batch=None, manifest=None, counts: bool = True) -> dict:
+    """Rewrite a cache as an attacker would: ``manifest(m)`` edits its JSON, ``batch(b, shard, i)`` returns each
+    record batch changed (or None to drop it), then every shard is written again with the manifest's config
+    fingerprint in its metadata, and sizes, checksums, per-shard counts and stats (``counts``; rows the shards lost
+    become skipped ones, rows they gained more rows read) and both fingerprints are recomputed. Returns the JSON."""
+    path = cache / "manifest.json"
+    m = json.loads(path.read_text())
+    if manifest is not None:
+        manifest(m)
+    codec = parse_codec(m["codec"], "test", m["schema_version"])
+    shards = []
+    rows = tokens = answer = 0
+    for s, info in enumerate(m["shards"]):
+        f = cache / info["path"]
+        if not f.is_file() or f.is_symlink():
+            continue
+        schema, batches = _batches(f)
+        out = [x for x in (batch(b, s, i) if batch is not None else b for i, b in enumerate(batches)) if x is not None]
+        n_rows = sum(b.num_rows for b in out)
+        n_tok = sum(len(b.column("input_ids").values) for b in out)
+        n_ans = n_tok - sum(int(np.sum(b.column("answer_start").to_numpy())) for b in out)
+        if counts:
+            info.update(rows=n_rows, answer_tokens=n_ans)
+        rows, tokens, answer = rows + n_rows, tokens + n_tok, answer + n_ans
+        shards.append((f, schema, out))
+    if counts:
+        lost = m["stats"]["rows"] - rows
+        if lost > 0:
+            key = next(iter(m["stats"]["skipped"]), "empty_response")
+            m["stats"]["skipped"][key] = m["stats"]["skipped"].get(key, 0) + lost
+        else:
+            m["dataset"]["rows_read"] -= lost
+        m["stats"].update(rows=rows, tokens=tokens, answer_tokens=answer)
+    m["config_fingerprint"] = _config_fp(m)
+    for f, schema, out in shards:
+        prov = json.loads(schema.metadata[METADATA_KEY])
+        prov["config_fingerprint"] = m["config_fingerprint"]
+        schema = schema.with_metadata({**schema.metadata, METADATA_KEY: json.dumps(prov).encode()})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
+            for b in out:
+                w.write_batch(pa.RecordBatch.from_arrays(b.columns, schema=schema))
+        f.write_bytes(sink.getvalue().to_pybytes())
+    for info in m["shards"]:
+        f = cache / info["path"]
+        if f.is_file():
+            info.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    m["stats"]["payload_bytes"] = sum(i["bytes"] for i in m["shards"])
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    path.write_text(json.dumps(m, indent=2, sort_keys=True))
+    return m
+
+
+def column(b: pa.RecordBatch, name: str, new: pa.Array) -> pa.RecordBatch:
+    cols = [new if n == name else b.column(n) for n in b.schema.names]
+    return pa.RecordBatch.from_arrays(cols, schema=b.schema)
+
+
+def set_value(b: pa.RecordBatch, name: str, index: int, value) -> pa.RecordBatch:
+    """The list column ``name`` with its flat value ``index`` (of the batch) set to ``value``."""
+    col = b.column(name)
+    flat = np.asarray(col.values.to_numpy(zero_copy_only=False)).copy()
+    flat[index] = value
+    return column(b, name, pa.ListArray.from_arrays(col.offsets, pa.array(flat, col.type.value_type)))
+
+
+def reseal_files(cache: Path) -> None:
+    """Recompute every shard's size and sha256, the payload bytes and the fingerprint: a hostile byte edit sealed."""
+    m = json.loads((cache / "manifest.json").read_text())
+    for info in m["shards"]:
+        f = cache / info["path"]
+        info.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    m["stats"]["payload_bytes"] = sum(i["bytes"] for i in m["shards"])
+    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
+    (cache / "manifest.json").write_text(json.dumps(m))
+
+
+_EXTREMES = [0, -1, 1, 2**31 - 1, -(2**31), 2**15, 255, 10**6]
+_FLOATS = [float("nan"), float("inf"), float("-inf"), 0.0, 1.0, -1e30, 1e30, 65504.0]
+
+
+def mutate_column(b: pa.RecordBatch, rng) -> pa.RecordBatch:
+    """One random value of one random column replaced by an extreme (list lengths kept, so Arrow accepts it)."""
+    name = b.schema.names[rng.integers(0, len(b.schema.names))]
+    col = b.column(name)
+    typ = col.type
+    if pa.types.is_list(typ):
+        values = col.values.to_numpy(zero_copy_only=False).copy()
+        if not len(values):
+            return b
+        i = rng.integers(0, len(values))
+        if pa.types.is_floating(typ.value_type):
+            values[i] = rng.choice(_FLOATS)
+        else:
+            info = np.iinfo(values.dtype)
+            values[i] = np.clip(rng.choice(_EXTREMES), info.min, info.max)
+        return column(b, name, pa.ListArray.from_arrays(col.offsets, pa.array(values, typ.value_type)))
+    if pa.types.is_string(typ):
+        vals = col.to_pylist()
+        i = rng.integers(0, len(vals))
+        vals[i] = rng.choice(["", "x" * 40, vals[i][::-1], "\u00e9" * 16])
+        return column(b, name, pa.array(vals, pa.string()))
+    values = col.to_numpy(zero_copy_only=False).copy()
+    info = np.iinfo(values.dtype)
+    values[rng.integers(0, len(values))] = np.clip(rng.choice(_EXTREMES), info.min, info.max)
+    return column(b, name, pa.array(values, typ))
+
+
+def mutate_manifest(m: dict, rng) -> None:
+    """One manifest field set to an implausible value (stats, counts, K, lengths, the teacher, the shard list)."""
+    choice = rng.integers(0, 9)
+    big = int(rng.choice([0, 1, 10**15, 2**31]))
+    if choice == 0:
+        m["stats"]["rows"] = big
+    elif choice == 1:
+        m["stats"]["tokens"] = big
+    elif choice == 2:
+        m["shards"][0]["rows"] = big
+    elif choice == 3:
+        m["k"] = int(rng.integers(1, 12))
+    elif choice == 4:
+        m["max_length"] = int(rng.integers(2, 9))
+    elif choice == 5:
+        m["teacher"]["vocab_size"] = int(rng.integers(1, 400))
+    elif choice == 6:
+        m["shards"].append(dict(m["shards"][-1]))
+    elif choice == 7:
+        m["dataset"]["rows_read"] = int(rng.integers(0, 10))
+    else:
+        m["stats"]["skipped"] = {"empty_response": -1}

@@ -248,18 +248,33 @@ def _row_of(offsets: np.ndarray, position: int) -> int:
 
 
 def check_strings(batch: pa.RecordBatch, where: Where) -> None:
-    """``sample_id`` and ``conversation`` are valid UTF-8 (before anything decodes them to Python strings)."""
+    """``sample_id`` and ``conversation`` are valid UTF-8 (before anything decodes them to Python strings).
+
+    A column that fails Arrow's full validation is looked at through its raw buffers, never through ``as_py``:
+    offsets out of order or past the data (a resealed byte flip can make them so) would have Arrow build a string of
+    that length, a C++ ``length_error`` that aborts the process.
+    """
     for name in ("sample_id", "conversation"):
         col = batch.column(name)
         try:
             col.validate(full=True)
+            continue
         except pa.ArrowInvalid:
-            for r in range(len(col)):
-                try:
-                    col[r].as_py()
-                except UnicodeDecodeError as e:
-                    _fail(where, r, name, f"not valid UTF-8 ({e.reason} at byte {e.start})")
-            raise ShardFormatError(f"{where}: column {name!r} is corrupt") from None
+            pass
+        corrupt = f"{where}: column {name!r} is corrupt"
+        buffers = col.buffers()
+        if len(buffers) != 3 or buffers[1] is None:
+            raise ShardFormatError(corrupt)
+        offsets = np.frombuffer(buffers[1], dtype=np.int32)[col.offset : col.offset + len(col) + 1]
+        data = buffers[2].to_pybytes() if buffers[2] is not None else b""
+        if len(offsets) != len(col) + 1 or offsets[0] < 0 or (np.diff(offsets) < 0).any() or offsets[-1] > len(data):
+            raise ShardFormatError(f"{corrupt} (its string offsets are out of order or point past its data)")
+        for r in range(len(col)):
+            try:
+                data[offsets[r] : offsets[r + 1]].decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(where, r, name, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        raise ShardFormatError(corrupt)
 
 
 def check_common(

@@ -308,7 +308,18 @@ def check_caches(
     names = unique_names([r.manifest.teacher.name for r in readers])
     student_hash = tokenizer_hash(tokenizer)
     same = [shares_tokenizer(r, tokenizer) for r in readers]
-    traits = [TeacherTraits(names[i], same[i] and r.codec.has_ids, r.codec, r.k) for i, r in enumerate(readers)]
+    # each foreign teacher's own tokenizer (`train.vocab`, by the hash its manifest records), where its ids could be
+    # mapped: the vocabulary map, its coverage, and whether auto can pick mapped_kl depend on it
+    toks: list[Any] = [None] * len(readers)
+    map_errors: list[str | None] = [None] * len(readers)
+    for s, (r, same_s) in enumerate(zip(readers, same, strict=True)):
+        if not same_s and (maps is None or maps[s] is None) and (coverage or (kd_loss is not None and r.codec.has_ids)):
+            try:
+                toks[s] = teacher_tokenizer(r.manifest)
+            except ConfigError as e:
+                map_errors[s] = str(e)
+    traits = [TeacherTraits(names[i], same[i] and r.codec.has_ids, r.codec, r.k, tokenizer_found=toks[i] is not None)
+              for i, r in enumerate(readers)]  # fmt: skip
     every = {name: make_loss(name, **(loss_options or {})) for name in LOSSES}
     problems: list[str] = []
     chosen: list[DistillLoss | None]
@@ -323,15 +334,10 @@ def check_caches(
     maps = list(maps) if maps is not None else [None] * len(readers)
     teachers = []
     for s, (name, r, same_s) in enumerate(zip(names, readers, same, strict=True)):
-        teacher_tok, map_error = None, None
+        teacher_tok, map_error = toks[s], map_errors[s]
         wants_map = chosen[s] is not None and chosen[s].target != "values"
-        if not same_s and maps[s] is None and (coverage or wants_map):
-            try:  # the teacher's own tokenizer: found by the hash its manifest records (`train.vocab`)
-                teacher_tok = teacher_tokenizer(r.manifest)
-            except ConfigError as e:
-                map_error = str(e)
-            if teacher_tok is not None and r.codec.has_ids:
-                maps[s] = vocab_map(teacher_tok, tokenizer)
+        if teacher_tok is not None and maps[s] is None and (coverage or wants_map):
+            maps[s] = vocab_map(teacher_tok, tokenizer)
         allowed = _applicable(every, traits[s], not same_s, map_error)
         loss = chosen[s]
         if loss is not None and allowed.get(loss.name) and losses is None:

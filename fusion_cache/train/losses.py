@@ -61,12 +61,15 @@ class TeacherTraits:
         same_vocab: the teacher's ids are the student's (same tokenizer and template, codec with ids).
         codec: the cache's codec (its ``has_ids``, ``has_logprobs`` and ``name`` are read).
         k: K of the cache (None: unknown).
+        tokenizer_found: the teacher's own tokenizer was found (`train.vocab.teacher_tokenizer`), so its ids can be
+            mapped onto the student's vocabulary; ``auto`` picks ``uld`` over ``mapped_kl`` where it was not.
     """
 
     name: str
     same_vocab: bool
     codec: Any
     k: int | None = None
+    tokenizer_found: bool = True
 
 
 class DistillLoss(ABC):
@@ -343,7 +346,7 @@ def make_loss(name: str, **options) -> DistillLoss:
 def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[str]:
     """One loss name per teacher: ``names`` is one name for all or one per teacher; ``auto`` becomes ``rs_kl`` for a
     sampled cache, ``kl`` for a teacher with the student's vocabulary, ``mapped_kl`` for another whose cache holds
-    ids and log-probs, else ``uld``."""
+    ids and log-probs and whose tokenizer was found, else ``uld``."""
     if len(names) not in (1, len(teachers)):
         raise ConfigError(
             f"kd_loss: give one loss for every teacher or one per cache ({len(teachers)}), got {len(names)}: {names}"
@@ -354,7 +357,7 @@ def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[
         if name == AUTO:
             if getattr(t.codec, "has_counts", False):
                 name = SampledKL.name
-            elif t.codec.has_ids and t.codec.has_logprobs:
+            elif t.codec.has_ids and t.codec.has_logprobs and (t.same_vocab or t.tokenizer_found):
                 name = TopKKL.name if t.same_vocab else MappedKL.name
             else:
                 name = ULD.name

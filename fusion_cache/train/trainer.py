@@ -35,6 +35,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +64,7 @@ from fusion_cache.train.guards import check_signatures
 from fusion_cache.train.guards import check_step
 from fusion_cache.train.guards import student_vocab
 from fusion_cache.train.join import unique_names
+from fusion_cache.train.losses import AUTO
 from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import TeacherTraits
 from fusion_cache.train.losses import make_loss
@@ -329,6 +331,16 @@ class TeacherPlan:
     maps: list  # [S] VocabMap or None
 
 
+def find_teacher_tokenizer(reader) -> Any:
+    """The teacher's own tokenizer (`train.vocab.teacher_tokenizer`), or None when it cannot be found."""
+    from fusion_cache.train.vocab import teacher_tokenizer
+
+    try:
+        return teacher_tokenizer(reader.manifest)
+    except ConfigError:
+        return None
+
+
 def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
     """One loss per teacher (``auto`` resolved), each checked against what its cache allows (ConfigError if not),
     and the vocabulary maps the losses need; reads the caches' manifests only."""
@@ -338,15 +350,24 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
     readers = [CacheReader(c) for c in cfg.shards]
     names = unique_names([r.manifest.teacher.name for r in readers])
     same = [shares_tokenizer(r, tokenizer) for r in readers]
+    given = list(cfg.kd_loss) if len(cfg.kd_loss) == len(readers) else [cfg.kd_loss[0]] * len(readers)
+    # the teacher's tokenizer, where auto must know whether it can be found (mapped_kl, else uld)
+    toks = [find_teacher_tokenizer(r) if g == AUTO and not same_s and r.codec.has_ids else None
+            for r, same_s, g in zip(readers, same, given, strict=True)]  # fmt: skip
     traits = [
-        TeacherTraits(name, same_s and r.codec.has_ids, r.codec, r.k)
-        for name, r, same_s in zip(names, readers, same, strict=True)
+        TeacherTraits(name, same_s and r.codec.has_ids, r.codec, r.k, tokenizer_found=g != AUTO or tok is not None)
+        for name, r, same_s, tok, g in zip(names, readers, same, toks, given, strict=True)
     ]
     options = dict(k=cfg.top_k, zscore=cfg.zscore, softmax=cfg.softmax, temperature=cfg.temperature, tail=cfg.tail)
     options["kd_temperature"] = cfg.kd_temperature
     # a K asked for above every cache's K is refused (no teacher can serve it); below, each teacher uses min(k, its K)
     options["strict_k"] = "top_k" in cfg.model_fields_set and cfg.top_k > max(r.k for r in readers)
     losses = [make_loss(name, **options) for name in resolve_loss_names(list(cfg.kd_loss), traits)]
+    for t, r, loss in zip(traits, readers, losses, strict=True):
+        if not t.tokenizer_found and loss.name == "uld" and r.codec.has_ids:
+            log.warning("teacher %s: kd_loss auto picks uld, not mapped_kl: the tokenizer of its cache (hash %s) was "
+                        "not found, so its ids cannot be mapped onto the student's", t.name,
+                        r.manifest.teacher.tokenizer_hash[:12])  # fmt: skip
     if cfg.combine == "min_ce":
         for name, r in zip(names, readers, strict=True):
             if not r.codec.has_targets:
@@ -355,10 +376,11 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
                     "answer tokens, which min_ce compares; use mean, sum or uncertainty"
                 )
     maps = []
-    for loss, t, r, same_s in zip(losses, traits, readers, same, strict=True):
+    for loss, t, r, same_s, tok in zip(losses, traits, readers, same, toks, strict=True):
         loss.check(t)
         needs_map = loss.target != "values" and not same_s
-        maps.append(vocab_map(teacher_tokenizer(r.manifest), tokenizer) if needs_map else None)
+        # no tokenizer found: teacher_tokenizer raises its ConfigError, which says what was tried
+        maps.append(vocab_map(tok or teacher_tokenizer(r.manifest), tokenizer) if needs_map else None)
     # a sampled teacher of another tokenizer: its remainder bucket is the student tokens outside the map's image
     losses = [loss.with_map(m) if m is not None and hasattr(loss, "with_map") else loss
               for loss, m in zip(losses, maps, strict=True)]  # fmt: skip

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "merge": {"errors", "config", "models"},
     "eval": {"errors", "config", "cache", "models", "capture", "train"},
     "recipes": {"errors", "config", "cache", "models", "capture", "train", "merge", "eval"},
-    "testing": {"errors", "config", "models"},
+    "testing": {"errors", "config", "models", "cache"},
     "__init__": {"errors", "config", "cache", "models", "capture", "train", "merge", "eval", "recipes", "kernels"},
     "cli": {"errors", "config", "cache", "models", "capture", "train", "merge", "eval", "recipes"},
     "__main__": {"cli"},

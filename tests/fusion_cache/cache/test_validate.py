@@ -22,13 +22,9 @@ import pyarrow as pa
 import pytest
 
 from fusion_cache.cache import fast_decode
-from fusion_cache.cache.codecs import parse_codec
 from fusion_cache.cache.fingerprint import chain_fingerprint
-from fusion_cache.cache.fingerprint import config_fingerprint
-from fusion_cache.cache.manifest import json_settings
 from fusion_cache.cache.manifest import load_manifest
 from fusion_cache.cache.reader import CacheReader
-from fusion_cache.cache.schema import METADATA_KEY
 from fusion_cache.cache.validate import TOPK_OK
 from fusion_cache.cache.validate import DecodeLimits
 from fusion_cache.cache.validate import _FlatBuffer
@@ -36,84 +32,14 @@ from fusion_cache.cache.validate import topk_rows_numpy
 from fusion_cache.errors import FingerprintError
 from fusion_cache.errors import FusionCacheError
 from fusion_cache.errors import ShardFormatError
+from fusion_cache.testing import column
+from fusion_cache.testing import mutate_column
+from fusion_cache.testing import mutate_manifest
+from fusion_cache.testing import reseal_files
+from fusion_cache.testing import rewrite
+from fusion_cache.testing import set_value
 
 # ------------------------------------------------------------------------------------------------ a hostile editor
-
-
-def _config_fp(m: dict) -> str:
-    return config_fingerprint(json_settings(m))
-
-
-def _batches(path: Path) -> tuple[pa.Schema, list[pa.RecordBatch]]:
-    """The shard's schema and record batches, read into memory (not mapped: the file is rewritten next)."""
-    reader = pa.ipc.open_stream(pa.BufferReader(path.read_bytes()))
-    return reader.schema, list(reader)
-
-
-def rewrite(cache: Path, *, batch=None, manifest=None, counts: bool = True) -> dict:
-    """Rewrite a cache as an attacker would: ``manifest(m)`` edits its JSON, ``batch(b, shard, i)`` returns each
-    record batch changed (or None to drop it), then every shard is written again with the manifest's config
-    fingerprint in its metadata, and sizes, checksums, per-shard counts and stats (``counts``; rows the shards lost
-    become skipped ones, rows they gained more rows read) and both fingerprints are recomputed. Returns the JSON."""
-    path = cache / "manifest.json"
-    m = json.loads(path.read_text())
-    if manifest is not None:
-        manifest(m)
-    codec = parse_codec(m["codec"], "test", m["schema_version"])
-    shards = []
-    rows = tokens = answer = 0
-    for s, info in enumerate(m["shards"]):
-        f = cache / info["path"]
-        if not f.is_file() or f.is_symlink():
-            continue
-        schema, batches = _batches(f)
-        out = [x for x in (batch(b, s, i) if batch is not None else b for i, b in enumerate(batches)) if x is not None]
-        n_rows = sum(b.num_rows for b in out)
-        n_tok = sum(len(b.column("input_ids").values) for b in out)
-        n_ans = n_tok - sum(int(np.sum(b.column("answer_start").to_numpy())) for b in out)
-        if counts:
-            info.update(rows=n_rows, answer_tokens=n_ans)
-        rows, tokens, answer = rows + n_rows, tokens + n_tok, answer + n_ans
-        shards.append((f, schema, out))
-    if counts:
-        lost = m["stats"]["rows"] - rows
-        if lost > 0:
-            key = next(iter(m["stats"]["skipped"]), "empty_response")
-            m["stats"]["skipped"][key] = m["stats"]["skipped"].get(key, 0) + lost
-        else:
-            m["dataset"]["rows_read"] -= lost
-        m["stats"].update(rows=rows, tokens=tokens, answer_tokens=answer)
-    m["config_fingerprint"] = _config_fp(m)
-    for f, schema, out in shards:
-        prov = json.loads(schema.metadata[METADATA_KEY])
-        prov["config_fingerprint"] = m["config_fingerprint"]
-        schema = schema.with_metadata({**schema.metadata, METADATA_KEY: json.dumps(prov).encode()})
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, schema, options=codec.ipc_options()) as w:
-            for b in out:
-                w.write_batch(pa.RecordBatch.from_arrays(b.columns, schema=schema))
-        f.write_bytes(sink.getvalue().to_pybytes())
-    for info in m["shards"]:
-        f = cache / info["path"]
-        if f.is_file():
-            info.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
-    m["stats"]["payload_bytes"] = sum(i["bytes"] for i in m["shards"])
-    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
-    path.write_text(json.dumps(m, indent=2, sort_keys=True))
-    return m
-
-
-def column(b: pa.RecordBatch, name: str, new: pa.Array) -> pa.RecordBatch:
-    cols = [new if n == name else b.column(n) for n in b.schema.names]
-    return pa.RecordBatch.from_arrays(cols, schema=b.schema)
-
-
-def set_value(b: pa.RecordBatch, name: str, index: int, value) -> pa.RecordBatch:
-    """The list column ``name`` with its flat value ``index`` (of the batch) set to ``value``."""
-    col = b.column(name)
-    flat = np.asarray(col.values.to_numpy(zero_copy_only=False)).copy()
-    flat[index] = value
-    return column(b, name, pa.ListArray.from_arrays(col.offsets, pa.array(flat, col.type.value_type)))
 
 
 def refused(cache: Path, match: str, **kw) -> str:
@@ -219,6 +145,29 @@ def test_byte_offsets_strings_sample_ids_row_order_and_lengths(raw, tmp_path):
     shutil.copytree(raw, copy)
     rewrite(copy, manifest=lambda m: m.update(max_length=8))
     refused(copy, "more than max_length=8|every row has 1 to max_length=8")
+
+
+@pytest.mark.parametrize(
+    ("offsets", "data", "match"),
+    [
+        ([0, 3, 2**30], b"abcdef", "string offsets are out of order or point past its data"),  # found by the fuzz
+        ([0, 4, 2], b"abcdef", "string offsets are out of order"),
+        ([0, 2, 4], b"ab\xff\xfe", r"row 1: conversation: not valid UTF-8 \(invalid start byte at byte 0\)"),
+    ],
+)
+def test_corrupt_string_columns_are_refused_without_decoding_them(offsets, data, match):
+    """Offsets past the data would have Arrow build a 1 GiB string (a C++ length_error: the process aborts), so a
+    column that fails Arrow's validation is read through its raw buffers."""
+    from fusion_cache.cache.validate import Where
+    from fusion_cache.cache.validate import check_strings
+
+    raw_offsets = np.array([0, 1, len(data)], np.int32)  # valid when the array is made (pyarrow checks then) ...
+    bad = pa.StringArray.from_buffers(2, pa.py_buffer(raw_offsets), pa.py_buffer(data))
+    ok = pa.array(["a", "b"], pa.string())
+    batch = pa.RecordBatch.from_arrays([ok, bad], names=["sample_id", "conversation"])
+    raw_offsets[:] = offsets  # ... and damaged after, as a resealed byte flip in a shard damages them
+    with pytest.raises(ShardFormatError, match=match):
+        check_strings(batch, Where("shard-0.arrow", 0))
 
 
 def test_manifest_fields_outside_the_chain_are_recomputed(raw, tmp_path):
@@ -483,83 +432,18 @@ def test_fuzz_inner(codec, synthetic_caches):
             for _ in range(rng.integers(1, 4)):
                 data[rng.integers(0, len(data))] = rng.integers(0, 256)
             shard.write_bytes(bytes(data))
-            _reseal_files(work)
+            reseal_files(work)
         elif kind == "truncate":
             data = shard.read_bytes()
             shard.write_bytes(data[: rng.integers(0, len(data))] + bytes(rng.integers(0, 256, rng.integers(0, 64))))
-            _reseal_files(work)
+            reseal_files(work)
         elif kind == "column":
-            rewrite(work, batch=lambda b, s, i: _mutate_column(b, rng), counts=bool(rng.integers(0, 2)))
+            rewrite(work, batch=lambda b, s, i: mutate_column(b, rng), counts=bool(rng.integers(0, 2)))
         else:
-            rewrite(work, manifest=lambda m: _mutate_manifest(m, rng))
+            rewrite(work, manifest=lambda m: mutate_manifest(m, rng))
         _check_invariant(work)
 
     fuzz()
-
-
-def _reseal_files(cache: Path) -> None:
-    m = json.loads((cache / "manifest.json").read_text())
-    for info in m["shards"]:
-        f = cache / info["path"]
-        info.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
-    m["stats"]["payload_bytes"] = sum(i["bytes"] for i in m["shards"])
-    m["fingerprint"] = chain_fingerprint(m["config_fingerprint"], m["shards"])
-    (cache / "manifest.json").write_text(json.dumps(m))
-
-
-_EXTREMES = [0, -1, 1, 2**31 - 1, -(2**31), 2**15, 255, 10**6]
-_FLOATS = [float("nan"), float("inf"), float("-inf"), 0.0, 1.0, -1e30, 1e30, 65504.0]
-
-
-def _mutate_column(b: pa.RecordBatch, rng) -> pa.RecordBatch:
-    """One random value of one random column replaced by an extreme (list lengths kept, so Arrow accepts it)."""
-    name = b.schema.names[rng.integers(0, len(b.schema.names))]
-    col = b.column(name)
-    typ = col.type
-    if pa.types.is_list(typ):
-        values = col.values.to_numpy(zero_copy_only=False).copy()
-        if not len(values):
-            return b
-        i = rng.integers(0, len(values))
-        if pa.types.is_floating(typ.value_type):
-            values[i] = rng.choice(_FLOATS)
-        else:
-            info = np.iinfo(values.dtype)
-            values[i] = np.clip(rng.choice(_EXTREMES), info.min, info.max)
-        return column(b, name, pa.ListArray.from_arrays(col.offsets, pa.array(values, typ.value_type)))
-    if pa.types.is_string(typ):
-        vals = col.to_pylist()
-        i = rng.integers(0, len(vals))
-        vals[i] = rng.choice(["", "x" * 40, vals[i][::-1], "\u00e9" * 16])
-        return column(b, name, pa.array(vals, pa.string()))
-    values = col.to_numpy(zero_copy_only=False).copy()
-    info = np.iinfo(values.dtype)
-    values[rng.integers(0, len(values))] = np.clip(rng.choice(_EXTREMES), info.min, info.max)
-    return column(b, name, pa.array(values, typ))
-
-
-def _mutate_manifest(m: dict, rng) -> None:
-    """One manifest field set to an implausible value (stats, counts, K, lengths, the teacher, the shard list)."""
-    choice = rng.integers(0, 9)
-    big = int(rng.choice([0, 1, 10**15, 2**31]))
-    if choice == 0:
-        m["stats"]["rows"] = big
-    elif choice == 1:
-        m["stats"]["tokens"] = big
-    elif choice == 2:
-        m["shards"][0]["rows"] = big
-    elif choice == 3:
-        m["k"] = int(rng.integers(1, 12))
-    elif choice == 4:
-        m["max_length"] = int(rng.integers(2, 9))
-    elif choice == 5:
-        m["teacher"]["vocab_size"] = int(rng.integers(1, 400))
-    elif choice == 6:
-        m["shards"].append(dict(m["shards"][-1]))
-    elif choice == 7:
-        m["dataset"]["rows_read"] = int(rng.integers(0, 10))
-    else:
-        m["stats"]["skipped"] = {"empty_response": -1}
 
 
 def _check_invariant(cache: Path) -> None:

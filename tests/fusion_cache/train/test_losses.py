@@ -308,3 +308,13 @@ def test_rs_kl_carried_rows_by_hand_and_gradcheck():
     rest = s[0] + s[2] + s[4]
     want_tail = 0.5 * torch.log(0.5 / s[1]) + 0.3 * torch.log(0.3 / s[3]) + 0.2 * torch.log(0.2 / rest)
     torch.testing.assert_close(without.rows(logits, target).double(), want_tail.reshape(1), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_picks_uld_for_a_foreign_teacher_whose_tokenizer_was_not_found():
+    from fusion_cache.cache.codecs import make_codec
+
+    full = make_codec("full", vocab_size=50)
+    found, lost = losses.TeacherTraits("f", False, full), losses.TeacherTraits("l", False, full, tokenizer_found=False)
+    assert losses.resolve_loss_names(["auto"], [found, lost]) == ["mapped_kl", "uld"]
+    same = losses.TeacherTraits("s", True, full, tokenizer_found=False)  # its ids are the student's: no map needed
+    assert losses.resolve_loss_names(["auto"], [same]) == ["kl"]

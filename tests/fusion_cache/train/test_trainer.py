@@ -206,6 +206,24 @@ def test_rs_kl_trains_from_sampled_caches_of_either_tokenizer(tmp_path, sampled_
             run_train(TrainConfig.create(**base, out=str(tmp_path / bad), kd_loss=bad), progress=False)
 
 
+@pytest.mark.slow
+def test_auto_falls_back_to_uld_when_a_foreign_teachers_tokenizer_is_not_found(
+    tmp_path, multi_caches, tiny_model_dir, monkeypatch, caplog
+):
+    """No stored copy of the teacher's tokenizer and no Hub: auto trains that teacher with uld and says why; an
+    explicit mapped_kl is refused before any work, naming what was tried."""
+    monkeypatch.setenv("FUSION_CACHE_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = dict(student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])], batch_size=2,
+                max_steps=1, save=False)  # fmt: skip
+    with caplog.at_level("WARNING", logger="fusion_cache.train.trainer"):
+        res = run_train(TrainConfig.create(**base, out=str(tmp_path / "auto"), kd_loss="auto"), progress=False)
+    assert res.summary["kd_loss"] == {"tiny-qwen2": "kl", "tiny-llama": "uld"}
+    assert "teacher tiny-llama: kd_loss auto picks uld, not mapped_kl" in caplog.text
+    with pytest.raises(ConfigError, match="teacher tiny-llama: the cache's tokenizer .* none was found"):
+        run_train(TrainConfig.create(**base, out=str(tmp_path / "m"), kd_loss=["kl", "mapped_kl"]), progress=False)
+
+
 def test_config_rules_for_several_caches(tmp_path):
     base = dict(student="s", out=str(tmp_path))
     with pytest.raises(ConfigError, match="given twice"):
