@@ -455,7 +455,10 @@ def table(lines: list[dict], caches: dict[str, dict] | None = None) -> str:
     chosen = {a: ("run", a, c["lr"], 0.0 if a == "ce" else c["lambda"], KD_TEMPERATURE, STEPS) for a in ARM_NAMES}
     runs = [x for x in lines if x["kind"] == "run" and line_key(x)[:2] + line_key(x)[3:] == chosen[x["arm"]]]
     grads = {x["arm"]: x for x in lines if x["kind"] == "grad"}
-    caches = caches or next((x["caches"] for x in reversed(lines) if x.get("caches")), {})
+    if caches is None:  # every cache any run recorded, the latest record of each (runs of some arms add caches)
+        caches = {}
+        for x in lines:
+            caches.update(x.get("caches") or {})
     cols = ("heldout_answer_ce", "heldout_answer_ece", "heldout_tail_mass")
     per = {a: {col: {x["seed"]: x[col] for x in runs if x["arm"] == a} for col in cols} for a in ARM_NAMES}
     out = [
