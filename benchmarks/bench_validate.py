@@ -6,7 +6,9 @@
 The rows of ``--cache`` are re-encoded with each codec into one Arrow IPC stream of the shard layout (as
 bench_codec.py does), then decoded to rows with ``rules=None`` and with the cache's rules, interleaved, best of
 ``--repeat`` in process CPU seconds on one thread. Prints one line per codec: answer tokens/s without and with the
-checks, and the cost in percent.
+checks, and the cost in percent, and appends the run to ``benchmarks/results/validate.{md,jsonl}`` (machine,
+date, version). Codecs: ``raw``, ``full``, ``values`` (``sampled`` stores a sampled capture, not a re-encodable
+top-K; ``shape``'s checks are ``values``').
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow as pa  # noqa: E402
 
+from benchmarks.common import append_markdown  # noqa: E402
+from benchmarks.common import machine  # noqa: E402
 from fusion_cache.cache.codecs import make_codec  # noqa: E402
 from fusion_cache.cache.codecs.ids import id_order_key  # noqa: E402
 from fusion_cache.cache.reader import CacheReader  # noqa: E402
@@ -37,13 +41,14 @@ from fusion_cache.cache.writer import shard_schema_with_order  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", required=True, help="a raw cache (its rows are re-encoded with every codec)")
-    ap.add_argument("--codecs", nargs="+", default=["raw", "full", "values"])
+    ap.add_argument("--codecs", nargs="+", default=["raw", "full", "values"], choices=["raw", "full", "values"])
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     reader = CacheReader(args.cache)
     rows = list(reader.iter_rows())
     k, vocab = reader.k, reader.manifest.teacher.vocab_size or 1 + max(int(r.topk_ids.max()) for r in rows)
     tokens = sum(r.n_answer for r in rows)
+    lines, results = [], []
     for name in args.codecs:
         codec = make_codec(name, vocab_size=vocab)
         prov = {"schema_version": SCHEMA_VERSION, "k": k, "codec": codec.to_json(), "config_fingerprint": "0" * 64}
@@ -68,8 +73,17 @@ def main() -> None:
             plain.append(decode(None))
             checked.append(decode(rules))
         a, b = min(plain), min(checked)
-        print(f"{name:>6} K={k}: {tokens / a:,.0f} answer tokens/s without the checks, {tokens / b:,.0f} with: "
-              f"+{100 * (b - a) / a:.1f}% ({len(rows)} rows, {tokens} answer tokens)", flush=True)  # fmt: skip
+        line = (f"{name:>6} K={k}: {tokens / a:,.0f} answer tokens/s without the checks, {tokens / b:,.0f} with: "
+                f"+{100 * (b - a) / a:.1f}% ({len(rows)} rows, {tokens} answer tokens)")  # fmt: skip
+        print(line, flush=True)
+        lines.append(line)
+        results.append({"codec": name, "k": k, "rows": len(rows), "answer_tokens": tokens,
+                        "tokens_per_s_unchecked": tokens / a, "tokens_per_s_checked": tokens / b,
+                        "cost_percent": 100 * (b - a) / a, "repeat": args.repeat})  # fmt: skip
+    info = machine()
+    append_markdown("validate", f"{info['date']} ({info['cpu']}, 1 thread, best of {args.repeat})",
+                    "```\n" + "\n".join(lines) + "\n```", {"machine": info, "cache": args.cache,
+                    "results": results})  # fmt: skip
 
 
 if __name__ == "__main__":
