@@ -82,6 +82,18 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _sampled(m: Manifest) -> bool:
+    """The cache holds tokens drawn from the teacher (``build --sampling rs``), not its top-K."""
+    from fusion_cache.cache.codecs import get_codec
+
+    return bool(getattr(get_codec(str(m.codec.get("name"))), "has_counts", False))
+
+
+def _what(m: Manifest) -> str:
+    """What the cache holds per answer token, for its title."""
+    return f"{m.k} sampled tokens" if _sampled(m) else f"top-{m.k} log-probs"
+
+
 def card_header(m: Manifest) -> str:
     """The YAML front matter the Hub reads: license, tags, task category, pretty name, and the shards as data."""
     # The Hub takes an SPDX id (apache-2.0) or "other" with license_name/license_link for terms of use.
@@ -101,7 +113,7 @@ def card_header(m: Manifest) -> str:
         f"  - {_yaml_str('codec-' + str(m.codec.get('name')))}",
         "task_categories:",
         "  - text-generation",
-        f"pretty_name: {_yaml_str(f'{m.teacher.name} top-{m.k} log-probs (fusion-cache)')}",
+        f"pretty_name: {_yaml_str(f'{m.teacher.name} {_what(m)} (fusion-cache)')}",
         "configs:",
         "  - config_name: default",
         "    data_files:",
@@ -151,7 +163,7 @@ def render_card(m: Manifest) -> str:
         ("engine, dtype", f"{t.engine}, {t.dtype}"),
         ("answers", _answers_text(m)),
         ("dataset", f"`{m.dataset.source}` (sha256 `{m.dataset.hash}`), {m.dataset.rows_read} rows read"),
-        ("K", str(m.k)),
+        ("N (draws per answer token)" if _sampled(m) else "K", str(m.k)),
         ("codec", f"`{json.dumps(m.codec, sort_keys=True)}`"),
         ("rows", f"{st.rows} (skipped: {dict(sorted(st.skipped.items()))}, truncated: {st.truncated})"),
         ("answer tokens", f"{st.answer_tokens} of {st.tokens} tokens"),
@@ -163,20 +175,27 @@ def render_card(m: Manifest) -> str:
     ]
     if m.content is not None:
         how = "" if m.content.exact else " (mean of the parts')"
+        over = "the distinct draws" if _sampled(m) else "the top-K"
         rows += [
             ("top-1 probability p10/p50/p90", _percentiles(m.content.top1_prob) + how),
-            ("top-K mass p10/p50/p90", _percentiles(m.content.topk_mass)),
-            ("top-K entropy (nats) p10/p50/p90", _percentiles(m.content.entropy)),
+            (f"mass of {over} p10/p50/p90", _percentiles(m.content.topk_mass)),
+            (f"entropy of {over}, renormalised (nats) p10/p50/p90", _percentiles(m.content.entropy)),
         ]
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     body = [
         card_header(m),
         "",
-        f"# {m.teacher.name}: top-{m.k} teacher log-probs",
+        f"# {m.teacher.name}: {_what(m)} per answer token",
         "",
-        "A fusion-cache cache: for every answer token of every row, the teacher's K most "
-        "likely next tokens and their log-probabilities, stored once so that students distil without running "
-        "the teacher again.",
+        (
+            f"A fusion-cache cache: for every answer token of every row, {m.k} tokens drawn from the teacher's full "
+            "next-token distribution (RS-KD), kept as the distinct draws with their counts and log-probabilities, "
+            "stored once so that students distil without running the teacher again (`--kd-loss rs_kl`: an "
+            "unbiased estimate of full-vocabulary KD)."
+            if _sampled(m)
+            else "A fusion-cache cache: for every answer token of every row, the teacher's K most likely next tokens "
+            "and their log-probabilities, stored once so that students distil without running the teacher again."
+        ),
         "",
         table,
         "",
@@ -193,8 +212,10 @@ def render_card(m: Manifest) -> str:
         "",
         "```python",
         "from fusion_cache.cache.reader import CacheReader",
+        "from fusion_cache.hf import load_cache",
         "",
         'reader = CacheReader("DIR")  # checks the sha256 of each shard as it opens it',
+        'ds = load_cache("DIR")  # the same rows decoded into a datasets.Dataset ([n_answer, K] ids and log-probs)',
         "```",
         "",
         f"The fingerprint `{m.fingerprint[:16]}…` changes with any byte of any shard and with the build settings "

@@ -115,3 +115,13 @@ def test_built_cache_has_a_card(built_cache):
     m = load_manifest(built_cache)
     assert (built_cache / CARD_NAME).read_text() == render_card(m)
     assert m.content is not None and 0 < m.content.top1_prob[1] <= 1 and m.answers.source == "dataset"
+
+
+def test_a_sampled_cache_card_says_what_it_holds(synthetic_caches):
+    """A sampled cache's card names the draws, not a top-K (its K is N, draws per answer token)."""
+    card = render_card(load_manifest(synthetic_caches["sampled"]))
+    assert 'pretty_name: "synthetic 8 sampled tokens (fusion-cache)"' in card
+    assert "# synthetic: 8 sampled tokens per answer token" in card and "tokens drawn from the teacher's full" in card
+    assert "| N (draws per answer token) | 8 |" in card and "top-8" not in card
+    full = render_card(load_manifest(synthetic_caches["full"]))
+    assert "| K | 8 |" in full and "top-8 log-probs" in full and 'load_cache("DIR")' in full
