@@ -343,17 +343,19 @@ def make_loss(name: str, **options) -> DistillLoss:
     return cls(**{k: v for k, v in options.items() if k in fields})
 
 
+def per_teacher(names: list[str], n: int) -> list[str]:
+    """``names`` (one loss for every teacher, or one per teacher) as one name per teacher of ``n``."""
+    if len(names) not in (1, n):
+        raise ConfigError(f"kd_loss: give one loss for every teacher or one per cache ({n}), got {len(names)}: {names}")
+    return list(names) * n if len(names) == 1 else list(names)
+
+
 def resolve_loss_names(names: list[str], teachers: list[TeacherTraits]) -> list[str]:
     """One loss name per teacher: ``names`` is one name for all or one per teacher; ``auto`` becomes ``rs_kl`` for a
     sampled cache, ``kl`` for a teacher with the student's vocabulary, ``mapped_kl`` for another whose cache holds
     ids and log-probs and whose tokenizer was found, else ``uld``."""
-    if len(names) not in (1, len(teachers)):
-        raise ConfigError(
-            f"kd_loss: give one loss for every teacher or one per cache ({len(teachers)}), got {len(names)}: {names}"
-        )
-    per = names * len(teachers) if len(names) == 1 else list(names)
     out = []
-    for name, t in zip(per, teachers, strict=True):
+    for name, t in zip(per_teacher(names, len(teachers)), teachers, strict=True):
         if name == AUTO:
             if getattr(t.codec, "has_counts", False):
                 name = SampledKL.name

@@ -68,6 +68,7 @@ from fusion_cache.train.losses import AUTO
 from fusion_cache.train.losses import DistillLoss
 from fusion_cache.train.losses import TeacherTraits
 from fusion_cache.train.losses import make_loss
+from fusion_cache.train.losses import per_teacher
 from fusion_cache.train.losses import resolve_loss_names
 from fusion_cache.train.objective import forward_losses
 from fusion_cache.train.stream import DistillStream
@@ -350,7 +351,7 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
     readers = [CacheReader(c) for c in cfg.shards]
     names = unique_names([r.manifest.teacher.name for r in readers])
     same = [shares_tokenizer(r, tokenizer) for r in readers]
-    given = list(cfg.kd_loss) if len(cfg.kd_loss) == len(readers) else [cfg.kd_loss[0]] * len(readers)
+    given = per_teacher(list(cfg.kd_loss), len(readers))
     # the teacher's tokenizer, where auto must know whether it can be found (mapped_kl, else uld)
     toks = [find_teacher_tokenizer(r) if g == AUTO and not same_s and r.codec.has_ids else None
             for r, same_s, g in zip(readers, same, given, strict=True)]  # fmt: skip

@@ -44,6 +44,7 @@ from fusion_cache.cache.codecs.ids import id_order_doc
 from fusion_cache.cache.codecs.ids import id_order_key
 from fusion_cache.cache.codecs.ids import id_order_metadata
 from fusion_cache.cache.codecs.ids import id_plane_columns
+from fusion_cache.cache.codecs.ids import ids_through_row_orders
 from fusion_cache.cache.codecs.ids import ids_to_ranks
 from fusion_cache.cache.codecs.ids import make_id_order
 from fusion_cache.cache.codecs.ids import pack_ids
@@ -283,12 +284,7 @@ class FullCodec(QuantizedCodec):
             return self._decode_ranks(batch, parts, spans, orders[0])
         # rows of several shards (a dataset's rows): decode the ranks once, then map each row's through its order
         ranks = self._decode_ranks(batch, parts, spans, None)
-        of_position = np.repeat(row_order, spans.n_answer)
-        ids = np.empty_like(ranks)
-        for j, order in enumerate(orders):
-            at = of_position == j
-            ids[at] = self._decode_ranks_from(ranks[at], order)
-        return ids
+        return ids_through_row_orders(ranks, orders, row_order, spans.n_answer, self._decode_ranks_from)
 
     def _row_orders(self, batch: pa.RecordBatch, spans: AnswerSpans) -> tuple[list[np.ndarray], np.ndarray | None]:
         """(the distinct id orders of the batch's rows, each row's index into them; None when there is one)."""

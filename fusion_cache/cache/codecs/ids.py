@@ -261,3 +261,22 @@ def row_id_orders(batch: pa.RecordBatch, column: str, spans) -> tuple[list[np.nd
                 "(for this shard): its id_order was edited, or the row belongs to another cache"
             )
     return [spans.id_orders[key] for key in keys], index
+
+
+def ids_through_row_orders(ranks: np.ndarray, orders: list[np.ndarray], row_order: np.ndarray, repeats,
+                           to_ids=None) -> np.ndarray:  # fmt: skip
+    """Token ids of a batch whose rows name different id orders (a dataset's rows of several shards).
+
+    Args:
+        ranks: [E, ...] the decoded ranks, the entries of row 0 first, then row 1's, and so on.
+        orders, row_order: `row_id_orders`'s result (its ``row_order`` not None).
+        repeats: int [R] the entries of each row (answer positions, or a sampled row's draws).
+        to_ids: ``(ranks, order) -> ids`` (default `ranks_to_ids`).
+    """
+    to_ids = ranks_to_ids if to_ids is None else to_ids
+    of_entry = np.repeat(row_order, repeats)
+    ids = np.empty_like(ranks)
+    for j, order in enumerate(orders):
+        at = of_entry == j
+        ids[at] = to_ids(ranks[at], order)
+    return ids

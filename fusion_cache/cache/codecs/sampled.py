@@ -39,6 +39,7 @@ from fusion_cache.cache.codecs.base import list_parts
 from fusion_cache.cache.codecs.base import split_column
 from fusion_cache.cache.codecs.ids import id_order_doc
 from fusion_cache.cache.codecs.ids import id_order_key
+from fusion_cache.cache.codecs.ids import ids_through_row_orders
 from fusion_cache.cache.codecs.ids import ids_to_ranks
 from fusion_cache.cache.codecs.ids import make_id_order
 from fusion_cache.cache.codecs.ids import pack_ids
@@ -174,11 +175,7 @@ class SampledCodec(Codec):
         if row_order is None:  # the rows of one shard
             flat_ids = ranks_to_ids(ranks, orders[0])
         else:  # rows of several shards (a dataset's): each entry through its row's order
-            of_entry = np.repeat(row_order, per_row)
-            flat_ids = np.empty(ranks.shape, np.int64)
-            for j, order in enumerate(orders):
-                at = of_entry == j
-                flat_ids[at] = ranks_to_ids(ranks[at], order)
+            flat_ids = ids_through_row_orders(ranks, orders, row_order, per_row)
         # entry e belongs to position searchsorted(ends, e) and sits at slot e - (that position's first entry)
         entry = np.arange(counts.size)
         pos = np.searchsorted(ends, entry, side="left")
