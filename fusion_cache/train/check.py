@@ -336,7 +336,7 @@ def check_caches(
     for s, (name, r, same_s) in enumerate(zip(names, readers, same, strict=True)):
         teacher_tok, map_error = toks[s], map_errors[s]
         wants_map = chosen[s] is not None and chosen[s].target != "values"
-        if teacher_tok is not None and maps[s] is None and (coverage or wants_map):
+        if teacher_tok is not None and r.codec.has_ids and maps[s] is None and (coverage or wants_map):
             maps[s] = vocab_map(teacher_tok, tokenizer)
         allowed = _applicable(every, traits[s], not same_s, map_error)
         loss = chosen[s]
