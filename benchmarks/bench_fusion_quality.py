@@ -59,6 +59,12 @@ CODE_LOSS = "kl"  # the code teacher has the student's tokenizer: the top-K KL k
 MATH_LOSSES = ("uld", "mapped_kl", "hybrid")  # the math teacher's tokenizer is not the student's
 TUNE_STEPS_LR = tuple((steps, lr) for steps in (150, 300, 600, 1200) for lr in (1e-3, 3e-3, 1e-2))
 TUNE_LAMBDAS = (0.25, 0.5, 0.75)
+# SFT and the arms the targets compare (the single-teacher baselines, min_ce) then choose their own lr at the grid's
+# steps, from its lr and these (min_ce at lambda 0.5 and lr 3e-3 is at the edge of stable training: validation
+# 0.812 / 0.799 / 0.843 at lambda 0.25 / 0.5 / 0.75). The other arms keep the grid's lr.
+TUNE_ARM_LRS = (1e-3, 2e-3)
+LR_TUNED = ("sft", "kd-code-kl", "kd-math-uld", "kd-math-mapped_kl", "unified-min_ce-kl+mapped_kl",
+            "unified-min_ce-kl+uld")  # fmt: skip
 BATCH_SIZE = 16
 
 
@@ -106,6 +112,15 @@ def arms() -> list[Arm]:
         pair = {"kd_loss": [CODE_LOSS, loss]}
         out += [Arm(f"unified-{c}-{CODE_LOSS}+{loss}", ("code", "math"), pair | {"combine": c}) for c in COMBINE_MODES]
         out += [Arm(f"pairwise-{m}-{CODE_LOSS}+{loss}", ("code", "math"), pair, merge=m) for m in MERGES]
+    # the student gate (``kd_gate``): a teacher distills a sample only while it predicts the gold answer better than
+    # the student does; with one teacher it is the only thing that can keep a specialist off the other domain
+    gate = {"kd_gate": "student"}
+    out += [
+        Arm(f"kd-code-{CODE_LOSS}+gate", ("code",), {"kd_loss": [CODE_LOSS]} | gate),
+        Arm("kd-math-mapped_kl+gate", ("math",), {"kd_loss": ["mapped_kl"]} | gate),
+        Arm(f"unified-mean-{CODE_LOSS}+mapped_kl+gate", ("code", "math"),
+            {"kd_loss": [CODE_LOSS, "mapped_kl"], "combine": "mean"} | gate),
+    ]  # fmt: skip
     return out
 
 
@@ -145,8 +160,8 @@ class Job:
 
 
 def result_key(setting: str, arm: str, seed: int, steps: int, lr: float, lam: float) -> tuple:
-    """What identifies a run: the arm and seed in the comparison (its settings are chosen), all of it in the grid."""
-    return (setting, arm, seed) if setting == SETTING else (setting, arm, seed, steps, lr, lam)
+    """What identifies a run: its arm, seed and settings (a comparison run at another choice is another run)."""
+    return (setting, arm, seed, steps, lr, lam)
 
 
 def line_key(line: dict) -> tuple:
@@ -286,8 +301,8 @@ def tune_jobs(arm_list: list[Arm], lines: list[dict]) -> tuple[list[Job], bool]:
     todo = _jobs([(sft, 0, TUNE_SETTING, s, lr, 0.0) for s, lr in TUNE_STEPS_LR], lines)
     if todo:
         return todo, False
-    steps, lr = choose_steps_lr(lines)
-    runs = [(a, 0, TUNE_SETTING, steps, lr, lam) for a in arm_list if a.tuned for lam in TUNE_LAMBDAS]
+    runs = [(a, 0, TUNE_SETTING, *point) for a in arm_list if a.tuned or a.name in LR_TUNED
+            for point in arm_grid(a, lines)]  # fmt: skip
     return _jobs(runs, lines), True
 
 
@@ -296,27 +311,40 @@ def _tune_lines(lines: list[dict]) -> list[dict]:
 
 
 def choose_steps_lr(lines: list[dict]) -> tuple[int, float]:
-    """The SFT grid's (steps, lr) of lowest validation CE."""
-    grid = [x for x in _tune_lines(lines) if x["arm"] == "sft"]
+    """The SFT grid's (steps, lr) of lowest validation CE (`TUNE_STEPS_LR`): every arm's steps, and the lr of the
+    arms that do not choose their own (`LR_TUNED`)."""
+    grid = [x for x in _tune_lines(lines) if x["arm"] == "sft" and (x["steps"], x["lr"]) in TUNE_STEPS_LR]
     if not grid:
         raise SystemExit("no tuning lines for sft: run with --tune first")
     best = min(grid, key=lambda x: x["validation_answer_ce"])
     return best["steps"], best["lr"]
 
 
+def arm_grid(arm: Arm, lines: list[dict]) -> list[tuple[int, float, float]]:
+    """(steps, lr, lambda) of an arm's second grid: `choose_steps_lr`'s steps and lr, and `TUNE_ARM_LRS` for an arm of
+    `LR_TUNED`; `TUNE_LAMBDAS` for an arm that distills (SFT: its lambda 0)."""
+    steps, lr = choose_steps_lr(lines)
+    lrs = (lr, *(x for x in TUNE_ARM_LRS if x != lr)) if arm.name in LR_TUNED else (lr,)
+    lams = TUNE_LAMBDAS if arm.tuned else (arm.overrides["lambda"],)
+    return [(steps, x, lam) for x in lrs for lam in lams]
+
+
 def choose(arm_list: list[Arm], lines: list[dict]) -> dict[str, tuple[int, float, float]]:
     """{arm: (steps, lr, lambda)} chosen on the validation split; arms without a complete grid are left out."""
-    steps, lr = choose_steps_lr(lines)
     out = {}
     for arm in arm_list:
-        if not arm.tuned:
-            out[arm.name] = (steps, lr, arm.overrides["lambda"])
-            continue
-        grid = [x for x in _tune_lines(lines) if x["arm"] == arm.name and (x["steps"], x["lr"]) == (steps, lr)]
-        if {x["lambda"] for x in grid} >= set(TUNE_LAMBDAS):
+        points = set(arm_grid(arm, lines))
+        grid = [x for x in _tune_lines(lines) if x["arm"] == arm.name and (x["steps"], x["lr"], x["lambda"]) in points]
+        if {(x["steps"], x["lr"], x["lambda"]) for x in grid} == points:
             best = min(grid, key=lambda x: x["validation_answer_ce"])
-            out[arm.name] = (steps, lr, best["lambda"])
+            out[arm.name] = (best["steps"], best["lr"], best["lambda"])
     return out
+
+
+def chosen_runs(lines: list[dict], setting: str = SETTING) -> list[dict]:
+    """The lines of ``setting`` run at their arm's current choice (a run at an earlier choice is kept, not shown)."""
+    chosen = choose(arms(), lines)
+    return [x for x in lines if x["setting"] == setting and chosen.get(x["arm"]) == (x["steps"], x["lr"], x["lambda"])]
 
 
 def main_jobs(arm_list: list[Arm], lines: list[dict], seeds: tuple[int, ...]) -> list[Job]:
@@ -351,7 +379,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> str:
 def table(lines: list[dict]) -> str:
     """The comparison as markdown: per arm the held-out answer CE (mean ± sd over seeds), the paired difference
     (same seed) against SFT and against the best single-teacher arm, overall and per domain; then the grid."""
-    runs = [x for x in lines if x["setting"] == SETTING]
+    runs = chosen_runs(lines)
     by_arm: dict[str, list[dict]] = {}
     for x in runs:
         by_arm.setdefault(x["arm"], []).append(x)
@@ -363,9 +391,9 @@ def table(lines: list[dict]) -> str:
     # the strongest baseline per column: the single-teacher arm of lowest mean held-out CE in that column
     best = {c: min(singles, key=lambda a: statistics.mean(per[a][c].values())) for c in cols} if singles else {}
     out = [
-        "| arm | seeds | lambda | held-out CE | vs SFT | vs best single | math CE | vs SFT | vs best single (math) | "
-        "code CE | vs SFT | vs best single (code) | val CE | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | lr | lambda | held-out CE | vs SFT | vs best single | math CE | vs SFT | "
+        "vs best single (math) | code CE | vs SFT | vs best single (code) | val CE | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, xs in by_arm.items():
         cells = []
@@ -375,9 +403,14 @@ def table(lines: list[dict]) -> str:
             vs_best = paired(vals, per[best[c]][c]) if best and arm != best[c] else ""
             cells += [mean_sd(list(vals.values())), vs_sft, vs_best]
         lam = sorted({json.dumps(x["lambda"]) for x in xs})
+        lr = sorted({json.dumps(x["lr"]) for x in xs})
         val = mean_sd([x["validation_answer_ce"] for x in xs])
         secs = statistics.mean(x["train_seconds"] for x in xs)
-        out.append(f"| {arm} | {len(xs)} | {', '.join(lam)} | " + " | ".join(cells) + f" | {val} | {secs:.0f} |")
+        out.append(
+            f"| {arm} | {len(xs)} | {', '.join(lr)} | {', '.join(lam)} | "
+            + " | ".join(cells)
+            + f" | {val} | {secs:.0f} |"
+        )
     if best:
         named = ", ".join(f"{c}: {a}" for c, a in best.items())
         out += [
@@ -412,7 +445,7 @@ def numerals_line(line: dict) -> dict | None:
 
 def numerals_table(lines: list[dict]) -> str:
     """The numerals probe as markdown: held-out digit-token CE on the math answers, per arm, paired against SFT."""
-    runs = [x for x in lines if x["setting"] == NUMERALS]
+    runs = chosen_runs(lines, NUMERALS)
     by_arm: dict[str, dict[int, float]] = {}
     for x in runs:
         by_arm.setdefault(x["arm"], {})[x["seed"]] = x["heldout_answer_ce"]

@@ -11,11 +11,11 @@ one. Both packaged teachers capture all three (`--engine vllm` by default, K=64,
 ``<work>/cache/<teacher>/<split>``. The student is smollm2-135m pruned to 24 of its 30 layers
 (`fusion_cache.models.prune.make_layer_subset_student`), the same start for every run.
 
-Arms (`ARMS`, in the order they run): SFT (lambda 0); KD from gemma3-270m alone with ``uld``, ``mapped_kl`` and
-``hybrid``; KD from smollm2-135m alone with ``kl``; unified fusion of both with ``kd_loss`` [kl, mapped_kl] and
-combine ``mean`` and ``uncertainty``. Every run goes through the library (`TrainConfig`, `run_train`) and is scored
-with `fusion_cache.eval.evaluate.evaluate_rows` on per-domain files (answer CE per student token; the overall number
-is the token-weighted mean of the two domains).
+Arms (`ARMS`): SFT (lambda 0); KD from gemma3-270m alone with ``uld``, ``mapped_kl`` and ``hybrid``, and with
+``mapped_kl`` behind the student gate (``kd_gate``); KD from smollm2-135m alone with ``kl``; unified fusion of both
+with ``kd_loss`` [kl, mapped_kl] and combine ``mean`` and ``uncertainty``. Lower tiers run first. Every run goes
+through the library (`TrainConfig`, `run_train`) and is scored with `fusion_cache.eval.evaluate.evaluate_rows` on
+per-domain files (answer CE per student token; the overall number is the token-weighted mean of the two domains).
 
 Settings are chosen on the validation split only: SFT's (steps, lr) over `--grid` (seed 0), then each KD arm's
 lambda over `--lambdas` at those (seed 0); each arm then runs the other seeds at its choice. Every run records its
@@ -75,6 +75,7 @@ class Arm:
         losses: ``kd_loss`` per teacher (SFT: the loss is never used, lambda is 0).
         combine: how several teachers combine.
         tier: the arms of a lower tier run first (SFT and gemma, the issue's target, are tier 0).
+        kd_gate: `TrainConfig.kd_gate` ("student": the teacher distills a row only while it beats the student there).
     """
 
     name: str
@@ -82,6 +83,7 @@ class Arm:
     losses: tuple[str, ...]
     combine: str = "mean"
     tier: int = 0
+    kd_gate: str = "none"
 
     @property
     def sft(self) -> bool:
@@ -98,6 +100,8 @@ ARMS = (
     Arm("kd-gemma-uld", (T2,), ("uld",)),
     Arm("kd-gemma-mapped_kl", (T2,), ("mapped_kl",)),
     Arm("kd-gemma-hybrid", (T2,), ("hybrid",)),
+    # the student gate: gemma distills a row only while its answer CE is below the student's (docs/fusion.md)
+    Arm("kd-gemma-mapped_kl+gate", (T2,), ("mapped_kl",), kd_gate="student", tier=3),
     Arm("kd-smollm2-kl", (T1,), ("kl",), tier=1),
     Arm("unified-mean-kl+mapped_kl", (T1, T2), ("kl", "mapped_kl"), "mean", tier=2),
     Arm("unified-uncertainty-kl+mapped_kl", (T1, T2), ("kl", "mapped_kl"), "uncertainty", tier=2),
@@ -293,6 +297,7 @@ def run_job(job: Job, work: str) -> dict:
             **{"lambda": job.lambda_},
             kd_loss=list(arm.losses),
             combine=arm.combine,
+            kd_gate=arm.kd_gate,
             top_k=ULD_K,
             lr=job.lr,
             batch_size=BATCH_SIZE,

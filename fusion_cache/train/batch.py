@@ -75,18 +75,22 @@ def collate(
         temperature: T of the uncertainty combine.
 
     Returns:
-        input_ids [B, L], attention_mask [B, L], answer_index [M], answer_targets [M] as `pad_answers`, and
-        ``teachers``: per teacher, None (no sample of the batch has it) or a dict with
+        input_ids [B, L], attention_mask [B, L], answer_index [M], answer_targets [M] as `pad_answers`,
+        answer_sample [M] int64 (the sample of each answer row), and ``teachers``: per teacher, None (no sample of
+        the batch has it) or a dict with
         rows [N_s] int64 (indices into the M answer rows, strictly increasing), values [N_s, Kt] float32,
         ids [N_s, Kt] int64 (only when every sample that has the teacher carries its ids), counts [N_s, Kt] float32
         (a sampled cache's draws, `stream.TeacherTarget.counts`),
         loss_weights [N_s] (the combine mode's: the loss adds sum_r w_r d_r), log_weights [N_s] (the teacher's own
-        term, logged: mean over its rows, then over the batch's samples that have it) and top1 [N_s] (-1 where
-        unknown).
+        term, logged: mean over its rows, then over the batch's samples that have it), top1 [N_s] (-1 where
+        unknown) and answer_nll [N_s] float64 (the teacher's answer CE of each row's sample, nats per byte, when the
+        stream computed it: ``answer_scores``).
     """
     b = len(examples)
     batch, starts = pad_answers(examples, pad_id)
-    keys = ("rows", "values", "ids", "counts", "w", "log", "top1")
+    n_answer = np.diff([*starts, len(batch["answer_targets"])])  # [B] each sample's answer rows
+    batch["answer_sample"] = torch.from_numpy(np.repeat(np.arange(b, dtype=np.int64), n_answer))
+    keys = ("rows", "values", "ids", "counts", "w", "log", "top1", "nll")
     per: list[dict[str, list]] = [{key: [] for key in keys} for _ in range(n_teachers)]
     have = [sum(e.teachers[s] is not None for e in examples) for s in range(n_teachers)]
     for e, m in zip(examples, starts, strict=True):
@@ -106,6 +110,7 @@ def collate(
             p["w"].append(weights[s])
             p["log"].append(np.full(n, 1.0 / (have[s] * n), dtype=np.float32))
             p["top1"].append(t.top1 if t.top1 is not None else np.full(n, -1, dtype=np.int32))
+            p["nll"].append(None if t.answer_nll is None else np.full(n, t.answer_nll, dtype=np.float64))
     teachers: list[dict | None] = []
     for s in range(n_teachers):
         if not have[s]:
@@ -121,6 +126,8 @@ def collate(
         }
         if all(ids is not None for ids in p["ids"]):
             t["ids"] = torch.from_numpy(np.concatenate(p["ids"]).astype(np.int64))
+        if all(x is not None for x in p["nll"]):  # the gate (``kd_gate``) compares them with the student's
+            t["answer_nll"] = torch.from_numpy(np.concatenate(p["nll"]))
         if all(c is not None for c in p["counts"]):  # a sampled cache's draws (train.losses.SampledKL)
             t["counts"] = torch.from_numpy(np.concatenate(p["counts"])).float()
         teachers.append(t)

@@ -14,6 +14,7 @@ from fusion_cache.train.losses import LOSS_CHOICES
 from fusion_cache.train.losses import loss_help
 from fusion_cache.train.trackers import TRACKER_NAMES
 from fusion_cache.train.weights import COMBINE_MODES
+from fusion_cache.train.weights import KD_GATES
 
 
 class TrainConfig(StrictConfig):
@@ -31,6 +32,10 @@ class TrainConfig(StrictConfig):
         "bytes", description="how answer rows pair with a teacher of another tokenizer (fusion_cache/train/align.py)"
     )
     uncertainty_temperature: float = Field(1.0, gt=0.0, description="T in softmax_s(-H_s,t / T) (combine=uncertainty)")
+    kd_gate: Literal[KD_GATES] = Field(
+        "none", description="student: a teacher distills a sample only while its CE on the gold answer (nats per "
+        "byte, from its cache) is below the student's own at that step (docs/fusion.md)"
+    )  # fmt: skip
     join_window: int = Field(1024, ge=1, description="reads a sample may wait for its partners in other caches")
     out: str = Field(description="run directory (metrics.jsonl, model/)")
     lambda_: float = Field(0.5, ge=0.0, le=1.0, alias="lambda", description="L = (1-lambda)*CE + lambda*KD")

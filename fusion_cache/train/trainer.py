@@ -98,14 +98,15 @@ class StudentLoss(torch.nn.Module):
     loss (which calls the decoder and the lm_head separately) must run inside a wrapped module's forward.
     """
 
-    def __init__(self, model: torch.nn.Module, losses: list[DistillLoss], lambda_: float):
+    def __init__(self, model: torch.nn.Module, losses: list[DistillLoss], lambda_: float, kd_gate: bool = False):
         super().__init__()
         self.model = model
         self.losses = losses
         self.lambda_ = lambda_
+        self.kd_gate = kd_gate
 
     def forward(self, batch: dict):
-        return forward_losses(self.model, batch, self.losses, lambda_=self.lambda_)
+        return forward_losses(self.model, batch, self.losses, lambda_=self.lambda_, kd_gate=self.kd_gate)
 
 
 def _to_device(obj, device: torch.device):
@@ -369,12 +370,13 @@ def plan_teachers(cfg: TrainConfig, tokenizer) -> TeacherPlan:
             log.warning("teacher %s: kd_loss auto picks uld, not mapped_kl: the tokenizer of its cache (hash %s) was "
                         "not found, so its ids cannot be mapped onto the student's", t.name,
                         r.manifest.teacher.tokenizer_hash[:12])  # fmt: skip
-    if cfg.combine == "min_ce":
+    if cfg.combine == "min_ce" or cfg.kd_gate == "student":
+        what = "combine 'min_ce'" if cfg.combine == "min_ce" else "kd_gate 'student'"
         for name, r in zip(names, readers, strict=True):
             if not r.codec.has_targets:
                 raise ConfigError(
-                    f"combine 'min_ce': teacher {name}'s cache (codec {r.codec.name!r}) stores no log-probs of the "
-                    "answer tokens, which min_ce compares; use mean, sum or uncertainty"
+                    f"{what}: teacher {name}'s cache (codec {r.codec.name!r}) stores no log-probs of the answer "
+                    "tokens, which it compares; use a cache of codec raw, full or sampled"
                 )
     maps = []
     for loss, t, r, same_s, tok in zip(losses, traits, readers, same, toks, strict=True):
@@ -399,7 +401,7 @@ def make_stream(cfg: TrainConfig, tokenizer, epochs: int | None, plan: TeacherPl
         max_length=cfg.max_length,
         align_mode=cfg.align,
         entropy_k=cfg.top_k if cfg.combine == "uncertainty" else None,
-        answer_scores=cfg.combine == "min_ce",
+        answer_scores=cfg.combine == "min_ce" or cfg.kd_gate == "student",
         targets=None if plan is None else [loss.target for loss in plan.losses],
         maps=None if plan is None else plan.maps,
         shuffle_buffer=cfg.shuffle_buffer,
@@ -458,7 +460,7 @@ def _build(cfg: TrainConfig, ctx: DistContext, tokenizer, plan: TeacherPlan) -> 
             model.enable_input_require_grads()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     layers = getattr(getattr(model, "model", None), "layers", None)
-    loss_module = StudentLoss(model, losses, cfg.lambda_)
+    loss_module = StudentLoss(model, losses, cfg.lambda_, kd_gate=cfg.kd_gate == "student")
     wrapped = distributed.wrap(loss_module, ctx, fsdp=cfg.fsdp, layers=list(layers or []))
     trainable = [q for q in wrapped.parameters() if q.requires_grad]  # every one, but a LoRA run's adapters only
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -594,6 +596,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
     metrics = _MetricsLog(out / "metrics.jsonl", enabled=ctx.is_main, fresh=prog.step == 0)
     tracker = make_tracker(cfg.report_to if ctx.is_main else "none", out, _config_dump(cfg), resume_step=prog.step)
     terms = TeacherTerms(teacher_metric_keys(p.stream.names, p.losses))  # each teacher's own term
+    # with the gate: each teacher's share of samples distilled from, as ``gate_<teacher>``
+    gates = TeacherTerms([f"gate_{n}" for n in p.stream.names]) if cfg.kd_gate == "student" else None
     p.wrapped.train()
     t0 = time.perf_counter() - prog.elapsed_s
     bar = tqdm(total=p.total_steps, initial=prog.step, unit="step", disable=not (progress and ctx.is_main),
@@ -602,7 +606,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
         for step in range(prog.step, p.total_steps):
             step_t0 = time.perf_counter()
             trained: list[Example] = []
-            acc, tokens, nbytes = _train_step(cfg, ctx, p, examples, step, on_batch, terms, trained)
+            acc, tokens, nbytes = _train_step(cfg, ctx, p, examples, step, on_batch, terms, trained, gates)
             check_step(step + 1, acc["loss"], None, trained, p.stream)  # before anything is applied
             grad_norm = _clip(p.wrapped, cfg.grad_clip)
             check_step(step + 1, acc["loss"], grad_norm, trained, p.stream)
@@ -616,6 +620,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, *, progress: bool, on_batch: OnBatc
             acc["ce_per_byte"] = acc["ce"] * step_tokens / max(distributed.all_reduce_sum_int(nbytes, ctx), 1)
             prog.elapsed_s = time.perf_counter() - t0
             acc.update(terms.pop())
+            acc.update(gates.pop() if gates is not None else {})
             prog.last = {"step": prog.step, **acc, "lr": p.sched.get_last_lr()[0], "grad_norm": grad_norm,
                          "answer_tokens": prog.answer_tokens, "elapsed_s": round(prog.elapsed_s, 3)}  # fmt: skip
             checkpoint_now = cfg.checkpoint_every is not None and prog.step % cfg.checkpoint_every == 0
@@ -680,7 +685,15 @@ def answer_text_bytes(tokenizer, ex: Example) -> int:
 
 
 def _train_step(
-    cfg, ctx, p: _Parts, examples, step: int, on_batch, terms: TeacherTerms, trained: list
+    cfg,
+    ctx,
+    p: _Parts,
+    examples,
+    step: int,
+    on_batch,
+    terms: TeacherTerms,
+    trained: list,
+    gates: TeacherTerms | None = None,
 ) -> tuple[dict, int, int]:
     """Forward and backward over ``grad_accum`` micro-batches; returns (loss terms averaged over ranks, answer
     tokens, answer bytes). The examples trained on are appended to ``trained`` (errors name their cache rows)."""
@@ -695,15 +708,20 @@ def _train_step(
         check_examples(batch, p.vocab, f"step {step + 1}", p.stream)
         trained.extend(batch)
         n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
-        tensors = _to_device(collate(batch, p.pad, n, cfg.combine, temperature=temp), ctx.device)
+        answer_bytes = [answer_text_bytes(p.tokenizer, ex) for ex in batch]
+        tensors = collate(batch, p.pad, n, cfg.combine, temperature=temp)
+        tensors["answer_bytes"] = torch.tensor(answer_bytes, dtype=torch.float64)  # the gate's CE per byte
+        tensors = _to_device(tensors, ctx.device)
         # gradients are all-reduced once per optimizer step, on the last micro-batch
         with distributed.no_sync(p.wrapped, sync=micro == cfg.grad_accum - 1):
             with _autocast(cfg, ctx.device):
                 o = p.wrapped(tensors)
             (o.loss / cfg.grad_accum).backward()
         tokens += o.answer_tokens
-        nbytes += sum(answer_text_bytes(p.tokenizer, ex) for ex in batch)
+        nbytes += sum(answer_bytes)
         terms.add(o.teacher_kd)
+        if gates is not None:
+            gates.add(o.gate_open)
         for key in acc:
             acc[key] += float(getattr(o, key).detach()) / cfg.grad_accum
     means = distributed.all_reduce_mean(list(acc.values()), ctx)

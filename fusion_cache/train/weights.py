@@ -168,6 +168,12 @@ def _min_ce(rows, entropies, present, batch_size, temperature, scores):
     return out
 
 
+# ``TrainConfig.kd_gate``: "student" keeps a teacher's weights on a sample only while the teacher's answer
+# cross-entropy ``C_s,b`` is below the student's own at that step (`train.objective.gate_weights`); "none" keeps them
+# all.
+KD_GATES: tuple[str, ...] = ("none", "student")
+
+
 # The combine modes (the module docstring defines them): name -> the weights of one sample's aligned rows, from
 # (rows, entropies, present teachers, B, T, answer scores). `TrainConfig.combine` takes these names.
 COMBINES: dict[str, Callable[..., list[np.ndarray | None]]] = {

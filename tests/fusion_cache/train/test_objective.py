@@ -154,3 +154,82 @@ def test_loss_and_teacher_counts_must_agree(built_cache, tiny_model_dir):
 def test_auto_keeps_the_dense_path_on_cpu(monkeypatch):
     monkeypatch.delenv("FUSION_CACHE_KERNEL", raising=False)
     assert functional.resolve_backend("cpu") == "torch"  # so fused_linear=None means the dense path here
+
+
+def test_gate_weights_keep_only_rows_whose_teacher_beats_the_student():
+    from fusion_cache.train.objective import gate_weights
+
+    w = torch.tensor([0.25, 0.25, 0.5, 0.5])
+    got, keep = gate_weights(w, torch.tensor([0.3, 0.3, 0.9, 0.5], dtype=torch.float64),
+                             torch.tensor([0.4, 0.4, 0.8, 0.5], dtype=torch.float64))  # fmt: skip
+    assert keep.tolist() == [True, True, False, False]  # a tie is not "better": the student keeps its own
+    torch.testing.assert_close(got, torch.tensor([0.25, 0.25, 0.0, 0.0]))
+
+
+def _gated_batch(multi_caches, tok):
+    """Two teachers (a: the student's tokenizer, b: another) over 4 samples, with answer CEs and bytes."""
+    stream = DistillStream([str(multi_caches["a"]), str(multi_caches["b"])], tok, chat_template=True, max_length=256,
+                           answer_scores=True)  # fmt: skip
+    examples = list(itertools.islice(iter(stream), 4))
+    batch = collate(examples, tok.pad_token_id or 0, 2, "mean")
+    text = [tok.decode(e.input_ids[e.answer_start :].tolist(), skip_special_tokens=True) for e in examples]
+    batch["answer_bytes"] = torch.tensor([len(x.encode()) for x in text], dtype=torch.float64)
+    return batch
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kd_gate_is_the_loss_with_the_weights_of_samples_the_student_predicts_better_zeroed(
+    multi_caches, tiny_model_dir, fused
+):
+    """By hand: the student's CE per byte per sample from its own token CEs; a teacher whose cached answer CE is not
+    below it on a sample gets weight 0 there. Setting the teachers' answer CEs around the student's makes the gate
+    close on chosen samples; the gated loss and its gradient are those of the ungated loss with those weights 0."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _student(tiny_model_dir)
+    batch = _gated_batch(multi_caches, tok)
+    losses = [TopKKL(), ULD(k=6)]
+    with torch.no_grad():
+        ce = forward_losses(model, batch, losses, lambda_=0.5, fused_linear=False).ce_tokens  # [M]
+    b = len(batch["answer_bytes"])
+    student = torch.zeros(b, dtype=torch.float64).index_add_(0, batch["answer_sample"], ce.double())
+    student = student / batch["answer_bytes"]
+    closed = {0: {1, 2}, 1: {0}}  # teacher -> samples whose teacher CE is set above the student's
+    want = dict(batch)
+    want["teachers"] = []
+    for s, t in enumerate(batch["teachers"]):
+        sample = batch["answer_sample"][t["rows"]]
+        above = torch.tensor([int(x) in closed[s] for x in sample])
+        t["answer_nll"] = torch.where(above, student[sample] + 0.01, student[sample] - 0.01)
+        want["teachers"].append({**t, "loss_weights": t["loss_weights"] * (~above).float()})
+    functional.set_backend("torch")
+    try:
+        model.zero_grad()
+        got = forward_losses(model, batch, losses, lambda_=0.5, fused_linear=fused, kd_gate=True)
+        got.loss.backward()
+        g_got = model.get_output_embeddings().weight.grad.clone()
+        model.zero_grad()
+        ref = forward_losses(model, want, losses, lambda_=0.5, fused_linear=False)
+        ref.loss.backward()
+        g_ref = model.get_output_embeddings().weight.grad.clone()
+    finally:
+        functional.set_backend(None)
+    torch.testing.assert_close(got.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-6)
+    assert got.kd < forward_losses(model, batch, losses, lambda_=0.5).kd  # the gate removed something
+    # each teacher's share of samples kept: (samples it has - closed) / samples it has
+    have = [sorted({int(x) for x in batch["answer_sample"][t["rows"]]}) for t in batch["teachers"]]
+    assert got.gate_open == pytest.approx([len(set(h) - closed[s]) / len(h) for s, h in enumerate(have)])
+
+
+def test_kd_gate_needs_the_answer_bytes_and_each_teachers_answer_ce(multi_caches, tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _student(tiny_model_dir)
+    batch = _gated_batch(multi_caches, tok)
+    losses = [TopKKL(), ULD(k=6)]
+    with pytest.raises(ValueError, match="answer_bytes"):
+        forward_losses(model, {k: v for k, v in batch.items() if k != "answer_bytes"}, losses, lambda_=0.5,
+                       kd_gate=True)  # fmt: skip
+    plain = _batch([multi_caches["a"], multi_caches["b"]], tok, 4)
+    plain["answer_bytes"] = batch["answer_bytes"]
+    with pytest.raises(ValueError, match="teacher 0 has no answer_nll"):
+        forward_losses(model, plain, losses, lambda_=0.5, kd_gate=True)

@@ -130,6 +130,8 @@ def test_trains_and_evaluates_from_a_values_cache(tmp_path, tiny_model_dir, data
         _train(tiny_model_dir, cache, tmp_path / "kl", max_steps=1, save=False, kd_loss="kl")
     with pytest.raises(ValueError, match="combine 'min_ce': teacher .*codec 'values'"):
         _train(tiny_model_dir, cache, tmp_path / "min_ce", max_steps=1, save=False, combine="min_ce")
+    with pytest.raises(ValueError, match="kd_gate 'student': teacher .*codec 'values'"):
+        _train(tiny_model_dir, cache, tmp_path / "gate", max_steps=1, save=False, kd_gate="student")
 
 
 def _records(run_dir):
@@ -145,6 +147,29 @@ def test_min_ce_trains_two_teachers_and_weights_by_their_answer_scores(tmp_path,
     run_train(cfg, progress=False)
     lines = _records(tmp_path)
     assert [r["step"] for r in lines] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in lines)
+
+
+@pytest.mark.slow
+def test_the_student_gate_logs_each_teachers_open_share_and_changes_only_the_distillation(
+    tmp_path, multi_caches, tiny_model_dir
+):
+    """``kd_gate="student"``: each step logs ``gate_<teacher>``, the share of its samples a teacher distilled (in
+    [0, 1]); the first step's CE (before any update) is the ungated run's, its KD term at most the ungated one's."""
+    runs = {}
+    for gate in ("none", "student"):
+        cfg = TrainConfig.create(
+            student=str(tiny_model_dir), shards=[str(multi_caches["a"]), str(multi_caches["b"])],
+            out=str(tmp_path / gate), combine="mean", kd_loss=["kl", "mapped_kl"], batch_size=4, max_steps=3,
+            top_k=6, lr=1e-3, save=False, kd_gate=gate,
+        )  # fmt: skip
+        run_train(cfg, progress=False)
+        runs[gate] = _records(tmp_path / gate)
+    gated, plain = runs["student"], runs["none"]
+    assert all(0.0 <= r[f"gate_{t}"] <= 1.0 for r in gated for t in ("tiny-qwen2", "tiny-llama"))
+    assert "gate_tiny-qwen2" not in plain[0]
+    assert gated[0]["ce"] == pytest.approx(plain[0]["ce"], rel=1e-6)
+    assert gated[0]["kd"] <= plain[0]["kd"] + 1e-7
+    assert all(math.isfinite(r["loss"]) for r in gated)
 
 
 @pytest.mark.slow
