@@ -47,7 +47,7 @@ from benchmarks import bench_fusion_quality as bfq  # noqa: E402
 SETTING, TUNE_SETTING = "testbed-pivot", "testbed-pivot-tune"
 SEEDS = (0, 1, 2, 3, 4)
 LR = 1e-3  # a third of stage one's peak: stage two continues a trained model (warmup + cosine as always)
-STEPS = (150, 300)  # 1 and 2 epochs of the 2,400-row train split at batch 16
+STEPS = (150, 300)  # 4 and 8 epochs of the 600-row train split at batch 16
 LAMBDAS = bfq.TUNE_LAMBDAS
 PIVOT = "pivot"  # the arm of the stage-one model itself
 # bench_fusion_quality's weakest arms there (hybrid, uncertainty, sum) are left out
@@ -319,13 +319,7 @@ def table(lines: list[dict]) -> str:
         for d in bfq.DOMAINS:
             cells += [bfq.mean_sd(list(p[d].values())), vs(best.get(d), d)]
         out.append(f"| {arm} | {len(xs)} | {steps} | {lam} | " + " | ".join(cells) + " |")
-    if best:
-        named = ", ".join(f"{c}: {a}" for c, a in best.items())
-        out += [
-            "",
-            f"Best single-teacher arm per column (lowest mean held-out CE): {named}. Paired by seed (arm "
-            "minus baseline, negative is better); * marks a mean difference beyond twice its standard deviation.",
-        ]
+    out += bfq.best_note(best)
     tune = [x for x in lines if x["setting"] == TUNE_SETTING]
     if tune:
         out += [

@@ -376,6 +376,18 @@ def paired(a: dict[int, float], b: dict[int, float]) -> str:
     return f"{statistics.mean(d):+.4f} ± {sd:.4f} (n={len(d)}){mark}"
 
 
+def best_note(best: dict[str, str]) -> list[str]:
+    """The lines under a table that name the best single-teacher arm of each column and how to read a difference."""
+    if not best:
+        return []
+    named = ", ".join(f"{c}: {a}" for c, a in best.items())
+    return [
+        "",
+        f"Best single-teacher arm per column (lowest mean held-out CE): {named}. Differences are paired by seed "
+        "(arm minus baseline; negative is better); * marks a mean difference beyond twice its standard deviation.",
+    ]
+
+
 def table(lines: list[dict]) -> str:
     """The comparison as markdown: per arm the held-out answer CE (mean ± sd over seeds), the paired difference
     (same seed) against SFT and against the best single-teacher arm, overall and per domain; then the grid."""
@@ -395,7 +407,8 @@ def table(lines: list[dict]) -> str:
         "vs best single (math) | code CE | vs SFT | vs best single (code) | val CE | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm, xs in by_arm.items():
+    for arm in sorted(by_arm, key=[a.name for a in arms()].index):  # the order of `arms`, SFT first
+        xs = by_arm[arm]
         cells = []
         for c in cols:
             vals = per[arm][c]
@@ -411,13 +424,7 @@ def table(lines: list[dict]) -> str:
             + " | ".join(cells)
             + f" | {val} | {secs:.0f} |"
         )
-    if best:
-        named = ", ".join(f"{c}: {a}" for c, a in best.items())
-        out += [
-            "",
-            f"Best single-teacher arm per column (lowest mean held-out CE): {named}. Differences are paired by seed "
-            "(arm minus baseline; negative is better); * marks a mean difference beyond twice its standard deviation.",
-        ]
+    out += best_note(best)
     grid = _tune_lines(lines)
     if grid:
         out += ["", "Validation grid (seed 0; the held-out split is never scored here):", ""]
