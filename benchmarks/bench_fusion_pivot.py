@@ -8,8 +8,9 @@
 *pivot*, a model that already knows the task (the paper's is an instruct model), and its pairwise merges combine
 small task vectors off that pivot. This bench builds that regime on the same testbed:
 
-1. The pivot, one per seed: SFT from the student start at `bench_fusion_quality`'s chosen steps and lr (its ``sft``
-   arm, the validation optimum), saved under ``<work>/bench/pivot-base/seed<N>``. Its scores are the ``pivot`` arm.
+1. The pivot, one per seed: SFT from the student start at the optimum of `bench_fusion_quality`'s first validation
+   grid (`bench_fusion_quality.choose_steps_lr`: 600 steps at lr 3e-3), saved under
+   ``<work>/bench/pivot-base/seed<N>``. Its scores are the ``pivot`` arm.
 2. Stage two, from the pivot of the same seed: ``sft`` (more CE on the gold answers), KD from each teacher alone
    (`SINGLES`), unified fusion (`UNIFIED`), each with its own steps and lambda chosen on the validation split
    (`STEPS` x `LAMBDAS` at `LR`, seed 0).
