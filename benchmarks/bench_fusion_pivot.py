@@ -110,52 +110,30 @@ def _tb(work: str):
 
 def ensure_pivot(tb, work: Path, seed: int, steps: int, lr: float) -> Path:
     """The seed's stage-one SFT model (trained and saved once; ``done.json`` marks a finished one)."""
-    from fusion_cache.train.config import TrainConfig
-    from fusion_cache.train.trainer import run_train
-
     out = pivot_dir(work, seed)
     if (out / "done.json").exists():
         return out / "model"
     shutil.rmtree(out, ignore_errors=True)
     sft = next(a for a in stage2_arms() if a.name == "sft")
-    cfg = TrainConfig.create(shards=[str(tb.caches["train"]["code"])], out=str(out), student=str(tb.student),
-                             **{"lambda": 0.0}, lr=lr, max_steps=steps, batch_size=bfq.BATCH_SIZE, seed=seed,
-                             max_length=512, kd_loss=sft.losses)  # fmt: skip
     t0 = time.perf_counter()
-    run_train(cfg, progress=False)
+    _stage2(tb, Job(PIVOT, seed, "", PIVOT, steps, lr, 0.0), sft, tb.student, out, save=True)
     (out / "done.json").write_text(json.dumps({"steps": steps, "lr": lr, "seconds": time.perf_counter() - t0}))
     return out / "model"
 
 
-def _line(job: Job, arm: bfq.Arm | None, model, tok, tb, seconds: float, merge: str | None = None) -> dict:
-    val = bfq._scores(model, tok, tb, "validation")
-    line = {
-        "setting": job.setting, "arm": job.arm, "seed": job.seed,
-        "loss": {} if arm is None else {f"teacher-{d}": x for d, x in zip(arm.teachers, arm.losses, strict=True)},
-        "combine": None if arm is None else arm.overrides.get("combine"), "merge": merge,
-        "lambda": job.lambda_, "lr": job.lr, "steps": job.steps, "batch_size": bfq.BATCH_SIZE,
-        "heldout_answer_ce": None, "heldout_answer_ce_per_domain": None,
-        "validation_answer_ce": val["answer_ce"], "validation_answer_ce_per_domain": val["per_domain"],
-        "validation_answer_ce_digits": val["digits"], "heldout_answer_ce_digits": None,
-        "train_seconds": round(seconds, 1),
-    }  # fmt: skip
-    if job.setting == SETTING:  # the grid never scores the held-out rows
-        held = bfq._scores(model, tok, tb, "heldout")
-        line["heldout_answer_ce"], line["heldout_answer_ce_per_domain"] = held["answer_ce"], held["per_domain"]
-        line["heldout_answer_ce_digits"] = held["digits"]
-    return line
+def _line(job: Job, arm: bfq.Arm, model, tok, tb, seconds: float) -> dict:
+    """`bench_fusion_quality._line` for this bench's settings: the comparison scores the held-out split."""
+    return bfq._line(job, arm, model, tok, tb, seconds, heldout=job.setting == SETTING)
 
 
 def _stage2(tb, job: Job, arm: bfq.Arm, base: Path, out: Path, save: bool):
+    """Train ``arm`` from ``base`` as ``job`` says (`bench_fusion_quality`'s settings, another student)."""
     from fusion_cache.train.config import TrainConfig
     from fusion_cache.train.trainer import run_train
 
-    over = {k: v for k, v in arm.overrides.items() if k != "lambda"}
+    settings = bfq._train_settings(tb, job, arm) | {"student": str(base)}
     shards = [str(tb.caches["train"][d]) for d in arm.teachers]
-    cfg = TrainConfig.create(shards=shards, out=str(out), save=save, student=str(base), **{"lambda": job.lambda_},
-                             lr=job.lr, max_steps=job.steps, batch_size=bfq.BATCH_SIZE, seed=job.seed,
-                             max_length=512, **over)  # fmt: skip
-    return run_train(cfg, progress=False)
+    return run_train(TrainConfig.create(shards=shards, out=str(out), save=save, **settings), progress=False)
 
 
 def run_job(job: Job, work: str, stage1: tuple[int, float], chosen: dict) -> list[dict]:
@@ -169,7 +147,8 @@ def run_job(job: Job, work: str, stage1: tuple[int, float], chosen: dict) -> lis
         model, tok, _ = load_student(str(base))
         done = json.loads((base.parent / "done.json").read_text())
         j = Job(PIVOT, job.seed, job.setting, PIVOT, stage1[0], stage1[1], 0.0)
-        return [_line(j, None, model, tok, tb, done["seconds"])]
+        sft = next(a for a in stage2_arms() if a.name == "sft")
+        return [_line(j, bfq.Arm(PIVOT, sft.teachers, sft.overrides), model, tok, tb, done["seconds"])]
     arms = {a.name: a for a in stage2_arms()}
     if job.kind == "run":
         out = kept_dir(work_p, job.arm, job.seed) if job.keep else work_p / "bench" / job.setting / "tmp" / job.label
@@ -220,8 +199,8 @@ def _merges(tb, job: Job, work: Path, base: Path, chosen: dict) -> list[dict]:
             merged = run_merge(cfg, progress=False)
             model, tok, _ = load_student(merged["out"])
             j = Job("merge", job.seed, job.setting, f"pairwise-{merge}-{PAIR}")
-            line = _line(j, None, model, tok, tb, seconds, merge=merge)
-            line["loss"] = {"teacher-code": "kl", "teacher-math": "mapped_kl"}
+            pair = bfq.Arm(j.arm, ("code", "math"), {"kd_loss": [arms[n].losses[0] for n in PIVOTS]}, merge=merge)
+            line = _line(j, pair, model, tok, tb, seconds)
             line["pivot_settings"] = {n: list(chosen[n]) for n in PIVOTS}
             line["merge_seconds"] = round(time.perf_counter() - t, 1)
             lines.append(line)

@@ -243,7 +243,9 @@ def _run_pairwise(job: Job, tb, out: Path) -> list[dict]:
     return lines
 
 
-def _line(job: Job, arm: Arm, model, tok, tb, seconds: float) -> dict:
+def _line(job, arm: Arm, model, tok, tb, seconds: float, *, heldout: bool | None = None) -> dict:
+    """One run's JSON line: ``job``'s setting, seed and settings (``lambda_``, ``lr``, ``steps``), ``arm``'s losses, and
+    the scores; the held-out split is scored when ``heldout`` (default: in the comparison, never in the grid)."""
     val = _scores(model, tok, tb, "validation")
     line = {
         "setting": job.setting,
@@ -264,7 +266,7 @@ def _line(job: Job, arm: Arm, model, tok, tb, seconds: float) -> dict:
         "heldout_answer_ce_digits": None,
         "train_seconds": round(seconds, 1),
     }
-    if job.setting == SETTING:  # the grid never looks at the held-out rows
+    if job.setting == SETTING if heldout is None else heldout:  # the grid never looks at the held-out rows
         held = _scores(model, tok, tb, "heldout")
         line["heldout_answer_ce"], line["heldout_answer_ce_per_domain"] = held["answer_ce"], held["per_domain"]
         line["heldout_answer_ce_digits"] = held["digits"]

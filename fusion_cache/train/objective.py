@@ -95,9 +95,9 @@ def gated_teachers(batch: dict, ce_tokens: torch.Tensor) -> tuple[list[dict | No
             continue
         if "answer_nll" not in t:
             raise ValueError(f"kd_gate: teacher {s} has no answer_nll (its cross-entropy on the gold answer)")
-        w, keep = gate_weights(t["loss_weights"], t["answer_nll"], student[sample[t["rows"]]])
+        samples = sample[t["rows"]]  # [N_s] each row's sample: every row of a sample shares its gate
+        w, keep = gate_weights(t["loss_weights"], t["answer_nll"], student[samples])
         out.append({**t, "loss_weights": w})
-        samples = sample[t["rows"]]  # every row of a sample shares its gate
         opened.append(samples[keep].unique().numel() / max(samples.unique().numel(), 1))
     return out, opened
 
