@@ -59,12 +59,13 @@ CODE_LOSS = "kl"  # the code teacher has the student's tokenizer: the top-K KL k
 MATH_LOSSES = ("uld", "mapped_kl", "hybrid")  # the math teacher's tokenizer is not the student's
 TUNE_STEPS_LR = tuple((steps, lr) for steps in (150, 300, 600, 1200) for lr in (1e-3, 3e-3, 1e-2))
 TUNE_LAMBDAS = (0.25, 0.5, 0.75)
-# SFT and the arms the targets compare (the single-teacher baselines, min_ce) then choose their own lr at the grid's
-# steps, from its lr and these (min_ce at lambda 0.5 and lr 3e-3 is at the edge of stable training: validation
-# 0.812 / 0.799 / 0.843 at lambda 0.25 / 0.5 / 0.75). The other arms keep the grid's lr.
+# SFT and the arms the targets compare (the single-teacher baselines, min_ce, the gated arms) then choose their own lr
+# at the grid's steps, from its lr and these (min_ce at lambda 0.5 and lr 3e-3 is at the edge of stable training:
+# validation 0.812 / 0.799 / 0.843 at lambda 0.25 / 0.5 / 0.75). The other arms keep the grid's lr.
 TUNE_ARM_LRS = (1e-3, 2e-3)
 LR_TUNED = ("sft", "kd-code-kl", "kd-math-uld", "kd-math-mapped_kl", "unified-min_ce-kl+mapped_kl",
-            "unified-min_ce-kl+uld")  # fmt: skip
+            "unified-min_ce-kl+uld", "kd-code-kl+gate", "kd-math-mapped_kl+gate",
+            "unified-mean-kl+mapped_kl+gate")  # fmt: skip
 BATCH_SIZE = 16
 
 
