@@ -56,6 +56,7 @@ from fusion_cache.train.align import ALIGN_MODES
 from fusion_cache.train.config import TrainConfig
 from fusion_cache.train.losses import LOSS_CHOICES
 from fusion_cache.train.weights import COMBINE_MODES
+from fusion_cache.train.weights import KD_GATES
 
 app = typer.Typer(
     name="fusion-cache",
@@ -636,7 +637,9 @@ def fuse(
     typer.echo(f"trained {len(runs)} pivots in {out / 'runs'}; merged with {summary['method']} into {summary['out']}")
 
 
-def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | None, combine: list[str] | None):
+def demo_settings(
+    quick: bool, kd_loss: list[str] | None, second_teacher: str | None, combine: list[str] | None, kd_gate: str = "none"
+):
     """The `DemoSettings` of `fusion-cache demo`'s options (repeated values are kept once, in order)."""
     from dataclasses import replace
 
@@ -654,7 +657,7 @@ def demo_settings(quick: bool, kd_loss: list[str] | None, second_teacher: str | 
     if second_teacher:
         extra = {"combines": tuple(dict.fromkeys(combine))} if combine else {}
         settings = replace(settings, second_teacher=second_teacher, **extra)  # DemoSettings checks the values
-    return settings
+    return replace(settings, kd_gate=kd_gate)
 
 
 @app.command()
@@ -782,11 +785,17 @@ def demo(
     combine: list[str] = typer.Option(
         None, "--combine", help="with --second-teacher: unified runs to add (repeat): " + ", ".join(COMBINE_MODES)
     ),
+    kd_gate: Literal[KD_GATES] = typer.Option(
+        "none",
+        "--kd-gate",
+        help="student: every KD and unified run distills a sample from a teacher only while the teacher's answer CE "
+        "is below the student's (as `train --kd-gate`)",
+    ),
 ) -> None:
     """Build a cache from the embedded SmolLM2 teacher, train a student with KD and with plain SFT, compare."""
     from fusion_cache.recipes.demo import run_demo
 
-    settings = demo_settings(quick, kd_loss, second_teacher, combine)
+    settings = demo_settings(quick, kd_loss, second_teacher, combine, kd_gate)
     quiet_library_progress()
     run_demo(out, settings=settings)
 

@@ -10,6 +10,7 @@ stream is built with rank=0, world_size=1 because accelerate does the splitting.
 """
 
 import argparse
+import time
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,15 +24,15 @@ import fusion_cache as fc
 class DistillTrainer(Trainer):
     """A Trainer whose loss is (1 - lambda) * CE + lambda * KD against the teacher cached in the batch."""
 
-    def __init__(self, *args, collator: fc.PaddedCollator, kd_loss: str = "kl", lambda_: float = 0.5, **kwargs):
+    def __init__(self, *args, collator: fc.PaddedCollator, kd_loss="kl", lambda_=0.5, kd_gate=False, **kwargs):
         super().__init__(*args, data_collator=collator, **kwargs)
-        self.collator, self.losses, self.lambda_ = collator, [fc.make_loss(kd_loss)], lambda_
+        self.collator, self.losses, self.lambda_, self.kd_gate = collator, [fc.make_loss(kd_loss)], lambda_, kd_gate
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = self.collator.unpad(inputs)  # this process's samples, in collate's flat layout
         outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         answer_logits = outputs.logits.flatten(0, 1)[batch["answer_index"]]  # [M, V]
-        out = fc.loss_from_logits(answer_logits, batch, self.losses, lambda_=self.lambda_)
+        out = fc.loss_from_logits(answer_logits, batch, self.losses, lambda_=self.lambda_, kd_gate=self.kd_gate)
         return (out.loss, outputs) if return_outputs else out.loss
 
 
@@ -40,13 +41,15 @@ parser.add_argument("--student", required=True, help="the student: a local direc
 parser.add_argument("--cache", required=True, help="a cache directory (fusion-cache build --out)")
 parser.add_argument("--out", required=True, help="Trainer's output_dir")
 parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
+parser.add_argument("--kd-gate", action="store_true", help="distil a sample only while the teacher beats the student")
 args = parser.parse_args()
 
 tokenizer = AutoTokenizer.from_pretrained(args.student)
 student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-stream = fc.DistillStream(args.cache, tokenizer, chat_template=True, max_length=512, epochs=None, rank=0, world_size=1)
-training_args = TrainingArguments(
+opts = dict(chat_template=True, max_length=512, epochs=None, rank=0, world_size=1, answer_scores=args.kd_gate)
+stream = fc.DistillStream(args.cache, tokenizer, **opts)  # answer_scores: the teachers' answer CE, for the gate
+targs = TrainingArguments(
     output_dir=args.out,
     max_steps=args.steps,  # an IterableDataset has no length: Trainer needs max_steps
     per_device_train_batch_size=2,
@@ -57,11 +60,14 @@ training_args = TrainingArguments(
     use_cpu=not torch.cuda.is_available(),  # on CPU, only this makes torchrun's processes one gloo group
     remove_unused_columns=False,  # keep the teacher's tensors: they are no arguments of the model's forward
 )
-trainer = DistillTrainer(
-    model=student, args=training_args, train_dataset=stream, collator=fc.PaddedCollator.for_stream(stream, pad_id)
-)
+collator = fc.PaddedCollator.for_stream(stream, pad_id)
+trainer = DistillTrainer(model=student, args=targs, train_dataset=stream, collator=collator, kd_gate=args.kd_gate)
 trainer.train()
 loss, processes = trainer.state.log_history[-1]["train_loss"], trainer.accelerator.num_processes
 print(f"final loss {loss:.4f} on {processes} process(es)")
 if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()  # a gloo group left open at exit can abort the process
+    # A gloo thread frees a finished collective's tensors only once it holds the GIL; one still waiting when the
+    # interpreter finalizes aborts the process ("terminate called"). Sleeping releases the GIL so it can finish.
+    torch.distributed.barrier()
+    time.sleep(0.2)
+    torch.distributed.destroy_process_group()

@@ -33,6 +33,7 @@ from fusion_cache.eval.calibration import ece_bin_sums
 from fusion_cache.eval.calibration import ece_from_bins
 from fusion_cache.eval.calibration import tail_mass_outside
 from fusion_cache.eval.calibration import top1_calibration_inputs
+from fusion_cache.train.batch import answer_text_bytes
 from fusion_cache.train.batch import collate
 from fusion_cache.train.guards import check_examples
 from fusion_cache.train.guards import student_vocab
@@ -41,7 +42,6 @@ from fusion_cache.train.objective import answer_logits
 from fusion_cache.train.objective import loss_from_logits
 from fusion_cache.train.stream import DistillStream
 from fusion_cache.train.stream import Example
-from fusion_cache.train.trainer import answer_text_bytes
 
 
 @torch.no_grad()

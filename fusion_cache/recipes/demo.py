@@ -12,7 +12,8 @@
 With ``second_teacher`` (``fusion-cache demo --second-teacher gemma3-270m``) a second teacher, usually with another
 tokenizer, captures the same train and held-out rows (``<out>/cache/<teacher>/``), and the table gains KD from that
 teacher alone (ULD, byte-span alignment) and unified fusion of both teachers (one row per combine mode); every row
-then also reports the ULD to each teacher.
+then also reports the ULD to each teacher. ``kd_gate="student"`` (``--kd-gate student``) gates every run but SFT:
+a teacher distills a sample only while its cached answer CE is below the student's (`TrainConfig.kd_gate`).
 
 Everything is cached under ``<out>``: a second run reuses responses, caches and the student's start. The steps are
 plain functions (`write_demo_data`, `build_demo_caches`, `demo_runs`, `train_config`, `evaluate_student`) so
@@ -27,6 +28,8 @@ import time
 from dataclasses import asdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from fusion_cache.train.weights import KD_GATES
 
 log = logging.getLogger(__name__)
 TEACHER = "smollm2-135m"
@@ -65,6 +68,9 @@ class DemoSettings:
     # the unified rows (each teacher its own loss: `auto`, i.e. kl for the first teacher and mapped_kl for it)
     second_teacher: str | None = None
     combines: tuple[str, ...] = ("mean",)  # unified runs with the second teacher, one per combine mode
+    # "student": every KD and unified run distills a sample from a teacher only while that teacher's cached CE on the
+    # answer is below the student's (`TrainConfig.kd_gate`; the testbed's best fusion arm, docs/results.md)
+    kd_gate: str = "none"
     engine: str = "vllm"  # capture engine ("hf": the transformers reference)
 
     def __post_init__(self):
@@ -77,6 +83,8 @@ class DemoSettings:
             raise ConfigError(f"second_teacher: {self.second_teacher!r} is the demo's teacher already")
         if self.engine not in ("vllm", "hf"):
             raise ConfigError(f"engine: must be vllm or hf, got {self.engine!r}")
+        if self.kd_gate not in KD_GATES:
+            raise ConfigError(f"kd_gate: must be one of {list(KD_GATES)}, got {self.kd_gate!r}")
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -103,6 +111,7 @@ class StudentRun:
         teachers: whose train caches it reads (one: single-teacher KD; several: unified fusion).
         lambda_, kd_loss: the loss, ``(1-lambda)*CE + lambda*KD`` (one loss for every teacher).
         combine, align: how several teachers combine, and how a teacher of another tokenizer is paired.
+        kd_gate: `TrainConfig.kd_gate` ("none" or "student").
     """
 
     name: str
@@ -112,6 +121,7 @@ class StudentRun:
     kd_loss: str = "uld"
     combine: str = "mean"
     align: str = "bytes"
+    kd_gate: str = "none"
 
 
 def _short(teacher: str) -> str:
@@ -121,18 +131,24 @@ def _short(teacher: str) -> str:
 
 def demo_runs(s: DemoSettings) -> list[StudentRun]:
     """The runs of the demo's table, in order: SFT, KD per ``kd_losses``, and with a second teacher its mapped-KL run
-    and one unified run per combine mode (byte-span alignment)."""
+    and one unified run per combine mode (byte-span alignment). With ``kd_gate`` "student" every run but SFT is gated
+    (its name says ``+ gate``)."""
     t1 = s.teacher
+    gate = s.kd_gate
+    tag = ", gate" if gate == "student" else ""
     runs = [StudentRun("SFT (lambda=0)", "sft", (t1,), 0.0)]
-    runs += [StudentRun(f"{KD_NAMES[kd]} (lambda={s.lambda_})", f"kd-{kd}", (t1,), s.lambda_, kd) for kd in s.kd_losses]
+    runs += [
+        StudentRun(f"{KD_NAMES[kd]} (lambda={s.lambda_}{tag})", f"kd-{kd}", (t1,), s.lambda_, kd, kd_gate=gate)
+        for kd in s.kd_losses
+    ]
     if s.second_teacher:
         t2 = s.second_teacher
         loss = SECOND_TEACHER_LOSS
-        runs.append(StudentRun(f"{KD_NAMES[loss]} {_short(t2)} (lambda={s.lambda_})", f"kd-{loss}-{_short(t2)}", (t2,),
-                               s.lambda_, loss))  # fmt: skip
+        runs.append(StudentRun(f"{KD_NAMES[loss]} {_short(t2)} (lambda={s.lambda_}{tag})", f"kd-{loss}-{_short(t2)}",
+                               (t2,), s.lambda_, loss, kd_gate=gate))  # fmt: skip
         runs += [
-            StudentRun(f"unified {c} (kl + {loss}, lambda={s.lambda_})", f"unified-{c}", (t1, t2), s.lambda_, "auto",
-                       combine=c)
+            StudentRun(f"unified {c} (kl + {loss}, lambda={s.lambda_}{tag})", f"unified-{c}", (t1, t2), s.lambda_,
+                       "auto", combine=c, kd_gate=gate)
             for c in s.combines
         ]  # fmt: skip
     return runs
@@ -290,6 +306,7 @@ def train_config(run: StudentRun, student_dir: str | Path, caches: dict, out: st
         save=False,
         combine=run.combine,
         align=run.align,
+        kd_gate=run.kd_gate,
     )
     opts.update(kw)
     return TrainConfig.create(**opts)

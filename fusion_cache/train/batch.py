@@ -19,6 +19,7 @@ turns its share back into the flat layout with ``unpad`` after the split:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,12 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.train.stream import Example
 from fusion_cache.train.stream import TeacherTarget
 from fusion_cache.train.weights import sample_row_weights
+
+
+def answer_text_bytes(tokenizer, ex: Example) -> int:
+    """UTF-8 bytes of an example's answer text (special tokens left out): what CE per byte divides by."""
+    text = tokenizer.decode(ex.input_ids[ex.answer_start :].tolist(), skip_special_tokens=True)
+    return len(text.encode("utf-8"))
 
 
 def pad_answers(examples: list, pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -146,7 +153,10 @@ class PaddedCollator:
     - per teacher s: ``teacher{s}_rows`` [B, L] bool (answer row r of the sample has teacher s's target; all False:
       the sample lacks the teacher), ``teacher{s}_values`` [B, L, Kt] float32, and when its targets carry ids
       ``teacher{s}_ids`` [B, L, Kt] int32 (-1 padding); ``teacher{s}_entropy`` [B, L] float64 and
-      ``teacher{s}_answer_nll`` [B] float64 when the stream computes them (the uncertainty and min_ce combines).
+      ``teacher{s}_answer_nll`` [B] float64 when the stream computes them (the uncertainty and min_ce combines);
+    - ``answer_bytes`` [B] float64, each answer's UTF-8 bytes, with a ``tokenizer`` (`for_stream` gives it the
+      stream's when the stream computes answer scores): what the student gate (``kd_gate``) divides the student's
+      CE by, so that ``loss_from_logits(..., kd_gate=True)`` works on ``unpad``'s batch.
 
     Each teacher costs B x L x Kt x 8 bytes per batch (values and ids); ``unpad`` on each process rebuilds exactly
     what `collate` gives for the examples it received, with the combine weights of its own B samples.
@@ -157,6 +167,7 @@ class PaddedCollator:
         widths: [S] each teacher's Kt (its cache's K).
         ids: [S] whether teacher s's targets carry ids in the student's vocabulary.
         entropy: whether targets carry ``entropy``; answer_nll: whether they carry ``answer_nll``.
+        tokenizer: the student's tokenizer, to count ``answer_bytes`` (None: the batch has none).
     """
 
     pad_id: int
@@ -165,6 +176,7 @@ class PaddedCollator:
     ids: tuple[bool, ...]
     entropy: bool = False
     answer_nll: bool = False
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def for_stream(cls, stream: Any, pad_id: int) -> PaddedCollator:
@@ -184,7 +196,9 @@ class PaddedCollator:
         ids = tuple(stream.has_ids(s) or (not stream.same_tokenizer[s] and stream.targets[s] != "values")
                     for s in range(n))  # fmt: skip
         widths = tuple(r.k for r in stream.readers)
-        return cls(pad_id, stream.max_length, widths, ids, stream.entropy_k is not None, stream.answer_scores)
+        scores = stream.answer_scores
+        return cls(pad_id, stream.max_length, widths, ids, stream.entropy_k is not None, scores,
+                   stream.tokenizer if scores else None)  # fmt: skip
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         b, length = len(examples), self.length
@@ -202,6 +216,9 @@ class PaddedCollator:
                                   "use at least the stream's max_length")  # fmt: skip
             out["input_ids"][i, : len(e.input_ids)] = torch.from_numpy(e.input_ids)
             out["attention_mask"][i, : len(e.input_ids)] = 1
+        if self.tokenizer is not None:
+            nbytes = [answer_text_bytes(self.tokenizer, e) for e in examples]
+            out["answer_bytes"] = torch.tensor(nbytes, dtype=torch.float64)
         for s, kt in enumerate(self.widths):
             rows = np.zeros((b, length), dtype=bool)
             values = np.zeros((b, length, kt), dtype=np.float32)
@@ -264,9 +281,12 @@ class PaddedCollator:
             combine, temperature: as in `collate`.
 
         Returns:
-            the flat layout of `collate` (input_ids [B, L'] with L' the longest sample, answer_index [M], ...).
+            the flat layout of `collate` (input_ids [B, L'] with L' the longest sample, answer_index [M], ...), and
+            ``answer_bytes`` [B] float64 when the padded batch has them.
         """
         batch = collate(self.examples(padded), self.pad_id, len(self.widths), combine, temperature=temperature)
+        if "answer_bytes" in padded:
+            batch["answer_bytes"] = padded["answer_bytes"].detach().cpu().double()
         return _to(batch, padded["input_ids"].device)
 
 

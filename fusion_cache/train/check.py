@@ -68,6 +68,8 @@ class TeacherCheck:
             mass whose token maps onto a student token), ``mapped_ids`` (share of the cached ids that map) and
             ``mass`` (where the whole mass goes: exact, prefix, special, unmapped, tail); else None.
         note: why there is no coverage (the same tokenizer, no ids, no teacher tokenizer found), else None.
+        answer_scores: whether the codec stores the teacher's log-probs of the answer tokens, which ``combine
+            min_ce`` and ``--kd-gate student`` compare (codecs raw, full, sampled).
     """
 
     name: str
@@ -83,6 +85,7 @@ class TeacherCheck:
     rows: dict = field(default_factory=dict)
     coverage: dict | None = None
     note: str | None = None
+    answer_scores: bool = False
 
 
 @dataclass
@@ -155,6 +158,7 @@ class CheckReport:
             ("rows aligned", [_aligned(t.rows) for t in self.teachers]),
             ("rows dropped", [_dropped(t.rows) for t in self.teachers]),
             ("map coverage", [_coverage(t) for t in self.teachers]),
+            ("min_ce / kd-gate", ["yes" if t.answer_scores else f"no (codec {t.codec})" for t in self.teachers]),
         ]
         width = max(len(k) for k, _ in rows)
         cols = [max(len(v[i]) for _, v in rows) for i in range(len(self.teachers))]
@@ -353,7 +357,7 @@ def check_caches(
             name=name, cache=str(caches[s]), k=r.k, codec=r.codec.name, rows_in_cache=r.manifest.stats.rows,
             tokenizer=_tokenizer(tokenizer, student_hash, r, teacher_tok),
             template=_template(r, tokenizer, same_s, teacher_tok), alignment="index" if same_s else align,
-            losses=allowed, loss=None if loss is None else loss.name, note=note,
+            losses=allowed, loss=None if loss is None else loss.name, note=note, answer_scores=r.codec.has_targets,
         ))  # fmt: skip
     # a refused loss's teacher is still aligned, with the values target (what every loss can be given)
     targets = [

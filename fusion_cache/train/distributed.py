@@ -74,11 +74,29 @@ def teardown(ctx: DistContext, *, ok: bool = True) -> None:
     collective, and torchrun stops them once this process exits with an error.
     """
     if ctx.owns_group:
-        import torch.distributed as dist
+        leave_group(barrier=ok)
 
-        if ok:
-            dist.barrier()
-        dist.destroy_process_group()
+
+# How long `leave_group` lets the backend's threads take the GIL: they need it for microseconds, once scheduled.
+_DRAIN_SECONDS = 0.2
+
+
+def leave_group(*, barrier: bool = True) -> None:
+    """Destroy the default process group so that the interpreter can exit cleanly: barrier, drain, destroy.
+
+    A gloo worker thread frees a finished collective's tensors (and a barrier the collectives before it) only once it
+    holds the GIL. If the main thread keeps the GIL until the interpreter finalizes, that thread is killed inside a
+    C++ destructor and the process aborts ("terminate called without an active exception", about 1 run in 10 of the
+    2-process HF Trainer example before this). Sleeping releases the GIL so the threads finish first.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    if barrier:
+        dist.barrier()
+    time.sleep(_DRAIN_SECONDS)
+    dist.destroy_process_group()
 
 
 def wrap(module: torch.nn.Module, ctx: DistContext, *, fsdp: bool, layers: list[torch.nn.Module] | None = None):

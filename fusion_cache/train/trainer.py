@@ -47,6 +47,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.models.load import load_student
 from fusion_cache.models.load import load_tokenizer
 from fusion_cache.train import distributed
+from fusion_cache.train.batch import answer_text_bytes
 from fusion_cache.train.batch import collate
 from fusion_cache.train.check import CheckReport
 from fusion_cache.train.check import check_caches
@@ -676,12 +677,6 @@ def _finish(cfg: TrainConfig, ctx: DistContext, out: Path, p: _Parts, summary: d
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if ctx.device.type != "cpu" and not cfg.fsdp:
         p.model.to("cpu")  # callers (evaluation, the demo) work on the CPU
-
-
-def answer_text_bytes(tokenizer, ex: Example) -> int:
-    """UTF-8 bytes of an example's answer text (special tokens left out): what CE per byte divides by."""
-    text = tokenizer.decode(ex.input_ids[ex.answer_start :].tolist(), skip_special_tokens=True)
-    return len(text.encode("utf-8"))
 
 
 def _train_step(

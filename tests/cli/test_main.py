@@ -176,6 +176,13 @@ def test_demo_second_teacher_options():
     s = demo_settings(True, ["uld"], "gemma3-270m", ["sum", "uncertainty", "sum"])
     assert s.combines == ("sum", "uncertainty") and s.kd_losses == ("uld",) and s.steps == 3  # --quick kept
     assert demo_settings(False, None, None, None).second_teacher is None  # the default demo: one teacher
+    assert demo_settings(False, None, None, None).kd_gate == "none"
+    assert demo_settings(True, None, "gemma3-270m", None, "student").kd_gate == "student"
+
+
+def test_demo_refuses_an_unknown_kd_gate(tmp_path):
+    r = _run("demo", "--out", tmp_path / "d", "--kd-gate", "teacher")
+    assert r.exit_code == 2 and "--kd-gate" in r.output and not (tmp_path / "d").exists()
 
 
 def test_demo_refuses_bad_second_teacher_options(tmp_path):

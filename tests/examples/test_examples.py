@@ -57,10 +57,12 @@ def test_plain_pytorch(student_dir, built_cache):
     assert all(math.isfinite(float(s[1])) and float(s[3]) > 0 for s in steps)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_hf_trainer(student_dir, built_cache, tmp_path, processes):
-    """Two processes: Trainer's accelerate dispatches each padded batch and splits it along dim 0."""
+@pytest.mark.parametrize(("processes", "gate"), [(1, False), (2, False), (2, True)])
+def test_hf_trainer(student_dir, built_cache, tmp_path, processes, gate):
+    """Two processes: Trainer's accelerate dispatches each padded batch and splits it along dim 0 (with the gate,
+    each sample's answer_bytes too)."""
     args = ("--student", student_dir, "--cache", built_cache, "--out", tmp_path, "--steps", "3")
+    args += ("--kd-gate",) if gate else ()
     out = _run("hf_trainer.py", *args, processes=processes)
     losses = re.findall(r"final loss (\S+) on (\d+) process", out)
     assert len(losses) == processes and all(math.isfinite(float(x)) and int(n) == processes for x, n in losses)

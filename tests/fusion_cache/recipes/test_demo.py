@@ -67,6 +67,17 @@ def test_second_teacher_adds_its_kd_row_and_one_unified_row_per_combine(tmp_path
     sft = train_config(runs[0], tmp_path / "student", caches, tmp_path / "sft", s)
     assert sft.lambda_ == 0.0 and sft.shards == [str(caches["smollm2-135m"]["train"])]
     assert [r.run_dir for r in demo_runs(DemoSettings())] == ["sft", "kd-kl"]  # the default demo is unchanged
+    assert {r.kd_gate for r in runs} == {"none"} and cfg.kd_gate == "none"
+
+
+def test_the_gate_applies_to_every_run_but_sft_and_is_named(tmp_path):
+    s = DemoSettings(second_teacher="gemma3-270m", kd_gate="student")
+    runs = demo_runs(s)
+    assert [r.kd_gate for r in runs] == ["none", "student", "student", "student"]
+    assert runs[0].name == "SFT (lambda=0)" and all(r.name.endswith(", gate)") for r in runs[1:])
+    caches = cache_dirs(tmp_path, s)
+    assert train_config(runs[3], tmp_path / "student", caches, tmp_path / "run", s).kd_gate == "student"
+    assert train_config(runs[0], tmp_path / "student", caches, tmp_path / "sft", s).kd_gate == "none"
 
 
 def test_demo_settings_refuse_bad_second_teacher_options():
@@ -76,6 +87,8 @@ def test_demo_settings_refuse_bad_second_teacher_options():
         DemoSettings(second_teacher="smollm2-135m")
     with pytest.raises(ConfigError, match="engine"):
         DemoSettings(engine="tgi")
+    with pytest.raises(ConfigError, match="kd_gate.*'teacher'"):
+        DemoSettings(kd_gate="teacher")
 
 
 @pytest.mark.slow
@@ -83,13 +96,13 @@ def test_two_teacher_demo_end_to_end_on_tiny_models(tmp_path, tiny_model_dir, ot
     s = DemoSettings.quick()
     s = replace(
         s, teacher=str(tiny_model_dir), second_teacher=str(other_teacher_dir), engine="hf", kd_losses=("uld",),
-        combines=("mean", "uncertainty"), n_train=8, n_heldout=4, response_tokens=12, steps=2,
+        combines=("mean", "uncertainty"), n_train=8, n_heldout=4, response_tokens=12, steps=2, kd_gate="student",
     )  # fmt: skip
     summary = run_demo(tmp_path, settings=s)
     other = other_teacher_dir.name
-    names = ["student (start)", "SFT (lambda=0)", "KD ULD (InfiFusion) (lambda=0.5)",
-             f"KD mapped KL {other} (lambda=0.5)", "unified mean (kl + mapped_kl, lambda=0.5)",
-             "unified uncertainty (kl + mapped_kl, lambda=0.5)"]  # fmt: skip
+    names = ["student (start)", "SFT (lambda=0)", "KD ULD (InfiFusion) (lambda=0.5, gate)",
+             f"KD mapped KL {other} (lambda=0.5, gate)", "unified mean (kl + mapped_kl, lambda=0.5, gate)",
+             "unified uncertainty (kl + mapped_kl, lambda=0.5, gate)"]  # fmt: skip
     assert list(summary["results"]) == names
     for name, r in summary["results"].items():
         assert r["samples"] == 4 and r["top1_agreement"] is not None, name
@@ -100,8 +113,10 @@ def test_two_teacher_demo_end_to_end_on_tiny_models(tmp_path, tiny_model_dir, ot
     assert second.manifest.stats.rows == first.manifest.stats.rows and second.manifest.teacher.engine == "hf"
     out = capsys.readouterr().out
     assert f"| ULD to {tiny_model_dir.name} | ULD to {other} |" in out
-    assert "unified uncertainty (kl + mapped_kl, lambda=0.5) vs SFT" in out
-    assert f"unified mean (kl + mapped_kl, lambda=0.5) vs KD mapped KL {other} (lambda=0.5)" in out
+    assert "unified uncertainty (kl + mapped_kl, lambda=0.5, gate) vs SFT" in out
+    assert f"unified mean (kl + mapped_kl, lambda=0.5, gate) vs KD mapped KL {other} (lambda=0.5, gate)" in out
     # the unified runs read both caches, the single-teacher one only its own
     unified = json.loads((tmp_path / "runs" / "unified-mean" / "summary.json").read_text())
     assert len(unified["cache"]) == 2 and unified["fusion"]["join"]
+    steps = [json.loads(x) for x in (tmp_path / "runs" / "unified-mean" / "metrics.jsonl").read_text().splitlines()]
+    assert all(f"gate_{t}" in r for r in steps for t in (tiny_model_dir.name, other))  # the gate ran

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from fusion_cache.train.checkpoint import list_checkpoints
 from fusion_cache.train.config import TrainConfig
+from fusion_cache.train.distributed import leave_group
 from fusion_cache.train.trainer import run_train
 
 
@@ -74,7 +75,7 @@ def main(student: str, cache: str, work: str, *unified_caches: str) -> None:
         )
         (root / f"rank-{rank}.json").write_text(json.dumps({"seen": seen, "weights_sha": sha}))
         dist.barrier()
-    dist.destroy_process_group()
+    leave_group(barrier=False)
 
 
 if __name__ == "__main__":

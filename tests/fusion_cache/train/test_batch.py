@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from fusion_cache.errors import ConfigError
 from fusion_cache.train.batch import PaddedCollator
+from fusion_cache.train.batch import answer_text_bytes
 from fusion_cache.train.batch import collate
 from fusion_cache.train.stream import DistillStream
 
@@ -92,8 +93,40 @@ def test_padded_batches_split_along_dim_0_unpad_to_collate(built_cache, multi_ca
     n = len(exs) // 2
     for proc in range(2):
         share = slice_tensors(padded, slice(proc * n, (proc + 1) * n))
-        assert _same(collator.unpad(share, combine), collate(halves[proc], 0, len(caches), combine))
+        want = collate(halves[proc], 0, len(caches), combine)
+        if stream.answer_scores:  # the student gate's divisor travels with the batch
+            want["answer_bytes"] = torch.tensor([answer_text_bytes(stream.tokenizer, e) for e in halves[proc]],
+                                                dtype=torch.float64)  # fmt: skip
+        assert _same(collator.unpad(share, combine), want)
         assert [e.sample_id for e in collator.examples(share)] == [e.sample_id for e in halves[proc]]
+
+
+def test_the_student_gate_runs_on_an_unpadded_batch_as_in_the_trainer(multi_caches, tiny_model_dir):
+    """An HF Trainer user gates with ``loss_from_logits(..., kd_gate=True)`` on ``unpad``'s batch: the same loss and
+    open shares as the trainer's batch (`collate` plus ``answer_bytes``), and without scores there is nothing to
+    divide by (a clear error, not a silent ungated loss)."""
+    from fusion_cache.train.losses import make_loss
+    from fusion_cache.train.objective import loss_from_logits
+
+    caches = [multi_caches["a"], multi_caches["b"]]
+    stream = _stream(caches, tiny_model_dir, answer_scores=True)
+    collator = PaddedCollator.for_stream(stream, pad_id=0)
+    exs = list(stream)[:6]
+    batch = collator.unpad(collator(exs))
+    ref = collate(exs, 0, 2)
+    ref["answer_bytes"] = torch.tensor([answer_text_bytes(stream.tokenizer, e) for e in exs], dtype=torch.float64)
+    torch.manual_seed(0)
+    vocab = max(len(stream.tokenizer), int(ref["teachers"][0]["ids"].max()) + 1)
+    logits = torch.randn(batch["answer_index"].numel(), vocab, dtype=torch.float64)
+    losses = [make_loss("kl"), make_loss("uld")]  # teacher b has another tokenizer and no ids here
+    got = loss_from_logits(logits, batch, losses, lambda_=0.5, kd_gate=True)
+    want = loss_from_logits(logits, ref, losses, lambda_=0.5, kd_gate=True)
+    assert torch.equal(got.loss, want.loss) and got.gate_open == want.gate_open
+    plain = PaddedCollator.for_stream(_stream(caches, tiny_model_dir), pad_id=0)
+    assert plain.tokenizer is None and "answer_bytes" not in plain(exs)
+    with pytest.raises(ValueError, match="answer_bytes"):
+        loss_from_logits(logits, collator.unpad({k: v for k, v in collator(exs).items() if k != "answer_bytes"}),
+                         losses, lambda_=0.5, kd_gate=True)  # fmt: skip
 
 
 def test_padded_layout_of_another_tokenizer_and_refusals(multi_caches, tiny_model_dir):
@@ -115,6 +148,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer
 from fusion_cache.train.batch import PaddedCollator, collate
+from fusion_cache.train.distributed import leave_group
 from fusion_cache.train.stream import DistillStream
 
 accelerator = Accelerator(cpu=True)
@@ -132,8 +166,7 @@ for padded in loader:
 out = accelerator.gather_for_metrics([[accelerator.process_index, accelerator.num_processes, same, seen]])
 if accelerator.is_main_process:
     print("RESULT " + json.dumps(out))
-accelerator.wait_for_everyone()
-torch.distributed.destroy_process_group()  # gloo threads left running at exit can abort a process ("terminate called")
+leave_group()  # a barrier, then time for gloo's threads to free their tensors, then the group is destroyed
 """
 
 

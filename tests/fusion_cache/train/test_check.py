@@ -61,6 +61,7 @@ def test_same_and_another_tokenizer_student(multi_caches, tiny_model_dir):
     assert "tiny-llama: another tokenizer, bytes alignment" in line and "8 of 8 samples usable" in line
     table = report.table()
     assert "losses refused" in table and "kl, kl_notail" in table and "(the whole join)" in table
+    assert same.answer_scores and other.answer_scores and "min_ce / kd-gate  yes" in table
     assert json.loads(json.dumps(report.as_dict()))["teachers"][1]["alignment"] == "bytes"
 
 
@@ -110,6 +111,8 @@ def test_ids_beyond_the_students_vocabulary_and_a_cache_without_ids(multi_caches
     values = _check(tiny_model_dir, [synthetic_caches["values"]], kd_loss=["mapped_kl"])
     assert "a 'values' cache stores no token ids" in values.problems[0]
     assert values.teachers[0].note == "n/a (codec 'values' stores no ids)"
+    # no answer log-probs: min_ce and the student gate are refused by train; the check says so up front
+    assert not values.teachers[0].answer_scores and "no (codec values)" in values.table()
 
 
 # ------------------------------------------------------------------------------------------- before any weights load

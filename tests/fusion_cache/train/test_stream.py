@@ -218,6 +218,7 @@ GLOO_WORKER = """
 import json, sys
 import torch, torch.distributed as dist
 from transformers import AutoTokenizer
+from fusion_cache.train.distributed import leave_group
 from fusion_cache.train.stream import DistillStream
 
 dist.init_process_group("gloo")
@@ -228,7 +229,7 @@ out = [None] * dist.get_world_size()
 dist.all_gather_object(out, [stream.rank, stream.world_size, ids])
 if dist.get_rank() == 0:
     print("RESULT " + json.dumps(out))
-dist.destroy_process_group()
+leave_group()
 """
 
 
