@@ -132,7 +132,7 @@ def _short(teacher: str) -> str:
 def demo_runs(s: DemoSettings) -> list[StudentRun]:
     """The runs of the demo's table, in order: SFT, KD per ``kd_losses``, and with a second teacher its mapped-KL run
     and one unified run per combine mode (byte-span alignment). With ``kd_gate`` "student" every run but SFT is gated
-    (its name says ``+ gate``)."""
+    (its name ends ``, gate)``)."""
     t1 = s.teacher
     gate = s.kd_gate
     tag = ", gate" if gate == "student" else ""
