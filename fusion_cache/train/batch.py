@@ -37,6 +37,12 @@ def answer_text_bytes(tokenizer, ex: Example) -> int:
     return len(text.encode("utf-8"))
 
 
+def answer_bytes(tokenizer, examples: list[Example]) -> torch.Tensor:
+    """[B] float64 `answer_text_bytes` of each example: a batch's ``answer_bytes``, what the student gate
+    (``kd_gate``) divides the student's answer CE by."""
+    return torch.tensor([answer_text_bytes(tokenizer, e) for e in examples], dtype=torch.float64)
+
+
 def pad_answers(examples: list, pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Pad a batch of examples (anything with ``input_ids`` and ``answer_start``) and index its answer positions.
 
@@ -217,8 +223,7 @@ class PaddedCollator:
             out["input_ids"][i, : len(e.input_ids)] = torch.from_numpy(e.input_ids)
             out["attention_mask"][i, : len(e.input_ids)] = 1
         if self.tokenizer is not None:
-            nbytes = [answer_text_bytes(self.tokenizer, e) for e in examples]
-            out["answer_bytes"] = torch.tensor(nbytes, dtype=torch.float64)
+            out["answer_bytes"] = answer_bytes(self.tokenizer, examples)
         for s, kt in enumerate(self.widths):
             rows = np.zeros((b, length), dtype=bool)
             values = np.zeros((b, length, kt), dtype=np.float32)

@@ -47,7 +47,7 @@ from fusion_cache.errors import ConfigError
 from fusion_cache.models.load import load_student
 from fusion_cache.models.load import load_tokenizer
 from fusion_cache.train import distributed
-from fusion_cache.train.batch import answer_text_bytes
+from fusion_cache.train.batch import answer_bytes
 from fusion_cache.train.batch import collate
 from fusion_cache.train.check import CheckReport
 from fusion_cache.train.check import check_caches
@@ -703,9 +703,9 @@ def _train_step(
         check_examples(batch, p.vocab, f"step {step + 1}", p.stream)
         trained.extend(batch)
         n, temp = p.stream.n_teachers, cfg.uncertainty_temperature
-        answer_bytes = [answer_text_bytes(p.tokenizer, ex) for ex in batch]
         tensors = collate(batch, p.pad, n, cfg.combine, temperature=temp)
-        tensors["answer_bytes"] = torch.tensor(answer_bytes, dtype=torch.float64)  # the gate's CE per byte
+        tensors["answer_bytes"] = answer_bytes(p.tokenizer, batch)  # CE per byte: the gate's, and the logged one
+        nbytes += int(tensors["answer_bytes"].sum())
         tensors = _to_device(tensors, ctx.device)
         # gradients are all-reduced once per optimizer step, on the last micro-batch
         with distributed.no_sync(p.wrapped, sync=micro == cfg.grad_accum - 1):
@@ -713,7 +713,6 @@ def _train_step(
                 o = p.wrapped(tensors)
             (o.loss / cfg.grad_accum).backward()
         tokens += o.answer_tokens
-        nbytes += sum(answer_bytes)
         terms.add(o.teacher_kd)
         if gates is not None:
             gates.add(o.gate_open)
